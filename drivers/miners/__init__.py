@@ -1,0 +1,1 @@
+"""Miner adapters: the capability protocols, their reading types, and the pyasic driver."""

@@ -1,0 +1,75 @@
+"""What a miner driver promises: one small protocol per capability, and the frozen readings.
+
+A miner is a ladder of operating points: ``sleep`` plus one or more power profiles, each with
+its power and hashrate. Drivers derive the miner's mode from measured power and hashrate, never
+from firmware flags alone (pyasic's ``is_mining`` is wrong on LuxOS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+
+class MinerMode(StrEnum):
+    """What the miner is doing, as measured."""
+
+    MINING = "mining"
+    SLEEPING = "sleeping"
+    # Woken but not yet hashing at its profile: power is rising, hashrate not there yet.
+    WAKING = "waking"
+
+
+@dataclass(frozen=True, slots=True)
+class MinerProfile:
+    """One operating point a miner offers (a LuxOS profile, a Braiins power target)."""
+
+    name: str
+    power_w: float
+    hashrate_ths: float
+
+
+@dataclass(frozen=True, slots=True)
+class MinerReading:
+    """One telemetry sample of one miner."""
+
+    device_id: str
+    address: str
+    model: str
+    firmware: str
+    at: datetime
+    power_w: float
+    hashrate_ths: float
+    mode: MinerMode
+    temperature_c: float | None
+    profile: str | None
+    profiles: tuple[MinerProfile, ...]
+    fans_rpm: tuple[int, ...] = ()
+
+
+@runtime_checkable
+class MinerTelemetry(Protocol):
+    """Reads a miner. Raises :class:`drivers.errors.DeviceError` subclasses, never returns None."""
+
+    @property
+    def device_id(self) -> str: ...
+
+    async def read(self) -> MinerReading: ...
+
+
+@runtime_checkable
+class MinerSleepWake(Protocol):
+    """Puts a miner to sleep (standby power) and wakes it."""
+
+    async def sleep(self) -> None: ...
+
+    async def wake(self) -> None: ...
+
+
+@runtime_checkable
+class MinerPowerProfile(Protocol):
+    """Selects an operating point by profile name (the highest profile at or below a power)."""
+
+    async def set_profile(self, profile: str) -> None: ...

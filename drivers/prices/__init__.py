@@ -1,0 +1,1 @@
+"""Price adapters: energy price and hashprice sources behind one protocol."""

@@ -23,10 +23,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_listening(host: str, port: int, timeout_s: float = 10.0) -> None:
-    """Block until ``host:port`` accepts a TCP connection, or raise."""
+def wait_listening(
+    host: str, port: int, timeout_s: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Block until ``host:port`` accepts a TCP connection, or raise (at once if ``proc`` died)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise TimeoutError(f"process exited with {proc.returncode} before listening")
         try:
             with socket.create_connection((host, port), timeout=0.2):
                 return
@@ -69,6 +73,8 @@ class Mosquitto:
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} {self.host}\n"
+            # As root, mosquitto would drop to user "mosquitto", who cannot read pytest's tmp dir.
+            "user root\n"
             "allow_anonymous false\n"
             f"password_file {pwfile}\n"
             "persistence false\n"
@@ -83,7 +89,7 @@ class Mosquitto:
                 [self.binary, "-c", str(self.conf)], stdout=log, stderr=log
             )
         try:
-            wait_listening(self.host, self.port)
+            wait_listening(self.host, self.port, proc=self.proc)
         except TimeoutError:
             self.stop()
             raise RuntimeError(

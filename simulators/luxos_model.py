@@ -247,3 +247,18 @@ class MinerState:
             "fault": self.fault.kind.value,
             "fault_delay_s": self.fault.delay_s,
         }
+
+
+class ManualClock:
+    """A clock that only moves when told to: inject it into a fleet to step physics in tests."""
+
+    def __init__(self, start_s: float = 1000.0) -> None:
+        self.now_s = start_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError(f"time only moves forward, got {seconds}")
+        self.now_s += seconds

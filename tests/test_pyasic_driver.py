@@ -6,7 +6,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -151,7 +151,9 @@ async def test_set_profile_and_power_limit_change_the_operating_point(
     assert state.atm_enabled
     clock.advance(1.0)
     r = await m.read()
-    assert (r.profile, r.power_w, r.hashrate_ths) == ("-2", 2450, pytest.approx(88.0))
+    assert r.profile == "-2"
+    assert r.power_w == 2450
+    assert r.hashrate_ths == pytest.approx(88.0)
 
     assert await m.set_power_limit(3100) == "default"
     assert state.profile == "default"
@@ -190,7 +192,11 @@ async def test_each_fault_maps_to_the_project_error_within_the_timeout(
     m = miner(S21, semaphore, device_id="rack2-s21")
     fleet.set_fault(S21, fault, delay_s)
     t0 = time.perf_counter()
-    calls = {"read": m.read, "sleep": m.sleep, "set_profile": lambda: m.set_profile("-1")}
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "read": m.read,
+        "sleep": m.sleep,
+        "set_profile": lambda: m.set_profile("-1"),
+    }
     call = calls[operation]
     with pytest.raises(error) as caught:
         await call()

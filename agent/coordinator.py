@@ -95,6 +95,8 @@ class Coordinator:
         self.monotonic = monotonic
         self.hashprice_usd_per_ph_day = config.economics.hashprice.usd_per_ph_day
         self.price: PriceReading | None = None
+        # Monotonic time the newest price interval was first seen: its age is how long no *new*
+        # price has arrived, whether the source errs or keeps repeating an old interval.
         self.price_read_at: float | None = None
         self.events: dict[str, ActiveEvent] = {}
         self.gpu_nodes: tuple[GpuNodeView, ...] = ()
@@ -188,7 +190,8 @@ class Coordinator:
         health.successes += 1
         if self.price is None or reading.interval_start != self.price.interval_start:
             self.price_changed.set()
-        self.price, self.price_read_at = reading, self.monotonic()
+            self.price_read_at = self.monotonic()
+        self.price = reading
 
     async def run_poller(
         self, poll: Callable[[], Awaitable[None]], interval_s: float, stop: asyncio.Event

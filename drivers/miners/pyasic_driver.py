@@ -210,7 +210,7 @@ class PyasicMiner:
             try:
                 return await attempt()
             except APIError as exc:
-                if "session" not in str(exc).lower():
+                if "invalid session" not in str(exc).lower():
                     raise
                 # A reboot or another client's logoff ended our session: open a new one, once.
                 return await attempt()

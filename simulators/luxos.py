@@ -194,7 +194,7 @@ class _Connection(asyncio.Protocol):
         except ValueError:
             if len(self._buf) > MAX_REQUEST_BYTES:
                 self._done = True
-                self._send(_fail(14, "Request too long or not JSON"))
+                self.send(_fail(14, "Request too long or not JSON"))
             return  # wait for the rest of the document
         self._done = True
         self._server.handle(request, self)
@@ -202,10 +202,10 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if not self._done and self._buf:
             self._done = True
-            self._send(_fail(14, "Request is not JSON"))
+            self.send(_fail(14, "Request is not JSON"))
         return None
 
-    def _send(self, reply: bytes) -> None:
+    def send(self, reply: bytes) -> None:
         t = self._transport
         if t is not None and not t.is_closing():
             t.write(reply)
@@ -243,20 +243,20 @@ class _MinerServer:
         fault = self.state.fault
         kind = fault.kind
         if kind is FaultKind.NONE:
-            conn._send(answer(self.state, request))
+            conn.send(answer(self.state, request))
         elif kind is FaultKind.HANG:
             pass  # keep the connection open and silent; close() or the client ends it
         elif kind is FaultKind.SLOW:
             loop = asyncio.get_running_loop()
-            loop.call_later(fault.delay_s, lambda: conn._send(answer(self.state, request)))
+            loop.call_later(fault.delay_s, lambda: conn.send(answer(self.state, request)))
         elif kind is FaultKind.GARBAGE:
-            conn._send(GARBAGE_REPLY)
+            conn.send(GARBAGE_REPLY)
         elif kind is FaultKind.ERROR:
-            conn._send(_fail(45, "Access denied"))
+            conn.send(_fail(45, "Access denied"))
         elif kind is FaultKind.IGNORE:
-            conn._send(answer(self.state, request, ignore_writes=True))
+            conn.send(answer(self.state, request, ignore_writes=True))
         else:  # REBOOT: the listener is closed, but a request may have raced it
-            conn._send(b"")
+            conn.send(b"")
 
 
 class LuxosFleet:

@@ -136,7 +136,7 @@ class PyasicMiner:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self._device_id = device_id
         self._miner = miner
-        # Swap in the strict transport; session token and port carry over.
+        # Swap in the strict transport (same port); a session opens on the first privileged call.
         rpc = _StrictLuxRPC(str(miner.ip), port=miner.rpc.port)
         miner.rpc = rpc
         self._rpc = rpc

@@ -12,7 +12,8 @@ import aiomqtt
 import pytest
 
 from drivers.grid.base import FailDirection, GridEventSource, ProgramKind
-from drivers.grid.mqtt_curtail import MqttCurtailSettings, MqttCurtailSource, Rejection
+from drivers.grid.common import Rejection
+from drivers.grid.mqtt_curtail import MqttCurtailSettings, MqttCurtailSource
 from tests.servers import Mosquitto
 
 pytestmark = pytest.mark.mqtt
@@ -271,7 +272,7 @@ async def test_stale_heartbeat_applies_each_programs_fail_direction(mosquitto: M
             # Silence: after 0.4 s the heartbeat is stale.
             await until(source.heartbeat_stale, 2.0)
             ids = {e.event_id for e in source.events()}
-            assert ids == {"h", "mqtt:heartbeat-lost:ers"}  # hold kept, release dropped
+            assert ids == {"h", "mqtt:signal-lost:ers"}  # hold kept, release dropped
             lost = next(e for e in source.events() if e.program == "ers")
             assert lost.max_site_kw == 0.0
             assert lost.mandatory

@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -43,20 +42,10 @@ from pydantic import (
     model_validator,
 )
 
-from drivers.grid.base import FailDirection, GridEvent, ProgramKind
+from drivers.grid.base import GridEvent, ProgramKind
+from drivers.grid.common import ProgramSettings, Rejection, apply_fail_directions
 
 log = logging.getLogger(__name__)
-
-
-class ProgramSettings(BaseModel):
-    """One demand-response program a source can signal."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: ProgramKind
-    fail: FailDirection = FailDirection.HOLD
-    payment_usd_per_mwh: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    penalty_usd_per_mwh: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
 
 class MqttCurtailSettings(BaseModel):
@@ -109,16 +98,6 @@ class CurtailMessage(BaseModel):
             if self.start is not None and self.until <= self.start:
                 raise ValueError("'until' must be after 'start'")
         return self
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """A message that changed nothing, and why (for the audit log)."""
-
-    at: datetime
-    topic: str
-    payload: str  # the first 200 characters, for the audit row
-    reason: str
 
 
 def _now_utc() -> datetime:
@@ -271,30 +250,14 @@ class MqttCurtailSource:
             )
             self._was_stale = True
         max_age = timedelta(seconds=self.settings.heartbeat_max_age_s)
-        stale_since = (self._last_heartbeat or self._started_at) + max_age
-        out: list[GridEvent] = []
-        for name, program in sorted(self.settings.programs.items()):
-            mine = [e for e in known if e.program == name]
-            if program.fail is FailDirection.RELEASE:
-                continue
-            out.extend(mine)
-            if program.fail is FailDirection.CURTAIL:
-                out.append(
-                    GridEvent(
-                        event_id=f"{self._name}:heartbeat-lost:{name}",
-                        source=self._name,
-                        program=name,
-                        kind=program.kind,
-                        start=stale_since,
-                        # Rolling: it lasts while the heartbeat stays away.
-                        end=now + max_age,
-                        max_site_kw=0.0,
-                        payment_usd_per_mwh=program.payment_usd_per_mwh,
-                        penalty_usd_per_mwh=program.penalty_usd_per_mwh,
-                        fail=program.fail,
-                    )
-                )
-        return tuple(out)
+        return apply_fail_directions(
+            known,
+            self.settings.programs,
+            source=self._name,
+            silent_since=(self._last_heartbeat or self._started_at) + max_age,
+            now=now,
+            hold_for=max_age,
+        )
 
     # --- connection -------------------------------------------------------------------------
 

@@ -287,6 +287,8 @@ class ControlConfig(Strict):
     hysteresis_usd_per_mwh: NonNegFloat = 5.0
     min_on_s: NonNegFloat = 300.0
     min_off_s: NonNegFloat = 300.0
+    # Rungs of the GPU power-cap ladder (per GPU, from the card's minimum to its maximum cap).
+    gpu_cap_step_w: PositiveFloat = 100.0
 
 
 class EconomicsConfig(Strict):

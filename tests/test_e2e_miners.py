@@ -14,8 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
-
 from agent.config import AgentConfig, parse_config
 from agent.domain import SLEEP, ActiveEvent
 from agent.runtime import Agent
@@ -70,8 +68,8 @@ def site_config(price_url: str, *, min_off_s: float = 1.5, limit_kw: float = 40)
             "economics": {"pool_fee": 0.02, "hashprice": {"usd_per_ph_day": 55}},
             "miner_models": MODELS,
             "miners": [
-                {"id": "s19", "address": S19[0], "model": "S19jPro", "firmware": "luxos", "count": 3},
-                {"id": "s21", "address": S21[0], "model": "S21", "firmware": "luxos", "count": 3},
+                {"id": "s19", "address": S19[0], "model": "S19jPro", "count": 3},
+                {"id": "s21", "address": S21[0], "model": "S21", "count": 3},
             ],
             "prices": {
                 "realtime": {
@@ -141,9 +139,7 @@ async def test_spike_sleeps_inefficient_miners_and_drop_restores_them_after_min_
         slept_at = asyncio.get_running_loop().time()
         assert not any(asleep(fleet, a) for a in S21), "S21s must keep mining"
         # The S21s step down to their most efficient profile: the upper steps earn < 100 $/MWh.
-        await until(
-            lambda: all(truth(fleet, a)["profile"] == "-2" for a in S21), 10, "S21s at -2"
-        )
+        await until(lambda: all(truth(fleet, a)["profile"] == "-2" for a in S21), 10, "S21s at -2")
         plan = agent.state.plan
         assert plan is not None
         assert plan.effective_price_usd_per_mwh == 100.0
@@ -162,7 +158,7 @@ async def test_spike_sleeps_inefficient_miners_and_drop_restores_them_after_min_
 
 
 async def test_miner_ignoring_commands_is_faulted_and_another_is_shed() -> None:
-    async with running_site(20.0, limit_kw=40) as (agent, fleet, server):
+    async with running_site(20.0, limit_kw=40) as (agent, fleet, _server):
         await until(
             lambda: all(truth(fleet, a)["profile"] == "+1" for a in S19 + S21), 10, "all at +1"
         )

@@ -22,7 +22,7 @@ from agent.config import ConfigError, load_config
 from agent.store import AuditRow, EventReport, Store, StoreError, journal_path
 
 DEFAULT_CONFIG = Path("/etc/site-agent/site.yaml")
-_RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhdw])$")
+_RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -33,8 +33,11 @@ def register(sub: Any) -> None:
         "--since",
         type=parse_since,
         default=None,
-        help="only rows at or after this time: ISO 8601 (UTC if no zone) or relative (-1h, -30m)",
+        help="only rows at or after this time: ISO 8601 (UTC if no zone) or an age (-1h, 30m, 2d)",
     )
+    # argparse takes "-1h" for an option unless it looks like a negative number to it; widen
+    # its (private, but stable since 2.7) matcher so "--since -1h" works, not only "--since=-1h".
+    audit._negative_number_matcher = re.compile(r"^-\d+(\.\d+)?[smhdw]?$")
     audit.add_argument("--device", default=None, help="only rows about this device id")
     audit.add_argument(
         "--limit", type=int, default=1000, help="at most the newest N rows (default 1000; 0: all)"
@@ -59,7 +62,8 @@ def _db_options(p: argparse.ArgumentParser) -> None:
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """``-1h``/``-30m``/``-2d`` relative to now, or an ISO time (naive means UTC)."""
+    """An age before now (``-1h``, ``30m``, ``-2d``; the minus is optional), or an ISO time
+    (naive means UTC)."""
     m = _RELATIVE.match(text.strip())
     if m:
         delta = timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2)])

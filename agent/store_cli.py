@@ -18,7 +18,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.config import ConfigError, load_config
+import yaml
+from pydantic import ValidationError
+
+from agent.config import ConfigError, StoreConfig
 from agent.store import AuditRow, EventReport, Store, StoreError, journal_path
 
 DEFAULT_CONFIG = Path("/etc/site-agent/site.yaml")
@@ -84,8 +87,32 @@ def resolve_db(args: argparse.Namespace) -> Path:
     cfg_path = args.config
     if cfg_path is None:
         cfg_path = Path(os.environ.get("SITE_AGENT_CONFIG", DEFAULT_CONFIG))
-    cfg = load_config(cfg_path)
-    return journal_path(cfg.store.path, Path(cfg_path))
+    return journal_path(store_path_from_config(Path(cfg_path)), Path(cfg_path))
+
+
+def store_path_from_config(path: Path) -> Path:
+    """``store.path`` of a site config, read without validating the rest of the file.
+
+    The full load resolves credentials (``cred:`` needs the service's
+    ``$CREDENTIALS_DIRECTORY``), which an operator reading the audit from a shell does not
+    have and must not need.
+    """
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), [f"{path}: cannot read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"{path}: invalid YAML: {exc}"]) from None
+    store = data.get("store") if isinstance(data, dict) else None
+    if store is None:
+        return StoreConfig().path
+    try:
+        return StoreConfig.model_validate(store).path
+    except ValidationError as exc:
+        problems = [
+            f"{path}: store.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+        ]
+        raise ConfigError(str(path), problems) from None
 
 
 def _open_db(args: argparse.Namespace) -> Path | None:

@@ -80,16 +80,32 @@ def test_audit_since_relative_and_json(journal: Path, capsys: pytest.CaptureFixt
 
 
 def test_audit_through_config_store_path(
-    journal: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    journal: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     cfg = tmp_path / "site.yaml"
     cfg.write_text(
         "site: {id: s1, interconnect_limit_kw: 5000}\n"
         "prices: {realtime: {type: constant, value: 30}}\n"
+        # Only the service has $CREDENTIALS_DIRECTORY; reading the audit must not need it.
+        "mqtt: {enabled: true, username: agent, password: 'cred:mqtt-password'}\n"
         f"store: {{path: {journal.name}}}\n"
     )
     assert main(["audit", "--config", str(cfg), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_config_with_bad_store_path_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text("store: {path: [1, 2]}\n")
+    assert main(["events", "report", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}: store.path:" in err
 
 
 def test_audit_missing_journal_is_a_clear_error(

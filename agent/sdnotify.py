@@ -5,17 +5,22 @@ or an abstract name written with a leading ``@``). Each notification is one data
 newline-separated ``KEY=VALUE`` lines. Outside systemd the variable is unset and every call is a
 no-op, so the same code runs under systemd, in a shell and in tests.
 
-The watchdog (``WatchdogSec=``) is fed by the control loop itself, not by a side timer: a loop
-that is stuck stops feeding it and systemd restarts the service. :func:`watchdog_interval_s`
-says how long systemd waits; feed at half of that.
+The watchdog (``WatchdogSec=``) must follow the control loop, not a side timer that would keep
+a stuck agent alive. But one control cycle may legitimately outlast the watchdog (a cycle of
+device calls that each time out), so :class:`LoopWatchdog` splits the job: the control loop calls
+:meth:`LoopWatchdog.beat` at each step it completes, and a small task sends ``WATCHDOG=1`` every
+half timeout only while the last beat is younger than ``max_stall_s``. A stuck loop stops
+beating, the pings stop, and systemd restarts the service; a blocked event loop stops both.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +119,68 @@ def watchdog_interval_s(env: Mapping[str, str] | None = None) -> float | None:
     except ValueError:
         return None
     return value / 1e6 if value > 0 else None
+
+
+class LoopWatchdog:
+    """Feeds systemd's watchdog while the control loop makes progress (see module docstring).
+
+    ``max_stall_s``: the longest the loop may go without a :meth:`beat` and still count as
+    alive; set it above the longest legitimate step (a full round of device timeouts and
+    retries), and it may exceed ``WatchdogSec=``.
+    """
+
+    def __init__(
+        self,
+        notifier: Notifier,
+        max_stall_s: float,
+        timeout_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_stall_s <= 0:
+            raise ValueError(f"max_stall_s must be > 0 (got {max_stall_s})")
+        self._notifier = notifier
+        self._max_stall_s = max_stall_s
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._last_beat = clock()
+        self.stalled = False
+
+    def beat(self) -> None:
+        """The control loop completed a step (snapshot built, plan made, actions run)."""
+        self._last_beat = self._clock()
+        if self.stalled:
+            log.info("control loop is making progress again")
+            self.stalled = False
+
+    def stall_s(self) -> float:
+        """Seconds since the last beat."""
+        return self._clock() - self._last_beat
+
+    def feed_once(self) -> bool:
+        """Send ``WATCHDOG=1`` if the loop is alive; return whether it was sent."""
+        if self.stall_s() > self._max_stall_s:
+            if not self.stalled:
+                log.error(
+                    "control loop made no progress for %.0f s; no longer feeding the watchdog",
+                    self.stall_s(),
+                )
+                self.stalled = True
+            return False
+        return self._notifier.watchdog()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Feed every half watchdog timeout until ``stop`` is set; returns at once if systemd
+        set no watchdog (``timeout_s`` overrides the timeout read from the environment)."""
+        timeout_s = self._timeout_s if self._timeout_s is not None else watchdog_interval_s()
+        if timeout_s is None or not self._notifier.enabled:
+            return
+        period_s = timeout_s / 2
+        while not stop.is_set():
+            self.feed_once()
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=period_s)
+            except TimeoutError:
+                continue
 
 
 _default: Notifier | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import sdnotify
-from agent.sdnotify import Notifier, watchdog_interval_s
+from agent.sdnotify import LoopWatchdog, Notifier, watchdog_interval_s
 
 
 @pytest.fixture
@@ -95,3 +96,59 @@ def test_watchdog_interval() -> None:
     assert watchdog_interval_s({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_interval_s({"WATCHDOG_USEC": "junk"}) is None
     assert watchdog_interval_s({"WATCHDOG_USEC": "0"}) is None
+
+
+def _drain(sock: socket.socket) -> list[bytes]:
+    got = []
+    sock.settimeout(0)
+    try:
+        while True:
+            got.append(sock.recv(4096))
+    except BlockingIOError:
+        pass
+    sock.settimeout(2.0)
+    return got
+
+
+def test_loop_watchdog_feeds_only_while_the_loop_beats(
+    listener: tuple[socket.socket, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    sock, path = listener
+    now = [100.0]
+    dog = LoopWatchdog(Notifier({"NOTIFY_SOCKET": path}), max_stall_s=45.0, clock=lambda: now[0])
+    assert dog.feed_once()
+    now[0] += 40.0  # a long cycle (device timeouts), still under max_stall_s
+    assert dog.feed_once()
+    assert _drain(sock) == [b"WATCHDOG=1", b"WATCHDOG=1"]
+    now[0] += 10.0  # 50 s without progress: stuck
+    assert not dog.feed_once()
+    assert not dog.feed_once()
+    assert _drain(sock) == []
+    assert dog.stalled
+    assert sum("no progress" in r.getMessage() for r in caplog.records) == 1
+    dog.beat()
+    assert dog.feed_once()
+    assert _drain(sock) == [b"WATCHDOG=1"]
+    assert not dog.stalled
+
+
+async def test_loop_watchdog_task_pings_at_half_the_timeout(
+    listener: tuple[socket.socket, str],
+) -> None:
+    sock, path = listener
+    dog = LoopWatchdog(Notifier({"NOTIFY_SOCKET": path}), max_stall_s=0.5, timeout_s=0.1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(dog.run(stop))
+    for _ in range(6):  # the loop keeps beating for 0.3 s: about 6 pings at 0.05 s
+        dog.beat()
+        await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(task, 1.0)
+    pings = _drain(sock)
+    assert set(pings) == {b"WATCHDOG=1"}
+    assert 3 <= len(pings) <= 10  # loose: a loaded 2-core CI machine delays timers
+
+
+async def test_loop_watchdog_without_systemd_returns_at_once() -> None:
+    dog = LoopWatchdog(Notifier({}), max_stall_s=1.0)
+    await asyncio.wait_for(dog.run(asyncio.Event()), 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 from datetime import UTC, datetime, timedelta
@@ -9,12 +10,29 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
+from agent import cli, store_cli
 from agent.store import Store
 from agent.store_cli import parse_since
 from drivers.grid.base import GridEvent, ProgramKind
 
 NOW = datetime.now(UTC)
+
+
+def main(argv: list[str]) -> int:
+    """``site-agent`` with only this module's sub-commands, as agent.cli.main builds them.
+
+    Built here rather than through agent.cli so these tests do not depend on every other
+    command module importing cleanly.
+    """
+    parser = argparse.ArgumentParser(prog="site-agent")
+    store_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+def test_cli_includes_these_commands() -> None:
+    assert "agent.store_cli" in cli.COMMAND_MODULES
 
 
 async def _fill(db: Path) -> None:

@@ -166,9 +166,10 @@ _MDWE_PROBE = textwrap.dedent(
         sys.exit(4)
     except OSError:
         pass
-    import aiomqtt, prometheus_client, pyasic, pydantic, pynvml, yaml  # noqa: F401
+    import aiomqtt, openleadr, prometheus_client, pyasic, pydantic, pynvml, yaml  # noqa: F401
+    import argparse
     from datetime import UTC, datetime
-    from agent.cli import build_parser
+    from agent import config, policy, sdnotify, store_cli  # noqa: F401
     from agent.store import Store
 
     async def main():
@@ -178,7 +179,7 @@ _MDWE_PROBE = textwrap.dedent(
                 await store.audit(source="t", action="a", result="ok", detail={"x": 1})
                 assert (await store.commanded_states())["m-1"].state == "sleep"
     asyncio.run(main())
-    build_parser()
+    store_cli.register(argparse.ArgumentParser().add_subparsers())
     print("ok")
     """
 )

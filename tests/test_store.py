@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from agent.actuator import AuditSink
 from agent.store import (
     APPLICATION_ID,
     SCHEMA_VERSION,
@@ -78,8 +79,9 @@ async def test_commanded_states_upsert_and_survive_reopen(tmp_path: Path) -> Non
 
 async def test_store_is_wal_with_full_sync_and_versioned(tmp_path: Path) -> None:
     db = tmp_path / "journal.db"
-    async with Store.open(db):
-        pass
+    async with Store.open(db) as store:
+        # synchronous is per connection: ask the store's own (2 = FULL: fsync on every commit).
+        assert await store._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -217,6 +219,16 @@ async def test_audit_never_stores_credentials(tmp_path: Path) -> None:
     raw = _journal_bytes(tmp_path, "j.db")
     for leaked in (secret, "pw-in-clear", "k-123", "t-456", "s-789"):
         assert leaked.encode() not in raw
+
+
+async def test_store_is_the_actuators_audit_sink(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "j.db") as store:
+        sink: AuditSink = store  # checked by mypy: the runtime passes the store as is
+        await sink.audit(
+            source="policy", device_id="m-1", action="sleep:sleep", reason="r", result="ok"
+        )
+        (row,) = await store.audit_rows()
+    assert (row.device_id, row.action, row.result) == ("m-1", "sleep:sleep", "ok")
 
 
 def test_redact_keeps_ordinary_keys() -> None:

@@ -293,6 +293,33 @@ def _redact(value: Any, secrets: tuple[str, ...]) -> Any:
     return _scrub(str(value), secrets)
 
 
+def secrets_in(value: Any) -> tuple[str, ...]:
+    """Every ``SecretStr`` value inside a config model (for ``Store.open(known_secrets=...)``).
+
+    Walks pydantic models, mappings and sequences; empty secrets are skipped (an empty string
+    would "match" everywhere).
+    """
+    found: list[str] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, SecretStr):
+            secret = v.get_secret_value()
+            if secret and secret not in found:
+                found.append(secret)
+        elif isinstance(v, BaseModel):
+            for name in type(v).model_fields:
+                walk(getattr(v, name))
+        elif isinstance(v, Mapping):
+            for item in v.values():
+                walk(item)
+        elif isinstance(v, list | tuple | set | frozenset):
+            for item in v:
+                walk(item)
+
+    walk(value)
+    return tuple(found)
+
+
 # --- time and event (de)serialisation ------------------------------------------------------
 
 

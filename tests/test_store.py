@@ -20,6 +20,7 @@ import pytest
 from pydantic import SecretStr
 
 from agent.actuator import AuditSink
+from agent.config import parse_config
 from agent.store import (
     APPLICATION_ID,
     SCHEMA_VERSION,
@@ -34,6 +35,7 @@ from agent.store import (
     StoreWriteError,
     journal_path,
     redact,
+    secrets_in,
 )
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind
 
@@ -229,6 +231,28 @@ async def test_store_is_the_actuators_audit_sink(tmp_path: Path) -> None:
         )
         (row,) = await store.audit_rows()
     assert (row.device_id, row.action, row.result) == ("m-1", "sleep:sleep", "ok")
+
+
+def test_secrets_in_config_are_all_found() -> None:
+    cfg = parse_config(
+        {
+            "site": {"id": "s1", "interconnect_limit_kw": 5000},
+            "prices": {"realtime": {"type": "constant", "value": 30}},
+            "miner_models": {
+                "s19": {"profiles": [{"name": "p", "power_w": 3000, "hashrate_ths": 100}]}
+            },
+            "miners": [
+                {
+                    "id": "m",
+                    "address": "127.1.0.1",
+                    "model": "s19",
+                    "credentials": {"username": "root", "password": "miner-pw"},
+                }
+            ],
+            "mqtt": {"password": "broker-pw", "command_tokens": {"alice": "tok-a", "bob": ""}},
+        }
+    )
+    assert sorted(secrets_in(cfg)) == ["broker-pw", "miner-pw", "tok-a"]
 
 
 def test_redact_keeps_ordinary_keys() -> None:

@@ -395,6 +395,18 @@ async def test_readonly_store_refuses_writes_but_reads(tmp_path: Path) -> None:
             await ro.record_command("m-1", "high", T0)
 
 
+async def test_cli_can_read_while_the_agent_writes(tmp_path: Path) -> None:
+    db = tmp_path / "j.db"
+    async with Store.open(db) as agent:
+        await agent.record_command("m-1", "sleep", T0)
+        async with Store.open(db, readonly=True) as cli:
+            assert list(await cli.commanded_states()) == ["m-1"]
+            await agent.record_command("m-2", "high", T0)
+            assert list(await cli.commanded_states()) == ["m-1", "m-2"]
+        await agent.record_command("m-3", "low", T0)  # the reader left the writer unharmed
+        assert len(await agent.commanded_states()) == 3
+
+
 # --- unwritable and full ---------------------------------------------------------------------
 
 

@@ -26,9 +26,12 @@ from agent.actuator import ActionResult, Actuator, AuditSink
 from agent.config import AgentConfig
 from agent.coordinator import Clock, Coordinator, utc_now
 from agent.domain import ActiveEvent, Plan, Snapshot
+from agent.events import EventBook, EventSource
 from agent.policy import decide
 from agent.state import AgentState
 from agent.store import Store
+from drivers.errors import AgentError
+from drivers.grid.base import GridEvent
 from drivers.miners.base import MinerSleepWake, MinerTelemetry
 from drivers.prices.base import PriceSource
 
@@ -50,6 +53,7 @@ class Components:
     price_source: PriceSource | None
     audit: AuditSink | None = None
     store: Store | None = None  # the journal; also the audit sink when audit is None
+    grid_sources: list[EventSource] = field(default_factory=list)
     # Extra long-running tasks (metrics server, MQTT...): each gets the stop event.
     services: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
         default_factory=list
@@ -88,6 +92,13 @@ class Agent:
         )
         self.on_cycle = on_cycle
         self.wake_control = asyncio.Event()  # set to run a control cycle at once (fast path)
+        self.event_book = EventBook(
+            components.grid_sources,
+            components.store,
+            self.coordinator.events,
+            on_change=self.wake_control.set,
+        )
+        self.event_watch_s = 0.5
         self.first_poll_timeout_s = max(30.0, 3 * config.control.device_timeout_s)
         self.watchdog: Callable[[], None] | None = None  # fed after every cycle (systemd)
 
@@ -121,6 +132,10 @@ class Agent:
         started = time.monotonic()
         await self.actuator.verify()
         self.coordinator.reconcile_drift(set(self.actuator.pending))
+        last = self.state.snapshot
+        await self.event_book.sync(
+            self.coordinator.clock(), None if last is None else last.measured_site_power_w
+        )
         snapshot = self.coordinator.snapshot()
         plan = decide(snapshot, self.config, snapshot.at)
         if self.state.mode == "manual":
@@ -166,6 +181,37 @@ class Agent:
                 self.coordinator.price_changed.wait(),
             )
 
+    def _event_signature(self, operator_ids: frozenset[str]) -> tuple[frozenset[str], ...]:
+        now = self.coordinator.clock()
+        offered: set[GridEvent] = set()
+        for source in self.components.grid_sources:
+            with contextlib.suppress(AgentError):
+                offered.update(source.events())
+        active = frozenset(e.event_id for e in offered if e.active_at(now)) | frozenset(
+            eid for eid, a in self.coordinator.events.items() if a.event.active_at(now)
+        )
+        return frozenset(f"{e.event_id}:{hash(e)}" for e in offered), active, operator_ids
+
+    async def _event_watch(self, stop: asyncio.Event) -> None:
+        """The fast path: run a control cycle at once when an event appears, starts or ends."""
+        store = self.components.store
+        last: tuple[frozenset[str], ...] | None = None
+        while not stop.is_set():
+            operator_ids: frozenset[str] = frozenset()
+            if store is not None:
+                with contextlib.suppress(AgentError):
+                    operator_ids = frozenset(
+                        s.event.event_id
+                        for s in await store.active_events()
+                        if s.event.source.startswith("operator")
+                    )
+            signature = self._event_signature(operator_ids)
+            if last is not None and signature != last:
+                self.wake_control.set()
+            last = signature
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.event_watch_s)
+
     async def run(self, stop: asyncio.Event, *, grace_s: float = 3.0) -> None:
         """Run until ``stop`` is set; then give tasks ``grace_s`` to finish, and cancel the rest."""
         control = self.config.control
@@ -175,6 +221,7 @@ class Agent:
                 self.coordinator.poll_miners, control.poll_interval_s, stop
             ),
             self._control_loop(stop),
+            self._event_watch(stop),
         ]
         if self.components.price_source is not None:
             price_every = min(control.poll_interval_s, control.interval_s)

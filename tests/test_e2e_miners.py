@@ -51,39 +51,41 @@ MODELS = {
 
 
 def site_config(price_url: str, *, min_off_s: float = 1.5, limit_kw: float = 40) -> AgentConfig:
-    return parse_config(
-        {
-            "site": {"id": "e2e", "interconnect_limit_kw": limit_kw},
-            "control": {
-                "interval_s": 0.25,
+    return parse_config(site_dict(price_url, min_off_s=min_off_s, limit_kw=limit_kw))
+
+
+def site_dict(price_url: str, *, min_off_s: float = 1.5, limit_kw: float = 40) -> dict[str, Any]:
+    return {
+        "site": {"id": "e2e", "interconnect_limit_kw": limit_kw},
+        "control": {
+            "interval_s": 0.25,
+            "poll_interval_s": 0.2,
+            "poll_jitter_s": 0.02,
+            "device_timeout_s": 2,
+            "retries": 1,
+            "verify_after_s": 1.5,
+            "hysteresis_usd_per_mwh": 2,
+            "min_on_s": 0.5,
+            "min_off_s": min_off_s,
+        },
+        "economics": {"pool_fee": 0.02, "hashprice": {"usd_per_ph_day": 55}},
+        "miner_models": MODELS,
+        "miners": [
+            {"id": "s19", "address": S19[0], "model": "S19jPro", "count": 3},
+            {"id": "s21", "address": S21[0], "model": "S21", "count": 3},
+        ],
+        "prices": {
+            "realtime": {
+                "type": "http_json",
+                "url": f"{price_url}/price",
+                "value_path": "data.0.price",
+                "time_path": "data.0.time",
                 "poll_interval_s": 0.2,
-                "poll_jitter_s": 0.02,
-                "device_timeout_s": 2,
-                "retries": 1,
-                "verify_after_s": 1.5,
-                "hysteresis_usd_per_mwh": 2,
-                "min_on_s": 0.5,
-                "min_off_s": min_off_s,
+                "timeout_s": 1,
             },
-            "economics": {"pool_fee": 0.02, "hashprice": {"usd_per_ph_day": 55}},
-            "miner_models": MODELS,
-            "miners": [
-                {"id": "s19", "address": S19[0], "model": "S19jPro", "count": 3},
-                {"id": "s21", "address": S21[0], "model": "S21", "count": 3},
-            ],
-            "prices": {
-                "realtime": {
-                    "type": "http_json",
-                    "url": f"{price_url}/price",
-                    "value_path": "data.0.price",
-                    "time_path": "data.0.time",
-                    "poll_interval_s": 0.2,
-                    "timeout_s": 1,
-                },
-                "max_age_s": 30,
-            },
-        }
-    )
+            "max_age_s": 30,
+        },
+    }
 
 
 @contextlib.asynccontextmanager

@@ -585,7 +585,8 @@ class MetricsServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await asyncio.wait_for(self._respond(reader, writer), timeout=10.0)
+            async with asyncio.timeout(10.0):
+                await self._respond(reader, writer)
         except (
             TimeoutError,
             ConnectionError,

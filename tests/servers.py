@@ -56,7 +56,9 @@ class Mosquitto:
     ``start()`` can be called mid-test to simulate a broker outage on the same port.
     """
 
-    def __init__(self, workdir: Path, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, users: dict[str, str] | None = None, acl: str | None = None
+    ) -> None:
         self.binary = require_binary("mosquitto", "mosquitto")
         self.passwd = require_binary("mosquitto_passwd", "mosquitto")
         self.host = "127.0.0.1"
@@ -70,6 +72,12 @@ class Mosquitto:
         for user, password in self.users.items():
             subprocess.run([self.passwd, "-b", str(pwfile), user, password], check=True)
         pwfile.chmod(0o600)
+        acl_line = ""
+        if acl is not None:  # optional topic ACL (mosquitto acl_file syntax); none by default
+            acl_file = workdir / "acl"
+            acl_file.write_text(acl)
+            acl_file.chmod(0o600)
+            acl_line = f"acl_file {acl_file}\n"
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} {self.host}\n"
@@ -77,6 +85,7 @@ class Mosquitto:
             "user root\n"
             "allow_anonymous false\n"
             f"password_file {pwfile}\n"
+            f"{acl_line}"
             "persistence false\n"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\n"

@@ -368,11 +368,7 @@ async def test_bad_commands_are_rejected_with_a_reason_and_change_nothing(
 
 
 async def test_broker_acl_keeps_other_users_off_the_command_topics(tmp_path: Path) -> None:
-    acl = (
-        "user agent\ntopic readwrite site-agent/#\n\n"
-        "user operator\ntopic read site-agent/#\ntopic write site-agent/+/command/#\n\n"
-        "user viewer\ntopic read site-agent/#\n"
-    )
+    acl = (ROOT / "configs" / "mosquitto.acl").read_text()  # the shipped ACL
     users = {"agent": "agent-secret", "operator": "operator-secret", "viewer": "viewer-secret"}
     broker = Mosquitto(tmp_path, users=users, acl=acl)
     broker.start()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from agent.domain import Plan, Snapshot
+from drivers.gpus.base import GpuReading
 
 
 @dataclass(slots=True)
@@ -45,6 +46,8 @@ class AgentState:
     faults: dict[str, str] = field(default_factory=dict)  # device id -> fault reason
     mode: str = "auto"  # "auto"; "manual" (operator: no actions); "safe" (sheds only)
     safe_reason: str | None = None
+    # GPU node id -> the latest per-GPU readings of that node (for per-GPU metrics).
+    gpu_readings: dict[str, tuple[GpuReading, ...]] = field(default_factory=dict)
 
     def source(self, name: str) -> SourceHealth:
         health = self.sources.get(name)

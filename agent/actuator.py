@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -42,6 +42,8 @@ class Journal(Protocol):
     """Where commanded states are made durable (the SQLite journal in production)."""
 
     async def record_command(self, device_id: str, state: str, since: datetime) -> None: ...
+
+    async def record_commands(self, commands: Iterable[tuple[str, str, datetime]]) -> None: ...
 
 
 class LogAudit:
@@ -91,6 +93,7 @@ class Actuator:
         self.backoff_s = backoff_s
         self.semaphore = asyncio.Semaphore(self.config.control.max_concurrency)
         self.pending: dict[str, _Pending] = {}
+        self.journal_failed = False  # safe mode was entered because the journal failed
         self.monotonic: Callable[[], float] = coordinator.monotonic
         self.clock: Callable[[], datetime] = coordinator.clock
 
@@ -169,6 +172,7 @@ class Actuator:
         try:
             await self.journal.record_command(device_id, state, since)
         except AgentError as exc:
+            self.journal_failed = True
             self.enter_safe_mode(f"journal write failed: {exc}")
 
     def enter_safe_mode(self, why: str) -> None:
@@ -198,7 +202,37 @@ class Actuator:
                 result=result,
             )
         except AgentError as exc:
+            self.journal_failed = True
             self.enter_safe_mode(f"audit write failed: {exc}")
+
+    async def retry_journal(self) -> bool:
+        """After a journal failure, try writing again; leave safe mode when it works.
+
+        The probe is an audit row (an insert, so it needs free space, unlike overwriting a
+        commanded state in place), then every commanded state: the commands whose journaling
+        failed are made durable before anything may be restored. Returns True on recovery.
+        """
+        if not self.journal_failed or self.state.mode != "safe":
+            return False
+        try:
+            await self.audit_sink.audit(
+                source="agent",
+                device_id=None,
+                action="journal",
+                reason=f"journal writable again after: {self.state.safe_reason}",
+                result="recovered",
+            )
+            if self.journal is not None:
+                slots = self.coordinator.slots.values()
+                await self.journal.record_commands(
+                    (s.device_id, s.commanded, s.commanded_since) for s in slots
+                )
+        except AgentError:
+            return False  # still failing: stay in safe mode, try again next cycle
+        log.warning("journal writable again; leaving safe mode (%s)", self.state.safe_reason)
+        self.journal_failed = False
+        self.state.mode, self.state.safe_reason = "auto", None
+        return True
 
     async def verify(self) -> list[ActionResult]:
         """Check pending commands against telemetry; fault devices that did not comply."""

@@ -130,6 +130,7 @@ class Agent:
     async def control_cycle(self) -> Plan:
         """One decision: verify last commands, snapshot, decide, actuate."""
         started = time.monotonic()
+        await self.actuator.retry_journal()
         await self.actuator.verify()
         self.coordinator.reconcile_drift(set(self.actuator.pending))
         last = self.state.snapshot

@@ -109,13 +109,28 @@ class Actuator:
                 tasks = [tg.create_task(self._run(a)) for a in batch]
             results.extend(t.result() for t in tasks)
             failed_sheds = [r for r in results if r.result != "ok" and r.action.sheds]
-            if batch is sheds and failed_sheds and starts:
+            # A device on probation once acknowledged a command and ignored it: its shed is
+            # not headroom until telemetry shows it (the next cycle counts what it draws).
+            slots = self.coordinator.slots
+            unconfirmed = [
+                r
+                for r in results
+                if r.action.sheds
+                and r.action.device_id in slots
+                and slots[r.action.device_id].probation
+            ]
+            if batch is sheds and (failed_sheds or unconfirmed) and starts:
                 # A shed that failed leaves less headroom than planned: starting devices now
                 # could exceed the limit. The next cycle re-plans with the fault known.
+                why = (
+                    "a shed in this cycle failed"
+                    if failed_sheds
+                    else "a shed in this cycle is unconfirmed (device on probation)"
+                )
                 for a in starts:
-                    results.append(ActionResult(a, "skipped", "a shed in this cycle failed"))
+                    results.append(ActionResult(a, "skipped", why))
                     self.state.actions[(a.kind.value, "skipped")] += 1
-                    await self._audit(a, "skipped", "a shed in this cycle failed")
+                    await self._audit(a, "skipped", why)
                 break
         return results
 
@@ -243,6 +258,7 @@ class Actuator:
             fresh = slot.read_at is not None and slot.read_at > pending.issued_at
             if fresh and self._complies(device_id, pending.action.target):
                 del self.pending[device_id]
+                slot.probation = False
                 continue
             if now < pending.deadline:
                 continue
@@ -288,3 +304,5 @@ class Actuator:
                 assert observed is not None
                 self.coordinator.set_commanded(slot.device_id, observed, self.clock())
                 self.coordinator.set_fault(slot.device_id, None)
+                # Retried, not healed: trusted again only once a command is seen to apply.
+                slot.probation = not healed

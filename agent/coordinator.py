@@ -72,6 +72,9 @@ class MinerSlot:
     consecutive_failures: int = 0
     fault: str | None = None
     fault_since: float | None = None  # monotonic time the fault was set
+    # Given another chance after a fault: not trusted to follow a command until telemetry
+    # confirms one (the actuator clears it), so it counts at what it draws meanwhile.
+    probation: bool = False
 
 
 class Coordinator:
@@ -215,6 +218,15 @@ class Coordinator:
         if fault is None and slot.consecutive_failures >= 3:
             fault = f"unreachable: {slot.last_error}"
         reading = slot.reading if fresh else None
+        if fault is None and slot.probation and reading is not None:
+            commanded_w = next(p.power_w for p in slot.points if p.name == slot.commanded)
+            # A device that once accepted a command and ignored it may do so again: while it
+            # draws well above its commanded point, the policy must count (and not move) it.
+            if reading.power_w > commanded_w + 0.1 * slot.nameplate_w:
+                fault = (
+                    f"unconfirmed after a fault: draws {reading.power_w:.0f} W, "
+                    f"commanded {slot.commanded} ({commanded_w:.0f} W)"
+                )
         return MinerView(
             device_id=slot.device_id,
             model=slot.model,

@@ -106,7 +106,7 @@ class Recorder:
     def sample(self) -> tuple[float, dict[str, bool], float]:
         states = {a: self.fleet.truth(a) for a in ALL}
         mining = {a: not bool(s["sleeping"]) for a, s in states.items()}
-        site_w = sum(float(s["power_w"]) for s in states.values())
+        site_w = sum(_watts(s) for s in states.values())
         row = (time.monotonic(), mining, site_w)
         self.samples.append(row)
         return row
@@ -145,6 +145,12 @@ async def simulated_site() -> AsyncIterator[tuple[LuxosFleet, Recorder]]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _watts(truth: dict[str, object]) -> float:
+    value = truth["power_w"]
+    assert isinstance(value, float | int)
+    return float(value)
 
 
 async def until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

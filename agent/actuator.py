@@ -94,6 +94,9 @@ class Actuator:
         self.semaphore = asyncio.Semaphore(self.config.control.max_concurrency)
         self.pending: dict[str, _Pending] = {}
         self.journal_failed = False  # safe mode was entered because the journal failed
+        # Devices faulted because a command failed: being where they were proves nothing, so
+        # only fault_retry_s gives them another chance.
+        self.command_failed: set[str] = set()
         self.monotonic: Callable[[], float] = coordinator.monotonic
         self.clock: Callable[[], datetime] = coordinator.clock
 
@@ -166,6 +169,7 @@ class Actuator:
                 await asyncio.sleep(min(self.backoff_s * 2**attempt, 5.0))
         assert error is not None
         self.coordinator.set_fault(action.device_id, f"{action.kind} failed: {error.message}")
+        self.command_failed.add(action.device_id)
         return await self._finish(action, "failed", error.message)
 
     async def _command(self, driver: MinerSleepWake, action: Action) -> None:
@@ -296,13 +300,24 @@ class Actuator:
         for slot in self.coordinator.slots.values():
             if slot.fault is None or slot.device_id in self.pending:
                 continue
+            # Only a reading taken since the fault counts: the last good one from before it
+            # would show the device where it was, "healed" at once (a device rejecting every
+            # command would be retried every cycle).
+            since = slot.fault_since
+            if slot.read_at is None or since is None or slot.read_at <= since:
+                continue
             observed = self.coordinator.observed_point(slot)
-            healed = observed is not None and observed == slot.commanded
+            healed = (
+                observed is not None
+                and observed == slot.commanded
+                and slot.device_id not in self.command_failed
+            )
             expired = slot.fault_since is not None and now - slot.fault_since >= self.fault_retry_s
             if healed or (expired and observed is not None):
                 # Adopt what telemetry shows, so the policy re-commands from the truth.
                 assert observed is not None
                 self.coordinator.set_commanded(slot.device_id, observed, self.clock())
                 self.coordinator.set_fault(slot.device_id, None)
+                self.command_failed.discard(slot.device_id)
                 # Retried, not healed: trusted again only once a command is seen to apply.
                 slot.probation = not healed

@@ -26,7 +26,7 @@ from agent.domain import ActiveEvent
 from agent.policy import event_limit_w
 from agent.store import EventStatus, Store
 from drivers.errors import AgentError
-from drivers.grid.base import GridEvent
+from drivers.grid.base import GridEvent, ProgramKind
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class EventBook:
         # going quiet about them: an event resumed from the journal after a restart stays in
         # force until its end, even before its source has reconnected and offered it again.
         self.offered_ever: set[str] = set()
+        # Operator overrides given to this process (MQTT); also journaled when there is a store.
+        self.overrides: dict[str, GridEvent] = {}
         self._intervals: dict[str, _Interval] = {}
 
     async def sync(self, now: datetime, site_w: float | None) -> None:
@@ -88,6 +90,9 @@ class EventBook:
                 log.error("cannot read grid events from the journal: %s", exc)
                 journal = {eid: (a.event, a.baseline_w) for eid, a in self.events.items()}
 
+        for eid, event in self.overrides.items():
+            if event.end > now:
+                offered[eid] = event
         self.offered_ever.update(offered)
         # Operator overrides live only in the journal; source events are journaled on arrival.
         for eid, (event, _baseline) in journal.items():
@@ -134,6 +139,37 @@ class EventBook:
             await self._compliance(now, site_w)
         if changed:
             self.on_change()
+
+    async def add_override(self, event: GridEvent, operator: str, reason: str) -> None:
+        """An operator's curtailment: journaled first, then in force from the next sync."""
+        if self.store is not None:
+            await self.store.upsert_event(event, baseline_w=0.0)
+            await self.store.audit(
+                source=f"operator:{operator}",
+                action="curtail",
+                result="accepted",
+                reason=f"{event.event_id}: {describe(event, 0.0)}; {reason}",
+            )
+        self.overrides[event.event_id] = event
+        self.on_change()
+
+    async def release_overrides(self, operator: str) -> list[str]:
+        """End every operator override in force; returns their ids."""
+        ids = {eid for eid, a in self.events.items() if a.event.kind is ProgramKind.OVERRIDE}
+        ids |= set(self.overrides)
+        for eid in sorted(ids):
+            self.overrides.pop(eid, None)
+            await self._close(eid, EventStatus.ENDED)
+            if self.store is not None:
+                await self.store.audit(
+                    source=f"operator:{operator}",
+                    action="release",
+                    result="accepted",
+                    reason=f"{eid} released",
+                )
+        if ids:
+            self.on_change()
+        return sorted(ids)
 
     async def _compliance(self, now: datetime, site_w: float) -> None:
         for eid, active in self.events.items():

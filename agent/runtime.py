@@ -27,11 +27,12 @@ from agent.config import AgentConfig
 from agent.coordinator import Clock, Coordinator, utc_now
 from agent.domain import ActiveEvent, Plan, Snapshot
 from agent.events import EventBook, EventSource
+from agent.mqtt import Command, CommandResult, Curtail, Release, SetMode
 from agent.policy import decide
 from agent.state import AgentState
 from agent.store import Store
 from drivers.errors import AgentError
-from drivers.grid.base import GridEvent
+from drivers.grid.base import GridEvent, ProgramKind
 from drivers.miners.base import MinerSleepWake, MinerTelemetry
 from drivers.prices.base import PriceSource
 
@@ -99,6 +100,7 @@ class Agent:
             on_change=self.wake_control.set,
         )
         self.event_watch_s = 0.5
+        self.metrics_port: int | None = None  # set by the metrics service once bound
         self.first_poll_timeout_s = max(30.0, 3 * config.control.device_timeout_s)
         self.watchdog: Callable[[], None] | None = None  # fed after every cycle (systemd)
 
@@ -179,6 +181,56 @@ class Agent:
                 stop.wait(),
                 self.wake_control.wait(),
                 self.coordinator.price_changed.wait(),
+            )
+
+    async def handle_command(self, command: Command) -> CommandResult:
+        """An authenticated operator command (MQTT): act on it, or refuse with the reason."""
+        if isinstance(command, Curtail):
+            now = self.coordinator.clock()
+            if command.until <= now:
+                return CommandResult.refuse(
+                    f"until {command.until.isoformat()} is not in the future"
+                )
+            event = GridEvent(
+                event_id=f"override-{command.id}",
+                source=f"operator:{command.operator}",
+                program="operator-override",
+                kind=ProgramKind.OVERRIDE,
+                start=now,
+                end=command.until,
+                max_site_kw=command.target_kw,
+            )
+            try:
+                await self.event_book.add_override(event, command.operator, "MQTT command")
+            except AgentError as exc:
+                return CommandResult.refuse(f"cannot journal the override: {exc}")
+            return CommandResult.ok(f"{event.event_id}: site load at most {command.target_kw} kW")
+        if isinstance(command, Release):
+            released = await self.event_book.release_overrides(command.operator)
+            if not released:
+                return CommandResult.refuse("no operator override is in force")
+            return CommandResult.ok(f"released {', '.join(released)}")
+        if isinstance(command, SetMode):
+            if self.state.mode == "safe":
+                return CommandResult.refuse(f"safe mode ({self.state.safe_reason}) cannot be left")
+            self.state.mode = command.mode
+            await self._audit_command(command.operator, f"set_mode:{command.mode}")
+            self.wake_control.set()
+            return CommandResult.ok(f"mode {command.mode}")
+        self.wake_control.set()  # Refresh
+        return CommandResult.ok("control cycle requested")
+
+    async def _audit_command(self, operator: str, action: str) -> None:
+        sink = self.components.audit or self.components.store
+        if sink is None:
+            return
+        with contextlib.suppress(AgentError):
+            await sink.audit(
+                source=f"operator:{operator}",
+                device_id=None,
+                action=action,
+                reason="MQTT command",
+                result="accepted",
             )
 
     def _event_signature(self, operator_ids: frozenset[str]) -> tuple[frozenset[str], ...]:

@@ -25,9 +25,9 @@ from typing import Any
 
 from agent.actuator import ActionResult
 from agent.config import ConfigError, CsvPriceConfig, load_config
+from agent.daemon import metrics_service
 from agent.domain import SLEEP, Plan, Snapshot
 from agent.economics import energy_cost_usd_per_h, mining_revenue_usd_per_h
-from agent.daemon import metrics_service
 from agent.runtime import Agent, Components
 from agent.wiring import build_miners, build_price_source
 from drivers.errors import AgentError

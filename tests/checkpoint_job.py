@@ -1,9 +1,9 @@
 """A stand-in training job for job-control tests: counts steps and checkpoints them.
 
 Usage: checkpoint_job.py CHECKPOINT_FILE [INTERVAL_S [RUN_S]]. It writes the step count to
-CHECKPOINT_FILE (atomically) every INTERVAL_S seconds, on SIGUSR1 (and keeps going), and on
-SIGTERM (then exits 0). It starts from the step count in an existing checkpoint, as a resumed
-training job would, and exits 0 after RUN_S seconds if given.
+CHECKPOINT_FILE (atomically) once at start, every INTERVAL_S seconds, on SIGUSR1 (and keeps
+going) and on SIGTERM (then exits 0). It starts from the step count in an existing checkpoint,
+as a resumed training job would, and exits 0 after RUN_S seconds if given.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main() -> None:
 
     signal.signal(signal.SIGUSR1, on_usr1)
     signal.signal(signal.SIGTERM, on_term)
+    save()  # at once: tells a test that the handlers are in place
     started = last_save = time.monotonic()
     while run_s is None or time.monotonic() - started < run_s:
         time.sleep(0.05)

@@ -92,7 +92,8 @@ async def test_preempt_checkpoints_within_grace_then_restart_resumes(
     )
     pid = jobs.pid("train-2")
     assert pid is not None
-    assert (await jobs.list_jobs())[0].last_checkpoint_at is None
+    await wait_for(ckpt.exists)  # step 0, written once its signal handlers are in place
+    assert ckpt.read_text() == "0"
     await asyncio.sleep(0.5)  # let it do some steps
     await jobs.suspend("train-2")
     await wait_for(lambda: proc_state(pid) == "T")
@@ -107,7 +108,7 @@ async def test_preempt_checkpoints_within_grace_then_restart_resumes(
     assert reading.last_checkpoint_at is not None
     assert reading.last_checkpoint_at >= before.replace(microsecond=0)
     steps = int(ckpt.read_text())
-    assert steps > 0
+    assert steps > 0  # only the SIGTERM handler saves steps > 0 here
     with pytest.raises(CommandRejected, match="pending after requeue"):
         await jobs.suspend("train-2")
     await jobs.resume("train-2")  # starts the command again; it continues from the checkpoint

@@ -162,6 +162,17 @@ MODELS: dict[str, GpuModel] = {
 }
 
 
+def model_named(name: str) -> GpuModel:
+    """A model by config name ("H100-SXM", "a10g", "T4") or NVML name ("Tesla T4")."""
+    key = name.strip().lower()
+    for short, model in MODELS.items():
+        if key in (short, model.name.lower(), model.name.lower().removeprefix("nvidia ")):
+            return model
+    if key == "tesla-t4":
+        return TESLA_T4
+    raise ValueError(f"unknown GPU model {name!r}; known: {', '.join(MODELS)}")
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessInfo:
     """What ``nvmlDeviceGetComputeRunningProcesses`` returns per process."""
@@ -374,6 +385,13 @@ class SimNvml:
         ]
         self.init_count = 0
         self.calls: list[str] = []  # every API call by name, so tests can see what was (not) done
+
+    def gpu(self, uuid: str) -> SimGpu:
+        """The simulated GPU with this UUID (for jobs and fault injection)."""
+        for gpu in self.gpus:
+            if gpu.uuid == uuid:
+                return gpu
+        raise KeyError(uuid)
 
     # ---- lifecycle ------------------------------------------------------------------------
 

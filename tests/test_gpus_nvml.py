@@ -150,6 +150,30 @@ def test_simulator_rejects_out_of_range_limit_like_a_real_card(nvml: SimNvml) ->
     assert isinstance(sim.NVMLError(sim.NVML_ERROR_GPU_IS_LOST), sim.NVMLError_GpuIsLost)
 
 
+def test_models_by_config_or_nvml_name() -> None:
+    assert sim.model_named("H100-SXM") is H100_SXM
+    assert sim.model_named("Tesla T4") is TESLA_T4
+    assert sim.model_named("NVIDIA A100-SXM4-80GB") is A100_SXM4_80GB
+    assert sim.model_named("a10g") is A10G
+    with pytest.raises(ValueError, match="unknown GPU model 'V100'"):
+        sim.model_named("V100")
+
+
+async def test_suspended_job_drops_utilization_and_power(gpus: NvmlGpus, nvml: SimNvml) -> None:
+    gpu = nvml.gpu(nvml.gpus[0].uuid)
+    gpu.attach(pid=7, memory_mib=1000, utilization_pct=90)
+    busy = await gpus.read(gpu.uuid)
+    gpu.suspend(7)
+    idle = await gpus.read(gpu.uuid)
+    assert busy.power_w == pytest.approx(70 + 630 * 0.9)
+    assert idle.utilization_pct == 0.0
+    assert idle.power_w == pytest.approx(70.0)
+    assert idle.memory_used_mib == pytest.approx(1000, abs=1)  # memory stays allocated
+    assert idle.process_pids == (7,)
+    gpu.resume(7)
+    assert (await gpus.read(gpu.uuid)).utilization_pct == 90.0
+
+
 def test_simulator_codes_match_pynvml() -> None:
     for name in dir(sim):
         if name.startswith("NVML_ERROR_") or name == "NVML_TEMPERATURE_GPU":

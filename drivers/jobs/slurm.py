@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drivers.errors import (
     AuthFailed,
@@ -74,17 +74,44 @@ _UNREACHABLE = (
 )
 
 
+ClassSource = Literal["comment", "qos", "partition"]
+
+
 @dataclass(frozen=True, slots=True)
 class JobClassRules:
-    """How a Slurm job's class is found. First match wins: a ``class=<name>`` token in the job
-    comment (key configurable), then the QOS map, then the partition map, then ``default``."""
+    """How a Slurm job's class is found: ``sources`` are tried in order, first match wins.
 
+    * ``comment``: a ``class=<name>`` token in the job comment (key configurable), e.g.
+      ``sbatch --comment="class=sla"``;
+    * ``qos`` / ``partition``: the ``by_qos`` / ``by_partition`` maps, or else a QOS or
+      partition named exactly after a class (``sla``, ``preemptible``, ``filler``).
+
+    Nothing matches: ``default``. ``JobClassRules(sources=("partition",))`` reads only the
+    partition, as ``class_from: partition`` in the site config means.
+    """
+
+    sources: tuple[ClassSource, ...] = ("comment", "qos", "partition")
     comment_key: str = "class"
     by_qos: Mapping[str, JobClass] = field(default_factory=dict)
     by_partition: Mapping[str, JobClass] = field(default_factory=dict)
     default: JobClass = JobClass.PREEMPTIBLE
 
     def classify(self, comment: str, qos: str, partition: str) -> JobClass:
+        for source in self.sources:
+            found = None
+            if source == "comment":
+                found = self._from_comment(comment)
+            elif source == "qos":
+                found = _lookup(self.by_qos, qos)
+            else:
+                # A pending job may list several partitions ("batch,debug").
+                for part in partition.split(","):
+                    found = found or _lookup(self.by_partition, part)
+            if found is not None:
+                return found
+        return self.default
+
+    def _from_comment(self, comment: str) -> JobClass | None:
         for token in re.split(r"[\s,;]+", comment.strip()):
             key, sep, value = token.partition("=")
             if sep and key == self.comment_key:
@@ -92,13 +119,27 @@ class JobClassRules:
                     return JobClass(value.lower())
                 except ValueError:
                     log.warning("job comment names unknown class %r; using the other rules", value)
-        if qos in self.by_qos:
-            return self.by_qos[qos]
-        # A job may list several partitions while pending ("batch,debug").
-        for part in partition.split(","):
-            if part in self.by_partition:
-                return self.by_partition[part]
-        return self.default
+        return None
+
+
+def _lookup(mapping: Mapping[str, JobClass], name: str) -> JobClass | None:
+    if name in mapping:
+        return mapping[name]
+    try:
+        return JobClass(name.lower()) if name else None
+    except ValueError:
+        return None
+
+
+def _number(value: Any) -> int | float | None:
+    """A number from squeue JSON: plain in 22.05, ``{"set": true, "number": N}`` in 23.x+."""
+    if isinstance(value, dict):
+        if not value.get("set", True) or value.get("infinite"):
+            return None
+        value = value.get("number")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value
 
 
 # slurmd suspends a step with SIGTSTP, waits, then SIGSTOP; a resume that reaches it within that
@@ -222,9 +263,10 @@ class SlurmJobs:
         return jobs
 
     def _parse(self, raw: Mapping[str, Any], now: datetime) -> _Job:
-        job_id = str(raw["job_id"])
-        if raw.get("array_task_id") not in (None, "") and raw.get("array_job_id"):
-            job_id = f"{raw['array_job_id']}_{raw['array_task_id']}"
+        job_id = str(_number(raw["job_id"]))
+        array_job, array_task = _number(raw.get("array_job_id")), _number(raw.get("array_task_id"))
+        if array_job and array_task is not None:
+            job_id = f"{array_job}_{array_task}"
         state_field = raw["job_state"]
         # 22.05: "RUNNING"; 23.02+: ["RUNNING"] (possibly with flags like "REQUEUED").
         raw_state = state_field[0] if isinstance(state_field, list) else str(state_field)
@@ -243,10 +285,10 @@ class SlurmJobs:
             at=now,
             last_checkpoint_at=self._checkpoint_time(job_id, name, cwd),
         )
-        suspend_time = raw.get("suspend_time")
+        suspend_time = _number(raw.get("suspend_time"))
         suspended_at_s = (
             float(suspend_time)
-            if reading.state is JobState.SUSPENDED and isinstance(suspend_time, int | float)
+            if reading.state is JobState.SUSPENDED and suspend_time is not None
             else None
         )
         return _Job(reading, bool(raw.get("requeue", True)), raw_state, suspended_at_s)
@@ -364,8 +406,8 @@ def gpu_count(raw: Mapping[str, Any]) -> int:
     per_job = _requested(str(raw.get("tres_per_job") or ""))
     if per_job:
         return per_job
-    nodes = raw.get("node_count")
-    node_count = nodes if isinstance(nodes, int) and nodes > 0 else 1
+    nodes = _number(raw.get("node_count"))
+    node_count = int(nodes) if nodes is not None and nodes > 0 else 1
     return _requested(str(raw.get("tres_per_node") or "")) * node_count
 
 

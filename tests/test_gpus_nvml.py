@@ -208,6 +208,13 @@ async def test_gpu_off_the_bus_is_unavailable_with_its_id(gpus: NvmlGpus, nvml: 
     assert lost.power_limit_w == 300.0
     # The other GPUs still answer.
     assert (await gpus.read(nvml.gpus[0].uuid)).name == "NVIDIA H100 80GB HBM3"
+    each = await gpus.read_each()
+    assert [type(r).__name__ for r in each] == [
+        "GpuReading",
+        "GpuReading",
+        "DeviceUnavailable",
+        "GpuReading",
+    ]
 
 
 async def test_hung_call_times_out_and_hung_threads_are_bounded(nvml: SimNvml) -> None:

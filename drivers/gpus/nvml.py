@@ -215,6 +215,20 @@ class NvmlGpus:
             )
         return tuple(readings)
 
+    async def read_each(self) -> tuple[GpuReading | DeviceError, ...]:
+        """Like ``read_all``, but a GPU that fails gives its error in its place, so one card
+        off the bus does not hide the others."""
+        count = await self._run(HOST_DEVICE_ID, "nvmlDeviceGetCount", self._nvml.nvmlDeviceGetCount)
+        results: list[GpuReading | DeviceError] = []
+        for index in range(count):
+            try:
+                results.append(
+                    await self._run(f"gpu{index}", "reading GPU", self._read_index_blocking, index)
+                )
+            except DeviceError as err:
+                results.append(err)
+        return tuple(results)
+
     async def read(self, device_id: str) -> GpuReading:
         """One GPU's reading by UUID."""
         return await self._run(device_id, "reading GPU", self._read_uuid_blocking, device_id)

@@ -25,12 +25,12 @@ from agent.config import AgentConfig, MinerModelConfig
 from agent.domain import (
     SLEEP,
     ActiveEvent,
-    GpuNodeView,
     MinerView,
     OperatingPoint,
     PriceView,
     Snapshot,
 )
+from agent.gpu_fleet import GpuFleet
 from agent.state import AgentState
 from drivers.errors import AgentError, DeviceError
 from drivers.miners.base import MinerMode, MinerReading, MinerTelemetry
@@ -99,7 +99,7 @@ class Coordinator:
         # price has arrived, whether the source errs or keeps repeating an old interval.
         self.price_read_at: float | None = None
         self.events: dict[str, ActiveEvent] = {}
-        self.gpu_nodes: tuple[GpuNodeView, ...] = ()
+        self.gpu_fleet: GpuFleet | None = None  # set by the runtime when the site has GPUs
         now = clock()
         self.slots: dict[str, MinerSlot] = {}
         for device_id, address, line in config.expanded_miners():
@@ -237,7 +237,8 @@ class Coordinator:
         now = self.clock()
         mono = self.monotonic()
         miners = tuple(self.miner_view(s, mono) for s in self.slots.values())
-        measured = [m.measured_power_w for m in miners]
+        gpu_nodes = () if self.gpu_fleet is None else self.gpu_fleet.views(now)
+        measured = [m.measured_power_w for m in miners] + [n.measured_power_w for n in gpu_nodes]
         site_w = None if any(p is None for p in measured) else sum(p for p in measured if p)
         price = None
         if self.price is not None and self.price_read_at is not None:
@@ -252,7 +253,7 @@ class Coordinator:
             price=price,
             hashprice_usd_per_ph_day=self.hashprice_usd_per_ph_day,
             miners=miners,
-            gpu_nodes=self.gpu_nodes,
+            gpu_nodes=gpu_nodes,
             events=tuple(e for e in self.events.values() if e.event.active_at(now)),
             measured_site_power_w=site_w,
             ramp_headroom_w=ramp_w,

@@ -27,6 +27,7 @@ from agent.config import AgentConfig
 from agent.coordinator import Clock, Coordinator, utc_now
 from agent.domain import ActiveEvent, Plan, Snapshot
 from agent.events import EventBook, EventSource
+from agent.gpu_fleet import GpuFleet
 from agent.mqtt import Command, CommandResult, Curtail, Release, SetMode
 from agent.policy import decide
 from agent.state import AgentState
@@ -55,6 +56,7 @@ class Components:
     audit: AuditSink | None = None
     store: Store | None = None  # the journal; also the audit sink when audit is None
     grid_sources: list[EventSource] = field(default_factory=list)
+    gpu_fleet: GpuFleet | None = None
     # Extra long-running tasks (metrics server, MQTT...): each gets the stop event.
     services: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
         default_factory=list
@@ -84,6 +86,7 @@ class Agent:
             clock=clock,
             monotonic=monotonic,
         )
+        self.coordinator.gpu_fleet = components.gpu_fleet
         self.actuator = Actuator(
             self.coordinator,
             self.state,
@@ -275,6 +278,23 @@ class Agent:
             self._control_loop(stop),
             self._event_watch(stop),
         ]
+        fleet = self.components.gpu_fleet
+        if fleet is not None:
+
+            async def poll_gpus() -> None:
+                health = self.state.source("gpus")
+                try:
+                    await fleet.poll()
+                except AgentError as exc:  # the fleet keeps its last good readings
+                    if health.last_error is None:
+                        log.warning("GPU poll failed: %s", exc)
+                    health.last_error, health.failures = str(exc), health.failures + 1
+                    return
+                health.last_error, health.last_success = None, self.coordinator.clock()
+                health.successes += 1
+                self.state.gpu_readings = fleet.readings()
+
+            loops.append(self.coordinator.run_poller(poll_gpus, control.poll_interval_s, stop))
         if self.components.price_source is not None:
             price_every = min(control.poll_interval_s, control.interval_s)
             loops.append(

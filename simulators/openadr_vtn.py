@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -67,15 +68,18 @@ class OpenAdrVtn:
         self.opt_responses: dict[str, str] = {}  # event_id → optIn/optOut (latest answer)
         self.reports: list[ReportedValue] = []
         self.delivered: list[str] = []  # event ids, in delivery order
-        self._server = OpenADRServer(
-            vtn_id=vtn_id,
-            http_host=host,
-            http_port=port,
-            # openleadr sends the poll frequency in whole seconds: below 1 s a VEN reads 0.
-            requested_poll_freq=timedelta(seconds=max(1, round(poll_s))),
-            ven_lookup=self._ven_lookup,
-            show_fingerprint=False,
-        )
+        with warnings.catch_warnings():
+            # openleadr 0.5.36 stores itself under a plain string key, which aiohttp ≥ 3.9 flags.
+            warnings.simplefilter("ignore", web.NotAppKeyWarning)
+            self._server = OpenADRServer(
+                vtn_id=vtn_id,
+                http_host=host,
+                http_port=port,
+                # openleadr sends the poll frequency in whole seconds: below 1 s a VEN reads 0.
+                requested_poll_freq=timedelta(seconds=max(1, round(poll_s))),
+                ven_lookup=self._ven_lookup,
+                show_fingerprint=False,
+            )
         self._server.add_handler("on_create_party_registration", self._on_registration)
         self._server.add_handler("on_register_report", self._on_register_report)
         self._server.app.add_routes(

@@ -1,0 +1,41 @@
+"""The ``site-agent`` command line: one sub-command per job, each defined in its own module.
+
+A module joins the CLI by exposing ``register(subparsers)``, which adds its sub-parser and sets
+``func`` (a callable taking the parsed namespace and returning the exit code). Logging is
+configured here and only here (style.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Modules that contribute sub-commands. Each exposes register(subparsers).
+COMMAND_MODULES = (
+    "agent.commands",
+    "agent.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="site-agent",
+        description="Control agent for hybrid data centers: miners, GPUs and the grid.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,461 @@
+"""Site configuration: YAML files loaded into strict pydantic models.
+
+Every model forbids unknown keys, so a typo is an error rather than a silently ignored setting.
+:func:`load_config` turns every problem into a :class:`ConfigError` whose lines name the file,
+the key path and what was expected, e.g.::
+
+    configs/site.yaml: miners.3.address: value is not a valid IPv4 address (got '10.0.0.300')
+
+Credentials are :class:`pydantic.SecretStr` and are never printed. A credential may be given as
+``env:NAME`` or ``file:/path`` (systemd's ``LoadCredential=`` puts files in
+``$CREDENTIALS_DIRECTORY``; ``cred:NAME`` reads from there).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from drivers.errors import AgentError
+
+
+class ConfigError(AgentError):
+    """A configuration file is invalid. ``problems`` holds one line per error."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+# --- miners ------------------------------------------------------------------------------
+
+
+class ProfileConfig(Strict):
+    """One operating point of a miner model."""
+
+    name: str = Field(min_length=1)
+    power_w: PositiveFloat
+    hashrate_ths: PositiveFloat
+
+
+class MinerModelConfig(Strict):
+    """A miner model: its profile ladder, standby power and nameplate (worst-case) power."""
+
+    profiles: list[ProfileConfig] = Field(min_length=1)
+    standby_w: NonNegFloat = 30.0
+    nameplate_w: PositiveFloat | None = None  # defaults to the highest profile's power
+
+    @model_validator(mode="after")
+    def _check(self) -> MinerModelConfig:
+        names = [p.name for p in self.profiles]
+        if len(set(names)) != len(names):
+            raise ValueError(f"profile names must be unique (got {names})")
+        if "sleep" in names:
+            raise ValueError("'sleep' is reserved for the standby operating point")
+        top = max(p.power_w for p in self.profiles)
+        if self.nameplate_w is not None and self.nameplate_w < top:
+            raise ValueError(f"nameplate_w {self.nameplate_w} is below the top profile ({top} W)")
+        return self
+
+    @property
+    def max_power_w(self) -> float:
+        return self.nameplate_w or max(p.power_w for p in self.profiles)
+
+
+class Credentials(Strict):
+    username: str = "root"
+    password: SecretStr = SecretStr("")
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any) -> Any:
+        return resolve_secret(value) if isinstance(value, str) else value
+
+
+class MinerConfig(Strict):
+    """One miner, or ``count`` consecutive miners from ``address`` (ids get a -NNN suffix)."""
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    address: str
+    model: str
+    firmware: Literal["luxos", "braiins", "auto"] = "auto"
+    count: int = Field(default=1, ge=1, le=100_000)
+    circuit: str | None = None
+    credentials: Credentials | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.IPv4Address(value)
+        return value
+
+
+# --- GPUs and AI jobs ------------------------------------------------------------------------
+
+
+class GpuNodeConfig(Strict):
+    """A GPU server: ``gpus`` cards with a power-cap range, and host overhead drawn while up."""
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    gpus: int = Field(ge=1, le=64)
+    model: str = "H100-SXM"
+    min_cap_w: PositiveFloat = 200.0
+    max_cap_w: PositiveFloat = 700.0
+    idle_w: NonNegFloat = 70.0
+    host_overhead_w: NonNegFloat = 1500.0
+    count: int = Field(default=1, ge=1, le=10_000)
+    circuit: str | None = None
+    driver: Literal["nvml", "nvml-sim", "mqtt-node"] = "nvml-sim"
+
+    @model_validator(mode="after")
+    def _check(self) -> GpuNodeConfig:
+        if self.min_cap_w >= self.max_cap_w:
+            raise ValueError(
+                f"min_cap_w ({self.min_cap_w}) must be below max_cap_w ({self.max_cap_w})"
+            )
+        return self
+
+
+class JobClassContract(Strict):
+    """What a job class earns and what interrupting it costs."""
+
+    usd_per_gpu_hour: NonNegFloat
+    penalty_usd: NonNegFloat = 0.0  # per interruption (SLA contracts)
+    checkpoint_interval_s: NonNegFloat = 1800.0  # preemption loses on average half of this
+
+
+class AiConfig(Strict):
+    sla: JobClassContract = JobClassContract(usd_per_gpu_hour=2.5, penalty_usd=500.0)
+    preemptible: JobClassContract = JobClassContract(usd_per_gpu_hour=2.0)
+    filler: JobClassContract = JobClassContract(usd_per_gpu_hour=0.6)
+    scheduler: Literal["sim", "slurm", "local"] = "sim"
+    class_from: Literal["comment", "partition", "qos"] = "comment"
+    requeue_grace_s: NonNegFloat = 60.0
+
+
+# --- signals ---------------------------------------------------------------------------------
+
+
+class CsvPriceConfig(Strict):
+    type: Literal["csv_replay"]
+    path: Path
+    column: str
+    start: datetime | None = None
+    speed: PositiveFloat = 1.0  # 1 = real time; 600 = a 15-minute interval every 1.5 s
+
+
+class HttpPriceConfig(Strict):
+    type: Literal["http_json"]
+    url: str
+    value_path: str
+    time_path: str | None = None
+    unit: Literal["usd_per_mwh", "usd_per_kwh", "cents_per_kwh"] = "usd_per_mwh"
+    interval_s: PositiveFloat = 60.0
+    timeout_s: PositiveFloat = 5.0
+
+
+class ConstantPriceConfig(Strict):
+    type: Literal["constant"]
+    value: float = Field(allow_inf_nan=False)
+
+
+PriceConfig = Annotated[
+    CsvPriceConfig | HttpPriceConfig | ConstantPriceConfig, Field(discriminator="type")
+]
+
+
+class PricesConfig(Strict):
+    realtime: PriceConfig
+    day_ahead: CsvPriceConfig | None = None
+    # Stale-price rule (design.md): keep the last value this long, then the safe mode.
+    max_age_s: PositiveFloat = 1800.0
+    # curtail: run only what beats a pessimistic price (sheds mining); hold: freeze the plan.
+    safe_mode: Literal["curtail", "hold"] = "curtail"
+    safe_mode_price_usd_per_mwh: float = Field(default=1000.0, allow_inf_nan=False)
+
+
+class HashpriceConfig(Strict):
+    """Hashprice in USD per PH/s per day: a constant, or a feed (with this as the fallback)."""
+
+    usd_per_ph_day: PositiveFloat = 55.0
+    url: str | None = None
+    value_path: str | None = None
+    interval_s: PositiveFloat = 600.0
+    max_age_s: PositiveFloat = 86_400.0
+
+
+class FourCpConfig(Strict):
+    enabled: bool = False
+    rate_usd_per_kw_year: NonNegFloat = 60.0
+    risk_threshold: float = Field(default=0.5, ge=0, le=1)
+    system_load_csv: Path | None = None
+
+
+class ProgramConfig(Strict):
+    """A demand-response program the site is enrolled in."""
+
+    name: str
+    kind: Literal["economic", "emergency", "4cp", "override"]
+    payment_usd_per_mwh: NonNegFloat = 0.0
+    penalty_usd_per_mwh: NonNegFloat = 0.0
+    response_s: PositiveFloat = 600.0
+    fail: Literal["curtail", "hold", "release"] = "hold"
+
+
+class OpenAdrConfig(Strict):
+    vtn_url: str
+    ven_name: str
+    program: str
+    check_hostname: bool = True
+    cert: Path | None = None
+    key: Path | None = None
+    ca_file: Path | None = None
+
+
+class MqttConfig(Strict):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    topic_prefix: str = "site-agent"
+    client_id: str | None = None
+    # Operators allowed to command over MQTT: username -> shared secret for the command HMAC/token.
+    command_tokens: dict[str, SecretStr] = Field(default_factory=dict)
+    curtail_topic: str | None = None  # grid curtailment topic (issue 4), if used
+    heartbeat_topic: str | None = None
+    heartbeat_max_age_s: PositiveFloat = 60.0
+    curtail_program: str | None = None
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any) -> Any:
+        return resolve_secret(value) if isinstance(value, str) else value
+
+
+class GridConfig(Strict):
+    programs: list[ProgramConfig] = Field(default_factory=list)
+    fourcp: FourCpConfig = FourCpConfig()
+    openadr: OpenAdrConfig | None = None
+
+
+# --- site --------------------------------------------------------------------------------
+
+
+class CircuitConfig(Strict):
+    id: str
+    limit_kw: PositiveFloat
+    parent: str | None = None
+
+
+class SiteConfig(Strict):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    interconnect_limit_kw: PositiveFloat
+    # Headroom the policy keeps below every limit, for measurement error and ramping devices.
+    safety_margin_kw: NonNegFloat = 0.0
+    ramp_up_kw_per_min: PositiveFloat = 1e9
+    circuits: list[CircuitConfig] = Field(default_factory=list)
+
+
+class ControlConfig(Strict):
+    interval_s: PositiveFloat = 15.0
+    poll_interval_s: PositiveFloat = 10.0
+    poll_jitter_s: NonNegFloat = 1.0
+    device_timeout_s: PositiveFloat = 10.0
+    max_concurrency: int = Field(default=200, ge=1, le=10_000)
+    retries: int = Field(default=2, ge=0, le=10)
+    # How long after a command telemetry must show it applied, else the device is faulted.
+    verify_after_s: PositiveFloat = 60.0
+    hysteresis_usd_per_mwh: NonNegFloat = 5.0
+    min_on_s: NonNegFloat = 300.0
+    min_off_s: NonNegFloat = 300.0
+
+
+class EconomicsConfig(Strict):
+    pool_fee: float = Field(default=0.02, ge=0, lt=1)
+    hashprice: HashpriceConfig = HashpriceConfig()
+
+
+class MetricsConfig(Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"  # read-only, local by default (design.md)
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
+class StoreConfig(Strict):
+    path: Path = Path("site-agent.db")
+
+
+class AgentConfig(Strict):
+    """The whole site configuration file."""
+
+    site: SiteConfig
+    control: ControlConfig = ControlConfig()
+    economics: EconomicsConfig = EconomicsConfig()
+    miner_models: dict[str, MinerModelConfig] = Field(default_factory=dict)
+    miners: list[MinerConfig] = Field(default_factory=list)
+    gpu_nodes: list[GpuNodeConfig] = Field(default_factory=list)
+    ai: AiConfig = AiConfig()
+    prices: PricesConfig
+    grid: GridConfig = GridConfig()
+    mqtt: MqttConfig = MqttConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    store: StoreConfig = StoreConfig()
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> AgentConfig:
+        problems: list[str] = []
+        ids: set[str] = set()
+        addresses: set[int] = set()
+        circuits = {c.id for c in self.site.circuits}
+        for i, m in enumerate(self.miners):
+            if m.model not in self.miner_models:
+                known = sorted(self.miner_models) or "none defined"
+                problems.append(f"miners.{i}.model: unknown model {m.model!r} (known: {known})")
+            if m.id in ids:
+                problems.append(f"miners.{i}.id: duplicate id {m.id!r}")
+            ids.add(m.id)
+            first = int(ipaddress.IPv4Address(m.address))
+            span = set(range(first, first + m.count))
+            if addresses & span:
+                problems.append(f"miners.{i}.address: {m.address} overlaps another miner's address")
+            addresses |= span
+            if m.circuit is not None and m.circuit not in circuits:
+                problems.append(f"miners.{i}.circuit: unknown circuit {m.circuit!r}")
+        for i, n in enumerate(self.gpu_nodes):
+            if n.id in ids:
+                problems.append(f"gpu_nodes.{i}.id: duplicate id {n.id!r}")
+            ids.add(n.id)
+            if n.circuit is not None and n.circuit not in circuits:
+                problems.append(f"gpu_nodes.{i}.circuit: unknown circuit {n.circuit!r}")
+        for i, c in enumerate(self.site.circuits):
+            if c.parent is not None and c.parent not in circuits:
+                problems.append(f"site.circuits.{i}.parent: unknown circuit {c.parent!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def expanded_miners(self) -> list[tuple[str, str, MinerConfig]]:
+        """Every miner as (device id, address, its config line), expanding ``count``."""
+        out: list[tuple[str, str, MinerConfig]] = []
+        for m in self.miners:
+            if m.count == 1:
+                out.append((m.id, m.address, m))
+                continue
+            first = ipaddress.IPv4Address(m.address)
+            width = max(3, len(str(m.count)))
+            for k in range(m.count):
+                out.append((f"{m.id}-{k + 1:0{width}d}", str(first + k), m))
+        return out
+
+
+def resolve_secret(value: str) -> str:
+    """Resolve ``env:NAME``, ``file:/path`` and ``cred:NAME`` (systemd credentials)."""
+    if value.startswith("env:"):
+        name = value[4:]
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return os.environ[name]
+    if value.startswith("file:"):
+        return Path(value[5:]).read_text().strip()
+    if value.startswith("cred:"):
+        folder = os.environ.get("CREDENTIALS_DIRECTORY")
+        if folder is None:
+            raise ValueError("cred: needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
+        return (Path(folder) / value[5:]).read_text().strip()
+    return value
+
+
+def _format_errors(path: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        if "password" in loc or "token" in loc:
+            shown = ""  # never echo a secret back
+        lines.append(f"{path}: {loc}: {msg}{shown}")
+    return lines
+
+
+def parse_config(data: Any, path: str = "<config>") -> AgentConfig:
+    """Validate already-parsed YAML/JSON data; raise :class:`ConfigError` on any problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(path, [f"{path}: (top level): expected a mapping of sections"])
+    try:
+        cfg = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(path, _format_errors(path, exc)) from None
+    return cfg
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Load and validate a site YAML file. Relative paths inside resolve against its folder."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(str(p), [f"{p}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(str(p), [f"{p}: {where}: invalid YAML: {problem}"]) from None
+    cfg = parse_config(data, str(p))
+    return _resolve_paths(cfg, p.parent)
+
+
+def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
+    def fix(path: Path) -> Path:
+        return path if path.is_absolute() else (base / path)
+
+    prices = cfg.prices
+    realtime = prices.realtime
+    if isinstance(realtime, CsvPriceConfig):
+        realtime = realtime.model_copy(update={"path": fix(realtime.path)})
+    day_ahead = prices.day_ahead
+    if day_ahead is not None:
+        day_ahead = day_ahead.model_copy(update={"path": fix(day_ahead.path)})
+    fourcp = cfg.grid.fourcp
+    if fourcp.system_load_csv is not None:
+        fourcp = fourcp.model_copy(update={"system_load_csv": fix(fourcp.system_load_csv)})
+    return cfg.model_copy(
+        update={
+            "prices": prices.model_copy(update={"realtime": realtime, "day_ahead": day_ahead}),
+            "grid": cfg.grid.model_copy(update={"fourcp": fourcp}),
+        }
+    )
+
+
+def finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))

@@ -1,0 +1,181 @@
+"""The agent's main loop: one TaskGroup owns every long-running task.
+
+Tasks: the miner poller and price poller (coordinator), the control loop (snapshot → decide →
+actuate → verify), and any outputs handed in (metrics server, MQTT). The control loop runs every
+``control.interval_s`` and at once when the price interval changes or a grid event starts or
+ends (the fast path). It waits for the first full poll before the first decision, so a restart
+never commands from ignorance.
+
+Stopping: setting the ``stop`` event (SIGTERM/SIGINT in :func:`run_until_signalled`) lets every
+loop finish its current step; anything still running after ``grace_s`` is cancelled, so the
+process exits within seconds even if a device call hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.actuator import ActionResult, Actuator, AuditSink
+from agent.config import AgentConfig
+from agent.coordinator import Clock, Coordinator, utc_now
+from agent.domain import Plan, Snapshot
+from agent.policy import decide
+from agent.state import AgentState
+from drivers.miners.base import MinerSleepWake, MinerTelemetry
+from drivers.prices.base import PriceSource
+
+log = logging.getLogger(__name__)
+
+
+class MinerDevice(MinerTelemetry, MinerSleepWake, Protocol):
+    """A miner driver that can be read and put to sleep or woken."""
+
+
+CycleHook = Callable[[Snapshot, Plan, Sequence[ActionResult]], Awaitable[None] | None]
+
+
+@dataclass(slots=True)
+class Components:
+    """What the runtime drives: built from config by :mod:`agent.wiring`, or by tests."""
+
+    miners: Mapping[str, MinerDevice]
+    price_source: PriceSource | None
+    audit: AuditSink | None = None
+    # Extra long-running tasks (metrics server, MQTT...): each gets the stop event.
+    services: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
+        default_factory=list
+    )
+
+
+class Agent:
+    """The site agent: coordinator + policy + actuator, run by :meth:`run`."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        components: Components,
+        *,
+        clock: Clock = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
+        on_cycle: CycleHook | None = None,
+    ) -> None:
+        self.config = config
+        self.components = components
+        self.state = AgentState(site_id=config.site.id, started_at=clock())
+        self.coordinator = Coordinator(
+            config,
+            self.state,
+            components.miners,
+            components.price_source,
+            clock=clock,
+            monotonic=monotonic,
+        )
+        self.actuator = Actuator(self.coordinator, self.state, components.miners, components.audit)
+        self.on_cycle = on_cycle
+        self.wake_control = asyncio.Event()  # set to run a control cycle at once (fast path)
+        self.first_poll_timeout_s = max(30.0, 3 * config.control.device_timeout_s)
+        self.watchdog: Callable[[], None] | None = None  # fed after every cycle (systemd)
+
+    async def control_cycle(self) -> Plan:
+        """One decision: verify last commands, snapshot, decide, actuate."""
+        started = time.monotonic()
+        await self.actuator.verify()
+        snapshot = self.coordinator.snapshot()
+        plan = decide(snapshot, self.config, snapshot.at)
+        self.state.snapshot, self.state.plan = snapshot, plan
+        results = await self.actuator.execute(plan) if plan.actions else []
+        self.state.cycles += 1
+        self.state.last_cycle_at = snapshot.at
+        self.state.last_cycle_duration_s = time.monotonic() - started
+        if plan.actions:
+            ok = sum(1 for r in results if r.result == "ok")
+            log.info("cycle %d: %s; %d/%d ok", self.state.cycles, plan.summary, ok, len(results))
+        if self.on_cycle is not None:
+            maybe = self.on_cycle(snapshot, plan, results)
+            if maybe is not None:
+                await maybe
+        if self.watchdog is not None:
+            self.watchdog()
+        return plan
+
+    async def _control_loop(self, stop: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.first_poll_timeout_s):
+                # Hold every device where it is until the first full fleet poll (restart rule).
+                await _first(self.coordinator.miners_polled.wait(), stop.wait())
+        if stop.is_set():
+            return
+        adopted = self.coordinator.adopt_observed_state()
+        log.info("first poll done: %d miner(s) adopted at their observed operating point", adopted)
+        interval = self.config.control.interval_s
+        while not stop.is_set():
+            await self.control_cycle()
+            self.wake_control.clear()
+            self.coordinator.price_changed.clear()
+            await _first(
+                asyncio.sleep(interval),
+                stop.wait(),
+                self.wake_control.wait(),
+                self.coordinator.price_changed.wait(),
+            )
+
+    async def run(self, stop: asyncio.Event, *, grace_s: float = 3.0) -> None:
+        """Run until ``stop`` is set; then give tasks ``grace_s`` to finish, and cancel the rest."""
+        control = self.config.control
+        loops: list[Coroutine[Any, Any, None]] = [
+            self.coordinator.run_poller(
+                self.coordinator.poll_miners, control.poll_interval_s, stop
+            ),
+            self._control_loop(stop),
+        ]
+        if self.components.price_source is not None:
+            price_every = min(control.poll_interval_s, control.interval_s)
+            loops.append(
+                self.coordinator.run_poller(self.coordinator.poll_price, price_every, stop)
+            )
+        loops.extend(service(stop) for service in self.components.services)
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(c) for c in loops]
+            tg.create_task(_cancel_after_grace(stop, tasks, grace_s))
+        log.info("agent stopped after %d cycle(s)", self.state.cycles)
+
+
+async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of ``aws`` finishes; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _cancel_after_grace(
+    stop: asyncio.Event, tasks: list[asyncio.Task[None]], grace_s: float
+) -> None:
+    await stop.wait()
+    _done, pending = await asyncio.wait(tasks, timeout=grace_s)
+    for t in pending:
+        log.warning("task %s did not stop within %.1f s; cancelling", t.get_coro(), grace_s)
+        t.cancel()
+
+
+async def run_until_signalled(agent: Agent, *, grace_s: float = 3.0) -> None:
+    """Run the agent until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.run(stop, grace_s=grace_s)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 
 from drivers.grid.base import FailDirection, GridEvent, GridEventSource, ProgramKind
@@ -212,6 +213,46 @@ async def test_registers_once_the_vtn_comes_up_and_fails_safe_when_it_goes_silen
         assert lost.max_site_kw == 0.0
         assert lost.active_at(datetime.now(UTC))
     finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_vtn_control_endpoint_pushes_an_event_over_http(site: Site) -> None:
+    control = f"http://127.0.0.1:{site.vtn.port}/control"
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=5)
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(
+            f"{control}/event",
+            json={
+                "ven_name": "site-1",
+                "start": start.isoformat(),
+                "duration_s": 600,
+                "value": 250,
+                "signal_type": "delta",
+                "market_context": ERS,
+            },
+        )
+        assert answer.status_code == 200, answer.text
+        eid = answer.json()["event_id"]
+        await until(lambda: len(site.ven.events()) == 1)
+        (event,) = site.ven.events()
+        assert (event.event_id, event.shed_kw, event.start) == (eid, 250.0, start)
+        bad = await http.post(f"{control}/event", json={"ven_name": "site-1"})
+        assert bad.status_code == 400
+        await http.post(f"{control}/cancel", json={"ven_name": "site-1", "event_id": eid})
+        await until(lambda: site.ven.events() == ())
+
+
+async def test_refused_ven_keeps_retrying_without_events() -> None:
+    port = free_port()
+    async with OpenAdrVtn(port=port, poll_s=1, allowed_vens={"someone-else"}) as vtn:
+        ven = OpenAdrVen(settings(port))
+        stop = asyncio.Event()
+        task = asyncio.create_task(ven.run(stop))
+        await asyncio.sleep(1.0)
+        assert not ven.registered
+        assert vtn.registrations == {}
+        assert ven.events() == ()
         stop.set()
         await asyncio.wait_for(task, 5)
 

@@ -121,6 +121,23 @@ async def test_on_message_becomes_an_event_that_holds_until_release(running: Run
     assert running.source.rejected == []
 
 
+async def test_republished_command_keeps_its_start_and_updates_its_target(
+    running: Running,
+) -> None:
+    end = _future()
+    await running.send(
+        {"event_id": "k", "state": "on", "program": "dr", "shed_kw": 100, "until": end}
+    )
+    (first,) = running.source.events()
+    await asyncio.sleep(0.05)
+    await running.send(
+        {"event_id": "k", "state": "on", "program": "dr", "shed_kw": 150, "until": end}
+    )
+    (second,) = running.source.events()
+    assert second.shed_kw == 150
+    assert second.start == first.start
+
+
 async def test_conflicting_events_are_all_reported(running: Running) -> None:
     end = iso(datetime.now(UTC) + timedelta(hours=1))
     await running.send(

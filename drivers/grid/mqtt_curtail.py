@@ -150,7 +150,7 @@ class MqttCurtailSource:
     def handle(self, topic: str, payload: bytes) -> None:
         """Apply one message from ``topic`` (heartbeat or curtailment)."""
         now = self._clock()
-        if topic == self.settings.heartbeat_topic:
+        if aiomqtt.Topic(topic).matches(self.settings.heartbeat_topic):
             self._last_heartbeat = now
             if self._was_stale:
                 log.info("%s: heartbeat back", self._name)
@@ -209,12 +209,16 @@ class MqttCurtailSource:
                 f"{now.isoformat()}",
             )
             return
+        previous = self._events.get(message.event_id)
+        # A repeated "on" without a start keeps the original start: republishing a command as a
+        # keep-alive must not move the event window (compliance is measured from the start).
+        default_start = previous.start if previous is not None else now
         event = GridEvent(
             event_id=message.event_id,
             source=self._name,
             program=message.program,
             kind=program.kind,
-            start=(message.start or now).astimezone(UTC),
+            start=(message.start or default_start).astimezone(UTC),
             end=message.until.astimezone(UTC),
             max_site_kw=message.max_site_kw,
             shed_kw=message.shed_kw,

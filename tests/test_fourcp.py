@@ -89,6 +89,12 @@ def test_bad_load_rows_are_rejected(tmp_path: Path) -> None:
     series = load_system_load_csv(path, collect_errors=True)
     assert series.values == (40000.0, 40400.0)
     assert [r.line for r in series.rejected] == [3]
+    # Rows are stamped with interval ENDS: 05:20 lies in the interval ending 05:30 (rejected).
+    t = datetime(2023, 7, 1, 5, 5, tzinfo=UTC).timestamp()
+    assert series.value_for_interval_containing(t) == 40000.0
+    assert series.value_for_interval_containing(t + 15 * 60) is None
+    assert series.value_for_interval_containing(t + 30 * 60) == 40400.0
+    assert series.last_settled_index(t + 25 * 60) == 0
 
 
 @pytest.fixture(scope="module")

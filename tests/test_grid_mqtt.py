@@ -348,6 +348,29 @@ async def test_wrong_password_never_connects(mosquitto: Mosquitto) -> None:
     await asyncio.wait_for(task, 5)
 
 
+async def test_default_program_for_messages_that_name_none(mosquitto: Mosquitto) -> None:
+    source = MqttCurtailSource(make_settings(mosquitto, default_program="ers"))
+    source.handle(
+        "grid/curtail",
+        json.dumps(
+            {"event_id": "d", "state": "on", "max_site_kw": 10, "until": _future()}
+        ).encode(),
+    )
+    (event,) = source.events()
+    assert (event.program, event.kind) == ("ers", ProgramKind.EMERGENCY)
+    bare = MqttCurtailSource(make_settings(mosquitto))
+    bare.handle(
+        "grid/curtail",
+        json.dumps(
+            {"event_id": "d", "state": "on", "max_site_kw": 10, "until": _future()}
+        ).encode(),
+    )
+    assert bare.events() == ()
+    assert "no program named" in bare.rejected[0].reason
+    with pytest.raises(ValueError, match="default_program 'x' is not one of"):
+        make_settings(mosquitto, default_program="x")
+
+
 def test_settings_reject_unknown_keys_and_kinds() -> None:
     with pytest.raises(ValueError, match="extra"):
         MqttCurtailSettings.model_validate({"programs": PROGRAMS, "qos": 2})

@@ -305,6 +305,29 @@ def test_units_and_settings() -> None:
             simple_level_max_site_kw=s.simple_level_max_site_kw,
             now=now,
         )
+    # An unknown market context falls back to default_program when one is configured.
+    event["event_descriptor"]["market_context"] = "oadr://other"
+    event["event_signals"][0]["intervals"][0]["signal_payload"] = 2.0
+    with pytest.raises(_Reject, match="unknown market context"):
+        grid_events_from_openadr(
+            event,
+            source="t",
+            programs=s.programs,
+            simple_level_max_site_kw=s.simple_level_max_site_kw,
+            now=now,
+        )
+    fallback = settings(1, default_program={"name": "any", "kind": "economic"})
+    (grid,) = grid_events_from_openadr(
+        event,
+        source="t",
+        programs=fallback.programs,
+        simple_level_max_site_kw=fallback.simple_level_max_site_kw,
+        now=now,
+        default_program=fallback.default_program,
+    )
+    assert (grid.program, grid.max_site_kw) == ("any", 1000)
+    with pytest.raises(ValueError, match="at least one program"):
+        settings(1, programs={})
     with pytest.raises(ValueError, match="extra"):
         OpenAdrSettings.model_validate({**s.model_dump(), "colour": "red"})
     with pytest.raises(ValueError, match="levels 1–3"):

@@ -63,8 +63,19 @@ class MqttCurtailSettings(BaseModel):
     heartbeat_topic: str = "grid/heartbeat"
     heartbeat_max_age_s: float = Field(default=60.0, gt=0)
     programs: dict[str, ProgramSettings] = Field(min_length=1)
+    default_program: str | None = Field(
+        default=None, description="program of messages that name none"
+    )
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _default_known(self) -> MqttCurtailSettings:
+        if self.default_program is not None and self.default_program not in self.programs:
+            raise ValueError(
+                f"default_program {self.default_program!r} is not one of {sorted(self.programs)}"
+            )
+        return self
 
 
 class CurtailMessage(BaseModel):
@@ -74,7 +85,7 @@ class CurtailMessage(BaseModel):
 
     event_id: str = Field(min_length=1, max_length=200)
     state: Literal["on", "off"]
-    program: str = Field(min_length=1)
+    program: str | None = Field(default=None, min_length=1)
     kind: str | None = None
     max_site_kw: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     shed_kw: float | None = Field(default=None, gt=0, allow_inf_nan=False)
@@ -173,10 +184,14 @@ class MqttCurtailSource:
             )
             self._reject(topic, payload, f"invalid curtailment message: {reasons}")
             return
-        program = self.settings.programs.get(message.program)
+        program_name = message.program or self.settings.default_program
+        if program_name is None:
+            self._reject(topic, payload, "no program named, and no default_program configured")
+            return
+        program = self.settings.programs.get(program_name)
         if program is None:
             known = sorted(self.settings.programs)
-            self._reject(topic, payload, f"unknown program {message.program!r} (known: {known})")
+            self._reject(topic, payload, f"unknown program {program_name!r} (known: {known})")
             return
         if message.kind is not None:
             try:
@@ -189,7 +204,7 @@ class MqttCurtailSource:
                 self._reject(
                     topic,
                     payload,
-                    f"kind {kind.value!r} contradicts program {message.program!r}, "
+                    f"kind {kind.value!r} contradicts program {program_name!r}, "
                     f"configured as {program.kind.value!r}",
                 )
                 return
@@ -216,7 +231,7 @@ class MqttCurtailSource:
         event = GridEvent(
             event_id=message.event_id,
             source=self._name,
-            program=message.program,
+            program=program_name,
             kind=program.kind,
             start=(message.start or default_start).astimezone(UTC),
             end=message.until.astimezone(UTC),

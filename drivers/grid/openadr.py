@@ -30,10 +30,11 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 from openleadr import OpenADRClient
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from drivers.grid.base import GridEvent
 from drivers.grid.common import ProgramSettings, Rejection, apply_fail_directions
@@ -63,8 +64,18 @@ class OpenAdrSettings(BaseModel):
     ven_name: str = Field(min_length=1)
     ven_id: str | None = None
     programs: dict[str, OpenAdrProgram] = Field(
-        min_length=1, description="market context URI → program"
+        default_factory=dict, description="market context URI → program"
     )
+    default_program: OpenAdrProgram | None = Field(
+        default=None, description="program of events whose market context is not in programs"
+    )
+    # TLS and message signing (OpenADR 2.0b profile); all optional on a trusted network.
+    cert: Path | None = None
+    key: Path | None = None
+    passphrase: SecretStr | None = None
+    ca_file: Path | None = None
+    vtn_fingerprint: str | None = None
+    check_hostname: bool = True
     simple_level_max_site_kw: dict[int, float] = Field(
         default_factory=lambda: {1: 0.0, 2: 0.0, 3: 0.0}
     )
@@ -80,6 +91,14 @@ class OpenAdrSettings(BaseModel):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
         return url
+
+    @model_validator(mode="after")
+    def _some_program(self) -> OpenAdrSettings:
+        if not self.programs and self.default_program is None:
+            raise ValueError("expected at least one program (programs or default_program)")
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        return self
 
     @field_validator("simple_level_max_site_kw")
     @classmethod
@@ -105,12 +124,13 @@ def grid_events_from_openadr(
     programs: Mapping[str, OpenAdrProgram],
     simple_level_max_site_kw: Mapping[int, float],
     now: datetime,
+    default_program: OpenAdrProgram | None = None,
 ) -> tuple[GridEvent, ...]:
     """Translate one parsed openleadr event dict; raise ``_Reject`` with the reason if unusable."""
     descriptor = event.get("event_descriptor") or {}
     oadr_id = str(descriptor.get("event_id"))
     context = descriptor.get("market_context")
-    program = programs.get(str(context))
+    program = programs.get(str(context), default_program)
     if program is None:
         raise _Reject(f"unknown market context {context!r} (known: {sorted(programs)})")
     signals = event.get("event_signals") or []
@@ -243,7 +263,10 @@ class OpenAdrVen:
     # --- events -----------------------------------------------------------------------------
 
     def _programs_by_name(self) -> dict[str, ProgramSettings]:
-        return {p.name: p for p in self.settings.programs.values()}
+        programs = list(self.settings.programs.values())
+        if self.settings.default_program is not None:
+            programs.append(self.settings.default_program)
+        return {p.name: p for p in programs}
 
     def silence_s(self, now: datetime | None = None) -> float:
         """Seconds since the VTN last answered (since start-up if it never did)."""
@@ -312,6 +335,7 @@ class OpenAdrVen:
                 programs=self.settings.programs,
                 simple_level_max_site_kw=self.settings.simple_level_max_site_kw,
                 now=self._clock(),
+                default_program=self.settings.default_program,
             )
         except _Reject as exc:
             self._events.pop(oadr_id, None)
@@ -345,7 +369,18 @@ class OpenAdrVen:
     def _new_client(self) -> OpenADRClient:
         s = self.settings
         client = OpenADRClient(
-            ven_name=s.ven_name, vtn_url=s.vtn_url, ven_id=s.ven_id, show_fingerprint=False
+            ven_name=s.ven_name,
+            vtn_url=s.vtn_url,
+            ven_id=s.ven_id,
+            show_fingerprint=False,
+            cert=str(s.cert) if s.cert else None,
+            key=str(s.key) if s.key else None,
+            passphrase=s.passphrase.get_secret_value() if s.passphrase else None,
+            ca_file=str(s.ca_file) if s.ca_file else None,
+            vtn_fingerprint=s.vtn_fingerprint,
+            check_hostname=s.check_hostname,
+            # Without a key there is nothing to sign with.
+            disable_signature=s.key is None,
         )
         client.add_handler("on_event", self._on_event)
         client.add_handler("on_update_event", self._on_event)

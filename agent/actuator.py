@@ -205,8 +205,8 @@ class Actuator:
             return reading.mode is MinerMode.SLEEPING
         if reading.mode is MinerMode.SLEEPING:
             return False
-        # Waking counts: the miner is ramping towards the profile it was given.
-        return reading.profile in (None, target) or reading.mode is MinerMode.WAKING
+        # Waking counts (it is ramping towards its profile), but only at the right profile.
+        return reading.profile is None or reading.profile == target
 
     def _describe(self, device_id: str) -> str:
         r = self.coordinator.slots[device_id].reading

@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from drivers.errors import AgentError
+from drivers.prices.http_json import HttpJsonSettings
 
 
 class ConfigError(AgentError):
@@ -168,23 +169,13 @@ class CsvPriceConfig(Strict):
     speed: PositiveFloat = 1.0  # 1 = real time; 600 = a 15-minute interval every 1.5 s
 
 
-class HttpPriceConfig(Strict):
-    type: Literal["http_json"]
-    url: str
-    value_path: str
-    time_path: str | None = None
-    unit: Literal["usd_per_mwh", "usd_per_kwh", "cents_per_kwh"] = "usd_per_mwh"
-    interval_s: PositiveFloat = 60.0
-    timeout_s: PositiveFloat = 5.0
-
-
 class ConstantPriceConfig(Strict):
     type: Literal["constant"]
     value: float = Field(allow_inf_nan=False)
 
 
 PriceConfig = Annotated[
-    CsvPriceConfig | HttpPriceConfig | ConstantPriceConfig, Field(discriminator="type")
+    CsvPriceConfig | HttpJsonSettings | ConstantPriceConfig, Field(discriminator="type")
 ]
 
 
@@ -296,6 +287,8 @@ class ControlConfig(Strict):
     hysteresis_usd_per_mwh: NonNegFloat = 5.0
     min_on_s: NonNegFloat = 300.0
     min_off_s: NonNegFloat = 300.0
+    # Rungs of the GPU power-cap ladder (per GPU, from the card's minimum to its maximum cap).
+    gpu_cap_step_w: PositiveFloat = 100.0
 
 
 class EconomicsConfig(Strict):

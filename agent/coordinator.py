@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from agent.config import AgentConfig, MinerModelConfig
 from agent.domain import (
@@ -275,10 +275,13 @@ class Coordinator:
         miners were adopted.
         """
         adopted = 0
+        # The agent did not put it there, so no dwell time protects that state: date it back.
+        control = self.config.control
+        since = self.clock() - timedelta(seconds=max(control.min_on_s, control.min_off_s))
         for slot in self.slots.values():
             observed = self.observed_point(slot)
             if observed is not None:
-                slot.commanded = observed
+                slot.commanded, slot.commanded_since = observed, since
                 adopted += 1
         return adopted
 

@@ -13,7 +13,6 @@ they *measure* earns hashprice.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.actuator import ActionResult
-from agent.config import AgentConfig, ConfigError, CsvPriceConfig, load_config
+from agent.config import ConfigError, CsvPriceConfig, load_config
 from agent.domain import SLEEP, Plan, Snapshot
 from agent.economics import energy_cost_usd_per_h, mining_revenue_usd_per_h
 from agent.runtime import Agent, Components
@@ -87,7 +86,9 @@ async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> 
         return 2
     rt = config.prices.realtime
     if not isinstance(rt, CsvPriceConfig):
-        print(f"{config_path}: the demo replays a CSV price file (prices.realtime.type: csv_replay)")
+        print(
+            f"{config_path}: the demo replays a CSV price file (prices.realtime.type: csv_replay)"
+        )
         return 2
     # The whole day in `duration_s` of wall time.
     speed = DAY_S / duration_s
@@ -118,12 +119,13 @@ async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> 
     }
     hashprice = config.economics.hashprice.usd_per_ph_day
     fee = config.economics.pool_fee
-    last = {"mono": time.monotonic(), "interval": None}
+    clock = {"mono": time.monotonic()}
+    shown = {"interval": -1.0}
 
     def on_cycle(snapshot: Snapshot, plan: Plan, results: Sequence[ActionResult]) -> None:
         now = time.monotonic()
-        dt_h = (now - float(last["mono"])) * speed / 3600.0  # type: ignore[arg-type]
-        last["mono"] = now
+        dt_h = (now - clock["mono"]) * speed / 3600.0
+        clock["mono"] = now
         sim_s = price_source.sim_now_s()
         true_price = price_source.series.value_for_interval_containing(sim_s)
         if true_price is None:
@@ -142,10 +144,12 @@ async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> 
         ledger.actions += len(results)
         ledger.failed += sum(1 for r in results if r.result != "ok")
         ledger.faults |= {m.device_id for m in snapshot.miners if m.fault}
-        interval = price_source.sim_now().strftime("%H:%M")
-        if interval[-2:] in ("00", "15", "30", "45") and interval != last["interval"]:
-            last["interval"] = interval
-            print(status_line(interval, true_price, snapshot, plan, ledger), file=out, flush=True)
+        # One line per replayed interval (the cycle that first sees it).
+        interval = sim_s - sim_s % price_source.series.interval_s
+        if interval != shown["interval"]:
+            shown["interval"] = interval
+            hhmm = price_source.sim_now().strftime("%H:%M")
+            print(status_line(hhmm, true_price, snapshot, plan, ledger), file=out, flush=True)
 
     components = Components(miners=build_miners(config), price_source=price_source)
     agent = Agent(config, components, on_cycle=on_cycle)
@@ -194,26 +198,18 @@ def status_line(hhmm: str, price: float, snapshot: Snapshot, plan: Plan, ledger:
 
 
 def print_summary(ledger: Ledger, agent: Agent, out: Any) -> None:
-    gain = ledger.profit_usd - ledger.base_profit_usd
+    rows = [
+        ("energy MWh", ledger.energy_mwh, ledger.base_energy_mwh, ".3f"),
+        ("mining revenue $", ledger.revenue_usd, ledger.base_revenue_usd, ".2f"),
+        ("energy cost $", ledger.cost_usd, ledger.base_cost_usd, ".2f"),
+        ("profit $", ledger.profit_usd, ledger.base_profit_usd, ".2f"),
+    ]
     print("", file=out)
-    print("summary (one replayed day)            agent   always-on", file=out)
-    print(
-        f"  energy MWh                    {ledger.energy_mwh:>10.3f}  {ledger.base_energy_mwh:>10.3f}",
-        file=out,
-    )
-    print(
-        f"  mining revenue $              {ledger.revenue_usd:>10.2f}  {ledger.base_revenue_usd:>10.2f}",
-        file=out,
-    )
-    print(
-        f"  energy cost $                 {ledger.cost_usd:>10.2f}  {ledger.base_cost_usd:>10.2f}",
-        file=out,
-    )
-    print(
-        f"  profit $                      {ledger.profit_usd:>10.2f}  {ledger.base_profit_usd:>10.2f}",
-        file=out,
-    )
-    print(f"  agent ahead of always-on by   ${gain:,.2f}", file=out)
+    print(f"{'summary (one replayed day)':<30}{'agent':>12}{'always-on':>12}", file=out)
+    for label, mine, base, fmt in rows:
+        print(f"  {label:<28}{mine:>12{fmt}}{base:>12{fmt}}", file=out)
+    gain = ledger.profit_usd - ledger.base_profit_usd
+    print(f"  agent ahead of always-on by ${gain:,.2f}", file=out)
     print(
         f"  control cycles {agent.state.cycles}, actions {ledger.actions} "
         f"({ledger.failed} failed), peak site {ledger.peak_kw:.1f} kW, "

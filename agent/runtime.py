@@ -141,9 +141,15 @@ class Agent:
                 self.coordinator.run_poller(self.coordinator.poll_price, price_every, stop)
             )
         loops.extend(service(stop) for service in self.components.services)
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(c) for c in loops]
-            tg.create_task(_cancel_after_grace(stop, tasks, grace_s))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(c) for c in loops]
+                tg.create_task(_cancel_after_grace(stop, tasks, grace_s))
+        finally:
+            # Sources that own connections (HTTP clients) expose aclose().
+            aclose = getattr(self.components.price_source, "aclose", None)
+            if aclose is not None:
+                await aclose()
         log.info("agent stopped after %d cycle(s)", self.state.cycles)
 
 

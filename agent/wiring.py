@@ -12,13 +12,13 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from agent.config import AgentConfig, ConstantPriceConfig, CsvPriceConfig, HttpPriceConfig
+from agent.config import AgentConfig, ConstantPriceConfig, CsvPriceConfig
 from agent.runtime import Components, MinerDevice
 from drivers.errors import SourceError
 from drivers.miners.pyasic_driver import PyasicMiner
 from drivers.prices.base import PriceReading, PriceSource
 from drivers.prices.csv_replay import CsvPriceReplay, load_price_csv
-from drivers.prices.http_json import HttpJsonPriceSource, HttpPriceSettings
+from drivers.prices.http_json import HttpJsonSettings, HttpJsonSource
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,8 @@ def build_price_source(
         for row in series.rejected[:5]:
             log.warning("price row rejected: %s", row)
         return CsvPriceReplay(series, start=rt.start, speed=rt.speed, clock=clock)
-    if isinstance(rt, HttpPriceConfig):
-        settings = HttpPriceSettings(
-            url=rt.url,
-            value_path=rt.value_path,
-            time_path=rt.time_path,
-            unit=rt.unit,
-            interval_s=rt.interval_s,
-            timeout_s=rt.timeout_s,
-        )
-        return HttpJsonPriceSource(settings)
+    if isinstance(rt, HttpJsonSettings):
+        return HttpJsonSource(rt)
     raise AssertionError(f"unhandled price config {rt!r}")
 
 

@@ -249,7 +249,7 @@ async def test_refused_ven_keeps_retrying_without_events() -> None:
         ven = OpenAdrVen(settings(port))
         stop = asyncio.Event()
         task = asyncio.create_task(ven.run(stop))
-        await asyncio.sleep(1.0)
+        await until(lambda: len(vtn.refused) >= 2)  # refused, and retried
         assert not ven.registered
         assert vtn.registrations == {}
         assert ven.events() == ()

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from openleadr import OpenADRClient
+from openleadr.utils import certificate_fingerprint as _oadr_fingerprint
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from drivers.grid.base import GridEvent
@@ -107,6 +108,11 @@ class OpenAdrSettings(BaseModel):
             if level not in (1, 2, 3) or not math.isfinite(kw) or kw < 0:
                 raise ValueError(f"expected levels 1–3 mapped to kW ≥ 0, got {level}: {kw}")
         return levels
+
+
+def certificate_fingerprint(pem_path: Path) -> str:
+    """The OpenADR fingerprint of a PEM certificate (what a VTN or VEN operator exchanges)."""
+    return str(_oadr_fingerprint(pem_path.read_text()))
 
 
 class _Reject(Exception):

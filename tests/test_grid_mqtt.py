@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -14,6 +15,7 @@ import pytest
 from drivers.grid.base import FailDirection, GridEventSource, ProgramKind
 from drivers.grid.common import Rejection
 from drivers.grid.mqtt_curtail import MqttCurtailSettings, MqttCurtailSource
+from tests.pki import make_pki
 from tests.servers import Mosquitto
 
 pytestmark = pytest.mark.mqtt
@@ -376,3 +378,55 @@ def test_settings_reject_unknown_keys_and_kinds() -> None:
         MqttCurtailSettings.model_validate({"programs": PROGRAMS, "qos": 2})
     with pytest.raises(ValueError, match="kind"):
         MqttCurtailSettings.model_validate({"programs": {"x": {"kind": "blackout"}}})
+
+
+class TlsMosquitto(Mosquitto):
+    """The real broker with a TLS listener that also demands a client certificate."""
+
+    def __init__(self, workdir: Path, pki: dict[str, Path]) -> None:
+        super().__init__(workdir)
+        self.conf.write_text(
+            self.conf.read_text()
+            + f"cafile {pki['ca']}\ncertfile {pki['broker_crt']}\nkeyfile {pki['broker_key']}\n"
+            "require_certificate true\n"
+        )
+
+
+async def test_tls_with_client_certificate(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path, ["broker", "agent"])
+    broker = TlsMosquitto(tmp_path, pki)
+    broker.start()
+    try:
+        tls = {"tls_ca": pki["ca"], "tls_cert": pki["agent_crt"], "tls_key": pki["agent_key"]}
+        source = MqttCurtailSource(make_settings(broker, **tls))
+        plain = MqttCurtailSource(make_settings(broker))  # no TLS: the broker must refuse it
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(s.run(stop)) for s in (source, plain)]
+        await until(lambda: source.connected)
+        context = source.settings.tls_context()
+        async with aiomqtt.Client(
+            broker.host,
+            broker.port,
+            username="operator",
+            password="operator-secret",
+            tls_context=context,
+        ) as op:
+            await op.publish(
+                "grid/curtail",
+                json.dumps(
+                    {
+                        "event_id": "t",
+                        "state": "on",
+                        "program": "ers",
+                        "max_site_kw": 1,
+                        "until": _future(),
+                    }
+                ),
+                qos=1,
+            )
+            await until(lambda: len(source.events()) == 1)
+        assert plain.connects == 0
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    finally:
+        broker.stop()

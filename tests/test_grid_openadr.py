@@ -120,7 +120,7 @@ async def test_dispatch_event_becomes_grid_event_then_cancelled(site: Site) -> N
     assert event.program == "ers"
     assert event.fail is FailDirection.CURTAIL
     await until(lambda: site.vtn.opt_responses.get(eid) == "optIn")
-    assert site.vtn.delivered == [eid]
+    assert set(site.vtn.delivered) == {eid}  # openleadr may deliver it again at a later poll
     site.vtn.cancel_event("site-1", eid)
     await until(lambda: site.ven.events() == ())
     assert site.ven.rejected == []

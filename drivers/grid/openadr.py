@@ -38,7 +38,12 @@ from openleadr.utils import certificate_fingerprint as _oadr_fingerprint
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from drivers.grid.base import GridEvent
-from drivers.grid.common import ProgramSettings, Rejection, apply_fail_directions
+from drivers.grid.common import (
+    ProgramSettings,
+    Rejection,
+    apply_fail_directions,
+    run_until_stopped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -411,9 +416,12 @@ class OpenAdrVen:
             client = self._new_client()
             self.client = client
             try:
-                await client.run()
+                await run_until_stopped(client.run(), stop)
             except Exception as exc:  # openleadr raises bare errors on odd VTN answers
                 log.warning("%s: registration failed: %s: %s", self._name, type(exc).__name__, exc)
+            if stop.is_set():
+                await self._close(client)
+                return
             if client.registration_id is not None:
                 log.info("%s: registered as %s", self._name, client.ven_id)
                 try:

@@ -115,6 +115,8 @@ class Coordinator:
                 commanded=ladder(model)[-1].name,
                 commanded_since=now,
             )
+        # Devices whose commanded state came from the journal: adoption must not overwrite it.
+        self.journaled: set[str] = set()
         self.miners_polled = asyncio.Event()  # set after the first full fleet poll
         self.price_changed = asyncio.Event()
 
@@ -279,11 +281,44 @@ class Coordinator:
         control = self.config.control
         since = self.clock() - timedelta(seconds=max(control.min_on_s, control.min_off_s))
         for slot in self.slots.values():
+            if slot.device_id in self.journaled:
+                continue
             observed = self.observed_point(slot)
             if observed is not None:
                 slot.commanded, slot.commanded_since = observed, since
                 adopted += 1
         return adopted
+
+    def reconcile_drift(self, pending: set[str]) -> list[tuple[str, str, str]]:
+        """Adopt the observed point of devices that drifted from their commanded one.
+
+        A miner restored by hand, rebooted into its default profile, or woken by its own
+        firmware is no longer where the agent put it. Taking what telemetry shows as the
+        commanded state (dated back, so no dwell time protects it) makes the policy decide
+        afresh, and re-shed it if a grid event is still in force: an OFF signal is a level.
+        Devices with a command in flight or a fault are skipped. Returns (id, was, now).
+        """
+        control = self.config.control
+        since = self.clock() - timedelta(seconds=max(control.min_on_s, control.min_off_s))
+        drifted = []
+        mono = self.monotonic()
+        for slot in self.slots.values():
+            if slot.device_id in pending or slot.fault is not None or slot.read_at is None:
+                continue
+            if mono - slot.read_at > self.max_reading_age_s:
+                continue
+            observed = self.observed_point(slot)
+            if observed is None or observed == slot.commanded:
+                continue
+            drifted.append((slot.device_id, slot.commanded, observed))
+            log.warning(
+                "miner %s drifted: commanded %s, telemetry shows %s",
+                slot.device_id,
+                slot.commanded,
+                observed,
+            )
+            slot.commanded, slot.commanded_since = observed, since
+        return drifted
 
     def replace_price(self, reading: PriceReading) -> None:
         """Inject a price (tests, operator tools)."""

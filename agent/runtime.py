@@ -19,15 +19,16 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from agent.actuator import ActionResult, Actuator, AuditSink
 from agent.config import AgentConfig
 from agent.coordinator import Clock, Coordinator, utc_now
-from agent.domain import Plan, Snapshot
+from agent.domain import ActiveEvent, Plan, Snapshot
 from agent.policy import decide
 from agent.state import AgentState
+from agent.store import Store
 from drivers.miners.base import MinerSleepWake, MinerTelemetry
 from drivers.prices.base import PriceSource
 
@@ -48,6 +49,7 @@ class Components:
     miners: Mapping[str, MinerDevice]
     price_source: PriceSource | None
     audit: AuditSink | None = None
+    store: Store | None = None  # the journal; also the audit sink when audit is None
     # Extra long-running tasks (metrics server, MQTT...): each gets the stop event.
     services: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
         default_factory=list
@@ -77,18 +79,56 @@ class Agent:
             clock=clock,
             monotonic=monotonic,
         )
-        self.actuator = Actuator(self.coordinator, self.state, components.miners, components.audit)
+        self.actuator = Actuator(
+            self.coordinator,
+            self.state,
+            components.miners,
+            components.audit or components.store,
+            components.store,
+        )
         self.on_cycle = on_cycle
         self.wake_control = asyncio.Event()  # set to run a control cycle at once (fast path)
         self.first_poll_timeout_s = max(30.0, 3 * config.control.device_timeout_s)
         self.watchdog: Callable[[], None] | None = None  # fed after every cycle (systemd)
 
+    async def restore_journal(self) -> None:
+        """Load commanded states and active events from the journal (restart rule)."""
+        store = self.components.store
+        if store is None:
+            return
+        known = 0
+        for device_id, (point, since) in (await store.commanded_states()).items():
+            slot = self.coordinator.slots.get(device_id)
+            if slot is None or all(p.name != point for p in slot.points):
+                continue  # a device no longer configured, or a profile that no longer exists
+            self.coordinator.set_commanded(device_id, point, since)
+            self.coordinator.journaled.add(device_id)
+            known += 1
+        now = self.coordinator.clock()
+        for stored in await store.active_events():
+            if stored.event.end > now:
+                self.coordinator.events[stored.event.event_id] = ActiveEvent(
+                    stored.event, stored.baseline_w
+                )
+        log.info(
+            "journal: %d commanded state(s), %d active event(s) resumed",
+            known,
+            len(self.coordinator.events),
+        )
+
     async def control_cycle(self) -> Plan:
         """One decision: verify last commands, snapshot, decide, actuate."""
         started = time.monotonic()
         await self.actuator.verify()
+        self.coordinator.reconcile_drift(set(self.actuator.pending))
         snapshot = self.coordinator.snapshot()
         plan = decide(snapshot, self.config, snapshot.at)
+        if self.state.mode == "manual":
+            plan = replace(plan, actions=(), summary=f"manual mode: no actions; {plan.summary}")
+        elif self.state.mode == "safe":
+            sheds = tuple(a for a in plan.actions if a.sheds)
+            why = f"safe mode ({self.state.safe_reason}): sheds only"
+            plan = replace(plan, actions=sheds, summary=f"{why}; {plan.summary}")
         self.state.snapshot, self.state.plan = snapshot, plan
         results = await self.actuator.execute(plan) if plan.actions else []
         self.state.cycles += 1
@@ -129,6 +169,7 @@ class Agent:
     async def run(self, stop: asyncio.Event, *, grace_s: float = 3.0) -> None:
         """Run until ``stop`` is set; then give tasks ``grace_s`` to finish, and cancel the rest."""
         control = self.config.control
+        await self.restore_journal()
         loops: list[Coroutine[Any, Any, None]] = [
             self.coordinator.run_poller(
                 self.coordinator.poll_miners, control.poll_interval_s, stop

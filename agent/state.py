@@ -43,7 +43,8 @@ class AgentState:
     rejected: Counter[tuple[str, str]] = field(default_factory=Counter)
     sources: dict[str, SourceHealth] = field(default_factory=dict)
     faults: dict[str, str] = field(default_factory=dict)  # device id -> fault reason
-    mode: str = "auto"  # "auto", or an operator-set mode ("manual", "curtail")
+    mode: str = "auto"  # "auto"; "manual" (operator: no actions); "safe" (sheds only)
+    safe_reason: str | None = None
 
     def source(self, name: str) -> SourceHealth:
         health = self.sources.get(name)

@@ -294,7 +294,3 @@ class HttpJsonSource:
             except TimeoutError:
                 continue
 
-
-# Names agent/wiring.py was written against; kept as aliases so both spellings work.
-HttpPriceSettings = HttpJsonSettings
-HttpJsonPriceSource = HttpJsonSource

@@ -293,4 +293,3 @@ class HttpJsonSource:
                 await asyncio.wait_for(stop.wait(), self.settings.poll_interval_s)
             except TimeoutError:
                 continue
-

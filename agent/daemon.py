@@ -21,7 +21,7 @@ from agent.mqtt import MqttBridge
 from agent.runtime import Agent
 from agent.sdnotify import LoopWatchdog, Notifier
 from agent.store import Store, journal_path, secrets_in
-from agent.wiring import build_components
+from agent.wiring import attach_grid_sources, build_components
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
         components = build_components(config)
         components.store = store
         agent = Agent(config, components)
+        attach_grid_sources(agent, config)
         control = config.control
         # A healthy cycle can take a full round of device timeouts and retries; the first one
         # also waits for the first fleet poll.

@@ -102,6 +102,7 @@ class Agent:
             self.coordinator.events,
             on_change=self.wake_control.set,
         )
+        self.event_book.count_rejected = self._count_rejected
         self.event_watch_s = 0.5
         self.metrics_port: int | None = None  # set by the metrics service once bound
         self.first_poll_timeout_s = max(30.0, 3 * config.control.device_timeout_s)
@@ -151,6 +152,9 @@ class Agent:
             plan = replace(plan, actions=sheds, summary=f"{why}; {plan.summary}")
         self.state.snapshot, self.state.plan = snapshot, plan
         results = await self.actuator.execute(plan) if plan.actions else []
+        self.coordinator.spend_ramp(
+            sum(r.action.delta_power_w for r in results if r.result == "ok" and not r.action.sheds)
+        )
         self.state.cycles += 1
         self.state.last_cycle_at = snapshot.at
         self.state.last_cycle_duration_s = time.monotonic() - started
@@ -185,6 +189,9 @@ class Agent:
                 self.wake_control.wait(),
                 self.coordinator.price_changed.wait(),
             )
+
+    def _count_rejected(self, source: str, reason: str) -> None:
+        self.state.rejected[(source, reason)] += 1
 
     async def handle_command(self, command: Command) -> CommandResult:
         """An authenticated operator command (MQTT): act on it, or refuse with the reason."""

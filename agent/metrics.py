@@ -644,6 +644,44 @@ async def _send(
     await writer.drain()
 
 
+class MetricsService:
+    """The metrics endpoint as a runtime service: ``await service(stop)`` serves until ``stop``.
+
+    Append it to ``Components.services`` once the agent (and its state) exists. ``host`` and
+    ``port`` default to ``config.metrics``; :attr:`port` is the bound port once :attr:`started`
+    is set (port 0 binds an ephemeral one).
+    """
+
+    def __init__(
+        self,
+        state: AgentState,
+        config: AgentConfig,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.registry = build_registry(state, config, clock)
+        self.server = MetricsServer(
+            self.registry,
+            host if host is not None else config.metrics.host,
+            port if port is not None else config.metrics.port,
+        )
+        self.started = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def __call__(self, stop: asyncio.Event) -> None:
+        await self.server.start()
+        self.started.set()
+        try:
+            await stop.wait()
+        finally:
+            await self.server.close()
+
+
 async def start_metrics_server(
     registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0
 ) -> MetricsServer:

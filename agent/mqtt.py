@@ -40,7 +40,7 @@ import logging
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -436,7 +436,19 @@ class MqttBridge:
         self._answered: OrderedDict[str, CommandResult] = OrderedDict()  # id -> first answer
         self._tokens = {k: v.get_secret_value() for k, v in config.command_tokens.items()}
 
-    # --- what the runtime calls (synchronous, never blocks) ---------------------------------
+    # --- what the runtime calls ---------------------------------------------------------------
+
+    async def __call__(self, stop: asyncio.Event) -> None:
+        """Run as a runtime service until ``stop`` is set (then say offline and disconnect)."""
+        task = asyncio.create_task(self.run(), name="mqtt-bridge")
+        try:
+            await stop.wait()
+        finally:
+            await _cancel_all({task})
+
+    def on_cycle(self, snapshot: Snapshot, plan: Plan, results: Sequence[object] = ()) -> None:
+        """A ``CycleHook`` for :class:`agent.runtime.Agent`: publish after every cycle."""
+        self.publish_cycle()
 
     def publish_cycle(self) -> None:
         """Queue state, plan, events and per-device telemetry from the current AgentState."""

@@ -1,0 +1,116 @@
+"""The MQTT bridge on the running agent: control goes on while the broker is down.
+
+Real loop (coordinator, policy, actuator) against LuxOS simulators and the price server, the
+bridge as a runtime service publishing after every cycle, and a real Mosquitto stopped and
+restarted mid-run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from agent.mqtt import Command, CommandResult, MqttBridge, SetMode
+from agent.runtime import Agent
+from drivers.bus.base import BusSettings
+from drivers.bus.mqtt import MqttBus
+from tests.obs_site import S19, running_site, until
+from tests.servers import Mosquitto
+
+pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
+
+TOKEN = "agent-test-token"
+
+
+async def latest_retained(broker: Mosquitto, topic: str) -> dict[str, Any]:
+    """Connect afresh and read the retained message of ``topic``."""
+    bus = MqttBus(
+        BusSettings(broker.host, broker.port, "reader", "operator", broker.users["operator"])
+    )
+    async with bus.session() as s, asyncio.timeout(5):
+        await s.subscribe(topic, qos=1)
+        async for m in s.messages():
+            data: dict[str, Any] = json.loads(m.payload)
+            return data
+    raise AssertionError("no message")
+
+
+async def test_control_continues_while_the_broker_is_down(mosquitto: Mosquitto) -> None:
+    bridges: list[MqttBridge] = []
+    commands: list[Command] = []
+
+    def outputs(agent: Agent) -> list[Any]:
+        async def handle(command: Command) -> CommandResult:
+            commands.append(command)
+            if isinstance(command, SetMode):
+                agent.state.mode = command.mode
+            return CommandResult.ok()
+
+        from agent.config import MqttConfig
+
+        config = MqttConfig.model_validate(
+            {
+                "enabled": True,
+                "host": mosquitto.host,
+                "port": mosquitto.port,
+                "username": "agent",
+                "password": "agent-secret",
+                "command_tokens": {"operator": TOKEN},
+                "reconnect_initial_s": 0.1,
+                "reconnect_max_s": 0.5,
+            }
+        )
+        bridge = MqttBridge(config, agent.state, handle)
+        agent.on_cycle = bridge.on_cycle
+        bridges.append(bridge)
+        return [bridge]
+
+    state_topic = "site-agent/obs/state"
+    async with running_site(20.0, outputs) as (agent, fleet, server):
+        bridge = bridges[0]
+        async with asyncio.timeout(10):
+            await bridge.connected.wait()
+        await until(lambda: agent.state.cycles >= 3, 10, "three cycles")
+        state = await latest_retained(mosquitto, state_topic)
+        assert state["miners"] == {"running": 4}
+
+        mosquitto.stop()
+        await until(lambda: not bridge.connected.is_set(), 5, "bridge sees the outage")
+        cycles_at_outage = agent.state.cycles
+        # A price spike during the outage: the agent still acts on it.
+        server.prices[0] = 100.0
+        await until(lambda: all(fleet.truth(a)["sleeping"] for a in S19), 15, "S19s asleep")
+        await until(lambda: agent.state.cycles > cycles_at_outage + 3, 5, "cycles go on")
+
+        mosquitto.start()
+        await until(lambda: bridge.connections >= 2, 10, "bridge reconnected")
+        await until(lambda: agent.state.actions[("sleep", "ok")] == 2, 5, "sleeps verified")
+        await asyncio.sleep(0.5)  # a cycle or two after the verification, published
+
+        # The broker forgot everything (no persistence); what it holds now is fresh state.
+        state = await latest_retained(mosquitto, state_topic)
+        assert state["miners"] == {"running": 2, "sleeping": 2}
+        assert state["price_usd_per_mwh"] == 100.0
+        assert state["cycles"] > cycles_at_outage
+        telemetry = await latest_retained(mosquitto, "site-agent/obs/plan")
+        assert telemetry["effective_price_usd_per_mwh"] == 100.0
+
+        # And a command sent after the reconnect reaches the runtime and is acked.
+        bus = MqttBus(
+            BusSettings(mosquitto.host, mosquitto.port, "op", "operator", "operator-secret")
+        )
+        async with bus.session() as op:
+            await op.subscribe("site-agent/obs/ack", qos=1)
+            body = {"id": "m1", "operator": "operator", "token": TOKEN, "mode": "manual"}
+            await op.publish("site-agent/obs/command/set_mode", json.dumps(body).encode(), qos=1)
+            async with asyncio.timeout(5):
+                async for m in op.messages():
+                    ack = json.loads(m.payload)
+                    break
+        assert ack["id"] == "m1"
+        assert ack["status"] == "accepted"
+        assert agent.state.mode == "manual"
+        assert [c.id for c in commands] == ["m1"]

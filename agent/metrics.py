@@ -266,9 +266,11 @@ class AgentCollector(Collector):
             "Measured hashrate of a miner (TH/s × 1e12).",
             ["miner", "model"],
         )
+        # One series per miner, labelled with its current state (not one-hot over all four
+        # states): a quarter of the samples at fleet scale; count by (state) still works.
         state = _gauge(
             "site_agent_miner_state",
-            "1 for a miner's current state (running, sleeping, faulted, unknown).",
+            "1, labelled with the miner's current state (running, sleeping, faulted, unknown).",
             ["miner", "state"],
         )
         fleet = _gauge("site_agent_miners", "Miners by state.", ["state"])
@@ -288,8 +290,7 @@ class AgentCollector(Collector):
                 )
             current = miner_state(m)
             counts[current] += m.count
-            for s in MINER_STATES:
-                state.add_metric([m.device_id, s], 1.0 if s == current else 0.0)
+            state.add_metric([m.device_id, current], 1.0)
         for s in MINER_STATES:
             fleet.add_metric([s], counts[s])
         yield from (power, hashrate, state, fleet)
@@ -621,7 +622,10 @@ class MetricsServer:
         if path != "/metrics":
             return await _send(writer, 404, "text/plain", b"not found: try /metrics\n")
         encoder, content_type = choose_encoder(headers.get("accept", ""))
-        body = encoder(self.registry)
+        # Rendering thousands of samples takes tens of milliseconds: do it in a thread so the
+        # control loop is not held up. collect() only reads immutable snapshots/plans and
+        # takes C-level (GIL-atomic) copies of the state's dicts, so this is safe.
+        body = await asyncio.to_thread(encoder, self.registry)
         return await _send(writer, 200, content_type, body, head_only=method == "HEAD")
 
 

@@ -45,7 +45,7 @@ def test_miner_series_units_and_state() -> None:
     hs = value(reg, "site_agent_miner_hashrate_hashes_per_second", miner="m-002", model="S21")
     assert hs == pytest.approx(200.5e12)
     assert value(reg, "site_agent_miner_state", miner="m-003", state="sleeping") == 1.0
-    assert value(reg, "site_agent_miner_state", miner="m-003", state="running") == 0.0
+    assert value(reg, "site_agent_miner_state", miner="m-003", state="running") is None
     assert value(reg, "site_agent_miner_state", miner="m-004", state="faulted") == 1.0
     assert value(reg, "site_agent_miners", state="running") == 2.0
     assert value(reg, "site_agent_workload_power_watts", workload="mining") == 10_098.0

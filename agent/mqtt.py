@@ -58,6 +58,7 @@ from drivers.bus.mqtt import MqttBus
 log = logging.getLogger(__name__)
 
 REJECT_SOURCE = "mqtt"  # the source name under which rejected commands are counted
+MAX_COMMAND_BYTES = 16 * 1024  # a command is a few hundred bytes; more is abuse or a mistake
 
 
 # --- commands, as the runtime receives them -----------------------------------------------------
@@ -180,6 +181,8 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
     Order: well-formed JSON object, then authentication, then a known command, then its schema,
     so an unauthenticated sender learns nothing about the schema.
     """
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise Rejected("malformed", f"payload larger than {MAX_COMMAND_BYTES} bytes")
     try:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -218,6 +221,8 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
 
 def _command_id(payload: bytes) -> str | None:
     """The sender's ``id`` if one can be read, for the ack of a command we reject."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        return None
     try:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError):

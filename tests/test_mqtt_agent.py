@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from agent.mqtt import Command, CommandResult, MqttBridge, SetMode
+from agent.config import MqttConfig
+from agent.mqtt import Command, CommandResult, MqttBridge, OperatorCommands, SetMode
 from agent.runtime import Agent
 from drivers.bus.base import BusSettings
 from drivers.bus.mqtt import MqttBus
@@ -48,8 +50,6 @@ async def test_control_continues_while_the_broker_is_down(mosquitto: Mosquitto) 
             if isinstance(command, SetMode):
                 agent.state.mode = command.mode
             return CommandResult.ok()
-
-        from agent.config import MqttConfig
 
         config = MqttConfig.model_validate(
             {
@@ -114,3 +114,66 @@ async def test_control_continues_while_the_broker_is_down(mosquitto: Mosquitto) 
         assert ack["status"] == "accepted"
         assert agent.state.mode == "manual"
         assert [c.id for c in commands] == ["m1"]
+
+
+async def test_operator_curtail_over_mqtt_sheds_real_miners(mosquitto: Mosquitto) -> None:
+    bridges: list[MqttBridge] = []
+
+    def outputs(agent: Agent) -> list[Any]:
+        config = MqttConfig.model_validate(
+            {
+                "enabled": True,
+                "host": mosquitto.host,
+                "port": mosquitto.port,
+                "username": "agent",
+                "password": "agent-secret",
+                "command_tokens": {"operator": TOKEN},
+                "reconnect_initial_s": 0.1,
+            }
+        )
+        bridge = MqttBridge(config, agent.state, OperatorCommands(agent))
+        agent.on_cycle = bridge.on_cycle
+        bridges.append(bridge)
+        return [bridge]
+
+    def site_w(fleet: Any) -> float:
+        return sum(float(fleet.truth(a)["power_w"]) for a in fleet.addresses)
+
+    bus = MqttBus(BusSettings(mosquitto.host, mosquitto.port, "op", "operator", "operator-secret"))
+    async with running_site(20.0, outputs) as (agent, fleet, _server), bus.session() as op:
+        await op.subscribe("site-agent/obs/ack", qos=1)
+        acks = op.messages()
+
+        async def command(name: str, **fields: Any) -> dict[str, Any]:
+            body = {"id": f"{name}-1", "operator": "operator", "token": TOKEN, **fields}
+            await op.publish(f"site-agent/obs/command/{name}", json.dumps(body).encode(), qos=1)
+            async with asyncio.timeout(10):
+                ack: dict[str, Any] = json.loads((await anext(acks)).payload)
+            return ack
+
+        # Commands sent before the agent subscribed would reach nobody: wait for it.
+        async with asyncio.timeout(10):
+            await bridges[0].connected.wait()
+        await until(lambda: site_w(fleet) > 12_000, 15, "all four miners running")
+        until_at = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        ack = await command("curtail", target_kw=8, until=until_at)
+        assert ack["status"] == "accepted", ack
+        # The simulators' true draw (a meter's view) falls under the operator's target: the
+        # two least efficient miners (S19j Pro) are shed.
+        await until(lambda: site_w(fleet) <= 8_000, 15, "site under 8 kW")
+        assert all(fleet.truth(a)["sleeping"] for a in S19)
+        assert agent.state.mode == "curtail"
+        plan = agent.state.plan
+        assert plan is not None
+        assert plan.binding == ("event:operator-override",)
+
+        ack = await command("release")
+        assert ack["status"] == "accepted"
+        await until(lambda: not any(fleet.truth(a)["sleeping"] for a in S19), 15, "restored")
+        assert agent.state.mode == "auto"
+        # Releasing again: nothing to release, refused with the reason.
+        body = {"id": "release-2", "operator": "operator", "token": TOKEN}
+        await op.publish("site-agent/obs/command/release", json.dumps(body).encode(), qos=1)
+        async with asyncio.timeout(10):
+            ack = json.loads((await anext(acks)).payload)
+        assert ack == {**ack, "status": "rejected", "reason": "no operator curtailment in force"}

@@ -10,12 +10,13 @@ import pytest
 
 from agent.metrics import MetricsService
 from tests.obs_site import S21, running_site, until
-from tests.servers import Prometheus
+from tests.servers import Prometheus, require_binary
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
 
 
 async def test_prometheus_scrapes_the_running_agent(tmp_path: Path) -> None:
+    require_binary("prometheus", "prometheus")  # skip before starting the site, not after
     services: list[MetricsService] = []
 
     def outputs(agent: Any) -> list[Any]:

@@ -53,6 +53,9 @@ async def test_prometheus_scrapes_the_running_agent(tmp_path: Path) -> None:
             assert s21 == pytest.approx(float(fleet.truth(S21[0])["power_w"]), rel=0.05)
             s19 = await value('site_agent_miner_power_watts{miner="s19-001"}')
             assert s19 < 100  # asleep: standby power
+            site_w = await value("site_agent_site_power_watts")
+            true_w = sum(float(fleet.truth(a)["power_w"]) for a in fleet.addresses)
+            assert site_w == pytest.approx(true_w, rel=0.05)
             assert await value("site_agent_interconnect_limit_watts") == 40_000.0
             assert await value('site_agent_source_age_seconds{source=~"price.*"}') < 30
             # The control loop advances between scrapes.

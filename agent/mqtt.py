@@ -531,6 +531,12 @@ class MqttBridge:
 
     def publish_cycle(self) -> None:
         """Queue state, plan, events and per-device telemetry from the current AgentState."""
+        try:
+            self._publish_cycle()
+        except Exception:  # an output's bug must never stop the control loop that calls it
+            log.exception("mqtt: could not build the cycle's messages; skipped")
+
+    def _publish_cycle(self) -> None:
         state = self.state
         self._set_retained("state", state_payload(state, self.interconnect_limit_w))
         if state.plan is not None:

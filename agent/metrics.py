@@ -625,7 +625,11 @@ class MetricsServer:
         # Rendering thousands of samples takes tens of milliseconds: do it in a thread so the
         # control loop is not held up. collect() only reads immutable snapshots/plans and
         # takes C-level (GIL-atomic) copies of the state's dicts, so this is safe.
-        body = await asyncio.to_thread(encoder, self.registry)
+        try:
+            body = await asyncio.to_thread(encoder, self.registry)
+        except Exception:  # a collector bug: say so to the scraper, keep serving
+            log.exception("metrics: collecting failed")
+            return await _send(writer, 500, "text/plain", b"collecting metrics failed\n")
         return await _send(writer, 200, content_type, body, head_only=method == "HEAD")
 
 
@@ -636,7 +640,13 @@ async def _send(
     body: bytes,
     head_only: bool = False,
 ) -> None:
-    reasons = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+    reasons = {
+        200: "OK",
+        400: "Bad Request",
+        404: "Not Found",
+        405: "Method Not Allowed",
+        500: "Internal Server Error",
+    }
     reason = reasons.get(status, "Error")
     head = (
         f"HTTP/1.1 {status} {reason}\r\n"

@@ -238,3 +238,24 @@ def test_counter_type_of_rejected_inputs() -> None:
     assert re.search(
         r"# TYPE site_agent_rejected_inputs_total counter", generate_latest(reg).decode()
     )
+
+
+class Broken:
+    def collect(self) -> list[object]:
+        raise RuntimeError("collector bug")
+
+
+async def test_a_failing_collector_gives_500_and_the_server_keeps_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reg = CollectorRegistry()
+    reg.register(Broken())  # type: ignore[arg-type]
+    server = await start_metrics_server(reg, "127.0.0.1", 0)
+    try:
+        raw = await _http(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 500")
+        assert "collecting failed" in caplog.text
+        raw = await _http(server.port, b"GET / HTTP/1.1\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 200")
+    finally:
+        await server.close()

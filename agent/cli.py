@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "agent.commands",
     "agent.demo",
+    "agent.override_cli",
     "agent.store_cli",
 )
 

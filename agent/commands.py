@@ -56,18 +56,16 @@ def check_config(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.runtime import Agent, run_until_signalled
-    from agent.wiring import build_components
+    from agent.daemon import serve
 
     cfg = _load(args.config)
     if cfg is None:
         return 2
     try:
-        agent = Agent(cfg, build_components(cfg))
+        asyncio.run(serve(cfg, args.config))
     except AgentError as exc:
-        print(f"site-agent cannot start: {exc}", file=sys.stderr)
+        print(f"site-agent cannot run: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(run_until_signalled(agent))
     return 0
 
 

@@ -25,12 +25,12 @@ from agent.config import AgentConfig, MinerModelConfig
 from agent.domain import (
     SLEEP,
     ActiveEvent,
-    GpuNodeView,
     MinerView,
     OperatingPoint,
     PriceView,
     Snapshot,
 )
+from agent.gpu_fleet import GpuFleet
 from agent.state import AgentState
 from drivers.errors import AgentError, DeviceError
 from drivers.miners.base import MinerMode, MinerReading, MinerTelemetry
@@ -99,7 +99,7 @@ class Coordinator:
         # price has arrived, whether the source errs or keeps repeating an old interval.
         self.price_read_at: float | None = None
         self.events: dict[str, ActiveEvent] = {}
-        self.gpu_nodes: tuple[GpuNodeView, ...] = ()
+        self.gpu_fleet: GpuFleet | None = None  # set by the runtime when the site has GPUs
         now = clock()
         self.slots: dict[str, MinerSlot] = {}
         for device_id, address, line in config.expanded_miners():
@@ -115,6 +115,8 @@ class Coordinator:
                 commanded=ladder(model)[-1].name,
                 commanded_since=now,
             )
+        # Devices whose commanded state came from the journal: adoption must not overwrite it.
+        self.journaled: set[str] = set()
         self.miners_polled = asyncio.Event()  # set after the first full fleet poll
         self.price_changed = asyncio.Event()
 
@@ -235,7 +237,8 @@ class Coordinator:
         now = self.clock()
         mono = self.monotonic()
         miners = tuple(self.miner_view(s, mono) for s in self.slots.values())
-        measured = [m.measured_power_w for m in miners]
+        gpu_nodes = () if self.gpu_fleet is None else self.gpu_fleet.views(now)
+        measured = [m.measured_power_w for m in miners] + [n.measured_power_w for n in gpu_nodes]
         site_w = None if any(p is None for p in measured) else sum(p for p in measured if p)
         price = None
         if self.price is not None and self.price_read_at is not None:
@@ -250,7 +253,7 @@ class Coordinator:
             price=price,
             hashprice_usd_per_ph_day=self.hashprice_usd_per_ph_day,
             miners=miners,
-            gpu_nodes=self.gpu_nodes,
+            gpu_nodes=gpu_nodes,
             events=tuple(e for e in self.events.values() if e.event.active_at(now)),
             measured_site_power_w=site_w,
             ramp_headroom_w=ramp_w,
@@ -279,11 +282,44 @@ class Coordinator:
         control = self.config.control
         since = self.clock() - timedelta(seconds=max(control.min_on_s, control.min_off_s))
         for slot in self.slots.values():
+            if slot.device_id in self.journaled:
+                continue
             observed = self.observed_point(slot)
             if observed is not None:
                 slot.commanded, slot.commanded_since = observed, since
                 adopted += 1
         return adopted
+
+    def reconcile_drift(self, pending: set[str]) -> list[tuple[str, str, str]]:
+        """Adopt the observed point of devices that drifted from their commanded one.
+
+        A miner restored by hand, rebooted into its default profile, or woken by its own
+        firmware is no longer where the agent put it. Taking what telemetry shows as the
+        commanded state (dated back, so no dwell time protects it) makes the policy decide
+        afresh, and re-shed it if a grid event is still in force: an OFF signal is a level.
+        Devices with a command in flight or a fault are skipped. Returns (id, was, now).
+        """
+        control = self.config.control
+        since = self.clock() - timedelta(seconds=max(control.min_on_s, control.min_off_s))
+        drifted = []
+        mono = self.monotonic()
+        for slot in self.slots.values():
+            if slot.device_id in pending or slot.fault is not None or slot.read_at is None:
+                continue
+            if mono - slot.read_at > self.max_reading_age_s:
+                continue
+            observed = self.observed_point(slot)
+            if observed is None or observed == slot.commanded:
+                continue
+            drifted.append((slot.device_id, slot.commanded, observed))
+            log.warning(
+                "miner %s drifted: commanded %s, telemetry shows %s",
+                slot.device_id,
+                slot.commanded,
+                observed,
+            )
+            slot.commanded, slot.commanded_since = observed, since
+        return drifted
 
     def replace_price(self, reading: PriceReading) -> None:
         """Inject a price (tests, operator tools)."""

@@ -58,7 +58,7 @@ from drivers.jobs.base import JobClass, JobState
 log = logging.getLogger(__name__)
 
 MINER_STATES = ("running", "sleeping", "faulted", "unknown")
-MODES = ("auto", "manual", "curtail")
+MODES = ("auto", "manual", "safe")
 THS_TO_HS = 1e12  # the domain speaks TH/s; Prometheus wants the base unit, hashes per second
 
 

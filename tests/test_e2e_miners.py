@@ -14,7 +14,10 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
+
 from agent.config import AgentConfig, parse_config
+from agent.daemon import metrics_service
 from agent.domain import SLEEP, ActiveEvent
 from agent.runtime import Agent
 from agent.wiring import build_components
@@ -51,39 +54,41 @@ MODELS = {
 
 
 def site_config(price_url: str, *, min_off_s: float = 1.5, limit_kw: float = 40) -> AgentConfig:
-    return parse_config(
-        {
-            "site": {"id": "e2e", "interconnect_limit_kw": limit_kw},
-            "control": {
-                "interval_s": 0.25,
+    return parse_config(site_dict(price_url, min_off_s=min_off_s, limit_kw=limit_kw))
+
+
+def site_dict(price_url: str, *, min_off_s: float = 1.5, limit_kw: float = 40) -> dict[str, Any]:
+    return {
+        "site": {"id": "e2e", "interconnect_limit_kw": limit_kw},
+        "control": {
+            "interval_s": 0.25,
+            "poll_interval_s": 0.2,
+            "poll_jitter_s": 0.02,
+            "device_timeout_s": 2,
+            "retries": 1,
+            "verify_after_s": 1.5,
+            "hysteresis_usd_per_mwh": 2,
+            "min_on_s": 0.5,
+            "min_off_s": min_off_s,
+        },
+        "economics": {"pool_fee": 0.02, "hashprice": {"usd_per_ph_day": 55}},
+        "miner_models": MODELS,
+        "miners": [
+            {"id": "s19", "address": S19[0], "model": "S19jPro", "count": 3},
+            {"id": "s21", "address": S21[0], "model": "S21", "count": 3},
+        ],
+        "prices": {
+            "realtime": {
+                "type": "http_json",
+                "url": f"{price_url}/price",
+                "value_path": "data.0.price",
+                "time_path": "data.0.time",
                 "poll_interval_s": 0.2,
-                "poll_jitter_s": 0.02,
-                "device_timeout_s": 2,
-                "retries": 1,
-                "verify_after_s": 1.5,
-                "hysteresis_usd_per_mwh": 2,
-                "min_on_s": 0.5,
-                "min_off_s": min_off_s,
+                "timeout_s": 1,
             },
-            "economics": {"pool_fee": 0.02, "hashprice": {"usd_per_ph_day": 55}},
-            "miner_models": MODELS,
-            "miners": [
-                {"id": "s19", "address": S19[0], "model": "S19jPro", "count": 3},
-                {"id": "s21", "address": S21[0], "model": "S21", "count": 3},
-            ],
-            "prices": {
-                "realtime": {
-                    "type": "http_json",
-                    "url": f"{price_url}/price",
-                    "value_path": "data.0.price",
-                    "time_path": "data.0.time",
-                    "poll_interval_s": 0.2,
-                    "timeout_s": 1,
-                },
-                "max_age_s": 30,
-            },
-        }
-    )
+            "max_age_s": 30,
+        },
+    }
 
 
 @contextlib.asynccontextmanager
@@ -95,7 +100,9 @@ async def running_site(
     server = PriceServer([price], interval_s=3600)
     async with fleet, server:
         config = site_config(server.url, **config_kw)
-        agent = Agent(config, build_components(config))
+        components = build_components(config)
+        agent = Agent(config, components)
+        components.services.append(metrics_service(agent, config))
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:
@@ -187,6 +194,13 @@ async def test_miner_ignoring_commands_is_faulted_and_another_is_shed() -> None:
         await until(lambda: true_site_w(fleet) <= 12_000, 10, "site under 12 kW")
         s21_w = sum(float(truth(fleet, a)["power_w"]) for a in S21)
         assert s21_w <= 12_000 - float(truth(fleet, stubborn)["power_w"])
+        # The fault is visible to the operator on /metrics.
+        assert agent.metrics_port is not None
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{agent.metrics_port}/metrics")).text
+        assert 'site_agent_miner_state{miner="s19-001",state="faulted"} 1.0' in text
+        assert 'site_agent_actions_total{kind="sleep",result="not_applied"}' in text
+        assert 'site_agent_miners{state="faulted"} 1.0' in text
         plan = agent.state.plan
         assert plan is not None
         assert plan.binding == ("event:dr-1",)

@@ -40,21 +40,20 @@ import logging
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.config import MqttConfig
-from agent.domain import ActiveEvent, Plan, Snapshot
+from agent.domain import Plan, Snapshot
 from agent.metrics import miner_state
 from agent.policy import event_limit_w
 from agent.state import AgentState
 from drivers.bus.base import Bus, BusError, BusMessage, BusSession, BusSettings, LastWill
 from drivers.bus.mqtt import MqttBus
-from drivers.grid.base import GridEvent, ProgramKind
 
 log = logging.getLogger(__name__)
 
@@ -120,79 +119,6 @@ class CommandResult:
 
 
 CommandHandler = Callable[[Command], Awaitable[CommandResult]]
-
-
-class EventBoard(Protocol):
-    """Where the runtime keeps the grid events in force (the coordinator)."""
-
-    @property
-    def events(self) -> MutableMapping[str, ActiveEvent]: ...
-
-
-class CommandTarget(Protocol):
-    """What :class:`OperatorCommands` needs of the running agent (``agent.runtime.Agent``)."""
-
-    @property
-    def state(self) -> AgentState: ...
-
-    @property
-    def coordinator(self) -> EventBoard: ...
-
-    @property
-    def wake_control(self) -> asyncio.Event: ...
-
-
-OVERRIDE_EVENT_ID = "operator-override"
-
-
-class OperatorCommands:
-    """The default :data:`CommandHandler`: acts on a running agent.
-
-    ``curtail`` puts an operator-override grid event (site load at most ``target_kw`` until
-    ``until``) among the events in force and runs a cycle at once; the policy treats it like
-    any mandatory event. ``release`` removes it. ``set_mode`` sets ``AgentState.mode`` (the
-    runtime must honour ``manual`` by not actuating). ``refresh`` runs a cycle at once.
-    """
-
-    def __init__(
-        self, agent: CommandTarget, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
-    ) -> None:
-        self.agent = agent
-        self.clock = clock
-
-    async def __call__(self, command: Command) -> CommandResult:
-        agent, state = self.agent, self.agent.state
-        if isinstance(command, Curtail):
-            now = self.clock()
-            snap = state.snapshot
-            event = GridEvent(
-                event_id=OVERRIDE_EVENT_ID,
-                source=REJECT_SOURCE,
-                program=f"operator:{command.operator}",
-                kind=ProgramKind.OVERRIDE,
-                start=now,
-                end=command.until,
-                max_site_kw=command.target_kw,
-            )
-            baseline_w = snap.measured_site_power_w if snap and snap.measured_site_power_w else 0
-            agent.coordinator.events[OVERRIDE_EVENT_ID] = ActiveEvent(event, baseline_w)
-            if state.mode == "auto":
-                state.mode = "curtail"
-            agent.wake_control.set()
-            return CommandResult.ok(f"site held at or below {command.target_kw:g} kW")
-        if isinstance(command, Release):
-            if agent.coordinator.events.pop(OVERRIDE_EVENT_ID, None) is None:
-                return CommandResult.refuse("no operator curtailment in force")
-            if state.mode == "curtail":
-                state.mode = "auto"
-            agent.wake_control.set()
-            return CommandResult.ok("operator curtailment released")
-        if isinstance(command, SetMode):
-            state.mode = command.mode
-            agent.wake_control.set()
-            return CommandResult.ok(f"mode {command.mode}")
-        agent.wake_control.set()
-        return CommandResult.ok("cycle requested")
 
 
 # --- the wire schema (pydantic at the edge) ------------------------------------------------------

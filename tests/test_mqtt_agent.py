@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent.config import MqttConfig
-from agent.mqtt import Command, CommandResult, MqttBridge, OperatorCommands, SetMode
+from agent.mqtt import Command, CommandResult, MqttBridge, SetMode
 from agent.runtime import Agent
 from drivers.bus.base import BusSettings
 from drivers.bus.mqtt import MqttBus
@@ -131,7 +131,7 @@ async def test_operator_curtail_over_mqtt_sheds_real_miners(mosquitto: Mosquitto
                 "reconnect_initial_s": 0.1,
             }
         )
-        bridge = MqttBridge(config, agent.state, OperatorCommands(agent))
+        bridge = MqttBridge(config, agent.state, agent.handle_command)  # the runtime's handler
         agent.on_cycle = bridge.on_cycle
         bridges.append(bridge)
         return [bridge]
@@ -162,10 +162,9 @@ async def test_operator_curtail_over_mqtt_sheds_real_miners(mosquitto: Mosquitto
         # two least efficient miners (S19j Pro) are shed.
         await until(lambda: site_w(fleet) <= 8_000, 15, "site under 8 kW")
         assert all(fleet.truth(a)["sleeping"] for a in S19)
-        assert agent.state.mode == "curtail"
         plan = agent.state.plan
         assert plan is not None
-        assert plan.binding == ("event:operator-override",)
+        assert plan.binding == ("event:override-curtail-1",)
 
         ack = await command("release")
         assert ack["status"] == "accepted"
@@ -176,4 +175,4 @@ async def test_operator_curtail_over_mqtt_sheds_real_miners(mosquitto: Mosquitto
         await op.publish("site-agent/obs/command/release", json.dumps(body).encode(), qos=1)
         async with asyncio.timeout(10):
             ack = json.loads((await anext(acks)).payload)
-        assert ack == {**ack, "status": "rejected", "reason": "no operator curtailment in force"}
+        assert ack == {**ack, "status": "rejected", "reason": "no operator override is in force"}

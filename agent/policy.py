@@ -521,10 +521,13 @@ def _miner_steps(gi: int, group: _Group, forced: bool, steps: list[_Step]) -> No
     cur_w = pw[0] if group.cur_point == 0 else group.miners[0].points[group.cur_point].power_w
     count = group.count
     vals = group.rung_value_usd_per_h
+    prev = _INF
     for r in range(1, len(pw)):
         dp = pw[r] - pw[r - 1]
         dv = vals[r] - vals[r - 1]
-        density = _INF if dp <= 0 else dv / dp * 1e6
+        # The hull makes densities fall along the ladder; min() keeps rounding from
+        # ever sorting a step before the one below it.
+        density = prev = min(prev, _INF if dp <= 0 else dv / dp * 1e6)
         on = group.cur_point != 0 and pw[r] <= cur_w + _EPS_W
         new_w = max(0.0, pw[r] - max(pw[r - 1], cur_w)) * count
         steps.append(
@@ -552,7 +555,7 @@ class _NodeTemplate:
     """The time-free part of a node's ladder in one job/cap state (memoised).
 
     Steps are parallel tuples: rung below and above, jobs running below and above, power (W per
-    unit), value (USD/h per unit), growth above today's power (W per unit), runs now, held.
+    unit), value (USD/h per unit), runs now, held.
     """
 
     rungs: tuple[_NodeRung, ...]
@@ -565,7 +568,6 @@ class _NodeTemplate:
     k_hi: tuple[int, ...]
     dp: tuple[float, ...]
     dv: tuple[float, ...]
-    new_w: tuple[float, ...]
     on: tuple[bool, ...]
     held: tuple[bool, ...]
     cur_w: float
@@ -610,7 +612,6 @@ def _node_template(
         k_hi=tuple(rungs[r][0] for r in steps),
         dp=tuple(rungs[r][2] - rungs[r - 1][2] for r in steps),
         dv=tuple(rungs[r][3] - rungs[r - 1][3] for r in steps),
-        new_w=tuple(max(0.0, rungs[r][2] - max(rungs[r - 1][2], cur_w)) for r in steps),
         on=tuple(on[1:]),
         held=tuple(held),
         cur_w=cur_w,
@@ -718,11 +719,14 @@ def _node_group(
         del lo[out:]
     pw = group.rung_power_w
     cur_w = t.cur_w
+    prev = _INF
     for i in range(len(lo)):
         a, b, p = lo[i], hi[i], dp[i]
         sla = b <= n_sla
-        density = _INF if p <= 0 else dv[i] / p * 1e6
-        new_w = t.new_w[i] if b == a + 1 else max(0.0, pw[b] - max(pw[a], cur_w))
+        # Non-increasing along the ladder, so no step sorts before the one below it (SLA
+        # steps are per job and need not be concave; rounding could tie-break the others).
+        density = prev = min(prev, _INF if p <= 0 else dv[i] / p * 1e6)
+        new_w = max(0.0, pw[b] - max(pw[a], cur_w))
         steps.append(
             (0 if sla else 1, -density, 0 if ons[i] else 1, gi, b, a, p * count, new_w * count,
              density, ons[i], helds[i], sla)
@@ -1010,7 +1014,9 @@ def _node_actions(
     if k > 0 and abs(cap - n.cap_w) >= 0.5:
         lower = cap < n.cap_w
         why = (
-            result.shed_cause.get(gi) or "price above the value of the top cap steps"
+            result.shed_cause.get(gi)
+            or result.hold_cause.get(gi)
+            or "price above the value of the top cap steps"
             if lower
             else _increase_reason(ctx, result, gi)
         )

@@ -618,6 +618,55 @@ def _node_template(
     )
 
 
+def _pool_with_bonus(
+    t: _NodeTemplate,
+    ordered: tuple[JobView, ...],
+    now: datetime,
+    horizon_h: float,
+    n_sla: int,
+) -> tuple[list[int], list[int], list[float], list[float], list[bool], list[bool]]:
+    """Steps of a node with running jobs: keeping bonuses added, then pooled to stay concave."""
+    lo, hi, dp, dv = list(t.lo), list(t.hi), list(t.dp), list(t.dv)
+    on, held = t.on, t.held
+    ons, helds = list(on), list(held)
+    # Keeping bonus: the work a suspension would lose, spread over the horizon it
+    # commits to, raises the value of the step that keeps the job.
+    cum_lost = [0.0]
+    for job in ordered:
+        lost = _lost_work_usd(job, now) if job.state is JobState.RUNNING else 0.0
+        cum_lost.append(cum_lost[-1] + lost)
+    k_lo, k_hi = t.k_lo, t.k_hi
+    for i in range(len(dv)):
+        if k_hi[i] != k_lo[i]:
+            dv[i] += (cum_lost[k_hi[i]] - cum_lost[k_lo[i]]) / horizon_h
+    # Bonuses can make the ladder non-concave: pool adjacent (non-SLA) steps until the
+    # densities fall again.
+    out = 0
+    for i in range(len(dp)):
+        lo[out], hi[out], dp[out], dv[out] = lo[i], hi[i], dp[i], dv[i]
+        ons[out], helds[out] = on[i], held[i]
+        out += 1
+        while (
+            out >= 2
+            and hi[out - 2] > n_sla
+            and dv[out - 2] * dp[out - 1] < dv[out - 1] * dp[out - 2]
+        ):
+            a = out - 2
+            hi[a] = hi[out - 1]
+            dp[a] += dp[out - 1]
+            dv[a] += dv[out - 1]
+            ons[a] = ons[a] and ons[out - 1]
+            helds[a] = helds[a] or helds[out - 1]
+            out -= 1
+    del lo[out:]
+    del hi[out:]
+    del dp[out:]
+    del dv[out:]
+    del ons[out:]
+    del helds[out:]
+    return lo, hi, dp, dv, ons, helds
+
+
 def _node_group(
     n: GpuNodeView,
     path: tuple[str, ...],
@@ -684,52 +733,36 @@ def _node_group(
         levels=t.levels,
         jobs=ordered,
     )
-    lo, hi, dp, dv, on, held = list(t.lo), list(t.hi), list(t.dp), list(t.dv), t.on, t.held
-    ons, helds = list(on), list(held)
+    lo: Sequence[int] = t.lo
+    hi: Sequence[int] = t.hi
+    dp: Sequence[float] = t.dp
+    dv: Sequence[float] = t.dv
+    ons: Sequence[bool] = t.on
+    helds: Sequence[bool] = t.held
     if lost_any:
-        # Keeping bonus: the work a suspension would lose, spread over the horizon it
-        # commits to, raises the value of the step that keeps the job.
-        cum_lost = [0.0]
-        for job in ordered:
-            lost = _lost_work_usd(job, now) if job.state is JobState.RUNNING else 0.0
-            cum_lost.append(cum_lost[-1] + lost)
-        k_lo, k_hi = t.k_lo, t.k_hi
-        for i in range(len(dv)):
-            if k_hi[i] != k_lo[i]:
-                dv[i] += (cum_lost[k_hi[i]] - cum_lost[k_lo[i]]) / horizon_h
-        # Bonuses can make the ladder non-concave: pool adjacent (non-SLA) steps until the
-        # densities fall again.
-        out = 0
-        for i in range(len(dp)):
-            lo[out], hi[out], dp[out], dv[out] = lo[i], hi[i], dp[i], dv[i]
-            ons[out], helds[out] = on[i], held[i]
-            out += 1
-            while (
-                out >= 2
-                and hi[out - 2] > n_sla
-                and dv[out - 2] * dp[out - 1] < dv[out - 1] * dp[out - 2]
-            ):
-                a = out - 2
-                hi[a] = hi[out - 1]
-                dp[a] += dp[out - 1]
-                dv[a] += dv[out - 1]
-                ons[a] = ons[a] and ons[out - 1]
-                helds[a] = helds[a] or helds[out - 1]
-                out -= 1
-        del lo[out:]
-    pw = group.rung_power_w
+        lo, hi, dp, dv, ons, helds = _pool_with_bonus(t, ordered, now, horizon_h, n_sla)
+
+    pw = t.rung_power_w
     cur_w = t.cur_w
     prev = _INF
+    append = steps.append
     for i in range(len(lo)):
         a, b, p = lo[i], hi[i], dp[i]
-        sla = b <= n_sla
         # Non-increasing along the ladder, so no step sorts before the one below it (SLA
         # steps are per job and need not be concave; rounding could tie-break the others).
-        density = prev = min(prev, _INF if p <= 0 else dv[i] / p * 1e6)
-        new_w = max(0.0, pw[b] - max(pw[a], cur_w))
-        steps.append(
-            (0 if sla else 1, -density, 0 if ons[i] else 1, gi, b, a, p * count, new_w * count,
-             density, ons[i], helds[i], sla)
+        density = dv[i] / p * 1e6 if p > 0 else _INF
+        if density > prev:
+            density = prev
+        prev = density
+        top, below = pw[b], pw[a]
+        if below < cur_w:
+            below = cur_w
+        new_w = (top - below) * count if top > below else 0.0
+        is_on = ons[i]
+        sla = b <= n_sla
+        append(
+            (0 if sla else 1, -density, 0 if is_on else 1, gi, b, a, p * count, new_w, density,
+             is_on, helds[i], sla)
         )  # fmt: skip
     return group
 

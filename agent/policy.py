@@ -69,7 +69,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from agent.config import AgentConfig, ControlConfig
 from agent.domain import (
@@ -303,9 +303,20 @@ class _Result:
         total = 0.0
         for g, ge in zip(groups, self.ge, strict=True):
             vals = g.rung_value_usd_per_h
+            if g.node is not None:
+                total += vals[_top_rung(ge)] * g.count
+                continue
             for r in range(1, len(ge)):
                 total += ge[r] * (vals[r] - vals[r - 1]) * g.count
         return total
+
+
+def _top_rung(ge: list[int]) -> int:
+    """The rung a group of one reached (``ge`` falls from 1 to 0 above it)."""
+    try:
+        return ge.index(0) - 1
+    except ValueError:
+        return len(ge) - 1
 
 
 @dataclass(slots=True)
@@ -324,10 +335,6 @@ class _Ctx:
     mandatory: bool
     ramp_w: float
     fourcp_note: str
-
-
-def _state_unknown(view: MinerView | GpuNodeView) -> bool:
-    return view.measured_power_w is None and view.reading_age_s is not None
 
 
 @functools.lru_cache(maxsize=64)
@@ -417,34 +424,35 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         for c in path:
             circuit_base_w[c] += watts
 
+    # Dwell tests as datetime comparisons: a command given after the cut is still within it.
+    on_cut = now - timedelta(seconds=min_on_s)
+    off_cut = now - timedelta(seconds=min_off_s)
     miner_groups: dict[tuple[object, ...], tuple[_Group, bool, bool]] = {}
     for m in sorted(snapshot.miners, key=_by_id):
-        path = paths.get(m.circuit, ()) if m.circuit else ()
-        if m.fault is not None or _state_unknown(m):
+        if m.fault is not None or (m.measured_power_w is None and m.reading_age_s is not None):
             fixed.append(m)
-            add_base(path, m.worst_case_power_w * m.count)
+            add_base(paths.get(m.circuit, ()) if m.circuit else (), m.worst_case_power_w * m.count)
+            continue
+        since = m.commanded_since
+        key = (id(m.points), m.model, m.commanded, since > off_cut, since > on_cut, m.circuit,
+               m.count)  # fmt: skip
+        entry = miner_groups.get(key)
+        if entry is not None:
+            entry[0].miners.append(m)
             continue
         ml = _miner_ladder(m.points)
         cur = ml.index_of.get(m.commanded, 0)
-        held_s = (now - m.commanded_since).total_seconds()
-        blocked = cur == 0 and held_s < min_off_s
-        forced = cur != 0 and held_s < min_on_s
-        key = (id(m.points), m.model, cur, blocked, forced, m.circuit, m.count)
-        entry = miner_groups.get(key)
-        if entry is None:
-            group = _Group(
-                count=m.count,
-                path=path,
-                rung_power_w=ml.power_w,
-                rung_value_usd_per_h=tuple(h * usd_h_per_ths for h in ml.hashrate_ths),
-                miners=[m],
-                ladder=ml,
-                cur_point=cur,
-            )
-            miner_groups[key] = (group, blocked, forced)
-            groups.append(group)
-        else:
-            entry[0].miners.append(m)
+        group = _Group(
+            count=m.count,
+            path=paths.get(m.circuit, ()) if m.circuit else (),
+            rung_power_w=ml.power_w,
+            rung_value_usd_per_h=tuple(h * usd_h_per_ths for h in ml.hashrate_ths),
+            miners=[m],
+            ladder=ml,
+            cur_point=cur,
+        )
+        miner_groups[key] = (group, cur == 0 and since > off_cut, cur != 0 and since > on_cut)
+        groups.append(group)
     for gi, (group, blocked, forced) in enumerate(miner_groups.values()):
         size = len(group.miners)
         add_base(group.path, group.rung_power_w[0] * group.count * size)
@@ -455,11 +463,11 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     horizon_h = max(control.interval_s, min_off_s) / 3600.0
     for n in sorted(snapshot.gpu_nodes, key=_by_id):
         path = paths.get(n.circuit, ()) if n.circuit else ()
-        if n.fault is not None or _state_unknown(n):
+        if n.fault is not None or (n.measured_power_w is None and n.reading_age_s is not None):
             fixed.append(n)
             add_base(path, n.worst_case_power_w * n.count)
             continue
-        group = _node_group(n, path, control, now, horizon_h, len(groups), steps)
+        group = _node_group(n, path, control, now, (on_cut, off_cut), horizon_h, len(groups), steps)
         groups.append(group)
         add_base(path, group.rung_power_w[0] * n.count)
 
@@ -672,11 +680,13 @@ def _node_group(
     path: tuple[str, ...],
     control: ControlConfig,
     now: datetime,
+    cuts: tuple[datetime, datetime],  # (minimum on, minimum off): commands after these hold
     horizon_h: float,
     gi: int,
     steps: list[_Step],
 ) -> _Group:
     """A node's group: its jobs in dispatch order, its rungs, and its merit-order steps."""
+    on_cut, off_cut = cuts
     ranked: list[tuple[int, float, bool, str, JobView]] = []
     n_sla = n_held = busy = 0
     lost_any = False
@@ -685,16 +695,16 @@ def _node_group(
         if state is not JobState.RUNNING and state is not JobState.SUSPENDED:
             continue  # pending, completed, failed: the scheduler's business, no power of ours
         running = state is JobState.RUNNING
-        held_s = (now - job.commanded_since).total_seconds()
+        since = job.commanded_since
         if running:
             busy += job.gpus
             lost_any = True
-        elif held_s < control.min_off_s:
+        elif since > off_cut:
             continue  # minimum off time: stays suspended
         if job.job_class == JobClass.SLA:
             tier = 0
             n_sla += 1
-        elif running and held_s < control.min_on_s:
+        elif running and since > on_cut:
             tier = 1
             n_held += 1
         else:
@@ -883,7 +893,7 @@ def _plan(
         if group.node is None:
             _miner_actions(group, ge, gi, ctx, result, miner_points, actions)
         else:
-            rung = max(r for r in range(len(ge)) if ge[r] > 0)
+            rung = _top_rung(ge)
             _node_actions(group, rung, gi, ctx, result, now, gpu_caps, job_states, actions)
     for view in fixed:
         if isinstance(view, MinerView):

@@ -13,7 +13,12 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute sub-commands. Each exposes register(subparsers).
-COMMAND_MODULES = ("agent.commands",)
+COMMAND_MODULES = (
+    "agent.commands",
+    "agent.demo",
+    "agent.override_cli",
+    "agent.store_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,6 +67,7 @@ How it works, once per call:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -365,15 +366,21 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     # --- price, safe mode, 4CP --------------------------------------------------------------
     notes: list[str] = []
     hold = False
-    if snapshot.price is None or snapshot.price.age_s > prices.max_age_s:
-        age = (
-            "no price yet"
-            if snapshot.price is None
-            else f"price is {snapshot.price.age_s:.0f} s old"
-        )
+    if (
+        snapshot.price is None
+        or not snapshot.price.age_s <= prices.max_age_s
+        or not math.isfinite(snapshot.price.usd_per_mwh)
+    ):
+        if snapshot.price is None:
+            age = "no price yet"
+        elif not math.isfinite(snapshot.price.usd_per_mwh):
+            age = f"price {snapshot.price.usd_per_mwh} is not a number"
+        else:
+            age = f"price is {snapshot.price.age_s:.0f} s old"
         if prices.safe_mode == "hold":
             hold = True
-            market = snapshot.price.usd_per_mwh if snapshot.price else 0.0
+            last = snapshot.price.usd_per_mwh if snapshot.price else 0.0
+            market = last if math.isfinite(last) else 0.0
             notes.append(f"{age}: safe mode hold, nothing starts")
         else:
             market = prices.safe_mode_price_usd_per_mwh
@@ -416,7 +423,12 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     fixed: list[MinerView | GpuNodeView] = []
     min_on_s, min_off_s = control.min_on_s, control.min_off_s
     fee = config.economics.pool_fee
-    usd_h_per_ths = snapshot.hashprice_usd_per_ph_day / 1000.0 / 24.0 * (1.0 - fee)
+    hashprice = snapshot.hashprice_usd_per_ph_day
+    if not math.isfinite(hashprice):
+        # A broken hashprice must not make mining look priceless: value it at nothing.
+        notes.append(f"hashprice {hashprice} is not a number: mining valued at 0")
+        hashprice = 0.0
+    usd_h_per_ths = hashprice / 1000.0 / 24.0 * (1.0 - fee)
 
     def add_base(path: tuple[str, ...], watts: float) -> None:
         nonlocal base_w

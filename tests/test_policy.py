@@ -601,6 +601,24 @@ def test_safe_mode_curtail_on_stale_or_missing_price(price: float | None) -> Non
     assert plan.job_states["p"] is JobState.RUNNING
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_price_or_hashprice_is_never_trusted(bad: float) -> None:
+    miners = [miner("m1", "S21")]
+    plan = decide(snapshot(bad, miners), config(), T0)
+    assert "is not a number: safe mode" in plan.summary
+    assert plan.miner_points["m1"] == SLEEP
+    snap = Snapshot(
+        at=T0,
+        price=PriceView(20.0, T0, 60.0),
+        hashprice_usd_per_ph_day=bad,
+        miners=(miner("m2", "S21", SLEEP),),
+    )
+    plan = decide(snap, config(), T0)
+    assert "hashprice" in plan.summary
+    assert plan.miner_points["m2"] == SLEEP
+    assert plan.actions == ()
+
+
 def test_safe_mode_hold_keeps_states_but_meets_limits() -> None:
     miners = [miner("on1", "S21"), miner("on2", "S19jPro"), miner("off", "S21", SLEEP)]
     cfg = config(limit_kw=4.0, safe_mode="hold")

@@ -644,30 +644,42 @@ def _pool_with_bonus(
     now: datetime,
     horizon_h: float,
     n_sla: int,
-) -> tuple[list[int], list[int], list[float], list[float], list[bool], list[bool]]:
-    """Steps of a node with running jobs: keeping bonuses added, then pooled to stay concave."""
-    lo, hi, dp, dv = list(t.lo), list(t.hi), list(t.dp), list(t.dv)
-    on, held = t.on, t.held
-    ons, helds = list(on), list(held)
-    # Keeping bonus: the work a suspension would lose, spread over the horizon it
-    # commits to, raises the value of the step that keeps the job.
-    cum_lost = [0.0]
+) -> tuple[
+    Sequence[int], Sequence[int], Sequence[float], Sequence[float], Sequence[bool], Sequence[bool]
+]:
+    """Steps of a node with running jobs: keeping bonuses added, then pooled to stay concave.
+
+    The keeping bonus is the work a suspension would lose, spread over the horizon it commits
+    to; it raises the value of the step that keeps the job. The template's steps are concave,
+    so only a step whose bonus changed its value can break the order; from the first such
+    step on, adjacent (non-SLA) steps are pooled until the values fall again.
+    """
+    cum = [0.0]
+    acc = 0.0
     for job in ordered:
-        lost = _lost_work_usd(job, now) if job.state is JobState.RUNNING else 0.0
-        cum_lost.append(cum_lost[-1] + lost)
+        if job.state is JobState.RUNNING:
+            acc += _lost_work_usd(job, now)
+        cum.append(acc)
+    if acc == 0.0:
+        return t.lo, t.hi, t.dp, t.dv, t.on, t.held
     k_lo, k_hi = t.k_lo, t.k_hi
-    for i in range(len(dv)):
-        if k_hi[i] != k_lo[i]:
-            dv[i] += (cum_lost[k_hi[i]] - cum_lost[k_lo[i]]) / horizon_h
-    # Bonuses can make the ladder non-concave: pool adjacent (non-SLA) steps until the
-    # densities fall again.
+    lo, hi, dp, dv = list(t.lo), list(t.hi), list(t.dp), list(t.dv)
+    ons, helds = list(t.on), list(t.held)
+    on, held = t.on, t.held
+    per_h = 1.0 / horizon_h
     out = 0
+    checking = False
     for i in range(len(dp)):
-        lo[out], hi[out], dp[out], dv[out] = lo[i], hi[i], dp[i], dv[i]
-        ons[out], helds[out] = on[i], held[i]
+        bonus = (cum[k_hi[i]] - cum[k_lo[i]]) * per_h
+        if out != i:
+            lo[out], hi[out], dp[out] = lo[i], hi[i], dp[i]
+            ons[out], helds[out] = on[i], held[i]
+        dv[out] = t.dv[i] + bonus
         out += 1
+        checking = checking or bonus != 0.0
         while (
-            out >= 2
+            checking
+            and out >= 2
             and hi[out - 2] > n_sla
             and dv[out - 2] * dp[out - 1] < dv[out - 1] * dp[out - 2]
         ):
@@ -678,13 +690,7 @@ def _pool_with_bonus(
             ons[a] = ons[a] and ons[out - 1]
             helds[a] = helds[a] or helds[out - 1]
             out -= 1
-    del lo[out:]
-    del hi[out:]
-    del dp[out:]
-    del dv[out:]
-    del ons[out:]
-    del helds[out:]
-    return lo, hi, dp, dv, ons, helds
+    return lo[:out], hi[:out], dp[:out], dv[:out], ons[:out], helds[:out]
 
 
 def _node_group(

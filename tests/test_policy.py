@@ -674,3 +674,29 @@ def test_plan_accounts_value_and_cost() -> None:
     assert plan.value_usd_per_h == pytest.approx(200 / 1000 * HASHPRICE / 24)
     assert plan.cost_usd_per_h == pytest.approx(3.5 / 1000 * 40.0)
     assert plan.margin_usd_per_h == pytest.approx(plan.value_usd_per_h - plan.cost_usd_per_h)
+
+
+def test_economic_event_already_met_costs_nothing() -> None:
+    ev = event(ProgramKind.ECONOMIC, max_kw=50.0, baseline_w=60_000.0, payment=10.0)
+    plan = decide(snapshot(30.0, [miner("m1", "S21")], events=[ev]), config(), T0)
+    assert "economic event ev1 met without extra shedding" in plan.summary
+    assert plan.actions == ()
+
+
+def test_gpu_node_in_unknown_state_counts_at_nameplate_and_gets_no_action() -> None:
+    lost = node("g1", job("p", JobClass.PREEMPTIBLE), measured_power_w=None, reading_age_s=90.0)
+    plan = decide(snapshot(9000.0, [], [lost]), config(), T0)
+    # 500 W host + 8 × 700 W nameplate, whatever the price says.
+    assert plan.planned_power_w == pytest.approx(6100.0)
+    assert plan.actions == ()
+    assert plan.job_states == {"p": JobState.RUNNING}
+    assert plan.gpu_caps_w == {"g1": 700.0}
+
+
+def test_sla_job_suspended_by_an_event_resumes_after_it_within_the_ramp() -> None:
+    n = node("g1", job("s", JobClass.SLA, state=JobState.SUSPENDED))
+    plan = decide(snapshot(30.0, [], [n], ramp_headroom_w=1000.0), config(), T0)
+    assert plan.job_states["s"] is JobState.SUSPENDED  # 1,040 W at the floor: over the ramp
+    plan = decide(snapshot(30.0, [], [n], ramp_headroom_w=2000.0), config(), T0)
+    assert plan.job_states["s"] is JobState.RUNNING
+    assert plan.gpu_caps_w["g1"] == 300.0  # 1,040 W + 800 W for the next 100 W of cap

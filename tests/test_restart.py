@@ -34,9 +34,11 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
 from agent.cli import main as cli_main
 from agent.config import load_config
+from agent.metrics import build_registry
 from agent.runtime import Agent
 from agent.store import Store, StoreWriteError
 from agent.wiring import build_components
@@ -410,9 +412,10 @@ async def test_journal_becoming_unwritable_while_running_enters_safe_mode_and_re
             # its last pages is used up.
             pages = (await store._run(lambda c: c.execute("PRAGMA page_count").fetchone()))[0]
             await store._run(lambda c: c.execute(f"PRAGMA max_page_count={pages}"))
-            with contextlib.suppress(StoreWriteError):
-                for _ in range(10_000):
-                    await store.audit(source="test", action="fill", result="ok", reason="x" * 200)
+            for size in (2000, 200, 20, 0):  # down to the smallest row that still fits
+                with contextlib.suppress(StoreWriteError):
+                    for _ in range(10_000):
+                        await store.audit(source="t", action="fill", result="ok", reason="x" * size)
             with caplog.at_level(logging.WARNING):
                 # The sheds happen although nothing can be journaled.
                 await until(lambda: asleep(fleet, ALL), 10, "every miner shed with a full disk")
@@ -421,6 +424,8 @@ async def test_journal_becoming_unwritable_while_running_enters_safe_mode_and_re
                 assert "journal" in agent.state.safe_reason or "audit" in agent.state.safe_reason
                 assert "full" in agent.state.safe_reason
                 assert any("safe mode" in r.getMessage() for r in caplog.records)
+                text = generate_latest(build_registry(agent.state, config)).decode()
+                assert 'site_agent_mode{mode="safe"} 1.0' in text
                 # The event ends: in safe mode nothing is restored.
                 ended_at = time.monotonic()
                 await until(lambda: not agent.coordinator.events, 10, "override over")
@@ -432,6 +437,8 @@ async def test_journal_becoming_unwritable_while_running_enters_safe_mode_and_re
             # restores at the ramp rate.
             await store._run(lambda c: c.execute("PRAGMA max_page_count=1073741823"))
             await until(lambda: agent.state.mode == "auto", 10, "safe mode left")
+            text = generate_latest(build_registry(agent.state, config)).decode()
+            assert 'site_agent_mode{mode="auto"} 1.0' in text
             await until(lambda: not any(fleet.truth(x)["sleeping"] for x in ALL), 20, "restored")
             await until(lambda: not agent.actuator.pending, 10, "restores verified")
             # The journal again says what the agent commanded (a restart now would be right).

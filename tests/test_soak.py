@@ -1,4 +1,4 @@
-"""Soak, short form: 200 miners, six hours of a real ERCOT day at 1080×, random faults.
+"""Soak, short form: 200 miners, six hours of a real ERCOT day at 1440×, random faults.
 
 The long form is ``bench/soak.py`` (a whole day, 300 miners). Both check after every control
 cycle that planned power stays within the active limit and that the simulators' true site power
@@ -22,15 +22,16 @@ async def test_soak_short(shared_data: Path, tmp_path: Path) -> None:
     settings = SoakSettings(
         miners=200,
         hours=6.0,
-        speed=1080.0,  # 20 s of wall time
-        fault_every_s=0.7,
-        event_every_s=5.0,
+        speed=1440.0,  # 15 s of wall time
+        fault_every_s=0.5,
+        event_every_s=4.0,
         report_s=60.0,
     )
     csv = shared_data / "ercot" / "rtm_hub_prices_15min_2023.csv"
     summary = await run_soak(settings, csv, tmp_path)
+    print(summary)  # the measured figures, for `pytest -s`
     # The run did real work: many cycles, hundreds of actions, overrides and faults.
-    assert summary["cycles"] >= 12, summary
+    assert summary["cycles"] >= 10, summary
     assert summary["actions"] >= 200, summary
     assert summary["events"] >= 2, summary
     assert sum(summary["faults_injected"].values()) >= 15, summary

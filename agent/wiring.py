@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from agent.config import AgentConfig, ConstantPriceConfig, CsvPriceConfig
+from agent.gpu_site import build_gpu_fleet
 from agent.runtime import Components, MinerDevice
 from drivers.errors import SourceError
 from drivers.miners.pyasic_driver import PyasicMiner
@@ -71,4 +72,10 @@ def build_miners(config: AgentConfig) -> dict[str, MinerDevice]:
 
 
 def build_components(config: AgentConfig) -> Components:
-    return Components(miners=build_miners(config), price_source=build_price_source(config))
+    fleet = build_gpu_fleet(config) if config.gpu_nodes else None
+    components = Components(
+        miners=build_miners(config), price_source=build_price_source(config), gpu_fleet=fleet
+    )
+    if fleet is not None:
+        components.services.append(fleet.run)  # opens the GPU drivers, closes them at stop
+    return components

@@ -17,7 +17,7 @@ is a process on each of its GPUs, so the GPU's utilization, power and throughput
 
 A running job checkpoints every ``checkpoint_interval_s`` of running time. Time comes from the
 injected ``clock`` (Unix seconds by default) and is integrated lazily on every call, the way
-``SimGpu`` integrates energy. Errors use built-in types a driver can map without importing this
+``SimGpu`` integrates energy. ``ignore_commands`` makes a job's commands succeed without effect. Errors use built-in types a driver can map without importing this
 module: :class:`NoSuchJob` (a ``KeyError``), :class:`BadJobState` (a ``ValueError``) and
 :class:`SchedulerDown` (a ``ConnectionError``, injected with :meth:`SimScheduler.go_down`).
 
@@ -155,6 +155,7 @@ class SimScheduler:
         self._pids = itertools.count(first_pid)
         self._last_s = clock()
         self._down = False
+        self._ignored: set[str] = set()
 
     # ---- fault injection ------------------------------------------------------------------
 
@@ -164,6 +165,15 @@ class SimScheduler:
 
     def come_back(self) -> None:
         self._down = False
+
+    def ignore_commands(self, job_id: str, ignore: bool = True) -> None:
+        """Suspend, resume and requeue of this job are accepted but do nothing (a lost
+        signal, a wedged slurmstepd)."""
+        self._get(job_id)
+        if ignore:
+            self._ignored.add(job_id)
+        else:
+            self._ignored.discard(job_id)
 
     def _answer(self) -> None:
         if self._down:
@@ -237,7 +247,7 @@ class SimScheduler:
         """Stop a running job's processes (they keep their GPU memory). Idempotent."""
         self._answer()
         job = self._get(job_id)
-        if job.state == SUSPENDED:
+        if job.state == SUSPENDED or job_id in self._ignored:
             return
         if job.state != RUNNING:
             raise BadJobState(f"job {job_id} is {job.state}; only a running job can be suspended")
@@ -250,7 +260,7 @@ class SimScheduler:
         """Continue a suspended job. Idempotent for a running job."""
         self._answer()
         job = self._get(job_id)
-        if job.state == RUNNING:
+        if job.state == RUNNING or job_id in self._ignored:
             return
         if job.state != SUSPENDED:
             raise BadJobState(f"job {job_id} is {job.state}; only a suspended job can be resumed")
@@ -265,7 +275,7 @@ class SimScheduler:
         if grace_s < 0 or not math.isfinite(grace_s):
             raise BadJobState(f"grace_s must be a number >= 0, got {grace_s}")
         job = self._get(job_id)
-        if job.state == PENDING:
+        if job.state == PENDING or job_id in self._ignored:
             return
         if job.state not in (RUNNING, SUSPENDED):
             raise BadJobState(f"job {job_id} is {job.state}; it cannot be requeued")

@@ -17,8 +17,9 @@ is a process on each of its GPUs, so the GPU's utilization, power and throughput
 
 A running job checkpoints every ``checkpoint_interval_s`` of running time. Time comes from the
 injected ``clock`` (Unix seconds by default) and is integrated lazily on every call, the way
-``SimGpu`` integrates energy. ``ignore_commands`` makes a job's commands succeed without effect. Errors use built-in types a driver can map without importing this
-module: :class:`NoSuchJob` (a ``KeyError``), :class:`BadJobState` (a ``ValueError``) and
+``SimGpu`` integrates energy. ``ignore_commands`` makes a job's commands succeed without
+effect. Errors use built-in types a driver can map without importing this module:
+:class:`NoSuchJob` (a ``KeyError``), :class:`BadJobState` (a ``ValueError``) and
 :class:`SchedulerDown` (a ``ConnectionError``, injected with :meth:`SimScheduler.go_down`).
 
 This module imports neither ``agent`` nor ``drivers``.

@@ -29,10 +29,13 @@ from simulators.jobs import RUNNING, SUSPENDED, SimScheduler
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.price_server import PriceServer
-from tests.test_e2e_miners import S19, S21, asleep, site_dict, true_site_w, truth, until
+from tests.test_e2e_miners import asleep, site_dict, true_site_w, truth, until
 
 HOST_W = 500.0
 NODE = "gpu"
+# Addresses of their own, so this module can run beside tests/test_e2e_miners.py.
+S19 = [f"127.79.0.{i}" for i in (1, 2, 3)]
+S21 = [f"127.79.1.{i}" for i in (1, 2, 3)]
 
 
 @dataclass
@@ -63,6 +66,10 @@ class Site:
 
 def gpu_site_dict(price_url: str, *, preemptible_usd: float = 1.0) -> dict[str, Any]:
     data = site_dict(price_url)
+    data["miners"] = [
+        {"id": "s19", "address": S19[0], "model": "S19jPro", "count": 3},
+        {"id": "s21", "address": S21[0], "model": "S21", "count": 3},
+    ]
     data["gpu_nodes"] = [{"id": NODE, "gpus": 8, "host_overhead_w": HOST_W}]
     data["ai"] = {
         "sla": {"usd_per_gpu_hour": 2.5, "penalty_usd": 500},

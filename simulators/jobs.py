@@ -82,6 +82,7 @@ class SimJobInfo:
     state: str  # RUNNING, SUSPENDED, PENDING, COMPLETED, CANCELLED
     node: str | None
     gpus: int
+    utilization_pct: float  # what the job drives its GPUs to while it runs
     gpu_indices: tuple[int, ...]
     pids: tuple[int, ...]
     submitted_at: float
@@ -389,6 +390,7 @@ class SimScheduler:
             state=job.state,
             node=job.node,
             gpus=job.gpus,
+            utilization_pct=job.utilization_pct,
             gpu_indices=job.gpu_indices,
             pids=job.pids,
             submitted_at=job.submitted_at,

@@ -8,7 +8,6 @@ READY, feeds the watchdog from the control loop, and says STOPPING on SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Callable, Coroutine
@@ -21,24 +20,11 @@ from agent.mqtt import MqttBridge
 from agent.runtime import Agent
 from agent.sdnotify import LoopWatchdog, Notifier
 from agent.store import Store, journal_path, secrets_in
-from agent.wiring import build_components
+from agent.wiring import attach_grid_sources, build_components
 
 log = logging.getLogger(__name__)
 
 Service = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
-
-
-def until_stopped(run: Callable[[], Coroutine[Any, Any, None]]) -> Service:
-    """A service from a coroutine that runs until cancelled: cancel it once ``stop`` is set."""
-
-    async def service(stop: asyncio.Event) -> None:
-        task = asyncio.create_task(run())
-        await stop.wait()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    return service
 
 
 def metrics_service(agent: Agent, config: AgentConfig) -> Service:
@@ -65,6 +51,7 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
         components = build_components(config)
         components.store = store
         agent = Agent(config, components)
+        attach_grid_sources(agent, config)
         control = config.control
         # A healthy cycle can take a full round of device timeouts and retries; the first one
         # also waits for the first fleet poll.
@@ -82,7 +69,7 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
                 interconnect_limit_w=config.site.interconnect_limit_kw * 1000.0,
             )
             agent.on_cycle = lambda _snapshot, _plan, _results: bridge.publish_cycle()
-            components.services.append(until_stopped(bridge.run))
+            components.services.append(bridge)
         watchdog = LoopWatchdog(notifier, max_stall_s=stall_s)
         agent.watchdog = watchdog.beat
         components.services.append(watchdog.run)

@@ -17,7 +17,7 @@ Conflicting events all stay in force; the policy obeys the strictest target.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -53,13 +53,15 @@ class EventBook:
 
     def __init__(
         self,
-        sources: Sequence[EventSource],
+        sources: list[EventSource],
         store: Store | None,
         events: dict[str, ActiveEvent],
         *,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
-        self.sources = list(sources)
+        self.sources = sources  # shared: sources attached later are seen at the next sync
+        self.rejected_seen: dict[str, int] = {}  # per source, how many rejections were audited
+        self.count_rejected: Callable[[str, str], None] = lambda _source, _reason: None
         self.store = store
         self.events = events  # shared with the coordinator: it builds snapshots from it
         self.on_change = on_change
@@ -75,6 +77,7 @@ class EventBook:
     async def sync(self, now: datetime, site_w: float | None) -> None:
         """Merge sources and journal into ``events``; close what ended; journal compliance."""
         offered: dict[str, GridEvent] = {}
+        await self._audit_rejections()
         for source in self.sources:
             try:
                 for event in source.events():
@@ -139,6 +142,29 @@ class EventBook:
             await self._compliance(now, site_w)
         if changed:
             self.on_change()
+
+    async def _audit_rejections(self) -> None:
+        """Audit what each source rejected (malformed messages, unknown kinds, stale windows)."""
+        for source in self.sources:
+            rejected = getattr(source, "rejected", None)
+            if not isinstance(rejected, list):
+                continue
+            seen = self.rejected_seen.get(source.name, 0)
+            for r in rejected[seen:]:
+                reason = str(getattr(r, "reason", r))
+                self.count_rejected(f"grid:{source.name}", reason.split(":")[0][:60])
+                if self.store is not None:
+                    try:
+                        await self.store.audit(
+                            source=f"grid:{source.name}",
+                            action="grid_input",
+                            result="rejected",
+                            reason=reason,
+                            detail={"payload": str(getattr(r, "payload", ""))[:200]},
+                        )
+                    except AgentError as exc:
+                        log.error("cannot audit a rejected grid input: %s", exc)
+            self.rejected_seen[source.name] = len(rejected)
 
     async def add_override(self, event: GridEvent, operator: str, reason: str) -> None:
         """An operator's curtailment: journaled first, then in force from the next sync."""

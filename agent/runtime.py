@@ -28,6 +28,7 @@ from agent.coordinator import Clock, Coordinator, utc_now
 from agent.domain import ActiveEvent, Plan, Snapshot
 from agent.events import EventBook, EventSource
 from agent.gpu_fleet import GpuFleet
+from agent.logs import log_cycle
 from agent.mqtt import Command, CommandResult, Curtail, Release, SetMode
 from agent.policy import decide
 from agent.state import AgentState
@@ -102,6 +103,7 @@ class Agent:
             self.coordinator.events,
             on_change=self.wake_control.set,
         )
+        self.event_book.count_rejected = self._count_rejected
         self.event_watch_s = 0.5
         self.metrics_port: int | None = None  # set by the metrics service once bound
         self.first_poll_timeout_s = max(30.0, 3 * config.control.device_timeout_s)
@@ -151,12 +153,20 @@ class Agent:
             plan = replace(plan, actions=sheds, summary=f"{why}; {plan.summary}")
         self.state.snapshot, self.state.plan = snapshot, plan
         results = await self.actuator.execute(plan) if plan.actions else []
+        self.coordinator.spend_ramp(
+            sum(r.action.delta_power_w for r in results if r.result == "ok" and not r.action.sheds)
+        )
         self.state.cycles += 1
         self.state.last_cycle_at = snapshot.at
         self.state.last_cycle_duration_s = time.monotonic() - started
-        if plan.actions:
-            ok = sum(1 for r in results if r.result == "ok")
-            log.info("cycle %d: %s; %d/%d ok", self.state.cycles, plan.summary, ok, len(results))
+        log_cycle(
+            log,
+            plan,
+            cycle=self.state.cycles,
+            duration_s=self.state.last_cycle_duration_s,
+            snapshot=snapshot,
+            mode=self.state.mode,
+        )
         if self.on_cycle is not None:
             maybe = self.on_cycle(snapshot, plan, results)
             if maybe is not None:
@@ -185,6 +195,9 @@ class Agent:
                 self.wake_control.wait(),
                 self.coordinator.price_changed.wait(),
             )
+
+    def _count_rejected(self, source: str, reason: str) -> None:
+        self.state.rejected[(source, reason)] += 1
 
     async def handle_command(self, command: Command) -> CommandResult:
         """An authenticated operator command (MQTT): act on it, or refuse with the reason."""

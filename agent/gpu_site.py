@@ -147,9 +147,9 @@ class GpuSite:
         self.fault_retry_s = fault_retry_s
         self.simulation: GpuSimulation | None = None  # set by build_gpu_fleet for nvml-sim
         self._stack = contextlib.AsyncExitStack()
+        self._open_lock = asyncio.Lock()  # the poller and the run() service both open
         self._jobs_opened = False
         self._job_readings: tuple[JobReading, ...] = ()
-        self._jobs_read_at: float | None = None
         self._jobs_error: str | None = None
         self._jobs_failures = 0
         self._tracks: dict[str, _JobTrack] = {}
@@ -164,6 +164,10 @@ class GpuSite:
 
     async def _open(self) -> None:
         """Enter the drivers that are context managers; one that fails is retried next poll."""
+        async with self._open_lock:
+            await self._open_locked()
+
+    async def _open_locked(self) -> None:
         if self._closed:
             raise DeviceUnavailable(FLEET_ID, "the GPU fleet is closed (the agent is stopping)")
         for node in self._nodes.values():
@@ -184,11 +188,12 @@ class GpuSite:
 
     async def aclose(self) -> None:
         """Close every driver that was opened (local jobs are stopped, NVML shut down)."""
-        self._closed = True
-        for node in self._nodes.values():
-            node.opened = False
-        self._jobs_opened = False
-        await self._stack.aclose()
+        async with self._open_lock:
+            self._closed = True
+            for node in self._nodes.values():
+                node.opened = False
+            self._jobs_opened = False
+            await self._stack.aclose()
 
     async def run(self, stop: asyncio.Event) -> None:
         """A runtime service: open the drivers, and close them once ``stop`` is set."""
@@ -311,7 +316,6 @@ class GpuSite:
             tracks[job.job_id] = track
         self._tracks = tracks
         self._job_readings = readings
-        self._jobs_read_at = self.monotonic()
         self._jobs_error, self._jobs_failures = None, 0
         self._jobs_polled = True
 
@@ -365,7 +369,9 @@ class GpuSite:
         for node in self._nodes.values():
             spec = node.spec
             age = math.inf if node.read_at is None else mono - node.read_at
-            fresh = age <= self.max_reading_age_s
+            # Until the scheduler has listed the jobs once, the policy would see busy GPUs as
+            # idle ones: keep the node in an unknown state (counted at nameplate) until then.
+            fresh = age <= self.max_reading_age_s and self._jobs_polled
             measured = None
             if fresh:
                 measured = (

@@ -388,3 +388,18 @@ async def test_default_job_mix_and_scheduler_node_names() -> None:
         assert [len(v.jobs) for v in views] == [3, 3]
     finally:
         await site.aclose()
+
+
+async def test_nodes_stay_unknown_until_the_scheduler_has_listed_the_jobs(site: GpuSite) -> None:
+    scheduler = sim(site).scheduler
+    assert scheduler is not None
+    scheduler.go_down()
+    await site.poll()  # the GPUs answer, the scheduler does not
+    views = site.views(datetime.now(UTC))
+    # Busy GPUs without their jobs would look idle to the policy: unknown state instead, which
+    # the policy counts at nameplate.
+    assert all(v.measured_power_w is None for v in views)
+    assert all(v.reading_age_s is not None and v.reading_age_s < 1 for v in views)
+    scheduler.come_back()
+    await site.poll()
+    assert all(v.measured_power_w is not None for v in site.views(datetime.now(UTC)))

@@ -17,7 +17,9 @@ from agent.metrics import build_registry
 from agent.state import AgentState
 from drivers.errors import AuthFailed, CommandNotApplied, CommandRejected
 from drivers.jobs.base import JobClass, JobState
+from drivers.jobs.local import LocalJobs
 from simulators.jobs import RUNNING, SUSPENDED
+from tests.test_jobs_local import gone, proc_state
 
 
 class Mono:
@@ -403,3 +405,31 @@ async def test_nodes_stay_unknown_until_the_scheduler_has_listed_the_jobs(site: 
     scheduler.come_back()
     await site.poll()
     assert all(v.measured_power_w is not None for v in site.views(datetime.now(UTC)))
+
+
+async def test_local_scheduler_suspends_a_real_process_through_the_fleet() -> None:
+    cfg = config(
+        gpu_nodes=[{"id": "box", "gpus": 4, "scheduler_node": "box"}], ai={"scheduler": "local"}
+    )
+    site = build_gpu_fleet(cfg)
+    jobs = site.jobs
+    assert isinstance(jobs, LocalJobs)
+    try:
+        await site.poll()  # opens the drivers (LocalJobs is a context manager)
+        await jobs.start("train-1", ["sleep", "30"], job_class=JobClass.PREEMPTIBLE, gpus=2)
+        await site.poll()
+        (view,) = site.views(datetime.now(UTC))
+        assert [(j.job_id, j.gpus, j.state) for j in view.jobs] == [
+            ("train-1", 2, JobState.RUNNING)
+        ]
+        pid = jobs.pid("train-1")
+        assert pid is not None
+        await site.apply(
+            Action("box", ActionKind.SUSPEND_JOB, "suspended", "t", -1, job_id="train-1")
+        )
+        assert proc_state(pid) == "T"
+        await site.apply(Action("box", ActionKind.RESUME_JOB, "running", "t", 1, job_id="train-1"))
+        assert proc_state(pid) in ("S", "R")
+    finally:
+        await site.aclose()  # stops the job
+    assert gone(pid)

@@ -213,6 +213,10 @@ async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> 
     )
     stop = asyncio.Event()
     async with fleet:
+        if gpus is not None:
+            # Read the GPU nodes once, so the first status line already shows them.
+            with contextlib.suppress(AgentError):
+                await gpus.poll()
         loop = asyncio.get_running_loop()
         loop.call_later(duration_s, stop.set)
         with contextlib.suppress(NotImplementedError):

@@ -76,6 +76,10 @@ CAP_TOLERANCE_W = 0.5  # NVML works in mW; a read-back within this is the cap as
 FAILED_POLLS_FOR_FAULT = 3
 
 
+class _Refused(CommandRejected):
+    """Refused by the fleet's own checks, before any device was asked: not the node's fault."""
+
+
 @runtime_checkable
 class GpuEachReader(Protocol):
     """Optional: a GPU driver that reports a failing GPU in its place (``NvmlGpus``)."""
@@ -426,7 +430,7 @@ class GpuSite:
         """Carry out one GPU or job action and check it took effect."""
         node = self._nodes.get(action.device_id)
         if node is None:
-            raise CommandRejected(action.device_id, "no such GPU node; nothing done")
+            raise _Refused(action.device_id, "no such GPU node; nothing done")
         try:
             if action.kind is ActionKind.SET_GPU_CAP:
                 await self._set_cap(node, action.target)
@@ -435,11 +439,16 @@ class GpuSite:
                 ActionKind.RESUME_JOB,
                 ActionKind.REQUEUE_JOB,
             ):
-                await self._job_action(node, action)
+                try:
+                    await self._job_action(node, action)
+                except CommandRejected as exc:
+                    # The scheduler refused (the job ended or moved since the last poll): the
+                    # next poll shows it, and the node itself did nothing wrong.
+                    raise _Refused(exc.device_id, exc.message) from exc
             else:
-                raise CommandRejected(action.device_id, f"{action.kind} is not a GPU action")
-        except CommandRejected:
-            raise  # refused before anything changed: nothing to hold against the node
+                raise _Refused(action.device_id, f"{action.kind} is not a GPU action")
+        except _Refused:
+            raise  # nothing changed on the node: nothing to hold against it
         except DeviceError as exc:
             node.command_fault = f"{action.kind} failed: {exc.message}"
             node.command_fault_at = self.monotonic()
@@ -452,11 +461,11 @@ class GpuSite:
         try:
             watts = float(target)
         except ValueError:
-            raise CommandRejected(node_id, f"cap must be watts, got {target!r}") from None
+            raise _Refused(node_id, f"cap must be watts, got {target!r}") from None
         if not math.isfinite(watts) or not (
             spec.min_cap_w - CAP_TOLERANCE_W <= watts <= spec.max_cap_w + CAP_TOLERANCE_W
         ):
-            raise CommandRejected(
+            raise _Refused(
                 node_id,
                 f"cap {target} W is outside the node's range {spec.min_cap_w:g}–"
                 f"{spec.max_cap_w:g} W; nothing changed",
@@ -496,7 +505,7 @@ class GpuSite:
             raise type(first)(
                 node_id,
                 f"cap {watts:g} W failed on {len(errors)} of {len(uuids)} GPU: {first}",
-            )
+            ) from first
         shown = ", ".join(f"GPU {r.index} at {r.power_limit_w:g} W" for r in wrong)
         lost = ", ".join(f"GPU {i} lost" for i in sorted(node.lost))
         raise CommandNotApplied(
@@ -507,15 +516,13 @@ class GpuSite:
         node_id = node.spec.device_id
         job_id = action.job_id
         if job_id is None:
-            raise CommandRejected(node_id, f"{action.kind} needs a job id; nothing done")
+            raise _Refused(node_id, f"{action.kind} needs a job id; nothing done")
         if self.jobs is None:
-            raise CommandRejected(node_id, "no job scheduler is configured")
+            raise _Refused(node_id, "no job scheduler is configured")
         known = next((j for j in self._job_readings if j.job_id == job_id), None)
         if known is None or known.node != node.spec.scheduler_node:
             where = "unknown" if known is None else f"on {known.node}"
-            raise CommandRejected(
-                node_id, f"job {job_id} is not on this node ({where}); nothing done"
-            )
+            raise _Refused(node_id, f"job {job_id} is not on this node ({where}); nothing done")
         if action.kind is ActionKind.SUSPEND_JOB:
             await self.jobs.suspend(job_id)
             expected = {JobState.SUSPENDED}

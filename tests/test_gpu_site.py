@@ -3,6 +3,7 @@ scheduler: views, caps read back, job actions confirmed, faults, config errors, 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +20,7 @@ from drivers.errors import AuthFailed, CommandNotApplied, CommandRejected
 from drivers.jobs.base import JobClass, JobState
 from drivers.jobs.local import LocalJobs
 from simulators.jobs import RUNNING, SUSPENDED
+from tests.test_e2e_miners import until
 from tests.test_jobs_local import gone, proc_state
 
 
@@ -427,9 +429,33 @@ async def test_local_scheduler_suspends_a_real_process_through_the_fleet() -> No
         await site.apply(
             Action("box", ActionKind.SUSPEND_JOB, "suspended", "t", -1, job_id="train-1")
         )
-        assert proc_state(pid) == "T"
+        await until(lambda: proc_state(pid) == "T", 5, "process stopped")
         await site.apply(Action("box", ActionKind.RESUME_JOB, "running", "t", 1, job_id="train-1"))
-        assert proc_state(pid) in ("S", "R")
+        await until(lambda: proc_state(pid) in ("S", "R"), 5, "process continued")
     finally:
         await site.aclose()  # stops the job
-    assert gone(pid)
+    await until(lambda: gone(pid), 5, "job stopped with the fleet")
+
+
+async def test_cap_a_card_refuses_faults_the_node_but_a_job_that_ended_does_not(
+    site: GpuSite,
+) -> None:
+    await site.poll()
+    # One card's VBIOS allows no less than 300 W (the config says 200): NVML refuses 250 W.
+    gpu = sim(site).nvml["gpu-001"].gpus[2]
+    gpu.model = dataclasses.replace(gpu.model, min_limit_w=300.0)
+    with pytest.raises(CommandRejected, match="outside the allowed range 300–700 W"):
+        await site.apply(Action("gpu-001", ActionKind.SET_GPU_CAP, "250", "t", -1))
+    assert (site.fault("gpu-001") or "").startswith("set_gpu_cap failed: cap 250 W failed on 1")
+    assert site.views(datetime.now(UTC))[0].cap_w == 700.0  # the highest limit read back
+    # A job that ends between the poll and the command is refused by the scheduler: the next
+    # poll shows it, and the node is not held faulted for it.
+    scheduler = sim(site).scheduler
+    assert scheduler is not None
+    job_id = job_of(site, "filler", node="gpu-002")
+    scheduler.cancel(job_id)
+    with pytest.raises(CommandRejected, match="CANCELLED"):
+        await site.apply(
+            Action("gpu-002", ActionKind.SUSPEND_JOB, "suspended", "t", -1, job_id=job_id)
+        )
+    assert site.fault("gpu-002") is None

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute sub-commands. Each exposes register(subparsers).
-COMMAND_MODULES = ("agent.commands",)
+COMMAND_MODULES = ("agent.commands", "agent.backtest")
 
 
 def build_parser() -> argparse.ArgumentParser:

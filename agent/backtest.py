@@ -12,6 +12,7 @@ The headline is ``capture = policy profit / oracle profit``.
 from __future__ import annotations
 
 import argparse
+import bisect
 import importlib
 import json
 import math
@@ -121,9 +122,7 @@ def simple_peak_risk(
     if not 15.0 <= end_h <= 19.0:
         return 0.0, ""
     month_start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
-    lo = hi
-    while lo > 0 and ends_s[lo - 1] > month_start:
-        lo -= 1
+    lo = bisect.bisect_right(ends_s, month_start, 0, hi)
     if hi - lo < 2:
         return 0.0, ""
     running_max = max(loads_mw[lo:hi])

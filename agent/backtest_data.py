@@ -124,8 +124,9 @@ class ClassMix:
 
 @dataclass(frozen=True, slots=True)
 class TraceSpec:
-    """Shape of the trace, sized for a 256-GPU pod: about 45% SLA, 30% preemptible GPU-hours,
-    and enough filler to soak up the rest (filler that waits too long is dropped)."""
+    """Shape of the trace for a 256-GPU pod (rates scale with the site's GPU count): about 45%
+    SLA and 30% preemptible GPU-hours, and enough filler to soak up the rest (filler that
+    waits too long is dropped)."""
 
     sla: ClassMix = ClassMix(arrivals_per_h=0.95, mean_duration_h=24.0)
     preemptible: ClassMix = ClassMix(arrivals_per_h=2.0, mean_duration_h=8.0)
@@ -159,6 +160,8 @@ def job_trace(
     preemptible, then filler; FIFO within a class; best fit on nodes)."""
     rng = random.Random(seed)
     dt_h = interval_s / 3600.0
+    # The spec's rates are for a 256-GPU pod; scale them to this site's GPUs.
+    scale = sum(node_gpus) / 256.0
     horizon_h = n_intervals * dt_h
     arrivals: list[tuple[float, int, JobClass, int, int]] = []  # (t_h, prio, class, gpus, len)
     mixes = (
@@ -168,12 +171,13 @@ def job_trace(
     )
     max_gpus = max(node_gpus, default=0)
     for prio, (cls, mix) in enumerate(mixes):
-        if mix.arrivals_per_h <= 0:
+        rate_per_h = mix.arrivals_per_h * scale
+        if rate_per_h <= 0:
             continue
         t = 0.0
         mu = math.log(mix.mean_duration_h) - spec.duration_sigma**2 / 2
         while True:
-            t += rng.expovariate(mix.arrivals_per_h)
+            t += rng.expovariate(rate_per_h)
             if t >= horizon_h:
                 break
             gpus = rng.choices(spec.gpus_choices, spec.gpus_weights)[0]
@@ -195,16 +199,18 @@ def job_trace(
             _, prio, cls, gpus, length = arrivals[k]
             queues[prio].append((i, cls, gpus, length))
             k += 1
+        most_free = max(free, default=0)
         for prio, queue in enumerate(queues):
             waiting: list[tuple[int, JobClass, int, int]] = []
             for arrived_i, cls, gpus, length in queue:
-                fits = [n for n, f in enumerate(free) if f >= gpus]
+                fits = [n for n, f in enumerate(free) if f >= gpus] if gpus <= most_free else []
                 if not fits:
                     if prio < 2 or i - arrived_i < max_wait_i:
                         waiting.append((arrived_i, cls, gpus, length))
                     continue
                 node = min(fits, key=lambda n: (free[n], n))
                 free[node] -= gpus
+                most_free = max(free)
                 end = i + length
                 ending.setdefault(end, []).append((node, gpus))
                 placed.append(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from agent.backtest_data import TraceJob
 from agent.config import AgentConfig, GpuNodeConfig
@@ -223,6 +223,8 @@ class Ledger:
     fourcp_rate_usd_per_kw_year: float = 0.0
     mining_w: list[float] = field(default_factory=list)
     ai_w: list[float] = field(default_factory=list)
+    # Revenue − energy cost − 4CP of each interval (penalties are booked per event, not here).
+    interval_margin_usd: list[float] = field(default_factory=list)
 
     @property
     def penalties_usd(self) -> float:
@@ -250,13 +252,15 @@ class Ledger:
         site_w = mining_w + ai_w
         mwh = site_w / 1e6 * dt_h
         self.energy_mwh += mwh
-        self.energy_cost_usd += mwh * market.price_usd_per_mwh[i]
+        cost = mwh * market.price_usd_per_mwh[i]
+        self.energy_cost_usd += cost
         self.mining_usd += mining_usd_per_h * dt_h
         self.ai_usd += ai_usd_per_h * dt_h
         if market.peak and market.peak[i]:
-            self.fourcp_cost_usd += (
-                fourcp_usd_per_kw(self.fourcp_rate_usd_per_kw_year) * site_w / 1000.0
-            )
+            fourcp = fourcp_usd_per_kw(self.fourcp_rate_usd_per_kw_year) * site_w / 1000.0
+            self.fourcp_cost_usd += fourcp
+            cost += fourcp
+        self.interval_margin_usd.append((mining_usd_per_h + ai_usd_per_h) * dt_h - cost)
         self.mining_w.append(mining_w)
         self.ai_w.append(ai_w)
 
@@ -573,6 +577,7 @@ class _Job:
     state: JobState
     since: datetime
     run_start_s: float  # when it last started or resumed running (for lost work)
+    view: JobView | None = None  # cached until the job's state changes
 
 
 class PolicyReplay:
@@ -590,7 +595,9 @@ class PolicyReplay:
         )
         self.times = [datetime.fromtimestamp(s, tz=UTC) for s in market.starts_s]
         t0 = self.times[0] if self.times else datetime(2000, 1, 1, tzinfo=UTC)
-        # Devices start as the agent would find a running site: miners at their top profile.
+        # Devices start as the agent would find a settled, running site: miners at their top
+        # profile for a day already, so no dwell time holds the first decision.
+        t0 -= timedelta(days=1)
         self.views: list[MinerView] = []
         self.pos: dict[str, int] = {}
         for k, b in enumerate(site.blocks):
@@ -606,8 +613,10 @@ class PolicyReplay:
         self.node_pos = {nid: k for k, nid in enumerate(site.node_ids)}
         self.node_jobs: list[dict[str, _Job]] = [{} for _ in site.nodes]
         self.node_views: list[GpuNodeView | None] = [None] * len(site.nodes)
-        self.node_power = [self._node_power(k)[0] for k in range(len(site.nodes))]
+        self.node_power = [0.0] * len(site.nodes)
         self.node_rev = [0.0] * len(site.nodes)
+        self.ai_w = 0.0
+        self.ai_rev_h = 0.0
         self.jobs: dict[str, _Job] = {}
         self.starts: dict[int, list[TraceJob]] = {}
         self.ends: dict[int, list[TraceJob]] = {}
@@ -650,20 +659,21 @@ class PolicyReplay:
 
     def _node_view(self, k: int) -> GpuNodeView:
         node = self.site.nodes[k]
-        jobs = tuple(
-            JobView(
-                job_id=j.spec.job_id,
-                job_class=j.spec.job_class,
-                state=j.state,
-                gpus=j.spec.gpus,
-                node_id=self.site.node_ids[k],
-                usd_per_gpu_hour=j.rate_h,
-                penalty_usd=j.penalty_usd,
-                commanded_since=j.since,
-                last_checkpoint_at=None,
-            )
-            for j in self.node_jobs[k].values()
-        )
+        jobs = []
+        for j in self.node_jobs[k].values():
+            if j.view is None:
+                j.view = JobView(
+                    job_id=j.spec.job_id,
+                    job_class=j.spec.job_class,
+                    state=j.state,
+                    gpus=j.spec.gpus,
+                    node_id=self.site.node_ids[k],
+                    usd_per_gpu_hour=j.rate_h,
+                    penalty_usd=j.penalty_usd,
+                    commanded_since=j.since,
+                    last_checkpoint_at=None,
+                )
+            jobs.append(j.view)
         return GpuNodeView(
             device_id=self.site.node_ids[k],
             gpu_count=node.gpus,
@@ -672,15 +682,21 @@ class PolicyReplay:
             idle_w=node.idle_w,
             host_overhead_w=node.host_overhead_w,
             cap_w=self.caps[k],
-            jobs=jobs,
+            jobs=tuple(jobs),
             measured_power_w=self.node_power[k],
             reading_age_s=0.0,
             circuit=node.circuit,
         )
 
-    def _refresh_node(self, k: int) -> None:
-        self.node_power[k], self.node_rev[k] = self._node_power(k)
-        self.node_views[k] = None
+    def _refresh_nodes(self, dirty: set[int]) -> None:
+        """Recompute power, revenue and view of the nodes whose jobs or cap changed."""
+        for k in dirty:
+            self.node_power[k], self.node_rev[k] = self._node_power(k)
+            self.node_views[k] = self._node_view(k)
+        self.nodes_tuple = tuple(v for v in self.node_views if v is not None)
+        self.ai_w = sum(self.node_power)
+        self.ai_rev_h = sum(self.node_rev)
+        dirty.clear()
 
     def _interrupt(self, job: _Job, now_s: float) -> None:
         led = self.ledger
@@ -697,32 +713,24 @@ class PolicyReplay:
         market, cfg, site = self.market, self.cfg, self.site
         led = self.ledger
         last_site_w: float | None = None
-        nodes_dirty = True
+        dirty = set(range(len(site.nodes)))
         top_w = sum(site.ladders[b.model][-1].power_w * b.count for b in site.blocks)
+        rates = {c: job_rate(cfg, c) for c in CLASSES}
         for i in range(len(market)):
             now = self.times[i]
             now_s = market.starts_s[i]
-            for job in self.ends.pop(i, []):
+            for job in self.ends.pop(i, ()):
                 self.node_jobs[job.node].pop(job.job_id, None)
                 self.jobs.pop(job.job_id, None)
-                self._refresh_node(job.node)
-                nodes_dirty = True
-            for job in self.starts.pop(i, []):
-                rate_h, penalty, ckpt = job_rate(cfg, job.job_class)
+                dirty.add(job.node)
+            for job in self.starts.pop(i, ()):
+                rate_h, penalty, ckpt = rates[job.job_class]
                 j = _Job(job, job.node, rate_h, penalty, ckpt, JobState.RUNNING, now, now_s)
                 self.node_jobs[job.node][job.job_id] = j
                 self.jobs[job.job_id] = j
-                self._refresh_node(job.node)
-                nodes_dirty = True
-            if nodes_dirty:
-                views = []
-                for k in range(len(site.nodes)):
-                    v = self.node_views[k]
-                    if v is None:
-                        v = self.node_views[k] = self._node_view(k)
-                    views.append(v)
-                self.nodes_tuple = tuple(views)
-                nodes_dirty = False
+                dirty.add(job.node)
+            if dirty:
+                self._refresh_nodes(dirty)
             seen = market.seen_price[i]
             price = (
                 None
@@ -747,12 +755,13 @@ class PolicyReplay:
                 ramp_headroom_w=self.ramp_w,
             )
             plan = self.decide(snap, cfg, now)
-            if plan.actions:
-                self._apply_miners(plan, now)
-            if self._apply_gpus(plan, now, now_s):
-                nodes_dirty = True
-            ai_w = sum(self.node_power)
-            ai_rev = sum(self.node_rev)
+            # Apply the whole target, not only the actions: a plan is its operating points.
+            self._apply_miners(plan, now)
+            if plan.gpu_caps_w or plan.job_states:
+                self._apply_gpus(plan, now, now_s, dirty)
+                if dirty:
+                    self._refresh_nodes(dirty)
+            ai_w, ai_rev = self.ai_w, self.ai_rev_h
             if self.mining_w < top_w - 1e-6:
                 led.curtailed_intervals += 1
             led.settle(
@@ -793,8 +802,7 @@ class PolicyReplay:
         if changed:
             self.miners_tuple = tuple(self.views)
 
-    def _apply_gpus(self, plan: Plan, now: datetime, now_s: float) -> bool:
-        touched: set[int] = set()
+    def _apply_gpus(self, plan: Plan, now: datetime, now_s: float, touched: set[int]) -> None:
         for node_id, cap in plan.gpu_caps_w.items():
             k = self.node_pos.get(node_id)
             if k is None:
@@ -814,10 +822,8 @@ class PolicyReplay:
                 job.run_start_s = now_s
             job.state = state
             job.since = now
+            job.view = None
             touched.add(job.node)
-        for k in touched:
-            self._refresh_node(k)
-        return bool(touched)
 
 
 def run_policy(site: Site, market: Market, trace: Sequence[TraceJob], decide: Decide) -> Ledger:

@@ -24,7 +24,7 @@ from typing import Protocol
 from agent.coordinator import Coordinator
 from agent.domain import SLEEP, Action, ActionKind, Plan
 from agent.state import AgentState
-from drivers.errors import DeviceError, DeviceTimeout, TransientDeviceError
+from drivers.errors import AgentError, DeviceError, DeviceTimeout, TransientDeviceError
 from drivers.miners.base import MinerMode, MinerPowerProfile, MinerSleepWake
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,12 @@ class AuditSink(Protocol):
     async def audit(
         self, *, source: str, device_id: str | None, action: str, reason: str, result: str
     ) -> None: ...
+
+
+class Journal(Protocol):
+    """Where commanded states are made durable (the SQLite journal in production)."""
+
+    async def record_command(self, device_id: str, state: str, since: datetime) -> None: ...
 
 
 class LogAudit:
@@ -70,6 +76,7 @@ class Actuator:
         state: AgentState,
         drivers: Mapping[str, MinerSleepWake],
         audit: AuditSink | None = None,
+        journal: Journal | None = None,
         *,
         fault_retry_s: float = 300.0,
         backoff_s: float = 0.2,
@@ -79,6 +86,7 @@ class Actuator:
         self.state = state
         self.drivers = drivers
         self.audit_sink: AuditSink = audit or LogAudit()
+        self.journal = journal
         self.fault_retry_s = fault_retry_s
         self.backoff_s = backoff_s
         self.semaphore = asyncio.Semaphore(self.config.control.max_concurrency)
@@ -129,6 +137,8 @@ class Actuator:
             else:
                 now = self.clock()
                 self.coordinator.set_commanded(action.device_id, action.target, now)
+                if self.journal is not None:
+                    await self._journal(action.device_id, action.target, now)
                 mono = self.monotonic()
                 self.pending[action.device_id] = _Pending(
                     action, mono, mono + self.config.control.verify_after_s
@@ -154,6 +164,20 @@ class Actuator:
         else:
             raise DeviceError(action.device_id, f"action {action.kind} is not for miners")
 
+    async def _journal(self, device_id: str, state: str, since: datetime) -> None:
+        assert self.journal is not None
+        try:
+            await self.journal.record_command(device_id, state, since)
+        except AgentError as exc:
+            self.enter_safe_mode(f"journal write failed: {exc}")
+
+    def enter_safe_mode(self, why: str) -> None:
+        """Stop adding load: without a journal a restart could not know what was shed."""
+        if self.state.mode != "safe":
+            log.error("entering safe mode (sheds only, no restores): %s", why)
+        self.state.mode = "safe"
+        self.state.safe_reason = why
+
     async def _finish(self, action: Action, result: str, error: str | None) -> ActionResult:
         self.state.actions[(action.kind.value, result)] += 1
         if result != "ok":
@@ -165,13 +189,16 @@ class Actuator:
 
     async def _audit(self, action: Action, result: str, error: str | None) -> None:
         reason = action.reason if error is None else f"{action.reason}; error: {error}"
-        await self.audit_sink.audit(
-            source="policy",
-            device_id=action.device_id,
-            action=f"{action.kind.value}:{action.target}",
-            reason=reason,
-            result=result,
-        )
+        try:
+            await self.audit_sink.audit(
+                source="policy",
+                device_id=action.device_id,
+                action=f"{action.kind.value}:{action.target}",
+                reason=reason,
+                result=result,
+            )
+        except AgentError as exc:
+            self.enter_safe_mode(f"audit write failed: {exc}")
 
     async def verify(self) -> list[ActionResult]:
         """Check pending commands against telemetry; fault devices that did not comply."""
@@ -205,8 +232,8 @@ class Actuator:
             return reading.mode is MinerMode.SLEEPING
         if reading.mode is MinerMode.SLEEPING:
             return False
-        # Waking counts: the miner is ramping towards the profile it was given.
-        return reading.profile in (None, target) or reading.mode is MinerMode.WAKING
+        # Waking counts (it is ramping towards its profile), but only at the right profile.
+        return reading.profile is None or reading.profile == target
 
     def _describe(self, device_id: str) -> str:
         r = self.coordinator.slots[device_id].reading

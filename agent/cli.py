@@ -13,7 +13,13 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute sub-commands. Each exposes register(subparsers).
-COMMAND_MODULES = ("agent.commands", "agent.backtest")
+COMMAND_MODULES = (
+    "agent.commands",
+    "agent.demo",
+    "agent.override_cli",
+    "agent.store_cli",
+    "agent.backtest",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from drivers.errors import AgentError
+from drivers.prices.http_json import HttpJsonSettings
 
 
 class ConfigError(AgentError):
@@ -168,23 +169,13 @@ class CsvPriceConfig(Strict):
     speed: PositiveFloat = 1.0  # 1 = real time; 600 = a 15-minute interval every 1.5 s
 
 
-class HttpPriceConfig(Strict):
-    type: Literal["http_json"]
-    url: str
-    value_path: str
-    time_path: str | None = None
-    unit: Literal["usd_per_mwh", "usd_per_kwh", "cents_per_kwh"] = "usd_per_mwh"
-    interval_s: PositiveFloat = 60.0
-    timeout_s: PositiveFloat = 5.0
-
-
 class ConstantPriceConfig(Strict):
     type: Literal["constant"]
     value: float = Field(allow_inf_nan=False)
 
 
 PriceConfig = Annotated[
-    CsvPriceConfig | HttpPriceConfig | ConstantPriceConfig, Field(discriminator="type")
+    CsvPriceConfig | HttpJsonSettings | ConstantPriceConfig, Field(discriminator="type")
 ]
 
 
@@ -253,11 +244,32 @@ class MqttConfig(Strict):
     heartbeat_topic: str | None = None
     heartbeat_max_age_s: PositiveFloat = 60.0
     curtail_program: str | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    # Telemetry waiting for the broker; when full the oldest is dropped (control never waits).
+    queue_size: int = Field(default=10_000, ge=10, le=1_000_000)
+    reconnect_initial_s: PositiveFloat = 0.5
+    reconnect_max_s: PositiveFloat = 30.0
+    command_timeout_s: PositiveFloat = 10.0  # how long the runtime may take to answer a command
+    publish_telemetry: bool = True  # per-device telemetry (state, plan and events always)
 
     @field_validator("password", mode="before")
     @classmethod
     def _resolve(cls, value: Any) -> Any:
         return resolve_secret(value) if isinstance(value, str) else value
+
+    @field_validator("command_tokens", mode="before")
+    @classmethod
+    def _resolve_tokens(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {k: resolve_secret(v) if isinstance(v, str) else v for k, v in value.items()}
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        if not value or any(c in value for c in "+#\0") or value.startswith("/"):
+            raise ValueError("topic_prefix must be a non-empty topic without wildcards")
+        return value.rstrip("/")
 
 
 class GridConfig(Strict):
@@ -296,6 +308,8 @@ class ControlConfig(Strict):
     hysteresis_usd_per_mwh: NonNegFloat = 5.0
     min_on_s: NonNegFloat = 300.0
     min_off_s: NonNegFloat = 300.0
+    # Rungs of the GPU power-cap ladder (per GPU, from the card's minimum to its maximum cap).
+    gpu_cap_step_w: PositiveFloat = 100.0
 
 
 class EconomicsConfig(Strict):

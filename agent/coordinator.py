@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from agent.config import AgentConfig, MinerModelConfig
 from agent.domain import (
@@ -95,6 +95,8 @@ class Coordinator:
         self.monotonic = monotonic
         self.hashprice_usd_per_ph_day = config.economics.hashprice.usd_per_ph_day
         self.price: PriceReading | None = None
+        # Monotonic time the newest price interval was first seen: its age is how long no *new*
+        # price has arrived, whether the source errs or keeps repeating an old interval.
         self.price_read_at: float | None = None
         self.events: dict[str, ActiveEvent] = {}
         self.gpu_nodes: tuple[GpuNodeView, ...] = ()
@@ -113,6 +115,8 @@ class Coordinator:
                 commanded=ladder(model)[-1].name,
                 commanded_since=now,
             )
+        # Devices whose commanded state came from the journal: adoption must not overwrite it.
+        self.journaled: set[str] = set()
         self.miners_polled = asyncio.Event()  # set after the first full fleet poll
         self.price_changed = asyncio.Event()
 
@@ -188,7 +192,8 @@ class Coordinator:
         health.successes += 1
         if self.price is None or reading.interval_start != self.price.interval_start:
             self.price_changed.set()
-        self.price, self.price_read_at = reading, self.monotonic()
+            self.price_read_at = self.monotonic()
+        self.price = reading
 
     async def run_poller(
         self, poll: Callable[[], Awaitable[None]], interval_s: float, stop: asyncio.Event
@@ -272,12 +277,48 @@ class Coordinator:
         miners were adopted.
         """
         adopted = 0
+        # The agent did not put it there, so no dwell time protects that state: date it back.
+        control = self.config.control
+        since = self.clock() - timedelta(seconds=max(control.min_on_s, control.min_off_s))
         for slot in self.slots.values():
+            if slot.device_id in self.journaled:
+                continue
             observed = self.observed_point(slot)
             if observed is not None:
-                slot.commanded = observed
+                slot.commanded, slot.commanded_since = observed, since
                 adopted += 1
         return adopted
+
+    def reconcile_drift(self, pending: set[str]) -> list[tuple[str, str, str]]:
+        """Adopt the observed point of devices that drifted from their commanded one.
+
+        A miner restored by hand, rebooted into its default profile, or woken by its own
+        firmware is no longer where the agent put it. Taking what telemetry shows as the
+        commanded state (dated back, so no dwell time protects it) makes the policy decide
+        afresh, and re-shed it if a grid event is still in force: an OFF signal is a level.
+        Devices with a command in flight or a fault are skipped. Returns (id, was, now).
+        """
+        control = self.config.control
+        since = self.clock() - timedelta(seconds=max(control.min_on_s, control.min_off_s))
+        drifted = []
+        mono = self.monotonic()
+        for slot in self.slots.values():
+            if slot.device_id in pending or slot.fault is not None or slot.read_at is None:
+                continue
+            if mono - slot.read_at > self.max_reading_age_s:
+                continue
+            observed = self.observed_point(slot)
+            if observed is None or observed == slot.commanded:
+                continue
+            drifted.append((slot.device_id, slot.commanded, observed))
+            log.warning(
+                "miner %s drifted: commanded %s, telemetry shows %s",
+                slot.device_id,
+                slot.commanded,
+                observed,
+            )
+            slot.commanded, slot.commanded_since = observed, since
+        return drifted
 
     def replace_price(self, reading: PriceReading) -> None:
         """Inject a price (tests, operator tools)."""

@@ -19,15 +19,19 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from agent.actuator import ActionResult, Actuator, AuditSink
 from agent.config import AgentConfig
 from agent.coordinator import Clock, Coordinator, utc_now
-from agent.domain import Plan, Snapshot
+from agent.domain import ActiveEvent, Plan, Snapshot
+from agent.events import EventBook, EventSource
 from agent.policy import decide
 from agent.state import AgentState
+from agent.store import Store
+from drivers.errors import AgentError
+from drivers.grid.base import GridEvent
 from drivers.miners.base import MinerSleepWake, MinerTelemetry
 from drivers.prices.base import PriceSource
 
@@ -48,6 +52,8 @@ class Components:
     miners: Mapping[str, MinerDevice]
     price_source: PriceSource | None
     audit: AuditSink | None = None
+    store: Store | None = None  # the journal; also the audit sink when audit is None
+    grid_sources: list[EventSource] = field(default_factory=list)
     # Extra long-running tasks (metrics server, MQTT...): each gets the stop event.
     services: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
         default_factory=list
@@ -77,18 +83,67 @@ class Agent:
             clock=clock,
             monotonic=monotonic,
         )
-        self.actuator = Actuator(self.coordinator, self.state, components.miners, components.audit)
+        self.actuator = Actuator(
+            self.coordinator,
+            self.state,
+            components.miners,
+            components.audit or components.store,
+            components.store,
+        )
         self.on_cycle = on_cycle
         self.wake_control = asyncio.Event()  # set to run a control cycle at once (fast path)
+        self.event_book = EventBook(
+            components.grid_sources,
+            components.store,
+            self.coordinator.events,
+            on_change=self.wake_control.set,
+        )
+        self.event_watch_s = 0.5
         self.first_poll_timeout_s = max(30.0, 3 * config.control.device_timeout_s)
         self.watchdog: Callable[[], None] | None = None  # fed after every cycle (systemd)
+
+    async def restore_journal(self) -> None:
+        """Load commanded states and active events from the journal (restart rule)."""
+        store = self.components.store
+        if store is None:
+            return
+        known = 0
+        for device_id, (point, since) in (await store.commanded_states()).items():
+            slot = self.coordinator.slots.get(device_id)
+            if slot is None or all(p.name != point for p in slot.points):
+                continue  # a device no longer configured, or a profile that no longer exists
+            self.coordinator.set_commanded(device_id, point, since)
+            self.coordinator.journaled.add(device_id)
+            known += 1
+        now = self.coordinator.clock()
+        for stored in await store.active_events():
+            if stored.event.end > now:
+                self.coordinator.events[stored.event.event_id] = ActiveEvent(
+                    stored.event, stored.baseline_w
+                )
+        log.info(
+            "journal: %d commanded state(s), %d active event(s) resumed",
+            known,
+            len(self.coordinator.events),
+        )
 
     async def control_cycle(self) -> Plan:
         """One decision: verify last commands, snapshot, decide, actuate."""
         started = time.monotonic()
         await self.actuator.verify()
+        self.coordinator.reconcile_drift(set(self.actuator.pending))
+        last = self.state.snapshot
+        await self.event_book.sync(
+            self.coordinator.clock(), None if last is None else last.measured_site_power_w
+        )
         snapshot = self.coordinator.snapshot()
         plan = decide(snapshot, self.config, snapshot.at)
+        if self.state.mode == "manual":
+            plan = replace(plan, actions=(), summary=f"manual mode: no actions; {plan.summary}")
+        elif self.state.mode == "safe":
+            sheds = tuple(a for a in plan.actions if a.sheds)
+            why = f"safe mode ({self.state.safe_reason}): sheds only"
+            plan = replace(plan, actions=sheds, summary=f"{why}; {plan.summary}")
         self.state.snapshot, self.state.plan = snapshot, plan
         results = await self.actuator.execute(plan) if plan.actions else []
         self.state.cycles += 1
@@ -126,14 +181,47 @@ class Agent:
                 self.coordinator.price_changed.wait(),
             )
 
+    def _event_signature(self, operator_ids: frozenset[str]) -> tuple[frozenset[str], ...]:
+        now = self.coordinator.clock()
+        offered: set[GridEvent] = set()
+        for source in self.components.grid_sources:
+            with contextlib.suppress(AgentError):
+                offered.update(source.events())
+        active = frozenset(e.event_id for e in offered if e.active_at(now)) | frozenset(
+            eid for eid, a in self.coordinator.events.items() if a.event.active_at(now)
+        )
+        return frozenset(f"{e.event_id}:{hash(e)}" for e in offered), active, operator_ids
+
+    async def _event_watch(self, stop: asyncio.Event) -> None:
+        """The fast path: run a control cycle at once when an event appears, starts or ends."""
+        store = self.components.store
+        last: tuple[frozenset[str], ...] | None = None
+        while not stop.is_set():
+            operator_ids: frozenset[str] = frozenset()
+            if store is not None:
+                with contextlib.suppress(AgentError):
+                    operator_ids = frozenset(
+                        s.event.event_id
+                        for s in await store.active_events()
+                        if s.event.source.startswith("operator")
+                    )
+            signature = self._event_signature(operator_ids)
+            if last is not None and signature != last:
+                self.wake_control.set()
+            last = signature
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.event_watch_s)
+
     async def run(self, stop: asyncio.Event, *, grace_s: float = 3.0) -> None:
         """Run until ``stop`` is set; then give tasks ``grace_s`` to finish, and cancel the rest."""
         control = self.config.control
+        await self.restore_journal()
         loops: list[Coroutine[Any, Any, None]] = [
             self.coordinator.run_poller(
                 self.coordinator.poll_miners, control.poll_interval_s, stop
             ),
             self._control_loop(stop),
+            self._event_watch(stop),
         ]
         if self.components.price_source is not None:
             price_every = min(control.poll_interval_s, control.interval_s)
@@ -141,9 +229,15 @@ class Agent:
                 self.coordinator.run_poller(self.coordinator.poll_price, price_every, stop)
             )
         loops.extend(service(stop) for service in self.components.services)
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(c) for c in loops]
-            tg.create_task(_cancel_after_grace(stop, tasks, grace_s))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(c) for c in loops]
+                tg.create_task(_cancel_after_grace(stop, tasks, grace_s))
+        finally:
+            # Sources that own connections (HTTP clients) expose aclose().
+            aclose = getattr(self.components.price_source, "aclose", None)
+            if aclose is not None:
+                await aclose()
         log.info("agent stopped after %d cycle(s)", self.state.cycles)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from agent.domain import Plan, Snapshot
+from drivers.gpus.base import GpuReading
 
 
 @dataclass(slots=True)
@@ -43,7 +44,10 @@ class AgentState:
     rejected: Counter[tuple[str, str]] = field(default_factory=Counter)
     sources: dict[str, SourceHealth] = field(default_factory=dict)
     faults: dict[str, str] = field(default_factory=dict)  # device id -> fault reason
-    mode: str = "auto"  # "auto", or an operator-set mode ("manual", "curtail")
+    mode: str = "auto"  # "auto"; "manual" (operator: no actions); "safe" (sheds only)
+    safe_reason: str | None = None
+    # GPU node id -> the latest per-GPU readings of that node (for per-GPU metrics).
+    gpu_readings: dict[str, tuple[GpuReading, ...]] = field(default_factory=dict)
 
     def source(self, name: str) -> SourceHealth:
         health = self.sources.get(name)

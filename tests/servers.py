@@ -7,11 +7,16 @@ missing; ``make test`` installs the packages when it runs as root.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,7 +61,9 @@ class Mosquitto:
     ``start()`` can be called mid-test to simulate a broker outage on the same port.
     """
 
-    def __init__(self, workdir: Path, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, users: dict[str, str] | None = None, acl: str | None = None
+    ) -> None:
         self.binary = require_binary("mosquitto", "mosquitto")
         self.passwd = require_binary("mosquitto_passwd", "mosquitto")
         self.host = "127.0.0.1"
@@ -70,6 +77,12 @@ class Mosquitto:
         for user, password in self.users.items():
             subprocess.run([self.passwd, "-b", str(pwfile), user, password], check=True)
         pwfile.chmod(0o600)
+        acl_line = ""
+        if acl is not None:  # optional topic ACL (mosquitto acl_file syntax); none by default
+            acl_file = workdir / "acl"
+            acl_file.write_text(acl)
+            acl_file.chmod(0o600)
+            acl_line = f"acl_file {acl_file}\n"
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} {self.host}\n"
@@ -77,6 +90,7 @@ class Mosquitto:
             "user root\n"
             "allow_anonymous false\n"
             f"password_file {pwfile}\n"
+            f"{acl_line}"
             "persistence false\n"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
@@ -102,6 +116,114 @@ class Mosquitto:
         self.proc.terminate()
         try:
             self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+class Prometheus:
+    """A real Prometheus on 127.0.0.1 scraping ``targets`` every ``scrape_interval_s``.
+
+    Storage lives in ``workdir``; ``rule_files`` are loaded and evaluated at the scrape
+    interval. :meth:`query` runs an instant PromQL query over the HTTP API (blocking: call it
+    from a thread when the scraped endpoint runs on the test's event loop).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        targets: list[str],
+        job: str = "site-agent",
+        scrape_interval_s: float = 1.0,
+        rule_files: tuple[Path, ...] = (),
+    ) -> None:
+        self.binary = require_binary("prometheus", "prometheus")
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "prometheus.log"
+        self.conf = workdir / "prometheus.yml"
+        interval = f"{int(scrape_interval_s * 1000)}ms"
+        lines = [
+            "global:",
+            f"  scrape_interval: {interval}",
+            f"  evaluation_interval: {interval}",
+            f"  scrape_timeout: {interval}",
+        ]
+        if rule_files:
+            lines.append("rule_files:")
+            lines += [f"  - {json.dumps(str(p))}" for p in rule_files]
+        lines += [
+            "scrape_configs:",
+            f"  - job_name: {json.dumps(job)}",
+            "    static_configs:",
+            f"      - targets: {json.dumps(targets)}",
+        ]
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        assert self.proc is None, "already running"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    f"--config.file={self.conf}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address={self.host}:{self.port}",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=log,
+            )
+        try:
+            wait_listening(self.host, self.port, timeout_s=20, proc=self.proc)
+            deadline = time.monotonic() + 20
+            while self._get("/-/ready")[0] != 200:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("prometheus never became ready")
+                time.sleep(0.1)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(
+                f"prometheus did not start: {self.log_path.read_text()[-2000:]}"
+            ) from None
+
+    def _get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as resp:
+                return int(resp.status), resp.read()
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read()
+        except OSError:
+            return 0, b""
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET an HTTP API path; the ``data`` of the answer, or raise with Prometheus' error."""
+        query = urllib.parse.urlencode(params)
+        status, body = self._get(f"{path}?{query}" if query else path)
+        answer = json.loads(body) if body else {}
+        if status != 200 or answer.get("status") != "success":
+            raise RuntimeError(f"prometheus {path} {params}: {status} {answer.get('error', body)}")
+        return answer["data"]
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """An instant query; the list of result series (empty when it returns no data)."""
+        data = self.api("/api/v1/query", query=promql)
+        result: list[dict[str, Any]] = data["result"]
+        return result if data["resultType"] in ("vector", "matrix") else [{"value": result}]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

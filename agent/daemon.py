@@ -1,0 +1,57 @@
+"""``site-agent run``: the daemon as systemd starts it.
+
+Opens the journal (a journal that cannot be opened stops the start with a clear error: running
+without one would lose what was shed), builds the drivers, starts the outputs, tells systemd
+READY, feeds the watchdog from the control loop, and says STOPPING on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from agent.config import AgentConfig
+from agent.runtime import Agent
+from agent.sdnotify import LoopWatchdog, Notifier
+from agent.store import Store, journal_path, secrets_in
+from agent.wiring import build_components
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0) -> None:
+    """Run the agent until SIGTERM/SIGINT, with journal, systemd notifications and watchdog."""
+    notifier = Notifier()
+    path = journal_path(config.store.path, config_file)
+    async with Store.open(path, known_secrets=secrets_in(config)) as store:
+        components = build_components(config)
+        components.store = store
+        agent = Agent(config, components)
+        control = config.control
+        # A healthy cycle can take a full round of device timeouts and retries; the first one
+        # also waits for the first fleet poll.
+        stall_s = max(
+            agent.first_poll_timeout_s,
+            control.interval_s + (control.retries + 1) * control.device_timeout_s * 2,
+        )
+        watchdog = LoopWatchdog(notifier, max_stall_s=stall_s)
+        agent.watchdog = watchdog.beat
+        components.services.append(watchdog.run)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            notifier.stopping("stopping on signal")
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        notifier.ready(f"site {config.site.id}: {len(components.miners)} miners, journal {path}")
+        log.info("site-agent running: site %s, journal %s", config.site.id, path)
+        try:
+            await agent.run(stop, grace_s=grace_s)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)

@@ -1,0 +1,78 @@
+"""Pieces every grid source shares: program settings, audit rows, and fail directions.
+
+A source that loses its signal (a stale MQTT heartbeat, an unreachable OpenADR VTN) applies each
+program's ``fail`` direction through :func:`apply_fail_directions`, so that every source fails the
+same way: ``curtail`` synthesizes a full-shed event while the silence lasts, ``hold`` keeps the
+known events until they end, ``release`` drops them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from drivers.grid.base import FailDirection, GridEvent, ProgramKind
+
+
+class ProgramSettings(BaseModel):
+    """One demand-response program a source can signal."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ProgramKind
+    fail: FailDirection = FailDirection.HOLD
+    payment_usd_per_mwh: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    penalty_usd_per_mwh: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A message or event that changed nothing, and why (for the audit log)."""
+
+    at: datetime
+    topic: str  # MQTT topic, or the OpenADR market context / event id
+    payload: str  # the first 200 characters, for the audit row
+    reason: str
+
+
+def apply_fail_directions(
+    known: Iterable[GridEvent],
+    programs: Mapping[str, ProgramSettings],
+    *,
+    source: str,
+    silent_since: datetime,
+    now: datetime,
+    hold_for: timedelta,
+) -> tuple[GridEvent, ...]:
+    """The events to report while ``source`` has been silent since ``silent_since``.
+
+    ``programs`` maps the program name (``GridEvent.program``) to its settings. Events of a
+    program that is not in ``programs`` are kept (hold). A synthesized full-shed event lasts to
+    ``now + hold_for`` and is re-synthesized at each call while the silence lasts.
+    """
+    known = list(known)
+    out: list[GridEvent] = []
+    for event in known:
+        program = programs.get(event.program)
+        if program is None or program.fail is not FailDirection.RELEASE:
+            out.append(event)
+    for name, program in sorted(programs.items()):
+        if program.fail is FailDirection.CURTAIL:
+            out.append(
+                GridEvent(
+                    event_id=f"{source}:signal-lost:{name}",
+                    source=source,
+                    program=name,
+                    kind=program.kind,
+                    start=silent_since,
+                    end=now + hold_for,
+                    max_site_kw=0.0,
+                    payment_usd_per_mwh=program.payment_usd_per_mwh,
+                    penalty_usd_per_mwh=program.penalty_usd_per_mwh,
+                    fail=program.fail,
+                )
+            )
+    return tuple(out)

@@ -1,0 +1,327 @@
+"""MQTT curtailment source: grid events from a command topic, watched by a heartbeat.
+
+An operator or aggregator publishes JSON on ``topic``::
+
+    {"event_id": "dr-17", "state": "on", "program": "ercot-ers", "max_site_kw": 500,
+     "start": "2026-07-01T20:00:00Z", "until": "2026-07-01T22:00:00Z"}
+
+``state: on`` starts (or updates) a curtailment with one target, ``max_site_kw`` or ``shed_kw``;
+``state: off`` releases it. A curtailment is a level: it holds until its release or its
+``until``, with no need to repeat it. ``program`` must be configured (it gives the kind,
+payment, penalty and fail direction); an optional ``kind`` must agree with it.
+
+A message that is malformed, names an unknown program or kind, or whose window is already over
+changes nothing: it is recorded in ``rejected`` (and passed to ``on_rejected``) with the reason.
+Conflicting events are all reported; the policy applies the stricter target.
+
+``heartbeat_topic`` must see a message at least every ``heartbeat_max_age_s`` (any payload; the
+age is measured on our clock, immune to the sender's). When it goes stale, each program does what
+its ``fail`` says: ``curtail`` adds a synthesized full-shed event (site load ≤ 0 kW) until the
+heartbeat returns, ``hold`` keeps the known events, ``release`` drops that program's events.
+The connection is kept by :meth:`MqttCurtailSource.run`, reconnecting with capped backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import aiomqtt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from drivers.grid.base import GridEvent, ProgramKind
+from drivers.grid.common import ProgramSettings, Rejection, apply_fail_directions
+
+log = logging.getLogger(__name__)
+
+
+class MqttCurtailSettings(BaseModel):
+    """Config of an MQTT curtailment source (``type: mqtt``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["mqtt"] = "mqtt"
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str | None = None
+    topic: str = "grid/curtail"
+    heartbeat_topic: str = "grid/heartbeat"
+    heartbeat_max_age_s: float = Field(default=60.0, gt=0)
+    programs: dict[str, ProgramSettings] = Field(min_length=1)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+
+class CurtailMessage(BaseModel):
+    """The JSON schema of one message on the curtailment topic."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: str = Field(min_length=1, max_length=200)
+    state: Literal["on", "off"]
+    program: str = Field(min_length=1)
+    kind: str | None = None
+    max_site_kw: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    shed_kw: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    start: datetime | None = None
+    until: datetime | None = None
+
+    @field_validator("start", "until")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("expected a timestamp with a time zone, e.g. 2026-07-01T20:00:00Z")
+        return value
+
+    @model_validator(mode="after")
+    def _target(self) -> CurtailMessage:
+        if self.state == "on":
+            if (self.max_site_kw is None) == (self.shed_kw is None):
+                raise ValueError("state 'on' needs exactly one of max_site_kw or shed_kw")
+            if self.until is None:
+                raise ValueError("state 'on' needs 'until' (the end of the window)")
+            if self.start is not None and self.until <= self.start:
+                raise ValueError("'until' must be after 'start'")
+        return self
+
+
+def _now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+class MqttCurtailSource:
+    """A :class:`~drivers.grid.base.GridEventSource` fed by an MQTT topic (module docstring).
+
+    ``handle(topic, payload)`` is the whole message logic and needs no broker; ``run(stop)``
+    connects, subscribes and feeds it. ``changed`` is set whenever the event set changes, so the
+    agent can run its fast path at once.
+    """
+
+    def __init__(
+        self,
+        settings: MqttCurtailSettings,
+        *,
+        name: str = "mqtt",
+        clock: Callable[[], datetime] = _now_utc,
+        on_rejected: Callable[[Rejection], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._name = name
+        self._clock = clock
+        self._on_rejected = on_rejected
+        self._events: dict[str, GridEvent] = {}
+        self.rejected: list[Rejection] = []
+        self.changed = asyncio.Event()
+        self.connected = False
+        self.connects = 0
+        self._started_at = clock()
+        self._last_heartbeat: datetime | None = None
+        self._was_stale = False
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    # --- message logic (no I/O) -------------------------------------------------------------
+
+    def _reject(self, topic: str, payload: bytes, reason: str) -> None:
+        text = payload[:200].decode("utf-8", "replace")
+        rejection = Rejection(self._clock(), topic, text, reason)
+        self.rejected.append(rejection)
+        log.warning("%s: rejected message on %s: %s", self._name, topic, reason)
+        if self._on_rejected is not None:
+            self._on_rejected(rejection)
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Apply one message from ``topic`` (heartbeat or curtailment)."""
+        now = self._clock()
+        if topic == self.settings.heartbeat_topic:
+            self._last_heartbeat = now
+            if self._was_stale:
+                log.info("%s: heartbeat back", self._name)
+                self._was_stale = False
+                self.changed.set()
+            return
+        if not payload:
+            return  # an empty retained message clears the topic; it carries no command
+        try:
+            document = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._reject(topic, payload, f"malformed JSON: {exc}")
+            return
+        try:
+            message = CurtailMessage.model_validate(document)
+        except ValidationError as exc:
+            reasons = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            self._reject(topic, payload, f"invalid curtailment message: {reasons}")
+            return
+        program = self.settings.programs.get(message.program)
+        if program is None:
+            known = sorted(self.settings.programs)
+            self._reject(topic, payload, f"unknown program {message.program!r} (known: {known})")
+            return
+        if message.kind is not None:
+            try:
+                kind = ProgramKind(message.kind)
+            except ValueError:
+                kinds = [k.value for k in ProgramKind]
+                self._reject(topic, payload, f"unknown kind {message.kind!r} (one of {kinds})")
+                return
+            if kind != program.kind:
+                self._reject(
+                    topic,
+                    payload,
+                    f"kind {kind.value!r} contradicts program {message.program!r}, "
+                    f"configured as {program.kind.value!r}",
+                )
+                return
+        if message.state == "off":
+            if self._events.pop(message.event_id, None) is None:
+                self._reject(topic, payload, f"release of unknown event {message.event_id!r}")
+                return
+            log.info("%s: event %s released", self._name, message.event_id)
+            self.changed.set()
+            return
+        assert message.until is not None  # checked by the schema for state 'on'
+        if message.until <= now:
+            self._reject(
+                topic,
+                payload,
+                f"window already over: until {message.until.isoformat()} is not after "
+                f"{now.isoformat()}",
+            )
+            return
+        event = GridEvent(
+            event_id=message.event_id,
+            source=self._name,
+            program=message.program,
+            kind=program.kind,
+            start=(message.start or now).astimezone(UTC),
+            end=message.until.astimezone(UTC),
+            max_site_kw=message.max_site_kw,
+            shed_kw=message.shed_kw,
+            payment_usd_per_mwh=program.payment_usd_per_mwh,
+            penalty_usd_per_mwh=program.penalty_usd_per_mwh,
+            fail=program.fail,
+        )
+        if self._events.get(event.event_id) != event:
+            self._events[event.event_id] = event
+            log.info("%s: event %s: %s", self._name, event.event_id, _describe(event))
+            self.changed.set()
+
+    def heartbeat_age_s(self, now: datetime | None = None) -> float:
+        """Seconds since the last heartbeat (since start-up if none came yet)."""
+        now = now or self._clock()
+        return (now - (self._last_heartbeat or self._started_at)).total_seconds()
+
+    def heartbeat_stale(self, now: datetime | None = None) -> bool:
+        return self.heartbeat_age_s(now) > self.settings.heartbeat_max_age_s
+
+    def events(self) -> tuple[GridEvent, ...]:
+        """Every event not yet over, with the fail directions applied if the heartbeat is stale."""
+        now = self._clock()
+        known = [e for e in self._events.values() if e.end > now]
+        if not self.heartbeat_stale(now):
+            return tuple(known)
+        if not self._was_stale:
+            log.warning(
+                "%s: heartbeat stale (%.0f s > %g s): applying fail directions",
+                self._name,
+                self.heartbeat_age_s(now),
+                self.settings.heartbeat_max_age_s,
+            )
+            self._was_stale = True
+        max_age = timedelta(seconds=self.settings.heartbeat_max_age_s)
+        return apply_fail_directions(
+            known,
+            self.settings.programs,
+            source=self._name,
+            silent_since=(self._last_heartbeat or self._started_at) + max_age,
+            now=now,
+            hold_for=max_age,
+        )
+
+    # --- connection -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stay subscribed until ``stop`` is set; reconnect with capped exponential backoff."""
+        s = self.settings
+        delay_s = s.reconnect_min_s
+        while not stop.is_set():
+            try:
+                async with aiomqtt.Client(
+                    s.host,
+                    s.port,
+                    username=s.username,
+                    password=s.password.get_secret_value() if s.password else None,
+                    identifier=s.client_id,
+                ) as client:
+                    await client.subscribe(s.topic, qos=1)
+                    await client.subscribe(s.heartbeat_topic, qos=0)
+                    self.connected = True
+                    self.connects += 1
+                    delay_s = s.reconnect_min_s
+                    log.info("%s: subscribed to %s on %s:%d", self._name, s.topic, s.host, s.port)
+                    await self._consume(client, stop)
+            except aiomqtt.MqttError as exc:
+                if self.connected:
+                    log.warning("%s: connection lost: %s", self._name, exc)
+                else:
+                    log.debug("%s: cannot connect: %s", self._name, exc)
+            finally:
+                self.connected = False
+            if stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay_s)
+            delay_s = min(delay_s * 2, s.reconnect_max_s)
+
+    async def _consume(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            messages = aiter(client.messages)
+            while True:
+                nxt = asyncio.ensure_future(anext(messages))
+                done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    await asyncio.gather(nxt, return_exceptions=True)
+                    return
+                message = nxt.result()
+                payload = message.payload
+                if not isinstance(payload, bytes | bytearray):
+                    payload = str(payload if payload is not None else "").encode()
+                self.handle(str(message.topic), bytes(payload))
+        finally:
+            stopper.cancel()
+            await asyncio.gather(stopper, return_exceptions=True)
+
+
+def _describe(event: GridEvent) -> str:
+    target = (
+        f"site ≤ {event.max_site_kw:g} kW"
+        if event.max_site_kw is not None
+        else f"shed {event.shed_kw:g} kW"
+    )
+    return (
+        f"{event.kind.value} {event.program} {target} "
+        f"{event.start.isoformat()} → {event.end.isoformat()}"
+    )

@@ -1,0 +1,277 @@
+"""Generic HTTP JSON price poller: one GET, a value (and optional timestamp) found by field path.
+
+Any JSON price feed fits: ``value_path="data.0.price"`` walks dict keys and list indexes,
+``unit`` converts to the project's unit (USD/MWh for energy, USD per PH/s per day for
+hashprice), ``time_path`` optionally names the reading's timestamp (ISO 8601 with a zone, or
+epoch seconds). Every answer is validated; what is wrong becomes :class:`BadInput` with a
+message naming the URL, the path and what was expected:
+
+* malformed JSON, a missing field, a value that is not a number (strings, booleans), NaN/inf;
+* a timestamp more than ``max_future_s`` ahead of our clock or older than ``max_age_s``.
+
+Transport failures (refused, reset, timeout, HTTP status ≥ 400) become :class:`SourceError`.
+A failed poll never replaces the last good reading: ``last_good`` and ``age_s()`` say what we
+have and how old it is, ``last_error`` why the newest poll failed. The coordinator calls
+``latest()`` on the ``poll_interval_s`` schedule (or runs :meth:`HttpJsonSource.run`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Literal, Self
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from drivers.errors import BadInput, SourceError
+from drivers.prices.base import PriceReading
+
+log = logging.getLogger(__name__)
+
+# Factor to the project's unit: energy → USD/MWh, hashprice → USD per PH/s per day,
+# "raw" leaves the number as it is (BTC price, difficulty) for computed hashprice.
+UNIT_FACTORS: dict[str, float] = {
+    "USD/MWh": 1.0,
+    "USD/kWh": 1000.0,
+    "cents/kWh": 10.0,
+    "USD/PH/day": 1.0,
+    "USD/TH/day": 1000.0,
+    "raw": 1.0,
+}
+Unit = Literal["USD/MWh", "USD/kWh", "cents/kWh", "USD/PH/day", "USD/TH/day", "raw"]
+
+
+class HttpJsonSettings(BaseModel):
+    """Config of an HTTP JSON price feed (``type: http_json``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["http_json"] = "http_json"
+    url: str = Field(description="http(s) URL answering JSON")
+    value_path: str = Field(min_length=1, description="dot path to the number, e.g. data.0.price")
+    time_path: str | None = Field(default=None, description="dot path to the timestamp")
+    unit: Unit = "USD/MWh"
+    interval_s: float = Field(default=900.0, gt=0, description="length of a priced interval")
+    poll_interval_s: float = Field(default=60.0, gt=0)
+    timeout_s: float = Field(default=5.0, gt=0)
+    max_future_s: float = Field(default=300.0, ge=0, description="tolerated clock skew ahead")
+    max_age_s: float = Field(default=3600.0, gt=0, description="older timestamps are rejected")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        return url
+
+
+class _Missing(Exception):
+    """A field path does not resolve; carries the part that failed."""
+
+
+def resolve_path(document: Any, path: str) -> Any:
+    """Walk ``a.0.b`` through dicts (keys) and lists (indexes); raise ``_Missing`` if absent."""
+    node = document
+    walked: list[str] = []
+    for part in path.split("."):
+        walked.append(part)
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif (
+            isinstance(node, list)
+            and part.lstrip("-").isdigit()
+            and -len(node) <= int(part) < len(node)
+        ):
+            node = node[int(part)]
+        else:
+            raise _Missing(".".join(walked))
+    return node
+
+
+def parse_timestamp(raw: Any) -> datetime:
+    """An ISO-8601 string with a zone, or epoch seconds; ValueError otherwise."""
+    if isinstance(raw, bool):
+        raise ValueError("a boolean is not a timestamp")
+    if isinstance(raw, int | float):
+        if not math.isfinite(raw):
+            raise ValueError("not finite")
+        return datetime.fromtimestamp(raw, tz=UTC)
+    if isinstance(raw, str):
+        stamp = datetime.fromisoformat(raw.strip())
+        if stamp.tzinfo is None:
+            raise ValueError("no time zone")
+        return stamp.astimezone(UTC)
+    raise ValueError(f"a {type(raw).__name__} is not a timestamp")
+
+
+def _now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+class HttpJsonSource:
+    """Polls one JSON URL for one price; a :class:`~drivers.prices.base.PriceSource`.
+
+    Use as an async context manager (it owns an ``httpx.AsyncClient``), or pass ``client``.
+    ``clock`` gives "now" in UTC for timestamp checks and the reading's ``at``.
+    """
+
+    def __init__(
+        self,
+        settings: HttpJsonSettings,
+        *,
+        name: str | None = None,
+        clock: Callable[[], datetime] = _now_utc,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self._name = name or f"http:{settings.url}"
+        self._clock = clock
+        self._client = client
+        self._owns_client = client is None
+        self.last_good: PriceReading | None = None
+        self.last_error: SourceError | None = None
+        self._failing = False
+
+    async def __aenter__(self) -> Self:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.settings.timeout_s)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._client is not None and self._owns_client:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def poll_interval_s(self) -> float:
+        return self.settings.poll_interval_s
+
+    def age_s(self, now: datetime | None = None) -> float | None:
+        """Seconds since the last good reading was received, or None if there is none."""
+        if self.last_good is None:
+            return None
+        return ((now or self._clock()) - self.last_good.at).total_seconds()
+
+    async def fetch_json(self) -> Any:
+        """GET the URL and decode JSON: SourceError on transport, BadInput on the body."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.settings.timeout_s)
+            self._owns_client = True
+        url = self.settings.url
+        try:
+            response = await self._client.get(url, timeout=self.settings.timeout_s)
+        except httpx.TimeoutException as exc:
+            raise SourceError(
+                self._name, f"no answer from {url} within {self.settings.timeout_s:g} s"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise SourceError(
+                self._name, f"cannot reach {url}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if response.status_code >= 400:
+            raise SourceError(self._name, f"{url} answered HTTP {response.status_code}")
+        try:
+            return json.loads(response.content)
+        except (ValueError, UnicodeDecodeError) as exc:
+            snippet = response.content[:60].decode("utf-8", "replace")
+            raise BadInput(
+                self._name, f"{url} answered malformed JSON ({exc}); body starts {snippet!r}"
+            ) from exc
+
+    def reading_from(self, document: Any, received: datetime) -> PriceReading:
+        """Validate a decoded answer into a reading (pure apart from ``received``)."""
+        s = self.settings
+        try:
+            raw = resolve_path(document, s.value_path)
+        except _Missing as exc:
+            raise BadInput(
+                self._name, f"{s.url}: field {s.value_path!r} is missing (no {exc.args[0]!r})"
+            ) from None
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise BadInput(
+                self._name,
+                f"{s.url}: field {s.value_path!r}: expected a number in {s.unit}, got {raw!r}",
+            )
+        if not math.isfinite(raw):
+            raise BadInput(
+                self._name,
+                f"{s.url}: field {s.value_path!r}: expected a finite number, got {raw!r}",
+            )
+        interval_start = received
+        if s.time_path is not None:
+            try:
+                stamp_raw = resolve_path(document, s.time_path)
+            except _Missing as exc:
+                raise BadInput(
+                    self._name,
+                    f"{s.url}: field {s.time_path!r} is missing (no {exc.args[0]!r})",
+                ) from None
+            try:
+                interval_start = parse_timestamp(stamp_raw)
+            except (ValueError, OverflowError, OSError) as exc:
+                raise BadInput(
+                    self._name,
+                    f"{s.url}: field {s.time_path!r}: expected an ISO-8601 timestamp with a "
+                    f"zone or epoch seconds, got {stamp_raw!r} ({exc})",
+                ) from None
+            ahead_s = (interval_start - received).total_seconds()
+            if ahead_s > s.max_future_s:
+                raise BadInput(
+                    self._name,
+                    f"{s.url}: timestamp {interval_start.isoformat()} is {ahead_s:.0f} s in the "
+                    f"future (tolerance {s.max_future_s:g} s)",
+                )
+            if -ahead_s > s.max_age_s:
+                raise BadInput(
+                    self._name,
+                    f"{s.url}: timestamp {interval_start.isoformat()} is {-ahead_s:.0f} s old "
+                    f"(at most {s.max_age_s:g} s accepted)",
+                )
+        return PriceReading(
+            source=self._name,
+            interval_start=interval_start,
+            interval_s=s.interval_s,
+            value=float(raw) * UNIT_FACTORS[s.unit],
+            at=received,
+        )
+
+    async def latest(self) -> PriceReading:
+        """Poll once: the new reading, or raise (and keep ``last_good`` unchanged)."""
+        try:
+            document = await self.fetch_json()
+            reading = self.reading_from(document, self._clock())
+        except SourceError as exc:
+            self.last_error = exc
+            if not self._failing:  # log the change, not every failed poll
+                log.warning("price source %s failing: %s", self._name, exc.message)
+                self._failing = True
+            raise
+        if self._failing:
+            log.info("price source %s recovered", self._name)
+            self._failing = False
+        self.last_good = reading
+        self.last_error = None
+        return reading
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll every ``poll_interval_s`` until ``stop`` is set; failures are kept, not raised."""
+        while not stop.is_set():
+            with contextlib.suppress(SourceError):  # kept in last_error, logged once
+                await self.latest()
+            try:
+                await asyncio.wait_for(stop.wait(), self.settings.poll_interval_s)
+            except TimeoutError:
+                continue

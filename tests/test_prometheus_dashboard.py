@@ -1,0 +1,67 @@
+"""The Grafana dashboard JSON is importable as is: inputs, datasource variable, sane panels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "configs" / "grafana-dashboard.json"
+
+
+def load() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def test_datasource_is_an_input_and_a_variable() -> None:
+    dash = load()
+    assert dash["__inputs"][0]["type"] == "datasource"
+    assert dash["__inputs"][0]["pluginId"] == "prometheus"
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    ds = variables["datasource"]
+    assert ds["type"] == "datasource"
+    assert ds["query"] == "prometheus"
+    assert ds["current"]["value"] == "${" + dash["__inputs"][0]["name"] + "}"
+    assert dash["id"] is None  # Grafana assigns its own on import
+    assert dash["uid"]
+
+
+def test_every_panel_uses_the_datasource_variable_and_has_queries() -> None:
+    dash = load()
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = [p["title"] for p in dash["panels"] if p["type"] != "row"]
+    for panel in dash["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs))
+        for t in panel["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}"
+            assert t["expr"].strip()
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24
+    text = " ".join(titles).lower()
+    for topic in ("limit", "breakeven", "workload", "miners", "grid", "ages", "faulted"):
+        assert topic in text, topic
+
+
+def test_dashboard_only_queries_metrics_the_agent_exports() -> None:
+    import re
+
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.metrics import build_registry
+    from tests.sample_state import NOW, sample_config, sample_state
+
+    exported = set()
+    text = generate_latest(build_registry(sample_state(), sample_config(), clock=lambda: NOW))
+    for fam in text_string_to_metric_families(text.decode()):
+        exported |= {s.name for s in fam.samples}
+    used = set(re.findall(r"\b(site_agent_[a-z_]+)", DASHBOARD.read_text()))
+    assert used, "no site_agent metric in the dashboard"
+    assert used <= exported, f"unknown metrics: {used - exported}"

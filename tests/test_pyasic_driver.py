@@ -1,0 +1,301 @@
+"""The pyasic miner driver against the LuxOS simulator: readings, commands, faults, fleets."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from pyasic import settings as pyasic_settings
+
+from drivers.errors import (
+    BadReply,
+    CommandRejected,
+    DeviceError,
+    DeviceTimeout,
+    DeviceUnavailable,
+)
+from drivers.miners.base import (
+    MinerMode,
+    MinerPowerProfile,
+    MinerReading,
+    MinerSleepWake,
+    MinerTelemetry,
+)
+from drivers.miners.pyasic_driver import (
+    PyasicMiner,
+    discover,
+    read_fleet,
+    scan_subnet,
+    sleep_fleet,
+)
+from simulators.luxos import LuxosFleet, fleet_specs
+from simulators.luxos_model import FaultKind, ManualClock, Timing
+
+ROOT = Path(__file__).resolve().parent.parent
+S19 = "127.21.1.1"  # round-robin models: odd hosts S19j Pro, even hosts S21
+S21 = "127.21.1.2"
+TIMEOUT_S = 0.5
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def fleet(clock: ManualClock) -> AsyncIterator[LuxosFleet]:
+    async with LuxosFleet(
+        fleet_specs(8, "127.21.1.1"), clock=clock, timing=Timing(10.0, 1.0, 1.0)
+    ) as f:
+        yield f
+
+
+@pytest.fixture
+def semaphore() -> asyncio.Semaphore:
+    return asyncio.Semaphore(16)
+
+
+def miner(address: str, semaphore: asyncio.Semaphore, device_id: str | None = None) -> PyasicMiner:
+    return PyasicMiner.luxos(
+        address, semaphore, device_id=device_id or f"m-{address}", timeout_s=TIMEOUT_S
+    )
+
+
+async def test_discover_by_address_identifies_models_and_reports_missing(
+    fleet: LuxosFleet, semaphore: asyncio.Semaphore
+) -> None:
+    found = await discover(
+        {"rack1-a": S19, "rack1-b": S21, "ghost": "127.21.9.9"},
+        semaphore,
+        identify_timeout_s=5.0,
+    )
+    a, b, ghost = found["rack1-a"], found["rack1-b"], found["ghost"]
+    assert isinstance(a, PyasicMiner)
+    assert isinstance(b, PyasicMiner)
+    assert (await a.read()).model == "S19j Pro"
+    assert (await b.read()).model == "S21"
+    assert isinstance(ghost, DeviceUnavailable)
+    assert ghost.device_id == "ghost"
+
+
+async def test_scan_subnet_finds_all_and_restores_pyasic_global(
+    fleet: LuxosFleet, semaphore: asyncio.Semaphore
+) -> None:
+    before = pyasic_settings.get("network_scan_semaphore")
+    found = await scan_subnet("127.21.1.0/28", semaphore, scan_concurrency=4)
+    assert [m.address for m in found] == fleet.addresses
+    assert pyasic_settings.get("network_scan_semaphore") == before
+
+
+async def test_read_reports_measured_values_and_derived_mode(
+    fleet: LuxosFleet, semaphore: asyncio.Semaphore
+) -> None:
+    m = miner(S21, semaphore)
+    assert isinstance(m, MinerTelemetry)
+    assert isinstance(m, MinerSleepWake)
+    assert isinstance(m, MinerPowerProfile)
+    r = await m.read()
+    assert r.device_id == f"m-{S21}"
+    assert r.address == S21
+    assert r.power_w == 3500
+    # The per-board chain_rate sum, not pyasic's hashrate getter (None on LuxOS).
+    assert r.hashrate_ths == pytest.approx(200.0)
+    assert r.mode is MinerMode.MINING
+    assert r.profile == "default"
+    assert [p.name for p in r.profiles] == ["-2", "-1", "default", "+1"]
+    assert r.profiles[0].power_w == 2790
+    assert r.temperature_c is not None
+    assert r.temperature_c == pytest.approx(fleet.miners[S21].chip_c(), abs=4.0)
+    assert len(r.fans_rpm) == 4
+
+
+async def test_sleep_and_wake_follow_the_simulated_physics(
+    fleet: LuxosFleet, clock: ManualClock, semaphore: asyncio.Semaphore
+) -> None:
+    m = miner(S19, semaphore)
+    await m.sleep()
+    assert fleet.miners[S19].sleeping
+    clock.advance(1.0)
+    asleep = await m.read()
+    assert asleep.mode is MinerMode.SLEEPING
+    assert asleep.power_w == 28
+    assert asleep.hashrate_ths == 0.0
+
+    await m.wake()
+    clock.advance(4.0)  # 40 % into the 10 s wake ramp
+    waking = await m.read()
+    assert waking.mode is MinerMode.WAKING
+    assert 28 < waking.power_w < 3068
+    clock.advance(6.0)
+    assert (await m.read()).mode is MinerMode.MINING
+    # Temperatures follow power: the wake made the chips warmer than they were asleep.
+    clock.advance(120.0)
+    warm = await m.read()
+    assert warm.temperature_c is not None
+    assert asleep.temperature_c is not None
+    assert warm.temperature_c > asleep.temperature_c
+
+
+async def test_set_profile_and_power_limit_change_the_operating_point(
+    fleet: LuxosFleet, clock: ManualClock, semaphore: asyncio.Semaphore
+) -> None:
+    m = miner(S19, semaphore)
+    await m.set_profile("-2")
+    state = fleet.miners[S19]
+    assert state.profile == "-2"
+    assert state.atm_enabled
+    clock.advance(1.0)
+    r = await m.read()
+    assert r.profile == "-2"
+    assert r.power_w == 2450
+    assert r.hashrate_ths == pytest.approx(88.0)
+
+    assert await m.set_power_limit(3100) == "default"
+    assert state.profile == "default"
+
+
+async def test_bad_profile_or_limit_is_rejected_and_changes_nothing(
+    fleet: LuxosFleet, semaphore: asyncio.Semaphore
+) -> None:
+    m = miner(S19, semaphore)
+    with pytest.raises(CommandRejected, match="unknown profile 'turbo'"):
+        await m.set_profile("turbo")
+    with pytest.raises(CommandRejected, match="no profile at or below 1000 W"):
+        await m.set_power_limit(1000)
+    state = fleet.miners[S19]
+    assert (state.profile, state.atm_enabled, state.sleeping) == ("default", True, False)
+
+
+@pytest.mark.parametrize(
+    ("fault", "delay_s", "error"),
+    [
+        (FaultKind.HANG, 0.0, DeviceTimeout),
+        (FaultKind.SLOW, 2.0, DeviceTimeout),
+        (FaultKind.GARBAGE, 0.0, BadReply),
+        (FaultKind.ERROR, 0.0, CommandRejected),
+    ],
+)
+@pytest.mark.parametrize("operation", ["read", "sleep", "set_profile"])
+async def test_each_fault_maps_to_the_project_error_within_the_timeout(
+    fleet: LuxosFleet,
+    semaphore: asyncio.Semaphore,
+    fault: FaultKind,
+    delay_s: float,
+    error: type[DeviceError],
+    operation: str,
+) -> None:
+    m = miner(S21, semaphore, device_id="rack2-s21")
+    fleet.set_fault(S21, fault, delay_s)
+    t0 = time.perf_counter()
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "read": m.read,
+        "sleep": m.sleep,
+        "set_profile": lambda: m.set_profile("-1"),
+    }
+    call = calls[operation]
+    with pytest.raises(error) as caught:
+        await call()
+    elapsed = time.perf_counter() - t0
+    assert caught.value.device_id == "rack2-s21"
+    assert "rack2-s21" in str(caught.value)
+    assert caught.value.__cause__ is not None
+    # One exchange at most runs into the timeout before the call gives up.
+    assert elapsed < 2 * TIMEOUT_S
+    assert not fleet.miners[S21].sleeping
+
+
+async def test_slow_answer_within_the_timeout_is_a_normal_reading(
+    fleet: LuxosFleet, semaphore: asyncio.Semaphore
+) -> None:
+    fleet.set_fault(S21, FaultKind.SLOW, 0.1)
+    assert (await miner(S21, semaphore).read()).power_w == 3500
+
+
+async def test_refused_connection_is_device_unavailable(semaphore: asyncio.Semaphore) -> None:
+    with pytest.raises(DeviceUnavailable, match=r"m-127\.21\.9\.1: .*Connect call failed"):
+        await miner("127.21.9.1", semaphore).read()
+
+
+async def test_ignored_command_is_visible_in_telemetry(
+    fleet: LuxosFleet, clock: ManualClock, semaphore: asyncio.Semaphore
+) -> None:
+    m = miner(S19, semaphore)
+    fleet.set_fault(S19, FaultKind.IGNORE)
+    await m.sleep()  # the miner says yes...
+    clock.advance(5.0)
+    r = await m.read()
+    assert r.mode is MinerMode.MINING  # ...and keeps mining
+    assert r.power_w == 3068
+    assert not fleet.miners[S19].sleeping
+
+
+async def test_reboot_is_unavailable_then_back_in_default_state_with_new_session(
+    fleet: LuxosFleet, semaphore: asyncio.Semaphore
+) -> None:
+    m = miner(S19, semaphore)
+    await m.set_profile("-1")
+    fleet.set_fault(S19, FaultKind.REBOOT, 0.2)
+    with pytest.raises(DeviceUnavailable):
+        await m.read()
+    await asyncio.sleep(0.3)
+    r = await m.read()
+    assert r.profile == "default"
+    # Our session died with the reboot; the driver opens a new one transparently.
+    await m.sleep()
+    assert fleet.miners[S19].sleeping
+
+
+async def test_read_fleet_returns_readings_and_errors_without_waiting_on_hangs(
+    fleet: LuxosFleet, semaphore: asyncio.Semaphore
+) -> None:
+    miners = [miner(a, semaphore) for a in fleet.addresses]
+    fleet.set_fault("127.21.1.3", FaultKind.HANG)
+    fleet.set_fault("127.21.1.4", FaultKind.GARBAGE)
+    t0 = time.perf_counter()
+    results = await read_fleet(miners)
+    assert time.perf_counter() - t0 < 2 * TIMEOUT_S
+    assert isinstance(results["m-127.21.1.3"], DeviceTimeout)
+    assert isinstance(results["m-127.21.1.4"], BadReply)
+    readings = [r for r in results.values() if isinstance(r, MinerReading)]
+    assert len(readings) == 6
+    assert sum(r.power_w for r in readings) == 3 * 3068 + 3 * 3500
+
+
+async def test_the_shared_semaphore_bounds_concurrency(fleet: LuxosFleet) -> None:
+    # Two slots, four hung miners: the hangs queue behind each other in pairs.
+    one_slot_pair = asyncio.Semaphore(2)
+    hung = fleet.addresses[:4]
+    for a in hung:
+        fleet.set_fault(a, FaultKind.HANG)
+    t0 = time.perf_counter()
+    results = await read_fleet([miner(a, one_slot_pair) for a in hung])
+    elapsed = time.perf_counter() - t0
+    assert all(isinstance(r, DeviceTimeout) for r in results.values())
+    assert 2 * TIMEOUT_S <= elapsed < 2 * TIMEOUT_S + 0.5
+
+
+async def test_sleep_fleet_reports_per_miner_results(
+    fleet: LuxosFleet, semaphore: asyncio.Semaphore
+) -> None:
+    fleet.set_fault("127.21.1.2", FaultKind.ERROR)
+    results = await sleep_fleet([miner(a, semaphore) for a in fleet.addresses])
+    assert isinstance(results["m-127.21.1.2"], CommandRejected)
+    assert sum(r is None for r in results.values()) == 7
+    assert sum(s.sleeping for s in fleet.miners.values()) == 7
+
+
+def test_importing_the_driver_leaves_the_root_logger_alone() -> None:
+    code = (
+        "import logging; import drivers.miners.pyasic_driver; "
+        "r = logging.getLogger(); print(len(r.handlers), r.level)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", str(30)]  # no handler added; WARNING is the default

@@ -158,7 +158,6 @@ def job_trace(
 ) -> list[TraceJob]:
     """Draw arrivals per class, then place them interval by interval (SLA first, then
     preemptible, then filler; FIFO within a class; best fit on nodes)."""
-    rng = random.Random(seed)
     dt_h = interval_s / 3600.0
     # The spec's rates are for a 256-GPU pod; scale them to this site's GPUs.
     scale = sum(node_gpus) / 256.0
@@ -171,6 +170,8 @@ def job_trace(
     )
     max_gpus = max(node_gpus, default=0)
     for prio, (cls, mix) in enumerate(mixes):
+        # One stream per class, so a shorter period gets a prefix of a longer one's trace.
+        rng = random.Random(f"site-agent-trace:{seed}:{cls.value}")
         rate_per_h = mix.arrivals_per_h * scale
         if rate_per_h <= 0:
             continue

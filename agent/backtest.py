@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from agent.backtest_data import Series, TraceJob, job_trace, load_series, sample_at
+from agent.backtest_data import (
+    Series,
+    TraceJob,
+    job_trace,
+    load_events,
+    load_series,
+    sample_at,
+)
 from agent.backtest_sim import (
     BacktestError,
     Decide,
@@ -38,6 +45,7 @@ from agent.backtest_sim import (
     run_oracle,
     run_policy,
     run_strike,
+    with_events,
 )
 from agent.config import AgentConfig, ConfigError, load_config
 from drivers.errors import AgentError
@@ -65,6 +73,7 @@ class BacktestArgs:
     end: datetime | None = None
     strike_usd_per_mwh: float | None = None  # None: the fleet's breakeven
     strike_n: int = 1
+    events: Path | None = None  # demand-response events CSV (agent.backtest_data.EVENT_COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +288,8 @@ def run_backtest(
     node_gpus = [n.gpus for n in site.nodes]
     trace = tuple(job_trace(args.jobs_seed, len(market), market.interval_s, node_gpus))
     occ = occupancy(site, trace, len(market))
+    if args.events is not None:
+        market = with_events(market, load_events(args.events), site, occ)
     seconds["inputs"] = time.perf_counter() - t0
     strike = args.strike_usd_per_mwh
     if strike is None:
@@ -337,6 +348,8 @@ def result_json(res: BacktestResult) -> dict[str, Any]:
         "column": a.column,
         "day_ahead": None if a.day_ahead is None else str(a.day_ahead),
         "system_load": None if a.system_load is None else str(a.system_load),
+        "events": None if a.events is None else str(a.events),
+        "event_count": len(m.events),
         "hashprice_usd_per_ph_day": a.hashprice if a.hashprice_csv is None else None,
         "hashprice_csv": None if a.hashprice_csv is None else str(a.hashprice_csv),
         "hashprice_mean": round(sum(hp) / len(hp), 4) if hp else None,
@@ -438,6 +451,7 @@ def register(sub: Any) -> None:
     hp = p.add_mutually_exclusive_group()
     hp.add_argument("--hashprice", type=float, help="USD per PH/s per day (default: config)")
     hp.add_argument("--hashprice-csv", type=Path, help="CSV: time, hashprice")
+    p.add_argument("--events", type=Path, help="demand-response events CSV (see the README)")
     p.add_argument("--jobs-seed", type=int, default=1, help="seed of the AI job trace")
     p.add_argument(
         "--block-size",
@@ -473,6 +487,7 @@ def cli(ns: argparse.Namespace) -> int:
         end=ns.end,
         strike_usd_per_mwh=ns.strike,
         strike_n=ns.strike_n,
+        events=ns.events,
     )
     try:
         res = run_backtest(args)

@@ -11,6 +11,8 @@ classes) from a seed, and places them on the GPU nodes with a simple best-fit sc
 does not depend on the strategy being scored: jobs are rentals that occupy their GPUs from
 start to end whatever the policy does (suspending one loses its revenue and work, it does not
 extend it). So every strategy faces the same occupancy and the oracle stays an upper bound.
+
+:func:`load_events` reads demand-response events (one per row) for the backtest.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from drivers.errors import BadInput, SourceError
+from drivers.grid.base import GridEvent, ProgramKind
 from drivers.jobs.base import JobClass
 
 
@@ -221,3 +224,99 @@ def job_trace(
                 )
             queue[:] = waiting
     return placed
+
+
+# --- grid events ---------------------------------------------------------------------------
+
+EVENT_COLUMNS = (
+    "event_id",
+    "program",
+    "kind",
+    "start_utc",
+    "end_utc",
+    "max_site_kw",
+    "shed_kw",
+    "payment_usd_per_mwh",
+    "penalty_usd_per_mwh",
+)
+
+
+def load_events(path: Path | str) -> tuple[GridEvent, ...]:
+    """Demand-response events from a CSV with the header :data:`EVENT_COLUMNS` (``max_site_kw``
+    or ``shed_kw`` may be empty, not both). Every problem names the file, line and column."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SourceError(p.name, f"cannot open {p}: {exc.strerror or exc}") from None
+    rows = list(csv.reader(text.splitlines()))
+    header = [h.strip() for h in rows[0]] if rows else []
+    missing = [c for c in EVENT_COLUMNS if c not in header]
+    if missing:
+        raise _bad(p, 1, missing[0], f"not in the header (expected {', '.join(EVENT_COLUMNS)})")
+    events: list[GridEvent] = []
+    ids: set[str] = set()
+    for line, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise _bad(p, line, header[-1], f"row has {len(row)} fields, expected {len(header)}")
+        cell = {h: v.strip() for h, v in zip(header, row, strict=True)}
+
+        eid = cell["event_id"]
+        if not eid or eid in ids:
+            raise _bad(p, line, "event_id", f"expected a unique, non-empty id, got {eid!r}")
+        ids.add(eid)
+        try:
+            kind = ProgramKind(cell["kind"])
+        except ValueError:
+            known = ", ".join(k.value for k in ProgramKind)
+            raise _bad(p, line, "kind", f"expected one of {known}, got {cell['kind']!r}") from None
+        start = _event_instant(p, line, "start_utc", cell["start_utc"])
+        end = _event_instant(p, line, "end_utc", cell["end_utc"])
+        if end <= start:
+            raise _bad(p, line, "end_utc", f"the event ends ({end}) before it starts ({start})")
+        max_kw = _event_number(p, line, "max_site_kw", cell["max_site_kw"], True)
+        shed_kw = _event_number(p, line, "shed_kw", cell["shed_kw"], True)
+        if max_kw is None and shed_kw is None:
+            raise _bad(p, line, "max_site_kw", "give max_site_kw or shed_kw")
+        events.append(
+            GridEvent(
+                event_id=eid,
+                source=p.name,
+                program=cell["program"],
+                kind=kind,
+                start=start,
+                end=end,
+                max_site_kw=max_kw,
+                shed_kw=shed_kw,
+                payment_usd_per_mwh=_event_number(
+                    p, line, "payment_usd_per_mwh", cell["payment_usd_per_mwh"], True
+                )
+                or 0.0,
+                penalty_usd_per_mwh=_event_number(
+                    p, line, "penalty_usd_per_mwh", cell["penalty_usd_per_mwh"], True
+                )
+                or 0.0,
+            )
+        )
+    return tuple(events)
+
+
+def _event_number(p: Path, line: int, col: str, raw: str, optional: bool) -> float | None:
+    if raw == "" and optional:
+        return None
+    try:
+        v = float(raw)
+    except ValueError:
+        raise _bad(p, line, col, f"expected a number, got {raw!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise _bad(p, line, col, f"expected a finite number ≥ 0, got {raw!r}")
+    return v
+
+
+def _event_instant(p: Path, line: int, col: str, raw: str) -> datetime:
+    try:
+        return datetime.fromtimestamp(parse_time_s(raw), tz=UTC)
+    except ValueError as exc:
+        raise _bad(p, line, col, f"bad timestamp {raw!r}: {exc}") from None

@@ -4,7 +4,8 @@ Top panel: the real-time price (symlog scale, since ERCOT goes from negative to 
 each miner model's breakeven at its top profile, the value of an hour of each AI job class per
 MWh of GPU power, and the 4CP risk the policy saw. Bottom panel: the policy's site power
 stacked by workload (mining, AI incl. host overhead), with the oracle's and strike's total for
-comparison. True 4CP intervals are marked in both. Uses matplotlib's Agg backend (no display).
+comparison. True 4CP intervals (purple lines) and demand-response events (cyan) are marked.
+Uses matplotlib's Agg backend (no display).
 """
 
 from __future__ import annotations
@@ -103,6 +104,18 @@ def plot_week(res: BacktestResult, start: datetime, end: datetime, out: Path) ->
     ax2.set_ylabel("MW")
     ax2.grid(alpha=0.3)
     ax2.legend(loc="lower left", fontsize=8, ncol=3)
+    window = (start.timestamp(), end.timestamp())
+    for n, event in enumerate(m.events):
+        lo, hi = max(event.start.timestamp(), window[0]), min(event.end.timestamp(), window[1])
+        if lo < hi:
+            for ax in (ax1, ax2):
+                ax.axvspan(
+                    datetime.fromtimestamp(lo, tz=UTC),
+                    datetime.fromtimestamp(hi, tz=UTC),
+                    color="tab:cyan",
+                    alpha=0.25,
+                    label=f"{event.kind} event" if n == 0 and ax is ax2 else None,
+                )
     for ax in (ax1, ax2):
         for i in idx:
             if m.peak and m.peak[i]:

@@ -30,14 +30,15 @@ site kW in each true monthly peak interval / 4.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from agent.backtest_data import TraceJob
 from agent.config import AgentConfig, GpuNodeConfig
 from agent.domain import (
     SLEEP,
+    ActiveEvent,
     GpuNodeView,
     JobView,
     MinerView,
@@ -47,7 +48,9 @@ from agent.domain import (
     Snapshot,
 )
 from agent.economics import breakeven_usd_per_mwh, gpu_throughput_fraction
+from agent.store import event_target_w
 from drivers.errors import AgentError
+from drivers.grid.base import GridEvent
 from drivers.jobs.base import JobClass, JobState
 
 STRATEGIES = ("policy", "oracle", "always_on", "strike")
@@ -76,6 +79,11 @@ class Market:
     fourcp_risk: tuple[float, ...] = ()
     fourcp_reason: tuple[str, ...] = ()
     peak: tuple[bool, ...] = ()  # the true monthly 4CP intervals (known only afterwards)
+    # Demand-response events, the intervals each is in force, and the baseline every strategy
+    # is settled against (see :func:`with_events`).
+    events: tuple[GridEvent, ...] = ()
+    event_baseline_w: tuple[float, ...] = ()
+    active_events: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.starts_s)
@@ -260,7 +268,22 @@ class Ledger:
             fourcp = fourcp_usd_per_kw(self.fourcp_rate_usd_per_kw_year) * site_w / 1000.0
             self.fourcp_cost_usd += fourcp
             cost += fourcp
-        self.interval_margin_usd.append((mining_usd_per_h + ai_usd_per_h) * dt_h - cost)
+        dr = 0.0
+        for e in market.active_events.get(i, ()):
+            # The live settlement rule (agent.store): paid for the reduction below the
+            # baseline down to the target, penalised for every MWh above the target.
+            event, baseline_w = market.events[e], market.event_baseline_w[e]
+            target_w = event_target_w(event, baseline_w)
+            if target_w is None:
+                continue
+            delivered_mwh = max(0.0, baseline_w - max(site_w, target_w)) / 1e6 * dt_h
+            shortfall_mwh = max(0.0, site_w - target_w) / 1e6 * dt_h
+            paid = delivered_mwh * event.payment_usd_per_mwh
+            penalty = shortfall_mwh * event.penalty_usd_per_mwh
+            self.demand_response_usd += paid
+            self.dr_penalty_usd += penalty
+            dr += paid - penalty
+        self.interval_margin_usd.append((mining_usd_per_h + ai_usd_per_h) * dt_h - cost + dr)
         self.mining_w.append(mining_w)
         self.ai_w.append(ai_w)
 
@@ -408,40 +431,74 @@ def _oracle_choice(
     return ch
 
 
+def _land(
+    q_lo: float,
+    lo: _Choice,
+    q_hi: float,
+    hi: _Choice,
+    target_w: float,
+    choose: Callable[[float], _Choice],
+) -> _Choice:
+    """``lo`` (at price ``q_lo``) draws more than ``target_w``, ``hi`` (at ``q_hi``) not more:
+    bisect the price, then mix the two bracketing choices to land exactly on the target."""
+    for _ in range(60):
+        mid = (q_lo + q_hi) / 2.0
+        if mid in (q_lo, q_hi):
+            break
+        c = choose(mid)
+        if c.power_w > target_w:
+            q_lo, lo = mid, c
+        else:
+            q_hi, hi = mid, c
+    if lo.power_w <= hi.power_w:
+        return hi
+    theta = (target_w - hi.power_w) / (lo.power_w - hi.power_w)
+    return lo.mix(hi, theta)
+
+
 def oracle_interval(
     q: float,
     limit_w: float,
     choose: Callable[[float], _Choice],
+    soft: Sequence[tuple[float, float]] = (),
 ) -> _Choice:
-    """The best choice at effective price ``q`` under ``limit_w``.
+    """The best choice at energy price ``q`` under the hard ``limit_w`` and ``soft`` targets.
 
-    When the unconstrained best fits, it is exact. Otherwise the limit's multiplier λ is found
-    by bisection (power is non-increasing in q + λ) and the two bracketing choices are mixed to
-    land on the limit: the LP relaxation's optimum, which bounds every integer choice."""
-    free = choose(q)
-    if free.power_w <= limit_w:
-        return free
-    lam_lo, lam_hi = 0.0, 1.0
-    hi = choose(q + lam_hi)
-    while hi.power_w > limit_w and lam_hi < 1e12:
-        lam_lo, lam_hi = lam_hi, lam_hi * 4.0
-        hi = choose(q + lam_hi)
+    A soft target ``(target_w, extra)`` (a demand-response event) makes every MWh above it cost
+    ``extra`` more (its payment forgone plus its penalty), so the cost of power is convex and
+    piecewise linear. Power is non-increasing in price, so the optimum is either the best
+    choice at one segment's price or sits on a breakpoint, where the two bracketing choices are
+    mixed (the LP relaxation's optimum: it bounds every integer choice). When nothing binds,
+    the result is exact."""
+    points = sorted((t, m) for t, m in soft if t < limit_w)
+    price = q
+    prev: _Choice | None = None
+    prev_price = q
+    lower = -math.inf
+    for k in range(len(points) + 1):
+        upper = points[k][0] if k < len(points) else limit_w
+        c = choose(price)
+        if c.power_w <= upper:
+            if prev is None or c.power_w >= lower:
+                return c
+            return _land(prev_price, prev, price, c, lower, choose)
+        prev, prev_price = c, price
+        if k < len(points):
+            lower = points[k][0]
+            price += points[k][1]
+    # Above the hard limit even at the last segment's price: raise the price until it fits.
+    assert prev is not None
+    base = prev_price
+    step = 1.0
+    hi = choose(base + step)
+    lo, lo_price = prev, base
+    while hi.power_w > limit_w and step < 1e12:
+        lo, lo_price = hi, base + step
+        step *= 4.0
+        hi = choose(base + step)
     if hi.power_w > limit_w:
         return hi  # even everything at its lowest point exceeds the limit: nothing better
-    lo = choose(q + lam_lo)
-    for _ in range(60):
-        mid = (lam_lo + lam_hi) / 2.0
-        if mid in (lam_lo, lam_hi):
-            break
-        c = choose(q + mid)
-        if c.power_w > limit_w:
-            lam_lo, lo = mid, c
-        else:
-            lam_hi, hi = mid, c
-    if lo.power_w <= hi.power_w:
-        return hi
-    theta = (limit_w - hi.power_w) / (lo.power_w - hi.power_w)
-    return lo.mix(hi, theta)
+    return _land(lo_price, lo, base + step, hi, limit_w, choose)
 
 
 def _models(site: Site) -> list[tuple[tuple[OperatingPoint, ...], int]]:
@@ -465,11 +522,48 @@ def run_oracle(site: Site, market: Market, occ: Occupancy) -> Ledger:
         def choose(x: float, hp: float = hp, used: tuple[tuple[int, ...], ...] = used) -> _Choice:
             return _oracle_choice(x, hp, fee, models, occ, used, rates_h)
 
-        ch = oracle_interval(q, site.limit_w, choose)
+        soft = []
+        for e in market.active_events.get(i, ()):
+            event = market.events[e]
+            target_w = event_target_w(event, market.event_baseline_w[e])
+            if target_w is not None:
+                extra = event.payment_usd_per_mwh + event.penalty_usd_per_mwh
+                soft.append((target_w, extra))
+        ch = oracle_interval(q, site.limit_w, choose, soft)
         if ch.mining_w < top_w - 1e-6:
             ledger.curtailed_intervals += 1
         ledger.settle(market, i, ch.mining_w, ch.ai_w, ch.mining_rev_h, ch.ai_rev_h)
     return ledger
+
+
+def with_events(market: Market, events: Sequence[GridEvent], site: Site, occ: Occupancy) -> Market:
+    """The market with demand-response events in force at the intervals whose start lies in
+    their window (the policy sees an event at the interval start, as live at a cycle).
+
+    Every strategy is settled against the same baseline, the site's full load (everything at
+    its top point, within the interconnect) at its highest during the event: a strategy cannot
+    inflate its own baseline, no strategy draws more than it, and the oracle stays a bound."""
+    if not events:
+        return market
+    rates_h = [job_rate(site.config, c)[0] for c in CLASSES]
+    top_w = sum(points[-1].power_w * n for points, n in _models(site))
+    active: dict[int, list[int]] = {}
+    baselines: list[float] = []
+    for e, event in enumerate(events):
+        lo, hi = event.start.timestamp(), event.end.timestamp()
+        full_w = 0.0
+        for i, start_s in enumerate(market.starts_s):
+            if lo <= start_s < hi:
+                active.setdefault(i, []).append(e)
+                ai_w = _full_ai(occ, occ.used[i], rates_h)[0]
+                full_w = max(full_w, min(site.limit_w, top_w + ai_w))
+        baselines.append(full_w)
+    return replace(
+        market,
+        events=tuple(events),
+        event_baseline_w=tuple(baselines),
+        active_events={i: tuple(es) for i, es in active.items()},
+    )
 
 
 # --- baselines -----------------------------------------------------------------------------
@@ -624,6 +718,7 @@ class PolicyReplay:
             self.starts.setdefault(job.start_i, []).append(job)
             self.ends.setdefault(job.end_i, []).append(job)
         self.nodes_tuple: tuple[GpuNodeView, ...] = ()
+        self.event_seen_w: dict[int, float] = {}
         self.ramp_w = cfg.site.ramp_up_kw_per_min * 1000.0 * market.interval_s / 60.0
 
     def _view(
@@ -753,6 +848,7 @@ class PolicyReplay:
                 fourcp_reason=market.fourcp_reason[i] if market.fourcp_reason else "",
                 measured_site_power_w=last_site_w,
                 ramp_headroom_w=self.ramp_w,
+                events=self._events(i, last_site_w),
             )
             plan = self.decide(snap, cfg, now)
             # Apply the whole target, not only the actions: a plan is its operating points.
@@ -779,6 +875,19 @@ class PolicyReplay:
                     f"above the interconnect limit {site.limit_w / 1000:,.1f} kW"
                 )
         return led
+
+    def _events(self, i: int, site_w: float | None) -> tuple[ActiveEvent, ...]:
+        """Events in force now; each keeps the site load measured when it was first seen
+        (as live does for "shed Y kW" targets)."""
+        active = self.market.active_events.get(i)
+        if not active:
+            return ()
+        out = []
+        for e in active:
+            if e not in self.event_seen_w:
+                self.event_seen_w[e] = site_w if site_w is not None else self.mining_w + self.ai_w
+            out.append(ActiveEvent(self.market.events[e], self.event_seen_w[e]))
+        return tuple(out)
 
     def _apply_miners(self, plan: Plan, now: datetime) -> None:
         changed = False

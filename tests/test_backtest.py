@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.backtest import BacktestArgs, parse_week, result_json, run_backtest, table
-from agent.backtest_data import TraceJob, job_trace, load_series
+from agent.backtest_data import TraceJob, job_trace, load_events, load_series
 from agent.backtest_sim import (
     BacktestError,
     Market,
@@ -30,11 +30,13 @@ from agent.backtest_sim import (
     run_strike,
     simple_market,
     strike_states,
+    with_events,
 )
 from agent.config import AgentConfig, parse_config
 from agent.domain import Plan, Snapshot
 from agent.policy import decide
 from drivers.errors import BadInput
+from drivers.grid.base import GridEvent, ProgramKind
 from drivers.jobs.base import JobClass, JobState
 
 T0 = datetime(2023, 7, 1, tzinfo=UTC)
@@ -109,6 +111,70 @@ def test_fourcp_charge_on_the_true_peak_interval() -> None:
     assert led["oracle"].fourcp_cost_usd == pytest.approx(0.30, abs=1e-9)
     assert led["oracle"].mining_w == [3000, 20, 3000]
     assert led["oracle"].profit_usd > led["policy"].profit_usd
+
+
+def test_demand_response_settlement_by_hand() -> None:
+    # Emergency on intervals 1–2: site at most 1 kW; 100 $/MWh for the reduction, 1000 $/MWh
+    # penalty. Baseline = the site at full load, 3 kW. Delivered when asleep: 3 − 1 = 2 kW.
+    cfg = site_config()
+    site = build_site(cfg, 1)
+    market = simple_market([10.0] * 4, 48.0, start=T0)
+    occ = occupancy(site, [], 4)
+    event = GridEvent(
+        "ev1",
+        "test",
+        "ers",
+        ProgramKind.EMERGENCY,  # binding for the live policy, whatever it earns
+        T0 + timedelta(minutes=15),
+        T0 + timedelta(minutes=45),
+        max_site_kw=1.0,
+        payment_usd_per_mwh=100.0,
+        penalty_usd_per_mwh=1000.0,
+    )
+    market = with_events(market, [event], site, occ)
+    assert market.event_baseline_w == (3000.0,)
+    assert dict(market.active_events) == {1: (0,), 2: (0,)}
+    policy = run_policy(site, market, [], decide)
+    # safe mode first (no price yet), then the event's 1 kW ceiling, then 10 $/MWh: run
+    assert policy.mining_w == [20, 20, 20, 3000]
+    # 2 kW × 0.25 h = 0.0005 MWh × 100 $ per interval, twice
+    assert policy.demand_response_usd == pytest.approx(0.10, abs=1e-12)
+    assert policy.dr_penalty_usd == 0
+
+    def ignore(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
+        return Plan(now, 0, 0, 0, 0, 0, miner_points={"m1": "run"})
+
+    rogue = run_policy(site, market, [], ignore)
+    # 3 kW against a 1 kW target: 0.0005 MWh of shortfall × 1000 $, twice; nothing delivered
+    assert rogue.dr_penalty_usd == pytest.approx(1.0, abs=1e-12)
+    assert rogue.demand_response_usd == 0
+    assert rogue.penalties_usd == pytest.approx(1.0, abs=1e-12)
+    oracle = run_oracle(site, market, occ)
+    # Below the target power costs only the price (10 $/MWh < 66.67 of value), so the relaxed
+    # oracle runs up to the 1 kW target exactly (time-sharing the miner), no further.
+    assert oracle.mining_w == pytest.approx([3000, 1000, 1000, 3000], abs=1e-6)
+    assert oracle.demand_response_usd == pytest.approx(0.10, abs=1e-12)
+    assert oracle.profit_usd >= policy.profit_usd
+    assert oracle.profit_usd >= rogue.profit_usd
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("e1,p,economic,2023-07-01T00:00:00Z,2023-07-01T01:00:00Z,,,10,0", "give max_site_kw"),
+        ("e1,p,weird,2023-07-01T00:00:00Z,2023-07-01T01:00:00Z,5,,10,0", "expected one of"),
+        ("e1,p,economic,2023-07-01T01:00:00Z,2023-07-01T00:00:00Z,5,,10,0", "before it starts"),
+        ("e1,p,economic,2023-07-01T00:00:00Z,2023-07-01T01:00:00Z,nan,,10,0", "finite number"),
+    ],
+)
+def test_bad_event_rows_are_named(tmp_path: Path, row: str, message: str) -> None:
+    f = tmp_path / "events.csv"
+    header = "event_id,program,kind,start_utc,end_utc,max_site_kw,shed_kw,"
+    f.write_text(header + "payment_usd_per_mwh,penalty_usd_per_mwh\n" + row + "\n")
+    with pytest.raises(BadInput) as err:
+        load_events(f)
+    assert f"{f}:2: column" in str(err.value)
+    assert message in str(err.value)
 
 
 def test_strike_curtails_after_n_above_and_resumes_after_four_below() -> None:
@@ -342,6 +408,15 @@ def random_policy(seed: int) -> Any:
     risks=st.lists(st.floats(0, 1), min_size=40, max_size=40),
     seed=st.integers(0, 10_000),
     block=st.sampled_from([1, 3, 10]),
+    event=st.none()
+    | st.tuples(
+        st.integers(0, 30),
+        st.integers(1, 12),
+        st.sampled_from([ProgramKind.ECONOMIC, ProgramKind.EMERGENCY]),
+        st.one_of(st.tuples(st.floats(5, 60), st.none()), st.tuples(st.none(), st.floats(1, 60))),
+        st.floats(0, 500),
+        st.floats(0, 3000),
+    ),
 )
 def test_oracle_is_never_below_any_strategy(
     prices: list[float],
@@ -351,6 +426,7 @@ def test_oracle_is_never_below_any_strategy(
     risks: list[float],
     seed: int,
     block: int,
+    event: tuple[int, int, ProgramKind, tuple[float | None, float | None], float, float] | None,
 ) -> None:
     n = len(prices)
     cfg = two_generation_site(limit_kw)
@@ -358,6 +434,22 @@ def test_oracle_is_never_below_any_strategy(
     site = build_site(cfg, block)
     trace = job_trace(seed, n, 900.0, [8, 8])
     occ = occupancy(site, trace, n)
+    if event is not None:
+        first, length, kind, (max_kw, shed_kw), pay, pen = event
+        start = T0 + timedelta(minutes=15 * first)
+        grid_event = GridEvent(
+            "e",
+            "test",
+            "dr",
+            kind,
+            start,
+            start + timedelta(minutes=15 * length),
+            max_site_kw=max_kw,
+            shed_kw=shed_kw,
+            payment_usd_per_mwh=pay,
+            penalty_usd_per_mwh=pen,
+        )
+        market = with_events(market, [grid_event], site, occ)
     oracle_ledger = run_oracle(site, market, occ)
     oracle = oracle_ledger.profit_usd
     others = {

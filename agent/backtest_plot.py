@@ -67,6 +67,7 @@ def plot_week(res: BacktestResult, start: datetime, end: datetime, out: Path) ->
             )
     ax1.axhline(res.strike_usd_per_mwh, color="gray", lw=0.8, ls="-.", label="strike price")
     ax1.set_yscale("symlog", linthresh=100)
+    ax1.set_ylim(top=max(max(price) * 1.5, 5000.0))
     ax1.set_ylabel("USD/MWh")
     ax1.grid(alpha=0.3)
     if m.fourcp_risk:
@@ -103,7 +104,6 @@ def plot_week(res: BacktestResult, start: datetime, end: datetime, out: Path) ->
     ax2.axhline(res.site.limit_w / 1e6, color="red", lw=0.8, ls="--", label="interconnect")
     ax2.set_ylabel("MW")
     ax2.grid(alpha=0.3)
-    ax2.legend(loc="lower left", fontsize=8, ncol=3)
     window = (start.timestamp(), end.timestamp())
     for n, event in enumerate(m.events):
         lo, hi = max(event.start.timestamp(), window[0]), min(event.end.timestamp(), window[1])
@@ -120,6 +120,7 @@ def plot_week(res: BacktestResult, start: datetime, end: datetime, out: Path) ->
         for i in idx:
             if m.peak and m.peak[i]:
                 ax.axvline(datetime.fromtimestamp(m.starts_s[i], tz=UTC), color="tab:purple", lw=2)
+    ax2.legend(loc="lower left", fontsize=8, ncol=4)
     ax2.xaxis.set_major_formatter(mdates.DateFormatter("%a %m-%d"))  # type: ignore[no-untyped-call]
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

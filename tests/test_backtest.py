@@ -7,8 +7,8 @@ change to settlement that moves a cent fails a test.
 from __future__ import annotations
 
 import json
-import math
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from agent.backtest_sim import (
     strike_states,
     with_events,
 )
-from agent.config import AgentConfig, parse_config
+from agent.config import AgentConfig, load_config, parse_config
 from agent.domain import Plan, Snapshot
 from agent.policy import decide
 from drivers.errors import BadInput
@@ -629,24 +629,33 @@ def test_parse_week() -> None:
 # --- real data -----------------------------------------------------------------------------
 
 
+REFERENCE = Path(__file__).resolve().parent.parent / "configs" / "reference-site.yaml"
+
+
+def reference_args(shared_data: Path, **over: Any) -> BacktestArgs:
+    ercot = shared_data / "ercot"
+    args = BacktestArgs(
+        config_path=REFERENCE,
+        prices=ercot / "rtm_hub_prices_15min_2023.csv",
+        column="HB_WEST",
+        system_load=ercot / "generation_by_fuel_15min_2023.csv",
+        hashprice=55.0,
+    )
+    return replace(args, **over)
+
+
 @pytest.mark.shared_data
 @pytest.mark.slow
 def test_real_2023_hb_west_policy_beats_strike(
     shared_data: Path, record_property: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The full 2023 year at hashprice 55 on the reference site. Blocks of 750 miners keep it
-    quick; with the interconnect not binding, block size does not change the result (the
-    bench runs the default)."""
-    ercot = shared_data / "ercot"
-    args = BacktestArgs(
-        config_path=Path(__file__).resolve().parent.parent / "configs" / "reference-site.yaml",
-        prices=ercot / "rtm_hub_prices_15min_2023.csv",
-        column="HB_WEST",
-        system_load=ercot / "generation_by_fuel_15min_2023.csv",
-        hashprice=55.0,
-        block_size=750,
-    )
-    res = run_backtest(args)
+    """The full 2023 year at hashprice 55: the reference site's miner fleet (3,000 miners) under
+    the live policy against Foreman's strike rule, which is a mining rule. The GPU pod is left
+    out here only to keep the suite quick (the policy's per-node work dominates a year with
+    it); ``bench/backtest_year.py`` and the CLI run the whole reference site."""
+    config = load_config(REFERENCE)
+    config = config.model_copy(update={"gpu_nodes": []})
+    res = run_backtest(reference_args(shared_data), config=config)
     led = res.ledgers
     assert len(res.market) == 35_040
     assert sum(res.market.peak) == 4
@@ -661,4 +670,18 @@ def test_real_2023_hb_west_policy_beats_strike(
     assert 0 < capture <= 1
     doc = result_json(res)
     assert doc["inputs"]["fourcp_peak_intervals"][0].startswith("2023-06-27")
-    assert math.isfinite(doc["policy"]["profit_usd"])
+
+
+@pytest.mark.shared_data
+@pytest.mark.xfail(
+    strict=True,
+    reason="policy v2 (main e8e1fc9) suspends SLA jobs with no mandatory event, e.g. a full "
+    "8-GPU node at 13 $/MWh on 2023-01-17 (see the backtest report to the lead)",
+)
+def test_real_weeks_reference_site_pay_no_sla_penalty_without_events(shared_data: Path) -> None:
+    """SLA jobs are shed only for mandatory grid events (economics.md): three weeks with none
+    must cost no SLA penalty. Runs the whole reference site, GPUs included."""
+    args = reference_args(shared_data, end=datetime(2023, 1, 21, tzinfo=UTC))
+    res = run_backtest(args, strategies=("policy",))
+    assert res.market.events == ()
+    assert res.ledgers["policy"].sla_penalty_usd == 0

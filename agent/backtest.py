@@ -90,6 +90,8 @@ class BacktestResult:
 
     @property
     def capture(self) -> float | None:
+        if "oracle" not in self.ledgers or "policy" not in self.ledgers:
+            return None
         oracle = self.ledgers["oracle"].profit_usd
         if oracle <= 0:
             return None

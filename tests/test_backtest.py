@@ -685,3 +685,18 @@ def test_real_weeks_reference_site_pay_no_sla_penalty_without_events(shared_data
     res = run_backtest(args, strategies=("policy",))
     assert res.market.events == ()
     assert res.ledgers["policy"].sla_penalty_usd == 0
+
+
+def test_hashprice_series_is_used_per_interval(tmp_path: Path) -> None:
+    cfg, prices = write_inputs(tmp_path)
+    hp = tmp_path / "hashprice.csv"
+    # 40 $/PH/day for the first four days, 60 after: the mean over the 8 days is 50.
+    hp.write_text("time_utc,usd_per_ph_day\n2023-09-01T00:00:00Z,40\n2023-09-08T05:00:00Z,60\n")
+    args = BacktestArgs(cfg, prices, "HB_WEST", hashprice_csv=hp)
+    res = run_backtest(args, strategies=("always_on",))
+    assert res.market.hashprice[0] == 40.0
+    assert res.market.hashprice[-1] == 60.0
+    assert result_json(res)["inputs"]["hashprice_mean"] == pytest.approx(50.0)
+    # always on: 4 miners × 100 TH/s, no fee: 4 × 0.1 × hashprice / 24 USD/h
+    expected = sum(4 * 0.1 * h / 24 * 0.25 for h in res.market.hashprice)
+    assert res.ledgers["always_on"].mining_usd == pytest.approx(expected, abs=1e-9)

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from agent.coordinator import Coordinator
 from agent.domain import SLEEP, Action, ActionKind, Plan
+from agent.gpu_fleet import GPU_ACTIONS
 from agent.state import AgentState
 from drivers.errors import AgentError, DeviceError, DeviceTimeout, TransientDeviceError
 from drivers.miners.base import MinerMode, MinerPowerProfile, MinerSleepWake
@@ -118,8 +119,6 @@ class Actuator:
 
     async def _run(self, action: Action) -> ActionResult:
         driver = self.drivers.get(action.device_id)
-        if driver is None:
-            return await self._finish(action, "failed", "no driver for this device")
         attempts = self.config.control.retries + 1
         error: DeviceError | None = None
         for attempt in range(attempts):
@@ -136,21 +135,33 @@ class Actuator:
                 break  # permanent: retrying will not help
             else:
                 now = self.clock()
-                self.coordinator.set_commanded(action.device_id, action.target, now)
+                key = action.job_id or action.device_id
+                if action.device_id in self.coordinator.slots:
+                    self.coordinator.set_commanded(action.device_id, action.target, now)
                 if self.journal is not None:
-                    await self._journal(action.device_id, action.target, now)
-                mono = self.monotonic()
-                self.pending[action.device_id] = _Pending(
-                    action, mono, mono + self.config.control.verify_after_s
-                )
+                    await self._journal(key, action.target, now)
+                if action.kind not in GPU_ACTIONS:  # the GPU fleet verifies its own actions
+                    mono = self.monotonic()
+                    self.pending[action.device_id] = _Pending(
+                        action, mono, mono + self.config.control.verify_after_s
+                    )
                 return await self._finish(action, "ok", None)
             if attempt + 1 < attempts:
                 await asyncio.sleep(min(self.backoff_s * 2**attempt, 5.0))
         assert error is not None
-        self.coordinator.set_fault(action.device_id, f"{action.kind} failed: {error.message}")
+        if action.device_id in self.coordinator.slots:
+            self.coordinator.set_fault(action.device_id, f"{action.kind} failed: {error.message}")
         return await self._finish(action, "failed", error.message)
 
-    async def _command(self, driver: MinerSleepWake, action: Action) -> None:
+    async def _command(self, driver: MinerSleepWake | None, action: Action) -> None:
+        if action.kind in GPU_ACTIONS:
+            fleet = self.coordinator.gpu_fleet
+            if fleet is None:
+                raise DeviceError(action.device_id, "no GPU fleet is configured")
+            await fleet.apply(action)
+            return
+        if driver is None:
+            raise DeviceError(action.device_id, "no driver for this device")
         if action.kind is ActionKind.SLEEP:
             await driver.sleep()
         elif action.kind is ActionKind.WAKE:

@@ -32,6 +32,8 @@ from pydantic import (
 )
 
 from drivers.errors import AgentError
+from drivers.grid.mqtt_curtail import MqttCurtailSettings
+from drivers.grid.openadr import OpenAdrSettings
 from drivers.prices.http_json import HttpJsonSettings
 
 
@@ -90,11 +92,6 @@ class MinerModelConfig(Strict):
 class Credentials(Strict):
     username: str = "root"
     password: SecretStr = SecretStr("")
-
-    @field_validator("password", mode="before")
-    @classmethod
-    def _resolve(cls, value: Any) -> Any:
-        return resolve_secret(value) if isinstance(value, str) else value
 
 
 class MinerConfig(Strict):
@@ -206,27 +203,6 @@ class FourCpConfig(Strict):
     system_load_csv: Path | None = None
 
 
-class ProgramConfig(Strict):
-    """A demand-response program the site is enrolled in."""
-
-    name: str
-    kind: Literal["economic", "emergency", "4cp", "override"]
-    payment_usd_per_mwh: NonNegFloat = 0.0
-    penalty_usd_per_mwh: NonNegFloat = 0.0
-    response_s: PositiveFloat = 600.0
-    fail: Literal["curtail", "hold", "release"] = "hold"
-
-
-class OpenAdrConfig(Strict):
-    vtn_url: str
-    ven_name: str
-    program: str
-    check_hostname: bool = True
-    cert: Path | None = None
-    key: Path | None = None
-    ca_file: Path | None = None
-
-
 class MqttConfig(Strict):
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -240,10 +216,6 @@ class MqttConfig(Strict):
     client_id: str | None = None
     # Operators allowed to command over MQTT: username -> shared secret for the command HMAC/token.
     command_tokens: dict[str, SecretStr] = Field(default_factory=dict)
-    curtail_topic: str | None = None  # grid curtailment topic (issue 4), if used
-    heartbeat_topic: str | None = None
-    heartbeat_max_age_s: PositiveFloat = 60.0
-    curtail_program: str | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     # Telemetry waiting for the broker; when full the oldest is dropped (control never waits).
     queue_size: int = Field(default=10_000, ge=10, le=1_000_000)
@@ -251,11 +223,6 @@ class MqttConfig(Strict):
     reconnect_max_s: PositiveFloat = 30.0
     command_timeout_s: PositiveFloat = 10.0  # how long the runtime may take to answer a command
     publish_telemetry: bool = True  # per-device telemetry (state, plan and events always)
-
-    @field_validator("password", mode="before")
-    @classmethod
-    def _resolve(cls, value: Any) -> Any:
-        return resolve_secret(value) if isinstance(value, str) else value
 
     @field_validator("command_tokens", mode="before")
     @classmethod
@@ -273,9 +240,14 @@ class MqttConfig(Strict):
 
 
 class GridConfig(Strict):
-    programs: list[ProgramConfig] = Field(default_factory=list)
+    """Grid signals: 4CP avoidance, and the event sources (each with its own programs)."""
+
     fourcp: FourCpConfig = FourCpConfig()
-    openadr: OpenAdrConfig | None = None
+    openadr: OpenAdrSettings | None = None
+    mqtt_curtail: MqttCurtailSettings | None = None
+    # Economic events are joined when their payment plus the price beats the value of what
+    # would be shed; this adds a margin on top (USD/MWh) for the risk of a shortfall penalty.
+    economic_opt_in_margin_usd_per_mwh: NonNegFloat = 0.0
 
 
 # --- site --------------------------------------------------------------------------------
@@ -420,10 +392,39 @@ def _format_errors(path: str, exc: ValidationError) -> list[str]:
     return lines
 
 
+SECRET_KEYS = frozenset({"password", "passphrase"})
+
+
+def _resolve_secrets(value: Any, key: str = "", where: str = "") -> Any:
+    """Resolve ``env:``/``file:``/``cred:`` in every secret-bearing key, however deep."""
+    if isinstance(value, dict):
+        tokens = key == "command_tokens"
+        return {
+            k: _resolve_secrets(v, "password" if tokens else str(k), f"{where}.{k}".lstrip("."))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_resolve_secrets(v, key, f"{where}.{i}") for i, v in enumerate(value)]
+    if key in SECRET_KEYS and isinstance(value, str):
+        try:
+            return resolve_secret(value)
+        except (ValueError, OSError) as exc:
+            raise _SecretError(f"{where}: cannot resolve the secret: {exc}") from None
+    return value
+
+
+class _SecretError(Exception):
+    pass
+
+
 def parse_config(data: Any, path: str = "<config>") -> AgentConfig:
     """Validate already-parsed YAML/JSON data; raise :class:`ConfigError` on any problem."""
     if not isinstance(data, dict):
         raise ConfigError(path, [f"{path}: (top level): expected a mapping of sections"])
+    try:
+        data = _resolve_secrets(data)
+    except _SecretError as exc:
+        raise ConfigError(path, [f"{path}: {exc}"]) from None
     try:
         cfg = AgentConfig.model_validate(data)
     except ValidationError as exc:

@@ -25,12 +25,12 @@ from agent.config import AgentConfig, MinerModelConfig
 from agent.domain import (
     SLEEP,
     ActiveEvent,
-    GpuNodeView,
     MinerView,
     OperatingPoint,
     PriceView,
     Snapshot,
 )
+from agent.gpu_fleet import GpuFleet
 from agent.state import AgentState
 from drivers.errors import AgentError, DeviceError
 from drivers.miners.base import MinerMode, MinerReading, MinerTelemetry
@@ -99,7 +99,9 @@ class Coordinator:
         # price has arrived, whether the source errs or keeps repeating an old interval.
         self.price_read_at: float | None = None
         self.events: dict[str, ActiveEvent] = {}
-        self.gpu_nodes: tuple[GpuNodeView, ...] = ()
+        self.gpu_fleet: GpuFleet | None = None  # set by the runtime when the site has GPUs
+        self._ramp_at: float | None = None
+        self._ramp_tokens_w = 0.0
         now = clock()
         self.slots: dict[str, MinerSlot] = {}
         for device_id, address, line in config.expanded_miners():
@@ -237,7 +239,8 @@ class Coordinator:
         now = self.clock()
         mono = self.monotonic()
         miners = tuple(self.miner_view(s, mono) for s in self.slots.values())
-        measured = [m.measured_power_w for m in miners]
+        gpu_nodes = () if self.gpu_fleet is None else self.gpu_fleet.views(now)
+        measured = [m.measured_power_w for m in miners] + [n.measured_power_w for n in gpu_nodes]
         site_w = None if any(p is None for p in measured) else sum(p for p in measured if p)
         price = None
         if self.price is not None and self.price_read_at is not None:
@@ -246,17 +249,48 @@ class Coordinator:
                 interval_start=self.price.interval_start,
                 age_s=mono - self.price_read_at,
             )
-        ramp_w = self.config.site.ramp_up_kw_per_min * 1000.0 * self.config.control.interval_s / 60
+        ramp_w = self.ramp_headroom_w(mono)
         return Snapshot(
             at=now,
             price=price,
             hashprice_usd_per_ph_day=self.hashprice_usd_per_ph_day,
             miners=miners,
-            gpu_nodes=self.gpu_nodes,
+            gpu_nodes=gpu_nodes,
             events=tuple(e for e in self.events.values() if e.event.active_at(now)),
             measured_site_power_w=site_w,
             ramp_headroom_w=ramp_w,
         )
+
+    def ramp_headroom_w(self, mono: float) -> float:
+        """The ramp budget: a token bucket filled at the ramp rate.
+
+        It holds at most one control interval's worth of ramp, or the largest single step of
+        any device if that is bigger, so that a large unit can still start when the per-cycle
+        budget is smaller than its step. Starting devices spends it (:meth:`spend_ramp`).
+        """
+        rate_w_per_s = self.config.site.ramp_up_kw_per_min * 1000.0 / 60.0
+        if self._ramp_at is None:
+            self._ramp_at, self._ramp_tokens_w = mono, self._ramp_cap_w(rate_w_per_s)
+        self._ramp_tokens_w = min(
+            self._ramp_cap_w(rate_w_per_s),
+            self._ramp_tokens_w + rate_w_per_s * (mono - self._ramp_at),
+        )
+        self._ramp_at = mono
+        return self._ramp_tokens_w
+
+    def _ramp_cap_w(self, rate_w_per_s: float) -> float:
+        biggest = max(
+            (s.points[-1].power_w - s.points[0].power_w for s in self.slots.values()), default=0.0
+        )
+        if self.gpu_fleet is not None:
+            biggest = max(
+                [biggest, *(n.gpu_count * n.max_cap_w for n in self.gpu_fleet.views(self.clock()))]
+            )
+        return max(rate_w_per_s * self.config.control.interval_s, biggest)
+
+    def spend_ramp(self, added_w: float) -> None:
+        """Power was added: take it out of the ramp budget."""
+        self._ramp_tokens_w = max(0.0, self._ramp_tokens_w - max(added_w, 0.0))
 
     def observed_point(self, slot: MinerSlot) -> str | None:
         """The operating point telemetry shows the miner at, or None if unclear."""

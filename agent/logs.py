@@ -29,6 +29,7 @@ from typing import Any, TextIO
 from pydantic import BaseModel, SecretStr
 
 from agent.domain import Plan, Snapshot
+from agent.store import secrets_in
 
 REDACTED = "***"
 MIN_SECRET_LEN = 4  # shorter "secrets" would redact ordinary words and digits
@@ -57,25 +58,7 @@ def bound(**fields: Any) -> Iterator[None]:
 
 def secrets_from_config(config: BaseModel) -> list[str]:
     """Every non-empty :class:`SecretStr` value anywhere in a config model."""
-    found: list[str] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, SecretStr):
-            secret = value.get_secret_value()
-            if secret:
-                found.append(secret)
-        elif isinstance(value, BaseModel):
-            for name in type(value).model_fields:
-                walk(getattr(value, name))
-        elif isinstance(value, Mapping):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, list | tuple):
-            for v in value:
-                walk(v)
-
-    walk(config)
-    return found
+    return list(secrets_in(config))
 
 
 class Redactor:

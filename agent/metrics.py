@@ -58,7 +58,7 @@ from drivers.jobs.base import JobClass, JobState
 log = logging.getLogger(__name__)
 
 MINER_STATES = ("running", "sleeping", "faulted", "unknown")
-MODES = ("auto", "manual", "curtail")
+MODES = ("auto", "manual", "safe")
 THS_TO_HS = 1e12  # the domain speaks TH/s; Prometheus wants the base unit, hashes per second
 
 
@@ -266,9 +266,11 @@ class AgentCollector(Collector):
             "Measured hashrate of a miner (TH/s × 1e12).",
             ["miner", "model"],
         )
+        # One series per miner, labelled with its current state (not one-hot over all four
+        # states): a quarter of the samples at fleet scale; count by (state) still works.
         state = _gauge(
             "site_agent_miner_state",
-            "1 for a miner's current state (running, sleeping, faulted, unknown).",
+            "1, labelled with the miner's current state (running, sleeping, faulted, unknown).",
             ["miner", "state"],
         )
         fleet = _gauge("site_agent_miners", "Miners by state.", ["state"])
@@ -288,8 +290,7 @@ class AgentCollector(Collector):
                 )
             current = miner_state(m)
             counts[current] += m.count
-            for s in MINER_STATES:
-                state.add_metric([m.device_id, s], 1.0 if s == current else 0.0)
+            state.add_metric([m.device_id, current], 1.0)
         for s in MINER_STATES:
             fleet.add_metric([s], counts[s])
         yield from (power, hashrate, state, fleet)
@@ -621,7 +622,14 @@ class MetricsServer:
         if path != "/metrics":
             return await _send(writer, 404, "text/plain", b"not found: try /metrics\n")
         encoder, content_type = choose_encoder(headers.get("accept", ""))
-        body = encoder(self.registry)
+        # Rendering thousands of samples takes tens of milliseconds: do it in a thread so the
+        # control loop is not held up. collect() only reads immutable snapshots/plans and
+        # takes C-level (GIL-atomic) copies of the state's dicts, so this is safe.
+        try:
+            body = await asyncio.to_thread(encoder, self.registry)
+        except Exception:  # a collector bug: say so to the scraper, keep serving
+            log.exception("metrics: collecting failed")
+            return await _send(writer, 500, "text/plain", b"collecting metrics failed\n")
         return await _send(writer, 200, content_type, body, head_only=method == "HEAD")
 
 
@@ -632,7 +640,13 @@ async def _send(
     body: bytes,
     head_only: bool = False,
 ) -> None:
-    reasons = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+    reasons = {
+        200: "OK",
+        400: "Bad Request",
+        404: "Not Found",
+        405: "Method Not Allowed",
+        500: "Internal Server Error",
+    }
     reason = reasons.get(status, "Error")
     head = (
         f"HTTP/1.1 {status} {reason}\r\n"
@@ -642,6 +656,44 @@ async def _send(
     ).encode("latin-1")
     writer.write(head if head_only else head + body)
     await writer.drain()
+
+
+class MetricsService:
+    """The metrics endpoint as a runtime service: ``await service(stop)`` serves until ``stop``.
+
+    Append it to ``Components.services`` once the agent (and its state) exists. ``host`` and
+    ``port`` default to ``config.metrics``; :attr:`port` is the bound port once :attr:`started`
+    is set (port 0 binds an ephemeral one).
+    """
+
+    def __init__(
+        self,
+        state: AgentState,
+        config: AgentConfig,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.registry = build_registry(state, config, clock)
+        self.server = MetricsServer(
+            self.registry,
+            host if host is not None else config.metrics.host,
+            port if port is not None else config.metrics.port,
+        )
+        self.started = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def __call__(self, stop: asyncio.Event) -> None:
+        await self.server.start()
+        self.started.set()
+        try:
+            await stop.wait()
+        finally:
+            await self.server.close()
 
 
 async def start_metrics_server(

@@ -40,7 +40,7 @@ import logging
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -58,6 +58,7 @@ from drivers.bus.mqtt import MqttBus
 log = logging.getLogger(__name__)
 
 REJECT_SOURCE = "mqtt"  # the source name under which rejected commands are counted
+MAX_COMMAND_BYTES = 16 * 1024  # a command is a few hundred bytes; more is abuse or a mistake
 
 
 # --- commands, as the runtime receives them -----------------------------------------------------
@@ -180,6 +181,8 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
     Order: well-formed JSON object, then authentication, then a known command, then its schema,
     so an unauthenticated sender learns nothing about the schema.
     """
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise Rejected("malformed", f"payload larger than {MAX_COMMAND_BYTES} bytes")
     try:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -218,6 +221,8 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
 
 def _command_id(payload: bytes) -> str | None:
     """The sender's ``id`` if one can be read, for the ack of a command we reject."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        return None
     try:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -426,7 +431,7 @@ class MqttBridge:
         self.prefix = f"{config.topic_prefix}/{state.site_id}"
         self.bus: Bus = bus or MqttBus(bus_settings(config, state.site_id))
         self.connected = asyncio.Event()
-        self.connections = 0  # successful connects so far (tests and status)
+        self.connections = 0  # sessions that got as far as subscribing (tests and status)
         self.dropped_telemetry = 0
         self._retained: dict[str, bytes] = {}  # topic -> newest payload
         self._dirty: set[str] = set()  # retained topics not yet published on this connection
@@ -436,10 +441,28 @@ class MqttBridge:
         self._answered: OrderedDict[str, CommandResult] = OrderedDict()  # id -> first answer
         self._tokens = {k: v.get_secret_value() for k, v in config.command_tokens.items()}
 
-    # --- what the runtime calls (synchronous, never blocks) ---------------------------------
+    # --- what the runtime calls ---------------------------------------------------------------
+
+    async def __call__(self, stop: asyncio.Event) -> None:
+        """Run as a runtime service until ``stop`` is set (then say offline and disconnect)."""
+        task = asyncio.create_task(self.run(), name="mqtt-bridge")
+        try:
+            await stop.wait()
+        finally:
+            await _cancel_all({task})
+
+    def on_cycle(self, snapshot: Snapshot, plan: Plan, results: Sequence[object] = ()) -> None:
+        """A ``CycleHook`` for :class:`agent.runtime.Agent`: publish after every cycle."""
+        self.publish_cycle()
 
     def publish_cycle(self) -> None:
         """Queue state, plan, events and per-device telemetry from the current AgentState."""
+        try:
+            self._publish_cycle()
+        except Exception:  # an output's bug must never stop the control loop that calls it
+            log.exception("mqtt: could not build the cycle's messages; skipped")
+
+    def _publish_cycle(self) -> None:
         state = self.state
         self._set_retained("state", state_payload(state, self.interconnect_limit_w))
         if state.plan is not None:
@@ -471,7 +494,6 @@ class MqttBridge:
         while True:
             try:
                 async with self.bus.session() as session:
-                    self.connections += 1
                     delay = self.config.reconnect_initial_s
                     if failing:
                         log.info("mqtt: reconnected to the broker")
@@ -494,6 +516,7 @@ class MqttBridge:
         await session.publish(f"{self.prefix}/status", b"online", qos=1, retain=True)
         # A broker restarted without persistence has forgotten our retained state: resend it all.
         self._dirty = set(self._retained)
+        self.connections += 1
         self.connected.set()
         self._wake.set()
         # Two tasks on one connection; whichever ends first (the connection broke) ends both.

@@ -27,11 +27,13 @@ from agent.config import AgentConfig
 from agent.coordinator import Clock, Coordinator, utc_now
 from agent.domain import ActiveEvent, Plan, Snapshot
 from agent.events import EventBook, EventSource
+from agent.gpu_fleet import GpuFleet
+from agent.mqtt import Command, CommandResult, Curtail, Release, SetMode
 from agent.policy import decide
 from agent.state import AgentState
 from agent.store import Store
 from drivers.errors import AgentError
-from drivers.grid.base import GridEvent
+from drivers.grid.base import GridEvent, ProgramKind
 from drivers.miners.base import MinerSleepWake, MinerTelemetry
 from drivers.prices.base import PriceSource
 
@@ -54,6 +56,7 @@ class Components:
     audit: AuditSink | None = None
     store: Store | None = None  # the journal; also the audit sink when audit is None
     grid_sources: list[EventSource] = field(default_factory=list)
+    gpu_fleet: GpuFleet | None = None
     # Extra long-running tasks (metrics server, MQTT...): each gets the stop event.
     services: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
         default_factory=list
@@ -83,6 +86,7 @@ class Agent:
             clock=clock,
             monotonic=monotonic,
         )
+        self.coordinator.gpu_fleet = components.gpu_fleet
         self.actuator = Actuator(
             self.coordinator,
             self.state,
@@ -98,7 +102,9 @@ class Agent:
             self.coordinator.events,
             on_change=self.wake_control.set,
         )
+        self.event_book.count_rejected = self._count_rejected
         self.event_watch_s = 0.5
+        self.metrics_port: int | None = None  # set by the metrics service once bound
         self.first_poll_timeout_s = max(30.0, 3 * config.control.device_timeout_s)
         self.watchdog: Callable[[], None] | None = None  # fed after every cycle (systemd)
 
@@ -146,6 +152,9 @@ class Agent:
             plan = replace(plan, actions=sheds, summary=f"{why}; {plan.summary}")
         self.state.snapshot, self.state.plan = snapshot, plan
         results = await self.actuator.execute(plan) if plan.actions else []
+        self.coordinator.spend_ramp(
+            sum(r.action.delta_power_w for r in results if r.result == "ok" and not r.action.sheds)
+        )
         self.state.cycles += 1
         self.state.last_cycle_at = snapshot.at
         self.state.last_cycle_duration_s = time.monotonic() - started
@@ -179,6 +188,59 @@ class Agent:
                 stop.wait(),
                 self.wake_control.wait(),
                 self.coordinator.price_changed.wait(),
+            )
+
+    def _count_rejected(self, source: str, reason: str) -> None:
+        self.state.rejected[(source, reason)] += 1
+
+    async def handle_command(self, command: Command) -> CommandResult:
+        """An authenticated operator command (MQTT): act on it, or refuse with the reason."""
+        if isinstance(command, Curtail):
+            now = self.coordinator.clock()
+            if command.until <= now:
+                return CommandResult.refuse(
+                    f"until {command.until.isoformat()} is not in the future"
+                )
+            event = GridEvent(
+                event_id=f"override-{command.id}",
+                source=f"operator:{command.operator}",
+                program="operator-override",
+                kind=ProgramKind.OVERRIDE,
+                start=now,
+                end=command.until,
+                max_site_kw=command.target_kw,
+            )
+            try:
+                await self.event_book.add_override(event, command.operator, "MQTT command")
+            except AgentError as exc:
+                return CommandResult.refuse(f"cannot journal the override: {exc}")
+            return CommandResult.ok(f"{event.event_id}: site load at most {command.target_kw} kW")
+        if isinstance(command, Release):
+            released = await self.event_book.release_overrides(command.operator)
+            if not released:
+                return CommandResult.refuse("no operator override is in force")
+            return CommandResult.ok(f"released {', '.join(released)}")
+        if isinstance(command, SetMode):
+            if self.state.mode == "safe":
+                return CommandResult.refuse(f"safe mode ({self.state.safe_reason}) cannot be left")
+            self.state.mode = command.mode
+            await self._audit_command(command.operator, f"set_mode:{command.mode}")
+            self.wake_control.set()
+            return CommandResult.ok(f"mode {command.mode}")
+        self.wake_control.set()  # Refresh
+        return CommandResult.ok("control cycle requested")
+
+    async def _audit_command(self, operator: str, action: str) -> None:
+        sink = self.components.audit or self.components.store
+        if sink is None:
+            return
+        with contextlib.suppress(AgentError):
+            await sink.audit(
+                source=f"operator:{operator}",
+                device_id=None,
+                action=action,
+                reason="MQTT command",
+                result="accepted",
             )
 
     def _event_signature(self, operator_ids: frozenset[str]) -> tuple[frozenset[str], ...]:
@@ -223,6 +285,23 @@ class Agent:
             self._control_loop(stop),
             self._event_watch(stop),
         ]
+        fleet = self.components.gpu_fleet
+        if fleet is not None:
+
+            async def poll_gpus() -> None:
+                health = self.state.source("gpus")
+                try:
+                    await fleet.poll()
+                except AgentError as exc:  # the fleet keeps its last good readings
+                    if health.last_error is None:
+                        log.warning("GPU poll failed: %s", exc)
+                    health.last_error, health.failures = str(exc), health.failures + 1
+                    return
+                health.last_error, health.last_success = None, self.coordinator.clock()
+                health.successes += 1
+                self.state.gpu_readings = fleet.readings()
+
+            loops.append(self.coordinator.run_poller(poll_gpus, control.poll_interval_s, stop))
         if self.components.price_source is not None:
             price_every = min(control.poll_interval_s, control.interval_s)
             loops.append(

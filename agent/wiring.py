@@ -13,8 +13,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from agent.config import AgentConfig, ConstantPriceConfig, CsvPriceConfig
-from agent.runtime import Components, MinerDevice
+from agent.economics import mining_revenue_usd_per_h
+from agent.events import EventSource
+from agent.runtime import Agent, Components, MinerDevice
 from drivers.errors import SourceError
+from drivers.grid.base import GridEvent
+from drivers.grid.mqtt_curtail import MqttCurtailSource
+from drivers.grid.openadr import OpenAdrVen
 from drivers.miners.pyasic_driver import PyasicMiner
 from drivers.prices.base import PriceReading, PriceSource
 from drivers.prices.csv_replay import CsvPriceReplay, load_price_csv
@@ -72,3 +77,45 @@ def build_miners(config: AgentConfig) -> dict[str, MinerDevice]:
 
 def build_components(config: AgentConfig) -> Components:
     return Components(miners=build_miners(config), price_source=build_price_source(config))
+
+
+def attach_grid_sources(agent: Agent, config: AgentConfig) -> None:
+    """Add the configured grid event sources to a built agent (they need its live state)."""
+    grid = config.grid
+
+    def site_power_w() -> float:
+        snap = agent.state.snapshot
+        if snap is None or snap.measured_site_power_w is None:
+            return 0.0
+        return snap.measured_site_power_w
+
+    def opt_in(event: GridEvent) -> bool:
+        """Join an economic event when payment + price beats the best value it would shed."""
+        if event.mandatory:
+            return True
+        snap, plan = agent.state.snapshot, agent.state.plan
+        if snap is None or plan is None:
+            return False
+        price = plan.effective_price_usd_per_mwh
+        best = best_mining_value_usd_per_mwh(config, snap.hashprice_usd_per_ph_day)
+        gain = event.payment_usd_per_mwh + price - grid.economic_opt_in_margin_usd_per_mwh
+        return gain >= best
+
+    sources: list[EventSource] = []
+    if grid.openadr is not None:
+        sources.append(OpenAdrVen(grid.openadr, opt_rule=opt_in, site_power_w=site_power_w))
+    if grid.mqtt_curtail is not None:
+        sources.append(MqttCurtailSource(grid.mqtt_curtail))
+    for source in sources:
+        agent.components.grid_sources.append(source)
+        agent.components.services.append(source.run)  # type: ignore[attr-defined]
+
+
+def best_mining_value_usd_per_mwh(config: AgentConfig, hashprice: float) -> float:
+    """The highest value per MWh of any configured miner profile (what an event sheds last)."""
+    best = 0.0
+    for model in config.miner_models.values():
+        for p in model.profiles:
+            rev = mining_revenue_usd_per_h(p.hashrate_ths, hashprice, config.economics.pool_fee)
+            best = max(best, rev / (p.power_w / 1e6))
+    return best

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,20 @@ from openleadr import OpenADRServer
 log = logging.getLogger(__name__)
 
 PREFIX = "/OpenADR2/Simple/2.0b"
+
+
+@dataclass(frozen=True, slots=True)
+class VtnTls:
+    """Mutual TLS and message signing for the VTN (PEM file paths).
+
+    ``ven_fingerprints`` maps a VEN name to its certificate's OpenADR fingerprint: a VEN is
+    registered only if its TLS client certificate has that fingerprint.
+    """
+
+    http_cert: str
+    http_key: str
+    ca_file: str
+    ven_fingerprints: dict[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +71,11 @@ class OpenAdrVtn:
         vtn_id: str = "SITE-AGENT-TEST-VTN",
         poll_s: float = 1.0,
         allowed_vens: set[str] | None = None,
+        tls: VtnTls | None = None,
     ) -> None:
         if not host.startswith("127."):
             raise ValueError("the VTN simulator listens on loopback only")
+        self.tls = tls
         self.host = host
         self.port = port
         self.vtn_id = vtn_id
@@ -67,15 +84,25 @@ class OpenAdrVtn:
         self.opt_responses: dict[str, str] = {}  # event_id → optIn/optOut (latest answer)
         self.reports: list[ReportedValue] = []
         self.delivered: list[str] = []  # event ids, in delivery order
-        self._server = OpenADRServer(
-            vtn_id=vtn_id,
-            http_host=host,
-            http_port=port,
-            # openleadr sends the poll frequency in whole seconds: below 1 s a VEN reads 0.
-            requested_poll_freq=timedelta(seconds=max(1, round(poll_s))),
-            ven_lookup=self._ven_lookup,
-            show_fingerprint=False,
-        )
+        self.refused: list[str] = []  # VEN names whose registration was refused
+        with warnings.catch_warnings():
+            # openleadr 0.5.36 stores itself under a plain string key, which aiohttp ≥ 3.9 flags.
+            warnings.simplefilter("ignore", web.NotAppKeyWarning)
+            self._server = OpenADRServer(
+                vtn_id=vtn_id,
+                http_host=host,
+                http_port=port,
+                # openleadr sends the poll frequency in whole seconds: below 1 s a VEN reads 0.
+                requested_poll_freq=timedelta(seconds=max(1, round(poll_s))),
+                ven_lookup=self._ven_lookup,
+                show_fingerprint=False,
+                # With TLS the VTN also signs its messages with its certificate.
+                cert=tls.http_cert if tls else None,
+                key=tls.http_key if tls else None,
+                http_cert=tls.http_cert if tls else None,
+                http_key=tls.http_key if tls else None,
+                http_ca_file=tls.ca_file if tls else None,
+            )
         self._server.add_handler("on_create_party_registration", self._on_registration)
         self._server.add_handler("on_register_report", self._on_register_report)
         self._server.app.add_routes(
@@ -88,21 +115,32 @@ class OpenAdrVtn:
     @property
     def url(self) -> str:
         """The URL a VEN is configured with."""
-        return f"http://{self.host}:{self.port}{PREFIX}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.port}{PREFIX}"
 
     # --- openleadr handlers -----------------------------------------------------------------
 
     def _ven_lookup(self, ven_id: str) -> dict[str, Any]:
         for name, vid in self.registrations.items():
             if vid == ven_id:
-                return {"ven_id": vid, "ven_name": name, "registration_id": f"reg-{vid}"}
+                info = {"ven_id": vid, "ven_name": name, "registration_id": f"reg-{vid}"}
+                if self.tls is not None:
+                    info["fingerprint"] = self.tls.ven_fingerprints.get(name, "")
+                return info
         return {}
 
     async def _on_registration(self, payload: dict[str, Any]) -> tuple[str, str] | bool:
         name = str(payload.get("ven_name"))
         if self.allowed_vens is not None and name not in self.allowed_vens:
             log.warning("VTN refused VEN %r", name)
+            self.refused.append(name)
             return False
+        if self.tls is not None:
+            expected = self.tls.ven_fingerprints.get(name)
+            if expected is None or payload.get("fingerprint") != expected:
+                log.warning("VTN refused VEN %r: certificate fingerprint mismatch", name)
+                self.refused.append(name)
+                return False
         ven_id = self.registrations.setdefault(name, f"ven-{name}")
         return ven_id, f"reg-{ven_id}"
 

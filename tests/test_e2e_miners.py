@@ -14,7 +14,10 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
+
 from agent.config import AgentConfig, parse_config
+from agent.daemon import metrics_service
 from agent.domain import SLEEP, ActiveEvent
 from agent.runtime import Agent
 from agent.wiring import build_components
@@ -97,7 +100,9 @@ async def running_site(
     server = PriceServer([price], interval_s=3600)
     async with fleet, server:
         config = site_config(server.url, **config_kw)
-        agent = Agent(config, build_components(config))
+        components = build_components(config)
+        agent = Agent(config, components)
+        components.services.append(metrics_service(agent, config))
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:
@@ -189,6 +194,13 @@ async def test_miner_ignoring_commands_is_faulted_and_another_is_shed() -> None:
         await until(lambda: true_site_w(fleet) <= 12_000, 10, "site under 12 kW")
         s21_w = sum(float(truth(fleet, a)["power_w"]) for a in S21)
         assert s21_w <= 12_000 - float(truth(fleet, stubborn)["power_w"])
+        # The fault is visible to the operator on /metrics.
+        assert agent.metrics_port is not None
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{agent.metrics_port}/metrics")).text
+        assert 'site_agent_miner_state{miner="s19-001",state="faulted"} 1.0' in text
+        assert 'site_agent_actions_total{kind="sleep",result="not_applied"}' in text
+        assert 'site_agent_miners{state="faulted"} 1.0' in text
         plan = agent.state.plan
         assert plan is not None
         assert plan.binding == ("event:dr-1",)

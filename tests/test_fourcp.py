@@ -89,6 +89,12 @@ def test_bad_load_rows_are_rejected(tmp_path: Path) -> None:
     series = load_system_load_csv(path, collect_errors=True)
     assert series.values == (40000.0, 40400.0)
     assert [r.line for r in series.rejected] == [3]
+    # Rows are stamped with interval ENDS: 05:20 lies in the interval ending 05:30 (rejected).
+    t = datetime(2023, 7, 1, 5, 5, tzinfo=UTC).timestamp()
+    assert series.value_for_interval_containing(t) == 40000.0
+    assert series.value_for_interval_containing(t + 15 * 60) is None
+    assert series.value_for_interval_containing(t + 30 * 60) == 40400.0
+    assert series.last_settled_index(t + 25 * 60) == 0
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +157,30 @@ def test_replay_hands_out_the_causal_month(shared_data: Path) -> None:
     assert month_history(replay.series, central("2023-09-01 00:00")).times == ()
     august = month_history(replay.series, central("2023-08-31 23:45"))
     assert len(august.times) == 31 * 96 - 1
+
+
+@pytest.mark.shared_data
+def test_last_months_peak_as_prior_flags_fewer_hours_and_still_the_peaks(
+    load_2023: tuple[tuple[float, ...], tuple[datetime, ...]],
+) -> None:
+    loads, times = load_2023
+    month_max: dict[int, float] = {}
+    for v, t in zip(loads, times, strict=True):
+        m = t.astimezone(CENTRAL).month
+        month_max[m] = max(month_max.get(m, 0.0), v)
+    plain_h: Counter[int] = Counter()
+    prior_h: Counter[int] = Counter()
+    for t in times:
+        m = t.astimezone(CENTRAL).month
+        if m not in (6, 7, 8, 9):
+            continue
+        plain_h[m] += 0.25 * (peak_risk(loads, times, t).risk >= 0.5)
+        prior_h[m] += 0.25 * (
+            peak_risk(loads, times, t, prior_peak_mw=month_max[m - 1]).risk >= 0.5
+        )
+    print("4CP hours flagged with last month's peak as prior:", dict(prior_h))
+    assert sum(prior_h.values()) < sum(plain_h.values())
+    for peak in PEAKS_2023:
+        end = central(peak)
+        prior = month_max[end.month - 1]
+        assert peak_risk(loads, times, end - timedelta(minutes=15), prior_peak_mw=prior).risk >= 0.5

@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -14,6 +15,7 @@ import pytest
 from drivers.grid.base import FailDirection, GridEventSource, ProgramKind
 from drivers.grid.common import Rejection
 from drivers.grid.mqtt_curtail import MqttCurtailSettings, MqttCurtailSource
+from tests.pki import make_pki
 from tests.servers import Mosquitto
 
 pytestmark = pytest.mark.mqtt
@@ -119,6 +121,23 @@ async def test_on_message_becomes_an_event_that_holds_until_release(running: Run
     await running.send({"event_id": "e1", "state": "off", "program": "ers"})
     assert running.source.events() == ()
     assert running.source.rejected == []
+
+
+async def test_republished_command_keeps_its_start_and_updates_its_target(
+    running: Running,
+) -> None:
+    end = _future()
+    await running.send(
+        {"event_id": "k", "state": "on", "program": "dr", "shed_kw": 100, "until": end}
+    )
+    (first,) = running.source.events()
+    await asyncio.sleep(0.05)
+    await running.send(
+        {"event_id": "k", "state": "on", "program": "dr", "shed_kw": 150, "until": end}
+    )
+    (second,) = running.source.events()
+    assert second.shed_kw == 150
+    assert second.start == first.start
 
 
 async def test_conflicting_events_are_all_reported(running: Running) -> None:
@@ -331,8 +350,83 @@ async def test_wrong_password_never_connects(mosquitto: Mosquitto) -> None:
     await asyncio.wait_for(task, 5)
 
 
+async def test_default_program_for_messages_that_name_none(mosquitto: Mosquitto) -> None:
+    source = MqttCurtailSource(make_settings(mosquitto, default_program="ers"))
+    source.handle(
+        "grid/curtail",
+        json.dumps(
+            {"event_id": "d", "state": "on", "max_site_kw": 10, "until": _future()}
+        ).encode(),
+    )
+    (event,) = source.events()
+    assert (event.program, event.kind) == ("ers", ProgramKind.EMERGENCY)
+    bare = MqttCurtailSource(make_settings(mosquitto))
+    bare.handle(
+        "grid/curtail",
+        json.dumps(
+            {"event_id": "d", "state": "on", "max_site_kw": 10, "until": _future()}
+        ).encode(),
+    )
+    assert bare.events() == ()
+    assert "no program named" in bare.rejected[0].reason
+    with pytest.raises(ValueError, match="default_program 'x' is not one of"):
+        make_settings(mosquitto, default_program="x")
+
+
 def test_settings_reject_unknown_keys_and_kinds() -> None:
     with pytest.raises(ValueError, match="extra"):
         MqttCurtailSettings.model_validate({"programs": PROGRAMS, "qos": 2})
     with pytest.raises(ValueError, match="kind"):
         MqttCurtailSettings.model_validate({"programs": {"x": {"kind": "blackout"}}})
+
+
+class TlsMosquitto(Mosquitto):
+    """The real broker with a TLS listener that also demands a client certificate."""
+
+    def __init__(self, workdir: Path, pki: dict[str, Path]) -> None:
+        super().__init__(workdir)
+        self.conf.write_text(
+            self.conf.read_text()
+            + f"cafile {pki['ca']}\ncertfile {pki['broker_crt']}\nkeyfile {pki['broker_key']}\n"
+            "require_certificate true\n"
+        )
+
+
+async def test_tls_with_client_certificate(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path, ["broker", "agent"])
+    broker = TlsMosquitto(tmp_path, pki)
+    broker.start()
+    try:
+        tls = {"tls_ca": pki["ca"], "tls_cert": pki["agent_crt"], "tls_key": pki["agent_key"]}
+        source = MqttCurtailSource(make_settings(broker, **tls))
+        plain = MqttCurtailSource(make_settings(broker))  # no TLS: the broker must refuse it
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(s.run(stop)) for s in (source, plain)]
+        await until(lambda: source.connected)
+        context = source.settings.tls_context()
+        async with aiomqtt.Client(
+            broker.host,
+            broker.port,
+            username="operator",
+            password="operator-secret",
+            tls_context=context,
+        ) as op:
+            await op.publish(
+                "grid/curtail",
+                json.dumps(
+                    {
+                        "event_id": "t",
+                        "state": "on",
+                        "program": "ers",
+                        "max_site_kw": 1,
+                        "until": _future(),
+                    }
+                ),
+                qos=1,
+            )
+            await until(lambda: len(source.events()) == 1)
+        assert plain.connects == 0
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    finally:
+        broker.stop()

@@ -45,7 +45,7 @@ def test_miner_series_units_and_state() -> None:
     hs = value(reg, "site_agent_miner_hashrate_hashes_per_second", miner="m-002", model="S21")
     assert hs == pytest.approx(200.5e12)
     assert value(reg, "site_agent_miner_state", miner="m-003", state="sleeping") == 1.0
-    assert value(reg, "site_agent_miner_state", miner="m-003", state="running") == 0.0
+    assert value(reg, "site_agent_miner_state", miner="m-003", state="running") is None
     assert value(reg, "site_agent_miner_state", miner="m-004", state="faulted") == 1.0
     assert value(reg, "site_agent_miners", state="running") == 2.0
     assert value(reg, "site_agent_workload_power_watts", workload="mining") == 10_098.0
@@ -238,3 +238,24 @@ def test_counter_type_of_rejected_inputs() -> None:
     assert re.search(
         r"# TYPE site_agent_rejected_inputs_total counter", generate_latest(reg).decode()
     )
+
+
+class Broken:
+    def collect(self) -> list[object]:
+        raise RuntimeError("collector bug")
+
+
+async def test_a_failing_collector_gives_500_and_the_server_keeps_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reg = CollectorRegistry()
+    reg.register(Broken())  # type: ignore[arg-type]
+    server = await start_metrics_server(reg, "127.0.0.1", 0)
+    try:
+        raw = await _http(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 500")
+        assert "collecting failed" in caplog.text
+        raw = await _http(server.port, b"GET / HTTP/1.1\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 200")
+    finally:
+        await server.close()

@@ -15,6 +15,7 @@ from drivers.prices.csv_replay import (
     CsvPriceReplay,
     CsvReplaySettings,
     DayAheadForecast,
+    DayAheadSettings,
     load_day_ahead_csv,
     load_price_csv,
 )
@@ -189,3 +190,7 @@ def test_day_ahead_forecast_for_an_instant(shared_data: Path) -> None:
     assert forecast.price_at(datetime(2030, 1, 1, tzinfo=UTC)) is None
     day = forecast.prices_between(hour, hour + timedelta(hours=3))
     assert [t for t, _ in day] == [hour + timedelta(hours=h) for h in range(3)]
+    settings = DayAheadSettings(
+        path=shared_data / "ercot" / "dam_prices_hourly_2022_2024.csv", column="LZ_WEST"
+    )
+    assert DayAheadForecast.from_settings(settings).price_at(hour) is not None

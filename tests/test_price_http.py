@@ -56,7 +56,15 @@ async def test_reads_price_with_timestamp_and_age(server: PriceServer) -> None:
         assert server.requests == 1
 
 
-@pytest.mark.parametrize(("unit", "expected"), [("USD/kWh", 41500.0), ("cents/kWh", 415.0)])
+@pytest.mark.parametrize(
+    ("unit", "expected"),
+    [
+        ("USD/kWh", 41500.0),
+        ("cents/kWh", 415.0),
+        ("usd_per_kwh", 41500.0),
+        ("cents_per_kwh", 415.0),
+    ],
+)
 async def test_unit_conversion(server: PriceServer, unit: str, expected: float) -> None:
     async with HttpJsonSource(settings(server, unit=unit)) as source:
         assert (await source.latest()).value == pytest.approx(expected)

@@ -8,13 +8,37 @@ known events until they end, ``release`` drops them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind
+
+T = TypeVar("T")
+
+
+async def run_until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """Await ``work``, or cancel it as soon as ``stop`` is set (then return None).
+
+    Vendor clients block in connect/handshake for their own timeouts (10 s and more); a source
+    must still stop at once when the agent shuts down. Exceptions of ``work`` propagate.
+    """
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, stopper):
+            if not pending.done():
+                pending.cancel()
+        await asyncio.gather(task, stopper, return_exceptions=True)
+    if task.cancelled():
+        return None
+    return task.result()
 
 
 class ProgramSettings(BaseModel):

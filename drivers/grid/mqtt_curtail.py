@@ -27,8 +27,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Literal
 
 import aiomqtt
@@ -43,7 +45,12 @@ from pydantic import (
 )
 
 from drivers.grid.base import GridEvent, ProgramKind
-from drivers.grid.common import ProgramSettings, Rejection, apply_fail_directions
+from drivers.grid.common import (
+    ProgramSettings,
+    Rejection,
+    apply_fail_directions,
+    run_until_stopped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +66,37 @@ class MqttCurtailSettings(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     client_id: str | None = None
+    # TLS to the broker: a CA to verify it, and optionally a client certificate and key.
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     topic: str = "grid/curtail"
     heartbeat_topic: str = "grid/heartbeat"
     heartbeat_max_age_s: float = Field(default=60.0, gt=0)
     programs: dict[str, ProgramSettings] = Field(min_length=1)
+    default_program: str | None = Field(
+        default=None, description="program of messages that name none"
+    )
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The client TLS context, or None for plain TCP."""
+        if self.tls_ca is None and self.tls_cert is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
+        if self.tls_cert is not None:
+            context.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
+        return context
+
+    @model_validator(mode="after")
+    def _default_known(self) -> MqttCurtailSettings:
+        if self.default_program is not None and self.default_program not in self.programs:
+            raise ValueError(
+                f"default_program {self.default_program!r} is not one of {sorted(self.programs)}"
+            )
+        return self
 
 
 class CurtailMessage(BaseModel):
@@ -74,7 +106,7 @@ class CurtailMessage(BaseModel):
 
     event_id: str = Field(min_length=1, max_length=200)
     state: Literal["on", "off"]
-    program: str = Field(min_length=1)
+    program: str | None = Field(default=None, min_length=1)
     kind: str | None = None
     max_site_kw: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     shed_kw: float | None = Field(default=None, gt=0, allow_inf_nan=False)
@@ -150,7 +182,7 @@ class MqttCurtailSource:
     def handle(self, topic: str, payload: bytes) -> None:
         """Apply one message from ``topic`` (heartbeat or curtailment)."""
         now = self._clock()
-        if topic == self.settings.heartbeat_topic:
+        if aiomqtt.Topic(topic).matches(self.settings.heartbeat_topic):
             self._last_heartbeat = now
             if self._was_stale:
                 log.info("%s: heartbeat back", self._name)
@@ -173,10 +205,14 @@ class MqttCurtailSource:
             )
             self._reject(topic, payload, f"invalid curtailment message: {reasons}")
             return
-        program = self.settings.programs.get(message.program)
+        program_name = message.program or self.settings.default_program
+        if program_name is None:
+            self._reject(topic, payload, "no program named, and no default_program configured")
+            return
+        program = self.settings.programs.get(program_name)
         if program is None:
             known = sorted(self.settings.programs)
-            self._reject(topic, payload, f"unknown program {message.program!r} (known: {known})")
+            self._reject(topic, payload, f"unknown program {program_name!r} (known: {known})")
             return
         if message.kind is not None:
             try:
@@ -189,7 +225,7 @@ class MqttCurtailSource:
                 self._reject(
                     topic,
                     payload,
-                    f"kind {kind.value!r} contradicts program {message.program!r}, "
+                    f"kind {kind.value!r} contradicts program {program_name!r}, "
                     f"configured as {program.kind.value!r}",
                 )
                 return
@@ -209,12 +245,16 @@ class MqttCurtailSource:
                 f"{now.isoformat()}",
             )
             return
+        previous = self._events.get(message.event_id)
+        # A repeated "on" without a start keeps the original start: republishing a command as a
+        # keep-alive must not move the event window (compliance is measured from the start).
+        default_start = previous.start if previous is not None else now
         event = GridEvent(
             event_id=message.event_id,
             source=self._name,
-            program=message.program,
+            program=program_name,
             kind=program.kind,
-            start=(message.start or now).astimezone(UTC),
+            start=(message.start or default_start).astimezone(UTC),
             end=message.until.astimezone(UTC),
             max_site_kw=message.max_site_kw,
             shed_kw=message.shed_kw,
@@ -265,28 +305,18 @@ class MqttCurtailSource:
         """Stay subscribed until ``stop`` is set; reconnect with capped exponential backoff."""
         s = self.settings
         delay_s = s.reconnect_min_s
+        tls = s.tls_context()  # a bad CA or key file fails here, at start, not per attempt
         while not stop.is_set():
             try:
-                async with aiomqtt.Client(
-                    s.host,
-                    s.port,
-                    username=s.username,
-                    password=s.password.get_secret_value() if s.password else None,
-                    identifier=s.client_id,
-                ) as client:
-                    await client.subscribe(s.topic, qos=1)
-                    await client.subscribe(s.heartbeat_topic, qos=0)
-                    self.connected = True
-                    self.connects += 1
-                    delay_s = s.reconnect_min_s
-                    log.info("%s: subscribed to %s on %s:%d", self._name, s.topic, s.host, s.port)
-                    await self._consume(client, stop)
+                await run_until_stopped(self._session(tls), stop)
             except aiomqtt.MqttError as exc:
                 if self.connected:
                     log.warning("%s: connection lost: %s", self._name, exc)
                 else:
                     log.debug("%s: cannot connect: %s", self._name, exc)
             finally:
+                if self.connected:
+                    delay_s = s.reconnect_min_s  # it worked for a while: retry quickly
                 self.connected = False
             if stop.is_set():
                 return
@@ -294,25 +324,28 @@ class MqttCurtailSource:
                 await asyncio.wait_for(stop.wait(), delay_s)
             delay_s = min(delay_s * 2, s.reconnect_max_s)
 
-    async def _consume(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            messages = aiter(client.messages)
-            while True:
-                nxt = asyncio.ensure_future(anext(messages))
-                done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    await asyncio.gather(nxt, return_exceptions=True)
-                    return
-                message = nxt.result()
+    async def _session(self, tls: ssl.SSLContext | None) -> None:
+        """One connection: subscribe and feed every message to :meth:`handle` until it drops."""
+        s = self.settings
+        async with aiomqtt.Client(
+            s.host,
+            s.port,
+            username=s.username,
+            password=s.password.get_secret_value() if s.password else None,
+            identifier=s.client_id,
+            tls_context=tls,
+            timeout=s.connect_timeout_s,
+        ) as client:
+            await client.subscribe(s.topic, qos=1)
+            await client.subscribe(s.heartbeat_topic, qos=0)
+            self.connected = True
+            self.connects += 1
+            log.info("%s: subscribed to %s on %s:%d", self._name, s.topic, s.host, s.port)
+            async for message in client.messages:
                 payload = message.payload
                 if not isinstance(payload, bytes | bytearray):
                     payload = str(payload if payload is not None else "").encode()
                 self.handle(str(message.topic), bytes(payload))
-        finally:
-            stopper.cancel()
-            await asyncio.gather(stopper, return_exceptions=True)
 
 
 def _describe(event: GridEvent) -> str:

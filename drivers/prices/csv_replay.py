@@ -255,11 +255,29 @@ def load_day_ahead_csv(
     )
 
 
+class DayAheadSettings(BaseModel):
+    """Config of day-ahead prices read from an hourly CSV (``type: csv``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["csv"] = "csv"
+    path: Path
+    column: str = Field(min_length=1, description="value column, e.g. HB_WEST")
+
+
 @dataclass(frozen=True, slots=True)
 class DayAheadForecast:
-    """Day-ahead prices used as a forecast: the hourly price of the hour containing an instant."""
+    """Day-ahead prices used as a forecast: the hourly price of the hour containing an instant.
+
+    Day-ahead prices are published the day before delivery, so looking one up for any instant
+    of today or tomorrow is causal; bad rows are skipped (see ``series.rejected``).
+    """
 
     series: PriceSeries
+
+    @classmethod
+    def from_settings(cls, settings: DayAheadSettings) -> DayAheadForecast:
+        return cls(load_day_ahead_csv(settings.path, settings.column, collect_errors=True))
 
     def price_at(self, at: datetime) -> float | None:
         """Day-ahead USD/MWh for the hour containing ``at``, or None when the file lacks it."""

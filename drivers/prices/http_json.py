@@ -43,8 +43,26 @@ UNIT_FACTORS: dict[str, float] = {
     "USD/PH/day": 1.0,
     "USD/TH/day": 1000.0,
     "raw": 1.0,
+    # The same units spelled as identifiers (the spelling agent/config.py uses).
+    "usd_per_mwh": 1.0,
+    "usd_per_kwh": 1000.0,
+    "cents_per_kwh": 10.0,
+    "usd_per_ph_day": 1.0,
+    "usd_per_th_day": 1000.0,
 }
-Unit = Literal["USD/MWh", "USD/kWh", "cents/kWh", "USD/PH/day", "USD/TH/day", "raw"]
+Unit = Literal[
+    "USD/MWh",
+    "USD/kWh",
+    "cents/kWh",
+    "USD/PH/day",
+    "USD/TH/day",
+    "raw",
+    "usd_per_mwh",
+    "usd_per_kwh",
+    "cents_per_kwh",
+    "usd_per_ph_day",
+    "usd_per_th_day",
+]
 
 
 class HttpJsonSettings(BaseModel):

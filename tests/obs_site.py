@@ -1,0 +1,102 @@
+"""A small real site for output tests: LuxOS simulators, the HTTP price server, the real Agent.
+
+Four miners (two S19j Pro, two S21) on 127.93.x addresses that unmodified pyasic talks to, a
+price server, and the lead's :class:`agent.runtime.Agent` with the outputs under test added as
+services. Addresses differ from the other e2e tests so suites can run side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from agent.config import AgentConfig, parse_config
+from agent.runtime import Agent
+from agent.wiring import build_components
+from simulators.luxos import LuxosFleet, MinerSpec
+from simulators.luxos_model import Timing
+from simulators.price_server import PriceServer
+
+S19 = ["127.93.0.1", "127.93.0.2"]
+S21 = ["127.93.1.1", "127.93.1.2"]
+MODELS = {
+    "S19jPro": {
+        "standby_w": 28,
+        "nameplate_w": 3500,
+        "profiles": [{"name": "default", "power_w": 3068, "hashrate_ths": 104}],
+    },
+    "S21": {
+        "standby_w": 35,
+        "nameplate_w": 4000,
+        "profiles": [{"name": "default", "power_w": 3500, "hashrate_ths": 200}],
+    },
+}
+
+Service = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def site_config(price_url: str) -> AgentConfig:
+    return parse_config(
+        {
+            "site": {"id": "obs", "interconnect_limit_kw": 40},
+            "control": {
+                "interval_s": 0.25,
+                "poll_interval_s": 0.2,
+                "poll_jitter_s": 0.02,
+                "device_timeout_s": 2,
+                "retries": 1,
+                "verify_after_s": 1.5,
+                "min_on_s": 0.3,
+                "min_off_s": 0.3,
+            },
+            "economics": {"pool_fee": 0.0, "hashprice": {"usd_per_ph_day": 55}},
+            "miner_models": MODELS,
+            "miners": [
+                {"id": "s19", "address": S19[0], "model": "S19jPro", "count": 2},
+                {"id": "s21", "address": S21[0], "model": "S21", "count": 2},
+            ],
+            "prices": {
+                "realtime": {
+                    "type": "http_json",
+                    "url": f"{price_url}/price",
+                    "value_path": "data.0.price",
+                    "time_path": "data.0.time",
+                    "poll_interval_s": 0.2,
+                    "timeout_s": 1,
+                },
+                "max_age_s": 30,
+            },
+            "metrics": {"port": 0},
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_site(
+    price: float, outputs: Callable[[Agent], list[Service]]
+) -> AsyncIterator[tuple[Agent, LuxosFleet, PriceServer]]:
+    """Start simulators, price server and the agent with ``outputs(agent)`` as services."""
+    specs = [MinerSpec(a, "s19jpro") for a in S19] + [MinerSpec(a, "s21") for a in S21]
+    fleet = LuxosFleet(specs, timing=Timing(wake_ramp_s=0.2, sleep_ramp_s=0.1, profile_ramp_s=0.1))
+    server = PriceServer([price], interval_s=3600)
+    async with fleet, server:
+        config = site_config(server.url)
+        agent = Agent(config, build_components(config))
+        agent.components.services.extend(outputs(agent))
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        try:
+            yield agent, fleet, server
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=10)
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():  # state of the object under test, no event to wait on
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for: {what}")
+        await asyncio.sleep(0.05)

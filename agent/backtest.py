@@ -12,8 +12,6 @@ The headline is ``capture = policy profit / oracle profit``.
 from __future__ import annotations
 
 import argparse
-import bisect
-import importlib
 import json
 import math
 import sys
@@ -48,6 +46,7 @@ from agent.backtest_sim import (
     with_events,
 )
 from agent.config import AgentConfig, ConfigError, load_config
+from agent.fourcp import peak_risk
 from drivers.errors import AgentError
 
 CENTRAL = ZoneInfo("America/Chicago")
@@ -110,41 +109,6 @@ def _step_s(series: Series) -> float:
     return max(steps, key=lambda k: steps[k])
 
 
-def _fourcp_estimator() -> tuple[str, Callable[..., Any] | None]:
-    """agent.fourcp.peak_risk when that module exists (issue 4), else the simple one here."""
-    try:
-        module = importlib.import_module("agent.fourcp")
-    except ImportError:
-        return "simple (agent/backtest.py)", None
-    fn = getattr(module, "peak_risk", None)
-    return ("agent.fourcp.peak_risk", fn) if callable(fn) else ("simple (agent/backtest.py)", None)
-
-
-def simple_peak_risk(
-    loads_mw: Sequence[float], ends_s: Sequence[float], hi: int, now: datetime, margin: float = 0.02
-) -> tuple[float, str]:
-    """Causal 4CP estimate: in June–September afternoons (interval ending 15–19 h Central), the
-    risk rises from 0 at ``margin`` below the month's running maximum to 1 at it, projecting
-    the last settled load by its last rise. ``hi``: rows ``[:hi]`` have settled."""
-    local = now.astimezone(CENTRAL)
-    if local.month not in (6, 7, 8, 9) or hi < 2:
-        return 0.0, ""
-    end_h = local.hour + (local.minute + 15) / 60
-    if not 15.0 <= end_h <= 19.0:
-        return 0.0, ""
-    month_start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
-    lo = bisect.bisect_right(ends_s, month_start, 0, hi)
-    if hi - lo < 2:
-        return 0.0, ""
-    running_max = max(loads_mw[lo:hi])
-    projected = loads_mw[hi - 1] + max(0.0, loads_mw[hi - 1] - loads_mw[hi - 2])
-    risk = min(1.0, max(0.0, (projected / running_max - (1 - margin)) / margin))
-    return (
-        risk,
-        f"4CP risk {risk:.2f}: projected {projected:,.0f} MW vs month max {running_max:,.0f}",
-    )
-
-
 def build_market(args: BacktestArgs, config: AgentConfig) -> tuple[Market, str]:
     """Read and validate every input file; align them to the real-time price intervals."""
     rt = load_series(args.prices, args.column)
@@ -193,8 +157,8 @@ def build_market(args: BacktestArgs, config: AgentConfig) -> tuple[Market, str]:
         load_step = _step_s(load)
         mw = [v * 3600.0 / load_step for v in load.values]
         peak = _true_peaks(load.times_s, mw, load_step, starts)
-        estimator, fn = _fourcp_estimator()
-        risk, reasons = _risks(load.times_s, mw, starts, fn)
+        estimator = "agent.fourcp.peak_risk"
+        risk, reasons = _risks(load.times_s, mw, starts)
     market = Market(
         interval_s=interval_s,
         starts_s=starts,
@@ -235,32 +199,21 @@ def _true_peaks(
 
 
 def _risks(
-    ends_s: Sequence[float],
-    mw: Sequence[float],
-    starts: Sequence[float],
-    fn: Callable[..., Any] | None,
+    ends_s: Sequence[float], mw: Sequence[float], starts: Sequence[float]
 ) -> tuple[tuple[float, ...], tuple[str, ...]]:
+    """The live 4CP estimator's risk at each interval start, from system load settled by then
+    (``peak_risk`` bisects on the row ends, so handing it the whole year stays causal)."""
     ends_dt = [datetime.fromtimestamp(t, tz=UTC) for t in ends_s]
     risk: list[float] = []
     reasons: list[str] = []
-    hi = 0
     for s in starts:
-        while hi < len(ends_s) and ends_s[hi] <= s:
-            hi += 1  # rows that have settled by the interval's start
-        now = datetime.fromtimestamp(s, tz=UTC)
         if datetime.fromtimestamp(s, tz=CENTRAL).month not in (6, 7, 8, 9):
-            risk.append(0.0)
+            risk.append(0.0)  # no 4CP outside June–September: skip the call
             reasons.append("")
             continue
-        if fn is not None:
-            # peak_risk uses only rows that ended by ``now`` (it bisects), so causality holds.
-            a = fn(mw, ends_dt, now)
-            risk.append(float(a.risk))
-            reasons.append(str(a.reason) if a.risk > 0 else "")
-        else:
-            r, why = simple_peak_risk(mw, ends_s, hi, now)
-            risk.append(r)
-            reasons.append(why)
+        a = peak_risk(mw, ends_dt, datetime.fromtimestamp(s, tz=UTC))
+        risk.append(a.risk)
+        reasons.append(a.reason if a.risk > 0 else "")
     return tuple(risk), tuple(reasons)
 
 

@@ -57,10 +57,13 @@ def check_config(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from agent.daemon import serve
+    from agent.logs import setup_logging
+    from agent.store import secrets_in
 
     cfg = _load(args.config)
     if cfg is None:
         return 2
+    setup_logging(secrets=secrets_in(cfg))
     try:
         asyncio.run(serve(cfg, args.config))
     except AgentError as exc:

@@ -100,6 +100,7 @@ class Coordinator:
         self.price_read_at: float | None = None
         self.events: dict[str, ActiveEvent] = {}
         self.gpu_fleet: GpuFleet | None = None  # set by the runtime when the site has GPUs
+        self.started_mono = monotonic()
         self._ramp_at: float | None = None
         self._ramp_tokens_w = 0.0
         now = clock()
@@ -211,8 +212,9 @@ class Coordinator:
     # --- snapshots -----------------------------------------------------------------------
 
     def miner_view(self, slot: MinerSlot, now_mono: float) -> MinerView:
-        age = None if slot.read_at is None else now_mono - slot.read_at
-        fresh = age is not None and age <= self.max_reading_age_s
+        # Never read: its age is the agent's age, so the policy treats it as unknown (nameplate).
+        age = now_mono - (self.started_mono if slot.read_at is None else slot.read_at)
+        fresh = slot.read_at is not None and age <= self.max_reading_age_s
         fault = slot.fault
         if fault is None and slot.consecutive_failures >= 3:
             fault = f"unreachable: {slot.last_error}"

@@ -8,7 +8,6 @@ READY, feeds the watchdog from the control loop, and says STOPPING on SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Callable, Coroutine
@@ -26,19 +25,6 @@ from agent.wiring import attach_grid_sources, build_components
 log = logging.getLogger(__name__)
 
 Service = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
-
-
-def until_stopped(run: Callable[[], Coroutine[Any, Any, None]]) -> Service:
-    """A service from a coroutine that runs until cancelled: cancel it once ``stop`` is set."""
-
-    async def service(stop: asyncio.Event) -> None:
-        task = asyncio.create_task(run())
-        await stop.wait()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    return service
 
 
 def metrics_service(agent: Agent, config: AgentConfig) -> Service:
@@ -83,7 +69,7 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
                 interconnect_limit_w=config.site.interconnect_limit_kw * 1000.0,
             )
             agent.on_cycle = lambda _snapshot, _plan, _results: bridge.publish_cycle()
-            components.services.append(until_stopped(bridge.run))
+            components.services.append(bridge)
         watchdog = LoopWatchdog(notifier, max_stall_s=stall_s)
         agent.watchdog = watchdog.beat
         components.services.append(watchdog.run)

@@ -67,9 +67,10 @@ How it works, once per call:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from agent.config import AgentConfig, ControlConfig
 from agent.domain import (
@@ -303,9 +304,20 @@ class _Result:
         total = 0.0
         for g, ge in zip(groups, self.ge, strict=True):
             vals = g.rung_value_usd_per_h
+            if g.node is not None:
+                total += vals[_top_rung(ge)] * g.count
+                continue
             for r in range(1, len(ge)):
                 total += ge[r] * (vals[r] - vals[r - 1]) * g.count
         return total
+
+
+def _top_rung(ge: list[int]) -> int:
+    """The rung a group of one reached (``ge`` falls from 1 to 0 above it)."""
+    try:
+        return ge.index(0) - 1
+    except ValueError:
+        return len(ge) - 1
 
 
 @dataclass(slots=True)
@@ -324,10 +336,6 @@ class _Ctx:
     mandatory: bool
     ramp_w: float
     fourcp_note: str
-
-
-def _state_unknown(view: MinerView | GpuNodeView) -> bool:
-    return view.measured_power_w is None and view.reading_age_s is not None
 
 
 @functools.lru_cache(maxsize=64)
@@ -358,15 +366,21 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     # --- price, safe mode, 4CP --------------------------------------------------------------
     notes: list[str] = []
     hold = False
-    if snapshot.price is None or snapshot.price.age_s > prices.max_age_s:
-        age = (
-            "no price yet"
-            if snapshot.price is None
-            else f"price is {snapshot.price.age_s:.0f} s old"
-        )
+    if (
+        snapshot.price is None
+        or not snapshot.price.age_s <= prices.max_age_s
+        or not math.isfinite(snapshot.price.usd_per_mwh)
+    ):
+        if snapshot.price is None:
+            age = "no price yet"
+        elif not math.isfinite(snapshot.price.usd_per_mwh):
+            age = f"price {snapshot.price.usd_per_mwh} is not a number"
+        else:
+            age = f"price is {snapshot.price.age_s:.0f} s old"
         if prices.safe_mode == "hold":
             hold = True
-            market = snapshot.price.usd_per_mwh if snapshot.price else 0.0
+            last = snapshot.price.usd_per_mwh if snapshot.price else 0.0
+            market = last if math.isfinite(last) else 0.0
             notes.append(f"{age}: safe mode hold, nothing starts")
         else:
             market = prices.safe_mode_price_usd_per_mwh
@@ -409,7 +423,12 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     fixed: list[MinerView | GpuNodeView] = []
     min_on_s, min_off_s = control.min_on_s, control.min_off_s
     fee = config.economics.pool_fee
-    usd_h_per_ths = snapshot.hashprice_usd_per_ph_day / 1000.0 / 24.0 * (1.0 - fee)
+    hashprice = snapshot.hashprice_usd_per_ph_day
+    if not math.isfinite(hashprice):
+        # A broken hashprice must not make mining look priceless: value it at nothing.
+        notes.append(f"hashprice {hashprice} is not a number: mining valued at 0")
+        hashprice = 0.0
+    usd_h_per_ths = hashprice / 1000.0 / 24.0 * (1.0 - fee)
 
     def add_base(path: tuple[str, ...], watts: float) -> None:
         nonlocal base_w
@@ -417,34 +436,35 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         for c in path:
             circuit_base_w[c] += watts
 
+    # Dwell tests as datetime comparisons: a command given after the cut is still within it.
+    on_cut = now - timedelta(seconds=min_on_s)
+    off_cut = now - timedelta(seconds=min_off_s)
     miner_groups: dict[tuple[object, ...], tuple[_Group, bool, bool]] = {}
     for m in sorted(snapshot.miners, key=_by_id):
-        path = paths.get(m.circuit, ()) if m.circuit else ()
-        if m.fault is not None or _state_unknown(m):
+        if m.fault is not None or (m.measured_power_w is None and m.reading_age_s is not None):
             fixed.append(m)
-            add_base(path, m.worst_case_power_w * m.count)
+            add_base(paths.get(m.circuit, ()) if m.circuit else (), m.worst_case_power_w * m.count)
+            continue
+        since = m.commanded_since
+        key = (id(m.points), m.model, m.commanded, since > off_cut, since > on_cut, m.circuit,
+               m.count)  # fmt: skip
+        entry = miner_groups.get(key)
+        if entry is not None:
+            entry[0].miners.append(m)
             continue
         ml = _miner_ladder(m.points)
         cur = ml.index_of.get(m.commanded, 0)
-        held_s = (now - m.commanded_since).total_seconds()
-        blocked = cur == 0 and held_s < min_off_s
-        forced = cur != 0 and held_s < min_on_s
-        key = (id(m.points), m.model, cur, blocked, forced, m.circuit, m.count)
-        entry = miner_groups.get(key)
-        if entry is None:
-            group = _Group(
-                count=m.count,
-                path=path,
-                rung_power_w=ml.power_w,
-                rung_value_usd_per_h=tuple(h * usd_h_per_ths for h in ml.hashrate_ths),
-                miners=[m],
-                ladder=ml,
-                cur_point=cur,
-            )
-            miner_groups[key] = (group, blocked, forced)
-            groups.append(group)
-        else:
-            entry[0].miners.append(m)
+        group = _Group(
+            count=m.count,
+            path=paths.get(m.circuit, ()) if m.circuit else (),
+            rung_power_w=ml.power_w,
+            rung_value_usd_per_h=tuple(h * usd_h_per_ths for h in ml.hashrate_ths),
+            miners=[m],
+            ladder=ml,
+            cur_point=cur,
+        )
+        miner_groups[key] = (group, cur == 0 and since > off_cut, cur != 0 and since > on_cut)
+        groups.append(group)
     for gi, (group, blocked, forced) in enumerate(miner_groups.values()):
         size = len(group.miners)
         add_base(group.path, group.rung_power_w[0] * group.count * size)
@@ -455,11 +475,11 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     horizon_h = max(control.interval_s, min_off_s) / 3600.0
     for n in sorted(snapshot.gpu_nodes, key=_by_id):
         path = paths.get(n.circuit, ()) if n.circuit else ()
-        if n.fault is not None or _state_unknown(n):
+        if n.fault is not None or (n.measured_power_w is None and n.reading_age_s is not None):
             fixed.append(n)
             add_base(path, n.worst_case_power_w * n.count)
             continue
-        group = _node_group(n, path, control, now, horizon_h, len(groups), steps)
+        group = _node_group(n, path, control, now, (on_cut, off_cut), horizon_h, len(groups), steps)
         groups.append(group)
         add_base(path, group.rung_power_w[0] * n.count)
 
@@ -521,10 +541,13 @@ def _miner_steps(gi: int, group: _Group, forced: bool, steps: list[_Step]) -> No
     cur_w = pw[0] if group.cur_point == 0 else group.miners[0].points[group.cur_point].power_w
     count = group.count
     vals = group.rung_value_usd_per_h
+    prev = _INF
     for r in range(1, len(pw)):
         dp = pw[r] - pw[r - 1]
         dv = vals[r] - vals[r - 1]
-        density = _INF if dp <= 0 else dv / dp * 1e6
+        # The hull makes densities fall along the ladder; min() keeps rounding from
+        # ever sorting a step before the one below it.
+        density = prev = min(prev, _INF if dp <= 0 else dv / dp * 1e6)
         on = group.cur_point != 0 and pw[r] <= cur_w + _EPS_W
         new_w = max(0.0, pw[r] - max(pw[r - 1], cur_w)) * count
         steps.append(
@@ -552,7 +575,7 @@ class _NodeTemplate:
     """The time-free part of a node's ladder in one job/cap state (memoised).
 
     Steps are parallel tuples: rung below and above, jobs running below and above, power (W per
-    unit), value (USD/h per unit), growth above today's power (W per unit), runs now, held.
+    unit), value (USD/h per unit), runs now, held.
     """
 
     rungs: tuple[_NodeRung, ...]
@@ -565,7 +588,6 @@ class _NodeTemplate:
     k_hi: tuple[int, ...]
     dp: tuple[float, ...]
     dv: tuple[float, ...]
-    new_w: tuple[float, ...]
     on: tuple[bool, ...]
     held: tuple[bool, ...]
     cur_w: float
@@ -610,11 +632,65 @@ def _node_template(
         k_hi=tuple(rungs[r][0] for r in steps),
         dp=tuple(rungs[r][2] - rungs[r - 1][2] for r in steps),
         dv=tuple(rungs[r][3] - rungs[r - 1][3] for r in steps),
-        new_w=tuple(max(0.0, rungs[r][2] - max(rungs[r - 1][2], cur_w)) for r in steps),
         on=tuple(on[1:]),
         held=tuple(held),
         cur_w=cur_w,
     )
+
+
+def _pool_with_bonus(
+    t: _NodeTemplate,
+    ordered: tuple[JobView, ...],
+    now: datetime,
+    horizon_h: float,
+    n_sla: int,
+) -> tuple[
+    Sequence[int], Sequence[int], Sequence[float], Sequence[float], Sequence[bool], Sequence[bool]
+]:
+    """Steps of a node with running jobs: keeping bonuses added, then pooled to stay concave.
+
+    The keeping bonus is the work a suspension would lose, spread over the horizon it commits
+    to; it raises the value of the step that keeps the job. The template's steps are concave,
+    so only a step whose bonus changed its value can break the order; from the first such
+    step on, adjacent (non-SLA) steps are pooled until the values fall again.
+    """
+    cum = [0.0]
+    acc = 0.0
+    for job in ordered:
+        if job.state is JobState.RUNNING:
+            acc += _lost_work_usd(job, now)
+        cum.append(acc)
+    if acc == 0.0:
+        return t.lo, t.hi, t.dp, t.dv, t.on, t.held
+    k_lo, k_hi = t.k_lo, t.k_hi
+    lo, hi, dp, dv = list(t.lo), list(t.hi), list(t.dp), list(t.dv)
+    ons, helds = list(t.on), list(t.held)
+    on, held = t.on, t.held
+    per_h = 1.0 / horizon_h
+    out = 0
+    checking = False
+    for i in range(len(dp)):
+        bonus = (cum[k_hi[i]] - cum[k_lo[i]]) * per_h
+        if out != i:
+            lo[out], hi[out], dp[out] = lo[i], hi[i], dp[i]
+            ons[out], helds[out] = on[i], held[i]
+        dv[out] = t.dv[i] + bonus
+        out += 1
+        checking = checking or bonus != 0.0
+        while (
+            checking
+            and out >= 2
+            and hi[out - 2] > n_sla
+            and dv[out - 2] * dp[out - 1] < dv[out - 1] * dp[out - 2]
+        ):
+            a = out - 2
+            hi[a] = hi[out - 1]
+            dp[a] += dp[out - 1]
+            dv[a] += dv[out - 1]
+            ons[a] = ons[a] and ons[out - 1]
+            helds[a] = helds[a] or helds[out - 1]
+            out -= 1
+    return lo[:out], hi[:out], dp[:out], dv[:out], ons[:out], helds[:out]
 
 
 def _node_group(
@@ -622,11 +698,13 @@ def _node_group(
     path: tuple[str, ...],
     control: ControlConfig,
     now: datetime,
+    cuts: tuple[datetime, datetime],  # (minimum on, minimum off): commands after these hold
     horizon_h: float,
     gi: int,
     steps: list[_Step],
 ) -> _Group:
     """A node's group: its jobs in dispatch order, its rungs, and its merit-order steps."""
+    on_cut, off_cut = cuts
     ranked: list[tuple[int, float, bool, str, JobView]] = []
     n_sla = n_held = busy = 0
     lost_any = False
@@ -635,16 +713,16 @@ def _node_group(
         if state is not JobState.RUNNING and state is not JobState.SUSPENDED:
             continue  # pending, completed, failed: the scheduler's business, no power of ours
         running = state is JobState.RUNNING
-        held_s = (now - job.commanded_since).total_seconds()
+        since = job.commanded_since
         if running:
             busy += job.gpus
             lost_any = True
-        elif held_s < control.min_off_s:
+        elif since > off_cut:
             continue  # minimum off time: stays suspended
         if job.job_class == JobClass.SLA:
             tier = 0
             n_sla += 1
-        elif running and held_s < control.min_on_s:
+        elif running and since > on_cut:
             tier = 1
             n_held += 1
         else:
@@ -683,49 +761,36 @@ def _node_group(
         levels=t.levels,
         jobs=ordered,
     )
-    lo, hi, dp, dv, on, held = list(t.lo), list(t.hi), list(t.dp), list(t.dv), t.on, t.held
-    ons, helds = list(on), list(held)
+    lo: Sequence[int] = t.lo
+    hi: Sequence[int] = t.hi
+    dp: Sequence[float] = t.dp
+    dv: Sequence[float] = t.dv
+    ons: Sequence[bool] = t.on
+    helds: Sequence[bool] = t.held
     if lost_any:
-        # Keeping bonus: the work a suspension would lose, spread over the horizon it
-        # commits to, raises the value of the step that keeps the job.
-        cum_lost = [0.0]
-        for job in ordered:
-            lost = _lost_work_usd(job, now) if job.state is JobState.RUNNING else 0.0
-            cum_lost.append(cum_lost[-1] + lost)
-        k_lo, k_hi = t.k_lo, t.k_hi
-        for i in range(len(dv)):
-            if k_hi[i] != k_lo[i]:
-                dv[i] += (cum_lost[k_hi[i]] - cum_lost[k_lo[i]]) / horizon_h
-        # Bonuses can make the ladder non-concave: pool adjacent (non-SLA) steps until the
-        # densities fall again.
-        out = 0
-        for i in range(len(dp)):
-            lo[out], hi[out], dp[out], dv[out] = lo[i], hi[i], dp[i], dv[i]
-            ons[out], helds[out] = on[i], held[i]
-            out += 1
-            while (
-                out >= 2
-                and hi[out - 2] > n_sla
-                and dv[out - 2] * dp[out - 1] < dv[out - 1] * dp[out - 2]
-            ):
-                a = out - 2
-                hi[a] = hi[out - 1]
-                dp[a] += dp[out - 1]
-                dv[a] += dv[out - 1]
-                ons[a] = ons[a] and ons[out - 1]
-                helds[a] = helds[a] or helds[out - 1]
-                out -= 1
-        del lo[out:]
-    pw = group.rung_power_w
+        lo, hi, dp, dv, ons, helds = _pool_with_bonus(t, ordered, now, horizon_h, n_sla)
+
+    pw = t.rung_power_w
     cur_w = t.cur_w
+    prev = _INF
+    append = steps.append
     for i in range(len(lo)):
         a, b, p = lo[i], hi[i], dp[i]
+        # Non-increasing along the ladder, so no step sorts before the one below it (SLA
+        # steps are per job and need not be concave; rounding could tie-break the others).
+        density = dv[i] / p * 1e6 if p > 0 else _INF
+        if density > prev:
+            density = prev
+        prev = density
+        top, below = pw[b], pw[a]
+        if below < cur_w:
+            below = cur_w
+        new_w = (top - below) * count if top > below else 0.0
+        is_on = ons[i]
         sla = b <= n_sla
-        density = _INF if p <= 0 else dv[i] / p * 1e6
-        new_w = t.new_w[i] if b == a + 1 else max(0.0, pw[b] - max(pw[a], cur_w))
-        steps.append(
-            (0 if sla else 1, -density, 0 if ons[i] else 1, gi, b, a, p * count, new_w * count,
-             density, ons[i], helds[i], sla)
+        append(
+            (0 if sla else 1, -density, 0 if is_on else 1, gi, b, a, p * count, new_w, density,
+             is_on, helds[i], sla)
         )  # fmt: skip
     return group
 
@@ -846,7 +911,7 @@ def _plan(
         if group.node is None:
             _miner_actions(group, ge, gi, ctx, result, miner_points, actions)
         else:
-            rung = max(r for r in range(len(ge)) if ge[r] > 0)
+            rung = _top_rung(ge)
             _node_actions(group, rung, gi, ctx, result, now, gpu_caps, job_states, actions)
     for view in fixed:
         if isinstance(view, MinerView):
@@ -1010,7 +1075,9 @@ def _node_actions(
     if k > 0 and abs(cap - n.cap_w) >= 0.5:
         lower = cap < n.cap_w
         why = (
-            result.shed_cause.get(gi) or "price above the value of the top cap steps"
+            result.shed_cause.get(gi)
+            or result.hold_cause.get(gi)
+            or "price above the value of the top cap steps"
             if lower
             else _increase_reason(ctx, result, gi)
         )

@@ -28,6 +28,7 @@ from agent.coordinator import Clock, Coordinator, utc_now
 from agent.domain import ActiveEvent, Plan, Snapshot
 from agent.events import EventBook, EventSource
 from agent.gpu_fleet import GpuFleet
+from agent.logs import log_cycle
 from agent.mqtt import Command, CommandResult, Curtail, Release, SetMode
 from agent.policy import decide
 from agent.state import AgentState
@@ -158,9 +159,14 @@ class Agent:
         self.state.cycles += 1
         self.state.last_cycle_at = snapshot.at
         self.state.last_cycle_duration_s = time.monotonic() - started
-        if plan.actions:
-            ok = sum(1 for r in results if r.result == "ok")
-            log.info("cycle %d: %s; %d/%d ok", self.state.cycles, plan.summary, ok, len(results))
+        log_cycle(
+            log,
+            plan,
+            cycle=self.state.cycles,
+            duration_s=self.state.last_cycle_duration_s,
+            snapshot=snapshot,
+            mode=self.state.mode,
+        )
         if self.on_cycle is not None:
             maybe = self.on_cycle(snapshot, plan, results)
             if maybe is not None:

@@ -673,11 +673,6 @@ def test_real_2023_hb_west_policy_beats_strike(
 
 
 @pytest.mark.shared_data
-@pytest.mark.xfail(
-    strict=True,
-    reason="policy v2 (main e8e1fc9) suspends SLA jobs with no mandatory event, e.g. a full "
-    "8-GPU node at 13 $/MWh on 2023-01-17 (see the backtest report to the lead)",
-)
 def test_real_weeks_reference_site_pay_no_sla_penalty_without_events(shared_data: Path) -> None:
     """SLA jobs are shed only for mandatory grid events (economics.md): three weeks with none
     must cost no SLA penalty. Runs the whole reference site, GPUs included."""

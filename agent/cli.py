@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "agent.demo",
     "agent.override_cli",
     "agent.store_cli",
+    "agent.backtest",
 )
 
 

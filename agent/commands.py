@@ -81,9 +81,18 @@ def plan(args: argparse.Namespace) -> int:
         return 2
 
     async def once() -> int:
-        agent = Agent(cfg, build_components(cfg))
+        components = build_components(cfg)
+        agent = Agent(cfg, components)
         await agent.coordinator.poll_miners()
         await agent.coordinator.poll_price()
+        fleet = components.gpu_fleet
+        if fleet is not None:
+            try:
+                await fleet.poll()
+            finally:
+                aclose = getattr(fleet, "aclose", None)
+                if aclose is not None:
+                    await aclose()
         agent.coordinator.adopt_observed_state()
         from agent.policy import decide
 

@@ -128,6 +128,8 @@ class GpuNodeConfig(Strict):
     count: int = Field(default=1, ge=1, le=10_000)
     circuit: str | None = None
     driver: Literal["nvml", "nvml-sim", "mqtt-node"] = "nvml-sim"
+    # The job scheduler's name for this host (Slurm NodeName); defaults to ``id``.
+    scheduler_node: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> GpuNodeConfig:
@@ -146,6 +148,16 @@ class JobClassContract(Strict):
     checkpoint_interval_s: NonNegFloat = 1800.0  # preemption loses on average half of this
 
 
+class SimJobConfig(Strict):
+    """Jobs the simulated scheduler (``ai.scheduler: sim``) starts with: ``count`` alike."""
+
+    job_class: Literal["sla", "preemptible", "filler"]
+    gpus: int = Field(ge=1, le=64)
+    count: int = Field(default=1, ge=1, le=10_000)
+    node: str | None = None  # pin to this GPU node id (expanded ids for ``count`` nodes)
+    utilization_pct: float = Field(default=95.0, gt=0, le=100)
+
+
 class AiConfig(Strict):
     sla: JobClassContract = JobClassContract(usd_per_gpu_hour=2.5, penalty_usd=500.0)
     preemptible: JobClassContract = JobClassContract(usd_per_gpu_hour=2.0)
@@ -153,6 +165,8 @@ class AiConfig(Strict):
     scheduler: Literal["sim", "slurm", "local"] = "sim"
     class_from: Literal["comment", "partition", "qos"] = "comment"
     requeue_grace_s: NonNegFloat = 60.0
+    # scheduler: sim only; empty: a default mix of SLA, preemptible and filler jobs per node.
+    sim_jobs: list[SimJobConfig] = Field(default_factory=list)
 
 
 # --- signals ---------------------------------------------------------------------------------

@@ -307,6 +307,12 @@ class Agent:
                 health.last_error, health.last_success = None, self.coordinator.clock()
                 health.successes += 1
                 self.state.gpu_readings = fleet.readings()
+                # GPU node faults join the miners' in the one fault list outputs read.
+                for node in fleet.views(self.coordinator.clock()):
+                    if node.fault is None:
+                        self.state.faults.pop(node.device_id, None)
+                    else:
+                        self.state.faults[node.device_id] = node.fault
 
             loops.append(self.coordinator.run_poller(poll_gpus, control.poll_interval_s, stop))
         if self.components.price_source is not None:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from agent.config import AgentConfig, ConstantPriceConfig, CsvPriceConfig
 from agent.economics import mining_revenue_usd_per_h
 from agent.events import EventSource
+from agent.gpu_site import build_gpu_fleet
 from agent.runtime import Agent, Components, MinerDevice
 from drivers.errors import SourceError
 from drivers.grid.base import GridEvent
@@ -76,7 +77,13 @@ def build_miners(config: AgentConfig) -> dict[str, MinerDevice]:
 
 
 def build_components(config: AgentConfig) -> Components:
-    return Components(miners=build_miners(config), price_source=build_price_source(config))
+    fleet = build_gpu_fleet(config) if config.gpu_nodes else None
+    components = Components(
+        miners=build_miners(config), price_source=build_price_source(config), gpu_fleet=fleet
+    )
+    if fleet is not None:
+        components.services.append(fleet.run)  # opens the GPU drivers, closes them at stop
+    return components
 
 
 def attach_grid_sources(agent: Agent, config: AgentConfig) -> None:

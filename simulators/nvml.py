@@ -237,7 +237,9 @@ class SimGpu:
 
     @property
     def utilization_pct(self) -> float:
-        active = sum(p.utilization_pct for p in self._processes.values() if not p.suspended)
+        # The lock: NVML calls read from worker threads while jobs attach on the event loop.
+        with self._lock:
+            active = sum(p.utilization_pct for p in self._processes.values() if not p.suspended)
         return min(100.0, max(0.0, self.load_pct + active))
 
     @property
@@ -282,26 +284,31 @@ class SimGpu:
 
     def attach(self, pid: int, memory_mib: float, utilization_pct: float) -> None:
         """A process starts using this GPU."""
-        self._advance()
-        self._processes[pid] = _Process(pid, memory_mib, utilization_pct)
+        with self._lock:
+            self._advance()
+            self._processes[pid] = _Process(pid, memory_mib, utilization_pct)
 
     def detach(self, pid: int) -> None:
-        self._advance()
-        self._processes.pop(pid, None)
+        with self._lock:
+            self._advance()
+            self._processes.pop(pid, None)
 
     def suspend(self, pid: int) -> None:
         """The process is stopped: it keeps its memory but does no work (utilization 0)."""
-        self._advance()
-        self._processes[pid].suspended = True
+        with self._lock:
+            self._advance()
+            self._processes[pid].suspended = True
 
     def resume(self, pid: int) -> None:
-        self._advance()
-        self._processes[pid].suspended = False
+        with self._lock:
+            self._advance()
+            self._processes[pid].suspended = False
 
     def set_load(self, utilization_pct: float) -> None:
         """Utilization from work that is not a listed process."""
-        self._advance()
-        self.load_pct = utilization_pct
+        with self._lock:
+            self._advance()
+            self.load_pct = utilization_pct
 
     # ---- faults ---------------------------------------------------------------------------
 
@@ -333,10 +340,12 @@ class SimGpu:
 
     @property
     def memory_used_mib(self) -> float:
-        return sum(p.memory_mib for p in self._processes.values())
+        with self._lock:
+            return sum(p.memory_mib for p in self._processes.values())
 
     def process_list(self) -> list[ProcessInfo]:
-        return [ProcessInfo(p.pid, int(p.memory_mib * MIB)) for p in self._processes.values()]
+        with self._lock:
+            return [ProcessInfo(p.pid, int(p.memory_mib * MIB)) for p in self._processes.values()]
 
 
 class SimNvml:

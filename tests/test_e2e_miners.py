@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,8 +27,10 @@ from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import FaultKind, Timing
 from simulators.price_server import PriceServer
 
-S19 = [f"127.77.0.{i}" for i in (1, 2, 3)]
-S21 = [f"127.77.1.{i}" for i in (1, 2, 3)]
+# A loopback /16 per test process, so concurrent runs on one machine do not collide.
+NET = 100 + os.getpid() % 150
+S19 = [f"127.{NET}.0.{i}" for i in (1, 2, 3)]
+S21 = [f"127.{NET}.1.{i}" for i in (1, 2, 3)]
 
 MODELS = {
     "S19jPro": {
@@ -72,6 +75,7 @@ def site_dict(price_url: str, *, min_off_s: float = 1.5, limit_kw: float = 40) -
             "min_off_s": min_off_s,
         },
         "economics": {"pool_fee": 0.02, "hashprice": {"usd_per_ph_day": 55}},
+        "metrics": {"port": 0},
         "miner_models": MODELS,
         "miners": [
             {"id": "s19", "address": S19[0], "model": "S19jPro", "count": 3},
@@ -217,3 +221,60 @@ async def test_stop_is_clean_and_fast_even_with_a_hung_miner() -> None:
         started = loop.time()
     # running_site's exit set the stop event and waited (at most 5 s) for the agent to finish.
     assert loop.time() - started < 5
+
+
+async def test_a_miner_restored_by_hand_during_an_event_is_shed_again() -> None:
+    async with running_site(20.0) as (agent, fleet, _server):
+        await until(lambda: true_site_w(fleet) > 21_000, 10, "all mining")
+        now = datetime.now(UTC)
+        event = GridEvent(
+            event_id="ers-1",
+            source="test",
+            program="ers",
+            kind=ProgramKind.EMERGENCY,
+            start=now - timedelta(seconds=1),
+            end=now + timedelta(hours=1),
+            max_site_kw=12.0,
+        )
+        agent.coordinator.events["ers-1"] = ActiveEvent(event, baseline_w=true_site_w(fleet))
+        agent.wake_control.set()
+        await until(lambda: all(asleep(fleet, a) for a in S19), 10, "S19s shed")
+        await until(
+            lambda: agent.state.actions[("sleep", "ok")] >= 3 and not agent.actuator.pending,
+            5,
+            "the sleeps verified",
+        )
+        # A technician wakes one S19 with its own tools (plain pyasic, not the agent).
+        from drivers.miners.pyasic_driver import PyasicMiner
+
+        tech = PyasicMiner.luxos(S19[1], asyncio.Semaphore(1))
+        await tech.wake()
+        await until(lambda: not asleep(fleet, S19[1]), 5, "the miner is woken by hand")
+        # OFF is a level: the agent sees the drift in telemetry and sheds it again.
+        await until(lambda: asleep(fleet, S19[1]), 10, "the miner shed again")
+        await until(lambda: true_site_w(fleet) <= 12_000, 3, "site back under 12 kW")
+        assert agent.state.actions[("sleep", "ok")] >= 4
+
+
+async def test_a_miner_that_never_answers_counts_at_nameplate() -> None:
+    async with running_site(20.0) as (agent, fleet, _server):
+        await until(lambda: agent.state.cycles >= 1, 10, "first cycle")
+        fleet.set_fault(S21[2], FaultKind.HANG)
+        await until(lambda: _unknown(agent, "s21-003"), 15, "no fresh reading of s21-003")
+        snap = agent.state.snapshot
+        assert snap is not None
+        view = next(m for m in snap.miners if m.device_id == "s21-003")
+        assert view.measured_power_w is None
+        assert view.worst_case_power_w == 4000  # the S21 nameplate, not its last reading
+        plan = agent.state.plan
+        assert plan is not None
+        assert plan.miner_points["s21-003"] == view.commanded  # left alone: no action for it
+        assert not any(a.device_id == "s21-003" for a in plan.actions)
+
+
+def _unknown(agent: Agent, device_id: str) -> bool:
+    snap = agent.state.snapshot
+    if snap is None:
+        return False
+    view = next(m for m in snap.miners if m.device_id == device_id)
+    return view.measured_power_w is None

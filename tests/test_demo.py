@@ -1,0 +1,32 @@
+"""``site-agent demo`` with GPU nodes: the shipped demo config runs and shows the AI side."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config
+from agent.demo import DEFAULT_CONFIG, run_demo
+
+pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
+
+
+async def test_demo_runs_miners_and_gpu_nodes_and_reports_ai_revenue(shared_data: Path) -> None:
+    config = load_config(DEFAULT_CONFIG)
+    assert sum(n.gpus * n.count for n in config.gpu_nodes) == 16
+    out = io.StringIO()
+    assert await run_demo(DEFAULT_CONFIG, 10.0, out=out) == 0
+    text = out.getvalue()
+    assert "2 GPU nodes (16 simulated H100-SXM)" in text
+    assert "AI jobs S/P/F" in text
+    # Once the GPUs have been read, every status line shows the SLA job and the GPU power.
+    lines = [line for line in text.splitlines() if re.match(r"\d\d:\d\d ", line)]
+    assert any(re.search(r" 1/\d/\d +\d +\d+/\d+ +\d+\.\d", line) for line in lines), lines
+    ai = re.search(r"AI revenue \$ +([\d.]+) +([\d.]+)", text)
+    assert ai is not None, text
+    assert 0 < float(ai.group(1)) <= float(ai.group(2))
+    assert re.search(r"AI jobs suspended \(sla 0, ", text), text
+    assert "(0 failed)" in text

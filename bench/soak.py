@@ -59,7 +59,6 @@ from simulators.luxos import LuxosFleet, fleet_addresses, fleet_specs, raise_ope
 from simulators.luxos_model import FaultKind, Timing  # noqa: E402
 
 PRICE_CSV = ROOT.parent / "shared" / "data" / "ercot" / "rtm_hub_prices_15min_2023.csv"
-BASE = "127.80.0.1"
 FAULTS = (
     FaultKind.HANG,
     FaultKind.SLOW,
@@ -97,6 +96,7 @@ TIMING = Timing(wake_ramp_s=0.5, sleep_ramp_s=0.2, profile_ramp_s=0.2)
 @dataclass(frozen=True, slots=True)
 class SoakSettings:
     miners: int = 300
+    base: str = "127.80.0.1"  # first miner address (loopback)
     hours: float = 24.0  # simulated
     speed: float = 1440.0  # simulated seconds per real second
     start: datetime = datetime(2023, 9, 6, tzinfo=UTC)  # an ERCOT emergency day (HB_WEST)
@@ -150,7 +150,9 @@ def site_config(settings: SoakSettings, journal: Path, models: Sequence[str]) ->
     fleet_w = settings.miners / 2 * (3420 + 3930)
     miners = [
         {"id": f"m{i:04d}", "address": a, "model": "S19jPro" if m == "s19jpro" else "S21"}
-        for i, (a, m) in enumerate(zip(fleet_addresses(settings.miners, BASE), models, strict=True))
+        for i, (a, m) in enumerate(
+            zip(fleet_addresses(settings.miners, settings.base), models, strict=True)
+        )
     ]
     return parse_config(
         {
@@ -194,7 +196,7 @@ async def run_soak(
     rng = random.Random(settings.seed)
     raise_open_file_limit()
     journal = workdir / "soak-journal.db"
-    specs = fleet_specs(settings.miners, BASE)
+    specs = fleet_specs(settings.miners, settings.base)
     config = site_config(settings, journal, [s.model for s in specs])
     addresses = [s.address for s in specs]
     device_of = {a: f"m{i:04d}" for i, a in enumerate(addresses)}
@@ -385,12 +387,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hours", type=float, default=24.0, help="simulated hours")
     p.add_argument("--speed", type=float, default=1440.0, help="simulated s per real s")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--base", default="127.80.0.1", help="first miner address (loopback)")
     p.add_argument("--csv", type=Path, default=PRICE_CSV)
     args = p.parse_args(argv)
     if not args.csv.is_file():
         print(f"error: price file {args.csv} not found", file=sys.stderr)
         return 2
-    settings = SoakSettings(miners=args.miners, hours=args.hours, speed=args.speed, seed=args.seed)
+    settings = SoakSettings(
+        miners=args.miners, hours=args.hours, speed=args.speed, seed=args.seed, base=args.base
+    )
 
     def emit(line: dict[str, Any]) -> None:
         print(json.dumps(line), flush=True)

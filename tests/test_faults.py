@@ -43,10 +43,11 @@ from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import FaultKind, Timing
 from simulators.price_server import PriceServer
 from tests.servers import Mosquitto
-from tests.test_e2e_miners import MODELS
+from tests.test_e2e_miners import MODELS, NET
 
-S19 = [f"127.79.0.{i}" for i in range(1, 7)]
-S21 = [f"127.79.1.{i}" for i in range(1, 7)]
+# This process's own loopback net (as the e2e tests), so concurrent test runs never collide.
+S19 = [f"127.{NET}.20.{i}" for i in range(1, 7)]
+S21 = [f"127.{NET}.21.{i}" for i in range(1, 7)]
 ALL = S19 + S21
 DEVICE = {a: f"s19-{i:03d}" for i, a in enumerate(S19, 1)} | {
     a: f"s21-{i:03d}" for i, a in enumerate(S21, 1)

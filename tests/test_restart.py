@@ -44,13 +44,13 @@ from agent.store import Store, StoreWriteError
 from agent.wiring import build_components
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import FaultKind, Timing
-from tests.test_e2e_miners import MODELS
+from tests.test_e2e_miners import MODELS, NET
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE_AGENT = ROOT / ".venv" / "bin" / "site-agent"
 
-S19 = [f"127.78.0.{i}" for i in range(1, 5)]
-S21 = [f"127.78.1.{i}" for i in range(1, 5)]
+S19 = [f"127.{NET}.10.{i}" for i in range(1, 5)]
+S21 = [f"127.{NET}.11.{i}" for i in range(1, 5)]
 ALL = S19 + S21
 # 0.5 s cycles and 360 kW/min: at most 3 kW more per cycle, i.e. one miner woken per cycle
 # (the smallest wake step is an S19 at -2, 2.45 kW; two would need 4.9 kW).

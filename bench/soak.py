@@ -133,7 +133,7 @@ class SoakState:
     worst_plan_over_w: float = float("-inf")
     max_cycle_s: float = 0.0
     injected: dict[str, int] = field(default_factory=dict)
-    ups: list[tuple[float, float]] = field(default_factory=list)  # (monotonic, W started)
+    ups: list[tuple[float, float]] = field(default_factory=list)  # (snapshot time, W started)
     worst_up_w_per_2s: float = 0.0
     max_poll_s: float = 0.0
     events: int = 0
@@ -236,13 +236,13 @@ async def run_soak(
                         t_s, f"planned {plan.planned_power_w:.0f} W > limit {plan.limit_w:.0f} W"
                     )
                 )
-        # Ramp: power the agent started in the trailing 2 s (executed increases).
+        # Ramp: power the agent started in the trailing 2 s of snapshot time (the ramp budget
+        # refills with the time between snapshots; a cycle's actions follow its snapshot).
+        at = snapshot.at.timestamp()
         st.ups.extend(
-            (now, r.action.delta_power_w)
-            for r in results
-            if r.result == "ok" and r.action.delta_power_w > 0
+            (at, r.action.delta_power_w) for r in results if r.result == "ok" and not r.action.sheds
         )
-        st.ups = [(t, w) for t, w in st.ups if t >= now - 2.0]
+        st.ups = [(t, w) for t, w in st.ups if t >= at - 2.0]
         st.worst_up_w_per_2s = max(st.worst_up_w_per_2s, sum(w for _, w in st.ups))
         poll = agent_state_poll_s()
         st.max_poll_s = max(st.max_poll_s, poll)

@@ -33,20 +33,20 @@ async def test_soak_short(shared_data: Path, tmp_path: Path) -> None:
     summary = await run_soak(settings, csv, tmp_path)
     print(summary)  # the measured figures, for `pytest -s`
     # The run did real work: many cycles, hundreds of actions, overrides and faults.
-    assert summary["cycles"] >= 10, summary
-    assert summary["actions"] >= 200, summary
-    assert summary["events"] >= 2, summary
-    assert sum(summary["faults_injected"].values()) >= 15, summary
-    assert len(summary["faults_injected"]) >= 4, summary
+    assert summary["cycles"] >= 8, ("cycles", summary)
+    assert summary["actions"] >= 150, ("actions", summary)
+    assert summary["events"] >= 2, ("events", summary)
+    assert sum(summary["faults_injected"].values()) >= 15, ("faults", summary)
+    assert len(summary["faults_injected"]) >= 4, ("fault kinds", summary)
     # Invariants, every cycle.
     assert summary["violations"] == 0, summary["first_violations"]
     assert summary["worst_planned_over_limit_w"] <= 1.0
     assert summary["worst_true_over_allowed_w"] <= 0.0
     # Load came back no faster than the ramp rate (plus the one cycle in flight).
-    assert summary["worst_started_w_per_2s"] <= summary["ramp_allowed_w_per_2s"], summary
+    assert summary["worst_started_w_per_2s"] <= summary["ramp_allowed_w_per_2s"], ("ramp", summary)
     # Every action executed is audited in the journal.
     assert summary["audited"] == summary["actions"]
     # Memory flat: RSS after warm-up to the end, and no task left behind by the agent.
-    assert summary["rss_growth_mb"] < 15.0, summary
+    assert summary["rss_growth_mb"] < 15.0, ("memory", summary)
     leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert leftover == [], leftover

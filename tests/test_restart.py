@@ -280,6 +280,11 @@ async def test_kill_9_then_clean_restart_mid_curtailment_then_release_ramps(
                 == 0
             )
             await until(lambda: asleep(fleet, ALL), 10, "every miner asleep under the override")
+            # The shedding cycle has finished (its audit rows are written after the commands).
+            deadline = time.monotonic() + 10
+            while await audit_count(journal, "sleep") < len(ALL):
+                assert time.monotonic() < deadline, "daemon A never audited its sleeps"
+                await asyncio.sleep(0.1)
             # 3. kill -9, and a power blip reboots one miner into mining while the agent is down.
             assert a.proc is not None
             a.proc.send_signal(signal.SIGKILL)

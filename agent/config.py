@@ -34,6 +34,7 @@ from pydantic import (
 from drivers.errors import AgentError
 from drivers.grid.mqtt_curtail import MqttCurtailSettings
 from drivers.grid.openadr import OpenAdrSettings
+from drivers.prices.hashprice import ComputedHashpriceSettings
 from drivers.prices.http_json import HttpJsonSettings
 
 
@@ -204,9 +205,12 @@ class HashpriceConfig(Strict):
     """Hashprice in USD per PH/s per day: a constant, or a feed (with this as the fallback)."""
 
     usd_per_ph_day: PositiveFloat = 55.0
-    url: str | None = None
-    value_path: str | None = None
-    interval_s: PositiveFloat = 600.0
+    # A live feed: an HTTP JSON number in USD/PH/day, or computed from BTC price and difficulty.
+    feed: HttpJsonSettings | ComputedHashpriceSettings | None = Field(
+        default=None, discriminator="type"
+    )
+    poll_interval_s: PositiveFloat = 600.0
+    # After this long without a good reading the constant above is used again.
     max_age_s: PositiveFloat = 86_400.0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,11 +31,14 @@ from agent.domain import (
     PriceView,
     Snapshot,
 )
+from agent.fourcp import peak_risk
 from agent.gpu_fleet import GpuFleet
 from agent.state import AgentState
-from drivers.errors import AgentError, DeviceError
+from drivers.errors import AgentError, BadInput, DeviceError
 from drivers.miners.base import MinerMode, MinerReading, MinerTelemetry
 from drivers.prices.base import PriceReading, PriceSource
+from drivers.prices.csv_replay import DayAheadForecast
+from drivers.prices.system_load import SystemLoadReplay
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +107,11 @@ class Coordinator:
         self.price_read_at: float | None = None
         self.events: dict[str, ActiveEvent] = {}
         self.gpu_fleet: GpuFleet | None = None  # set by the runtime when the site has GPUs
+        # Optional signals, set by the wiring: a hashprice feed, day-ahead prices, system load.
+        self.hashprice_source: PriceSource | None = None
+        self.hashprice_read_at: float | None = None
+        self.day_ahead: DayAheadForecast | None = None
+        self.system_load: SystemLoadReplay | None = None
         self.started_mono = monotonic()
         self._ramp_at: float | None = None
         self._ramp_tokens_w = 0.0
@@ -201,6 +210,50 @@ class Coordinator:
             self.price_read_at = self.monotonic()
         self.price = reading
 
+    async def poll_hashprice(self) -> None:
+        """Read the hashprice feed; a bad or failing feed keeps the last good value."""
+        source = self.hashprice_source
+        if source is None:
+            return
+        health = self.state.source(f"hashprice:{source.name}")
+        try:
+            reading = await source.latest()
+            if not (math.isfinite(reading.value) and reading.value > 0):
+                raise BadInput(
+                    source.name, f"hashprice must be a positive number, got {reading.value}"
+                )
+        except AgentError as exc:
+            if health.last_error is None:
+                log.warning("hashprice feed %s failed: %s", source.name, exc)
+            health.last_error, health.failures = str(exc), health.failures + 1
+            return
+        if health.last_error is not None:
+            log.info("hashprice feed %s recovered", source.name)
+        health.last_error, health.last_success = None, self.clock()
+        health.successes += 1
+        self.hashprice_usd_per_ph_day, self.hashprice_read_at = reading.value, self.monotonic()
+
+    def market_now(self) -> datetime:
+        """The market's clock: simulated time when the price source replays history."""
+        sim_now = getattr(self.price_source, "sim_now", None)
+        return sim_now() if callable(sim_now) else self.clock()
+
+    def current_hashprice(self, mono: float) -> float:
+        hp = self.config.economics.hashprice
+        if self.hashprice_read_at is not None and mono - self.hashprice_read_at > hp.max_age_s:
+            return hp.usd_per_ph_day  # the feed went stale: back to the configured constant
+        return self.hashprice_usd_per_ph_day
+
+    def fourcp(self, market_now: datetime) -> tuple[float, str]:
+        """The 4CP risk of the current interval from the system-load history, with its reason."""
+        if self.system_load is None or not self.config.grid.fourcp.enabled:
+            return 0.0, ""
+        history = self.system_load.month_history(market_now)
+        if not history.loads_mw:
+            return 0.0, ""
+        assessment = peak_risk(history.loads_mw, history.times, market_now)
+        return assessment.risk, assessment.reason
+
     async def run_poller(
         self, poll: Callable[[], Awaitable[None]], interval_s: float, stop: asyncio.Event
     ) -> None:
@@ -264,15 +317,21 @@ class Coordinator:
                 age_s=mono - self.price_read_at,
             )
         ramp_w = self.ramp_headroom_w(mono)
+        market_now = self.market_now()
+        risk, reason = self.fourcp(market_now)
+        day_ahead = None if self.day_ahead is None else self.day_ahead.price_at(market_now)
         return Snapshot(
             at=now,
             price=price,
-            hashprice_usd_per_ph_day=self.hashprice_usd_per_ph_day,
+            hashprice_usd_per_ph_day=self.current_hashprice(mono),
             miners=miners,
             gpu_nodes=gpu_nodes,
             events=tuple(e for e in self.events.values() if e.event.active_at(now)),
             measured_site_power_w=site_w,
             ramp_headroom_w=ramp_w,
+            day_ahead_usd_per_mwh=day_ahead,
+            fourcp_risk=risk,
+            fourcp_reason=reason,
         )
 
     def ramp_headroom_w(self, mono: float) -> float:

@@ -37,6 +37,8 @@ from drivers.errors import AgentError
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.miners.base import MinerSleepWake, MinerTelemetry
 from drivers.prices.base import PriceSource
+from drivers.prices.csv_replay import DayAheadForecast
+from drivers.prices.system_load import SystemLoadReplay
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,9 @@ class Components:
     store: Store | None = None  # the journal; also the audit sink when audit is None
     grid_sources: list[EventSource] = field(default_factory=list)
     gpu_fleet: GpuFleet | None = None
+    hashprice_source: PriceSource | None = None
+    day_ahead: DayAheadForecast | None = None
+    system_load: SystemLoadReplay | None = None
     # Extra long-running tasks (metrics server, MQTT...): each gets the stop event.
     services: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
         default_factory=list
@@ -88,6 +93,9 @@ class Agent:
             monotonic=monotonic,
         )
         self.coordinator.gpu_fleet = components.gpu_fleet
+        self.coordinator.hashprice_source = components.hashprice_source
+        self.coordinator.day_ahead = components.day_ahead
+        self.coordinator.system_load = components.system_load
         self.actuator = Actuator(
             self.coordinator,
             self.state,
@@ -315,6 +323,9 @@ class Agent:
                         self.state.faults[node.device_id] = node.fault
 
             loops.append(self.coordinator.run_poller(poll_gpus, control.poll_interval_s, stop))
+        if self.components.hashprice_source is not None:
+            every = self.config.economics.hashprice.poll_interval_s
+            loops.append(self.coordinator.run_poller(self.coordinator.poll_hashprice, every, stop))
         if self.components.price_source is not None:
             price_every = min(control.poll_interval_s, control.interval_s)
             loops.append(
@@ -327,9 +338,10 @@ class Agent:
                 tg.create_task(_cancel_after_grace(stop, tasks, grace_s))
         finally:
             # Sources that own connections (HTTP clients) expose aclose().
-            aclose = getattr(self.components.price_source, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            for source in (self.components.price_source, self.components.hashprice_source):
+                aclose = getattr(source, "aclose", None)
+                if aclose is not None:
+                    await aclose()
         log.info("agent stopped after %d cycle(s)", self.state.cycles)
 
 

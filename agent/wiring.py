@@ -23,8 +23,15 @@ from drivers.grid.mqtt_curtail import MqttCurtailSource
 from drivers.grid.openadr import OpenAdrVen
 from drivers.miners.pyasic_driver import PyasicMiner
 from drivers.prices.base import PriceReading, PriceSource
-from drivers.prices.csv_replay import CsvPriceReplay, load_price_csv
+from drivers.prices.csv_replay import (
+    CsvPriceReplay,
+    DayAheadForecast,
+    load_day_ahead_csv,
+    load_price_csv,
+)
+from drivers.prices.hashprice import ComputedHashprice, ComputedHashpriceSettings
 from drivers.prices.http_json import HttpJsonSettings, HttpJsonSource
+from drivers.prices.system_load import SystemLoadReplay, load_system_load_csv
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,31 @@ def build_miners(config: AgentConfig) -> dict[str, MinerDevice]:
     }
 
 
+def build_signals(config: AgentConfig, components: Components) -> None:
+    """Hashprice feed, day-ahead forecast and system load (4CP), where configured.
+
+    A replayed system load or day-ahead file follows the real-time price replay's clock (the
+    coordinator looks both up at the market's time), so they stay in step in demos and tests.
+    """
+    hp = config.economics.hashprice
+    if isinstance(hp.feed, HttpJsonSettings):
+        components.hashprice_source = HttpJsonSource(hp.feed, name="hashprice")
+    elif isinstance(hp.feed, ComputedHashpriceSettings):
+        components.hashprice_source = ComputedHashprice.from_settings(hp.feed)
+    da = config.prices.day_ahead
+    if da is not None:
+        components.day_ahead = DayAheadForecast(
+            load_day_ahead_csv(da.path, da.column, collect_errors=True)
+        )
+    load_csv = config.grid.fourcp.system_load_csv
+    if config.grid.fourcp.enabled and load_csv is not None:
+        if not load_csv.is_file():
+            raise SourceError("system-load", f"system-load file {load_csv} not found")
+        components.system_load = SystemLoadReplay(
+            load_system_load_csv(load_csv, collect_errors=True)
+        )
+
+
 def build_components(config: AgentConfig) -> Components:
     fleet = build_gpu_fleet(config) if config.gpu_nodes else None
     components = Components(
@@ -83,6 +115,7 @@ def build_components(config: AgentConfig) -> Components:
     )
     if fleet is not None:
         components.services.append(fleet.run)  # opens the GPU drivers, closes them at stop
+    build_signals(config, components)
     return components
 
 

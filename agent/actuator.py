@@ -81,7 +81,7 @@ class Actuator:
         audit: AuditSink | None = None,
         journal: Journal | None = None,
         *,
-        fault_retry_s: float = 300.0,
+        fault_retry_s: float | None = None,
         backoff_s: float = 0.2,
     ) -> None:
         self.coordinator = coordinator
@@ -90,7 +90,9 @@ class Actuator:
         self.drivers = drivers
         self.audit_sink: AuditSink = audit or LogAudit()
         self.journal = journal
-        self.fault_retry_s = fault_retry_s
+        self.fault_retry_s = (
+            coordinator.config.control.fault_retry_s if fault_retry_s is None else fault_retry_s
+        )
         self.backoff_s = backoff_s
         self.semaphore = asyncio.Semaphore(self.config.control.max_concurrency)
         self.pending: dict[str, _Pending] = {}

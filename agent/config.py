@@ -295,6 +295,8 @@ class ControlConfig(Strict):
     retries: int = Field(default=2, ge=0, le=10)
     # How long after a command telemetry must show it applied, else the device is faulted.
     verify_after_s: PositiveFloat = 60.0
+    # A faulted device is left alone this long before the agent tries it again.
+    fault_retry_s: PositiveFloat = 300.0
     hysteresis_usd_per_mwh: NonNegFloat = 5.0
     min_on_s: NonNegFloat = 300.0
     min_off_s: NonNegFloat = 300.0

@@ -648,7 +648,15 @@ def build_gpu_fleet(
         jobs, scheduler = _build_jobs(config, specs, sims, sim_clock, source, problems)
     if problems:
         raise ConfigError(source, problems)
-    site = GpuSite(nodes, jobs, ai, control, clock=clock or utc_now, monotonic=monotonic)
+    site = GpuSite(
+        nodes,
+        jobs,
+        ai,
+        control,
+        clock=clock or utc_now,
+        monotonic=monotonic,
+        fault_retry_s=config.control.fault_retry_s,
+    )
     if sims:
         site.simulation = GpuSimulation(sims, scheduler)
     return site

@@ -37,28 +37,11 @@ from agent.config import parse_config  # noqa: E402
 from agent.runtime import Agent  # noqa: E402
 from agent.wiring import build_components  # noqa: E402
 from simulators.luxos import control_request, raise_open_file_limit  # noqa: E402
+from simulators.luxos_model import S19J_PRO  # noqa: E402
+from simulators.luxos_model import S21 as S21_MODEL  # noqa: E402
 from simulators.price_server import PriceServer  # noqa: E402
 
-MODELS = {
-    "s19jpro": {
-        "standby_w": 28,
-        "profiles": [
-            {"name": "-2", "power_w": 2450, "hashrate_ths": 88},
-            {"name": "-1", "power_w": 2760, "hashrate_ths": 96},
-            {"name": "default", "power_w": 3068, "hashrate_ths": 104},
-            {"name": "+1", "power_w": 3420, "hashrate_ths": 112},
-        ],
-    },
-    "s21": {
-        "standby_w": 35,
-        "profiles": [
-            {"name": "-2", "power_w": 2790, "hashrate_ths": 172},
-            {"name": "-1", "power_w": 3140, "hashrate_ths": 186},
-            {"name": "default", "power_w": 3500, "hashrate_ths": 200},
-            {"name": "+1", "power_w": 3930, "hashrate_ths": 214},
-        ],
-    },
-}
+MODELS = {"s19jpro": S19J_PRO.site_config(), "s21": S21_MODEL.site_config()}
 
 
 def emit(figure: str, value: float, unit: str, n: int, **extra: Any) -> None:

@@ -56,7 +56,12 @@ from agent.wiring import build_miners  # noqa: E402
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind  # noqa: E402
 from drivers.prices.csv_replay import CsvPriceReplay, load_price_csv  # noqa: E402
 from simulators.luxos import LuxosFleet, fleet_addresses, fleet_specs, raise_open_file_limit  # noqa: E402
-from simulators.luxos_model import FaultKind, Timing  # noqa: E402
+from simulators.luxos_model import (  # noqa: E402
+    S19J_PRO,
+    FaultKind,
+    Timing,
+)
+from simulators.luxos_model import S21 as S21_MODEL  # noqa: E402
 
 PRICE_CSV = ROOT.parent / "shared" / "data" / "ercot" / "rtm_hub_prices_15min_2023.csv"
 FAULTS = (
@@ -67,28 +72,7 @@ FAULTS = (
     FaultKind.IGNORE,
     FaultKind.REBOOT,
 )
-MODELS: dict[str, Any] = {
-    "S19jPro": {
-        "standby_w": 28,
-        "nameplate_w": 3500,
-        "profiles": [
-            {"name": "-2", "power_w": 2450, "hashrate_ths": 88},
-            {"name": "-1", "power_w": 2760, "hashrate_ths": 96},
-            {"name": "default", "power_w": 3068, "hashrate_ths": 104},
-            {"name": "+1", "power_w": 3420, "hashrate_ths": 112},
-        ],
-    },
-    "S21": {
-        "standby_w": 35,
-        "nameplate_w": 4000,
-        "profiles": [
-            {"name": "-2", "power_w": 2790, "hashrate_ths": 172},
-            {"name": "-1", "power_w": 3140, "hashrate_ths": 186},
-            {"name": "default", "power_w": 3500, "hashrate_ths": 200},
-            {"name": "+1", "power_w": 3930, "hashrate_ths": 214},
-        ],
-    },
-}
+MODELS: dict[str, Any] = {"S19jPro": S19J_PRO.site_config(), "S21": S21_MODEL.site_config()}
 NAMEPLATE_W = {"s19jpro": 3500.0, "s21": 4000.0}
 TIMING = Timing(wake_ramp_s=0.5, sleep_ramp_s=0.2, profile_ramp_s=0.2)
 

@@ -37,6 +37,7 @@ class ModelSpec:
     profiles: tuple[ProfileSpec, ...]
     default_profile: str
     standby_w: float
+    nameplate_w: float  # worst-case draw (PSU rating), above the top profile
     boards: int = 3
     fans: int = 4
     ambient_c: float = 25.0
@@ -44,6 +45,21 @@ class ModelSpec:
     pcb_rise_c_per_kw: float = 12.0
     chip_rise_c_per_kw: float = 6.0
     thermal_tau_s: float = 60.0
+
+    def site_config(self) -> dict[str, object]:
+        """This model as a site config's ``miner_models`` entry (standby, nameplate, ladder).
+
+        Tests, benchmarks and demos build their site configs from it, so the agent's view of
+        a model and the simulator's can never drift apart.
+        """
+        return {
+            "standby_w": self.standby_w,
+            "nameplate_w": self.nameplate_w,
+            "profiles": [
+                {"name": p.name, "power_w": p.power_w, "hashrate_ths": p.hashrate_ths}
+                for p in self.profiles
+            ],
+        }
 
     def profile(self, name: str) -> ProfileSpec:
         for p in self.profiles:
@@ -64,6 +80,7 @@ S19J_PRO = ModelSpec(
     ),
     default_profile="default",
     standby_w=28.0,
+    nameplate_w=3500.0,
 )
 
 S21 = ModelSpec(
@@ -78,6 +95,7 @@ S21 = ModelSpec(
     ),
     default_profile="default",
     standby_w=35.0,
+    nameplate_w=4000.0,
 )
 
 MODELS: dict[str, ModelSpec] = {m.key: m for m in (S19J_PRO, S21)}

@@ -24,7 +24,8 @@ from agent.runtime import Agent
 from agent.wiring import build_components
 from drivers.grid.base import GridEvent, ProgramKind
 from simulators.luxos import LuxosFleet, MinerSpec
-from simulators.luxos_model import FaultKind, Timing
+from simulators.luxos_model import S19J_PRO, FaultKind, Timing
+from simulators.luxos_model import S21 as S21_MODEL
 from simulators.price_server import PriceServer
 
 # A loopback /16 per test process, so concurrent runs on one machine do not collide.
@@ -32,28 +33,7 @@ NET = 100 + os.getpid() % 150
 S19 = [f"127.{NET}.0.{i}" for i in (1, 2, 3)]
 S21 = [f"127.{NET}.1.{i}" for i in (1, 2, 3)]
 
-MODELS = {
-    "S19jPro": {
-        "standby_w": 28,
-        "nameplate_w": 3500,
-        "profiles": [
-            {"name": "-2", "power_w": 2450, "hashrate_ths": 88},
-            {"name": "-1", "power_w": 2760, "hashrate_ths": 96},
-            {"name": "default", "power_w": 3068, "hashrate_ths": 104},
-            {"name": "+1", "power_w": 3420, "hashrate_ths": 112},
-        ],
-    },
-    "S21": {
-        "standby_w": 35,
-        "nameplate_w": 4000,
-        "profiles": [
-            {"name": "-2", "power_w": 2790, "hashrate_ths": 172},
-            {"name": "-1", "power_w": 3140, "hashrate_ths": 186},
-            {"name": "default", "power_w": 3500, "hashrate_ths": 200},
-            {"name": "+1", "power_w": 3930, "hashrate_ths": 214},
-        ],
-    },
-}
+MODELS = {"S19jPro": S19J_PRO.site_config(), "S21": S21_MODEL.site_config()}
 
 
 def site_config(price_url: str, *, min_off_s: float = 1.5, limit_kw: float = 40) -> AgentConfig:

@@ -14,7 +14,6 @@ Credentials are :class:`pydantic.SecretStr` and are never printed. A credential 
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 from datetime import datetime
 from pathlib import Path
@@ -490,7 +489,3 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
             "grid": cfg.grid.model_copy(update={"fourcp": fourcp}),
         }
     )
-
-
-def finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))

@@ -426,8 +426,3 @@ class Coordinator:
             )
             slot.commanded, slot.commanded_since = observed, since
         return drifted
-
-    def replace_price(self, reading: PriceReading) -> None:
-        """Inject a price (tests, operator tools)."""
-        self.price, self.price_read_at = reading, self.monotonic()
-        self.price_changed.set()

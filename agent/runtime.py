@@ -6,7 +6,7 @@ actuate → verify), and any outputs handed in (metrics server, MQTT). The contr
 ends (the fast path). It waits for the first full poll before the first decision, so a restart
 never commands from ignorance.
 
-Stopping: setting the ``stop`` event (SIGTERM/SIGINT in :func:`run_until_signalled`) lets every
+Stopping: setting the ``stop`` event (SIGTERM/SIGINT in :mod:`agent.daemon`) lets every
 loop finish its current step; anything still running after ``grace_s`` is cancelled, so the
 process exits within seconds even if a device call hangs.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -364,16 +363,3 @@ async def _cancel_after_grace(
     for t in pending:
         log.warning("task %s did not stop within %.1f s; cancelling", t.get_coro(), grace_s)
         t.cancel()
-
-
-async def run_until_signalled(agent: Agent, *, grace_s: float = 3.0) -> None:
-    """Run the agent until SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await agent.run(stop, grace_s=grace_s)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -155,3 +157,56 @@ async def test_mqtt_heartbeat_loss_curtails_and_its_return_restores(mosquitto: M
                 beating.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await beating
+
+
+@pytest.mark.mqtt
+async def test_rejected_grid_messages_are_audited_and_change_nothing(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    from agent.events import EventBook
+    from agent.store import Store
+    from drivers.grid.mqtt_curtail import MqttCurtailSettings, MqttCurtailSource
+
+    settings = MqttCurtailSettings.model_validate(
+        {
+            "host": mosquitto.host,
+            "port": mosquitto.port,
+            "username": "agent",
+            "password": "agent-secret",
+            "heartbeat_max_age_s": 600,
+            "programs": {"ers": {"kind": "emergency", "fail": "hold"}},
+            "default_program": "ers",
+        }
+    )
+    source = MqttCurtailSource(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(source.run(stop))
+    try:
+        await until(lambda: source.connected, 10, "grid source connected")
+        async with (
+            Store.open(tmp_path / "journal.db") as store,
+            aiomqtt.Client(
+                mosquitto.host, mosquitto.port, username="operator", password="operator-secret"
+            ) as grid_operator,
+        ):
+            events: dict[str, Any] = {}
+            book = EventBook([source], store, events)
+            now = datetime.now(UTC)
+            for payload in (
+                "{not json",
+                json.dumps({"event_id": "x", "state": "on", "max_site_kw": float("nan")}),
+                json.dumps({"event_id": "y", "state": "on", "kind": "alien", "max_site_kw": 5}),
+            ):
+                await grid_operator.publish("grid/curtail", payload, qos=1)
+            await until(lambda: len(source.rejected) >= 3, 5, "three rejections")
+            await book.sync(now, 20_000.0)
+            assert events == {}  # nothing is in force
+            rows = [r for r in await store.audit_rows() if r.result == "rejected"]
+            assert len(rows) == 3
+            assert all(r.source == f"grid:{source.name}" for r in rows)
+            assert all(r.reason for r in rows)
+            await book.sync(now, 20_000.0)  # audited once, not on every sync
+            assert len([r for r in await store.audit_rows() if r.result == "rejected"]) == 3
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)

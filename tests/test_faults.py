@@ -343,7 +343,8 @@ async def test_price_source_down_goes_to_safe_mode_then_recovers() -> None:
         assert "503" in health.last_error
         text = site.metrics()
         assert f'site_agent_source_up{{source="{source}"}} 0.0' in text
-        assert agent.state.actions[("sleep", "ok")] == len(ALL)
+        # The simulators sleep as the commands land; the agent counts each as its reply returns.
+        await until(lambda: agent.state.actions[("sleep", "ok")] == len(ALL), 5, "sleeps counted")
         # The feed comes back: a fresh price, and the miners are restored.
         site.prices.fault = "ok"
         await until(lambda: not any(site.asleep(a) for a in ALL), 15, "every miner mining")

@@ -18,6 +18,7 @@ from agent.wiring import build_components
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.price_server import PriceServer
+from tests.test_e2e_miners import until  # noqa: F401 (re-exported for the obs tests)
 
 S19 = ["127.93.0.1", "127.93.0.2"]
 S21 = ["127.93.1.1", "127.93.1.2"]
@@ -92,11 +93,3 @@ async def running_site(
         finally:
             stop.set()
             await asyncio.wait_for(task, timeout=10)
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():  # state of the object under test, no event to wait on
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for: {what}")
-        await asyncio.sleep(0.05)

@@ -108,6 +108,13 @@ def truth(fleet: LuxosFleet, address: str) -> dict[str, Any]:
     return fleet.truth(address)
 
 
+def watts(truth_row: dict[str, object]) -> float:
+    """The true power in one simulator truth row."""
+    value = truth_row["power_w"]
+    assert isinstance(value, float | int)
+    return float(value)
+
+
 def true_site_w(fleet: LuxosFleet) -> float:
     return sum(float(fleet.truth(a)["power_w"]) for a in fleet.addresses)
 

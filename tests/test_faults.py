@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -43,7 +43,7 @@ from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import FaultKind, Timing
 from simulators.price_server import PriceServer
 from tests.servers import Mosquitto
-from tests.test_e2e_miners import MODELS, NET
+from tests.test_e2e_miners import MODELS, NET, until, watts
 
 # This process's own loopback net (as the e2e tests), so concurrent test runs never collide.
 S19 = [f"127.{NET}.20.{i}" for i in range(1, 7)]
@@ -102,7 +102,7 @@ class Site:
     cycles: list[str] = field(default_factory=list)
 
     def true_w(self) -> float:
-        return sum(_watts(self.fleet.truth(a)) for a in ALL)
+        return sum(watts(self.fleet.truth(a)) for a in ALL)
 
     def asleep(self, address: str) -> bool:
         return bool(self.fleet.truth(address)["sleeping"])
@@ -202,20 +202,6 @@ async def running_site(**prices: Any) -> AsyncIterator[Site]:
         finally:
             stop.set()
             await asyncio.wait_for(task, timeout=10)
-
-
-def _watts(truth: dict[str, object]) -> float:
-    value = truth["power_w"]
-    assert isinstance(value, float | int)
-    return float(value)
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for: {what}")
-        await asyncio.sleep(0.05)
 
 
 def faulted_metric(text: str, device: str) -> bool:

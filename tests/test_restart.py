@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,7 +44,7 @@ from agent.store import Store
 from agent.wiring import build_components
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import FaultKind, Timing
-from tests.test_e2e_miners import MODELS, NET
+from tests.test_e2e_miners import MODELS, NET, until, watts
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE_AGENT = ROOT / ".venv" / "bin" / "site-agent"
@@ -108,7 +108,7 @@ class Recorder:
     def sample(self) -> tuple[float, dict[str, bool], float]:
         states = {a: self.fleet.truth(a) for a in ALL}
         mining = {a: not bool(s["sleeping"]) for a, s in states.items()}
-        site_w = sum(_watts(s) for s in states.values())
+        site_w = sum(watts(s) for s in states.values())
         row = (time.monotonic(), mining, site_w)
         self.samples.append(row)
         return row
@@ -147,20 +147,6 @@ async def simulated_site() -> AsyncIterator[tuple[LuxosFleet, Recorder]]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def _watts(truth: dict[str, object]) -> float:
-    value = truth["power_w"]
-    assert isinstance(value, float | int)
-    return float(value)
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for: {what}")
-        await asyncio.sleep(0.05)
 
 
 def asleep(fleet: LuxosFleet, addresses: list[str]) -> bool:

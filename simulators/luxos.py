@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Protocol
 
 from simulators.luxos_model import MODELS, Clock, Fault, FaultKind, MinerState, Timing
 from simulators.luxos_replies import (
@@ -360,7 +361,20 @@ class LuxosFleet:
 # --- control endpoint --------------------------------------------------------------------
 
 
-def _control(fleet: LuxosFleet, request: object) -> dict[str, object]:
+class ControlledFleet(Protocol):
+    """What the control port needs of a fleet (LuxOS here, Braiins OS+ in simulators.braiins)."""
+
+    @property
+    def addresses(self) -> list[str]: ...
+
+    def truth(self, address: str) -> dict[str, object]: ...
+
+    def set_fault(
+        self, address: str, fault: Fault | FaultKind | str, delay_s: float = 0.0
+    ) -> None: ...
+
+
+def _control(fleet: ControlledFleet, request: object) -> dict[str, object]:
     if not isinstance(request, dict):
         return {"ok": False, "error": "request must be a JSON object"}
     op = request.get("op")
@@ -377,7 +391,7 @@ def _control(fleet: LuxosFleet, request: object) -> dict[str, object]:
                 return {"ok": False, "error": "addresses must be a list"}
             fault = Fault(FaultKind(str(request.get("fault"))), float(request.get("delay_s", 0.0)))
             for a in addresses:
-                fleet._server(str(a))  # validate every address before changing any
+                fleet.truth(str(a))  # validate every address before changing any
             for a in addresses:
                 fleet.set_fault(str(a), fault)
             return {"ok": True}
@@ -386,7 +400,9 @@ def _control(fleet: LuxosFleet, request: object) -> dict[str, object]:
     return {"ok": False, "error": f"unknown op {op!r}; known: list, state, states, fault"}
 
 
-async def serve_control(fleet: LuxosFleet, port: int, host: str = "127.0.0.1") -> asyncio.Server:
+async def serve_control(
+    fleet: ControlledFleet, port: int, host: str = "127.0.0.1"
+) -> asyncio.Server:
     """Serve the JSON-lines control endpoint for ``fleet``; returns the listening server."""
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -8,6 +8,7 @@ a first-order lag. Time comes from an injected clock so tests can step it instea
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +67,21 @@ class ModelSpec:
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def hashrate_at_w(self, power_w: float) -> float:
+        """Hashrate at a continuous power target (Braiins OS+), on the profile curve.
+
+        Linear between the ladder's points, proportional below the lowest (a tuner that goes
+        lower underclocks further), flat above the highest (more power buys no hashrate).
+        """
+        ladder = sorted(self.profiles, key=lambda p: p.power_w)
+        if power_w <= ladder[0].power_w:
+            return ladder[0].hashrate_ths * max(0.0, power_w) / ladder[0].power_w
+        for lo, hi in itertools.pairwise(ladder):
+            if power_w <= hi.power_w:
+                f = (power_w - lo.power_w) / (hi.power_w - lo.power_w)
+                return lo.hashrate_ths + f * (hi.hashrate_ths - lo.hashrate_ths)
+        return ladder[-1].hashrate_ths
 
 
 S19J_PRO = ModelSpec(
@@ -142,6 +158,8 @@ class MinerState:
     sleeping: bool = False
     atm_enabled: bool = True
     session_id: str = ""
+    # Braiins OS+: a continuous power target replaces the profile when set.
+    power_target_w: float | None = None
     fault: Fault = field(default_factory=Fault)
     boot_at: float = 0.0
     # The current ramp: from (power, hashrate) at ramp_from_s to the target over ramp_s.
@@ -151,6 +169,11 @@ class MinerState:
     _ramp_s: float = 0.0
     _pcb_c: float = 0.0
     _thermal_at_s: float = 0.0
+    # Work done (TH) up to the start of the current ramp, and the mark the firmware's
+    # since-start averages count from (boot, or the last wake: the mining process restarts).
+    _work_th: float = 0.0
+    _avg_from_s: float = 0.0
+    _avg_from_work_th: float = 0.0
     accepted_shares: int = 0
 
     def __post_init__(self) -> None:
@@ -163,6 +186,7 @@ class MinerState:
         self.sleeping = False
         self.atm_enabled = True
         self.session_id = ""
+        self.power_target_w = None
         self.boot_at = now
         target = self.model.profile(self.profile)
         self._from_power_w = target.power_w
@@ -171,6 +195,9 @@ class MinerState:
         self._ramp_s = 0.0
         self._pcb_c = self._steady_pcb_c(target.power_w)
         self._thermal_at_s = now
+        self._work_th = 0.0
+        self._avg_from_s = now
+        self._avg_from_work_th = 0.0
 
     # --- physics -------------------------------------------------------------------------
 
@@ -178,6 +205,8 @@ class MinerState:
         """Where the miner is heading: (power W, hashrate TH/s)."""
         if self.sleeping:
             return self.model.standby_w, 0.0
+        if self.power_target_w is not None:
+            return self.power_target_w, self.model.hashrate_at_w(self.power_target_w)
         p = self.model.profile(self.profile)
         return p.power_w, p.hashrate_ths
 
@@ -197,6 +226,34 @@ class MinerState:
         _, target_ths = self.target()
         f = self._progress(now)
         return self._from_hashrate_ths + (target_ths - self._from_hashrate_ths) * f
+
+    def work_th(self, now: float | None = None) -> float:
+        """Hashes done since boot, in TH (the integral of the linear ramps, exactly)."""
+        now = self.clock() if now is None else now
+        _, h1 = self.target()
+        h0 = self._from_hashrate_ths
+        dt = max(0.0, now - self._ramp_from_s)
+        r = self._ramp_s
+        if r <= 0.0:
+            seg = h1 * dt
+        elif dt <= r:
+            seg = h0 * dt + (h1 - h0) * dt * dt / (2.0 * r)
+        else:
+            seg = (h0 + h1) * r / 2.0 + h1 * (dt - r)
+        return self._work_th + seg
+
+    def average_hashrate_ths(self, now: float | None = None) -> float:
+        """The since-start average (cgminer's ``MHS av``): since boot or the last wake."""
+        now = self.clock() if now is None else now
+        elapsed = now - self._avg_from_s
+        if elapsed <= 0.0:
+            return self.hashrate_ths(now)
+        return (self.work_th(now) - self._avg_from_work_th) / elapsed
+
+    def mining_elapsed_s(self, now: float | None = None) -> float:
+        """Seconds since the mining process (re)started: boot or the last wake."""
+        now = self.clock() if now is None else now
+        return max(0.0, now - self._avg_from_s)
 
     def _steady_pcb_c(self, power_w: float) -> float:
         return self.model.ambient_c + self.model.pcb_rise_c_per_kw * power_w / 1000.0
@@ -223,6 +280,7 @@ class MinerState:
     def _start_ramp(self, ramp_s: float) -> None:
         now = self.clock()
         self.pcb_c(now)  # settle the thermal integral up to the change
+        self._work_th = self.work_th(now)
         self._from_power_w = self.power_w(now)
         self._from_hashrate_ths = self.hashrate_ths(now)
         self._ramp_from_s = now
@@ -241,6 +299,9 @@ class MinerState:
             return
         self._start_ramp(self.timing.wake_ramp_s)
         self.sleeping = False
+        now = self.clock()
+        self._avg_from_s = now
+        self._avg_from_work_th = self._work_th
 
     def set_profile(self, name: str) -> None:
         self.model.profile(name)  # KeyError for an unknown profile, checked by the caller
@@ -248,6 +309,13 @@ class MinerState:
             return
         self._start_ramp(0.0 if self.sleeping else self.timing.profile_ramp_s)
         self.profile = name
+
+    def set_power_target(self, power_w: float) -> None:
+        """Braiins OS+ ``SetPowerTarget``: ramp to a continuous target (range checked by caller)."""
+        if power_w == self.power_target_w:
+            return
+        self._start_ramp(0.0 if self.sleeping else self.timing.profile_ramp_s)
+        self.power_target_w = power_w
 
     def truth(self) -> dict[str, object]:
         """The true state as plain JSON-able data (for tests and the control endpoint)."""
@@ -258,6 +326,7 @@ class MinerState:
             "profile": self.profile,
             "sleeping": self.sleeping,
             "atm_enabled": self.atm_enabled,
+            "power_target_w": self.power_target_w,
             "power_w": round(self.power_w(now), 1),
             "hashrate_ths": round(self.hashrate_ths(now), 3),
             "pcb_c": round(self.pcb_c(now), 2),

@@ -215,7 +215,7 @@ def _rpc_body(m: MinerState, command: str, now: float) -> dict[str, object] | No
             }
             for i in range(m.model.boards)
         ]
-        row: dict[str, object] = {
+        row = {
             "ApproximateChainPowerConsumption": int(m.power_w(now)),
             "ApproximateMinerPowerConsumption": int(m.power_w(now)),
             "DynamicPowerScaling": "Disabled",

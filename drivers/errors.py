@@ -47,6 +47,10 @@ class DeviceUnavailable(TransientDeviceError):
     """The device could not be reached (refused, reset, fallen off the bus)."""
 
 
+class SessionHeld(TransientDeviceError):
+    """Another client (a fleet manager, a technician) holds the miner's only session."""
+
+
 class PermanentDeviceError(DeviceError):
     """Retrying will not help without a change on the device or in config."""
 

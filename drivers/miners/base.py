@@ -22,6 +22,15 @@ class MinerMode(StrEnum):
     WAKING = "waking"
 
 
+class MinerCapability(StrEnum):
+    """How a firmware family lets the controller change a miner's power."""
+
+    PROFILES = "profiles"  # discrete named profiles (LuxOS)
+    POWER_TARGET = "power_target"  # any watts within a range (Braiins OS+)
+    POWER_LIMIT = "power_limit"  # a power limit in watts (Whatsminer)
+    SLEEP_ONLY = "sleep_only"  # only sleep and wake (stock Bitmain firmware)
+
+
 @dataclass(frozen=True, slots=True)
 class MinerProfile:
     """One operating point a miner offers (a LuxOS profile, a Braiins power target)."""
@@ -47,6 +56,10 @@ class MinerReading:
     profile: str | None
     profiles: tuple[MinerProfile, ...]
     fans_rpm: tuple[int, ...] = ()
+    # True when the firmware reports no power and ``power_w`` is estimated from the model's
+    # ladder and the measured hashrate (stock Antminer): count it at nameplate until confirmed.
+    power_estimated: bool = False
+    capability: MinerCapability = MinerCapability.PROFILES
 
 
 @runtime_checkable

@@ -1,4 +1,25 @@
-"""Miners over pyasic: discovery, telemetry, sleep/wake and profiles for LuxOS miners.
+"""Miners over pyasic: one driver for every firmware family a site runs.
+
+Each family has one power capability (:class:`MinerCapability`), mapped onto the policy's
+ladder of operating points (``sleep`` plus the configured profiles of the miner's model):
+
+* **LuxOS** (``PROFILES``): a ladder point is a LuxOS profile, set by name with ``profileset``
+  (ATM paused around it). Writes need the miner's single session: the driver logs on, does its
+  commands and logs off, and never borrows a session another client holds (pyasic's ``auth``
+  would: it reuses whatever ``session`` returns). A session held elsewhere is retried a few
+  times, then raised as :class:`SessionHeld` ("session held by another client").
+* **Braiins OS+** (``POWER_TARGET``): a ladder point is a power target in watts
+  (``SetPowerTarget`` over gRPC, token from the configured credentials). A target outside the
+  firmware's range is refused by the firmware; its message is raised as ``CommandRejected``.
+  pyasic's ``stop_mining``/``resume_mining``/``set_power_limit`` turn every failure into
+  ``False``: the driver calls the gRPC methods itself to keep the reason.
+* **Stock Antminer** (``SLEEP_ONLY``): sleep and wake through pyasic's ``miner-mode``; only the
+  model's nominal point can run. It reports no power: the reading's power is estimated from the
+  ladder at the measured hashrate and flagged ``power_estimated``.
+* **Whatsminer** (``POWER_LIMIT``): a ladder point is a power limit in watts.
+
+Stock Antminer and Whatsminer paths go through pyasic's own methods and are exercised only
+against the ``families`` branch's simulators.
 
 pyasic is the transport (its RPC classes frame, send, parse and validate every command); this
 module adds what a controller needs on top of it:
@@ -24,22 +45,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import itertools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from drivers.errors import (
+    AuthFailed,
     BadReply,
     CommandNotApplied,
     CommandRejected,
     DeviceError,
     DeviceTimeout,
     DeviceUnavailable,
+    SessionHeld,
     Unsupported,
 )
-from drivers.miners.base import MinerMode, MinerProfile, MinerReading
+from drivers.miners.base import MinerCapability, MinerMode, MinerProfile, MinerReading
 
 
 def _import_pyasic() -> None:
@@ -57,12 +83,18 @@ def _import_pyasic() -> None:
 
 _import_pyasic()
 
+from grpclib import GRPCError  # noqa: E402
+from grpclib.const import Status as GrpcStatus  # noqa: E402
 from pyasic import settings as pyasic_settings  # noqa: E402
 from pyasic.errors import APIError  # noqa: E402
+from pyasic.miners.backends.antminer import AntminerModern  # noqa: E402
+from pyasic.miners.backends.braiins_os import BOSer  # noqa: E402
+from pyasic.miners.backends.btminer import BTMiner  # noqa: E402
 from pyasic.miners.backends.luxminer import LUXMiner  # noqa: E402
 from pyasic.miners.factory import miner_factory  # noqa: E402
 from pyasic.network import MinerNetwork  # noqa: E402
 from pyasic.rpc.luxminer import LUXMinerRPCAPI  # noqa: E402
+from pyasic.web.braiins_os.proto.braiins.bos.v1 import SaveAction  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -113,38 +145,121 @@ class ModeThresholds:
     mining_frac: float = 0.90
 
 
-class PyasicMiner:
-    """One LuxOS miner reached through pyasic.
+class Family(StrEnum):
+    """A miner firmware family (the config's ``firmware`` key; ``auto`` asks pyasic)."""
 
-    Implements :class:`MinerTelemetry`, :class:`MinerSleepWake` and :class:`MinerPowerProfile`.
-    Build it with :func:`discover` / :func:`scan_subnet` (identified by pyasic's factory) or
-    :meth:`luxos` (firmware known from config, nothing sent until the first call).
+    LUXOS = "luxos"
+    BRAIINS = "braiins"
+    ANTMINER = "antminer"
+    WHATSMINER = "whatsminer"
+    AUTO = "auto"
+
+
+CAPABILITY: dict[Family, MinerCapability] = {
+    Family.LUXOS: MinerCapability.PROFILES,
+    Family.BRAIINS: MinerCapability.POWER_TARGET,
+    Family.ANTMINER: MinerCapability.SLEEP_ONLY,
+    Family.WHATSMINER: MinerCapability.POWER_LIMIT,
+}
+
+SESSION_HELD = "session held by another client"
+# Braiins OS+ MinerStatus.PAUSED (braiins.bos.v1): the miner was paused on request.
+_BOS_PAUSED = 3
+# When a stock Antminer's model is not in the config's ladder: a generic S19-class figure.
+_FALLBACK_J_PER_TH = 30.0
+
+
+def family_of(miner: Any) -> Family | None:
+    """The family of a pyasic miner object, or None for one this driver cannot drive."""
+    if isinstance(miner, LUXMiner):
+        return Family.LUXOS
+    if isinstance(miner, BOSer):
+        return Family.BRAIINS
+    if isinstance(miner, AntminerModern):
+        return Family.ANTMINER
+    if isinstance(miner, BTMiner):
+        return Family.WHATSMINER
+    return None
+
+
+def _new_miner(family: Family, address: str) -> Any:
+    """A pyasic miner object for a known family, without any I/O (model read later)."""
+    if family is Family.LUXOS:
+        return LUXMiner(address)
+    if family is Family.BRAIINS:
+        return BOSer(address)
+    if family is Family.ANTMINER:
+        return AntminerModern(address)
+    if family is Family.WHATSMINER:
+        return BTMiner(address)
+    raise ValueError(f"no pyasic class for {family}")
+
+
+class PyasicMiner:
+    """One miner of any supported family, reached through pyasic.
+
+    Implements :class:`MinerTelemetry`, :class:`MinerSleepWake` and :class:`MinerPowerProfile`
+    (a profile name is a point of ``ladder``, the configured operating points of the model).
+    Build it with :func:`discover` / :func:`scan_subnet` (identified by pyasic's factory),
+    :meth:`luxos`, or :meth:`for_firmware` (``auto`` identifies on the first call).
     """
 
     def __init__(
         self,
         device_id: str,
-        miner: LUXMiner,
+        miner: Any,
         semaphore: asyncio.Semaphore,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         thresholds: ModeThresholds | None = None,
+        ladder: Sequence[MinerProfile] = (),
+        credentials: tuple[str, str] | None = None,
+        session_retries: int = 3,
+        session_retry_wait_s: float = 0.5,
+        address: str | None = None,
     ) -> None:
-        if not isinstance(miner, LUXMiner):
-            raise Unsupported(device_id, f"{miner!r} is not a LuxOS miner; only LuxOS is supported")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if session_retries < 1:
+            raise ValueError(f"session_retries must be >= 1, got {session_retries}")
         self._device_id = device_id
-        self._miner = miner
-        # Swap in the strict transport (same port); a session opens on the first privileged call.
-        rpc = _StrictLuxRPC(str(miner.ip), port=miner.rpc.port)
-        miner.rpc = rpc
-        self._rpc = rpc
         self._semaphore = semaphore
         self._timeout_s = timeout_s
         self._thresholds = thresholds or ModeThresholds()
-        self._model = str(miner.raw_model) if miner.raw_model is not None else None
+        self._ladder = tuple(ladder)
+        self._credentials = credentials
+        self._session_retries = session_retries
+        self._session_retry_wait_s = session_retry_wait_s
         self._profiles: tuple[MinerProfile, ...] = ()
+        self._model: str | None = None
+        self._miner: Any = None
+        self._family = Family.AUTO
+        self._address = address or (str(miner.ip) if miner is not None else "")
+        if miner is not None:
+            self._adopt(miner)
+
+    def _adopt(self, miner: Any) -> None:
+        family = family_of(miner)
+        if family is None:
+            raise Unsupported(
+                self._device_id,
+                f"{miner!r} is not a supported family (LuxOS, Braiins OS+, stock Antminer, "
+                "Whatsminer)",
+            )
+        self._miner = miner
+        self._family = family
+        self._address = str(miner.ip)
+        if family is Family.LUXOS:
+            # Swap in the strict transport (same port).
+            rpc = _StrictLuxRPC(str(miner.ip), port=miner.rpc.port)
+            miner.rpc = rpc
+            self._rpc = rpc
+        elif (family is Family.BRAIINS and self._credentials is not None) or (
+            self._credentials is not None and getattr(miner, "web", None) is not None
+        ):
+            miner.web.username, miner.web.pwd = self._credentials
+        raw = getattr(miner, "raw_model", None)
+        self._model = str(raw).removeprefix("Antminer ") if raw is not None else None
 
     @classmethod
     def luxos(
@@ -157,13 +272,41 @@ class PyasicMiner:
         thresholds: ModeThresholds | None = None,
     ) -> PyasicMiner:
         """A LuxOS miner at ``address`` without identification (model read lazily)."""
+        return cls.for_firmware(
+            address,
+            Family.LUXOS,
+            semaphore,
+            device_id=device_id,
+            timeout_s=timeout_s,
+            thresholds=thresholds,
+        )
+
+    @classmethod
+    def for_firmware(
+        cls,
+        address: str,
+        firmware: Family | str,
+        semaphore: asyncio.Semaphore,
+        *,
+        device_id: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        thresholds: ModeThresholds | None = None,
+        ladder: Sequence[MinerProfile] = (),
+        credentials: tuple[str, str] | None = None,
+    ) -> PyasicMiner:
+        """A miner whose family the config names; ``auto`` is identified on the first call."""
         ipaddress.IPv4Address(address)  # ValueError for a malformed address, before any I/O
+        family = Family(firmware)
+        miner = None if family is Family.AUTO else _new_miner(family, address)
         return cls(
             device_id or address,
-            LUXMiner(address),
+            miner,
             semaphore,
             timeout_s=timeout_s,
             thresholds=thresholds,
+            ladder=ladder,
+            credentials=credentials,
+            address=address,
         )
 
     @property
@@ -172,14 +315,33 @@ class PyasicMiner:
 
     @property
     def address(self) -> str:
-        return str(self._miner.ip)
+        return self._address
+
+    @property
+    def family(self) -> Family:
+        """The firmware family (``AUTO`` until identified)."""
+        return self._family
+
+    @property
+    def capability(self) -> MinerCapability | None:
+        return CAPABILITY.get(self._family)
 
     @property
     def profiles(self) -> tuple[MinerProfile, ...]:
-        """The profile ladder from the latest reading (empty before the first)."""
+        """The ladder from the latest reading (empty before the first)."""
         return self._profiles
 
     # --- plumbing ------------------------------------------------------------------------
+
+    async def _ensure(self) -> None:
+        """Identify a ``firmware: auto`` miner with pyasic's factory, once."""
+        if self._miner is not None:
+            return
+        found = await _identify(self._address, self._semaphore, self._timeout_s * 2)
+        try:
+            self._adopt(found)
+        except DeviceError as exc:
+            raise Unsupported(self._device_id, exc.message) from exc
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run one device exchange under the fleet semaphore and this call's timeout."""
@@ -192,10 +354,7 @@ class PyasicMiner:
                     self._device_id, f"{what}: no answer within {self._timeout_s:g} s"
                 ) from exc
             except APIError as exc:
-                text = str(exc)
-                if text.startswith("Decode Error"):
-                    raise BadReply(self._device_id, f"{what}: reply is not JSON") from exc
-                raise CommandRejected(self._device_id, f"{what}: {text}") from exc
+                raise self._api_error(what, exc) from exc
             except OSError as exc:
                 raise DeviceUnavailable(self._device_id, f"{what}: {exc.strerror or exc}") from exc
             except (LookupError, TypeError, ValueError) as exc:
@@ -203,8 +362,50 @@ class PyasicMiner:
                     self._device_id, f"{what}: malformed reply ({type(exc).__name__}: {exc})"
                 ) from exc
 
+    def _api_error(self, what: str, exc: APIError) -> DeviceError:
+        cause = exc.__cause__
+        if isinstance(cause, GRPCError):
+            # pyasic's gRPC wrapper hides the status and the firmware's message in __cause__.
+            message = cause.message or cause.status.name
+            if cause.status is GrpcStatus.UNAUTHENTICATED:
+                return AuthFailed(self._device_id, f"{what}: {message}")
+            if cause.status is GrpcStatus.UNKNOWN:
+                return BadReply(self._device_id, f"{what}: undecodable reply ({message!r})")
+            if cause.status in (GrpcStatus.UNAVAILABLE, GrpcStatus.DEADLINE_EXCEEDED):
+                return DeviceUnavailable(self._device_id, f"{what}: {message}")
+            return CommandRejected(self._device_id, f"{what}: {message}")
+        if isinstance(cause, (ConnectionError, OSError)):
+            return DeviceUnavailable(self._device_id, f"{what}: {cause}")
+        text = str(exc)
+        if text.startswith("Decode Error"):
+            return BadReply(self._device_id, f"{what}: reply is not JSON")
+        return CommandRejected(self._device_id, f"{what}: {text}")
+
+    # --- LuxOS sessions ------------------------------------------------------------------
+
+    async def _logon(self) -> str:
+        """Open our own session; a session held elsewhere is retried, then SessionHeld."""
+        last = ""
+        for attempt in range(self._session_retries):
+            try:
+                data = await self._rpc.logon()
+                sid = data["SESSION"][0]["SessionID"]
+                if isinstance(sid, str) and sid:
+                    return sid
+                last = "logon returned no SessionID"
+            except APIError as exc:
+                last = str(exc)
+                if "session" not in last.lower():
+                    raise
+            if attempt + 1 < self._session_retries:
+                await asyncio.sleep(self._session_retry_wait_s)
+        raise SessionHeld(
+            self._device_id,
+            f"{SESSION_HELD} ({self._session_retries} logon attempts refused: {last})",
+        )
+
     async def _privileged(self, what: str, command: str, *args: str) -> dict[str, Any]:
-        """Send a session-guarded command, opening a session first when we have none."""
+        """Send a session-guarded command, logging on first when we hold no session."""
 
         async def exchange() -> dict[str, Any]:
             try:
@@ -212,35 +413,41 @@ class PyasicMiner:
             except APIError as exc:
                 if "invalid session" not in str(exc).lower():
                     raise
-                # A reboot or another client's logoff ended our session: open a new one, once.
+                # Our session expired (idle a minute) or a reboot ended it: log on again, once.
                 return await attempt()
 
         async def attempt() -> dict[str, Any]:
             if self._rpc.session_token is None:
-                data = await self._rpc.session()
-                sid = data["SESSION"][0]["SessionID"]
-                if not sid:
-                    data = await self._rpc.logon()
-                    sid = data["SESSION"][0]["SessionID"]
-                if not isinstance(sid, str) or not sid:
-                    raise ValueError("logon returned no SessionID")
-                self._rpc.session_token = sid
+                self._rpc.session_token = await self._logon()
             try:
                 reply: dict[str, Any] = await self._rpc.send_command(
                     command, self._rpc.session_token, *args
                 )
             except APIError:
-                # Forget the session on any refusal: the next attempt opens a fresh one.
                 self._rpc.session_token = None
                 raise
             return reply
 
         return await self._call(what, exchange)
 
+    async def _logoff(self) -> None:
+        """Give the session back so technicians and fleet tools can act (best effort)."""
+        token = self._rpc.session_token
+        if token is None:
+            return
+        self._rpc.session_token = None
+        with contextlib.suppress(DeviceError):
+            await self._call("logoff", lambda: self._rpc.send_command("logoff", token))
+
     # --- telemetry -----------------------------------------------------------------------
 
     async def read(self) -> MinerReading:
-        """One telemetry sample (one round trip)."""
+        """One telemetry sample."""
+        await self._ensure()
+        if self._family is Family.BRAIINS:
+            return await self._read_braiins()
+        if self._family is not Family.LUXOS:
+            return await self._read_generic()
         if self._model is None:
             await self._learn_model()
         raw: dict[str, Any] = await self._call("read", lambda: self._rpc.send_command(READ_COMMAND))
@@ -265,7 +472,9 @@ class PyasicMiner:
         hashrate_ghs = 0.0
         temps: list[float] = []
         n = 1
-        # pyasic's LuxOS hashrate getter returns None; sum the boards like its hashboards do.
+        # pyasic's LuxOS hashrate getter returns None. The per-board chain_rateN (numeric
+        # strings) sum to the since-start average, which lags for minutes after a wake or a
+        # profile change; "GHS 5s" is the current rate, so it wins when present.
         while f"chain_rate{n}" in board:
             hashrate_ghs += float(board[f"chain_rate{n}"])
             chip = [int(t) for t in str(board.get(f"temp_chip{n}", "")).split("-") if t]
@@ -273,6 +482,10 @@ class PyasicMiner:
             n += 1
         if n == 1:
             raise KeyError("STATS[1] has no chain_rate1")
+        if "GHS 5s" in board:
+            hashrate_ghs = float(board["GHS 5s"])
+        if not math.isfinite(power_w) or not math.isfinite(hashrate_ghs):
+            raise ValueError("power or hashrate is not finite")
         profiles = tuple(
             MinerProfile(
                 name=str(p["Profile Name"]),
@@ -298,7 +511,129 @@ class PyasicMiner:
             profile=active,
             profiles=profiles,
             fans_rpm=fans,
+            capability=MinerCapability.PROFILES,
         )
+
+    async def _read_braiins(self) -> MinerReading:
+        web = self._miner.web
+
+        async def fetch() -> tuple[dict[str, Any], ...]:
+            # Sequential on purpose: each call is its own HTTP/2 connection in pyasic, and the
+            # fleet semaphore counts one slot per miner.
+            stats = await web.get_miner_stats()
+            boards = await web.get_hashboards()
+            details = await web.get_miner_details()
+            cooling = await web.get_cooling_state()
+            mode = await web.get_active_performance_mode()
+            return stats, boards, details, cooling, mode
+
+        stats, boards, details, cooling, perf = await self._call("read", fetch)
+        try:
+            power_w = float(stats["powerStats"]["approximatedConsumption"].get("watt", 0))
+            rate = stats.get("minerStats", {}).get("realHashrate", {}).get("last5S", {})
+            hashrate_ths = float(rate.get("gigahashPerSecond", 0.0)) / 1000.0
+            temps = [
+                float(b["boardTemp"]["degreeC"])
+                for b in boards.get("hashboards", [])
+                if "boardTemp" in b and "degreeC" in b["boardTemp"]
+            ]
+            target_w = float(perf["tunerMode"]["powerTarget"]["powerTarget"]["watt"])
+            paused = int(details.get("status", 0)) == _BOS_PAUSED
+            fans = tuple(int(f.get("rpm", 0)) for f in cooling.get("fans", []))
+            name = details.get("minerIdentity", {}).get("minerModel")
+            if name:
+                self._model = str(name).removeprefix("Antminer ")
+            if not all(math.isfinite(v) for v in (power_w, hashrate_ths, target_w)):
+                raise ValueError("a figure is not finite")
+        except (LookupError, TypeError, ValueError, AttributeError) as exc:
+            raise BadReply(
+                self._device_id, f"read: malformed reply ({type(exc).__name__}: {exc})"
+            ) from exc
+        profiles = self._ladder or (MinerProfile(f"{target_w:.0f}W", target_w, hashrate_ths),)
+        self._profiles = profiles
+        active = self._point_at(target_w)
+        mode = self._mode(power_w, hashrate_ths, active, profiles)
+        if paused and mode is MinerMode.MINING:
+            mode = MinerMode.WAKING  # paused but still drawing: on its way down
+        return MinerReading(
+            device_id=self._device_id,
+            address=self.address,
+            model=self._model or "unknown",
+            firmware="braiins",
+            at=datetime.now(UTC),
+            power_w=power_w,
+            hashrate_ths=hashrate_ths,
+            mode=mode,
+            temperature_c=max(temps) if temps else None,
+            profile=active,
+            profiles=profiles,
+            fans_rpm=fans,
+            capability=MinerCapability.POWER_TARGET,
+        )
+
+    def _point_at(self, power_w: float) -> str:
+        """The ladder point a power target stands for (its name), or ``"<W>W"`` if none."""
+        for p in self._ladder:
+            if abs(p.power_w - power_w) <= 1.0:
+                return p.name
+        return f"{power_w:.0f}W"
+
+    async def _read_generic(self) -> MinerReading:
+        """Stock Antminer and Whatsminer: pyasic's get_data, bounded, with a power estimate."""
+        miner = self._miner
+        data = await self._call(
+            "read",
+            lambda: miner.get_data(
+                include=["hashrate", "wattage", "hashboards", "fans", "is_mining", "wattage_limit"]
+            ),
+        )
+        hashrate = data.hashrate
+        if hashrate is None and data.wattage is None:
+            raise DeviceUnavailable(self._device_id, "read: no hashrate and no power in reply")
+        hashrate_ths = float(hashrate) if hashrate is not None else 0.0
+        estimated = data.wattage is None
+        power_w = (
+            float(data.wattage) if data.wattage is not None else self._estimate_w(hashrate_ths)
+        )
+        profiles = self._ladder or (MinerProfile("default", power_w, hashrate_ths),)
+        self._profiles = profiles
+        active = max(profiles, key=lambda p: p.power_w).name
+        temps = [float(b.temp) for b in data.hashboards if b.temp is not None]
+        mode = self._mode(power_w, hashrate_ths, active, profiles)
+        if data.is_mining is False and hashrate_ths < 0.02 * max(p.hashrate_ths for p in profiles):
+            mode = MinerMode.SLEEPING
+        return MinerReading(
+            device_id=self._device_id,
+            address=self.address,
+            model=self._model or "unknown",
+            firmware=self._family.value,
+            at=datetime.now(UTC),
+            power_w=power_w,
+            hashrate_ths=hashrate_ths,
+            mode=mode,
+            temperature_c=max(temps) if temps else None,
+            profile=active,
+            profiles=profiles,
+            fans_rpm=tuple(int(f.speed) for f in data.fans if f.speed is not None),
+            power_estimated=estimated,
+            capability=CAPABILITY[self._family],
+        )
+
+    def _estimate_w(self, hashrate_ths: float) -> float:
+        """Power of a miner that reports none: the ladder's curve at the measured hashrate."""
+        ladder = sorted(self._ladder, key=lambda p: p.hashrate_ths)
+        if not ladder:
+            return hashrate_ths * _FALLBACK_J_PER_TH
+        if hashrate_ths <= 0.0:
+            return 0.0
+        if hashrate_ths <= ladder[0].hashrate_ths:
+            return ladder[0].power_w * hashrate_ths / ladder[0].hashrate_ths
+        for lo, hi in itertools.pairwise(ladder):
+            if hashrate_ths <= hi.hashrate_ths and hi.hashrate_ths > lo.hashrate_ths:
+                f = (hashrate_ths - lo.hashrate_ths) / (hi.hashrate_ths - lo.hashrate_ths)
+                return lo.power_w + f * (hi.power_w - lo.power_w)
+        top = ladder[-1]
+        return top.power_w * hashrate_ths / top.hashrate_ths
 
     def _mode(
         self,
@@ -329,14 +664,40 @@ class PyasicMiner:
     # --- control -------------------------------------------------------------------------
 
     async def sleep(self) -> None:
-        """Curtail to standby power (LuxOS ``curtail sleep``)."""
-        await self._privileged("sleep", "curtail", "sleep")
+        """Stop hashing at standby power (LuxOS curtail, BOS+ pause, stock miner-mode)."""
+        await self._ensure()
+        if self._family is Family.LUXOS:
+            try:
+                await self._privileged("sleep", "curtail", "sleep")
+            finally:
+                await self._logoff()
+        elif self._family is Family.BRAIINS:
+            await self._call("sleep", self._miner.web.pause_mining)
+        else:
+            await self._bool_call("sleep", self._miner.stop_mining)
 
     async def wake(self) -> None:
-        """Leave standby (LuxOS ``curtail wakeup``); power ramps up over the next minutes."""
-        await self._privileged("wake", "curtail", "wakeup")
+        """Resume hashing; power ramps up over the next minutes."""
+        await self._ensure()
+        if self._family is Family.LUXOS:
+            try:
+                await self._privileged("wake", "curtail", "wakeup")
+            finally:
+                await self._logoff()
+        elif self._family is Family.BRAIINS:
+            await self._call("wake", self._miner.web.resume_mining)
+        else:
+            await self._bool_call("wake", self._miner.resume_mining)
 
-    async def _ladder(self) -> tuple[MinerProfile, ...]:
+    async def _bool_call(self, what: str, fn: Callable[[], Awaitable[bool]]) -> None:
+        # pyasic's stock and Whatsminer methods answer False instead of raising: make it loud.
+        ok = await self._call(what, fn)
+        if ok is False:
+            raise CommandRejected(self._device_id, f"{what}: the firmware refused (pyasic: False)")
+
+    async def _ladder_points(self) -> tuple[MinerProfile, ...]:
+        if self._family is not Family.LUXOS:
+            return self._ladder or self._profiles
         if not self._profiles:
             raw: dict[str, Any] = await self._call("profiles", self._rpc.profiles)
             try:
@@ -349,12 +710,45 @@ class PyasicMiner:
         return self._profiles
 
     async def set_profile(self, profile: str) -> None:
-        """Select a LuxOS profile by name (ATM is paused around the change, as LuxOS needs)."""
-        names = [p.name for p in await self._ladder()]
-        if profile not in names:
+        """Move to one ladder point: a LuxOS profile, a BOS+ power target, a power limit."""
+        await self._ensure()
+        points = await self._ladder_points()
+        names = [p.name for p in points]
+        point = next((p for p in points if p.name == profile), None)
+        if point is None:
             raise CommandRejected(
                 self._device_id, f"unknown profile {profile!r}; the miner offers {names}"
             )
+        if self._family is Family.LUXOS:
+            try:
+                await self._luxos_profileset(profile)
+            finally:
+                await self._logoff()
+        elif self._family is Family.BRAIINS:
+            await self._braiins_target(round(point.power_w))
+        elif self._family is Family.WHATSMINER:
+            await self._bool_call(
+                "set_profile", lambda: self._miner.set_power_limit(round(point.power_w))
+            )
+        elif point.power_w < max(p.power_w for p in points):
+            # Stock firmware runs its nominal point only: a lower point is not reachable.
+            raise Unsupported(
+                self._device_id, f"stock firmware can only sleep or run; {profile!r} is neither"
+            )
+
+    async def _braiins_target(self, watts: int) -> None:
+        web = self._miner.web
+        reply: dict[str, Any] = await self._call(
+            "set_power_target",
+            lambda: web.set_power_target(
+                watts, save_action=SaveAction(SaveAction.SAVE_AND_FORCE_APPLY)
+            ),
+        )
+        applied = reply.get("powerTarget", {}).get("watt")
+        if applied != watts:
+            raise CommandNotApplied(self._device_id, f"power target {watts} W answered {applied!r}")
+
+    async def _luxos_profileset(self, profile: str) -> None:
         atm: dict[str, Any] = await self._call("atm", self._rpc.atm)
         try:
             atm_enabled = bool(atm["ATM"][0]["Enabled"])
@@ -367,6 +761,7 @@ class PyasicMiner:
         finally:
             if atm_enabled:
                 # Restore ATM even if profileset failed: leaving it off changes thermal safety.
+                # ATM then moves profiles on its own; the next reading shows where it went.
                 with contextlib.suppress(DeviceError):
                     await self._privileged("set_profile", "atmset", "enabled=true")
         try:
@@ -379,8 +774,19 @@ class PyasicMiner:
             )
 
     async def set_power_limit(self, watts: float) -> str:
-        """Select the highest profile at or below ``watts``; returns its name."""
-        ladder = await self._ladder()
+        """LuxOS: the highest profile at or below ``watts``; BOS+/Whatsminer: ``watts`` itself."""
+        await self._ensure()
+        if not math.isfinite(watts) or watts <= 0:
+            raise CommandRejected(self._device_id, f"power limit must be > 0 W, got {watts}")
+        if self._family is Family.BRAIINS:
+            await self._braiins_target(round(watts))
+            return self._point_at(round(watts))
+        if self._family is Family.WHATSMINER:
+            await self._bool_call("set_power_limit", lambda: self._miner.set_power_limit(watts))
+            return f"{watts:.0f}W"
+        if self._family is Family.ANTMINER:
+            raise Unsupported(self._device_id, "stock firmware has no power limit")
+        ladder = await self._ladder_points()
         fitting = [p for p in ladder if p.power_w <= watts]
         if not fitting:
             lowest = min((p.power_w for p in ladder), default=float("nan"))
@@ -471,14 +877,14 @@ async def scan_subnet(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     thresholds: ModeThresholds | None = None,
 ) -> list[PyasicMiner]:
-    """Find LuxOS miners in ``subnet`` with pyasic's ``MinerNetwork.scan``.
+    """Find miners of the supported families in ``subnet`` with pyasic's ``MinerNetwork.scan``.
 
     pyasic bounds a scan with the *process-global* setting ``network_scan_semaphore``, which
     defaults to unbounded: on a small controller an unbounded scan of a thousand hosts starves
     the event loop until pyasic's fixed 3 s factory timeouts expire and finds nothing. We set
     it to ``scan_concurrency`` for the duration of the scan and restore the previous value, so
     scans must not run concurrently with different limits (the agent scans once, at start).
-    Miners found that are not LuxOS are logged and skipped.
+    Miners of other families are logged and skipped.
     """
     if scan_concurrency < 1:
         raise ValueError(f"scan_concurrency must be >= 1, got {scan_concurrency}")
@@ -491,12 +897,12 @@ async def scan_subnet(
         pyasic_settings.update("network_scan_semaphore", previous)
     miners: list[PyasicMiner] = []
     for m in found:
-        if isinstance(m, LUXMiner):
+        if family_of(m) is not None:
             miners.append(
                 PyasicMiner(str(m.ip), m, semaphore, timeout_s=timeout_s, thresholds=thresholds)
             )
         else:
-            log.warning("scan %s: %s at %s is not LuxOS; skipped", subnet, m, m.ip)
+            log.warning("scan %s: %s at %s is not a supported family; skipped", subnet, m, m.ip)
     miners.sort(key=lambda m: ipaddress.IPv4Address(m.address))
     return miners
 

@@ -309,9 +309,10 @@ class BraiinsMiner:
         self.boot()
 
     def boot(self) -> None:
-        self.state.reset()
         # Braiins boots on its saved power target (the model's default), mining.
-        self.state.power_target_w = float(self.range.default_w)
+        self.state.reset()
+        self.state.set_power_target(float(self.range.default_w))
+        self.state.reset_ramp()
         self.token = ""
 
     # -- listeners
@@ -591,7 +592,7 @@ def _services(miner: BraiinsMiner) -> list[Any]:
                     board_temp=pb.Temperature(degree_c=pcb),
                     stats=_work_solver_stats(m, now, 1.0 / boards),
                     model="BHB42601",
-                    lowest_inlet_temp=pb.Temperature(degree_c=m.model.ambient_c + 8.0),
+                    lowest_inlet_temp=pb.Temperature(degree_c=m.inlet_c(now)),
                     highest_outlet_temp=pb.Temperature(degree_c=pcb),
                     serial_number=f"SIMHB{i + 1}" + m.address.replace(".", ""),
                     board_name="BHB42601",

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import math
 import resource
 import secrets
 import signal
@@ -40,12 +41,20 @@ from simulators.luxos_replies import (
     close_single,
     error_body,
     ok_body,
+    profile_body,
     read_body,
     session_body,
+    voltage_body,
 )
 
 RPC_PORT = 4028
 MAX_REQUEST_BYTES = 8192
+MAX_JSON_DEPTH = 16
+MAX_MULTI = 16  # commands answered in one multicommand
+TEXT_MODE = "_text"  # marks a request that came in cgminer's text form
+# Codes the documentation does not give (a refused logon, logoff): chosen here, kept stable.
+LOGON_REFUSED_CODE = 318
+LOGOFF_CODE = 317
 GARBAGE_REPLY = b"\x15\x03\x01\x00\x02<html>LUXminer: internal error [[["
 
 
@@ -106,68 +115,190 @@ def answer(m: MinerState, request: object, *, ignore_writes: bool = False) -> by
     now = m.clock()
     if "+" in command:
         parts: list[tuple[str, bytes]] = []
-        for sub in command.split("+"):
+        for sub in command.split("+")[:MAX_MULTI]:
             body = read_body(m, sub, now)
             parts.append((sub, body if body is not None else error_body(14, "Invalid command")))
-        return close_multi(parts)
-    body = read_body(m, command, now)
-    if body is not None:
-        return close_single(body)
-    return close_single(_write(m, command, param, ignore_writes))
+        reply = close_multi(parts)
+    else:
+        body = read_body(m, command, now)
+        reply = close_single(body if body is not None else _write(m, command, param, ignore_writes))
+    if request.get(TEXT_MODE):
+        return to_text(reply)
+    return reply
+
+
+def to_text(reply: bytes) -> bytes:
+    """A JSON reply in cgminer's text format (``STATUS=S,...|SECTION,k=v,...|``), NUL-ended."""
+    doc = json.loads(reply)
+    if "STATUS" not in doc:  # a multicommand: text mode has none, answer its first part
+        first = next(v for k, v in doc.items() if k != "id")
+        doc = first[0]
+    status: list[str] = []
+    rest: list[str] = []
+    for name, rows in doc.items():
+        if name == "id" or not isinstance(rows, list):
+            continue
+        for row in rows:
+            if not isinstance(row, dict):
+                continue
+            pairs = [f"{k}={v}" for k, v in row.items() if not isinstance(v, dict | list)]
+            if name == "STATUS":
+                flag = f"STATUS={row.get('STATUS', '')}"
+                status.append(",".join([flag, *(p for p in pairs if not p.startswith("STATUS="))]))
+            else:
+                rest.append(",".join([name, *pairs]))
+    return ("|".join(status + rest) + "|").encode() + b"\x00"
+
+
+_CURTAIL_ACTIONS = {"sleep": "sleep mode", "wakeup": "wake up"}
+_CURTAIL_OPTIONS = ("mode", "voltage_step", "frequency_step")
+
+
+def _select_profile(m: MinerState, selector: str) -> str | None:
+    """A profile name from a name or a documented selector (``THs``, ``kW``, ``W`` suffixes).
+
+    A selector picks the profile whose estimate is nearest (the lower one on a tie).
+    """
+    names = [p.name for p in m.model.profiles]
+    if selector in names:
+        return selector
+    if selector.endswith("THs"):
+        number, attr, scale = selector[:-3], "hashrate_ths", 1.0
+    elif selector.endswith("kW"):
+        number, attr, scale = selector[:-2], "power_w", 1000.0
+    elif selector.endswith("W"):
+        number, attr, scale = selector[:-1], "power_w", 1.0
+    else:
+        return None
+    try:
+        value = float(number) * scale
+    except ValueError:
+        return None
+    if not math.isfinite(value) or value <= 0:
+        return None
+    best = min(m.model.profiles, key=lambda p: (abs(getattr(p, attr) - value), getattr(p, attr)))
+    return best.name
 
 
 def _write(m: MinerState, command: str, param: str, ignore: bool) -> bytes:
-    if command == "session":
-        return session_body(m.session_id)
-    if command == "logon":
-        if not m.session_id:
-            m.session_id = secrets.token_hex(4)
-        return session_body(m.session_id)
+    now = m.clock()
+    holder = m.session_holder(now)
     args = param.split(",") if param else []
+    if command == "session":
+        return session_body(holder)
+    if command == "logon":
+        if holder:
+            # Only one session at a time: the holder keeps it until logoff or a minute idle.
+            return error_body(LOGON_REFUSED_CODE, "Another session is already active")
+        m.session_id = secrets.token_urlsafe(6)[:8]
+        m.touch_session(now)
+        return session_body(m.session_id, 316, "Session created")
+    if command == "profileget":
+        name = args[0] if args else ""
+        try:
+            return profile_body(m, name)
+        except KeyError:
+            return error_body(12, f"Profile {name!r} not found")
+    if command == "voltageget":
+        try:
+            board = int(args[0]) if args else -1
+        except ValueError:
+            board = -1
+        if not 0 <= board < m.model.boards:
+            return error_body(12, f"Invalid board id {args[0] if args else ''!r}")
+        return voltage_body(m, board)
     if command not in ("logoff", "curtail", "profileset", "atmset"):
         return error_body(14, f"Invalid command '{command}'")
-    if not args or not m.session_id or args[0] != m.session_id:
+    if not args or not holder or args[0] != holder:
         return error_body(45, "Invalid session id")
+    m.touch_session(now)
     rest = args[1:]
     if command == "logoff":
         m.session_id = ""
-        return ok_body(341, "Session closed")
+        return ok_body(LOGOFF_CODE, "Session dropped")
     if command == "curtail":
-        if rest not in (["sleep"], ["wakeup"]):
-            return error_body(12, f"Invalid curtail mode {','.join(rest)!r}")
+        action = rest[0] if rest else ""
+        extras = [kv.partition("=")[0] for kv in rest[1:]]
+        if action not in _CURTAIL_ACTIONS or any(k not in _CURTAIL_OPTIONS for k in extras):
+            return error_body(12, f"Invalid curtail parameters {','.join(rest)!r}")
         if ignore:
             pass
-        elif rest == ["sleep"]:
+        elif action == "sleep":
             m.sleep()
         else:
             m.wake()
-        return ok_body(315, f"Curtail {rest[0]}")
+        return ok_body(
+            335, "Curtailment command sent", "CURTAIL", {"Action": _CURTAIL_ACTIONS[action]}
+        )
     if command == "profileset":
-        if len(rest) != 1:
-            return error_body(12, "profileset needs one profile name")
-        name = rest[0]
-        try:
-            m.model.profile(name)
-        except KeyError:
-            return error_body(12, f"Profile {name!r} not found")
+        # Legacy form: "<sid>,<board 0-3>,<profile>"; the profile still applies to all boards.
+        if len(rest) == 2 and rest[0].isdigit() and 0 <= int(rest[0]) <= 3:
+            rest = rest[1:]
+        if len(rest) != 1 or not rest[0]:
+            return error_body(12, "profileset needs one profile name or selector")
+        selected = _select_profile(m, rest[0])
+        if selected is None:
+            return error_body(12, f"Profile {rest[0]!r} not found")
+        name = selected
         if m.atm_enabled:
             return error_body(12, "Cannot set profile while ATM is enabled")
         if not ignore:
             m.set_profile(name)
-        return ok_body(329, "Profile set", "PROFILE", {"Profile": name, "Result": "success"})
+        row = {"Board": 0, "FrequencyStep": 5, "Profile": name, "VoltageStep": 0.05}
+        return ok_body(321, "Profile Set", "PROFILE", row)
     # atmset: key=value pairs; only "enabled" changes behaviour here.
     for kv in rest:
         key, _, value = kv.partition("=")
         if key == "enabled" and value in ("true", "false"):
             if not ignore:
                 m.atm_enabled = value == "true"
-        elif key not in ("startup_minutes", "post_ramp_minutes", "temp_window"):
+        elif key not in (
+            "startup_minutes",
+            "post_ramp_minutes",
+            "temp_window",
+            "min_profile",
+            "max_profile",
+        ):
             return error_body(12, f"Invalid atmset parameter {kv!r}")
     return ok_body(339, "ATM configuration updated")
 
 
+def json_depth_ok(data: bytes, limit: int) -> bool:
+    """True when no JSON array/object nests deeper than ``limit`` (strings skipped).
+
+    Checked before ``json.loads`` so a hostile request cannot drive the parser into deep
+    recursion.
+    """
+    depth = 0
+    in_string = False
+    escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return False
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
 class _Connection(asyncio.Protocol):
-    """One RPC connection: read one JSON request, answer once, close."""
+    """One RPC connection: read one request (JSON or text), answer once, close.
+
+    A JSON request is complete when it parses (a trailing NUL or newline is tolerated); a
+    request that does not start with ``{`` is cgminer's text form (``command|parameter``),
+    complete at its first NUL or newline or at the end of the first read, as cgminer reads.
+    Requests over ``MAX_REQUEST_BYTES`` or nested deeper than ``MAX_JSON_DEPTH`` are refused.
+    """
 
     __slots__ = ("_buf", "_done", "_server", "_transport")
 
@@ -190,20 +321,49 @@ class _Connection(asyncio.Protocol):
         if self._done:
             return
         self._buf += data
+        if len(self._buf) > MAX_REQUEST_BYTES:
+            self._finish_error(14, f"Request too long (over {MAX_REQUEST_BYTES} bytes)")
+            return
+        head = self._buf.lstrip()
+        if not head:
+            return
+        if not head.startswith(b"{"):
+            self._text(head)
+            return
+        ended = head.rstrip(b" \t\r\n\x00")
+        if not json_depth_ok(ended, MAX_JSON_DEPTH):
+            self._finish_error(14, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+            return
         try:
-            request = json.loads(self._buf)
-        except ValueError:
-            if len(self._buf) > MAX_REQUEST_BYTES:
-                self._done = True
-                self.send(_fail(14, "Request too long or not JSON"))
-            return  # wait for the rest of the document
+            request = json.loads(ended)
+        except (ValueError, RecursionError):
+            if head != head.rstrip(b"\x00") or head.endswith(b"\n"):
+                self._finish_error(14, "Request is not JSON")
+            return  # else wait for the rest of the document
         self._done = True
         self._server.handle(request, self)
 
+    def _text(self, head: bytes) -> None:
+        line = head.split(b"\x00", 1)[0].split(b"\n", 1)[0].strip()
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            self._finish_error(14, "Request is not text or JSON")
+            return
+        command, _, parameter = text.partition("|")
+        self._done = True
+        request: dict[str, object] = {"command": command, TEXT_MODE: True}
+        if parameter:
+            request["parameter"] = parameter
+        self._server.handle(request, self)
+
+    def _finish_error(self, code: int, msg: str) -> None:
+        self._done = True
+        self.send(_fail(code, msg))
+
     def eof_received(self) -> bool | None:
-        if not self._done and self._buf:
-            self._done = True
-            self.send(_fail(14, "Request is not JSON"))
+        if not self._done and self._buf.strip():
+            self._finish_error(14, "Request is not JSON")
         return None
 
     def send(self, reply: bytes) -> None:

@@ -28,6 +28,46 @@ class ProfileSpec:
     voltage_v: float
 
 
+# LuxOS builds 16 underclocking and 8 overclocking profiles in 25 MHz steps around the
+# EEPROM default, named by frequency ("290MHz"), the default one "default". Hashrate follows
+# frequency; power follows a static + dynamic curve fitted to a real S19k Pro's 25 profiles
+# (0.28x the default power at -16 steps, 1.5x at +8).
+STEP_MHZ = 25
+STEPS_DOWN = 16
+STEPS_UP = 8
+# What the miner draws on a profile, as a fraction of the profile's nominal "Watts": a real
+# LuxOS 2025.4.8 S19k Pro read 1051 W on its 1188 W profile.
+PROFILE_DRAW_RATIO = 0.885
+# Braiins OS+ holds its power target a little under the target (3480 W on 3500 W).
+TARGET_DRAW_RATIO = 0.994
+
+
+def _power_ratio(freq_ratio: float) -> float:
+    r = freq_ratio
+    return 0.071 + 0.519 * r + 0.41 * r * r
+
+
+def frequency_ladder(
+    default_w: float, default_ths: float, default_mhz: int, default_v: float
+) -> tuple[ProfileSpec, ...]:
+    """The 25 built-in LuxOS profiles around a model's default operating point."""
+    out: list[ProfileSpec] = []
+    for step in range(-STEPS_DOWN, STEPS_UP + 1):
+        mhz = default_mhz + STEP_MHZ * step
+        r = mhz / default_mhz
+        name = "default" if step == 0 else f"{mhz}MHz"
+        out.append(
+            ProfileSpec(
+                name,
+                round(default_w * _power_ratio(r)),
+                round(default_ths * r, 1),
+                mhz,
+                round(max(11.88, default_v + 0.1 * step), 2),
+            )
+        )
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
     """A miner model as the simulator needs it: identity, ladder and thermal behaviour."""
@@ -39,28 +79,50 @@ class ModelSpec:
     default_profile: str
     standby_w: float
     nameplate_w: float  # worst-case draw (PSU rating), above the top profile
+    # The points a site config offers the policy (a few of the 25; names as the miner has them).
+    site_profiles: tuple[str, ...] = ()
     boards: int = 3
     fans: int = 4
     ambient_c: float = 25.0
-    # Steady-state PCB temperature rise per kW drawn, and how much hotter chips run.
-    pcb_rise_c_per_kw: float = 12.0
-    chip_rise_c_per_kw: float = 6.0
+    # Board outlet rise per kW with the fans at their floor: 22 C at 1.05 kW in a recording.
+    pcb_rise_c_per_kw: float = 21.0
+    chip_rise_c_per_kw: float = 0.0  # LuxOS reports board sensors as chip temperatures
     thermal_tau_s: float = 60.0
+    # LuxOS defaults (tempctrl): fans to 100 % above target, ATM steps down above hot.
+    target_c: float = 55.0
+    hot_c: float = 65.0
+    dangerous_c: float = 70.0
 
     def site_config(self) -> dict[str, object]:
         """This model as a site config's ``miner_models`` entry (standby, nameplate, ladder).
 
         Tests, benchmarks and demos build their site configs from it, so the agent's view of
-        a model and the simulator's can never drift apart.
+        a model and the simulator's can never drift apart. Powers are what the miner draws on
+        each profile (not the profile's nominal "Watts").
         """
         return {
             "standby_w": self.standby_w,
             "nameplate_w": self.nameplate_w,
             "profiles": [
-                {"name": p.name, "power_w": p.power_w, "hashrate_ths": p.hashrate_ths}
+                {
+                    "name": p.name,
+                    "power_w": round(p.power_w * PROFILE_DRAW_RATIO),
+                    "hashrate_ths": p.hashrate_ths,
+                }
                 for p in self.profiles
+                if p.name in self.site_profiles
             ],
         }
+
+    @property
+    def site_top(self) -> str:
+        """The most powerful point of the site ladder (what a cheap hour runs)."""
+        return max((self.profile(n) for n in self.site_profiles), key=lambda p: p.power_w).name
+
+    @property
+    def site_bottom(self) -> str:
+        """The least powerful point of the site ladder."""
+        return min((self.profile(n) for n in self.site_profiles), key=lambda p: p.power_w).name
 
     def profile(self, name: str) -> ProfileSpec:
         for p in self.profiles:
@@ -84,34 +146,32 @@ class ModelSpec:
         return ladder[-1].hashrate_ths
 
 
+def _site_names(profiles: tuple[ProfileSpec, ...], steps: tuple[int, ...]) -> tuple[str, ...]:
+    return tuple(profiles[STEPS_DOWN + s].name for s in steps)
+
+
+_S19J_PRO_LADDER = frequency_ladder(3068.0, 104.0, 590, 13.4)
 S19J_PRO = ModelSpec(
     key="s19jpro",
     type_name="Antminer S19j Pro",
     chips_per_board=126,
-    profiles=(
-        ProfileSpec("-2", 2450.0, 88.0, 475, 12.6),
-        ProfileSpec("-1", 2760.0, 96.0, 500, 13.0),
-        ProfileSpec("default", 3068.0, 104.0, 525, 13.4),
-        ProfileSpec("+1", 3420.0, 112.0, 550, 13.9),
-    ),
+    profiles=_S19J_PRO_LADDER,
     default_profile="default",
     standby_w=28.0,
-    nameplate_w=3500.0,
+    nameplate_w=4700.0,
+    site_profiles=_site_names(_S19J_PRO_LADDER, (-4, -2, 0, 2)),
 )
 
+_S21_LADDER = frequency_ladder(3500.0, 200.0, 590, 13.0)
 S21 = ModelSpec(
     key="s21",
     type_name="Antminer S21",
     chips_per_board=108,
-    profiles=(
-        ProfileSpec("-2", 2790.0, 172.0, 440, 12.2),
-        ProfileSpec("-1", 3140.0, 186.0, 465, 12.6),
-        ProfileSpec("default", 3500.0, 200.0, 490, 13.0),
-        ProfileSpec("+1", 3930.0, 214.0, 515, 13.5),
-    ),
+    profiles=_S21_LADDER,
     default_profile="default",
     standby_w=35.0,
-    nameplate_w=4000.0,
+    nameplate_w=5400.0,
+    site_profiles=_site_names(_S21_LADDER, (-4, -2, 0, 2)),
 )
 
 MODELS: dict[str, ModelSpec] = {m.key: m for m in (S19J_PRO, S21)}
@@ -144,6 +204,10 @@ class Timing:
     wake_ramp_s: float = 5.0
     sleep_ramp_s: float = 0.5
     profile_ramp_s: float = 1.0
+    # LuxOS drops a session idle for about a minute; the only holder until then.
+    session_idle_s: float = 60.0
+    # ATM looks at the temperatures and may step one profile at most this often.
+    atm_step_s: float = 60.0
 
 
 @dataclass(slots=True)
@@ -158,6 +222,10 @@ class MinerState:
     sleeping: bool = False
     atm_enabled: bool = True
     session_id: str = ""
+    session_used_s: float = 0.0
+    # The profile the user (or the controller) chose: ATM steps below it when hot, and back.
+    user_profile: str = ""
+    atm_checked_s: float = 0.0
     # Braiins OS+: a continuous power target replaces the profile when set.
     power_target_w: float | None = None
     fault: Fault = field(default_factory=Fault)
@@ -175,29 +243,48 @@ class MinerState:
     _avg_from_s: float = 0.0
     _avg_from_work_th: float = 0.0
     accepted_shares: int = 0
+    # The air the miner breathes (the model's default unless a test or the control port sets
+    # it): a hot room makes ATM step profiles down.
+    ambient_c: float = math.nan
 
     def __post_init__(self) -> None:
+        if math.isnan(self.ambient_c):
+            self.ambient_c = self.model.ambient_c
         self.reset()
 
     def reset(self) -> None:
         """Boot state: default profile, mining at full power, temperatures settled."""
         now = self.clock()
         self.profile = self.model.default_profile
+        self.user_profile = self.profile
         self.sleeping = False
         self.atm_enabled = True
         self.session_id = ""
+        self.session_used_s = now
+        self.atm_checked_s = now
         self.power_target_w = None
         self.boot_at = now
-        target = self.model.profile(self.profile)
-        self._from_power_w = target.power_w
-        self._from_hashrate_ths = target.hashrate_ths
+        power_w, hashrate_ths = self.target()
+        self._from_power_w = power_w
+        self._from_hashrate_ths = hashrate_ths
         self._ramp_from_s = now
         self._ramp_s = 0.0
-        self._pcb_c = self._steady_pcb_c(target.power_w)
+        self._pcb_c = self._steady_pcb_c(power_w)
         self._thermal_at_s = now
         self._work_th = 0.0
         self._avg_from_s = now
         self._avg_from_work_th = 0.0
+
+    def reset_ramp(self) -> None:
+        """Settle at the current target now (boot into a saved state, no ramp)."""
+        now = self.clock()
+        power_w, hashrate_ths = self.target()
+        self._from_power_w = power_w
+        self._from_hashrate_ths = hashrate_ths
+        self._ramp_from_s = now
+        self._ramp_s = 0.0
+        self._pcb_c = self._steady_pcb_c(power_w)
+        self._thermal_at_s = now
 
     # --- physics -------------------------------------------------------------------------
 
@@ -206,9 +293,10 @@ class MinerState:
         if self.sleeping:
             return self.model.standby_w, 0.0
         if self.power_target_w is not None:
-            return self.power_target_w, self.model.hashrate_at_w(self.power_target_w)
+            t = self.power_target_w
+            return t * TARGET_DRAW_RATIO, self.model.hashrate_at_w(t)
         p = self.model.profile(self.profile)
-        return p.power_w, p.hashrate_ths
+        return p.power_w * PROFILE_DRAW_RATIO, p.hashrate_ths
 
     def _progress(self, now: float) -> float:
         if self._ramp_s <= 0.0:
@@ -255,11 +343,21 @@ class MinerState:
         now = self.clock() if now is None else now
         return max(0.0, now - self._avg_from_s)
 
+    def fan_ratio(self, power_w: float) -> float:
+        """Fan duty (0.2-1.0) the fan loop settles on to hold the boards under target."""
+        rise_floor = self.model.pcb_rise_c_per_kw * power_w / 1000.0
+        room = self.model.target_c - 3.0 - self.ambient_c
+        if room <= 0.0:
+            return 1.0
+        return min(1.0, max(0.2, 0.2 * math.pow(rise_floor / room, 1.0 / 0.6)))
+
     def _steady_pcb_c(self, power_w: float) -> float:
-        return self.model.ambient_c + self.model.pcb_rise_c_per_kw * power_w / 1000.0
+        # Faster fans carry heat away better: the rise falls as (floor duty / duty)^0.6.
+        rise_floor = self.model.pcb_rise_c_per_kw * power_w / 1000.0
+        return self.ambient_c + rise_floor * math.pow(0.2 / self.fan_ratio(power_w), 0.6)
 
     def pcb_c(self, now: float | None = None) -> float:
-        """PCB temperature, lagging power with time constant ``thermal_tau_s``."""
+        """Board (outlet) temperature, lagging power with time constant ``thermal_tau_s``."""
         now = self.clock() if now is None else now
         dt = now - self._thermal_at_s
         if dt > 0.0:
@@ -270,12 +368,49 @@ class MinerState:
             self._thermal_at_s = now
         return self._pcb_c
 
-    def chip_c(self, now: float | None = None) -> float:
-        now = self.clock() if now is None else now
+    def inlet_c(self, now: float | None = None) -> float:
+        """Board intake sensors: ambient plus part of the board's rise (34 C beside 47 C)."""
         pcb = self.pcb_c(now)
-        # Chips run hotter than the board in proportion to the heat they make.
-        rise = self.model.chip_rise_c_per_kw * self.power_w(now) / 1000.0
-        return pcb + rise
+        return self.ambient_c + 0.4 * (pcb - self.ambient_c)
+
+    def chip_c(self, now: float | None = None) -> float:
+        # LuxOS shows measured board temperatures where others estimate chip ones.
+        return self.pcb_c(now) + self.model.chip_rise_c_per_kw * self.power_w(now) / 1000.0
+
+    # --- ATM and sessions ----------------------------------------------------------------
+
+    def atm_tick(self, now: float | None = None) -> None:
+        """Advanced Thermal Management: step down a profile when hot, back up when cool.
+
+        Evaluated lazily when the miner is observed, at most once per ``atm_step_s``.
+        """
+        now = self.clock() if now is None else now
+        if not self.atm_enabled or self.sleeping or self.power_target_w is not None:
+            self.atm_checked_s = now
+            return
+        if now - self.atm_checked_s < self.timing.atm_step_s:
+            return
+        self.atm_checked_s = now
+        names = [p.name for p in self.model.profiles]
+        i = names.index(self.profile)
+        ceiling = names.index(self.user_profile) if self.user_profile in names else i
+        pcb = self.pcb_c(now)
+        if pcb >= self.model.hot_c and i > 0:
+            self._start_ramp(self.timing.profile_ramp_s)
+            self.profile = names[i - 1]
+        elif pcb < self.model.hot_c - 5.0 and i < ceiling:
+            self._start_ramp(self.timing.profile_ramp_s)
+            self.profile = names[i + 1]
+
+    def session_holder(self, now: float | None = None) -> str:
+        """The active session id, or "" when none (an idle one expires)."""
+        now = self.clock() if now is None else now
+        if self.session_id and now - self.session_used_s > self.timing.session_idle_s:
+            self.session_id = ""
+        return self.session_id
+
+    def touch_session(self, now: float | None = None) -> None:
+        self.session_used_s = self.clock() if now is None else now
 
     def _start_ramp(self, ramp_s: float) -> None:
         now = self.clock()
@@ -306,7 +441,9 @@ class MinerState:
     def set_profile(self, name: str) -> None:
         self.model.profile(name)  # KeyError for an unknown profile, checked by the caller
         if name == self.profile:
+            self.user_profile = name
             return
+        self.user_profile = name
         self._start_ramp(0.0 if self.sleeping else self.timing.profile_ramp_s)
         self.profile = name
 
@@ -324,6 +461,8 @@ class MinerState:
             "address": self.address,
             "model": self.model.key,
             "profile": self.profile,
+            "user_profile": self.user_profile,
+            "session": self.session_holder(now),
             "sleeping": self.sleeping,
             "atm_enabled": self.atm_enabled,
             "power_target_w": self.power_target_w,

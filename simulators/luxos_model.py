@@ -333,6 +333,8 @@ class MinerState:
     def average_hashrate_ths(self, now: float | None = None) -> float:
         """The since-start average (cgminer's ``MHS av``): since boot or the last wake."""
         now = self.clock() if now is None else now
+        if self.sleeping:
+            return 0.0  # boards off: the mining process counts nothing until the next wake
         elapsed = now - self._avg_from_s
         if elapsed <= 0.0:
             return self.hashrate_ths(now)

@@ -34,7 +34,18 @@ from drivers.miners.pyasic_driver import (
     sleep_fleet,
 )
 from simulators.luxos import LuxosFleet, fleet_specs
-from simulators.luxos_model import FaultKind, ManualClock, Timing
+from simulators.luxos_model import (
+    PROFILE_DRAW_RATIO,
+    S19J_PRO,
+    FaultKind,
+    ManualClock,
+    Timing,
+)
+from simulators.luxos_model import S21 as S21_MODEL
+
+# What each model draws on its default profile (0.885 x the nominal Watts), rounded as LuxOS.
+S19_W = round(3068 * PROFILE_DRAW_RATIO)
+S21_W = round(3500 * PROFILE_DRAW_RATIO)
 
 ROOT = Path(__file__).resolve().parent.parent
 S19 = "127.21.1.1"  # round-robin models: odd hosts S19j Pro, even hosts S21
@@ -102,13 +113,14 @@ async def test_read_reports_measured_values_and_derived_mode(
     r = await m.read()
     assert r.device_id == f"m-{S21}"
     assert r.address == S21
-    assert r.power_w == 3500
-    # The per-board chain_rate sum, not pyasic's hashrate getter (None on LuxOS).
+    assert r.power_w == S21_W
+    # "GHS 5s", not pyasic's hashrate getter (None on LuxOS) nor the lagging chain rates.
     assert r.hashrate_ths == pytest.approx(200.0)
     assert r.mode is MinerMode.MINING
     assert r.profile == "default"
-    assert [p.name for p in r.profiles] == ["-2", "-1", "default", "+1"]
-    assert r.profiles[0].power_w == 2790
+    assert [p.name for p in r.profiles] == [p.name for p in S21_MODEL.profiles]
+    assert len(r.profiles) == 25
+    assert r.profiles[0].power_w == S21_MODEL.profiles[0].power_w
     assert r.temperature_c is not None
     assert r.temperature_c == pytest.approx(fleet.miners[S21].chip_c(), abs=4.0)
     assert len(r.fans_rpm) == 4
@@ -125,35 +137,39 @@ async def test_sleep_and_wake_follow_the_simulated_physics(
     assert asleep.mode is MinerMode.SLEEPING
     assert asleep.power_w == 28
     assert asleep.hashrate_ths == 0.0
+    assert not fleet.miners[S19].session_holder()  # the driver gave its session back
+    clock.advance(120.0)  # two thermal time constants asleep: the boards cool
+    cold = await m.read()
 
     await m.wake()
     clock.advance(4.0)  # 40 % into the 10 s wake ramp
     waking = await m.read()
     assert waking.mode is MinerMode.WAKING
-    assert 28 < waking.power_w < 3068
+    assert 28 < waking.power_w < S19_W
     clock.advance(6.0)
     assert (await m.read()).mode is MinerMode.MINING
     # Temperatures follow power: the wake made the chips warmer than they were asleep.
     clock.advance(120.0)
     warm = await m.read()
     assert warm.temperature_c is not None
-    assert asleep.temperature_c is not None
-    assert warm.temperature_c > asleep.temperature_c
+    assert cold.temperature_c is not None
+    assert warm.temperature_c > cold.temperature_c + 10
 
 
 async def test_set_profile_and_power_limit_change_the_operating_point(
     fleet: LuxosFleet, clock: ManualClock, semaphore: asyncio.Semaphore
 ) -> None:
     m = miner(S19, semaphore)
-    await m.set_profile("-2")
+    low = S19J_PRO.profile(S19J_PRO.site_bottom)
+    await m.set_profile(low.name)
     state = fleet.miners[S19]
-    assert state.profile == "-2"
+    assert state.profile == low.name
     assert state.atm_enabled
     clock.advance(1.0)
     r = await m.read()
-    assert r.profile == "-2"
-    assert r.power_w == 2450
-    assert r.hashrate_ths == pytest.approx(88.0)
+    assert r.profile == low.name
+    assert r.power_w == round(low.power_w * PROFILE_DRAW_RATIO)
+    assert r.hashrate_ths == pytest.approx(low.hashrate_ths)
 
     assert await m.set_power_limit(3100) == "default"
     assert state.profile == "default"
@@ -165,8 +181,8 @@ async def test_bad_profile_or_limit_is_rejected_and_changes_nothing(
     m = miner(S19, semaphore)
     with pytest.raises(CommandRejected, match="unknown profile 'turbo'"):
         await m.set_profile("turbo")
-    with pytest.raises(CommandRejected, match="no profile at or below 1000 W"):
-        await m.set_power_limit(1000)
+    with pytest.raises(CommandRejected, match="no profile at or below 500 W"):
+        await m.set_power_limit(500)
     state = fleet.miners[S19]
     assert (state.profile, state.atm_enabled, state.sleeping) == ("default", True, False)
 
@@ -195,7 +211,7 @@ async def test_each_fault_maps_to_the_project_error_within_the_timeout(
     calls: dict[str, Callable[[], Awaitable[object]]] = {
         "read": m.read,
         "sleep": m.sleep,
-        "set_profile": lambda: m.set_profile("-1"),
+        "set_profile": lambda: m.set_profile(S21_MODEL.site_bottom),
     }
     call = calls[operation]
     with pytest.raises(error) as caught:
@@ -213,7 +229,7 @@ async def test_slow_answer_within_the_timeout_is_a_normal_reading(
     fleet: LuxosFleet, semaphore: asyncio.Semaphore
 ) -> None:
     fleet.set_fault(S21, FaultKind.SLOW, 0.1)
-    assert (await miner(S21, semaphore).read()).power_w == 3500
+    assert (await miner(S21, semaphore).read()).power_w == S21_W
 
 
 async def test_refused_connection_is_device_unavailable(semaphore: asyncio.Semaphore) -> None:
@@ -230,7 +246,7 @@ async def test_ignored_command_is_visible_in_telemetry(
     clock.advance(5.0)
     r = await m.read()
     assert r.mode is MinerMode.MINING  # ...and keeps mining
-    assert r.power_w == 3068
+    assert r.power_w == S19_W
     assert not fleet.miners[S19].sleeping
 
 
@@ -238,7 +254,7 @@ async def test_reboot_is_unavailable_then_back_in_default_state_with_new_session
     fleet: LuxosFleet, semaphore: asyncio.Semaphore
 ) -> None:
     m = miner(S19, semaphore)
-    await m.set_profile("-1")
+    await m.set_profile(S19J_PRO.site_bottom)
     fleet.set_fault(S19, FaultKind.REBOOT, 0.2)
     with pytest.raises(DeviceUnavailable):
         await m.read()
@@ -263,7 +279,7 @@ async def test_read_fleet_returns_readings_and_errors_without_waiting_on_hangs(
     assert isinstance(results["m-127.21.1.4"], BadReply)
     readings = [r for r in results.values() if isinstance(r, MinerReading)]
     assert len(readings) == 6
-    assert sum(r.power_w for r in readings) == 3 * 3068 + 3 * 3500
+    assert sum(r.power_w for r in readings) == 3 * S19_W + 3 * S21_W
 
 
 async def test_the_shared_semaphore_bounds_concurrency(fleet: LuxosFleet) -> None:

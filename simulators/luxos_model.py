@@ -158,7 +158,7 @@ S19J_PRO = ModelSpec(
     profiles=_S19J_PRO_LADDER,
     default_profile="default",
     standby_w=28.0,
-    nameplate_w=4700.0,
+    nameplate_w=4100.0,
     site_profiles=_site_names(_S19J_PRO_LADDER, (-4, -2, 0, 2)),
 )
 
@@ -170,11 +170,15 @@ S21 = ModelSpec(
     profiles=_S21_LADDER,
     default_profile="default",
     standby_w=35.0,
-    nameplate_w=5400.0,
+    nameplate_w=4700.0,
     site_profiles=_site_names(_S21_LADDER, (-4, -2, 0, 2)),
 )
 
 MODELS: dict[str, ModelSpec] = {m.key: m for m in (S19J_PRO, S21)}
+
+# Both models default to 590 MHz, so their site ladders share names: tests use these.
+SITE_TOP = S19J_PRO.site_top
+SITE_BOTTOM = S19J_PRO.site_bottom
 
 
 class FaultKind(StrEnum):

@@ -27,7 +27,7 @@ from agent.wiring import build_components
 from drivers.grid.base import GridEvent, ProgramKind
 from simulators.jobs import RUNNING, SUSPENDED, SimScheduler
 from simulators.luxos import LuxosFleet, MinerSpec
-from simulators.luxos_model import Timing
+from simulators.luxos_model import SITE_TOP, Timing
 from simulators.price_server import PriceServer
 from tests.test_e2e_miners import NET, asleep, site_dict, true_site_w, truth, until
 
@@ -130,7 +130,7 @@ def emergency(site: Site, event_id: str, max_site_kw: float) -> None:
 
 async def everything_running(site: Site) -> None:
     await until(
-        lambda: all(truth(site.miners, a)["profile"] == "+1" for a in S19 + S21),
+        lambda: all(truth(site.miners, a)["profile"] == SITE_TOP for a in S19 + S21),
         10,
         "all miners at +1",
     )

@@ -24,7 +24,7 @@ from agent.runtime import Agent
 from agent.wiring import build_components
 from drivers.grid.base import GridEvent, ProgramKind
 from simulators.luxos import LuxosFleet, MinerSpec
-from simulators.luxos_model import S19J_PRO, FaultKind, Timing
+from simulators.luxos_model import S19J_PRO, SITE_BOTTOM, SITE_TOP, FaultKind, Timing
 from simulators.luxos_model import S21 as S21_MODEL
 from simulators.price_server import PriceServer
 
@@ -127,20 +127,25 @@ async def test_spike_sleeps_inefficient_miners_and_drop_restores_them_after_min_
     async with running_site(20.0) as (agent, fleet, server):
         # Cheap power: everything mines, at the top profile (every step beats 20 $/MWh).
         await until(
-            lambda: all(truth(fleet, a)["profile"] == "+1" for a in S19 + S21),
+            lambda: all(truth(fleet, a)["profile"] == SITE_TOP for a in S19 + S21),
             10,
             "all miners at +1",
         )
-        # 100 $/MWh is above the S19j Pro's breakeven (~76) and below the S21's (~128).
-        server.prices[0] = 100.0
+        # 130 $/MWh is above the S19j Pro's breakeven (~91 on its lowest point) and below the
+        # S21's (~153); every S21 step above its lowest earns less (118, 111, 105 $/MWh).
+        server.prices[0] = 130.0
         await until(lambda: all(asleep(fleet, a) for a in S19), 10, "S19s asleep")
         slept_at = asyncio.get_running_loop().time()
         assert not any(asleep(fleet, a) for a in S21), "S21s must keep mining"
-        # The S21s step down to their most efficient profile: the upper steps earn < 100 $/MWh.
-        await until(lambda: all(truth(fleet, a)["profile"] == "-2" for a in S21), 10, "S21s at -2")
+        # The S21s step down to their most efficient profile: the upper steps earn < 130 $/MWh.
+        await until(
+            lambda: all(truth(fleet, a)["profile"] == SITE_BOTTOM for a in S21),
+            10,
+            "S21s at the bottom",
+        )
         plan = agent.state.plan
         assert plan is not None
-        assert plan.effective_price_usd_per_mwh == 100.0
+        assert plan.effective_price_usd_per_mwh == 130.0
         counts = agent.state.actions
         await until(lambda: counts[("sleep", "ok")] == 3, 5, "three sleeps confirmed")
         # The agent's own view agrees with the simulators' truth (telemetry confirmed it).
@@ -158,7 +163,9 @@ async def test_spike_sleeps_inefficient_miners_and_drop_restores_them_after_min_
 async def test_miner_ignoring_commands_is_faulted_and_another_is_shed() -> None:
     async with running_site(20.0, limit_kw=40) as (agent, fleet, _server):
         await until(
-            lambda: all(truth(fleet, a)["profile"] == "+1" for a in S19 + S21), 10, "all at +1"
+            lambda: all(truth(fleet, a)["profile"] == SITE_TOP for a in S19 + S21),
+            10,
+            "all at the top",
         )
         stubborn = S19[0]
         fleet.set_fault(stubborn, FaultKind.IGNORE)
@@ -212,7 +219,7 @@ async def test_stop_is_clean_and_fast_even_with_a_hung_miner() -> None:
 
 async def test_a_miner_restored_by_hand_during_an_event_is_shed_again() -> None:
     async with running_site(20.0) as (agent, fleet, _server):
-        await until(lambda: true_site_w(fleet) > 21_000, 10, "all mining")
+        await until(lambda: true_site_w(fleet) > 19_000, 10, "all mining")
         now = datetime.now(UTC)
         event = GridEvent(
             event_id="ers-1",
@@ -252,7 +259,7 @@ async def test_a_miner_that_never_answers_counts_at_nameplate() -> None:
         assert snap is not None
         view = next(m for m in snap.miners if m.device_id == "s21-003")
         assert view.measured_power_w is None
-        assert view.worst_case_power_w == 4000  # the S21 nameplate, not its last reading
+        assert view.worst_case_power_w == S21_MODEL.nameplate_w  # not its last reading
         plan = agent.state.plan
         assert plan is not None
         assert plan.miner_points["s21-003"] == view.commanded  # left alone: no action for it

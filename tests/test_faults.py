@@ -40,7 +40,7 @@ from agent.wiring import build_components
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.grid.mqtt_curtail import MqttCurtailSettings, MqttCurtailSource
 from simulators.luxos import LuxosFleet, MinerSpec
-from simulators.luxos_model import FaultKind, Timing
+from simulators.luxos_model import SITE_TOP, FaultKind, Timing
 from simulators.price_server import PriceServer
 from tests.servers import Mosquitto
 from tests.test_e2e_miners import MODELS, NET, until, watts
@@ -197,7 +197,7 @@ async def running_site(**prices: Any) -> AsyncIterator[Site]:
         task = asyncio.create_task(agent.run(stop))
         site.task = task
         try:
-            await until(lambda: all(fleet.truth(a)["profile"] == "+1" for a in ALL), 15, "+1")
+            await until(lambda: all(fleet.truth(a)["profile"] == SITE_TOP for a in ALL), 15, "+1")
             yield site
         finally:
             stop.set()
@@ -290,7 +290,7 @@ async def test_miner_faults_during_a_curtailment() -> None:
         site.end_event("dr-faults")
         await until(lambda: not any(site.asleep(a) for a in ALL), 15, "every miner mining")
         await until(lambda: not agent.state.faults and not _any_fault(agent), 15, "faults cleared")
-        await until(lambda: all(fleet.truth(a)["profile"] == "+1" for a in ALL), 15, "+1")
+        await until(lambda: all(fleet.truth(a)["profile"] == SITE_TOP for a in ALL), 15, "+1")
         assert not any(faulted_metric(site.metrics(), d) for d in DEVICE.values())
         site.alive()
 
@@ -393,7 +393,7 @@ async def test_broker_down_applies_the_programs_fail_direction_then_recovers(
             try:
                 await until(lambda: grid.connected, 10, "grid source connected")
                 await until(
-                    lambda: all(fleet.truth(a)["profile"] == "+1" for a in addresses), 15, "+1"
+                    lambda: all(fleet.truth(a)["profile"] == SITE_TOP for a in addresses), 15, "+1"
                 )
                 assert not agent.coordinator.events
                 # The broker goes down: no heartbeat reaches the agent.

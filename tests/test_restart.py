@@ -43,7 +43,7 @@ from agent.runtime import Agent
 from agent.store import Store
 from agent.wiring import build_components
 from simulators.luxos import LuxosFleet, MinerSpec
-from simulators.luxos_model import FaultKind, Timing
+from simulators.luxos_model import SITE_TOP, FaultKind, Timing
 from tests.test_e2e_miners import MODELS, NET, until, watts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,7 +245,7 @@ async def test_kill_9_then_clean_restart_mid_curtailment_then_release_ramps(
             # 1. Running, cheap power: every miner climbs to its top profile.
             await a.start()
             await until(
-                lambda: all(fleet.truth(x)["profile"] == "+1" for x in ALL),
+                lambda: all(fleet.truth(x)["profile"] == SITE_TOP for x in ALL),
                 40,
                 "every miner at +1 (daemon A up): " + a.output()[-2000:],
             )
@@ -305,7 +305,7 @@ async def test_kill_9_then_clean_restart_mid_curtailment_then_release_ramps(
             assert await cli("release", "--config", str(config)) == 0
             await until(
                 lambda: all(
-                    fleet.truth(x)["profile"] == "+1" and not fleet.truth(x)["sleeping"]
+                    fleet.truth(x)["profile"] == SITE_TOP and not fleet.truth(x)["sleeping"]
                     for x in ALL
                 ),
                 40,
@@ -385,7 +385,7 @@ async def test_journal_becoming_unwritable_while_running_enters_safe_mode_and_re
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:
-            await until(lambda: all(fleet.truth(x)["profile"] == "+1" for x in ALL), 20, "+1")
+            await until(lambda: all(fleet.truth(x)["profile"] == SITE_TOP for x in ALL), 20, "+1")
             # The operator curtails for a few seconds (the real CLI code, through the journal)...
             assert (
                 await cli(

@@ -137,7 +137,6 @@ async def test_sleep_and_wake_follow_the_simulated_physics(
     assert asleep.mode is MinerMode.SLEEPING
     assert asleep.power_w == 28
     assert asleep.hashrate_ths == 0.0
-    assert not fleet.miners[S19].session_holder()  # the driver gave its session back
     clock.advance(120.0)  # two thermal time constants asleep: the boards cool
     cold = await m.read()
 

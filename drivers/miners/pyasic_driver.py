@@ -216,6 +216,7 @@ class PyasicMiner:
         credentials: tuple[str, str] | None = None,
         session_retries: int = 3,
         session_retry_wait_s: float = 0.5,
+        release_session: bool = False,
         address: str | None = None,
     ) -> None:
         if timeout_s <= 0:
@@ -230,6 +231,7 @@ class PyasicMiner:
         self._credentials = credentials
         self._session_retries = session_retries
         self._session_retry_wait_s = session_retry_wait_s
+        self._release_session = release_session
         self._profiles: tuple[MinerProfile, ...] = ()
         self._model: str | None = None
         self._miner: Any = None
@@ -355,6 +357,10 @@ class PyasicMiner:
                 ) from exc
             except APIError as exc:
                 raise self._api_error(what, exc) from exc
+            except GRPCError as exc:
+                # pyasic's BOS+ login runs outside its own error wrapping: a refused or failed
+                # login reaches us as grpclib's error.
+                raise self._grpc_error(what, exc) from exc
             except OSError as exc:
                 raise DeviceUnavailable(self._device_id, f"{what}: {exc.strerror or exc}") from exc
             except (LookupError, TypeError, ValueError) as exc:
@@ -362,18 +368,21 @@ class PyasicMiner:
                     self._device_id, f"{what}: malformed reply ({type(exc).__name__}: {exc})"
                 ) from exc
 
+    def _grpc_error(self, what: str, exc: GRPCError) -> DeviceError:
+        message = exc.message or exc.status.name
+        if exc.status is GrpcStatus.UNAUTHENTICATED:
+            return AuthFailed(self._device_id, f"{what}: {message}")
+        if exc.status is GrpcStatus.UNKNOWN:
+            return BadReply(self._device_id, f"{what}: undecodable reply ({message!r})")
+        if exc.status in (GrpcStatus.UNAVAILABLE, GrpcStatus.DEADLINE_EXCEEDED):
+            return DeviceUnavailable(self._device_id, f"{what}: {message}")
+        return CommandRejected(self._device_id, f"{what}: {message}")
+
     def _api_error(self, what: str, exc: APIError) -> DeviceError:
         cause = exc.__cause__
         if isinstance(cause, GRPCError):
             # pyasic's gRPC wrapper hides the status and the firmware's message in __cause__.
-            message = cause.message or cause.status.name
-            if cause.status is GrpcStatus.UNAUTHENTICATED:
-                return AuthFailed(self._device_id, f"{what}: {message}")
-            if cause.status is GrpcStatus.UNKNOWN:
-                return BadReply(self._device_id, f"{what}: undecodable reply ({message!r})")
-            if cause.status in (GrpcStatus.UNAVAILABLE, GrpcStatus.DEADLINE_EXCEEDED):
-                return DeviceUnavailable(self._device_id, f"{what}: {message}")
-            return CommandRejected(self._device_id, f"{what}: {message}")
+            return self._grpc_error(what, cause)
         if isinstance(cause, (ConnectionError, OSError)):
             return DeviceUnavailable(self._device_id, f"{what}: {cause}")
         text = str(exc)
@@ -431,9 +440,13 @@ class PyasicMiner:
         return await self._call(what, exchange)
 
     async def _logoff(self) -> None:
-        """Give the session back so technicians and fleet tools can act (best effort)."""
+        """Give the session back so technicians and fleet tools can act (best effort).
+
+        Only with ``release_session``: logging off costs one more round trip per command, and
+        an idle session expires by itself after about a minute.
+        """
         token = self._rpc.session_token
-        if token is None:
+        if token is None or not self._release_session:
             return
         self._rpc.session_token = None
         with contextlib.suppress(DeviceError):

@@ -100,7 +100,8 @@ class MinerConfig(Strict):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     address: str
     model: str
-    firmware: Literal["luxos", "braiins", "auto"] = "auto"
+    # "auto" asks pyasic to identify the firmware on first contact.
+    firmware: Literal["luxos", "braiins", "antminer", "whatsminer", "auto"] = "auto"
     count: int = Field(default=1, ge=1, le=100_000)
     circuit: str | None = None
     credentials: Credentials | None = None

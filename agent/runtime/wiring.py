@@ -21,6 +21,7 @@ from drivers.errors import SourceError
 from drivers.grid.base import GridEvent
 from drivers.grid.mqtt_curtail import MqttCurtailSource
 from drivers.grid.openadr import OpenAdrVen
+from drivers.miners.base import MinerProfile
 from drivers.miners.pyasic_driver import PyasicMiner
 from drivers.prices.base import PriceReading, PriceSource
 from drivers.prices.csv_replay import (
@@ -74,13 +75,29 @@ def build_price_source(
 
 
 def build_miners(config: AgentConfig) -> dict[str, MinerDevice]:
-    """One pyasic driver per configured miner, sharing one fleet semaphore."""
+    """One pyasic driver per configured miner, sharing one fleet semaphore.
+
+    Each line's ``firmware`` picks the family (``auto``: pyasic identifies it on first
+    contact), its ``credentials`` log in where the family needs them, and its model's
+    profiles are the ladder a power-target or power-limit family maps its points onto.
+    """
     semaphore = asyncio.Semaphore(config.control.max_concurrency)
     timeout_s = config.control.device_timeout_s
-    return {
-        device_id: PyasicMiner.luxos(address, semaphore, device_id=device_id, timeout_s=timeout_s)
-        for device_id, address, _line in config.expanded_miners()
-    }
+    out: dict[str, MinerDevice] = {}
+    for device_id, address, line in config.expanded_miners():
+        model = config.miner_models[line.model]
+        ladder = tuple(MinerProfile(p.name, p.power_w, p.hashrate_ths) for p in model.profiles)
+        creds = line.credentials
+        out[device_id] = PyasicMiner.for_firmware(
+            address,
+            line.firmware,
+            semaphore,
+            device_id=device_id,
+            timeout_s=timeout_s,
+            ladder=ladder,
+            credentials=(creds.username, creds.password.get_secret_value()) if creds else None,
+        )
+    return out
 
 
 def build_signals(config: AgentConfig, components: Components) -> None:

@@ -1,0 +1,323 @@
+"""One miner driver, every family it can reach here: LuxOS and Braiins OS+ through pyasic.
+
+Each family is driven against its simulator over real sockets with unmodified pyasic:
+identification (``firmware: auto`` and subnet scan), a reading, sleep, wake, the family's power
+control mapped onto the site ladder, every fault kind, and each family's quirk. Stock Antminer
+and Whatsminer run only against the ``families`` branch's simulators (not merged here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from drivers.errors import (
+    AuthFailed,
+    BadReply,
+    CommandRejected,
+    DeviceError,
+    DeviceTimeout,
+    DeviceUnavailable,
+    SessionHeld,
+)
+from drivers.miners.base import MinerCapability, MinerMode, MinerProfile
+from drivers.miners.pyasic_driver import Family, PyasicMiner, scan_subnet
+from simulators.braiins import BraiinsFleet, power_range
+from simulators.luxos import LuxosFleet, fleet_specs
+from simulators.luxos_model import (
+    S19J_PRO,
+    TARGET_DRAW_RATIO,
+    FaultKind,
+    ManualClock,
+    Timing,
+)
+
+LUX = "127.23.1.1"  # S19j Pro on LuxOS
+BOS = "127.23.2.1"  # S19j Pro on Braiins OS+
+BOS_S21 = "127.23.2.2"
+TIMEOUT_S = 1.0
+# The site ladder of an S19j Pro as a config gives it (names as LuxOS has them; powers drawn).
+LADDER = tuple(
+    MinerProfile(str(p["name"]), float(p["power_w"]), float(p["hashrate_ths"]))
+    for p in S19J_PRO.site_config()["profiles"]  # type: ignore[attr-defined]
+)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def fleets(clock: ManualClock) -> AsyncIterator[tuple[LuxosFleet, BraiinsFleet]]:
+    timing = Timing(wake_ramp_s=10.0, sleep_ramp_s=1.0, profile_ramp_s=1.0)
+    async with (
+        LuxosFleet(fleet_specs(2, LUX), clock=clock, timing=timing) as lux,
+        BraiinsFleet(fleet_specs(2, BOS), clock=clock, timing=timing, password="pw") as bos,
+    ):
+        yield lux, bos
+
+
+@pytest.fixture
+def semaphore() -> asyncio.Semaphore:
+    return asyncio.Semaphore(16)
+
+
+def driver(
+    address: str,
+    semaphore: asyncio.Semaphore,
+    firmware: str = "auto",
+    *,
+    password: str = "pw",
+    device_id: str | None = None,
+) -> PyasicMiner:
+    return PyasicMiner.for_firmware(
+        address,
+        firmware,
+        semaphore,
+        device_id=device_id or f"m-{address}",
+        timeout_s=TIMEOUT_S,
+        ladder=LADDER,
+        credentials=("root", password),
+    )
+
+
+# --- identification ----------------------------------------------------------------------
+
+
+async def test_auto_identifies_each_family_and_its_capability(
+    fleets: tuple[LuxosFleet, BraiinsFleet], semaphore: asyncio.Semaphore
+) -> None:
+    lux, bos = driver(LUX, semaphore), driver(BOS, semaphore)
+    assert lux.family is Family.AUTO
+    lux_r, bos_r = await lux.read(), await bos.read()
+    assert (lux.family, bos.family) == (Family.LUXOS, Family.BRAIINS)
+    assert lux_r.capability is MinerCapability.PROFILES
+    assert bos_r.capability is MinerCapability.POWER_TARGET
+    assert (lux_r.firmware, bos_r.firmware) == ("luxos", "braiins")
+    assert lux_r.model == bos_r.model == "S19j Pro"
+
+
+async def test_scan_finds_both_families(
+    fleets: tuple[LuxosFleet, BraiinsFleet], semaphore: asyncio.Semaphore
+) -> None:
+    found = await scan_subnet("127.23.2.0/29", semaphore)
+    assert [m.address for m in found] == [BOS, BOS_S21]
+    assert {m.family for m in found} == {Family.BRAIINS}
+    found = await scan_subnet("127.23.1.0/29", semaphore)
+    assert {m.family for m in found} == {Family.LUXOS}
+
+
+# --- Braiins OS+: a continuous power target ------------------------------------------------
+
+
+async def test_braiins_reading_maps_the_target_onto_the_ladder(
+    fleets: tuple[LuxosFleet, BraiinsFleet], clock: ManualClock, semaphore: asyncio.Semaphore
+) -> None:
+    _, bos = fleets
+    m = driver(BOS, semaphore, "braiins")
+    r = await m.read()
+    default_w = power_range("s19jpro").default_w
+    assert r.power_w == round(default_w * TARGET_DRAW_RATIO)
+    assert r.hashrate_ths == pytest.approx(104.0)
+    assert r.mode is MinerMode.MINING
+    assert r.profiles == LADDER
+    assert r.profile == f"{default_w}W"  # booted on a target that is not a ladder point
+    assert not r.power_estimated
+    assert r.temperature_c is not None
+    assert len(r.fans_rpm) == 4
+
+    low = LADDER[0]
+    await m.set_profile(low.name)
+    assert bos.miners[BOS].power_target_w == round(low.power_w)
+    clock.advance(1.0)
+    r = await m.read()
+    assert r.profile == low.name
+    assert r.power_w == pytest.approx(low.power_w * TARGET_DRAW_RATIO, abs=1)
+
+
+async def test_braiins_sleep_and_wake_are_measured(
+    fleets: tuple[LuxosFleet, BraiinsFleet], clock: ManualClock, semaphore: asyncio.Semaphore
+) -> None:
+    _, bos = fleets
+    m = driver(BOS, semaphore, "braiins")
+    await m.sleep()
+    assert bos.miners[BOS].sleeping
+    clock.advance(1.0)
+    asleep = await m.read()
+    assert asleep.mode is MinerMode.SLEEPING
+    assert asleep.power_w == S19J_PRO.standby_w
+    await m.wake()
+    clock.advance(4.0)
+    assert (await m.read()).mode is MinerMode.WAKING
+    clock.advance(6.0)
+    assert (await m.read()).mode is MinerMode.MINING
+
+
+async def test_braiins_out_of_range_target_is_refused_with_the_firmware_message(
+    fleets: tuple[LuxosFleet, BraiinsFleet], semaphore: asyncio.Semaphore
+) -> None:
+    _, bos = fleets
+    m = driver(BOS, semaphore, "braiins")
+    r = power_range("s19jpro")
+    with pytest.raises(CommandRejected) as caught:
+        await m.set_power_limit(r.max_w + 500)
+    assert (
+        f"power target [{r.max_w + 500}W] is not in allowed range [{r.min_w}, {r.max_w}]"
+        in caught.value.message
+    )
+    assert bos.miners[BOS].power_target_w == r.default_w  # nothing changed
+    assert await m.set_power_limit(2500) == "2500W"
+    assert bos.miners[BOS].power_target_w == 2500
+
+
+async def test_braiins_wrong_credentials_are_auth_failed(
+    fleets: tuple[LuxosFleet, BraiinsFleet], semaphore: asyncio.Semaphore
+) -> None:
+    m = driver(BOS, semaphore, "braiins", password="wrong")
+    with pytest.raises(AuthFailed, match="Invalid username or password"):
+        await m.sleep()
+    with pytest.raises(AuthFailed):
+        await m.read()
+    assert not fleets[1].miners[BOS].sleeping
+
+
+async def test_braiins_ignored_target_is_not_applied(
+    fleets: tuple[LuxosFleet, BraiinsFleet], clock: ManualClock, semaphore: asyncio.Semaphore
+) -> None:
+    _, bos = fleets
+    m = driver(BOS, semaphore, "braiins")
+    bos.set_fault(BOS, FaultKind.IGNORE)
+    await m.set_profile(LADDER[0].name)  # the firmware says yes...
+    clock.advance(2.0)
+    r = await m.read()
+    assert r.profile != LADDER[0].name  # ...and the reading shows it did nothing
+    assert bos.miners[BOS].power_target_w == power_range("s19jpro").default_w
+
+
+# --- faults, per family ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["luxos", "braiins"])
+@pytest.mark.parametrize(
+    ("fault", "delay_s", "error"),
+    [
+        (FaultKind.HANG, 0.0, DeviceTimeout),
+        (FaultKind.SLOW, 2.0, DeviceTimeout),
+        (FaultKind.GARBAGE, 0.0, BadReply),
+        (FaultKind.ERROR, 0.0, CommandRejected),
+        (FaultKind.REBOOT, 1.0, DeviceUnavailable),
+    ],
+)
+@pytest.mark.parametrize("operation", ["read", "sleep", "set_profile"])
+async def test_every_fault_is_the_project_error_within_the_timeout(
+    fleets: tuple[LuxosFleet, BraiinsFleet],
+    semaphore: asyncio.Semaphore,
+    family: str,
+    fault: FaultKind,
+    delay_s: float,
+    error: type[DeviceError],
+    operation: str,
+) -> None:
+    lux, bos = fleets
+    address, fleet = (LUX, lux) if family == "luxos" else (BOS, bos)
+    m = driver(address, semaphore, family, device_id="row-7")
+    fleet.set_fault(address, fault, delay_s)
+    await asyncio.sleep(0.05)  # a reboot closes the listeners from a task
+    calls = {"read": m.read, "sleep": m.sleep, "set_profile": lambda: m.set_profile("default")}
+    t0 = time.perf_counter()
+    with pytest.raises(error) as caught:
+        await calls[operation]()
+    assert time.perf_counter() - t0 < 2 * TIMEOUT_S + 0.5
+    assert caught.value.device_id == "row-7"
+    assert not fleet.miners[address].sleeping
+
+
+@pytest.mark.parametrize("family", ["luxos", "braiins"])
+async def test_slow_within_the_timeout_is_normal(
+    fleets: tuple[LuxosFleet, BraiinsFleet], semaphore: asyncio.Semaphore, family: str
+) -> None:
+    lux, bos = fleets
+    address, fleet = (LUX, lux) if family == "luxos" else (BOS, bos)
+    fleet.set_fault(address, FaultKind.SLOW, 0.05)
+    m = driver(address, semaphore, family)
+    assert (await m.read()).mode is MinerMode.MINING
+    await m.sleep()
+    assert fleet.miners[address].sleeping
+
+
+# --- LuxOS: one session holder -----------------------------------------------------------
+
+
+async def _logon_as_someone_else(address: str) -> str:
+    reader, writer = await asyncio.open_connection(address, 4028)
+    writer.write(b'{"command": "logon"}')
+    await writer.drain()
+    reply = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    sid = json.loads(reply)["SESSION"][0]["SessionID"]
+    assert isinstance(sid, str)
+    return sid
+
+
+async def test_a_session_held_by_another_client_is_a_clear_bounded_fault(
+    fleets: tuple[LuxosFleet, BraiinsFleet], clock: ManualClock, semaphore: asyncio.Semaphore
+) -> None:
+    lux, _ = fleets
+    theirs = await _logon_as_someone_else(LUX)  # a fleet manager holds the session
+    m = PyasicMiner.for_firmware(
+        LUX, "luxos", semaphore, device_id="lux-1", timeout_s=2.0, credentials=None
+    )
+    t0 = time.perf_counter()
+    with pytest.raises(SessionHeld, match="session held by another client") as caught:
+        await m.sleep()
+    elapsed = time.perf_counter() - t0
+    assert caught.value.device_id == "lux-1"
+    assert "3 logon attempts" in caught.value.message
+    assert 0.9 <= elapsed < 2.0  # three tries, half a second apart, never the whole timeout
+    state = lux.miners[LUX]
+    assert not state.sleeping
+    assert state.session_holder() == theirs  # we never took their session
+    # The holder goes idle; LuxOS drops the session after about a minute and we get ours.
+    clock.advance(61.0)
+    await m.sleep()
+    assert state.sleeping
+    assert state.session_holder() not in ("", theirs)
+
+
+async def test_release_session_logs_off_after_each_command(
+    fleets: tuple[LuxosFleet, BraiinsFleet], semaphore: asyncio.Semaphore
+) -> None:
+    lux, _ = fleets
+    m = PyasicMiner(
+        "lux-2", None, semaphore, timeout_s=TIMEOUT_S, release_session=True, address=LUX
+    )
+    await m.sleep()
+    assert lux.miners[LUX].sleeping
+    assert lux.miners[LUX].session_holder() == ""  # free for the technician
+    await m.wake()
+    assert not lux.miners[LUX].sleeping
+
+
+async def test_luxos_profile_points_and_ignored_commands(
+    fleets: tuple[LuxosFleet, BraiinsFleet], clock: ManualClock, semaphore: asyncio.Semaphore
+) -> None:
+    lux, _ = fleets
+    m = driver(LUX, semaphore, "luxos")
+    await m.set_profile(LADDER[0].name)
+    assert lux.miners[LUX].profile == LADDER[0].name
+    clock.advance(1.0)
+    r = await m.read()
+    assert r.power_w == pytest.approx(LADDER[0].power_w, abs=1)
+    # A miner that ignores writes "accepts" turning ATM off, then refuses the profile because
+    # ATM is still on: the refusal carries the firmware's reason, and nothing moved.
+    lux.set_fault(LUX, FaultKind.IGNORE)
+    with pytest.raises(CommandRejected, match="ATM is enabled"):
+        await m.set_profile("default")
+    clock.advance(2.0)
+    assert (await m.read()).profile == LADDER[0].name

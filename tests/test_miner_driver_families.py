@@ -287,21 +287,27 @@ async def test_a_session_held_by_another_client_is_a_clear_bounded_fault(
     clock.advance(61.0)
     await m.sleep()
     assert state.sleeping
-    assert state.session_holder() not in ("", theirs)
+    assert state.session_holder() == ""  # and we gave ours back
 
 
-async def test_release_session_logs_off_after_each_command(
+async def test_the_session_is_released_after_each_command_unless_asked_to_keep_it(
     fleets: tuple[LuxosFleet, BraiinsFleet], semaphore: asyncio.Semaphore
 ) -> None:
     lux, _ = fleets
-    m = PyasicMiner(
-        "lux-2", None, semaphore, timeout_s=TIMEOUT_S, release_session=True, address=LUX
-    )
+    m = driver(LUX, semaphore, "luxos")
     await m.sleep()
     assert lux.miners[LUX].sleeping
     assert lux.miners[LUX].session_holder() == ""  # free for the technician
-    await m.wake()
+    keeper = PyasicMiner(
+        "lux-2", None, semaphore, timeout_s=TIMEOUT_S, release_session=False, address=LUX
+    )
+    with pytest.raises(ValueError, match="octets"):
+        PyasicMiner.for_firmware("not-an-ip", "luxos", semaphore)
+    await keeper.wake()
     assert not lux.miners[LUX].sleeping
+    assert lux.miners[LUX].session_holder() != ""  # kept: the next command saves a logon
+    with pytest.raises(SessionHeld):
+        await m.sleep()  # ...and, until it idles out, nobody else can act
 
 
 async def test_luxos_profile_points_and_ignored_commands(

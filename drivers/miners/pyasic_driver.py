@@ -216,7 +216,7 @@ class PyasicMiner:
         credentials: tuple[str, str] | None = None,
         session_retries: int = 3,
         session_retry_wait_s: float = 0.5,
-        release_session: bool = False,
+        release_session: bool = True,
         address: str | None = None,
     ) -> None:
         if timeout_s <= 0:
@@ -392,20 +392,28 @@ class PyasicMiner:
 
     # --- LuxOS sessions ------------------------------------------------------------------
 
-    async def _logon(self) -> str:
-        """Open our own session; a session held elsewhere is retried, then SessionHeld."""
+    async def _logon(self, what: str) -> str:
+        """Open our own session; a session held elsewhere is retried, then SessionHeld.
+
+        Each logon is its own exchange under its own timeout; the waits between attempts hold
+        no semaphore slot.
+        """
         last = ""
         for attempt in range(self._session_retries):
             try:
-                data = await self._rpc.logon()
-                sid = data["SESSION"][0]["SessionID"]
+                data: dict[str, Any] = await self._call(what, self._rpc.logon)
+            except CommandRejected as exc:
+                if "session" not in exc.message.lower():
+                    raise
+                last = exc.message
+            else:
+                try:
+                    sid = data["SESSION"][0]["SessionID"]
+                except (LookupError, TypeError) as exc:
+                    raise BadReply(self._device_id, f"{what}: logon without SESSION") from exc
                 if isinstance(sid, str) and sid:
                     return sid
                 last = "logon returned no SessionID"
-            except APIError as exc:
-                last = str(exc)
-                if "session" not in last.lower():
-                    raise
             if attempt + 1 < self._session_retries:
                 await asyncio.sleep(self._session_retry_wait_s)
         raise SessionHeld(
@@ -414,36 +422,37 @@ class PyasicMiner:
         )
 
     async def _privileged(self, what: str, command: str, *args: str) -> dict[str, Any]:
-        """Send a session-guarded command, logging on first when we hold no session."""
+        """Send a session-guarded command, logging on first when we hold no session.
 
-        async def exchange() -> dict[str, Any]:
-            try:
-                return await attempt()
-            except APIError as exc:
-                if "invalid session" not in str(exc).lower():
-                    raise
-                # Our session expired (idle a minute) or a reboot ended it: log on again, once.
-                return await attempt()
-
-        async def attempt() -> dict[str, Any]:
+        Every exchange (logon, the command) has its own timeout, so a slow miner that answers
+        each within it is not failed for needing two.
+        """
+        for attempt in range(2):
             if self._rpc.session_token is None:
-                self._rpc.session_token = await self._logon()
+                self._rpc.session_token = await self._logon(what)
+            token: str = self._rpc.session_token
+
+            async def send(token: str = token) -> dict[str, Any]:
+                out: dict[str, Any] = await self._rpc.send_command(command, token, *args)
+                return out
+
             try:
-                reply: dict[str, Any] = await self._rpc.send_command(
-                    command, self._rpc.session_token, *args
-                )
-            except APIError:
+                reply = await self._call(what, send)
+            except CommandRejected as exc:
                 self._rpc.session_token = None
+                if attempt == 0 and "invalid session" in exc.message.lower():
+                    # Our session expired (a minute idle) or a reboot ended it: log on again.
+                    continue
                 raise
             return reply
-
-        return await self._call(what, exchange)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _logoff(self) -> None:
-        """Give the session back so technicians and fleet tools can act (best effort).
+        """Give the session back so technicians, fleet tools and a restarted agent can act.
 
-        Only with ``release_session``: logging off costs one more round trip per command, and
-        an idle session expires by itself after about a minute.
+        Best effort, after the command's result is known. ``release_session=False`` keeps the
+        session instead (one round trip less per command; LuxOS drops it after a minute idle,
+        and until then nobody else, not even this agent restarted, can log on).
         """
         token = self._rpc.session_token
         if token is None or not self._release_session:

@@ -292,6 +292,20 @@ def _work_solver_stats(m: MinerState, now: float, share: float) -> Any:
     )
 
 
+def _pool_stats(m: MinerState, now: float) -> Any:
+    # About one share per 500 TH at the recorded difficulty: shares follow work done.
+    shares = int(m.work_th(now) / 500.0)
+    return pb.PoolStats(
+        accepted_shares=shares,
+        rejected_shares=0,
+        stale_shares=0,
+        last_difficulty=524288,
+        best_share=int(m.work_th(now) * 1000) % 500_000_000,
+        generated_work=int(m.work_th(now) * 1000),
+        last_share_time=datetime.fromtimestamp(time.time() - 1.0, UTC),
+    )
+
+
 class BraiinsMiner:
     """One simulated BOS+ miner: its physics, its token, and both of its listeners."""
 
@@ -550,6 +564,9 @@ def _services(miner: BraiinsMiner) -> list[Any]:
                 status=pb.MinerStatus.PAUSED if m.sleeping else pb.MinerStatus.NORMAL,
                 kernel_version="4.9.113",
                 psu_info=pb.PsuInfo(
+                    version=118,
+                    fw_version=6920,
+                    serial_number="SIMPSU" + m.address.replace(".", ""),
                     model_name="APW121215f",
                     min_voltage=pb.Voltage(volt=12.0),
                     max_voltage=pb.Voltage(volt=15.0),
@@ -563,7 +580,7 @@ def _services(miner: BraiinsMiner) -> list[Any]:
             watts = round(m.power_w(now))
             ths = m.hashrate_ths(now)
             return pb.GetMinerStatsResponse(
-                pool_stats=pb.PoolStats(accepted_shares=m.accepted_shares, last_difficulty=524288),
+                pool_stats=_pool_stats(m, now),
                 miner_stats=_work_solver_stats(m, now, 1.0),
                 power_stats=pb.MinerPowerStats(
                     approximated_consumption=pb.Power(watt=watts),
@@ -633,7 +650,7 @@ def _services(miner: BraiinsMiner) -> list[Any]:
                 enabled=True,
                 alive=True,
                 active=not m.sleeping,
-                stats=pb.PoolStats(accepted_shares=m.accepted_shares, last_difficulty=524288),
+                stats=_pool_stats(m, m.clock()),
             )
             group = pb.PoolGroup(name="Default", quota=pb.Quota(value=1), pools=[pool])
             return pb.GetPoolGroupsResponse(pool_groups=[group])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -228,7 +228,11 @@ async def test_every_fault_is_the_project_error_within_the_timeout(
     m = driver(address, semaphore, family, device_id="row-7")
     fleet.set_fault(address, fault, delay_s)
     await asyncio.sleep(0.05)  # a reboot closes the listeners from a task
-    calls = {"read": m.read, "sleep": m.sleep, "set_profile": lambda: m.set_profile("default")}
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "read": m.read,
+        "sleep": m.sleep,
+        "set_profile": lambda: m.set_profile("default"),
+    }
     t0 = time.perf_counter()
     with pytest.raises(error) as caught:
         await calls[operation]()
@@ -287,27 +291,47 @@ async def test_a_session_held_by_another_client_is_a_clear_bounded_fault(
     clock.advance(61.0)
     await m.sleep()
     assert state.sleeping
-    assert state.session_holder() == ""  # and we gave ours back
+    assert state.session_holder() not in ("", theirs)  # ours now, until idle
 
 
-async def test_the_session_is_released_after_each_command_unless_asked_to_keep_it(
+async def test_the_session_is_given_back_once_idle(
     fleets: tuple[LuxosFleet, BraiinsFleet], semaphore: asyncio.Semaphore
 ) -> None:
     lux, _ = fleets
-    m = driver(LUX, semaphore, "luxos")
-    await m.sleep()
-    assert lux.miners[LUX].sleeping
-    assert lux.miners[LUX].session_holder() == ""  # free for the technician
-    keeper = PyasicMiner(
-        "lux-2", None, semaphore, timeout_s=TIMEOUT_S, release_session=False, address=LUX
+    state = lux.miners[LUX]
+    m = PyasicMiner(
+        "lux-1", None, semaphore, timeout_s=TIMEOUT_S, address=LUX, session_release_s=0.3
     )
+    await m.sleep()
+    ours = state.session_holder()
+    assert state.sleeping
+    assert ours != ""  # held through a burst of commands...
+    await m.wake()
+    assert state.session_holder() == ours  # ...reused, one round trip per command
+    await m.read()
+    assert state.session_holder() == ours  # not idle long enough yet
+    await asyncio.sleep(0.35)
+    await m.read()  # ...then given back alongside a poll
+    assert state.session_holder() == ""
+    other = PyasicMiner(
+        "lux-2", None, semaphore, timeout_s=TIMEOUT_S, address=LUX, session_release_s=0
+    )
+    await other.sleep()
+    assert state.sleeping
+    assert state.session_holder() == ""  # 0: logged off right after the command
+    keeper = PyasicMiner(
+        "lux-3", None, semaphore, timeout_s=TIMEOUT_S, address=LUX, session_release_s=None
+    )
+    await keeper.wake()
+    await keeper.read()
+    assert state.session_holder() != ""  # None: kept until LuxOS expires it
+    with pytest.raises(SessionHeld):
+        await other.sleep()  # ...and until then nobody else can act
+    await keeper.close()  # what a clean shutdown does
+    await other.sleep()
+    assert state.sleeping
     with pytest.raises(ValueError, match="octets"):
         PyasicMiner.for_firmware("not-an-ip", "luxos", semaphore)
-    await keeper.wake()
-    assert not lux.miners[LUX].sleeping
-    assert lux.miners[LUX].session_holder() != ""  # kept: the next command saves a logon
-    with pytest.raises(SessionHeld):
-        await m.sleep()  # ...and, until it idles out, nobody else can act
 
 
 async def test_luxos_profile_points_and_ignored_commands(

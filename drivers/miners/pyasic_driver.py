@@ -48,6 +48,7 @@ import ipaddress
 import itertools
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -216,7 +217,7 @@ class PyasicMiner:
         credentials: tuple[str, str] | None = None,
         session_retries: int = 3,
         session_retry_wait_s: float = 0.5,
-        release_session: bool = True,
+        session_release_s: float | None = 5.0,
         address: str | None = None,
     ) -> None:
         if timeout_s <= 0:
@@ -231,7 +232,10 @@ class PyasicMiner:
         self._credentials = credentials
         self._session_retries = session_retries
         self._session_retry_wait_s = session_retry_wait_s
-        self._release_session = release_session
+        if session_release_s is not None and session_release_s < 0:
+            raise ValueError(f"session_release_s must be >= 0, got {session_release_s}")
+        self._session_release_s = session_release_s
+        self._session_used_s = 0.0  # monotonic time our session last carried a command
         self._profiles: tuple[MinerProfile, ...] = ()
         self._model: str | None = None
         self._miner: Any = None
@@ -450,16 +454,32 @@ class PyasicMiner:
     async def _logoff(self) -> None:
         """Give the session back so technicians, fleet tools and a restarted agent can act.
 
-        Best effort, after the command's result is known. ``release_session=False`` keeps the
-        session instead (one round trip less per command; LuxOS drops it after a minute idle,
-        and until then nobody else, not even this agent restarted, can log on).
+        Best effort: a failed logoff only leaves the session to LuxOS's one-minute expiry.
         """
         token = self._rpc.session_token
-        if token is None or not self._release_session:
+        if token is None:
             return
         self._rpc.session_token = None
         with contextlib.suppress(DeviceError):
             await self._call("logoff", lambda: self._rpc.send_command("logoff", token))
+
+    async def _after_command(self) -> None:
+        self._session_used_s = time.monotonic()
+        if self._session_release_s == 0:
+            await self._logoff()
+
+    def _session_idle(self) -> bool:
+        """True when we hold a session that has been idle long enough to give back."""
+        return (
+            self._rpc.session_token is not None
+            and self._session_release_s is not None
+            and time.monotonic() - self._session_used_s >= self._session_release_s
+        )
+
+    async def close(self) -> None:
+        """Release what the driver holds on the miner (the LuxOS session): call on shutdown."""
+        if self._family is Family.LUXOS:
+            await self._logoff()
 
     # --- telemetry -----------------------------------------------------------------------
 
@@ -472,7 +492,13 @@ class PyasicMiner:
             return await self._read_generic()
         if self._model is None:
             await self._learn_model()
-        raw: dict[str, Any] = await self._call("read", lambda: self._rpc.send_command(READ_COMMAND))
+        read = self._call("read", lambda: self._rpc.send_command(READ_COMMAND))
+        if self._session_idle():
+            # Give an idle session back on its own connection, alongside the poll: nobody else
+            # can log on while we hold it, and a command burst reuses it meanwhile.
+            _, raw = await asyncio.gather(self._logoff(), read)
+        else:
+            raw = await read
         try:
             return self._parse(raw)
         except (LookupError, TypeError, ValueError, AttributeError) as exc:
@@ -689,10 +715,8 @@ class PyasicMiner:
         """Stop hashing at standby power (LuxOS curtail, BOS+ pause, stock miner-mode)."""
         await self._ensure()
         if self._family is Family.LUXOS:
-            try:
-                await self._privileged("sleep", "curtail", "sleep")
-            finally:
-                await self._logoff()
+            await self._privileged("sleep", "curtail", "sleep")
+            await self._after_command()
         elif self._family is Family.BRAIINS:
             await self._call("sleep", self._miner.web.pause_mining)
         else:
@@ -702,10 +726,8 @@ class PyasicMiner:
         """Resume hashing; power ramps up over the next minutes."""
         await self._ensure()
         if self._family is Family.LUXOS:
-            try:
-                await self._privileged("wake", "curtail", "wakeup")
-            finally:
-                await self._logoff()
+            await self._privileged("wake", "curtail", "wakeup")
+            await self._after_command()
         elif self._family is Family.BRAIINS:
             await self._call("wake", self._miner.web.resume_mining)
         else:
@@ -745,7 +767,7 @@ class PyasicMiner:
             try:
                 await self._luxos_profileset(profile)
             finally:
-                await self._logoff()
+                await self._after_command()
         elif self._family is Family.BRAIINS:
             await self._braiins_target(round(point.power_w))
         elif self._family is Family.WHATSMINER:

@@ -327,7 +327,7 @@ async def test_the_session_is_given_back_once_idle(
     assert state.session_holder() != ""  # None: kept until LuxOS expires it
     with pytest.raises(SessionHeld):
         await other.sleep()  # ...and until then nobody else can act
-    await keeper.close()  # what a clean shutdown does
+    await keeper.aclose()  # what a clean shutdown does
     await other.sleep()
     assert state.sleeping
     with pytest.raises(ValueError, match="octets"):

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -341,7 +341,21 @@ class Agent:
                 aclose = getattr(source, "aclose", None)
                 if aclose is not None:
                     await aclose()
+            await _release_miners(self.components.miners.values())
         log.info("agent stopped after %d cycle(s)", self.state.cycles)
+
+
+async def _release_miners(miners: Iterable[object], timeout_s: float = 2.0) -> None:
+    """Let drivers give back what they hold on devices (a LuxOS session), bounded in time.
+
+    A session left behind would lock the next agent out until LuxOS expires it (a minute).
+    """
+    closes = [c() for m in miners if (c := getattr(m, "aclose", None)) is not None]
+    if not closes:
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*closes, return_exceptions=True)
 
 
 async def _first(*aws: Coroutine[Any, Any, Any]) -> None:

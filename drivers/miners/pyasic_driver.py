@@ -476,7 +476,7 @@ class PyasicMiner:
             and time.monotonic() - self._session_used_s >= self._session_release_s
         )
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Release what the driver holds on the miner (the LuxOS session): call on shutdown."""
         if self._family is Family.LUXOS:
             await self._logoff()

@@ -56,6 +56,9 @@ ALL = S19 + S21
 # (the smallest wake step is an S19 at -2, 2.45 kW; two would need 4.9 kW).
 INTERVAL_S = 0.5
 RAMP_KW_PER_MIN = 360.0
+# LuxOS drops an idle session after a minute; the constant price here ages out after 60 s, so
+# the simulated miners drop sessions sooner (the expiry is configurable for this).
+SESSION_IDLE_S = 8.0
 OVERRIDE_KW = 2.0  # the eight miners' standby draw (~250 W) fits; one mining miner does not
 
 
@@ -137,7 +140,9 @@ class Recorder:
 @contextlib.asynccontextmanager
 async def simulated_site() -> AsyncIterator[tuple[LuxosFleet, Recorder]]:
     specs = [MinerSpec(a, "s19jpro") for a in S19] + [MinerSpec(a, "s21") for a in S21]
-    timing = Timing(wake_ramp_s=0.3, sleep_ramp_s=0.1, profile_ramp_s=0.1)
+    timing = Timing(
+        wake_ramp_s=0.3, sleep_ramp_s=0.1, profile_ramp_s=0.1, session_idle_s=SESSION_IDLE_S
+    )
     async with LuxosFleet(specs, timing=timing) as fleet:
         recorder = Recorder(fleet)
         task = asyncio.create_task(recorder.run())
@@ -247,7 +252,7 @@ async def test_kill_9_then_clean_restart_mid_curtailment_then_release_ramps(
             await until(
                 lambda: all(fleet.truth(x)["profile"] == SITE_TOP for x in ALL),
                 40,
-                "every miner at +1 (daemon A up): " + a.output()[-2000:],
+                "every miner at the top (daemon A up): " + a.output()[-2000:],
             )
             # 2. The operator curtails the site through the journal (the real CLI code).
             until_at = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
@@ -303,13 +308,16 @@ async def test_kill_9_then_clean_restart_mid_curtailment_then_release_ramps(
             # 6. The operator releases the override: load returns at the ramp rate.
             released_at = time.monotonic()
             assert await cli("release", "--config", str(config)) == 0
+            # Sessions daemon A held when it was killed (-9) lock C out of those miners until
+            # they expire (SESSION_IDLE_S here, a minute on LuxOS): C reports "session held by
+            # another client", retries, and restores them once they lapse.
             await until(
                 lambda: all(
                     fleet.truth(x)["profile"] == SITE_TOP and not fleet.truth(x)["sleeping"]
                     for x in ALL
                 ),
                 40,
-                "every miner back at +1",
+                "every miner back at the top",
             )
             await asyncio.sleep(0.5)  # let the last wake ramp settle
             restore = rec.since(released_at)
@@ -385,7 +393,9 @@ async def test_journal_becoming_unwritable_while_running_enters_safe_mode_and_re
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:
-            await until(lambda: all(fleet.truth(x)["profile"] == SITE_TOP for x in ALL), 20, "+1")
+            await until(
+                lambda: all(fleet.truth(x)["profile"] == SITE_TOP for x in ALL), 20, "the top"
+            )
             # The operator curtails for a few seconds (the real CLI code, through the journal)...
             assert (
                 await cli(

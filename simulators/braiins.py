@@ -28,17 +28,21 @@ Faults on gRPC: ``hang`` never answers, ``slow`` answers after the delay, ``erro
 reply, so bytes that are not protobuf cannot be sent through it; on RPC it is real garbage),
 ``ignore`` answers success and changes nothing, ``reboot`` closes both ports for the delay.
 
-Differences from the recordings in ``../shared/data/fixtures/miners/asic-rs/braiins/`` that
-remain, and why (``tests/test_sim_fidelity_braiins.py`` checks everything else):
+Differences from the recordings in ``../shared/data/fixtures/miners/asic-rs/braiins/`` (25.11
+and 26.04) that remain, and why (``tests/test_sim_fidelity_braiins.py`` checks everything else):
 
-* the recordings are prost JSON (snake_case, enums as numbers, ``null`` for unset optionals);
-  betterproto leaves unset optionals out: the fidelity test compares in the recordings' casing
-  and treats a missing key as the recording's ``null``;
-* ``miner_errors``, ``network``, ``actions_locate`` and the GraphQL ``v21_09`` era are not
-  served: pyasic 0.79's BOSer backend does not call them;
-* ``real_hashrate`` windows other than ``last_5s`` and ``since_restart`` equal the
-  instantaneous rate (the physics keeps no per-window history);
-* ``pool_stats``: shares and best share grow with work done, not from a pool.
+* the simulator serves pyasic 0.79's proto, which is older than the recorded API (1.3): the
+  tuner state is ``power_target_mode_state`` at the top, not inside a ``mode_state`` oneof, and
+  ``best_share_str`` and a pool group's ``uid`` do not exist in it (pyasic can neither send nor
+  read them);
+* the recordings' JSON nests a oneof under its group's name (``strategy.quota``) where
+  betterproto flattens it (``quota``): the same field on the wire;
+* ``miner_errors``, ``network``, ``actions_locate`` beyond its flag, and the GraphQL ``v21_09``
+  era are not served: pyasic 0.79's BOSer backend does not call them;
+* ``real_hashrate`` windows other than ``last_5s`` and ``since_restart`` equal the current
+  rate (the physics keeps no per-window history); shares and best share follow work done;
+* a refused login is ``UNAUTHENTICATED`` "Invalid username or password" (the firmware's exact
+  text is not recorded).
 
 Usage: ``python -m simulators.braiins --miners 100`` (same output and control port as
 ``python -m simulators.luxos``).
@@ -783,6 +787,9 @@ class BraiinsFleet:
 
     def truth(self, address: str) -> dict[str, object]:
         return self._server(address).state.truth()
+
+    def set_ambient(self, address: str, ambient_c: float) -> None:
+        self._server(address).state.ambient_c = ambient_c
 
 
 # --- CLI ---------------------------------------------------------------------------------

@@ -1,9 +1,16 @@
 """A fleet of simulated LuxOS miners served from one asyncio process, plus its CLI.
 
 Each miner listens on its own loopback address (``127.x.y.z:4028``; all of 127/8 is loopback on
-Linux) because pyasic hard-codes port 4028. The server speaks LuxOS RPC: one JSON request per
-connection, one JSON reply, then close; ``a+b`` multicommands; sessions for privileged commands
-(``curtail``, ``profileset``, ``atmset``). Faults are injected per miner at run time.
+Linux) because pyasic hard-codes port 4028. The server speaks LuxOS RPC as LuxOS 2025.4.8 does
+(replies diffed against recordings in ``tests/test_sim_fidelity_luxos.py``): one request per
+connection, one reply, then close; JSON requests (a trailing NUL or newline is fine) or
+cgminer's text form (``command|parameter``, answered in text); ``a+b`` multicommands; size
+(8 KiB) and nesting (16 levels) caps checked before parsing. One session at a time (``logon``
+is refused while another client holds it; it lapses after ``Timing.session_idle_s``, a minute
+by default) guards ``curtail``, ``profileset`` (by name, by the documented ``THs``/``kW``/``W``
+selectors, or the legacy board form) and ``atmset``. ATM steps a profile down when the boards
+pass the hot temperature and back up to the chosen one when they cool. Faults are injected per
+miner at run time.
 
 In-process use (tests)::
 
@@ -14,7 +21,26 @@ In-process use (tests)::
 Out-of-process use: ``python -m simulators.luxos --miners 1000`` prints one JSON line per miner,
 then a ``ready`` line with the control port; the control port takes one JSON object per line
 (``{"op": "fault", "address": ..., "fault": "hang"}``, ``{"op": "state", "address": ...}``,
-``{"op": "states"}``, ``{"op": "list"}``) and answers one JSON line.
+``{"op": "states"}``, ``{"op": "list"}``, ``{"op": "ambient", "address": ..., "ambient_c": 40}``)
+and answers one JSON line.
+
+Differences from the recordings (``../shared/data/fixtures/miners/asic-rs/luxminer/v1``) that
+remain, and why:
+
+* ``healthchipget`` (per-chip health) is not served: no controller decision uses it, and the
+  simulator has no per-chip model.
+* ``events`` answers an empty list: a healthy simulated miner has no events.
+* The recorded S19k Pro reports ``POWER[0].PSU`` false while mining (its PSU is not one the
+  firmware switches); the simulator reports true while mining and false asleep, when LuxOS
+  turns the power supply off.
+* Codes the documentation does not give are chosen here and kept stable: a refused ``logon``
+  (318, "Another session is already active"), ``logoff`` (317), ``profileget`` (322),
+  ``limits`` (326); ``Invalid session id`` keeps code 45.
+* ``profileset`` while ATM is on is refused (pyasic turns ATM off around it, which suggests
+  the firmware does); relative selectors (``+1``) are not parsed.
+* Rates in windows (``GHS 1m``, ``MHS 15m``...) equal the current rate; ``GHS av``, ``GHS 30m``,
+  ``MHS av`` and the ``chain_rateN`` strings are the since-start average (counted from boot or
+  the last wake, as the mining process restarts); shares and difficulty follow work done.
 """
 
 from __future__ import annotations
@@ -517,6 +543,10 @@ class LuxosFleet:
     def truth(self, address: str) -> dict[str, object]:
         return self._server(address).state.truth()
 
+    def set_ambient(self, address: str, ambient_c: float) -> None:
+        """The air one miner breathes (a hot aisle makes ATM step its profile down)."""
+        self._server(address).state.ambient_c = ambient_c
+
 
 # --- control endpoint --------------------------------------------------------------------
 
@@ -533,6 +563,8 @@ class ControlledFleet(Protocol):
         self, address: str, fault: Fault | FaultKind | str, delay_s: float = 0.0
     ) -> None: ...
 
+    def set_ambient(self, address: str, ambient_c: float) -> None: ...
+
 
 def _control(fleet: ControlledFleet, request: object) -> dict[str, object]:
     if not isinstance(request, dict):
@@ -545,6 +577,12 @@ def _control(fleet: ControlledFleet, request: object) -> dict[str, object]:
             return {"ok": True, "state": fleet.truth(str(request.get("address")))}
         if op == "states":
             return {"ok": True, "states": [fleet.truth(a) for a in fleet.addresses]}
+        if op == "ambient":
+            value = float(request.get("ambient_c", math.nan))
+            if not math.isfinite(value) or not -40.0 <= value <= 70.0:
+                return {"ok": False, "error": "ambient_c must be a number in [-40, 70]"}
+            fleet.set_ambient(str(request.get("address")), value)
+            return {"ok": True}
         if op == "fault":
             addresses = request.get("addresses", [request.get("address")])
             if not isinstance(addresses, list):
@@ -557,7 +595,10 @@ def _control(fleet: ControlledFleet, request: object) -> dict[str, object]:
             return {"ok": True}
     except (KeyError, ValueError, TypeError) as exc:
         return {"ok": False, "error": str(exc)}
-    return {"ok": False, "error": f"unknown op {op!r}; known: list, state, states, fault"}
+    return {
+        "ok": False,
+        "error": f"unknown op {op!r}; known: list, state, states, fault, ambient",
+    }
 
 
 async def serve_control(

@@ -255,3 +255,65 @@ def test_cli_rejects_bad_arguments() -> None:
     )
     assert done.returncode == 2
     assert "not in 127.0.0.0/8" in done.stderr
+
+
+def test_atm_steps_down_when_hot_and_back_up_when_cool() -> None:
+    clock = ManualClock()
+    m = MinerState("127.0.0.3", S19J_PRO, clock, Timing(atm_step_s=60.0))
+    m.set_profile(S19J_PRO.site_top)
+    clock.advance(600.0)
+    m.atm_tick()
+    assert m.profile == S19J_PRO.site_top  # 25 C air: the boards stay under LuxOS's 65 C hot
+    m.ambient_c = 45.0  # a hot aisle
+    names = [p.name for p in S19J_PRO.profiles]
+    for _ in range(20):
+        clock.advance(60.0)
+        m.atm_tick()
+    hot_profile = m.profile
+    assert names.index(hot_profile) < names.index(S19J_PRO.site_top)  # ATM stepped down alone
+    assert m.user_profile == S19J_PRO.site_top  # ...below what was chosen
+    assert m.pcb_c() < S19J_PRO.dangerous_c
+    m.ambient_c = 25.0
+    for _ in range(40):
+        clock.advance(60.0)
+        m.atm_tick()
+    assert m.profile == S19J_PRO.site_top  # and back up to it, never above
+    m.atm_enabled = False
+    m.ambient_c = 45.0
+    for _ in range(10):
+        clock.advance(60.0)
+        m.atm_tick()
+    assert m.profile == S19J_PRO.site_top  # ATM off: nothing moves
+
+
+def test_one_session_holder_that_expires_when_idle() -> None:
+    clock = ManualClock()
+    m = MinerState("127.0.0.4", S21, clock, Timing(session_idle_s=60.0))
+    m.session_id = "abc"
+    m.touch_session()
+    clock.advance(59.0)
+    assert m.session_holder() == "abc"
+    m.touch_session()  # every use refreshes it
+    clock.advance(59.0)
+    assert m.session_holder() == "abc"
+    clock.advance(2.0)
+    assert m.session_holder() == ""
+
+
+async def test_control_port_sets_the_ambient_air(fleet: LuxosFleet) -> None:
+    server = await serve_control(fleet, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        ok = await control_request(
+            port, {"op": "ambient", "address": "127.20.1.4", "ambient_c": 40}
+        )
+        assert ok == {"ok": True}
+        assert fleet.miners["127.20.1.4"].ambient_c == 40.0
+        bad = await control_request(
+            port, {"op": "ambient", "address": "127.20.1.4", "ambient_c": "NaN"}
+        )
+        assert not bad["ok"]
+        assert fleet.miners["127.20.1.4"].ambient_c == 40.0
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -259,3 +259,25 @@ async def test_a_failing_collector_gives_500_and_the_server_keeps_serving(
         assert raw.startswith(b"HTTP/1.1 200")
     finally:
         await server.close()
+
+
+def test_an_estimated_miner_power_is_flagged_and_counted_at_nameplate() -> None:
+    state = sample_state()
+    assert state.snapshot is not None
+    miners = list(state.snapshot.miners)
+    stock = replace(miners[0], power_estimated=True)
+    assert stock.worst_case_power_w == stock.nameplate_w  # not the estimate
+    assert miners[0].worst_case_power_w != miners[0].nameplate_w
+    state.snapshot = replace(state.snapshot, miners=(stock, *miners[1:]))
+    reg = build_registry(state, sample_config(), clock=lambda: NOW)
+    labels = {"miner": stock.device_id, "model": stock.model}
+    assert value(reg, "site_agent_miner_power_estimated_info", **labels) == 1.0
+    assert (
+        value(
+            reg,
+            "site_agent_miner_power_estimated_info",
+            miner=miners[1].device_id,
+            model=miners[1].model,
+        )
+        is None
+    )

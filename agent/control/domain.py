@@ -49,6 +49,9 @@ class MinerView:
     fault: str | None = None  # set when the device is faulted; the policy leaves it alone
     circuit: str | None = None
     count: int = 1
+    # The firmware reports no power (stock Antminer): measured_power_w is the driver's
+    # estimate from the model's ladder and the hashrate, so limits count the nameplate.
+    power_estimated: bool = False
 
     def point(self, name: str) -> OperatingPoint:
         for p in self.points:
@@ -62,8 +65,11 @@ class MinerView:
 
     @property
     def worst_case_power_w(self) -> float:
-        """The power to assume for limits: measured if fresh, else nameplate (design.md)."""
-        if self.measured_power_w is None:
+        """The power to assume for limits: measured if fresh, else nameplate (design.md).
+
+        An estimated reading is not a measurement: such a miner counts at its nameplate.
+        """
+        if self.measured_power_w is None or self.power_estimated:
             return self.nameplate_w
         return max(self.measured_power_w, self.point(self.commanded).power_w)
 

@@ -274,6 +274,11 @@ class AgentCollector(Collector):
             ["miner", "state"],
         )
         fleet = _gauge("site_agent_miners", "Miners by state.", ["state"])
+        estimated = _gauge(
+            "site_agent_miner_power_estimated_info",
+            "1 when the miner reports no power and its power is estimated from its hashrate.",
+            ["miner", "model"],
+        )
         counts = dict.fromkeys(MINER_STATES, 0)
         revenue = 0.0
         fee = self.config.economics.pool_fee if self.config else 0.0
@@ -283,6 +288,8 @@ class AgentCollector(Collector):
             if m.measured_power_w is not None:
                 power.add_metric(labels, m.measured_power_w * m.count)
                 mining_w += m.measured_power_w * m.count
+                if m.power_estimated:
+                    estimated.add_metric(labels, 1.0)
             if m.measured_hashrate_ths is not None:
                 hashrate.add_metric(labels, m.measured_hashrate_ths * m.count * THS_TO_HS)
                 revenue += mining_revenue_usd_per_h(
@@ -293,7 +300,7 @@ class AgentCollector(Collector):
             state.add_metric([m.device_id, current], 1.0)
         for s in MINER_STATES:
             fleet.add_metric([s], counts[s])
-        yield from (power, hashrate, state, fleet)
+        yield from (power, hashrate, state, fleet, estimated)
         yield GaugeMetricFamily(
             "site_agent_mining_revenue_usd_per_hour",
             "Mining revenue rate at the measured hashrate, after pool fee.",

@@ -297,6 +297,7 @@ class Coordinator:
             reading_age_s=age,
             fault=fault,
             circuit=slot.circuit,
+            power_estimated=reading is not None and reading.power_estimated,
         )
 
     @property

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+from pyasic import get_miner
 
 from agent.control.config import AgentConfig, parse_config
 from agent.control.domain import SLEEP, ActiveEvent
@@ -238,11 +239,11 @@ async def test_a_miner_restored_by_hand_during_an_event_is_shed_again() -> None:
             5,
             "the sleeps verified",
         )
-        # A technician wakes one S19 with its own tools (plain pyasic, not the agent).
-        from drivers.miners.pyasic_driver import PyasicMiner
-
-        tech = PyasicMiner.luxos(S19[1], asyncio.Semaphore(1))
-        await tech.wake()
+        # A technician wakes one S19 with its own tools: plain pyasic, which borrows whatever
+        # session `session` shows (here, possibly the agent's) where the agent's driver would not.
+        tech = await get_miner(S19[1])
+        assert tech is not None
+        assert await tech.resume_mining()
         await until(lambda: not asleep(fleet, S19[1]), 5, "the miner is woken by hand")
         # OFF is a level: the agent sees the drift in telemetry and sheds it again.
         await until(lambda: asleep(fleet, S19[1]), 10, "the miner shed again")

@@ -254,3 +254,53 @@ def test_cli_serves_and_stops_on_sigterm() -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
+
+
+def test_site_agent_sim_serves_a_mixed_fleet_pyasic_tells_apart() -> None:
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli.main",
+            "sim",
+            "--mix",
+            "luxos=2,braiins=2",
+            "--base",
+            "127.22.5.1",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        try:
+            rows = [json.loads(proc.stdout.readline()) for _ in range(5)]
+            assert [r.get("firmware") for r in rows[:4]] == ["luxos", "luxos", "braiins", "braiins"]
+            assert rows[4]["event"] == "ready"
+            assert rows[4]["miners"] == 4
+
+            async def identify() -> list[str]:
+                found = await asyncio.gather(*(get_miner(r["address"]) for r in rows[:4]))
+                return [type(m).__name__ for m in found]
+
+            names = asyncio.run(identify())
+            assert names[0].startswith("LUXMiner")
+            assert names[1].startswith("LUXMiner")
+            assert names[2].startswith("BOSMiner")
+            assert names[3].startswith("BOSMiner")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+
+
+def test_site_agent_sim_refuses_a_bad_mix() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli.main", "sim", "--mix", "luxos=2,vnish=3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "'vnish=3' is not FAMILY=COUNT" in done.stderr
+    assert "Traceback" not in done.stderr

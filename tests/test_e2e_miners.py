@@ -117,7 +117,7 @@ def watts(truth_row: dict[str, object]) -> float:
 
 
 def true_site_w(fleet: LuxosFleet) -> float:
-    return sum(float(fleet.truth(a)["power_w"]) for a in fleet.addresses)
+    return sum(watts(fleet.truth(a)) for a in fleet.addresses)
 
 
 def asleep(fleet: LuxosFleet, address: str) -> bool:

@@ -166,6 +166,7 @@ class AntminerEndpoint:
     _rpc: asyncio.Server | None = None
     _web: asyncio.Server | None = None
     _web_writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _web_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _nonce_key: bytes = field(default_factory=lambda: secrets.token_bytes(16))
     conf_writes: int = 0
 
@@ -220,6 +221,9 @@ class AntminerEndpoint:
         for w in list(self._web_writers):
             w.transport.abort()
         self._web_writers.clear()
+        for task in list(self._web_tasks):
+            task.cancel()  # a handler asleep in a slow answer must not outlive the miner
+        self._web_tasks.clear()
 
     def reset(self) -> None:
         self.state.reset()
@@ -299,8 +303,13 @@ class AntminerEndpoint:
 
     # --- web --------------------------------------------------------------------------
 
-    async def _http_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _http_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self._web_writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._web_tasks.add(task)
         try:
             while True:
                 request = await self._read_http(reader)
@@ -313,8 +322,14 @@ class AntminerEndpoint:
             pass
         except TimeoutError:
             pass
+        except asyncio.CancelledError:
+            # Only close() cancels this handler task; asyncio's own done-callback would log a
+            # cancelled client task as an error, so it ends quietly instead.
+            pass
         finally:
             self._web_writers.discard(writer)
+            if task is not None:
+                self._web_tasks.discard(task)
             writer.close()
 
     async def _read_http(self, reader: asyncio.StreamReader) -> _HttpRequest | None:
@@ -358,13 +373,21 @@ class AntminerEndpoint:
         if fault.kind is FaultKind.REBOOT:
             return False
         if not self._authorized(request):
-            await self._respond(writer, 401, b"<html><body>401 Unauthorized</body></html>",
-                                content_type="text/html",
-                                extra=[("WWW-Authenticate", self._challenge())])
+            await self._respond(
+                writer,
+                401,
+                b"<html><body>401 Unauthorized</body></html>",
+                content_type="text/html",
+                extra=[("WWW-Authenticate", self._challenge())],
+            )
             return True
         if fault.kind is FaultKind.ERROR:
-            await self._respond(writer, 500, b"<html><body>500 Internal Error</body></html>",
-                                content_type="text/html")
+            await self._respond(
+                writer,
+                500,
+                b"<html><body>500 Internal Error</body></html>",
+                content_type="text/html",
+            )
             return True
         ignore = fault.kind is FaultKind.IGNORE
         delay_s = fault.delay_s if fault.kind is FaultKind.SLOW else 0.0
@@ -387,8 +410,12 @@ class AntminerEndpoint:
         extra: Sequence[tuple[str, str]] = (),
     ) -> None:
         reason = {200: "OK", 401: "Unauthorized", 404: "Not Found", 500: "Internal Server Error"}
-        head = [f"HTTP/1.1 {status} {reason.get(status, 'Error')}", f"Content-Type: {content_type}",
-                f"Content-Length: {len(body)}", "Server: lighttpd/1.4.32"]
+        head = [
+            f"HTTP/1.1 {status} {reason.get(status, 'Error')}",
+            f"Content-Type: {content_type}",
+            f"Content-Length: {len(body)}",
+            "Server: lighttpd/1.4.32",
+        ]
         head += [f"{k}: {v}" for k, v in extra]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         await writer.drain()

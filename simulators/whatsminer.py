@@ -65,7 +65,7 @@ from simulators.common import (
     serve_until_signal,
 )
 from simulators.luxos import fleet_addresses, raise_open_file_limit
-from simulators.luxos_model import Clock, Fault, FaultKind, Timing
+from simulators.luxos_model import Clock, Fault, Timing
 from simulators.whatsminer_replies import WHATSMINER_MODELS, WhatsminerState
 
 RPC_PORT = 4028

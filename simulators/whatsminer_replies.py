@@ -11,6 +11,7 @@ shapes of the btminer API v2: CGMiner-style (``summary``, ``devs``, ``pools``, `
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +97,7 @@ def _on_curve(model: ModelSpec, power_w: float) -> tuple[float, float]:
     points = sorted(model.profiles, key=lambda p: p.power_w)
     if power_w <= points[0].power_w:
         return points[0].power_w, points[0].hashrate_ths
-    for lo, hi in zip(points, points[1:], strict=False):
+    for lo, hi in itertools.pairwise(points):
         if power_w <= hi.power_w:
             f = (power_w - lo.power_w) / (hi.power_w - lo.power_w)
             return power_w, lo.hashrate_ths + f * (hi.hashrate_ths - lo.hashrate_ths)

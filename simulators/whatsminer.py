@@ -15,7 +15,8 @@ picks ``BTMinerV2``): one JSON request per connection, one reply, then close.
   ``{"enc": base64(AES(json))}``. Supported: ``power_off``, ``power_on``, ``adjust_power_limit``
   (0..99999 W; the miner draws ``min(limit, mode power)`` but never below its curve's floor),
   ``set_power_pct`` (0..100 % of the mode's power), ``set_low_power``, ``set_normal_power``,
-  ``set_high_power``. A token lives 30 minutes; the last 16 issued are valid.
+  ``set_high_power``, ``update_pools`` (pyasic's ``send_config`` sends it first and gives up on
+  the power mode if it fails), ``set_led``. A token lives 30 minutes; the last 16 issued are valid.
 - Power reading present: ``summary`` ``Power`` (W) and ``Power Limit``.
 
 Faults as for every family: ``hang``, ``slow`` (``delay_s``), ``garbage``, ``error`` (flat
@@ -382,6 +383,18 @@ class WhatsminerEndpoint:
         if cmd in modes_by_cmd:
             if not ignore:
                 m.set_profile(modes_by_cmd[cmd])
+            return ok
+        if cmd == "update_pools":
+            pools = []
+            for i in (1, 2, 3):
+                url, user = doc.get(f"pool{i}") or "", doc.get(f"worker{i}") or ""
+                if not isinstance(url, str) or not isinstance(user, str):
+                    return W.flat(132, f"pool{i} and worker{i} must be strings", ok=False)
+                if len(url) > 256 or len(user) > 256:
+                    return W.flat(132, f"pool{i} or worker{i} too long", ok=False)
+                pools.append({"url": url, "user": user})
+            if not ignore:
+                self.pools = pools
             return ok
         if cmd == "set_led":
             if not ignore:

@@ -321,13 +321,14 @@ async def test_control_port_validates_before_changing_anything(fleet: Whatsminer
             port, {"op": "fault", "addresses": [M30], "fault": "slow", "delay_s": 1.5}
         )
         assert ok == {"ok": True}
-        for bad in (
+        bad_requests: list[dict[str, object]] = [
             {"op": "fault", "addresses": [M60, "127.0.0.9"], "fault": "error"},
             {"op": "fault", "address": M60, "fault": "slow", "delay_s": 1e300},
             {"op": "fault", "address": M60, "fault": 3},
             {"op": "state", "address": None},
             {"op": "conf_delay", "address": M60, "delay_s": 1},
-        ):
+        ]
+        for bad in bad_requests:
             reply = await control_request(port, bad)
             assert reply["ok"] is False, bad
         assert fleet.truth(M60)["fault"] == "none"

@@ -27,8 +27,10 @@ MAX_BOARDS = 4  # the RPC reports 4 chain slots; a 3-board miner leaves the 4th 
 
 # Sensor offsets around the mean board temperature: inlet side cool, outlet side hot, as the
 # recording shows (e.g. pcb 73-45-64-65). They sum to zero so the mean is the model's value.
+# On stock firmware each chip sensor reads its PCB sensor + 5 °C and each PIC sensor - 10 °C
+# (exactly so in the recording), so the model's own chip temperature is not used.
 PCB_OFFSETS_C = (9, -17, 3, 5)
-CHIP_OFFSETS_C = (10, -18, 3, 5)
+CHIP_ABOVE_PCB_C = 5
 PIC_BELOW_PCB_C = 10
 
 
@@ -77,12 +79,8 @@ def mac(address: str) -> str:
 
 def _board_temps(m: MinerState, now: float, board: int) -> tuple[list[int], list[int]]:
     skew = board - 1  # boards differ by a degree or so, as real ones do
-    pcb = m.pcb_c(now) + skew
-    chip = m.chip_c(now) + skew
-    return (
-        [round(pcb + o) for o in PCB_OFFSETS_C],
-        [round(chip + o) for o in CHIP_OFFSETS_C],
-    )
+    pcb = [round(m.pcb_c(now) + skew + o) for o in PCB_OFFSETS_C]
+    return pcb, [t + CHIP_ABOVE_PCB_C for t in pcb]
 
 
 def fan_rpm(m: MinerState, now: float) -> list[int]:

@@ -159,12 +159,22 @@ def board_rates_ths(m: MinerState, now: float) -> list[float]:
     return [per_board * (1.0 + s) for s in skews]
 
 
+# Chip sensors relative to the board sensor, as the v1 recording shows at full load (board 70,
+# chips 71 / 83.3 / 90): the model's own chip temperature is not used.
+CHIP_MIN_ABOVE_BOARD_C = 1.0
+CHIP_AVG_ABOVE_BOARD_C = 13.0
+CHIP_MAX_ABOVE_BOARD_C = 20.0
+
+
 def board_temps(m: MinerState, now: float, board: int) -> tuple[float, float, float, float]:
     """(board temperature, chip min, chip avg, chip max) of one board."""
-    skew = board - 1
-    pcb = m.pcb_c(now) + skew
-    chip = m.chip_c(now) + skew
-    return round(pcb, 2), round(chip - 12, 2), round(chip, 2), round(chip + 7, 2)
+    pcb = m.pcb_c(now) + board - 1  # boards differ by a degree or so, as real ones do
+    return (
+        round(pcb, 2),
+        round(pcb + CHIP_MIN_ABOVE_BOARD_C, 2),
+        round(pcb + CHIP_AVG_ABOVE_BOARD_C, 2),
+        round(pcb + CHIP_MAX_ABOVE_BOARD_C, 2),
+    )
 
 
 # --- commands ----------------------------------------------------------------------------

@@ -363,6 +363,7 @@ class AntminerEndpoint:
         self, request: _HttpRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
         fault = self.state.fault
+        keep_alive = request.headers.get("connection", "").lower() != "close"
         if fault.kind is FaultKind.HANG:
             await reader.read()  # silent until the client gives up or the miner closes
             return False
@@ -380,7 +381,7 @@ class AntminerEndpoint:
                 content_type="text/html",
                 extra=[("WWW-Authenticate", self._challenge())],
             )
-            return True
+            return keep_alive
         if fault.kind is FaultKind.ERROR:
             await self._respond(
                 writer,
@@ -388,7 +389,7 @@ class AntminerEndpoint:
                 b"<html><body>500 Internal Error</body></html>",
                 content_type="text/html",
             )
-            return True
+            return keep_alive
         ignore = fault.kind is FaultKind.IGNORE
         delay_s = fault.delay_s if fault.kind is FaultKind.SLOW else 0.0
         status, body = self._cgi(request, ignore)
@@ -398,7 +399,7 @@ class AntminerEndpoint:
             await asyncio.sleep(delay_s)
         ctype = "application/json" if body.startswith((b"{", b"[")) else "text/html"
         await self._respond(writer, status, body, content_type=ctype)
-        return request.headers.get("connection", "").lower() != "close"
+        return keep_alive
 
     async def _respond(
         self,

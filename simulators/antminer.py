@@ -33,6 +33,14 @@ Known differences from the recordings (``tests/test_sim_fidelity_antminer.py`` d
   rows (``}{``), which pyasic repairs, so it is not reproduced.
 - bmminer's restart after ``set_miner_conf`` does not take the RPC down.
 - ``get_system_info`` carries the simulator's own address, MAC (``02:42:4D:…``) and serial.
+- Temperatures: four PCB sensors per board around the model's board temperature (inlet side
+  about 17 °C below it, outlet side up to 9 °C above), chip sensors PCB + 5 °C and PIC sensors
+  PCB - 10 °C, exactly the recording's pattern; the physics model's own chip temperature
+  (``truth()["chip_c"]``) is not what the firmware shows.
+- The web ``stats.cgi``/``summary.cgi`` shapes follow Bitmain's published examples (no
+  recording of them exists in ``shared/data``); ``get_miner_conf``'s extra keys
+  (``api-*``, ``bitmain-voltage``…) likewise.
+- Digest nonces are stateless (an HMAC of their time) and valid for 5 minutes.
 """
 
 from __future__ import annotations

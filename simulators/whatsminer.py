@@ -34,6 +34,13 @@ Known differences from the recordings (``tests/test_sim_fidelity_whatsminer.py``
 - Every bad token, wrong password or undecryptable payload answers code 135
   ``check token err``; real firmware distinguishes some of these cases.
 - While powered off the API keeps answering with zero hashrate and standby power.
+- Temperatures: each board's chips read board + 1 (min), + 13 (avg) and + 20 °C (max), the
+  v1 recording's pattern at full load, whatever the load; the physics model's own chip
+  temperature (``truth()["chip_c"]``) is not what the firmware shows.
+- Tokens live in memory: a reboot forgets them (pyasic keeps its cached token for 30 minutes,
+  so every privileged command fails after a reboot until the client asks for a new token).
+- The salt is fixed per miner for the life of the process, as the firmware derives it from the
+  password; ``time`` is the last four digits of the epoch, as recorded in MicroBT's examples.
 """
 
 from __future__ import annotations

@@ -24,9 +24,10 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Generic, Protocol, Self, TypeVar
 
+# One request bound for every family, re-exported for the family simulators and tests.
+from simulators.luxos import MAX_REQUEST_BYTES as MAX_REQUEST_BYTES
 from simulators.luxos_model import Fault, FaultKind
 
-MAX_REQUEST_BYTES = 8192
 MAX_DELAY_S = 3600.0
 MAX_CONTROL_LINE_BYTES = 1 << 20
 # Enough for any fleet this machine can hold; bounds the work one control request can cause.

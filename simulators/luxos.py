@@ -61,7 +61,15 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
-from simulators.luxos_model import MODELS, Clock, Fault, FaultKind, MinerState, Timing
+from simulators.luxos_model import (
+    MODELS,
+    PROFILE_DRAW_RATIO,
+    Clock,
+    Fault,
+    FaultKind,
+    MinerState,
+    Timing,
+)
 from simulators.luxos_replies import (
     close_multi,
     close_single,
@@ -464,7 +472,13 @@ class LuxosFleet:
                 raise ValueError(f"duplicate miner address {spec.address}")
             if spec.model not in MODELS:
                 raise ValueError(f"unknown model {spec.model!r}; known: {', '.join(MODELS)}")
-            state = MinerState(spec.address, MODELS[spec.model], clock, self._timing)
+            state = MinerState(
+                spec.address,
+                MODELS[spec.model],
+                clock,
+                self._timing,
+                profile_draw_ratio=PROFILE_DRAW_RATIO,
+            )
             self._servers[spec.address] = _MinerServer(spec, state)
         self._started = False
         self._reboots: set[asyncio.Task[None]] = set()

@@ -84,12 +84,13 @@ class ModelSpec:
     boards: int = 3
     fans: int = 4
     ambient_c: float = 25.0
-    # Board outlet rise per kW with the fans at their floor: 22 C at 1.05 kW in a recording.
-    pcb_rise_c_per_kw: float = 21.0
-    chip_rise_c_per_kw: float = 0.0  # LuxOS reports board sensors as chip temperatures
+    # Steady-state board temperature rise per kW drawn (with the fans at their floor when a
+    # fan loop is modelled), and how much hotter chips run.
+    pcb_rise_c_per_kw: float = 12.0
+    chip_rise_c_per_kw: float = 6.0
     thermal_tau_s: float = 60.0
-    # LuxOS defaults (tempctrl): fans to 100 % above target, ATM steps down above hot.
-    target_c: float = 55.0
+    # The fan loop's board target (None: fans fixed, no loop); ATM's hot and the cut-off.
+    target_c: float | None = None
     hot_c: float = 65.0
     dangerous_c: float = 70.0
 
@@ -160,6 +161,11 @@ S19J_PRO = ModelSpec(
     standby_w=28.0,
     nameplate_w=4100.0,
     site_profiles=_site_names(_S19J_PRO_LADDER, (-4, -2, 0, 2)),
+    # A LuxOS S19-class board: 22 C over the air at 1.05 kW with fans at 20 % (recorded),
+    # chips reported as the board, LuxOS's tempctrl defaults driving the fans.
+    pcb_rise_c_per_kw=21.0,
+    chip_rise_c_per_kw=0.0,
+    target_c=55.0,
 )
 
 _S21_LADDER = frequency_ladder(3500.0, 200.0, 590, 13.0)
@@ -172,6 +178,11 @@ S21 = ModelSpec(
     standby_w=35.0,
     nameplate_w=4700.0,
     site_profiles=_site_names(_S21_LADDER, (-4, -2, 0, 2)),
+    # A LuxOS S19-class board: 22 C over the air at 1.05 kW with fans at 20 % (recorded),
+    # chips reported as the board, LuxOS's tempctrl defaults driving the fans.
+    pcb_rise_c_per_kw=21.0,
+    chip_rise_c_per_kw=0.0,
+    target_c=55.0,
 )
 
 MODELS: dict[str, ModelSpec] = {m.key: m for m in (S19J_PRO, S21)}
@@ -232,6 +243,8 @@ class MinerState:
     atm_checked_s: float = 0.0
     # Braiins OS+: a continuous power target replaces the profile when set.
     power_target_w: float | None = None
+    # What the miner draws on a profile, per nominal profile watt (LuxOS: PROFILE_DRAW_RATIO).
+    profile_draw_ratio: float = 1.0
     fault: Fault = field(default_factory=Fault)
     boot_at: float = 0.0
     # The current ramp: from (power, hashrate) at ramp_from_s to the target over ramp_s.
@@ -300,7 +313,7 @@ class MinerState:
             t = self.power_target_w
             return t * TARGET_DRAW_RATIO, self.model.hashrate_at_w(t)
         p = self.model.profile(self.profile)
-        return p.power_w * PROFILE_DRAW_RATIO, p.hashrate_ths
+        return p.power_w * self.profile_draw_ratio, p.hashrate_ths
 
     def _progress(self, now: float) -> float:
         if self._ramp_s <= 0.0:
@@ -352,6 +365,8 @@ class MinerState:
     def fan_ratio(self, power_w: float) -> float:
         """Fan duty (0.2-1.0) the fan loop settles on to hold the boards under target."""
         rise_floor = self.model.pcb_rise_c_per_kw * power_w / 1000.0
+        if self.model.target_c is None:
+            return 0.2
         room = self.model.target_c - 3.0 - self.ambient_c
         if room <= 0.0:
             return 1.0

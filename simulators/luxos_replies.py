@@ -118,7 +118,7 @@ def _static(model: ModelSpec) -> dict[str, bytes]:
             "Dangerous": model.dangerous_c,
             "Hot": model.hot_c,
             "Mode": "Auto",
-            "Target": model.target_c,
+            "Target": model.target_c if model.target_c is not None else 55.0,
         }
     ]
     metadata = [

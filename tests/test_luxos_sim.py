@@ -162,7 +162,13 @@ async def test_connection_closed_without_request_is_tolerated(fleet: LuxosFleet)
 
 def test_wake_ramp_is_linear_and_temperature_lags_power() -> None:
     clock = ManualClock()
-    m = MinerState("127.0.0.2", S21, clock, Timing(wake_ramp_s=100.0, sleep_ramp_s=0.0))
+    m = MinerState(
+        "127.0.0.2",
+        S21,
+        clock,
+        Timing(wake_ramp_s=100.0, sleep_ramp_s=0.0),
+        profile_draw_ratio=PROFILE_DRAW_RATIO,
+    )
     hot = m.pcb_c()
     m.sleep()
     assert m.power_w() == S21.standby_w
@@ -183,7 +189,7 @@ def test_wake_ramp_is_linear_and_temperature_lags_power() -> None:
 
 def test_reset_restores_default_profile_and_mining() -> None:
     clock = ManualClock()
-    m = MinerState("127.0.0.2", S19J_PRO, clock)
+    m = MinerState("127.0.0.2", S19J_PRO, clock, profile_draw_ratio=PROFILE_DRAW_RATIO)
     m.set_profile(S19J_PRO.site_bottom)
     m.sleep()
     m.reset()

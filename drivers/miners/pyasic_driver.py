@@ -260,9 +260,11 @@ class PyasicMiner:
             rpc = _StrictLuxRPC(str(miner.ip), port=miner.rpc.port)
             miner.rpc = rpc
             self._rpc = rpc
-        elif (family is Family.BRAIINS and self._credentials is not None) or (
-            self._credentials is not None and getattr(miner, "web", None) is not None
-        ):
+        elif self._credentials is not None and family is Family.WHATSMINER:
+            # btminer's privileged API: the admin password signs the token (user fixed).
+            miner.rpc.pwd = self._credentials[1]
+        elif self._credentials is not None:
+            # BOS+ gRPC login, or the stock web UI's digest auth.
             miner.web.username, miner.web.pwd = self._credentials
         raw = getattr(miner, "raw_model", None)
         self._model = str(raw).removeprefix("Antminer ") if raw is not None else None

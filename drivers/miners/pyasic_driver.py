@@ -49,6 +49,7 @@ import itertools
 import logging
 import math
 import time
+import types
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -90,7 +91,7 @@ from pyasic import settings as pyasic_settings  # noqa: E402
 from pyasic.errors import APIError  # noqa: E402
 from pyasic.miners.backends.antminer import AntminerModern  # noqa: E402
 from pyasic.miners.backends.braiins_os import BOSer  # noqa: E402
-from pyasic.miners.backends.btminer import BTMiner  # noqa: E402
+from pyasic.miners.backends.btminer import BTMiner, BTMinerV2, BTMinerV3  # noqa: E402
 from pyasic.miners.backends.luxminer import LUXMiner  # noqa: E402
 from pyasic.miners.factory import miner_factory  # noqa: E402
 from pyasic.network import MinerNetwork  # noqa: E402
@@ -106,32 +107,36 @@ DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_CONCURRENCY = 200
 
 
-class _StrictLuxRPC(LUXMinerRPCAPI):  # type: ignore[misc]
-    """pyasic's LuxOS RPC with a transport that reports failures instead of hiding them.
+async def _strict_send_bytes(
+    self: Any,
+    data: bytes,
+    *,
+    port: int | None = None,
+    timeout: int = 100,  # noqa: ASYNC109 -- pyasic's signature; the caller's timeout rules
+) -> bytes:
+    """pyasic's RPC transport, but failures are reported, not hidden.
 
-    pyasic's ``_send_bytes`` turns a refused connection into the reply ``{}`` and waits up to
-    100 s for a reply; here connection errors propagate (the caller maps them), an empty
-    reply is an error, the caller's ``asyncio.timeout`` bounds the wait, and the socket is
-    closed on every path, cancellation included.
+    pyasic's ``_send_bytes`` turns a refused connection into the reply ``{}``, waits up to 100 s
+    for a reply and leaves the socket open when cancelled; here connection errors propagate
+    (the caller maps them), an empty reply is an error, the caller's ``asyncio.timeout`` bounds
+    the wait, and the socket is closed on every path, cancellation included.
     """
+    reader, writer = await asyncio.open_connection(str(self.ip), port or self.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        reply: bytes = await reader.read()
+    finally:
+        writer.close()
+    if not reply:
+        raise ConnectionResetError("connection closed without a reply")
+    return reply
 
-    async def _send_bytes(
-        self,
-        data: bytes,
-        *,
-        port: int | None = None,
-        timeout: int = 100,  # noqa: ASYNC109 -- pyasic's signature; the caller's timeout rules
-    ) -> bytes:
-        reader, writer = await asyncio.open_connection(str(self.ip), port or self.port)
-        try:
-            writer.write(data)
-            await writer.drain()
-            reply = await reader.read()
-        finally:
-            writer.close()
-        if not reply:
-            raise ConnectionResetError("connection closed without a reply")
-        return reply
+
+class _StrictLuxRPC(LUXMinerRPCAPI):  # type: ignore[misc]
+    """pyasic's LuxOS RPC with the strict transport above."""
+
+    _send_bytes = _strict_send_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +169,8 @@ CAPABILITY: dict[Family, MinerCapability] = {
 }
 
 SESSION_HELD = "session held by another client"
+# Stock Antminer get_miner_conf "bitmain-work-mode": 0 normal, 1 sleep (3 low power).
+_STOCK_NORMAL, _STOCK_SLEEP = "0", "1"
 # Braiins OS+ MinerStatus.PAUSED (braiins.bos.v1): the miner was paused on request.
 _BOS_PAUSED = 3
 # When a stock Antminer's model is not in the config's ladder: a generic S19-class figure.
@@ -178,7 +185,7 @@ def family_of(miner: Any) -> Family | None:
         return Family.BRAIINS
     if isinstance(miner, AntminerModern):
         return Family.ANTMINER
-    if isinstance(miner, BTMiner):
+    if isinstance(miner, BTMiner | BTMinerV2 | BTMinerV3):
         return Family.WHATSMINER
     return None
 
@@ -192,7 +199,7 @@ def _new_miner(family: Family, address: str) -> Any:
     if family is Family.ANTMINER:
         return AntminerModern(address)
     if family is Family.WHATSMINER:
-        return BTMiner(address)
+        return BTMinerV2(address)  # btminer API v2 (firmware before 2024.11; auto tells)
     raise ValueError(f"no pyasic class for {family}")
 
 
@@ -260,11 +267,14 @@ class PyasicMiner:
             rpc = _StrictLuxRPC(str(miner.ip), port=miner.rpc.port)
             miner.rpc = rpc
             self._rpc = rpc
-        elif self._credentials is not None and family is Family.WHATSMINER:
+        elif getattr(miner, "rpc", None) is not None:
+            # The same strict transport for the RPC of the other families.
+            miner.rpc._send_bytes = types.MethodType(_strict_send_bytes, miner.rpc)
+        if self._credentials is not None and family is Family.WHATSMINER:
             # btminer's privileged API: the admin password signs the token (user fixed).
             miner.rpc.pwd = self._credentials[1]
-        elif self._credentials is not None:
-            # BOS+ gRPC login, or the stock web UI's digest auth.
+        elif self._credentials is not None and family is not Family.LUXOS:
+            # BOS+ gRPC login, or the stock web UI's digest auth (LuxOS has no login).
             miner.web.username, miner.web.pwd = self._credentials
         raw = getattr(miner, "raw_model", None)
         self._model = str(raw).removeprefix("Antminer ") if raw is not None else None
@@ -634,7 +644,15 @@ class PyasicMiner:
         data = await self._call(
             "read",
             lambda: miner.get_data(
-                include=["hashrate", "wattage", "hashboards", "fans", "is_mining", "wattage_limit"]
+                include=[
+                    "hashrate",
+                    "expected_hashrate",
+                    "wattage",
+                    "wattage_limit",
+                    "hashboards",
+                    "fans",
+                    "is_mining",
+                ]
             ),
         )
         hashrate = data.hashrate
@@ -645,12 +663,23 @@ class PyasicMiner:
         power_w = (
             float(data.wattage) if data.wattage is not None else self._estimate_w(hashrate_ths)
         )
-        profiles = self._ladder or (MinerProfile("default", power_w, hashrate_ths),)
+        limit = float(data.wattage_limit) if data.wattage_limit else None
+        if self._ladder:
+            profiles = self._ladder
+        else:
+            # No configured ladder: the miner's own nominal point (its limit and sticker rate).
+            expected = data.expected_hashrate
+            nominal_ths = float(expected) if expected else hashrate_ths
+            profiles = (MinerProfile("default", limit or power_w, nominal_ths),)
         self._profiles = profiles
-        active = max(profiles, key=lambda p: p.power_w).name
+        if self._family is Family.WHATSMINER and limit is not None:
+            active = self._point_at(limit)
+        else:  # stock firmware runs its nominal point (the top of the ladder) or sleeps
+            active = max(profiles, key=lambda p: p.power_w).name
         temps = [float(b.temp) for b in data.hashboards if b.temp is not None]
         mode = self._mode(power_w, hashrate_ths, active, profiles)
-        if data.is_mining is False and hashrate_ths < 0.02 * max(p.hashrate_ths for p in profiles):
+        nominal_ths = max(p.hashrate_ths for p in profiles)
+        if data.is_mining is False and hashrate_ths < 0.02 * nominal_ths:
             mode = MinerMode.SLEEPING
         return MinerReading(
             device_id=self._device_id,
@@ -722,7 +751,7 @@ class PyasicMiner:
         elif self._family is Family.BRAIINS:
             await self._call("sleep", self._miner.web.pause_mining)
         else:
-            await self._bool_call("sleep", self._miner.stop_mining)
+            await self._stock_mode("sleep", self._miner.stop_mining, _STOCK_SLEEP)
 
     async def wake(self) -> None:
         """Resume hashing; power ramps up over the next minutes."""
@@ -733,7 +762,37 @@ class PyasicMiner:
         elif self._family is Family.BRAIINS:
             await self._call("wake", self._miner.web.resume_mining)
         else:
-            await self._bool_call("wake", self._miner.resume_mining)
+            await self._stock_mode("wake", self._miner.resume_mining, _STOCK_NORMAL)
+
+    async def _stock_mode(self, what: str, fn: Callable[[], Awaitable[bool]], wanted: str) -> None:
+        if self._family is not Family.ANTMINER:
+            await self._bool_call(what, fn)
+            return
+        try:
+            await self._bool_call(what, fn)
+        except DeviceTimeout:
+            # Stock firmware saves the config, then restarts bmminer before it answers (about
+            # 20 s): a timeout here is not a failure until the read-back says so.
+            log.info(
+                "%s: %s: set_miner_conf slow to answer; reading the mode back",
+                self._device_id,
+                what,
+            )
+        await self._check_work_mode(what, wanted)
+
+    async def _check_work_mode(self, what: str, wanted: str) -> None:
+        """Stock Antminer: read the work mode back. pyasic's ``stop_mining``/``resume_mining``
+        answer True even when ``set_miner_conf`` failed, so only the read-back tells."""
+        if self._family is not Family.ANTMINER:
+            return
+        conf: dict[str, Any] = await self._call("get_miner_conf", self._miner.web.get_miner_conf)
+        mode = str(conf.get("bitmain-work-mode", "")) if isinstance(conf, dict) else ""
+        if mode != wanted:
+            raise CommandNotApplied(
+                self._device_id,
+                f"{what}: miner-mode reads {mode or 'nothing'!r} after set_miner_conf, "
+                f"wanted {wanted!r}",
+            )
 
     async def _bool_call(self, what: str, fn: Callable[[], Awaitable[bool]]) -> None:
         # pyasic's stock and Whatsminer methods answer False instead of raising: make it loud.

@@ -2,7 +2,8 @@
 
 ``--miners N`` serves N LuxOS miners (as before). ``--mix luxos=30,braiins=20`` serves a mixed
 fleet from one process: each family on its own consecutive loopback addresses from ``--base``,
-one shared control port. Families whose simulators are not in this build are refused by name.
+one shared control port (ops ``list``, ``state``, ``states``, ``fault``, ``ambient``). The stock
+Antminer's web API needs port 80, so root.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import signal
 import sys
 from typing import Any
 
-FAMILIES = ("luxos", "braiins")
+FAMILIES = ("luxos", "antminer", "braiins", "whatsminer")
 
 
 def register(sub: Any) -> None:
@@ -95,29 +96,62 @@ class _Mixed:
         self._fleet(address).set_fault(address, fault, delay_s)
 
     def set_ambient(self, address: str, ambient_c: float) -> None:
-        self._fleet(address).set_ambient(address, ambient_c)
+        fleet = self._fleet(address)
+        if not hasattr(fleet, "set_ambient"):
+            raise ValueError(f"{address}: its simulator has no ambient control")
+        fleet.set_ambient(address, ambient_c)
 
 
 async def _serve_mix(mix: dict[str, int], base: str, control_port: int) -> int:
+    from simulators.antminer import AntminerFleet, AntminerSpec
     from simulators.braiins import GRPC_PORT, BraiinsFleet
-    from simulators.luxos import LuxosFleet, fleet_specs, raise_open_file_limit, serve_control
+    from simulators.luxos import (
+        LuxosFleet,
+        fleet_addresses,
+        fleet_specs,
+        raise_open_file_limit,
+        serve_control,
+    )
+    from simulators.whatsminer import WhatsminerFleet, WhatsminerSpec
 
     try:
-        specs = fleet_specs(sum(mix.values()), base)
+        addresses = fleet_addresses(sum(mix.values()), base)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     raise_open_file_limit()
-    split: dict[str, list[Any]] = {}
+    split: dict[str, list[str]] = {}
     i = 0
     for family in FAMILIES:
-        split[family] = specs[i : i + mix.get(family, 0)]
+        split[family] = addresses[i : i + mix.get(family, 0)]
         i += mix.get(family, 0)
+    asic_models = ("s19jpro", "s21")
+    wm_models = ("m30s+v40", "m60svk30")
     fleets: list[Any] = []
+    rows: list[dict[str, object]] = []
     if split["luxos"]:
-        fleets.append(LuxosFleet(split["luxos"]))
+        specs = fleet_specs(len(split["luxos"]), split["luxos"][0])
+        fleets.append(LuxosFleet(specs))
+        rows += [{"address": s.address, "port": s.port, "model": s.model} for s in specs]
+    if split["antminer"]:
+        ants = [AntminerSpec(a, asic_models[k % 2]) for k, a in enumerate(split["antminer"])]
+        fleets.append(AntminerFleet(ants))
+        rows += [
+            {"address": s.address, "port": s.rpc_port, "web_port": s.web_port, "model": s.model}
+            for s in ants
+        ]
     if split["braiins"]:
-        fleets.append(BraiinsFleet(split["braiins"]))
+        specs = fleet_specs(len(split["braiins"]), split["braiins"][0])
+        fleets.append(BraiinsFleet(specs))
+        rows += [
+            {"address": s.address, "port": s.port, "grpc_port": GRPC_PORT, "model": s.model}
+            for s in specs
+        ]
+    if split["whatsminer"]:
+        wms = [WhatsminerSpec(a, wm_models[k % 2]) for k, a in enumerate(split["whatsminer"])]
+        fleets.append(WhatsminerFleet(wms))
+        rows += [{"address": s.address, "port": s.port, "model": s.model} for s in wms]
+    firmware = {a: family for family in FAMILIES for a in split[family]}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -128,18 +162,9 @@ async def _serve_mix(mix: dict[str, int], base: str, control_port: int) -> int:
                 await stack.enter_async_context(f)
             control = await serve_control(_Mixed(fleets), control_port)
             port = control.sockets[0].getsockname()[1]
-            for family in FAMILIES:
-                for s in split[family]:
-                    row: dict[str, object] = {
-                        "address": s.address,
-                        "port": s.port,
-                        "model": s.model,
-                        "firmware": family,
-                    }
-                    if family == "braiins":
-                        row["grpc_port"] = GRPC_PORT
-                    print(json.dumps(row))
-            print(json.dumps({"event": "ready", "miners": len(specs), "control_port": port}))
+            for row in rows:
+                print(json.dumps({**row, "firmware": firmware[str(row["address"])]}))
+            print(json.dumps({"event": "ready", "miners": len(rows), "control_port": port}))
             sys.stdout.flush()
             try:
                 await stop.wait()

@@ -36,7 +36,7 @@ from agent.control.fourcp import peak_risk
 from agent.runtime.fleet import GpuFleet
 from agent.runtime.state import AgentState
 from drivers.errors import AgentError, BadInput, DeviceError
-from drivers.miners.base import MinerMode, MinerReading, MinerTelemetry
+from drivers.miners.base import MinerCapability, MinerMode, MinerReading, MinerTelemetry
 from drivers.prices.base import PriceReading, PriceSource
 from drivers.prices.csv_replay import DayAheadForecast
 from drivers.prices.system_load import SystemLoadReplay
@@ -176,6 +176,17 @@ class Coordinator:
                 log.info("miner %s answers again", device_id)
             slot.reading, slot.read_at = reading, self.monotonic()
             slot.last_error, slot.consecutive_failures = None, 0
+            if reading.capability is MinerCapability.SLEEP_ONLY and len(slot.points) > 2:
+                # Stock firmware only sleeps or runs at its nominal point: the policy may offer
+                # it nothing in between (its ladder is trimmed to sleep and the top point).
+                slot.points = (slot.points[0], slot.points[-1])
+                if slot.commanded not in (p.name for p in slot.points):
+                    slot.commanded = slot.points[-1].name  # what a running stock miner does
+                log.info(
+                    "miner %s is sleep-only: ladder trimmed to sleep and %s",
+                    device_id,
+                    slot.points[-1].name,
+                )
 
         async with asyncio.TaskGroup() as tg:
             for device_id, driver in self.drivers.items():
@@ -376,6 +387,17 @@ class Coordinator:
             return SLEEP
         if r.profile is not None and any(p.name == r.profile for p in slot.points):
             return r.profile
+        if r.mode is MinerMode.MINING and r.capability in (
+            MinerCapability.POWER_TARGET,
+            MinerCapability.POWER_LIMIT,
+        ):
+            # A target or limit between ladder points (set by hand, or the firmware's default):
+            # the nearest point by power, so the policy sees where the miner is and commands it
+            # onto the ladder when it wants another point. (If it wants that very point, the
+            # miner stays off it by at most half a step: drawn power is still what is measured.)
+            running = slot.points[1:]
+            if running:
+                return min(running, key=lambda p: abs(p.power_w - r.power_w)).name
         return None
 
     def adopt_observed_state(self) -> int:

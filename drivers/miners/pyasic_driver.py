@@ -612,7 +612,12 @@ class PyasicMiner:
         profiles = self._ladder or (MinerProfile(f"{target_w:.0f}W", target_w, hashrate_ths),)
         self._profiles = profiles
         active = self._point_at(target_w)
-        mode = self._mode(power_w, hashrate_ths, active, profiles)
+        judged = profiles
+        if all(p.name != active for p in profiles):
+            # Off the ladder: judge the mode against the target itself, at the hashrate the
+            # ladder's curve gives for that power.
+            judged = (*profiles, MinerProfile(active, target_w, self._hashrate_at_w(target_w)))
+        mode = self._mode(power_w, hashrate_ths, active, judged)
         if paused and mode is MinerMode.MINING:
             mode = MinerMode.WAKING  # paused but still drawing: on its way down
         return MinerReading(
@@ -697,6 +702,19 @@ class PyasicMiner:
             power_estimated=estimated,
             capability=CAPABILITY[self._family],
         )
+
+    def _hashrate_at_w(self, power_w: float) -> float:
+        """The ladder's hashrate at a power (linear between points, proportional below)."""
+        ladder = sorted(self._ladder, key=lambda p: p.power_w)
+        if not ladder or power_w <= 0.0:
+            return 0.0
+        if power_w <= ladder[0].power_w:
+            return ladder[0].hashrate_ths * power_w / ladder[0].power_w
+        for lo, hi in itertools.pairwise(ladder):
+            if power_w <= hi.power_w:
+                f = (power_w - lo.power_w) / (hi.power_w - lo.power_w)
+                return lo.hashrate_ths + f * (hi.hashrate_ths - lo.hashrate_ths)
+        return ladder[-1].hashrate_ths
 
     def _estimate_w(self, hashrate_ths: float) -> float:
         """Power of a miner that reports none: the ladder's curve at the measured hashrate."""

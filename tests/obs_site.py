@@ -26,12 +26,13 @@ MODELS = {
     "S19jPro": {
         "standby_w": 28,
         "nameplate_w": 3500,
-        "profiles": [{"name": "default", "power_w": 3068, "hashrate_ths": 104}],
+        # What the simulated LuxOS miner draws on its default profile (0.885 x 3068 W).
+        "profiles": [{"name": "default", "power_w": 2715, "hashrate_ths": 104}],
     },
     "S21": {
         "standby_w": 35,
         "nameplate_w": 4000,
-        "profiles": [{"name": "default", "power_w": 3500, "hashrate_ths": 200}],
+        "profiles": [{"name": "default", "power_w": 3098, "hashrate_ths": 200}],
     },
 }
 

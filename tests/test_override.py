@@ -39,7 +39,7 @@ async def test_curtail_cli_brings_site_under_target_fast_and_release_restores(
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
             try:
-                await until(lambda: true_site_w(fleet) > 20_000, 15, "all mining")
+                await until(lambda: true_site_w(fleet) > 18_500, 15, "all mining")
                 loop = asyncio.get_running_loop()
                 code = await asyncio.to_thread(
                     main,
@@ -68,7 +68,7 @@ async def test_curtail_cli_brings_site_under_target_fast_and_release_restores(
 
                 code = await asyncio.to_thread(main, ["release", "--config", str(cfg_file)])
                 assert code == 0
-                await until(lambda: true_site_w(fleet) > 20_000, 10, "site restored")
+                await until(lambda: true_site_w(fleet) > 18_500, 10, "site restored")
                 assert agent.coordinator.events == {}
                 report = await store.event_report()
                 assert len(report) == 1

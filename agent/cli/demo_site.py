@@ -48,6 +48,7 @@ from agent.runtime.wiring import build_miners, build_price_source
 from drivers.errors import AgentError
 from drivers.jobs.base import JobClass, JobState
 from drivers.prices.csv_replay import CsvPriceReplay
+from simulators.braiins import BraiinsFleet
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 
@@ -118,11 +119,21 @@ async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> 
         return 2
     assert isinstance(price_source, CsvPriceReplay)
 
-    specs = [
-        MinerSpec(address=address, model=model_key(line.model))
-        for _id, address, line in config.expanded_miners()
-    ]
-    fleet = LuxosFleet(specs, timing=Timing(wake_ramp_s=2.0, sleep_ramp_s=0.3, profile_ramp_s=0.5))
+    # One simulator per firmware family in the config (LuxOS for "luxos" and "auto" lines).
+    timing = Timing(wake_ramp_s=2.0, sleep_ramp_s=0.3, profile_ramp_s=0.5)
+    by_family: dict[str, list[MinerSpec]] = {"luxos": [], "braiins": []}
+    for _id, address, line in config.expanded_miners():
+        family = "braiins" if line.firmware == "braiins" else "luxos"
+        if line.firmware not in ("luxos", "braiins", "auto"):
+            print(f"demo: {line.id}: no {line.firmware} simulator in the demo", file=sys.stderr)
+            return 2
+        by_family[family].append(MinerSpec(address=address, model=model_key(line.model)))
+    fleet = contextlib.AsyncExitStack()
+    fleets: list[Any] = []
+    if by_family["luxos"]:
+        fleets.append(LuxosFleet(by_family["luxos"], timing=timing))
+    if by_family["braiins"]:
+        fleets.append(BraiinsFleet(by_family["braiins"], timing=timing))
     try:
         gpus = build_gpu_fleet(config, source=str(config_path)) if config.gpu_nodes else None
     except AgentError as exc:
@@ -194,7 +205,8 @@ async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> 
     if config.metrics.enabled:
         components.services.append(metrics_service(agent, config))
     print(
-        f"site-agent demo: {len(specs)} simulated LuxOS miners on loopback, "
+        f"site-agent demo: {len(by_family['luxos'])} simulated LuxOS and "
+        f"{len(by_family['braiins'])} Braiins OS+ miners on loopback, "
         f"{gpu_summary(gpus, config)}, "
         f"{rt.column} prices of {price_source.sim_now():%Y-%m-%d} replayed at {speed:.0f}x "
         f"({duration_s:.0f} s), interconnect {config.site.interconnect_limit_kw:.0f} kW, "
@@ -209,6 +221,8 @@ async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> 
     )
     stop = asyncio.Event()
     async with fleet:
+        for f in fleets:
+            await fleet.enter_async_context(f)
         if gpus is not None:
             # Read the GPU nodes once, so the first status line already shows them.
             with contextlib.suppress(AgentError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,4 +24,8 @@ def register(sub: Any) -> None:
 def demo(args: argparse.Namespace) -> int:
     from agent.cli.demo_site import run_demo
 
-    return asyncio.run(run_demo(args.config, args.duration))
+    try:
+        return asyncio.run(run_demo(args.config, args.duration))
+    except OSError as exc:  # a loopback address taken (another demo or simulator running)
+        print(f"demo cannot start: {exc}", file=sys.stderr)
+        return 1

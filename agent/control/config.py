@@ -301,6 +301,8 @@ class ControlConfig(Strict):
     min_off_s: NonNegFloat = 300.0
     # Rungs of the GPU power-cap ladder (per GPU, from the card's minimum to its maximum cap).
     gpu_cap_step_w: PositiveFloat = 100.0
+    # The furthest end an override or grid event may have, on every channel (CLI, MQTT, OpenADR).
+    max_event_horizon_s: float = Field(default=7 * 86_400.0, gt=0, le=366 * 86_400.0)
 
 
 class EconomicsConfig(Strict):

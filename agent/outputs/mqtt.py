@@ -194,7 +194,9 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
         raise Rejected("unauthorized", "operator and token are required")
     expected = tokens.get(operator)
     # Compare against a dummy for unknown operators so timing does not reveal who exists.
-    good = hmac.compare_digest(token.encode(), (expected or "\0" * 32).encode())
+    # JSON may carry lone surrogates ("\ud800") that UTF-8 cannot encode: never a match.
+    given = token.encode("utf-8", "surrogatepass")
+    good = hmac.compare_digest(given, (expected or "\0" * 32).encode("utf-8", "surrogatepass"))
     if expected is None or not good:
         raise Rejected("unauthorized", f"operator {operator[:64]!r} not authorised")
     schema = _SCHEMAS.get(name)
@@ -268,6 +270,10 @@ def state_payload(state: AgentState, interconnect_limit_w: float | None = None) 
         "gpu_nodes": len(snap.gpu_nodes) if snap else 0,
         "events_active": len(snap.events) if snap else 0,
         "faults": dict(sorted(state.faults.items())),
+        "tasks": {
+            name: {"up": t.up, "restarts": t.restarts, "last_error": t.last_error}
+            for name, t in sorted(state.tasks.items())
+        },
     }
 
 
@@ -443,13 +449,22 @@ class MqttBridge:
 
     # --- what the runtime calls ---------------------------------------------------------------
 
+    task_name = "mqtt"  # the supervised task's name in /metrics and the retained state
+
     async def __call__(self, stop: asyncio.Event) -> None:
-        """Run as a runtime service until ``stop`` is set (then say offline and disconnect)."""
+        """Run as a runtime service until ``stop`` is set (then say offline and disconnect).
+
+        If the connection loop dies of anything but a broker outage, its exception is raised
+        here, so the runtime's supervisor logs it, shows it and starts the bridge again.
+        """
         task = asyncio.create_task(self.run(), name="mqtt-bridge")
+        stopping = asyncio.create_task(stop.wait(), name="mqtt-stop")
         try:
-            await stop.wait()
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await _cancel_all({task})
+            await _cancel_all({task, stopping})
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
     def on_cycle(self, snapshot: Snapshot, plan: Plan, results: Sequence[object] = ()) -> None:
         """A ``CycleHook`` for :class:`agent.runtime.loop.Agent`: publish after every cycle."""
@@ -534,6 +549,10 @@ class MqttBridge:
         for task in done:
             exc = task.exception()
             if exc is not None:
+                if not isinstance(exc, BusError):
+                    # The bridge itself failed, not the broker: the retained status must not
+                    # keep saying online while nobody answers commands.
+                    await self._say_offline(session)
                 raise exc
         raise BusError("message stream ended")
 
@@ -567,7 +586,16 @@ class MqttBridge:
 
     async def _receiver(self, session: BusSession) -> None:
         async for message in session.messages():
-            await self._on_command(message)
+            try:
+                await self._on_command(message)
+            except Exception as exc:  # one message must never end the command bridge
+                log.exception("mqtt: command on %r could not be handled", message.topic[:64])
+                self._reject(
+                    _command_id(message.payload),
+                    message.topic.removeprefix(f"{self.prefix}/command/"),
+                    "internal",
+                    f"internal error: {type(exc).__name__}",
+                )
 
     # --- commands -----------------------------------------------------------------------------
 

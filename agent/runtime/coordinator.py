@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,6 +32,7 @@ from agent.control.domain import (
     Snapshot,
 )
 from agent.control.fourcp import peak_risk
+from agent.control.limits import LimitError, check_hashprice
 from agent.runtime.fleet import GpuFleet
 from agent.runtime.state import AgentState
 from drivers.errors import AgentError, BadInput, DeviceError
@@ -219,10 +219,11 @@ class Coordinator:
         health = self.state.source(f"hashprice:{source.name}")
         try:
             reading = await source.latest()
-            if not (math.isfinite(reading.value) and reading.value > 0):
-                raise BadInput(
-                    source.name, f"hashprice must be a positive number, got {reading.value}"
-                )
+            try:
+                check_hashprice(reading.value)
+            except LimitError as exc:
+                self.state.rejected[(f"hashprice:{source.name}", "out_of_range")] += 1
+                raise BadInput(source.name, str(exc)) from None
         except AgentError as exc:
             if health.last_error is None:
                 log.warning("hashprice feed %s failed: %s", source.name, exc)

@@ -9,12 +9,17 @@ never commands from ignorance.
 Stopping: setting the ``stop`` event (SIGTERM/SIGINT in :mod:`agent.runtime.daemon`) lets every
 loop finish its current step; anything still running after ``grace_s`` is cancelled, so the
 process exits within seconds even if a device call hangs.
+
+Every task runs under :func:`agent.runtime.supervisor.supervise`: one that dies (a hostile
+input, a bug) is logged, shown in ``/metrics`` and restarted with back-off; the others, the
+control loop first, go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -32,6 +37,7 @@ from agent.runtime.coordinator import Clock, Coordinator, utc_now
 from agent.runtime.events import EventBook, EventSource
 from agent.runtime.fleet import GpuFleet
 from agent.runtime.state import AgentState
+from agent.runtime.supervisor import TaskFactory, supervise
 from drivers.errors import AgentError
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.miners.base import MinerSleepWake, MinerTelemetry
@@ -115,6 +121,9 @@ class Agent:
         self.metrics_port: int | None = None  # set by the metrics service once bound
         self.first_poll_timeout_s = max(30.0, 3 * config.control.device_timeout_s)
         self.watchdog: Callable[[], None] | None = None  # fed after every cycle (systemd)
+        # Restart back-off of a supervised task that died (tests shorten it).
+        self._adopted = False
+        self.backoff: dict[str, float] = {"initial_backoff_s": 0.5, "max_backoff_s": 30.0}
 
     async def restore_journal(self) -> None:
         """Load commanded states and active events from the journal (restart rule)."""
@@ -184,14 +193,8 @@ class Agent:
         return plan
 
     async def _control_loop(self, stop: asyncio.Event) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.first_poll_timeout_s):
-                # Hold every device where it is until the first full fleet poll (restart rule).
-                await _first(self.coordinator.miners_polled.wait(), stop.wait())
-        if stop.is_set():
-            return
-        adopted = self.coordinator.adopt_observed_state()
-        log.info("first poll done: %d miner(s) adopted at their observed operating point", adopted)
+        if not self._adopted:
+            await self._first_poll(stop)
         interval = self.config.control.interval_s
         while not stop.is_set():
             await self.control_cycle()
@@ -203,6 +206,18 @@ class Agent:
                 self.wake_control.wait(),
                 self.coordinator.price_changed.wait(),
             )
+
+    async def _first_poll(self, stop: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.first_poll_timeout_s):
+                # Hold every device where it is until the first full fleet poll (restart rule).
+                await _first(self.coordinator.miners_polled.wait(), stop.wait())
+        if stop.is_set():
+            return
+        adopted = self.coordinator.adopt_observed_state()
+        # Once per process: a control loop restarted by its supervisor keeps what it commanded.
+        self._adopted = True
+        log.info("first poll done: %d miner(s) adopted at their observed operating point", adopted)
 
     def _count_rejected(self, source: str, reason: str) -> None:
         self.state.rejected[(source, reason)] += 1
@@ -292,13 +307,12 @@ class Agent:
         """Run until ``stop`` is set; then give tasks ``grace_s`` to finish, and cancel the rest."""
         control = self.config.control
         await self.restore_journal()
-        loops: list[Coroutine[Any, Any, None]] = [
-            self.coordinator.run_poller(
-                self.coordinator.poll_miners, control.poll_interval_s, stop
-            ),
-            self._control_loop(stop),
-            self._event_watch(stop),
-        ]
+        poller = self.coordinator.run_poller
+        loops: dict[str, TaskFactory] = {
+            "miners": lambda: poller(self.coordinator.poll_miners, control.poll_interval_s, stop),
+            "control": lambda: self._control_loop(stop),
+            "event_watch": lambda: self._event_watch(stop),
+        }
         fleet = self.components.gpu_fleet
         if fleet is not None:
 
@@ -321,19 +335,26 @@ class Agent:
                     else:
                         self.state.faults[node.device_id] = node.fault
 
-            loops.append(self.coordinator.run_poller(poll_gpus, control.poll_interval_s, stop))
+            loops["gpus"] = lambda: poller(poll_gpus, control.poll_interval_s, stop)
         if self.components.hashprice_source is not None:
             every = self.config.economics.hashprice.poll_interval_s
-            loops.append(self.coordinator.run_poller(self.coordinator.poll_hashprice, every, stop))
+            loops["hashprice"] = lambda: poller(self.coordinator.poll_hashprice, every, stop)
         if self.components.price_source is not None:
             price_every = min(control.poll_interval_s, control.interval_s)
-            loops.append(
-                self.coordinator.run_poller(self.coordinator.poll_price, price_every, stop)
-            )
-        loops.extend(service(stop) for service in self.components.services)
+            loops["price"] = lambda: poller(self.coordinator.poll_price, price_every, stop)
+        for service in self.components.services:
+            name = _service_name(service)
+            while name in loops:
+                name += "+"
+            loops[name] = functools.partial(service, stop)
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(c) for c in loops]
+                tasks = [
+                    tg.create_task(
+                        supervise(name, factory, stop, self.state, **self.backoff), name=name
+                    )
+                    for name, factory in loops.items()
+                ]
                 tg.create_task(_cancel_after_grace(stop, tasks, grace_s))
         finally:
             # Sources that own connections (HTTP clients) expose aclose().
@@ -342,6 +363,21 @@ class Agent:
                 if aclose is not None:
                     await aclose()
         log.info("agent stopped after %d cycle(s)", self.state.cycles)
+
+
+def _service_name(service: Callable[..., object]) -> str:
+    """The task name of a service: its ``task_name``, its owner's ``name``, or its own name."""
+    named = getattr(service, "task_name", None)
+    if isinstance(named, str):
+        return named
+    owner = getattr(service, "__self__", None)
+    owner_name = getattr(owner, "name", None)
+    if isinstance(owner_name, str):
+        return owner_name
+    qualname = str(getattr(service, "__qualname__", type(service).__name__))
+    if ".<locals>" in qualname:  # a closure made by e.g. metrics_service(): "metrics"
+        return qualname.split(".<locals>")[0].removesuffix("_service")
+    return qualname.split(".")[0].lower()
 
 
 async def _first(*aws: Coroutine[Any, Any, Any]) -> None:

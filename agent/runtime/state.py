@@ -28,6 +28,16 @@ class SourceHealth:
 
 
 @dataclass(slots=True)
+class TaskHealth:
+    """One supervised long-lived task (see :mod:`agent.runtime.supervisor`)."""
+
+    name: str
+    up: bool = False
+    restarts: int = 0
+    last_error: str | None = None
+
+
+@dataclass(slots=True)
 class AgentState:
     """What the agent knows and has done, for outputs to read."""
 
@@ -48,9 +58,17 @@ class AgentState:
     safe_reason: str | None = None
     # GPU node id -> the latest per-GPU readings of that node (for per-GPU metrics).
     gpu_readings: dict[str, tuple[GpuReading, ...]] = field(default_factory=dict)
+    # Supervised task name -> whether it runs, and how often it died and was restarted.
+    tasks: dict[str, TaskHealth] = field(default_factory=dict)
 
     def source(self, name: str) -> SourceHealth:
         health = self.sources.get(name)
         if health is None:
             health = self.sources[name] = SourceHealth(name)
+        return health
+
+    def task(self, name: str) -> TaskHealth:
+        health = self.tasks.get(name)
+        if health is None:
+            health = self.tasks[name] = TaskHealth(name)
         return health

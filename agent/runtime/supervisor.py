@@ -1,0 +1,71 @@
+"""Supervision of the agent's long-lived tasks: a task that dies is logged, shown and restarted.
+
+No single input may end the daemon. Each long-lived task (pollers, the control loop, the event
+watch, the MQTT bridge, the metrics server, grid sources) runs under :func:`supervise`: if it
+raises anything but a cancellation, or returns before ``stop`` is set, the death is logged once
+(one line with the task and the error; the traceback at debug level), ``AgentState.tasks``
+marks it down (``site_task_up`` / ``site_task_restarts_total`` in ``/metrics``, ``tasks`` in the
+retained MQTT state), and the task is started again after a capped exponential back-off. A task
+that then ran for a while (``healthy_after_s``) starts the back-off again from its first step.
+
+Only a broken journal or a bad config at start ends the daemon; both happen before any task
+runs (:mod:`agent.runtime.daemon`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from agent.runtime.state import AgentState
+
+log = logging.getLogger(__name__)
+
+TaskFactory = Callable[[], Coroutine[Any, Any, None]]
+
+
+async def supervise(
+    name: str,
+    factory: TaskFactory,
+    stop: asyncio.Event,
+    state: AgentState,
+    *,
+    initial_backoff_s: float = 0.5,
+    max_backoff_s: float = 30.0,
+    healthy_after_s: float = 60.0,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> None:
+    """Run ``factory()`` until ``stop`` is set, restarting it with back-off whenever it dies."""
+    health = state.task(name)
+    delay = initial_backoff_s
+    while not stop.is_set():
+        started = monotonic()
+        health.up = True
+        try:
+            await factory()
+        except asyncio.CancelledError:
+            health.up = False
+            raise
+        except Exception as exc:  # any bug or hostile input: this task only, never the daemon
+            failure: BaseException | None = exc
+            error = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            if stop.is_set():
+                break
+            failure, error = None, "returned before the agent stopped"
+        health.up = False
+        health.restarts += 1
+        health.last_error = error
+        if monotonic() - started >= healthy_after_s:
+            delay = initial_backoff_s
+        log.error("task %s died (%s); restarting in %.1f s", name, error, delay)
+        if failure is not None:
+            log.debug("task %s traceback", name, exc_info=failure)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        delay = min(delay * 2, max_backoff_s)
+    health.up = False

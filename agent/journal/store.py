@@ -439,8 +439,8 @@ def event_from_json(text: str) -> GridEvent:
     if not isinstance(d, dict):
         raise JournalEntryInvalid("event_json is not a JSON object")
     try:
-        kind = ProgramKind(d.get("kind"))
-        fail = FailDirection(d.get("fail"))
+        kind = ProgramKind(str(d.get("kind")))
+        fail = FailDirection(str(d.get("fail")))
     except ValueError as exc:
         raise JournalEntryInvalid(str(exc)) from None
     return GridEvent(

@@ -21,9 +21,12 @@ A command payload is a JSON object with ``id`` (chosen by the sender, echoed in 
 command's own fields; unknown fields are refused. The broker's ACL decides which MQTT user may
 publish under ``P/command/``; the token says which operator did. The ack is
 ``{"id", "command", "status": "accepted"|"rejected", "reason", "at"}``. A malformed,
-unauthorised, unknown, invalid or expired command is rejected with a reason, reaches nobody
-and is counted in ``AgentState.rejected`` under source ``mqtt``. A repeated ``id`` (QoS 1
-redelivery) is answered again with the first answer and not re-executed.
+unauthorised, unknown, invalid or expired command is rejected with a reason, reaches nobody,
+is counted in ``AgentState.rejected`` under source ``mqtt`` and gets an audit row (credentials
+redacted by the journal). A repeated ``id`` from the same operator (QoS 1 redelivery) is
+answered again with the first answer and not re-executed; the same ``id`` from another operator
+is rejected. The agent's handler also deduplicates through the journal, across restarts.
+One message can never end the bridge: a failure handling it is logged and acked as rejected.
 
 Control never waits on the broker: :meth:`MqttBridge.publish_cycle` only fills in-memory
 buffers. Retained topics keep only their newest payload (and are all republished after every
@@ -43,7 +46,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -121,6 +124,21 @@ class CommandResult:
 CommandHandler = Callable[[Command], Awaitable[CommandResult]]
 
 
+class CommandAudit(Protocol):
+    """Where rejected and refused commands are audited (the journal's ``Store.audit``)."""
+
+    async def __call__(
+        self,
+        *,
+        source: str,
+        action: str,
+        result: str,
+        device_id: str | None = None,
+        reason: str = "",
+        detail: Mapping[str, Any] | None = None,
+    ) -> None: ...
+
+
 # --- the wire schema (pydantic at the edge) ------------------------------------------------------
 
 CommandId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
@@ -187,6 +205,8 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Rejected("malformed", f"payload is not JSON: {exc}") from None
+    except RecursionError:
+        raise Rejected("malformed", "payload is nested too deeply") from None
     if not isinstance(data, dict):
         raise Rejected("malformed", "payload must be a JSON object")
     operator, token = data.get("operator"), data.get("token")
@@ -227,10 +247,33 @@ def _command_id(payload: bytes) -> str | None:
         return None
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     cid = data.get("id") if isinstance(data, dict) else None
     return cid[:64] if isinstance(cid, str) else None
+
+
+def _printable(text: str) -> str:
+    """Text that UTF-8 (and so the journal) can store: lone surrogates become U+FFFD."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _payload_detail(payload: bytes) -> Any:
+    """What of a rejected payload goes into the audit row: its fields (flat, truncated)."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        return f"<{len(payload)} bytes>"
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return payload[:200].decode("utf-8", "replace")
+    if not isinstance(data, dict):
+        return f"<{type(data).__name__}>"
+    return {
+        _printable(str(k)[:64]): (
+            v if isinstance(v, bool | int | float) or v is None else _printable(str(v)[:200])
+        )
+        for k, v in list(data.items())[:32]
+    }
 
 
 # --- payloads ---------------------------------------------------------------------------------
@@ -364,6 +407,10 @@ def telemetry_payloads(snap: Snapshot) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+async def _wait_set(event: asyncio.Event) -> None:
+    await event.wait()
+
+
 async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
     """Cancel and reap ``tasks``, cancelling again if one swallowed it.
 
@@ -428,6 +475,7 @@ class MqttBridge:
         interconnect_limit_w: float | None = None,
         bus: Bus | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        audit: CommandAudit | None = None,
     ) -> None:
         self.config = config
         self.state = state
@@ -444,7 +492,9 @@ class MqttBridge:
         self._telemetry: deque[_Out] = deque(maxlen=config.queue_size)
         self._acks: deque[_Out] = deque(maxlen=config.queue_size)
         self._wake = asyncio.Event()
-        self._answered: OrderedDict[str, CommandResult] = OrderedDict()  # id -> first answer
+        # id -> (operator, first answer): a redelivery is answered again, never re-executed.
+        self._answered: OrderedDict[str, tuple[str, CommandResult]] = OrderedDict()
+        self.audit = audit  # rejected commands reach the audit trail (README)
         self._tokens = {k: v.get_secret_value() for k, v in config.command_tokens.items()}
 
     # --- what the runtime calls ---------------------------------------------------------------
@@ -458,7 +508,7 @@ class MqttBridge:
         here, so the runtime's supervisor logs it, shows it and starts the bridge again.
         """
         task = asyncio.create_task(self.run(), name="mqtt-bridge")
-        stopping = asyncio.create_task(stop.wait(), name="mqtt-stop")
+        stopping = asyncio.create_task(_wait_set(stop), name="mqtt-stop")
         try:
             await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -590,7 +640,7 @@ class MqttBridge:
                 await self._on_command(message)
             except Exception as exc:  # one message must never end the command bridge
                 log.exception("mqtt: command on %r could not be handled", message.topic[:64])
-                self._reject(
+                await self._reject(
                     _command_id(message.payload),
                     message.topic.removeprefix(f"{self.prefix}/command/"),
                     "internal",
@@ -605,11 +655,16 @@ class MqttBridge:
         try:
             command = parse_command(name, message.payload, self._tokens, self.clock())
         except Rejected as rej:
-            self._reject(cid, name, rej.code, rej.reason)
+            await self._reject(cid, name, rej.code, rej.reason, message.payload)
             return
         previous = self._answered.get(command.id)
-        if previous is not None:  # QoS 1 redelivery or a resend: same answer, no second effect
-            self._ack(command.id, name, previous)
+        if previous is not None:
+            operator, answer = previous
+            if operator != command.operator:  # never someone else's result
+                reason = f"command id {command.id!r} was already used by another operator"
+                await self._reject(command.id, name, "duplicate_id", reason, message.payload)
+                return
+            self._ack(command.id, name, answer)  # QoS 1 redelivery or a resend: no second effect
             return
         try:
             async with asyncio.timeout(self.config.command_timeout_s):
@@ -619,7 +674,7 @@ class MqttBridge:
         except Exception as exc:  # the handler's bug must not kill the bridge
             log.exception("mqtt: command handler failed on %s", name)
             result = CommandResult.refuse(f"internal error: {type(exc).__name__}")
-        self._answered[command.id] = result
+        self._answered[command.id] = (command.operator, result)
         while len(self._answered) > 1000:
             self._answered.popitem(last=False)
         if result.accepted:
@@ -629,12 +684,35 @@ class MqttBridge:
         else:
             self.state.rejected[(REJECT_SOURCE, "refused")] += 1
             log.warning("mqtt: %s %s refused: %s", name, command.id, result.reason)
+            await self._audit(
+                f"operator:{command.operator}", name, command.id, result.reason, message.payload
+            )
         self._ack(command.id, name, result)
 
-    def _reject(self, cid: str | None, name: str, code: str, reason: str) -> None:
+    async def _reject(
+        self, cid: str | None, name: str, code: str, reason: str, payload: bytes = b""
+    ) -> None:
         self.state.rejected[(REJECT_SOURCE, code)] += 1
         log.warning("mqtt: rejected command on %r: %s", name[:64], reason)
         self._ack(cid, name[:64], CommandResult.refuse(reason))
+        await self._audit(REJECT_SOURCE, name, cid, reason, payload)
+
+    async def _audit(
+        self, source: str, name: str, cid: str | None, reason: str, payload: bytes
+    ) -> None:
+        """One audit row per rejected or refused command; the journal redacts credentials."""
+        if self.audit is None:
+            return
+        try:
+            await self.audit(
+                source=_printable(source),
+                action=_printable(f"command:{name[:64]}"),
+                result="rejected",
+                reason=_printable(reason[:500]),
+                detail={"id": cid and _printable(cid), "payload": _payload_detail(payload)},
+            )
+        except Exception as exc:  # a journal that cannot take the row must not stop commands
+            log.error("mqtt: cannot audit a rejected command: %s", exc)
 
     def _ack(self, cid: str | None, name: str, result: CommandResult) -> None:
         payload = {

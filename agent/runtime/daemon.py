@@ -67,6 +67,7 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
                 agent.state,
                 agent.handle_command,
                 interconnect_limit_w=config.site.interconnect_limit_kw * 1000.0,
+                audit=store.audit,
             )
             agent.on_cycle = lambda _snapshot, _plan, _results: bridge.publish_cycle()
             components.services.append(bridge)

@@ -28,10 +28,17 @@ from typing import Any, Protocol
 
 from agent.control.config import AgentConfig
 from agent.control.domain import ActiveEvent, Plan, Snapshot
+from agent.control.limits import (
+    CommandLimits,
+    LimitError,
+    check_end,
+    check_event,
+    check_target_kw,
+)
 from agent.control.policy import decide
 from agent.journal.store import Store
 from agent.outputs.logs import log_cycle
-from agent.outputs.mqtt import Command, CommandResult, Curtail, Release, SetMode
+from agent.outputs.mqtt import Command, CommandResult, Curtail, Refresh, Release, SetMode
 from agent.runtime.actuator import ActionResult, Actuator, AuditSink
 from agent.runtime.coordinator import Clock, Coordinator, utc_now
 from agent.runtime.events import EventBook, EventSource
@@ -46,6 +53,13 @@ from drivers.prices.csv_replay import DayAheadForecast
 from drivers.prices.system_load import SystemLoadReplay
 
 log = logging.getLogger(__name__)
+
+_COMMAND_NAMES: dict[type, str] = {
+    Curtail: "curtail",
+    Release: "release",
+    SetMode: "set_mode",
+    Refresh: "refresh",
+}
 
 
 class MinerDevice(MinerTelemetry, MinerSleepWake, Protocol):
@@ -117,13 +131,15 @@ class Agent:
             on_change=self.wake_control.set,
         )
         self.event_book.count_rejected = self._count_rejected
+        self.limits = CommandLimits.of(config)  # one set of limits for every channel
+        self.event_book.limits = self.limits
         self.event_watch_s = 0.5
         self.metrics_port: int | None = None  # set by the metrics service once bound
         self.first_poll_timeout_s = max(30.0, 3 * config.control.device_timeout_s)
         self.watchdog: Callable[[], None] | None = None  # fed after every cycle (systemd)
         # Restart back-off of a supervised task that died (tests shorten it).
         self._adopted = False
-        self.backoff: dict[str, float] = {"initial_backoff_s": 0.5, "max_backoff_s": 30.0}
+        self.backoff_s: tuple[float, float] = (0.5, 30.0)  # first and longest
 
     async def restore_journal(self) -> None:
         """Load commanded states and active events from the journal (restart rule)."""
@@ -141,6 +157,13 @@ class Agent:
         now = self.coordinator.clock()
         for stored in await store.active_events():
             if stored.event.end > now:
+                try:  # re-validated as read back: a bad entry is quarantined, never a crash
+                    check_event(stored.event, now, self.limits)
+                except LimitError as exc:
+                    self.event_book.rejected.add(stored.event.event_id)
+                    self._count_rejected("journal", "limits")
+                    await self.event_book.quarantine(stored.event.event_id, str(exc))
+                    continue
                 self.coordinator.events[stored.event.event_id] = ActiveEvent(
                     stored.event, stored.baseline_w
                 )
@@ -223,29 +246,68 @@ class Agent:
         self.state.rejected[(source, reason)] += 1
 
     async def handle_command(self, command: Command) -> CommandResult:
-        """An authenticated operator command (MQTT): act on it, or refuse with the reason."""
+        """An authenticated operator command (MQTT): act on it, or refuse with the reason.
+
+        Deduplicated through the journal by (operator, id): a command id already answered is
+        answered again with its first result and not executed, even after a restart; an id
+        another operator already used is refused.
+        """
+        store = self.components.store
+        if store is not None:
+            try:
+                previous = await store.command_answer(command.id)
+            except AgentError as exc:
+                return CommandResult.refuse(f"cannot read the command journal: {exc}")
+            if previous is not None:
+                if previous.operator != command.operator:
+                    return CommandResult.refuse(
+                        f"command id {command.id!r} was already used by another operator"
+                    )
+                return CommandResult(previous.accepted, previous.reason)
+        result = await self._execute(command)
+        if store is not None:
+            try:
+                await store.record_command_answer(
+                    command.id,
+                    command.operator,
+                    _COMMAND_NAMES[type(command)],
+                    result.accepted,
+                    result.reason,
+                )
+            except AgentError as exc:  # answered all the same; a replay may then run it again
+                log.error("cannot journal the answer to command %s: %s", command.id, exc)
+        return result
+
+    async def _execute(self, command: Command) -> CommandResult:
         if isinstance(command, Curtail):
             now = self.coordinator.clock()
-            if command.until <= now:
-                return CommandResult.refuse(
-                    f"until {command.until.isoformat()} is not in the future"
-                )
+            if self.state.mode == "manual":
+                # Manual mode sends no device commands: "accepted" would be a promise not kept.
+                return CommandResult.refuse("manual mode: the agent sends no device commands")
+            try:
+                target_kw = check_target_kw(command.target_kw, self.limits, "target_kw")
+                until = check_end(command.until, now, self.limits, "until")
+            except LimitError as exc:
+                return CommandResult.refuse(str(exc))
             event = GridEvent(
                 event_id=f"override-{command.id}",
                 source=f"operator:{command.operator}",
                 program="operator-override",
                 kind=ProgramKind.OVERRIDE,
                 start=now,
-                end=command.until,
-                max_site_kw=command.target_kw,
+                end=until,
+                max_site_kw=target_kw,
             )
             try:
                 await self.event_book.add_override(event, command.operator, "MQTT command")
             except AgentError as exc:
                 return CommandResult.refuse(f"cannot journal the override: {exc}")
-            return CommandResult.ok(f"{event.event_id}: site load at most {command.target_kw} kW")
+            return CommandResult.ok(f"{event.event_id}: site load at most {target_kw} kW")
         if isinstance(command, Release):
-            released = await self.event_book.release_overrides(command.operator)
+            try:
+                released = await self.event_book.release_overrides(command.operator)
+            except AgentError as exc:
+                return CommandResult.refuse(f"cannot journal the release: {exc}")
             if not released:
                 return CommandResult.refuse("no operator override is in force")
             return CommandResult.ok(f"released {', '.join(released)}")
@@ -351,7 +413,15 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(
-                        supervise(name, factory, stop, self.state, **self.backoff), name=name
+                        supervise(
+                            name,
+                            factory,
+                            stop,
+                            self.state,
+                            initial_backoff_s=self.backoff_s[0],
+                            max_backoff_s=self.backoff_s[1],
+                        ),
+                        name=name,
                     )
                     for name, factory in loops.items()
                 ]

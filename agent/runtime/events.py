@@ -238,6 +238,9 @@ class EventBook:
             ids |= journaled
             for eid in sorted(ids & journaled):
                 await self.store.set_event_status(eid, EventStatus.ENDED)
+        # Offered (and now withdrawn): the next sync takes them out of force, even one resumed
+        # from the journal that no sync has offered yet.
+        self.offered_ever.update(ids)
         for eid in sorted(ids):
             self.overrides.pop(eid, None)
             if self.store is not None:

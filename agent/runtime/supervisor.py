@@ -42,6 +42,7 @@ async def supervise(
     """Run ``factory()`` until ``stop`` is set, restarting it with back-off whenever it dies."""
     health = state.task(name)
     delay = initial_backoff_s
+    last_logged: str | None = None
     while not stop.is_set():
         started = monotonic()
         health.up = True
@@ -61,8 +62,10 @@ async def supervise(
         health.restarts += 1
         health.last_error = error
         if monotonic() - started >= healthy_after_s:
-            delay = initial_backoff_s
-        log.error("task %s died (%s); restarting in %.1f s", name, error, delay)
+            delay, last_logged = initial_backoff_s, None
+        if error != last_logged:  # once per distinct failure, not once per restart
+            log.error("task %s died (%s); restarting with back-off", name, error)
+            last_logged = error
         if failure is not None:
             log.debug("task %s traceback", name, exc_info=failure)
         with contextlib.suppress(TimeoutError):

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent.control.config import MqttConfig
-from agent.outputs.mqtt import Command, CommandResult, MqttBridge, SetMode
+from agent.outputs.mqtt import MqttBridge
 from agent.runtime.loop import Agent
 from drivers.bus.base import BusSettings
 from drivers.bus.mqtt import MqttBus
@@ -42,15 +42,8 @@ async def latest_retained(broker: Mosquitto, topic: str) -> dict[str, Any]:
 
 async def test_control_continues_while_the_broker_is_down(mosquitto: Mosquitto) -> None:
     bridges: list[MqttBridge] = []
-    commands: list[Command] = []
 
     def outputs(agent: Agent) -> list[Any]:
-        async def handle(command: Command) -> CommandResult:
-            commands.append(command)
-            if isinstance(command, SetMode):
-                agent.state.mode = command.mode
-            return CommandResult.ok()
-
         config = MqttConfig.model_validate(
             {
                 "enabled": True,
@@ -63,7 +56,7 @@ async def test_control_continues_while_the_broker_is_down(mosquitto: Mosquitto) 
                 "reconnect_max_s": 0.5,
             }
         )
-        bridge = MqttBridge(config, agent.state, handle)
+        bridge = MqttBridge(config, agent.state, agent.handle_command)  # the runtime's handler
         agent.on_cycle = bridge.on_cycle
         bridges.append(bridge)
         return [bridge]
@@ -113,7 +106,19 @@ async def test_control_continues_while_the_broker_is_down(mosquitto: Mosquitto) 
         assert ack["id"] == "m1"
         assert ack["status"] == "accepted"
         assert agent.state.mode == "manual"
-        assert [c.id for c in commands] == ["m1"]
+        # Manual mode, as the real runtime applies it: a price fall that would wake the S19s
+        # commands nothing; the devices stay as they are.
+        actions = dict(agent.state.actions)
+        server.prices[0] = 20.0
+        await until(
+            lambda: agent.coordinator.price is not None and agent.coordinator.price.value == 20.0,
+            5,
+            "the price fall seen",
+        )
+        cycles = agent.state.cycles
+        await until(lambda: agent.state.cycles >= cycles + 8, 10, "eight manual cycles")
+        assert dict(agent.state.actions) == actions
+        assert all(fleet.truth(a)["sleeping"] for a in S19)
 
 
 async def test_operator_curtail_over_mqtt_sheds_real_miners(mosquitto: Mosquitto) -> None:

@@ -301,12 +301,12 @@ async def test_a_dead_task_is_shown_restarted_with_backoff_and_control_goes_on(
             blocker.close()
             await until(lambda: s.agent.metrics_port == port, 10, "metrics bound at last")
             text = await s.metrics()
-            assert 'site_task_up{task="metrics"} 1.0' in text
-            assert 'site_task_up{task="control"} 1.0' in text
+            assert 'site_agent_task_up{task="metrics"} 1.0' in text
+            assert 'site_agent_task_up{task="control"} 1.0' in text
             restarts = next(
                 line
                 for line in text.splitlines()
-                if line.startswith('site_task_restarts_total{task="metrics"}')
+                if line.startswith('site_agent_task_restarts_total{task="metrics"}')
             )
             assert float(restarts.split()[-1]) >= 2
     finally:

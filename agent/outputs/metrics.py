@@ -154,9 +154,11 @@ class AgentCollector(Collector):
         for (source, reason), count in sorted(dict(state.rejected).items()):
             rejected.add_metric([source, reason], count)
         yield rejected
-        up = _gauge("site_task_up", "1 while a supervised task runs, 0 after it died.", ["task"])
+        up = _gauge(
+            "site_agent_task_up", "1 while a supervised task runs, 0 after it died.", ["task"]
+        )
         restarts = CounterMetricFamily(
-            "site_task_restarts",
+            "site_agent_task_restarts",
             "Times a supervised task died and was restarted.",
             labels=["task"],
         )

@@ -3,10 +3,11 @@
 No single input may end the daemon. Each long-lived task (pollers, the control loop, the event
 watch, the MQTT bridge, the metrics server, grid sources) runs under :func:`supervise`: if it
 raises anything but a cancellation, or returns before ``stop`` is set, the death is logged once
-(one line with the task and the error; the traceback at debug level), ``AgentState.tasks``
-marks it down (``site_task_up`` / ``site_task_restarts_total`` in ``/metrics``, ``tasks`` in the
-retained MQTT state), and the task is started again after a capped exponential back-off. A task
-that then ran for a while (``healthy_after_s``) starts the back-off again from its first step.
+per distinct error (one line with the task and the error; the traceback at debug level),
+``AgentState.tasks`` marks it down (``site_agent_task_up`` and
+``site_agent_task_restarts_total`` in ``/metrics``, ``tasks`` in the retained MQTT state), and
+the task is started again after a capped exponential back-off. A task that then ran for a while
+(``healthy_after_s``) starts the back-off again from its first step.
 
 Only a broken journal or a bad config at start ends the daemon; both happen before any task
 runs (:mod:`agent.runtime.daemon`).

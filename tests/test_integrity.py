@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import socket
 import sqlite3
@@ -24,10 +25,11 @@ from typing import Any
 import httpx
 
 from agent.control.config import AgentConfig, MqttConfig, parse_config
-from agent.journal.store import EventStatus, Store
+from agent.journal.store import EventStatus, Store, secrets_in
 from agent.outputs.mqtt import Curtail, MqttBridge, Release, SetMode
 from agent.runtime.daemon import metrics_service
 from agent.runtime.loop import Agent
+from agent.runtime.state import SourceHealth
 from agent.runtime.wiring import build_components
 from drivers.bus.base import BusSettings
 from drivers.bus.mqtt import MqttBus
@@ -206,8 +208,6 @@ async def site(
                 }
             }
         config = config_for(feed.url, **mqtt, **extra)
-        from agent.journal.store import secrets_in
-
         store = await stack.enter_async_context(Store.open(path, known_secrets=secrets_in(config)))
         components = build_components(config)
         components.store = store
@@ -624,6 +624,10 @@ async def test_every_channel_applies_the_same_limits(tmp_path: Path) -> None:
             assert not answer.accepted
 
 
+def failed_to(health: SourceHealth, count: int) -> bool:
+    return health.failures >= count
+
+
 # --- 6. hashprice ---------------------------------------------------------------------------------
 
 
@@ -652,7 +656,7 @@ async def test_a_hashprice_feed_out_of_range_is_never_used(tmp_path: Path) -> No
             for bad in (b"0", b"-5", b"1e12"):
                 hp.body = b'{"value": ' + bad + b"}"
                 target = health.failures + 2
-                await until(lambda t=target: health.failures >= t, 10, f"{bad!r} polled")
+                await until(functools.partial(failed_to, health, target), 10, f"{bad!r} polled")
                 await s.cycles_pass(2)
                 assert used() == 60.0, f"hashprice {bad!r} was used"
             assert (

@@ -279,7 +279,7 @@ class EventBook:
                 await self.store.record_compliance(
                     eid, start, target_w, iv.energy_wh / iv.seconds, interval_s=SETTLEMENT_S
                 )
-            except (AgentError, KeyError) as exc:
+            except (AgentError, KeyError, ValueError) as exc:  # never ends the control cycle
                 log.error("cannot journal compliance of %s: %s", eid, exc)
 
     async def _journal(self, event: GridEvent, baseline_w: float) -> None:

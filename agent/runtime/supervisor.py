@@ -1,10 +1,11 @@
 """Supervision of the agent's long-lived tasks: a task that dies is logged, shown and restarted.
 
 No single input may end the daemon. Each long-lived task (pollers, the control loop, the event
-watch, the MQTT bridge, the metrics server, grid sources) runs under :func:`supervise`: if it
-raises anything but a cancellation, or returns before ``stop`` is set, the death is logged once
-per distinct error (one line with the task and the error; the traceback at debug level),
-``AgentState.tasks`` marks it down (``site_agent_task_up`` and
+watch, the MQTT bridge, the metrics server, grid sources) runs under :func:`supervise`. A task
+that returns has finished its job and is no longer shown (the systemd watchdog feeder returns
+at once when systemd set no watchdog). One that raises anything but a cancellation has died:
+the death is logged once per distinct error (one line with the task and the error; the
+traceback at debug level), ``AgentState.tasks`` marks it down (``site_agent_task_up`` and
 ``site_agent_task_restarts_total`` in ``/metrics``, ``tasks`` in the retained MQTT state), and
 the task is started again after a capped exponential back-off. A task that then ran for a while
 (``healthy_after_s``) starts the back-off again from its first step.
@@ -53,12 +54,14 @@ async def supervise(
             health.up = False
             raise
         except Exception as exc:  # any bug or hostile input: this task only, never the daemon
-            failure: BaseException | None = exc
+            failure = exc
             error = f"{type(exc).__name__}: {exc}"[:300]
         else:
-            if stop.is_set():
-                break
-            failure, error = None, "returned before the agent stopped"
+            if not stop.is_set():  # finished its job: done, not dead, so not shown as down
+                log.debug("task %s finished", name)
+                state.tasks.pop(name, None)
+                return
+            break
         health.up = False
         health.restarts += 1
         health.last_error = error
@@ -67,8 +70,7 @@ async def supervise(
         if error != last_logged:  # once per distinct failure, not once per restart
             log.error("task %s died (%s); restarting with back-off", name, error)
             last_logged = error
-        if failure is not None:
-            log.debug("task %s traceback", name, exc_info=failure)
+        log.debug("task %s traceback", name, exc_info=failure)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)
         delay = min(delay * 2, max_backoff_s)

@@ -218,6 +218,20 @@ MUTANTS: tuple[Mutant, ...] = (
         (T + "test_an_operator_cannot_leave_safe_mode",),
     ),
     Mutant(
+        "release_acknowledged_without_journal",
+        "agent/runtime/events.py",
+        (
+            (
+                "                await self.store.set_event_status(eid, EventStatus.ENDED)\n",
+                "                try:\n"
+                "                    await self.store.set_event_status(eid, EventStatus.ENDED)\n"
+                "                except AgentError:\n"
+                "                    pass\n",
+            ),
+        ),
+        (T + "test_a_release_the_journal_cannot_take_is_refused_and_the_override_holds",),
+    ),
+    Mutant(
         "grid_event_limits_skipped",
         "agent/runtime/events.py",
         (

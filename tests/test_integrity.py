@@ -667,3 +667,22 @@ async def test_a_hashprice_feed_out_of_range_is_never_used(tmp_path: Path) -> No
                 )
                 >= 6
             )
+
+
+async def test_a_release_the_journal_cannot_take_is_refused_and_the_override_holds(
+    tmp_path: Path,
+) -> None:
+    """Acknowledged "released" while the journal still said active, it came back next cycle."""
+    end = datetime.now(UTC) + timedelta(hours=1)
+    async with site(tmp_path) as s:
+        assert (await s.agent.handle_command(Curtail("h-1", "alice", 8.0, end))).accepted
+        await until(lambda: "override-h-1" in s.agent.coordinator.events, 10, "in force")
+        await s.store._run(lambda c: c.execute("PRAGMA query_only=ON"))
+        answer = await s.agent.handle_command(Release("h-2", "alice"))
+        assert not answer.accepted
+        assert "cannot journal the release" in answer.reason
+        await s.cycles_pass(4)
+        assert "override-h-1" in s.agent.coordinator.events
+        await s.store._run(lambda c: c.execute("PRAGMA query_only=OFF"))
+        assert (await s.agent.handle_command(Release("h-3", "alice"))).accepted
+        await until(lambda: "override-h-1" not in s.agent.coordinator.events, 10, "released")

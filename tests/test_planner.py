@@ -7,6 +7,7 @@ and a deferrable job of one 1 MW "GPU". Every expected figure below is worked ou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
@@ -34,7 +35,7 @@ def block(wake_lost_s: float = 0.0, count: int = 1, units_on: int | None = None)
 
 
 def horizon(
-    prices: list[float],
+    prices: Sequence[float],
     blocks: tuple[MinerBlock, ...] = (),
     jobs: tuple[DeferrableJob, ...] = (),
     **kw: object,

@@ -128,6 +128,7 @@ class Band:
     power_w: float  # whole block
     curtail_above_usd_per_mwh: float
     restore_below_usd_per_mwh: float
+    hashrate_ths: float = 0.0  # whole block
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +353,7 @@ def _asap(inp: HorizonInput, dl: Sequence[int]) -> tuple[list[list[bool]], list[
     return runs, missed
 
 
-_Solution = tuple[list[list[tuple[int, float]]], list[list[bool]], float, float, int, bool]
+_Solution = tuple[list[list[tuple[int, float, float]]], list[list[bool]], float, float, int, bool]
 
 
 def _solve(
@@ -443,10 +444,10 @@ def _solve(
             sleeps.append(s)
             wcost.append(wc + sc)
             prev_on = o
-            if l_on:
+            if l_on > 1:  # one interval is implied by wake − sleep = on[t] − on[t−1]
                 row([*((wakes[k], 1.0) for k in range(max(0, t - l_on + 1), t + 1)), (o, -1.0)],
                     -np.inf, 0.0)  # fmt: skip
-            if l_off:
+            if l_off > 1:
                 row([*((sleeps[k], 1.0) for k in range(max(0, t - l_off + 1), t + 1)), (o, 1.0)],
                     -np.inf, b.count)  # fmt: skip
         on_idx.append(ons)
@@ -504,6 +505,10 @@ def _solve(
             (
                 round(float(x[on_idx[bi][t]])),
                 b.points[0].power_w * b.count + sum(float(x[y]) * w for y, w in block_terms[bi][t]),
+                sum(
+                    float(x[y]) * p.hashrate_ths
+                    for (y, _), p in zip(block_terms[bi][t], b.points[1:], strict=True)
+                ),
             )
             for bi, b in enumerate(inp.blocks)
         ]
@@ -523,11 +528,13 @@ def _solve(
     return on, runs_out, objective, switching, n_wakes, res.status == 0
 
 
-def _band(inp: HorizonInput, block: MinerBlock, units_on: int, power_w: float, t: int) -> Band:
+def _band(
+    inp: HorizonInput, block: MinerBlock, units_on: int, power_w: float, ths: float, t: int
+) -> Band:
     hp, fee = inp.hashprice_usd_per_ph_day, inp.pool_fee
     density, dp_w, _ = first_step(block, hp, fee)
     k_usd = cycle_cost_usd(block, hp, fee, inp.price_usd_per_mwh[t])
     margin = k_usd / (dp_w / 1e6 * inp.spike_h) if dp_w > 0 and inp.spike_h > 0 else 0.0
     if block.count > 0 and units_on * 2 >= block.count:
-        return Band(units_on, power_w, density + margin, density)
-    return Band(units_on, power_w, density, density - margin)
+        return Band(units_on, power_w, density + margin, density, ths)
+    return Band(units_on, power_w, density, density - margin, ths)

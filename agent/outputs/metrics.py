@@ -51,6 +51,7 @@ from agent.control.economics import (
     breakeven_usd_per_mwh,
     mining_revenue_usd_per_h,
 )
+from agent.control.planner import PlanStatus
 from agent.control.policy import event_limit_w
 from agent.runtime.state import AgentState
 from drivers.jobs.base import JobClass, JobState
@@ -73,6 +74,9 @@ def miner_state(m: MinerView) -> str:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+PLAN_STATUSES = tuple(s.value for s in PlanStatus)
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -132,6 +136,20 @@ class AgentCollector(Collector):
             "Duration of the last control cycle.",
             value=state.last_cycle_duration_s,
         )
+        if state.planner_solve_s is not None:
+            yield GaugeMetricFamily(
+                "site_planner_solve_seconds",
+                "Wall time of the horizon planner's last solve.",
+                value=state.planner_solve_s,
+            )
+            status = _gauge(
+                "site_planner_status",
+                "1 for the horizon planner's last status (failed and bad_input: the rule alone).",
+                ["status"],
+            )
+            for name in PLAN_STATUSES:
+                status.add_metric([name], 1.0 if name == state.planner_status else 0.0)
+            yield status
         if state.last_cycle_at is not None:
             yield GaugeMetricFamily(
                 "site_agent_last_control_cycle_timestamp_seconds",

@@ -33,6 +33,12 @@ from agent.control.domain import (
     Snapshot,
 )
 from agent.control.fourcp import peak_risk
+from agent.control.planner import (
+    HorizonInput,
+    HorizonPlan,
+    MinerBlock,
+    plan_horizon,
+)
 from agent.runtime.fleet import GpuFleet
 from agent.runtime.state import AgentState
 from drivers.errors import AgentError, BadInput, DeviceError
@@ -113,6 +119,9 @@ class Coordinator:
         self.hashprice_read_at: float | None = None
         self.day_ahead: DayAheadForecast | None = None
         self.system_load: SystemLoadReplay | None = None
+        # The latest usable horizon plan, and what it was made from (re-plan when that changes).
+        self.horizon: HorizonPlan | None = None
+        self._horizon_key: tuple[object, ...] | None = None
         self.started_mono = monotonic()
         self._ramp_at: float | None = None
         self._ramp_tokens_w = 0.0
@@ -333,7 +342,85 @@ class Coordinator:
             day_ahead_usd_per_mwh=day_ahead,
             fourcp_risk=risk,
             fourcp_reason=reason,
+            horizon=self.horizon,
         )
+
+    # --- the horizon plan ----------------------------------------------------------------
+
+    HORIZON_H = 36
+
+    def horizon_input(self) -> HorizonInput | None:
+        """The planner's input now: the day-ahead prices of the next 36 h (from the current
+        hour), the hashprice, the miners by model with the units awake, the GPU load as it is
+        now (flat), the interconnect. None without day-ahead prices, or while the market runs on
+        a simulated clock (the plan's times must be the policy's)."""
+        if self.day_ahead is None or callable(getattr(self.price_source, "sim_now", None)):
+            return None
+        now = self.clock()
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        prices = self.day_ahead.prices_between(hour, hour + timedelta(hours=self.HORIZON_H))
+        # Contiguous hours from the current one only: a gap ends the horizon.
+        hours: list[tuple[datetime, float]] = []
+        for k, (start, value) in enumerate(prices):
+            if start != hour + timedelta(hours=k):
+                break
+            hours.append((start, value))
+        if not hours:
+            return None
+        by_model: dict[str, list[MinerSlot]] = {}
+        for slot in self.slots.values():
+            by_model.setdefault(slot.model, []).append(slot)
+        blocks = tuple(
+            MinerBlock(
+                model,
+                len(slots),
+                slots[0].points,
+                units_on=sum(1 for s in slots if s.commanded != s.points[0].name),
+            )
+            for model, slots in sorted(by_model.items())
+        )
+        gpu_w = 0.0
+        if self.gpu_fleet is not None:
+            gpu_w = sum(n.worst_case_power_w * n.count for n in self.gpu_fleet.views(now))
+        site, control = self.config.site, self.config.control
+        return HorizonInput(
+            at=now,
+            starts=tuple(h for h, _ in hours),
+            interval_s=3600.0,
+            price_usd_per_mwh=tuple(v for _, v in hours),
+            hashprice_usd_per_ph_day=self.current_hashprice(self.monotonic()),
+            pool_fee=self.config.economics.pool_fee,
+            blocks=blocks,
+            limit_w=max(0.0, (site.interconnect_limit_kw - site.safety_margin_kw) * 1000.0),
+            base_load_w=(gpu_w,) * len(hours),
+            min_on_s=control.min_on_s,
+            min_off_s=control.min_off_s,
+            spike_h=max(control.min_off_s, control.interval_s) / 3600.0,
+        )
+
+    async def refresh_horizon(self) -> None:
+        """Re-plan every hour and whenever the forecast changes, off the event loop. A failed
+        solve drops the plan (the rule alone decides) and logs the reason once."""
+        inp = self.horizon_input()
+        if inp is None:
+            return
+        key = (inp.starts[0], inp.price_usd_per_mwh, inp.hashprice_usd_per_ph_day)
+        if key == self._horizon_key:
+            return
+        self._horizon_key = key
+        plan = await asyncio.to_thread(plan_horizon, inp)
+        state = self.state
+        was = state.planner_status
+        state.planner_solve_s, state.planner_status = plan.solve_s, plan.status.value
+        state.planner_reason = plan.reason
+        if plan.usable:
+            if was != plan.status.value:
+                log.info("horizon plan %s in %.3f s: %s", plan.status, plan.solve_s, plan.reason)
+            self.horizon = plan
+        else:
+            if was != plan.status.value:
+                log.warning("horizon planner fell back to the rule: %s", plan.reason)
+            self.horizon = None
 
     def ramp_headroom_w(self, mono: float) -> float:
         """The ramp budget: a token bucket filled at the ramp rate.

@@ -330,6 +330,9 @@ class Agent:
             loops.append(
                 self.coordinator.run_poller(self.coordinator.poll_price, price_every, stop)
             )
+        if self.coordinator.day_ahead is not None:
+            # Cheap when nothing changed: it re-plans only on a new hour or a new forecast.
+            loops.append(self.coordinator.run_poller(self.coordinator.refresh_horizon, 60.0, stop))
         loops.extend(service(stop) for service in self.components.services)
         try:
             async with asyncio.TaskGroup() as tg:

@@ -8,7 +8,10 @@ that loses ``s`` seconds of hashing costs 0.20 × s / 3600 USD.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -26,7 +29,7 @@ from agent.backtest.horizon import DayAheadPlanner
 from agent.backtest.optimum import run_optimum
 from agent.control.planner import SwitchingCost
 from agent.control.policy import decide
-from tests.test_backtest import PRICES, T0, site_config
+from tests.test_backtest import PRICES, T0, site_config, write_inputs
 
 
 def test_constrained_optimum_by_hand() -> None:
@@ -115,3 +118,60 @@ def test_optimum_lies_between_every_causal_strategy_and_the_oracle(
     assert optimum.profit_usd <= oracle.profit_usd + 1e-9
     assert policy.profit_usd <= optimum.profit_usd + 1e-9
     assert strike.profit_usd <= optimum.profit_usd + 1e-9
+
+
+def test_cli_day_ahead_planner_optimum_and_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli.main import main
+
+    cfg, _ = write_inputs(tmp_path)
+    start = datetime(2023, 9, 4, 5, tzinfo=UTC)
+
+    def dear(i: int) -> bool:  # the evening of every day, in 15-minute intervals
+        return i % 96 > 70
+
+    # Real time: the day-ahead shape, plus a one-interval spike to 100 each morning that the
+    # day-ahead market did not see: above the miners' 66.7 + 5, inside the band (66.7 + 44.7:
+    # a 10-minute wake of 0.2 USD/h over 2.98 kW for 15 minutes).
+    rt, da = tmp_path / "rt.csv", tmp_path / "da.csv"
+    rt.write_text(
+        "interval_start_utc,HB_WEST\n"
+        + "\n".join(
+            f"{(start + timedelta(minutes=15 * i)):%Y-%m-%dT%H:%M:%SZ},"
+            f"{100.0 if i % 96 == 30 else 20 + 200 * dear(i):.2f}"
+            for i in range(96 * 8)
+        )
+        + "\n"
+    )
+    da.write_text(
+        "interval_start_utc,HB_WEST\n"
+        + "\n".join(
+            f"{(start + timedelta(hours=h)):%Y-%m-%dT%H:%M:%SZ},{20 + 200 * dear(4 * h):.2f}"
+            for h in range(24 * 8)
+        )
+        + "\n"
+    )
+    common = ["backtest", "--config", str(cfg), "--prices", str(rt), "--column", "HB_WEST"]
+    common += ["--hashprice", "48", "--day-ahead", str(da)]
+    out, rule_out, png = tmp_path / "plan.json", tmp_path / "rule.json", tmp_path / "w.png"
+    assert main([*common, "--optimum", "--json", str(out), "--plot", "2023-W36",
+                 "--plot-out", str(png)]) == 0  # fmt: skip
+    assert main([*common, "--no-planner", "--json", str(rule_out)]) == 0
+    text = capsys.readouterr().out
+    assert "capture against the constrained optimum" in text
+    assert "horizon planner: 9 day-ahead plans" in text
+    doc, rule = json.loads(out.read_text()), json.loads(rule_out.read_text())
+    assert doc["planner"]["statuses"] == {"optimal": 9}
+    assert doc["optimum_solver"]["statuses"] == {"optimal": 9}
+    assert doc["inputs"]["horizon_planner"] is True
+    assert rule["inputs"]["horizon_planner"] is False
+    assert "planner" not in rule
+    # The plan rides through the morning spikes the rule sheds and pays a wake for.
+    assert doc["policy"]["miner_wakes"] < rule["policy"]["miner_wakes"]
+    assert doc["policy"]["profit_usd"] != rule["policy"]["profit_usd"]
+    assert doc["optimum"]["profit_usd"] <= doc["oracle"]["profit_usd"]
+    assert doc["capture_optimum"] == pytest.approx(
+        doc["policy"]["profit_usd"] / doc["optimum"]["profit_usd"], abs=1e-4
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

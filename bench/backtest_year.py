@@ -79,12 +79,12 @@ def main() -> int:
         line(f"{name}_profit_usd", round(led.profit_usd, 2), "USD")
     for label, stats in (("planner", res.planner), ("optimum_solver", res.optimum_stats)):
         if stats is not None:
-            secs = stats.seconds
-            line(f"{label}_solves", len(secs), "1", statuses=stats.statuses)
-            if secs:
-                line(f"{label}_seconds_total", round(sum(secs), 3), "s")
-                line(f"{label}_seconds_mean", round(sum(secs) / len(secs), 5), "s")
-                line(f"{label}_seconds_max", round(max(secs), 5), "s")
+            times_s = stats.seconds
+            line(f"{label}_solves", len(times_s), "1", statuses=stats.statuses)
+            if times_s:
+                line(f"{label}_seconds_total", round(sum(times_s), 3), "s")
+                line(f"{label}_seconds_mean", round(sum(times_s) / len(times_s), 5), "s")
+                line(f"{label}_seconds_max", round(max(times_s), 5), "s")
     if res.capture_optimum is not None:
         line("capture_optimum", round(res.capture_optimum, 5), "ratio")
     return 0

@@ -48,7 +48,7 @@ from agent.control.domain import (
     Snapshot,
 )
 from agent.control.economics import breakeven_usd_per_mwh, gpu_throughput_fraction
-from agent.control.planner import HorizonPlan, SwitchingCost
+from agent.control.planner import HorizonPlan, SwitchingCost, unit_cycle_cost_usd
 from agent.journal.store import event_target_w
 from drivers.errors import AgentError
 from drivers.grid.base import GridEvent
@@ -686,20 +686,8 @@ def run_strike(
     return _run_on_off("strike", site, market, occ, lambda i: states[i], switching)
 
 
-def wake_cost_usd(
-    points: Sequence[OperatingPoint],
-    switching: SwitchingCost,
-    hashprice: float,
-    fee: float,
-    price_usd_per_mwh: float,
-) -> float:
-    """One miner's wake and sleep: the hashing it loses at its top point and the energy
-    overheads (the planner's :func:`agent.control.planner.cycle_cost_usd`, per unit)."""
-    top_ths = max(p.hashrate_ths for p in points)
-    energy_kwh = switching.wake_energy_kwh + switching.sleep_energy_kwh
-    return mining_usd_per_h(top_ths, hashprice, fee) * switching.wake_lost_s / 3600.0 + (
-        energy_kwh / 1000.0 * max(price_usd_per_mwh, 0.0)
-    )
+# One unit's wake (and its sleep): the planner's cost model, charged per wake.
+wake_cost_usd = unit_cycle_cost_usd
 
 
 # --- the live policy -----------------------------------------------------------------------

@@ -195,14 +195,27 @@ def first_step(block: MinerBlock, hashprice: float, fee: float) -> tuple[float, 
     return best
 
 
-def cycle_cost_usd(block: MinerBlock, hashprice: float, fee: float, price: float) -> float:
-    """One unit's sleep and wake at energy price ``price``: lost hashing plus energy overheads."""
-    sw = block.switching
+def unit_cycle_cost_usd(
+    points: Sequence[OperatingPoint],
+    switching: SwitchingCost,
+    hashprice: float,
+    fee: float,
+    price_usd_per_mwh: float,
+) -> float:
+    """One unit's wake and sleep at energy price ``price_usd_per_mwh``: the hashing lost at its
+    top point plus the energy overheads. The planner weighs it; the backtest charges it."""
     top_rev_h = max(
-        (hashprice * p.hashrate_ths / 1000.0 / 24.0 * (1.0 - fee) for p in block.points), default=0
+        (hashprice * p.hashrate_ths / 1000.0 / 24.0 * (1.0 - fee) for p in points), default=0.0
     )
-    energy_kwh = sw.wake_energy_kwh + sw.sleep_energy_kwh
-    return top_rev_h * sw.wake_lost_s / 3600.0 + energy_kwh / 1000.0 * max(price, 0.0)
+    energy_kwh = switching.wake_energy_kwh + switching.sleep_energy_kwh
+    return top_rev_h * switching.wake_lost_s / 3600.0 + energy_kwh / 1000.0 * max(
+        price_usd_per_mwh, 0.0
+    )
+
+
+def cycle_cost_usd(block: MinerBlock, hashprice: float, fee: float, price: float) -> float:
+    """:func:`unit_cycle_cost_usd` of one of the block's units."""
+    return unit_cycle_cost_usd(block.points, block.switching, hashprice, fee, price)
 
 
 def _check(inp: HorizonInput) -> None:

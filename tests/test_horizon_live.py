@@ -72,7 +72,12 @@ async def test_the_plan_reaches_the_snapshot_and_metrics(tmp_path: Path) -> None
     assert plan.status.value == "optimal"
     assert len(plan.starts) == 36  # 36 h ahead of the current hour, no more
     assert [row[0].units_on for row in plan.bands[:4]] == [4, 4, 0, 4]
-    assert plan.band("M", NOW) is not None
+    # A wake loses 600 s of 0.2 USD/h (control.miner_wake_lost_s): 0.0333 USD per unit, over
+    # 2.98 kW for a 15-minute spike: 44.7 USD/MWh above the 67.1 value.
+    band = plan.band("M", NOW)
+    assert band is not None
+    assert band.restore_below_usd_per_mwh == pytest.approx(67.114, abs=1e-3)
+    assert band.curtail_above_usd_per_mwh == pytest.approx(67.114 + 44.743, abs=1e-3)
     reg = build_registry(state, config(), clock=lambda: NOW)
     solve_s = sample(reg, "site_planner_solve_seconds")
     assert solve_s is not None

@@ -51,9 +51,6 @@ from agent.control.planner import HorizonPlan, SwitchingCost
 
 CENTRAL = ZoneInfo("America/Chicago")
 DEFAULT_BLOCK_SIZE = 50
-# An assumption until the site model gives one per miner model: about 2–5 minutes of boot and
-# ramp, then the pool's averaged rate catching up.
-DEFAULT_WAKE_LOST_S = 600.0
 SYSTEM_LOAD_COLUMN = "total_mwh"
 SYSTEM_LOAD_TIME = "interval_end_utc"
 
@@ -77,8 +74,9 @@ class BacktestArgs:
     strike_n: int = 1
     events: Path | None = None  # demand-response events CSV (agent.backtest.data.EVENT_COLUMNS)
     # Hashing a miner loses per wake (ramp and catch-up); charged to every strategy that wakes
-    # miners (not the relaxed oracle) and weighed by the planner. 0: switching is free.
-    wake_lost_s: float = DEFAULT_WAKE_LOST_S
+    # miners (not the relaxed oracle) and weighed by the planner. 0: switching is free; None:
+    # the config's ``control.miner_wake_lost_s``.
+    wake_lost_s: float | None = None
     planner: bool = True  # with day-ahead prices, the policy follows a day-ahead horizon plan
     optimum: bool = False  # also the constrained optimum (perfect-foresight MILP, day by day)
 
@@ -267,10 +265,11 @@ def run_backtest(
     strike = args.strike_usd_per_mwh
     if strike is None:
         strike = site.fleet_breakeven_usd_per_mwh(market.hashprice[0])
-    if not (math.isfinite(args.wake_lost_s) and 0 <= args.wake_lost_s <= 86400):
-        raise BacktestError(f"wake lost seconds must be 0..86400 (got {args.wake_lost_s})")
-    switching = SwitchingCost(wake_lost_s=args.wake_lost_s)
-    charged = switching if args.wake_lost_s > 0 else None
+    wake_lost_s = config.control.miner_wake_lost_s if args.wake_lost_s is None else args.wake_lost_s
+    if not (math.isfinite(wake_lost_s) and 0 <= wake_lost_s <= 86400):
+        raise BacktestError(f"wake lost seconds must be 0..86400 (got {wake_lost_s})")
+    switching = SwitchingCost(wake_lost_s=wake_lost_s)
+    charged = switching if wake_lost_s > 0 else None
     planner = (
         DayAheadPlanner(site, market, switching) if args.planner and market.day_ahead else None
     )
@@ -365,7 +364,9 @@ def result_json(res: BacktestResult) -> dict[str, Any]:
         "block_size": a.block_size,
         "strike_usd_per_mwh": round(res.strike_usd_per_mwh, 4),
         "strike_n": a.strike_n,
-        "wake_lost_s": a.wake_lost_s,
+        "wake_lost_s": (
+            res.config.control.miner_wake_lost_s if a.wake_lost_s is None else a.wake_lost_s
+        ),
         "horizon_planner": res.planner is not None,
         "fourcp_estimator": res.fourcp_estimator,
         "fourcp_peak_intervals": [_iso(m.starts_s[i]) for i, p in enumerate(m.peak) if p],

@@ -73,7 +73,7 @@ def register(sub: Any) -> None:
         "--wake-lost-s",
         type=float,
         help="seconds of hashing a miner loses per wake, charged to every strategy that wakes "
-        "miners and weighed by the planner (default 600; 0: switching is free)",
+        "miners and weighed by the planner (default: control.miner_wake_lost_s, 600; 0: free)",
     )
     p.add_argument(
         "--no-planner",
@@ -118,7 +118,7 @@ def cli(ns: argparse.Namespace) -> int:
         planner=not ns.no_planner,
         optimum=ns.optimum,
         **({} if ns.block_size is None else {"block_size": ns.block_size}),
-        **({} if ns.wake_lost_s is None else {"wake_lost_s": ns.wake_lost_s}),
+        wake_lost_s=ns.wake_lost_s,
     )
     try:
         res = run_backtest(args)

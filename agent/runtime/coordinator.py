@@ -37,6 +37,7 @@ from agent.control.planner import (
     HorizonInput,
     HorizonPlan,
     MinerBlock,
+    SwitchingCost,
     plan_horizon,
 )
 from agent.runtime.fleet import GpuFleet
@@ -370,11 +371,13 @@ class Coordinator:
         by_model: dict[str, list[MinerSlot]] = {}
         for slot in self.slots.values():
             by_model.setdefault(slot.model, []).append(slot)
+        switching = SwitchingCost(wake_lost_s=self.config.control.miner_wake_lost_s)
         blocks = tuple(
             MinerBlock(
                 model,
                 len(slots),
                 slots[0].points,
+                switching,
                 units_on=sum(1 for s in slots if s.commanded != s.points[0].name),
             )
             for model, slots in sorted(by_model.items())
@@ -395,7 +398,9 @@ class Coordinator:
             base_load_w=(gpu_w,) * len(hours),
             min_on_s=control.min_on_s,
             min_off_s=control.min_off_s,
-            spike_h=max(control.min_off_s, control.interval_s) / 3600.0,
+            # A curtailment lasts at least its minimum off time, and a real-time price holds for
+            # its settlement interval (15 minutes in ERCOT): the shortest spike worth weighing.
+            spike_h=max(control.min_off_s, control.interval_s, 900.0) / 3600.0,
         )
 
     async def refresh_horizon(self) -> None:

@@ -3,7 +3,11 @@
 ERCOT's day-ahead market clears the day before, so at the first interval of each UTC day (and
 at the first interval of the period) :class:`DayAheadPlanner` plans the next ``hours`` from the
 day-ahead prices of those hours alone — one hourly price per interval, so a day is a small MILP
-(few variables; a year is 365 solves). The miner blocks are the site's models with the units
+(few variables; a year is 365 solves). When the forecast proves wrong — at an hour's start the
+last settled real-time price lies inside a block's band, where the policy would hold it against
+the rule — it re-plans the rest of the day with that real-time price for the hour now starting
+(the price holds until the next settles), so a spike that persists is no longer ridden through
+on the strength of a stale forecast. The miner blocks are the site's models with the units
 awake now; the AI load now is taken as flat over the horizon (the replay's job trace is not
 known ahead); the 4CP risk is left to the live policy (the estimator works on the system load as
 it arrives, not a day ahead, and its adder lifts the effective price above any band). A failed
@@ -34,6 +38,7 @@ class PlannerStats:
     seconds: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)  # "<day>: <reason>", first few
+    replans: int = 0  # plans within a day, from a real-time price the forecast missed
 
     def add(self, plan: HorizonPlan, day: str) -> None:
         self.seconds.append(plan.solve_s)
@@ -45,6 +50,7 @@ class PlannerStats:
         s = self.seconds
         return {
             "solves": len(s),
+            "replans": self.replans,
             "seconds_total": round(sum(s), 3),
             "seconds_mean": round(sum(s) / len(s), 5) if s else None,
             "seconds_max": round(max(s), 5) if s else None,
@@ -76,6 +82,7 @@ class DayAheadPlanner:
         self.plans: list[HorizonPlan] = []
         self.current: HorizonPlan | None = None
         self._day: int | None = None
+        self._end = 0
         self.per_hour = max(1, round(3600.0 / market.interval_s))
         cfg = site.config
         # A curtailment commits at least the minimum off time, and at least one interval.
@@ -85,12 +92,39 @@ class DayAheadPlanner:
         day = int(self.market.starts_s[i] // 86400)
         if day != self._day:
             self._day = day
-            self.current = self._plan(i, awake, ai_w)
+            self._end = min(len(self.market), i + self.hours * self.per_hour)
+            self.current = self._plan(i, awake, ai_w, self._end)
+        elif self.current is not None and self._hour_starts(i, self.current):
+            seen = self.market.seen_price[i]
+            if seen is not None and self._inside_band(i, seen[0]):
+                self.stats.replans += 1
+                self.current = self._plan(i, awake, ai_w, self._end, seen[0])
         return self.current
 
-    def _plan(self, i: int, awake: Mapping[str, int], ai_w: float) -> HorizonPlan | None:
+    def _hour_starts(self, i: int, plan: HorizonPlan) -> bool:
+        offset_s = self.market.starts_s[i] - plan.starts[0].timestamp()
+        return round(offset_s / self.market.interval_s) % self.per_hour == 0
+
+    def _inside_band(self, i: int, price: float) -> bool:
+        plan = self.current
+        now = datetime.fromtimestamp(self.market.starts_s[i], tz=UTC)
+        k = None if plan is None else plan.index_at(now)
+        if plan is None or k is None:
+            return False
+        return any(
+            b.restore_below_usd_per_mwh < price < b.curtail_above_usd_per_mwh for b in plan.bands[k]
+        )
+
+    def _plan(
+        self,
+        i: int,
+        awake: Mapping[str, int],
+        ai_w: float,
+        end: int,
+        realtime: float | None = None,
+    ) -> HorizonPlan | None:
         m, site, cfg = self.market, self.site, self.site.config
-        idx = range(i, min(len(m), i + self.hours * self.per_hour), self.per_hour)
+        idx = range(i, max(end, i + 1), self.per_hour)
         prices = [m.day_ahead[k] for k in idx]
         day = datetime.fromtimestamp(m.starts_s[i], tz=UTC).strftime("%Y-%m-%d")
         if any(p is None or not math.isfinite(p) for p in prices):
@@ -114,6 +148,7 @@ class DayAheadPlanner:
             min_off_s=cfg.control.min_off_s,
             spike_h=self.spike_h,
             time_limit_s=self.time_limit_s,
+            realtime_usd_per_mwh=realtime,
         )
         plan = plan_horizon(inp)
         self.stats.add(plan, day)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -113,6 +113,9 @@ class HorizonInput:
     base_load_w: tuple[float, ...] = ()  # committed load: hosts, idle GPUs, SLA and other jobs
     free_gpus: tuple[int, ...] = ()  # GPUs free for deferrable work (empty: unlimited)
     fourcp_adder_usd_per_mwh: tuple[float, ...] = ()  # expected 4CP charge per MWh
+    # The real-time price so far: it replaces the forecast of the first interval (the price
+    # holds until the next settles), so a forecast that proved wrong re-plans from the truth.
+    realtime_usd_per_mwh: float | None = None
     jobs: tuple[DeferrableJob, ...] = ()
     min_on_s: float = 0.0
     min_off_s: float = 0.0
@@ -230,8 +233,13 @@ def _check(inp: HorizonInput) -> None:
         got = len(getattr(inp, name))
         if got not in ((n,) if name == "price_usd_per_mwh" else (0, n)):
             raise _BadInput(f"{name} has {got} entries for {n} intervals")
-    for name in ("price_usd_per_mwh", "fourcp_adder_usd_per_mwh"):
-        for v in getattr(inp, name):
+    rt = () if inp.realtime_usd_per_mwh is None else (inp.realtime_usd_per_mwh,)
+    for name, values in (
+        ("price_usd_per_mwh", inp.price_usd_per_mwh),
+        ("fourcp_adder_usd_per_mwh", inp.fourcp_adder_usd_per_mwh),
+        ("realtime_usd_per_mwh", rt),
+    ):
+        for v in values:
             if not (math.isfinite(v) and abs(v) <= MAX_PRICE_USD_PER_MWH):
                 raise _BadInput(f"{name} holds {v}, outside ±{MAX_PRICE_USD_PER_MWH:g}")
     for v in (inp.hashprice_usd_per_ph_day, inp.limit_w, inp.time_limit_s, *inp.base_load_w):
@@ -260,6 +268,8 @@ def plan_horizon(inp: HorizonInput) -> HorizonPlan:
         _check(inp)
     except _BadInput as exc:
         return HorizonPlan(PlanStatus.BAD_INPUT, f"planner input refused: {exc}", inp.at)
+    if inp.realtime_usd_per_mwh is not None:
+        inp = replace(inp, price_usd_per_mwh=(inp.realtime_usd_per_mwh, *inp.price_usd_per_mwh[1:]))
     n = len(inp.starts)
     deadline_idx = [_deadline_index(inp, j) for j in inp.jobs]
     fixed: list[list[bool]] | None = None

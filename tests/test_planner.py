@@ -264,3 +264,15 @@ def test_jobs_that_fit_alone_in_unlimited_gpus_are_always_planned_in_time(
     for k, j in enumerate(jobs):
         done = sum(j.gpus for t in range(n) if plan.job_run[t][k] and plan.starts[t] < j.deadline)
         assert done >= j.remaining_gpu_h
+
+
+def test_the_real_time_price_so_far_replaces_the_first_forecast() -> None:
+    # The forecast said 50 for this hour; real time settled at 500: sleeping the hour saves
+    # 400 USD against a 10 USD cycle, so the plan sleeps now and wakes for the next hour.
+    prices = [50, 50, 50]
+    assert units(plan_horizon(horizon(prices, (block(360),)))) == [1, 1, 1]
+    plan = plan_horizon(horizon(prices, (block(360),), realtime_usd_per_mwh=500.0))
+    assert units(plan) == [0, 1, 1]
+    bad = plan_horizon(horizon(prices, (block(360),), realtime_usd_per_mwh=float("inf")))
+    assert bad.status is PlanStatus.BAD_INPUT
+    assert "realtime_usd_per_mwh holds inf" in bad.reason

@@ -16,6 +16,7 @@ from agent.control.config import parse_config
 from agent.outputs.metrics import build_registry
 from agent.runtime.coordinator import Coordinator
 from agent.runtime.state import AgentState
+from drivers.prices.base import PriceReading
 from drivers.prices.csv_replay import DayAheadForecast, load_day_ahead_csv
 
 NOW = datetime(2023, 8, 1, 12, 20, tzinfo=UTC)
@@ -111,3 +112,20 @@ async def test_no_day_ahead_no_plan(tmp_path: Path) -> None:
     assert state.planner_status is None
     reg = build_registry(state, config(), clock=lambda: NOW)
     assert sample(reg, "site_planner_solve_seconds") is None
+
+
+async def test_a_fresh_real_time_price_re_plans_the_hour_now_running(tmp_path: Path) -> None:
+    coord, _ = coordinator(tmp_path, [30.0] * 40)
+    await coord.refresh_horizon()
+    first = coord.snapshot().horizon
+    assert first is not None
+    assert first.bands[0][0].units_on == 4
+    # Real time settles at 500 in this hour: a new plan, which sleeps the miners now.
+    coord.price = PriceReading("rt", NOW.replace(minute=0), 900.0, 500.0, NOW)
+    coord.price_read_at = coord.monotonic()
+    await coord.refresh_horizon()
+    second = coord.snapshot().horizon
+    assert second is not None
+    assert second is not first
+    assert second.bands[0][0].units_on == 0
+    assert second.bands[1][0].units_on == 4

@@ -386,6 +386,12 @@ class Coordinator:
         if self.gpu_fleet is not None:
             gpu_w = sum(n.worst_case_power_w * n.count for n in self.gpu_fleet.views(now))
         site, control = self.config.site, self.config.control
+        # The real-time price so far stands for the hour now running (persistence), when fresh.
+        realtime = None
+        if self.price is not None and self.price_read_at is not None:
+            fresh = self.monotonic() - self.price_read_at <= self.config.prices.max_age_s
+            if fresh and math.isfinite(self.price.value):
+                realtime = self.price.value
         return HorizonInput(
             at=now,
             starts=tuple(h for h, _ in hours),
@@ -401,15 +407,22 @@ class Coordinator:
             # A curtailment lasts at least its minimum off time, and a real-time price holds for
             # its settlement interval (15 minutes in ERCOT): the shortest spike worth weighing.
             spike_h=max(control.min_off_s, control.interval_s, 900.0) / 3600.0,
+            realtime_usd_per_mwh=realtime,
         )
 
     async def refresh_horizon(self) -> None:
-        """Re-plan every hour and whenever the forecast changes, off the event loop. A failed
+        """Re-plan every hour and whenever the forecast, the real-time price or the hashprice
+        changes, off the event loop (a solve of 36 hourly intervals takes milliseconds). A failed
         solve drops the plan (the rule alone decides) and logs the reason once."""
         inp = self.horizon_input()
         if inp is None:
             return
-        key = (inp.starts[0], inp.price_usd_per_mwh, inp.hashprice_usd_per_ph_day)
+        key = (
+            inp.starts[0],
+            inp.price_usd_per_mwh,
+            inp.realtime_usd_per_mwh,
+            inp.hashprice_usd_per_ph_day,
+        )
         if key == self._horizon_key:
             return
         self._horizon_key = key

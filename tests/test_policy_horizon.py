@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from agent.control.config import FourCpConfig
 from agent.control.domain import SLEEP, ActionKind, Snapshot
 from agent.control.planner import (
@@ -193,3 +196,38 @@ def test_a_planned_run_is_not_forced_through_a_4cp_risk() -> None:
 def test_sla_jobs_ignore_the_plan() -> None:
     snap = snapshot(30.0, nodes=[node("n1", job("s", JobClass.SLA))])
     assert kinds(with_plan(snap, plan_with(jobs={"s": False})), "n1") == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    price=st.floats(-100, 2000),
+    upper=st.floats(0, 1000),
+    width=st.floats(0, 500),
+    states=st.lists(st.booleans(), min_size=1, max_size=8),
+    limit_kw=st.floats(1, 40),
+    jobs=st.lists(st.booleans(), min_size=0, max_size=3),
+)
+def test_a_plan_never_takes_the_site_over_its_limit(
+    price: float,
+    upper: float,
+    width: float,
+    states: list[bool],
+    limit_kw: float,
+    jobs: list[bool],
+) -> None:
+    band = Band(1, 3500.0, upper, upper - width)
+    miners = [miner(f"m{k}", commanded="stock" if on else SLEEP) for k, on in enumerate(states)]
+    parked = [
+        job(f"j{k}", JobClass.PREEMPTIBLE, JobState.SUSPENDED, gpus=1) for k in range(len(jobs))
+    ]
+    snap = with_plan(
+        snapshot(price, miners, [node("n1", *parked)] if parked else []),
+        plan_with(band, {f"j{k}": run for k, run in enumerate(jobs)}),
+    )
+    plan = decide(snap, config(limit_kw=limit_kw), T0)
+    floor_w = 25.0 * len(states) + (500.0 + 8 * 70.0 if parked else 0.0)
+    assert plan.planned_power_w <= max(limit_kw * 1000.0, floor_w) + 1e-6
+    for k, on in enumerate(states):
+        point = plan.miner_points[f"m{k}"]
+        if on and price <= upper and 3500.0 * sum(states) + floor_w <= limit_kw * 1000.0:
+            assert point == "stock"  # held in the band, and the limit does not force a shed

@@ -85,6 +85,7 @@ def main() -> int:
                 line(f"{label}_seconds_total", round(sum(times_s), 3), "s")
                 line(f"{label}_seconds_mean", round(sum(times_s) / len(times_s), 5), "s")
                 line(f"{label}_seconds_max", round(max(times_s), 5), "s")
+                line(f"{label}_cpu_seconds_total", round(stats.cpu_s, 3), "s")
     if res.capture_optimum is not None:
         line("capture_optimum", round(res.capture_optimum, 5), "ratio")
     return 0

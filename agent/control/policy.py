@@ -163,25 +163,31 @@ def horizon_holds(
     risk the plan's deferrable runs are not forced (the risk may exceed the plan's forecast).
     """
     plan = snapshot.horizon
-    if plan is None or stale or plan.index_at(now) is None:
+    k = None if plan is None or stale else plan.index_at(now)
+    if plan is None or k is None:
         return HorizonHolds()
+    # One lookup of the plan's row per call (a site has thousands of miners).
+    bands = dict(zip(plan.block_ids, plan.bands[k], strict=True))
+    runs = dict(zip(plan.job_ids, plan.job_run[k], strict=True))
     awake: set[str] = set()
     asleep: set[str] = set()
-    for m in snapshot.miners:
-        band = plan.band(m.model, now)
-        if band is None or m.fault is not None:
-            continue
-        sleeping = m.commanded == m.points[0].name
-        if not sleeping and price <= band.curtail_above_usd_per_mwh:
-            awake.add(m.device_id)
-        elif sleeping and price >= band.restore_below_usd_per_mwh:
-            asleep.add(m.device_id)
+    if bands:
+        for m in snapshot.miners:
+            band = bands.get(m.model)
+            if band is None or m.fault is not None:
+                continue
+            sleeping = m.commanded == m.points[0].name
+            if not sleeping and price <= band.curtail_above_usd_per_mwh:
+                awake.add(m.device_id)
+            elif sleeping and price >= band.restore_below_usd_per_mwh:
+                asleep.add(m.device_id)
     jobs: dict[str, bool] = {}
-    for n in snapshot.gpu_nodes:
-        for job in n.jobs:
-            run = plan.job_runs(job.job_id, now)
-            if run is not None and job.job_class != JobClass.SLA and not (run and fourcp):
-                jobs[job.job_id] = run
+    if runs:
+        for n in snapshot.gpu_nodes:
+            for job in n.jobs:
+                run = runs.get(job.job_id)
+                if run is not None and job.job_class != JobClass.SLA and not (run and fourcp):
+                    jobs[job.job_id] = run
     parts = []
     if awake or asleep:
         parts.append(f"{len(awake)} running and {len(asleep)} sleeping miner(s) held in band")

@@ -16,6 +16,7 @@ oracle does not: the optimum is exact for the miners and relaxed for AI.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -65,6 +66,7 @@ def run_optimum(
             _oracle_choice(q[k], market.hashprice[i], fee, (), occ, occ.used[i], rates_h)
             for k, i in enumerate(idx)
         ]
+        cpu0 = time.process_time()
         plan = plan_horizon(
             HorizonInput(
                 at=datetime.fromtimestamp(market.starts_s[idx[0]], tz=UTC),
@@ -89,6 +91,7 @@ def run_optimum(
         )
         day = datetime.fromtimestamp(market.starts_s[idx[0]], tz=UTC).strftime("%Y-%m-%d")
         if stats is not None:
+            stats.cpu_s += time.process_time() - cpu0
             stats.add(plan, day)
         if not plan.usable:
             raise RuntimeError(f"constrained optimum: no plan for {day}: {plan.reason}")

@@ -18,7 +18,8 @@ The model (``scipy.optimize.milp``, HiGHS, with a time limit), per block ``b`` a
   run[j,t−1]`` charged its resume cost (the work lost at the suspension before it), and its
   remaining GPU-hours done by its deadline — a **hard** constraint;
 * the GPUs free for deferrable work, and the interconnect limit, in every interval;
-* objective: mining revenue − energy cost at (price + 4CP adder) − switching costs.
+* objective: mining revenue − energy cost at (price + 4CP adder) − switching costs. The
+  real-time price so far, when given, replaces the first interval's forecast.
 
 The band. A block's first step (sleep → its most efficient profile) earns ``b`` USD per MWh it
 draws. Cycling one unit costs ``K`` (a wake and a sleep); a curtailment commits at least

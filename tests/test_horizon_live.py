@@ -129,3 +129,23 @@ async def test_a_fresh_real_time_price_re_plans_the_hour_now_running(tmp_path: P
     assert second is not first
     assert second.bands[0][0].units_on == 0
     assert second.bands[1][0].units_on == 4
+
+
+async def test_a_planner_that_raises_never_stops_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Last resort: plan_horizon catches its own solver errors, so only a patched one can raise
+    # past it; the coordinator must still keep the loop alive and fall back to the rule.
+    import agent.runtime.coordinator as coordinator_module
+
+    def broken(_: object) -> None:
+        raise MemoryError("no room for the MILP")
+
+    coord, state = coordinator(tmp_path, [30.0] * 40)
+    monkeypatch.setattr(coordinator_module, "plan_horizon", broken)
+    with caplog.at_level(logging.WARNING, logger="agent.runtime.coordinator"):
+        await coord.refresh_horizon()
+    assert coord.snapshot().horizon is None
+    assert state.planner_status == "failed"
+    assert state.planner_reason == "planner raised MemoryError: no room for the MILP"
+    assert any("fell back to the rule" in r.getMessage() for r in caplog.records)

@@ -37,6 +37,7 @@ from agent.control.planner import (
     HorizonInput,
     HorizonPlan,
     MinerBlock,
+    PlanStatus,
     SwitchingCost,
     plan_horizon,
 )
@@ -426,7 +427,12 @@ class Coordinator:
         if key == self._horizon_key:
             return
         self._horizon_key = key
-        plan = await asyncio.to_thread(plan_horizon, inp)
+        try:
+            plan = await asyncio.to_thread(plan_horizon, inp)
+        except Exception as exc:  # the planner is advisory: it must never stop the agent
+            plan = HorizonPlan(
+                PlanStatus.FAILED, f"planner raised {type(exc).__name__}: {exc}", inp.at
+            )
         state = self.state
         was = state.planner_status
         state.planner_solve_s, state.planner_status = plan.solve_s, plan.status.value

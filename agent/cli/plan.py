@@ -40,9 +40,26 @@ def plan(args: argparse.Namespace) -> int:
                 if aclose is not None:
                     await aclose()
         agent.coordinator.adopt_observed_state()
+        await agent.coordinator.refresh_horizon()
         snapshot = agent.coordinator.snapshot()
         result = decide(snapshot, cfg, snapshot.at)
         print(result.summary)
+        state = agent.state
+        if state.planner_status is not None:
+            print(
+                f"horizon plan: {state.planner_status} in {state.planner_solve_s or 0.0:.3f} s"
+                f" ({state.planner_reason})"
+            )
+        horizon = snapshot.horizon
+        if horizon is not None:
+            for block in horizon.block_ids:
+                band = horizon.band(block, snapshot.at)
+                if band is not None:
+                    print(
+                        f"  {block}: {band.units_on} awake in the plan; curtail above "
+                        f"{band.curtail_above_usd_per_mwh:,.1f}, restore below "
+                        f"{band.restore_below_usd_per_mwh:,.1f} $/MWh"
+                    )
         for action in result.actions:
             print(f"  {action.device_id}: {action.kind.value} -> {action.target}: {action.reason}")
         return 0

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TextIO
@@ -30,6 +30,7 @@ from pydantic import BaseModel, SecretStr
 
 from agent.control.domain import Plan, Snapshot
 from agent.journal.store import secrets_in
+from agent.runtime.state import AgentState
 
 REDACTED = "***"
 MIN_SECRET_LEN = 4  # shorter "secrets" would redact ordinary words and digits
@@ -255,3 +256,22 @@ def log_cycle(
     fields = cycle_fields(plan, cycle=cycle, duration_s=duration_s, snapshot=snapshot, mode=mode)
     summary = plan.summary or ("no change" if not plan.actions else f"{len(plan.actions)} actions")
     logger.info("cycle %d: %s", cycle, summary, extra=fields)
+
+
+def cycle_logger(
+    state: AgentState, logger: logging.Logger | None = None
+) -> Callable[[Snapshot, Plan, Sequence[object]], None]:
+    """A cycle observer for the runtime: the canonical line of each cycle, read from ``state``."""
+    out = logger or logging.getLogger("agent.runtime.loop")
+
+    def observe(snapshot: Snapshot, plan: Plan, _results: Sequence[object]) -> None:
+        log_cycle(
+            out,
+            plan,
+            cycle=state.cycles,
+            duration_s=state.last_cycle_duration_s,
+            snapshot=snapshot,
+            mode=state.mode,
+        )
+
+    return observe

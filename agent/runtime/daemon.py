@@ -10,37 +10,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
 
 from agent.control.config import AgentConfig
 from agent.journal.store import Store, journal_path, secrets_in
+from agent.outputs.logs import cycle_logger
 from agent.outputs.metrics import MetricsServer, build_registry
 from agent.outputs.mqtt import MqttBridge
-from agent.runtime.loop import Agent
+from agent.runtime.coordinator import utc_now
+from agent.runtime.inbox import CommandInbox
+from agent.runtime.loop import Agent, CycleHook, Service
 from agent.runtime.sdnotify import LoopWatchdog, Notifier
-from agent.runtime.wiring import attach_grid_sources, build_components
+from agent.runtime.state import AgentState
+from agent.runtime.wiring import build_components
 
 log = logging.getLogger(__name__)
 
-Service = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
+class MetricsService:
+    """Serves ``/metrics`` (read-only, localhost by default) while the agent runs."""
 
-def metrics_service(agent: Agent, config: AgentConfig) -> Service:
-    """Serve ``/metrics`` (read-only, localhost by default) while the agent runs."""
+    def __init__(self, state: AgentState, config: AgentConfig) -> None:
+        self.state = state
+        self.config = config
+        self.port: int | None = None  # the bound port, once serving (``port: 0`` picks one)
 
-    async def service(stop: asyncio.Event) -> None:
-        registry = build_registry(agent.state, config)
-        server = MetricsServer(registry, config.metrics.host, config.metrics.port)
+    async def __call__(self, stop: asyncio.Event) -> None:
+        registry = build_registry(self.state, self.config)
+        server = MetricsServer(registry, self.config.metrics.host, self.config.metrics.port)
         await server.start()
-        agent.metrics_port = server.port
+        self.port = server.port
         try:
             await stop.wait()
         finally:
             await server.close()
-
-    return service
 
 
 async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0) -> None:
@@ -48,31 +51,39 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
     notifier = Notifier()
     path = journal_path(config.store.path, config_file)
     async with Store.open(path, known_secrets=secrets_in(config)) as store:
-        components = build_components(config)
-        components.store = store
-        agent = Agent(config, components)
-        attach_grid_sources(agent, config)
+        state = AgentState(site_id=config.site.id, started_at=utc_now())
+        inbox = CommandInbox()
         control = config.control
         # A healthy cycle can take a full round of device timeouts and retries; the first one
         # also waits for the first fleet poll.
         stall_s = max(
-            agent.first_poll_timeout_s,
+            max(30.0, 3 * control.device_timeout_s),
             control.interval_s + (control.retries + 1) * control.device_timeout_s * 2,
         )
+        watchdog = LoopWatchdog(notifier, max_stall_s=stall_s)
+        services: list[Service] = [watchdog.run]
+        observers: list[CycleHook] = [cycle_logger(state)]
         if config.metrics.enabled:
-            components.services.append(metrics_service(agent, config))
+            services.append(MetricsService(state, config))
         if config.mqtt.enabled:
             bridge = MqttBridge(
                 config.mqtt,
-                agent.state,
-                agent.handle_command,
+                state,
+                inbox.submit,
+                count_rejected=inbox.reject,
                 interconnect_limit_w=config.site.interconnect_limit_kw * 1000.0,
             )
-            agent.on_cycle = lambda _snapshot, _plan, _results: bridge.publish_cycle()
-            components.services.append(bridge)
-        watchdog = LoopWatchdog(notifier, max_stall_s=stall_s)
-        agent.watchdog = watchdog.beat
-        components.services.append(watchdog.run)
+            observers.append(lambda _snapshot, _plan, _results: bridge.publish_cycle())
+            services.append(bridge)
+        components = build_components(config, state, store=store, services=services)
+        agent = Agent(
+            config,
+            components,
+            state=state,
+            observers=observers,
+            inbox=inbox,
+            watchdog=watchdog.beat,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -82,7 +93,7 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
-        notifier.ready(f"site {config.site.id}: {len(components.miners)} miners, journal {path}")
+        notifier.ready(f"site {config.site.id}: {len(agent.fleets)} fleet(s), journal {path}")
         log.info("site-agent running: site %s, journal %s", config.site.id, path)
         try:
             await agent.run(stop, grace_s=grace_s)

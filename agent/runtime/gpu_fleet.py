@@ -1,7 +1,7 @@
 """The site's GPU nodes and AI jobs as one
-:class:`~agent.runtime.fleet.GpuFleet`, built from config.
+:class:`~agent.runtime.fleet.Fleet`, built from config.
 
-:class:`GpuSite` holds one GPU driver per node (NVML on this host, or NVML on the simulator) and
+:class:`GpuFleet` holds one GPU driver per node (NVML on this host, or NVML on the simulator) and
 one job-control driver for the whole site (Slurm, local processes, or the simulated scheduler).
 It polls them, keeps the last good readings, and gives the coordinator one
 :class:`~agent.control.domain.GpuNodeView` per node:
@@ -19,14 +19,14 @@ It polls them, keeps the last good readings, and gives the coordinator one
   that failed (held for ``fault_retry_s``). The policy leaves a faulted node alone and counts it
   at that worst-case power, so limits still hold with the other devices.
 
-:meth:`GpuSite.apply` carries out one GPU or job action and checks it itself (the actuator does
+:meth:`GpuFleet.apply` carries out one GPU or job action and checks it itself (the actuator does
 not verify GPU actions): a power cap is set on every GPU of the node and read back; a job is
 suspended, resumed or requeued and its new state read back from the scheduler. A command that
 was accepted but not applied raises :class:`~drivers.errors.CommandNotApplied`.
 
 Drivers that are async context managers (NVML, local jobs) are opened on the first poll and
-closed by :meth:`GpuSite.run` (a runtime service) when the agent stops.
-:func:`build_gpu_fleet` turns ``gpu_nodes:`` and ``ai:`` into a :class:`GpuSite`; with
+closed by :meth:`GpuFleet.run` (a runtime service) when the agent stops.
+:func:`build_gpu_fleet` turns ``gpu_nodes:`` and ``ai:`` into a :class:`GpuFleet`; with
 ``nvml-sim`` nodes and the ``sim`` scheduler it also starts the simulated site
 (:class:`GpuSimulation`): simulated GPUs per node and a scheduler that runs the configured jobs
 on them.
@@ -39,7 +39,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -54,6 +54,7 @@ from agent.control.config import (
 )
 from agent.control.domain import Action, ActionKind, GpuNodeView, JobView
 from agent.runtime.coordinator import utc_now
+from agent.runtime.fleet import FleetViews, NotApplied
 from drivers.errors import (
     CommandNotApplied,
     CommandRejected,
@@ -126,8 +127,8 @@ class _JobTrack:
     since: datetime
 
 
-class GpuSite:
-    """GPU nodes and their jobs, polled and commanded as one (implements ``GpuFleet``)."""
+class GpuFleet:
+    """GPU nodes and their jobs, polled and commanded as one :class:`~agent.runtime.fleet.Fleet`."""
 
     def __init__(
         self,
@@ -160,6 +161,18 @@ class GpuSite:
         self._tracks: dict[str, _JobTrack] = {}
         self._jobs_polled = False
         self._closed = False
+        self._polled = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return "gpus"
+
+    @property
+    def polled(self) -> asyncio.Event:
+        return self._polled
+
+    def owns(self, device_id: str) -> bool:
+        return device_id in self._nodes
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -214,17 +227,21 @@ class GpuSite:
     def max_reading_age_s(self) -> float:
         return 3 * self.control.poll_interval_s + self.control.device_timeout_s
 
-    async def poll(self) -> None:
+    async def poll(self) -> str | None:
         """Read every node and the scheduler. Raises only when nothing at all answered."""
-        await self._open()
-        nodes_ok = await asyncio.gather(*(self._poll_node(n) for n in self._nodes.values()))
-        jobs_ok = await self._poll_jobs()
+        try:
+            await self._open()
+            nodes_ok = await asyncio.gather(*(self._poll_node(n) for n in self._nodes.values()))
+            jobs_ok = await self._poll_jobs()
+        finally:
+            self._polled.set()
         self._log_faults()
         if not any(nodes_ok) and not jobs_ok:
             errors = [f"{n.spec.device_id}: {n.last_error}" for n in self._nodes.values()]
             if self._jobs_error is not None:
                 errors.append(f"scheduler: {self._jobs_error}")
             raise DeviceUnavailable(FLEET_ID, "; ".join(errors) or "no GPU node answered")
+        return None
 
     async def _poll_node(self, node: _Node) -> bool:
         if not node.opened:
@@ -364,7 +381,18 @@ class GpuSite:
                 log.warning("GPU node %s faulted: %s", node.spec.device_id, fault)
             node.logged_fault = fault
 
-    def views(self, now: datetime) -> tuple[GpuNodeView, ...]:
+    def views(self, now: datetime) -> FleetViews:
+        return FleetViews(gpu_nodes=self.node_views(now))
+
+    def faults(self) -> dict[str, str]:
+        mono = self.monotonic()
+        held = ((node_id, self._fault(node, mono)) for node_id, node in self._nodes.items())
+        return {node_id: fault for node_id, fault in held if fault is not None}
+
+    def largest_step_w(self) -> float:
+        return max((n.spec.gpus * n.spec.max_cap_w for n in self._nodes.values()), default=0.0)
+
+    def node_views(self, now: datetime) -> tuple[GpuNodeView, ...]:
         mono = self.monotonic()
         by_node: dict[str, list[JobReading]] = {}
         for job in self._job_readings:
@@ -426,6 +454,33 @@ class GpuSite:
         )
 
     # ---- commands -------------------------------------------------------------------------
+    # A GPU command is checked as it is given (caps read back, job states listed again), so
+    # nothing stays pending; drift (a cap changed by hand) is adopted as each poll sees it.
+
+    def command_failed(self, action: Action, message: str) -> None:
+        """Nothing more to do: :meth:`apply` holds the node faulted when a command fails."""
+
+    def unconfirmed(self, device_id: str) -> bool:
+        return False
+
+    def pending(self) -> frozenset[str]:
+        return frozenset()
+
+    def verify(self) -> list[NotApplied]:
+        return []
+
+    def resume(self, commanded: Mapping[str, tuple[str, datetime]]) -> int:
+        """Caps and job states are read from the devices, not taken from the journal."""
+        return 0
+
+    def adopt_observed(self) -> int:
+        return 0
+
+    def reconcile(self) -> list[tuple[str, str, str]]:
+        return []
+
+    def commanded(self) -> Iterable[tuple[str, str, datetime]]:
+        return ()
 
     async def apply(self, action: Action) -> None:
         """Carry out one GPU or job action and check it took effect."""
@@ -597,8 +652,8 @@ def build_gpu_fleet(
     monotonic: Callable[[], float] = time.monotonic,
     sim_clock: Callable[[], float] = time.time,
     source: str = "<config>",
-) -> GpuSite:
-    """A :class:`GpuSite` for ``config.gpu_nodes`` and ``config.ai``.
+) -> GpuFleet:
+    """A :class:`GpuFleet` for ``config.gpu_nodes`` and ``config.ai``.
 
     ``jobs`` replaces the configured scheduler (tests hand in a ``SlurmJobs`` for their own
     cluster). Raises :class:`ConfigError` for what config validation cannot see (an unknown
@@ -649,7 +704,7 @@ def build_gpu_fleet(
         jobs, scheduler = _build_jobs(config, specs, sims, sim_clock, source, problems)
     if problems:
         raise ConfigError(source, problems)
-    site = GpuSite(
+    site = GpuFleet(
         nodes,
         jobs,
         ai,

@@ -15,7 +15,7 @@ from pathlib import Path
 from agent.control.config import AgentConfig
 from agent.journal.store import Store, journal_path, secrets_in
 from agent.outputs.logs import cycle_logger
-from agent.outputs.metrics import MetricsServer, build_registry
+from agent.outputs.metrics import MetricsService
 from agent.outputs.mqtt import MqttBridge
 from agent.runtime.coordinator import utc_now
 from agent.runtime.inbox import CommandInbox
@@ -25,25 +25,6 @@ from agent.runtime.state import AgentState
 from agent.runtime.wiring import build_components
 
 log = logging.getLogger(__name__)
-
-
-class MetricsService:
-    """Serves ``/metrics`` (read-only, localhost by default) while the agent runs."""
-
-    def __init__(self, state: AgentState, config: AgentConfig) -> None:
-        self.state = state
-        self.config = config
-        self.port: int | None = None  # the bound port, once serving (``port: 0`` picks one)
-
-    async def __call__(self, stop: asyncio.Event) -> None:
-        registry = build_registry(self.state, self.config)
-        server = MetricsServer(registry, self.config.metrics.host, self.config.metrics.port)
-        await server.start()
-        self.port = server.port
-        try:
-            await stop.wait()
-        finally:
-            await server.close()
 
 
 async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0) -> None:

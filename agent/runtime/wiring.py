@@ -1,7 +1,9 @@
-"""Builds the runtime's components from a config: drivers for every device and signal.
+"""Builds the runtime's components from a config: fleets, signals, grid sources.
 
-This is the one place that knows which driver class serves which config ``type``; the rest of
-the agent sees only the protocols in ``drivers/*/base.py``.
+Device drivers come from the driver registry (:mod:`agent.runtime.registry`, keyed by
+``firmware:``, ``driver:`` and ``ai.scheduler:``); price and signal sources are chosen here by
+their config ``type``. The rest of the agent sees only the protocols in ``drivers/*/base.py``
+and the fleet protocol.
 """
 
 from __future__ import annotations
@@ -14,19 +16,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from agent.control.config import AgentConfig, ConstantPriceConfig, CsvPriceConfig
+from agent.control.config import AgentConfig, ConfigError, ConstantPriceConfig, CsvPriceConfig
 from agent.control.economics import mining_revenue_usd_per_h
 from agent.journal.store import Store
 from agent.runtime.fleet import Fleet
 from agent.runtime.gpu_fleet import build_gpu_fleet
 from agent.runtime.loop import Components, Service
 from agent.runtime.miner_fleet import MinerDevice, MinerFleet
+from agent.runtime.registry import DriverConfigError, DriverRegistry, MinerLine, live_drivers
 from agent.runtime.state import AgentState
 from drivers.errors import SourceError
 from drivers.grid.base import GridEvent
 from drivers.grid.mqtt_curtail import MqttCurtailSource
 from drivers.grid.openadr import OpenAdrVen
-from drivers.miners.pyasic_driver import PyasicMiner
 from drivers.prices.base import PriceReading, PriceSource
 from drivers.prices.csv_replay import (
     CsvPriceReplay,
@@ -89,14 +91,29 @@ def build_price_source(
     raise AssertionError(f"unhandled price config {rt!r}")
 
 
-def build_miners(config: AgentConfig) -> dict[str, MinerDevice]:
-    """One pyasic driver per configured miner, sharing one fleet semaphore."""
+def build_miners(
+    config: AgentConfig, drivers: DriverRegistry | None = None, *, source: str = "<config>"
+) -> dict[str, MinerDevice]:
+    """One driver per configured miner, by its ``firmware:``, sharing one fleet semaphore."""
+    registry = live_drivers() if drivers is None else drivers
     semaphore = asyncio.Semaphore(config.control.max_concurrency)
     timeout_s = config.control.device_timeout_s
-    return {
-        device_id: PyasicMiner.luxos(address, semaphore, device_id=device_id, timeout_s=timeout_s)
-        for device_id, address, _line in config.expanded_miners()
-    }
+    line_of = {id(line): i for i, line in enumerate(config.miners)}
+    miners: dict[str, MinerDevice] = {}
+    problems: dict[int, str] = {}
+    for device_id, address, line in config.expanded_miners():
+        i = line_of[id(line)]
+        if i in problems:
+            continue
+        try:
+            miners[device_id] = registry.miner(
+                MinerLine(device_id, address, line, semaphore, timeout_s)
+            )
+        except DriverConfigError as exc:
+            problems[i] = f"{source}: {exc.where(f'miners.{i}', 'firmware')}: {exc}"
+    if problems:
+        raise ConfigError(source, list(problems.values()))
+    return miners
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +150,13 @@ def build_signals(config: AgentConfig) -> Signals:
     return Signals(hashprice, day_ahead, system_load)
 
 
-def build_fleets(config: AgentConfig) -> list[Fleet]:
+def build_fleets(
+    config: AgentConfig, drivers: DriverRegistry | None = None, *, source: str = "<config>"
+) -> list[Fleet]:
     """The miner fleet, and the GPU fleet when the site has GPU nodes."""
-    fleets: list[Fleet] = [MinerFleet(config, build_miners(config))]
+    fleets: list[Fleet] = [MinerFleet(config, build_miners(config, drivers, source=source))]
     if config.gpu_nodes:
-        fleets.append(build_gpu_fleet(config))
+        fleets.append(build_gpu_fleet(config, drivers=drivers, source=source))
     return fleets
 
 
@@ -145,13 +164,14 @@ def build_components(
     config: AgentConfig,
     state: AgentState,
     *,
+    drivers: DriverRegistry | None = None,
     fleets: Sequence[Fleet] | None = None,
     price_source: PriceSource | None = None,
     store: Store | None = None,
     services: Sequence[Service] = (),
 ) -> Components:
-    """Everything the agent drives, from config; ``fleets`` and ``price_source`` replace the
-    configured ones (the demo and tests hand in simulated ones).
+    """Everything the agent drives, from config, with drivers from ``drivers`` (the live
+    registry by default); ``fleets`` and ``price_source`` replace the configured ones.
 
     ``state`` is the one the agent will write: the grid sources read the latest snapshot and
     plan from it (an economic event is joined only when it pays).
@@ -159,7 +179,7 @@ def build_components(
     grid_sources = build_grid_sources(config, state)
     signals = build_signals(config)
     return Components(
-        fleets=build_fleets(config) if fleets is None else fleets,
+        fleets=build_fleets(config, drivers) if fleets is None else fleets,
         price_source=build_price_source(config) if price_source is None else price_source,
         store=store,
         grid_sources=grid_sources,

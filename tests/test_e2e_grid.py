@@ -124,7 +124,7 @@ async def test_mqtt_heartbeat_loss_curtails_and_its_return_restores(mosquitto: M
             "heartbeat_max_age_s": 1.0,
             "programs": {"ers": {"kind": "emergency", "fail": "curtail"}},
             "default_program": "ers",
-            "reconnect_min_s": 0.1,
+            "reconnect_initial_s": 0.1,
             "reconnect_max_s": 0.5,
         }
     }

@@ -357,7 +357,7 @@ async def test_broker_down_applies_the_programs_fail_direction_then_recovers(
             "password": "agent-secret",
             "heartbeat_max_age_s": 1.0,
             "programs": {"ers": {"kind": "emergency", "fail": "curtail"}},
-            "reconnect_min_s": 0.1,
+            "reconnect_initial_s": 0.1,
             "reconnect_max_s": 0.3,
         }
     )

@@ -333,18 +333,8 @@ def _dump(payload: Mapping[str, Any]) -> bytes:
 def bus_settings(config: MqttConfig, site_id: str) -> BusSettings:
     """Transport settings from config, with the retained ``offline`` status as last will."""
     prefix = f"{config.topic_prefix}/{site_id}"
-    return BusSettings(
-        host=config.host,
-        port=config.port,
-        client_id=config.client_id or f"site-agent-{site_id}",
-        username=config.username,
-        password=config.password.get_secret_value() if config.password else None,
-        tls_ca=config.tls_ca,
-        tls_cert=config.tls_cert,
-        tls_key=config.tls_key,
-        keepalive_s=config.keepalive_s,
-        will=LastWill(f"{prefix}/status", b"offline", qos=1, retain=True),
-    )
+    will = LastWill(f"{prefix}/status", b"offline", qos=1, retain=True)
+    return config.bus_settings(f"site-agent-{site_id}", will)
 
 
 @dataclass(frozen=True, slots=True)

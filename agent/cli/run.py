@@ -18,7 +18,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.journal.store import secrets_in
+    from agent.control.redaction import secrets_in
     from agent.outputs.logs import setup_logging
     from agent.runtime.daemon import serve
     from drivers.errors import AgentError

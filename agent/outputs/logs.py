@@ -9,8 +9,8 @@ JSON line fields: ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``msg``, then e
 field and every field bound with :func:`bound`, then ``exc`` for a traceback.
 
 Every configured secret (MQTT password, command tokens, miner passwords; see
-:func:`secrets_from_config`) is replaced by ``***`` wherever it would appear: message, arguments,
-extra fields and tracebacks.
+:func:`agent.control.redaction.secrets_in`) is replaced by ``***`` wherever it would appear:
+message, arguments, extra fields and tracebacks (one redaction module for logs and journal).
 """
 
 from __future__ import annotations
@@ -26,14 +26,9 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TextIO
 
-from pydantic import BaseModel, SecretStr
-
 from agent.control.domain import Plan, Snapshot
-from agent.journal.store import secrets_in
+from agent.control.redaction import Redactor
 from agent.runtime.state import AgentState
-
-REDACTED = "***"
-MIN_SECRET_LEN = 4  # shorter "secrets" would redact ordinary words and digits
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
@@ -55,38 +50,6 @@ def bound(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _context.reset(token)
-
-
-def secrets_from_config(config: BaseModel) -> list[str]:
-    """Every non-empty :class:`SecretStr` value anywhere in a config model."""
-    return list(secrets_in(config))
-
-
-class Redactor:
-    """Replaces known secret values in text and in JSON-able values."""
-
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
-        # Longest first, so a secret containing another is replaced whole.
-        self.secrets = sorted(
-            {s for s in secrets if len(s) >= MIN_SECRET_LEN}, key=len, reverse=True
-        )
-
-    def text(self, value: str) -> str:
-        for secret in self.secrets:
-            if secret in value:
-                value = value.replace(secret, REDACTED)
-        return value
-
-    def value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, Mapping):
-            return {str(k): self.value(v) for k, v in value.items()}
-        if isinstance(value, list | tuple | set | frozenset):
-            return [self.value(v) for v in value]
-        if isinstance(value, SecretStr):
-            return REDACTED
-        return value
 
 
 class RedactingFilter(logging.Filter):

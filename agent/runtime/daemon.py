@@ -13,7 +13,8 @@ import signal
 from pathlib import Path
 
 from agent.control.config import AgentConfig
-from agent.journal.store import Store, journal_path, secrets_in
+from agent.control.redaction import secrets_in
+from agent.journal.store import Store, journal_path
 from agent.outputs.logs import cycle_logger
 from agent.outputs.metrics import MetricsService
 from agent.outputs.mqtt import MqttBridge

@@ -95,7 +95,7 @@ async def running_site(
     """Start simulators, price server and the agent with ``outputs(config, state, inbox)``.
 
     The outputs read the state the agent writes, and send operator commands through the inbox
-    the agent serves, as in :func:`agent.runtime.daemon.serve`.
+    the agent serves, as in :func:`agent.cli.daemon.serve`.
     """
     specs = [MinerSpec(a, "s19jpro") for a in S19] + [MinerSpec(a, "s21") for a in S21]
     fleet = LuxosFleet(specs, timing=Timing(wake_ramp_s=0.2, sleep_ramp_s=0.1, profile_ramp_s=0.1))

@@ -1,7 +1,7 @@
 """Builds the real Agent for tests the way the daemon does: state first, then every part.
 
 Outputs that read the agent's state (metrics, MQTT) are built from it before the agent, and
-handed in with the rest at construction, as :func:`agent.runtime.daemon.serve` does.
+handed in with the rest at construction, as :func:`agent.cli.daemon.serve` does.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ faults, action results, safe mode); outputs only read it. Every part is handed i
 construction: the components (fleets, signals, journal, grid sources, services), the cycle
 observers (logs, MQTT), the operator inbox and the watchdog.
 
-Stopping: setting the ``stop`` event (SIGTERM/SIGINT in :mod:`agent.runtime.daemon`) lets every
+Stopping: setting the ``stop`` event (SIGTERM/SIGINT in :mod:`agent.cli.daemon`) lets every
 loop finish its current step; anything still running after ``grace_s`` is cancelled, so the
 process exits within seconds even if a device call hangs.
 """

@@ -1,8 +1,10 @@
-"""``site-agent run``: the daemon as systemd starts it.
+"""``site-agent run``: the daemon as systemd starts it, wiring the runtime to its outputs.
 
-Opens the journal (a journal that cannot be opened stops the start with a clear error: running
-without one would lose what was shed), builds the drivers, starts the outputs, tells systemd
-READY, feeds the watchdog from the control loop, and says STOPPING on SIGTERM.
+The runtime never imports an output; this is where they meet. Opens the journal (a journal that
+cannot be opened stops the start with a clear error: running without one would lose what was
+shed), builds the state, the outputs that read it and the operator inbox, then the drivers and
+the agent with every part at once; tells systemd READY, feeds the watchdog from the control loop,
+and says STOPPING on SIGTERM.
 """
 
 from __future__ import annotations

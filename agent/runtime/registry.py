@@ -132,8 +132,8 @@ def _luxos(line: MinerLine) -> MinerDevice:
     if line.config.credentials is not None:
         # LuxOS sessions need no password; a key nobody reads would be a silent mistake.
         raise DriverConfigError(
-            "credentials: LuxOS takes no credentials (its API opens sessions without one); "
-            "remove the key"
+            "LuxOS takes no credentials (its API opens sessions without one); remove the key",
+            key="credentials",
         )
     return PyasicMiner.luxos(
         line.address, line.semaphore, device_id=line.device_id, timeout_s=line.timeout_s

@@ -50,6 +50,34 @@ def job_pids(job_id: str) -> list[int]:
     return pids
 
 
+def _program(pid: int) -> str:
+    """The base name of a process's program (``sleep`` for ``/usr/bin/sleep 300``)."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return ""
+    return Path(argv0.decode(errors="replace")).name
+
+
+async def wait_job_pids(job_id: str, program: str = "sleep", timeout_s: float = 15) -> list[int]:
+    """The job's processes, once its ``program`` runs among them.
+
+    Slurm reports RUNNING when the controller has placed the job; slurmstepd forks the batch
+    shell and the shell forks the program a moment later, which on a busy machine can be
+    seconds. Looking before that finds no process, or only the shell.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = job_pids(job_id)
+        if any(_program(pid) == program for pid in pids):
+            return pids
+        assert time.monotonic() < deadline, (
+            f"job {job_id}: no {program} process within {timeout_s} s "
+            f"(found {[_program(p) for p in pids]})"
+        )
+        await asyncio.sleep(0.05)
+
+
 def proc_states(pids: list[int]) -> set[str]:
     states = set()
     for pid in pids:
@@ -119,8 +147,7 @@ async def test_suspend_and_resume_stop_and_continue_the_processes(cluster: Slurm
     jobs = driver(cluster)
     job_id = cluster.sbatch("--wrap=sleep 300")
     await wait_state(cluster, job_id, "RUNNING")
-    pids = job_pids(job_id)
-    assert pids
+    pids = await wait_job_pids(job_id)
     await jobs.suspend(job_id)
     assert cluster.job_state(job_id) == "SUSPENDED"
     await wait_procs(pids, {"T"})
@@ -201,7 +228,7 @@ async def test_no_requeue_job_is_refused_and_keeps_running(cluster: SlurmCluster
     with pytest.raises(CommandRejected, match="--no-requeue"):
         await jobs.requeue(job_id, grace_s=0.5)
     assert cluster.job_state(job_id) == "RUNNING"
-    assert proc_states(job_pids(job_id)) <= {"S", "R"}
+    assert proc_states(await wait_job_pids(job_id)) <= {"S", "R"}
 
 
 async def test_bad_and_unknown_job_ids_are_refused(cluster: SlurmCluster) -> None:
@@ -243,7 +270,7 @@ async def test_controller_down_is_unavailable_and_nothing_is_done(cluster: Slurm
     jobs = driver(cluster)
     job_id = cluster.sbatch("--wrap=sleep 300")
     await wait_state(cluster, job_id, "RUNNING")
-    pids = job_pids(job_id)
+    pids = await wait_job_pids(job_id)
     cluster.stop_controller()
     try:
         with pytest.raises(DeviceUnavailable, match="controller unreachable"):

@@ -168,6 +168,10 @@ class Agent:
         started = time.monotonic()
         await self.actuator.retry_journal()
         missed = await self.actuator.verify()
+        # Counted before the first publish: a fault and the action that caused it appear in
+        # the same state, never the fault first.
+        for r in missed:
+            self.state.actions[(r.action.kind.value, r.result)] += 1
         for fleet in self.fleets:
             fleet.reconcile()
         self.publish()
@@ -188,7 +192,7 @@ class Agent:
         self.coordinator.spend_ramp(
             sum(r.action.delta_power_w for r in results if r.result == "ok" and not r.action.sheds)
         )
-        for r in itertools.chain(missed, results):
+        for r in results:
             self.state.actions[(r.action.kind.value, r.result)] += 1
         self.publish()
         self.state.cycles += 1

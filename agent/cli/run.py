@@ -18,9 +18,9 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from agent.cli.daemon import serve
     from agent.control.redaction import secrets_in
     from agent.outputs.logs import setup_logging
-    from agent.cli.daemon import serve
     from drivers.errors import AgentError
 
     cfg = load_or_report(args.config)

@@ -395,6 +395,11 @@ def test_config_the_fleet_cannot_build_is_a_clear_error(
             {"scheduler": "sim"},
             "ai.scheduler: sim is the simulated scheduler: only site-agent demo",
         ),
+        (  # NVML reports the card itself: a model in the config would be read by nobody
+            [{"id": "pod", "gpus": 8, "driver": "nvml", "model": "H100-SXM"}],
+            {"scheduler": "slurm"},
+            "gpu_nodes.0.model: driver nvml does not read this key; remove it",
+        ),
     ],
 )
 def test_the_live_registry_has_no_simulated_devices(

@@ -174,3 +174,5 @@ async def test_operator_curtail_over_mqtt_sheds_real_miners(mosquitto: Mosquitto
         async with asyncio.timeout(10):
             ack = json.loads((await anext(acks)).payload)
         assert ack == {**ack, "status": "rejected", "reason": "no operator override is in force"}
+        # The refusal is counted by the agent itself (the bridge reports it through the inbox).
+        await until(lambda: agent.state.rejected[("mqtt", "refused")] == 1, 5, "refusal counted")

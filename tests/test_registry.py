@@ -56,8 +56,7 @@ def test_firmware_without_a_driver_and_unread_credentials_are_errors_naming_the_
     assert err.value.problems == [
         "site.yaml: miners.0.firmware: braiins has no driver in this build "
         "(available firmwares: auto, luxos)",
-        "site.yaml: miners.1.credentials: LuxOS takes no credentials (its API opens sessions "
-        "without one); remove the key",
+        "site.yaml: miners.1.credentials: firmware luxos does not read this key; remove it",
     ]
 
 
@@ -71,7 +70,9 @@ def test_a_registered_family_driver_gets_the_line_with_its_credentials() -> None
             raise DriverConfigError("Braiins OS needs credentials", key="credentials")
         return PyasicMiner.luxos(line.address, line.semaphore, device_id=line.device_id)
 
-    registry = live_drivers().with_(miners={"braiins": braiins})
+    registry = live_drivers().with_(
+        miners={"braiins": braiins}, reads={"firmware:braiins": frozenset({"credentials"})}
+    )
     cfg = site(
         {
             "id": "a",

@@ -22,7 +22,7 @@ from agent.outputs.metrics import MetricsService
 from agent.outputs.mqtt import MqttBridge
 from agent.runtime.coordinator import utc_now
 from agent.runtime.inbox import CommandInbox
-from agent.runtime.loop import Agent, CycleHook, Service
+from agent.runtime.loop import Agent, CycleHook, Service, first_poll_timeout_s
 from agent.runtime.sdnotify import LoopWatchdog, Notifier
 from agent.runtime.state import AgentState
 from agent.runtime.wiring import build_components
@@ -41,7 +41,7 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
         # A healthy cycle can take a full round of device timeouts and retries; the first one
         # also waits for the first fleet poll.
         stall_s = max(
-            max(30.0, 3 * control.device_timeout_s),
+            first_poll_timeout_s(control),
             control.interval_s + (control.retries + 1) * control.device_timeout_s * 2,
         )
         watchdog = LoopWatchdog(notifier, max_stall_s=stall_s)

@@ -58,7 +58,9 @@ class SimulatedGpus:
 
     def registry(self, base: DriverRegistry | None = None) -> DriverRegistry:
         return (base or live_drivers()).with_(
-            gpus={"nvml-sim": self.gpu}, jobs={"sim": self.scheduler}
+            gpus={"nvml-sim": self.gpu},
+            jobs={"sim": self.scheduler},
+            reads={"driver:nvml-sim": frozenset({"model"})},
         )
 
     def gpu(self, spec: GpuNodeSpec, line: GpuNodeConfig, control: ControlConfig) -> GpuControl:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from agent.control.commands import Command, CommandResult, Curtail, Release, SetMode
-from agent.control.config import AgentConfig
+from agent.control.config import AgentConfig, ControlConfig
 from agent.control.domain import ActiveEvent, Plan, Snapshot
 from agent.control.policy import decide
 from agent.journal.store import Store
@@ -73,6 +73,11 @@ class Components:
     system_load: SystemLoadReplay | None = None
     # Extra long-running tasks (metrics server, MQTT, grid sources...): each gets the stop event.
     services: Sequence[Service] = field(default_factory=tuple)
+
+
+def first_poll_timeout_s(control: ControlConfig) -> float:
+    """How long the first decision waits for every fleet's first poll (then it goes ahead)."""
+    return max(30.0, 3 * control.device_timeout_s)
 
 
 class Agent:
@@ -125,7 +130,7 @@ class Agent:
             count_rejected=self._count_rejected,
         )
         self.event_watch_s = 0.5
-        self.first_poll_timeout_s = max(30.0, 3 * config.control.device_timeout_s)
+        self.first_poll_timeout_s = first_poll_timeout_s(config.control)
 
     def pending(self) -> frozenset[str]:
         """Devices whose last command still waits for telemetry to confirm it."""

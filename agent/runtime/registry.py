@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from pydantic import BaseModel
+
 from agent.control.config import AgentConfig, ControlConfig, GpuNodeConfig, MinerConfig
 from agent.runtime.miner_fleet import MinerDevice
 from drivers.gpus.base import GpuControl
@@ -74,11 +76,18 @@ JobsFactory = Callable[[AgentConfig, Sequence[GpuNodeSpec]], JobControl]
 
 @dataclass(slots=True)
 class DriverRegistry:
-    """Factories by config key. :meth:`with_` gives a copy with more (demo, tests)."""
+    """Factories by config key. :meth:`with_` gives a copy with more (demo, tests).
+
+    Some keys of a config line belong to its driver, not to every line (:data:`MINER_KEYS`,
+    :data:`GPU_KEYS`). ``reads`` says which of them each driver reads (``"firmware:braiins":
+    {"credentials"}``); such a key set on a line whose driver does not read it is refused, so
+    that no config key is silently ignored.
+    """
 
     miners: dict[str, MinerFactory] = field(default_factory=dict)
     gpus: dict[str, GpuFactory] = field(default_factory=dict)
     jobs: dict[str, JobsFactory] = field(default_factory=dict)
+    reads: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def with_(
         self,
@@ -86,22 +95,41 @@ class DriverRegistry:
         miners: Mapping[str, MinerFactory] | None = None,
         gpus: Mapping[str, GpuFactory] | None = None,
         jobs: Mapping[str, JobsFactory] | None = None,
+        reads: Mapping[str, frozenset[str]] | None = None,
     ) -> DriverRegistry:
         return DriverRegistry(
             {**self.miners, **(miners or {})},
             {**self.gpus, **(gpus or {})},
             {**self.jobs, **(jobs or {})},
+            {**self.reads, **(reads or {})},
         )
 
     def miner(self, line: MinerLine) -> MinerDevice:
-        return _pick(self.miners, line.config.firmware, "firmware")(line)
+        firmware = line.config.firmware
+        factory = _pick(self.miners, firmware, "firmware")
+        self._all_read(line.config, MINER_KEYS, f"firmware:{firmware}")
+        return factory(line)
 
     def gpu(self, spec: GpuNodeSpec, line: GpuNodeConfig, control: ControlConfig) -> GpuControl:
-        return _pick(self.gpus, line.driver, "driver")(spec, line, control)
+        factory = _pick(self.gpus, line.driver, "driver")
+        self._all_read(line, GPU_KEYS, f"driver:{line.driver}")
+        return factory(spec, line, control)
+
+    def _all_read(self, line: BaseModel, keys: frozenset[str], driver: str) -> None:
+        unread = sorted((line.model_fields_set & keys) - self.reads.get(driver, frozenset()))
+        if unread:
+            kind, _, name = driver.partition(":")
+            raise DriverConfigError(
+                f"{kind} {name} does not read this key; remove it", key=unread[0]
+            )
 
     def scheduler(self, config: AgentConfig, specs: Sequence[GpuNodeSpec]) -> JobControl:
         return _pick(self.jobs, config.ai.scheduler, "scheduler")(config, specs)
 
+
+# Keys of a line that only some drivers read.
+MINER_KEYS = frozenset({"credentials"})  # firmware that needs a login
+GPU_KEYS = frozenset({"model"})  # the simulated card's model (real NVML reports its own)
 
 _NOT_HERE = {
     "nvml-sim": "is simulated: only site-agent demo, site-agent sim and the tests have it; use "
@@ -127,14 +155,9 @@ def _pick(table: Mapping[str, F], key: str, what: str) -> F:
 
 
 def _luxos(line: MinerLine) -> MinerDevice:
+    """LuxOS through pyasic; its API opens sessions without a login (no ``credentials``)."""
     from drivers.miners.pyasic_driver import PyasicMiner
 
-    if line.config.credentials is not None:
-        # LuxOS sessions need no password; a key nobody reads would be a silent mistake.
-        raise DriverConfigError(
-            "LuxOS takes no credentials (its API opens sessions without one); remove the key",
-            key="credentials",
-        )
     return PyasicMiner.luxos(
         line.address, line.semaphore, device_id=line.device_id, timeout_s=line.timeout_s
     )

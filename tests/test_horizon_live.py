@@ -1,6 +1,7 @@
 """The live horizon: the coordinator plans from the day-ahead file off the event loop, hands the
-plan to every snapshot, re-plans only when the hour or the forecast changes, exports the solve
-time and status, and drops the plan (the rule alone) with a logged reason when a solve fails."""
+plan to every snapshot, re-plans only when the hour or the forecast changes, the loop publishes
+the solve time and status (exported in ``/metrics``), and a failed solve drops the plan (the rule
+alone) with a logged reason."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from prometheus_client import CollectorRegistry
 from agent.control.config import parse_config
 from agent.outputs.metrics import build_registry
 from agent.runtime.coordinator import Coordinator
+from agent.runtime.loop import Agent, Components
+from agent.runtime.miner_fleet import MinerFleet
 from agent.runtime.state import AgentState
 from drivers.prices.base import PriceReading
 from drivers.prices.csv_replay import DayAheadForecast, load_day_ahead_csv
@@ -51,12 +54,17 @@ def day_ahead(tmp_path: Path, prices: list[float]) -> DayAheadForecast:
     return DayAheadForecast(load_day_ahead_csv(path, "HB_WEST"))
 
 
-def coordinator(tmp_path: Path, prices: list[float]) -> tuple[Coordinator, AgentState]:
+def coordinator(tmp_path: Path, prices: list[float]) -> tuple[Coordinator, AgentState, Agent]:
+    """The real agent's coordinator over the configured miners (no drivers: nothing is polled,
+    so every miner is as configured, awake at its top profile), with its published state."""
     cfg = config()
+    fleet = MinerFleet(cfg, {}, clock=lambda: NOW)
+    components = Components(
+        fleets=[fleet], price_source=None, day_ahead=day_ahead(tmp_path, prices)
+    )
     state = AgentState(site_id="t", started_at=NOW)
-    coord = Coordinator(cfg, state, {}, None, clock=lambda: NOW)
-    coord.day_ahead = day_ahead(tmp_path, prices)
-    return coord, state
+    agent = Agent(cfg, components, state=state, clock=lambda: NOW)
+    return agent.coordinator, state, agent
 
 
 def sample(reg: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -65,9 +73,10 @@ def sample(reg: CollectorRegistry, name: str, **labels: str) -> float | None:
 
 async def test_the_plan_reaches_the_snapshot_and_metrics(tmp_path: Path) -> None:
     # 66.7 USD/MWh is the miners' value: run in the cheap hours, sleep in the dear one.
-    coord, state = coordinator(tmp_path, [30.0, 30.0, 500.0, 30.0] + [30.0] * 40)
+    coord, state, agent = coordinator(tmp_path, [30.0, 30.0, 500.0, 30.0] + [30.0] * 40)
     assert coord.snapshot().horizon is None  # nothing planned yet
     await coord.refresh_horizon()
+    agent.publish()  # what the loop does after every poll
     plan = coord.snapshot().horizon
     assert plan is not None
     assert plan.status.value == "optimal"
@@ -93,9 +102,10 @@ async def test_the_plan_reaches_the_snapshot_and_metrics(tmp_path: Path) -> None
 async def test_a_refused_forecast_drops_the_plan_with_a_logged_reason(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    coord, state = coordinator(tmp_path, [30.0, 2e6, 30.0])
+    coord, state, agent = coordinator(tmp_path, [30.0, 2e6, 30.0])
     with caplog.at_level(logging.WARNING, logger="agent.runtime.coordinator"):
         await coord.refresh_horizon()
+    agent.publish()
     assert coord.snapshot().horizon is None
     assert state.planner_status == "bad_input"
     assert "outside ±1e+06" in state.planner_reason
@@ -105,9 +115,10 @@ async def test_a_refused_forecast_drops_the_plan_with_a_logged_reason(
 
 
 async def test_no_day_ahead_no_plan(tmp_path: Path) -> None:
-    coord, state = coordinator(tmp_path, [30.0])
+    coord, state, agent = coordinator(tmp_path, [30.0])
     coord.day_ahead = None
     await coord.refresh_horizon()
+    agent.publish()
     assert coord.snapshot().horizon is None
     assert state.planner_status is None
     reg = build_registry(state, config(), clock=lambda: NOW)
@@ -115,7 +126,7 @@ async def test_no_day_ahead_no_plan(tmp_path: Path) -> None:
 
 
 async def test_a_fresh_real_time_price_re_plans_the_hour_now_running(tmp_path: Path) -> None:
-    coord, _ = coordinator(tmp_path, [30.0] * 40)
+    coord, _, _ = coordinator(tmp_path, [30.0] * 40)
     await coord.refresh_horizon()
     first = coord.snapshot().horizon
     assert first is not None
@@ -141,10 +152,11 @@ async def test_a_planner_that_raises_never_stops_the_agent(
     def broken(_: object) -> None:
         raise MemoryError("no room for the MILP")
 
-    coord, state = coordinator(tmp_path, [30.0] * 40)
+    coord, state, agent = coordinator(tmp_path, [30.0] * 40)
     monkeypatch.setattr(coordinator_module, "plan_horizon", broken)
     with caplog.at_level(logging.WARNING, logger="agent.runtime.coordinator"):
         await coord.refresh_horizon()
+    agent.publish()
     assert coord.snapshot().horizon is None
     assert state.planner_status == "failed"
     assert state.planner_reason == "planner raised MemoryError: no room for the MILP"

@@ -19,7 +19,9 @@ def register(sub: Any) -> None:
 
 def plan(args: argparse.Namespace) -> int:
     from agent.control.policy import decide
+    from agent.runtime.coordinator import utc_now
     from agent.runtime.loop import Agent
+    from agent.runtime.state import AgentState
     from agent.runtime.wiring import build_components
 
     cfg = load_or_report(args.config)
@@ -27,28 +29,27 @@ def plan(args: argparse.Namespace) -> int:
         return 2
 
     async def once() -> int:
-        components = build_components(cfg)
-        agent = Agent(cfg, components)
-        await agent.coordinator.poll_miners()
-        await agent.coordinator.poll_price()
-        fleet = components.gpu_fleet
-        if fleet is not None:
+        state = AgentState(site_id=cfg.site.id, started_at=utc_now())
+        agent = Agent(cfg, build_components(cfg, state), state=state)
+        coordinator = agent.coordinator
+        for fleet in agent.fleets:
+            stop = asyncio.Event()
+            opened = asyncio.create_task(fleet.run(stop))  # opens drivers; closes them at stop
             try:
-                await fleet.poll()
+                await coordinator.poll_fleet(fleet)
             finally:
-                aclose = getattr(fleet, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-        agent.coordinator.adopt_observed_state()
-        await agent.coordinator.refresh_horizon()
-        snapshot = agent.coordinator.snapshot()
+                stop.set()
+                await opened
+            fleet.adopt_observed()
+        await coordinator.poll_price()
+        await coordinator.refresh_horizon()
+        snapshot = coordinator.snapshot()
         result = decide(snapshot, cfg, snapshot.at)
         print(result.summary)
-        state = agent.state
-        if state.planner_status is not None:
+        if coordinator.planner_status is not None:
             print(
-                f"horizon plan: {state.planner_status} in {state.planner_solve_s or 0.0:.3f} s"
-                f" ({state.planner_reason})"
+                f"horizon plan: {coordinator.planner_status} in "
+                f"{coordinator.planner_solve_s or 0.0:.3f} s ({coordinator.planner_reason})"
             )
         horizon = snapshot.horizon
         if horizon is not None:

@@ -36,9 +36,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
+from typing import Protocol
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -533,6 +534,17 @@ def build_registry(
 _MAX_HEADER_BYTES = 16 * 1024
 _INDEX = b"<html><body><a href='/metrics'>/metrics</a></body></html>\n"
 
+# Answers one request once its head is read; it keeps the connection as long as it needs it.
+Responder = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Routes(Protocol):
+    """More read-only paths on this listener (the operator's page, :mod:`agent.outputs.page`)."""
+
+    def route(self, method: str, path: str, headers: Mapping[str, str]) -> Responder | None: ...
+
+    async def close(self) -> None: ...
+
 
 class MetricsServer:
     """A read-only HTTP server for ``GET /metrics`` on the running event loop.
@@ -541,8 +553,15 @@ class MetricsServer:
     binds an ephemeral port; :attr:`port` is the one actually bound.
     """
 
-    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        routes: Routes | None = None,
+    ):
         self.registry = registry
+        self.routes = routes
         self.host = host
         self.requested_port = port
         self._server: asyncio.Server | None = None
@@ -559,6 +578,8 @@ class MetricsServer:
     async def close(self) -> None:
         if self._server is None:
             return
+        if self.routes is not None:
+            await self.routes.close()  # long-lived page streams end first
         self._server.close()
         await self._server.wait_closed()
         self._server = None
@@ -587,7 +608,9 @@ class MetricsServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(10.0):
-                await self._respond(reader, writer)
+                responder = await self._respond(reader, writer)
+            if responder is not None:
+                await responder(reader, writer)  # keeps its own deadlines (page streams)
         except (
             TimeoutError,
             ConnectionError,
@@ -600,14 +623,18 @@ class MetricsServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _respond(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Responder | None:
         head = await reader.readuntil(b"\r\n\r\n")
         if len(head) > _MAX_HEADER_BYTES:
-            return await _send(writer, 431, "text/plain", b"headers too large\n")
+            await _send(writer, 431, "text/plain", b"headers too large\n")
+            return None
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3:
-            return await _send(writer, 400, "text/plain", b"bad request\n")
+            await _send(writer, 400, "text/plain", b"bad request\n")
+            return None
         method, target, _ = parts
         headers = {}
         for line in lines[1:]:
@@ -615,12 +642,19 @@ class MetricsServer:
             if sep:
                 headers[name.strip().lower()] = value.strip()
         path = target.split("?", 1)[0]
+        if self.routes is not None:
+            responder = self.routes.route(method, path, headers)
+            if responder is not None:
+                return responder
         if method not in ("GET", "HEAD"):
-            return await _send(writer, 405, "text/plain", b"read-only: GET /metrics\n")
+            await _send(writer, 405, "text/plain", b"read-only: GET /metrics\n")
+            return None
         if path == "/":
-            return await _send(writer, 200, "text/html", _INDEX, head_only=method == "HEAD")
+            await _send(writer, 200, "text/html", _INDEX, head_only=method == "HEAD")
+            return None
         if path != "/metrics":
-            return await _send(writer, 404, "text/plain", b"not found: try /metrics\n")
+            await _send(writer, 404, "text/plain", b"not found: try /metrics\n")
+            return None
         encoder, content_type = choose_encoder(headers.get("accept", ""))
         # Rendering thousands of samples takes tens of milliseconds: do it in a thread so the
         # control loop is not held up. collect() only reads immutable snapshots/plans and
@@ -629,8 +663,10 @@ class MetricsServer:
             body = await asyncio.to_thread(encoder, self.registry)
         except Exception:  # a collector bug: say so to the scraper, keep serving
             log.exception("metrics: collecting failed")
-            return await _send(writer, 500, "text/plain", b"collecting metrics failed\n")
-        return await _send(writer, 200, content_type, body, head_only=method == "HEAD")
+            await _send(writer, 500, "text/plain", b"collecting metrics failed\n")
+            return None
+        await _send(writer, 200, content_type, body, head_only=method == "HEAD")
+        return None
 
 
 async def _send(

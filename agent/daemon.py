@@ -17,6 +17,7 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.metrics import MetricsServer, build_registry
 from agent.mqtt import MqttBridge
+from agent.outputs.page import OperatorPage
 from agent.runtime import Agent
 from agent.sdnotify import LoopWatchdog, Notifier
 from agent.store import Store, journal_path, secrets_in
@@ -28,15 +29,16 @@ Service = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def metrics_service(agent: Agent, config: AgentConfig) -> Service:
-    """Serve ``/metrics`` (read-only, localhost by default) while the agent runs."""
+    """Serve ``/metrics`` and the operator's page (read-only, localhost by default)."""
 
     async def service(stop: asyncio.Event) -> None:
         registry = build_registry(agent.state, config)
-        server = MetricsServer(registry, config.metrics.host, config.metrics.port)
+        page = OperatorPage(agent.state, config)
+        server = MetricsServer(registry, config.metrics.host, config.metrics.port, routes=page)
         await server.start()
         agent.metrics_port = server.port
         try:
-            await stop.wait()
+            await page.run(stop)
         finally:
             await server.close()
 

@@ -42,6 +42,7 @@ import contextlib
 import json
 import logging
 import math
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -91,6 +92,11 @@ def _num(value: float | None, digits: int = 3) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return round(value, digits)
+
+
+def _finite(value: float | None) -> float | None:
+    """The value if it is a finite number (a NaN reading must not look compliant), else None."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _text(value: object) -> str:
@@ -159,7 +165,7 @@ def workload_rates(
                 power[key] += per_gpu_w * gpus * n.count
         if per_gpu_w is not None:
             power["ai_idle"] += per_gpu_w * free_gpus * n.count
-    site_w = snapshot.measured_site_power_w
+    site_w = _finite(snapshot.measured_site_power_w)
     if site_w is not None:
         for a in snapshot.events:
             shed_w = max(0.0, a.baseline_w - site_w)
@@ -477,12 +483,12 @@ def _plan_view(plan: Plan) -> dict[str, Any]:
 
 
 def _events_view(snap: Snapshot, now: datetime) -> list[dict[str, Any]]:
-    site_w = snap.measured_site_power_w
+    site_w = _finite(snap.measured_site_power_w)
     rows = []
     for a in snap.events[:MAX_ITEMS]:
         e = a.event
         target = event_limit_w(a)
-        target = None if target is None else max(target, 0.0)
+        target = None if target is None else _finite(max(target, 0.0))
         shortfall = None
         if target is not None and site_w is not None:
             shortfall = max(0.0, site_w - target)
@@ -722,6 +728,12 @@ class OperatorPage:
             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             f"{_SECURITY_HEADERS}X-Accel-Buffering: no\r\nConnection: close\r\n\r\n"
         ).encode("latin-1")
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # A small kernel buffer per stream: a client that stops reading is found (and
+            # dropped) after a few hundred KiB, not after megabytes of autotuned buffer.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.max_buffer_bytes)
         # ``retry``: how long the browser waits before reconnecting after the stream ends.
         await self._write(writer, head + b"retry: 2000\n\n" + self._message)
         seen = self._version

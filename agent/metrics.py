@@ -34,7 +34,6 @@ Source names: a source whose name starts with ``price`` is a price feed and one 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -565,11 +564,16 @@ class MetricsServer:
         self.host = host
         self.requested_port = port
         self._server: asyncio.Server | None = None
+        # Open connections: Python 3.11's Server.close() leaves them (a browser's idle
+        # preconnect, a page stream), so close() ends them itself.
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._closing = False
         self.port = 0
 
     async def start(self) -> int:
         if self._server is not None:
             raise RuntimeError("metrics server already started")
+        self._closing = False
         self._server = await asyncio.start_server(self._handle, self.host, self.requested_port)
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("metrics listening on http://%s:%d/metrics", self.host, self.port)
@@ -578,9 +582,17 @@ class MetricsServer:
     async def close(self) -> None:
         if self._server is None:
             return
+        self._closing = True
+        self._server.close()  # accept no more; a browser would reconnect at once
         if self.routes is not None:
-            await self.routes.close()  # long-lived page streams end first
-        self._server.close()
+            await self.routes.close()  # long-lived page streams
+        for writer in self._connections.values():
+            writer.close()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=1.0)
+        for writer in self._connections.values():
+            writer.transport.abort()  # a peer that does not read would hold its socket open
+        await asyncio.sleep(0)  # connections accepted just before: their handlers close them
         await self._server.wait_closed()
         self._server = None
 
@@ -606,6 +618,12 @@ class MetricsServer:
         await self.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self._closing:
+            writer.close()
+            return
+        self._connections[task] = writer
         try:
             async with asyncio.timeout(10.0):
                 responder = await self._respond(reader, writer)
@@ -620,8 +638,14 @@ class MetricsServer:
             pass  # a client that hangs up or dawdles gets nothing; the agent does not care
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            try:
+                # Closing waits for unsent data to flush; a peer that stops reading is cut off.
+                async with asyncio.timeout(2.0):
+                    await writer.wait_closed()
+            except (TimeoutError, ConnectionError):
+                writer.transport.abort()
+            finally:
+                self._connections.pop(task, None)
 
     async def _respond(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

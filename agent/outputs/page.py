@@ -548,7 +548,7 @@ class OperatorPage:
     """The page's routes, its SSE clients and the watcher that feeds them.
 
     Hand it to :class:`agent.metrics.MetricsServer` as ``routes`` and run :meth:`run` beside the
-    server (it returns when ``stop`` is set, after closing every stream).
+    server (it returns when ``stop`` is set; closing the server ends the streams).
     """
 
     def __init__(
@@ -623,21 +623,25 @@ class OperatorPage:
         return view
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Publish at every new plan (and every ``republish_s``) until ``stop``; then close."""
+        """Publish at every new plan (and every ``republish_s``) until ``stop``.
+
+        Streams stay open when it returns: the listener's ``close()`` ends them after it stops
+        accepting, so browsers that reconnect at once find the port closed. (Ending streams
+        first invites a reconnect into the listener's close, which Python 3.11's asyncio can
+        leak a socket on.)
+        """
         loop = asyncio.get_running_loop()
-        try:
-            self.publish()
-            last = loop.time()
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.watch_s):
-                        await stop.wait()
-                fresh = self.state.plan is not None and self.state.plan is not self._last_plan
-                if fresh or loop.time() - last >= self.republish_s:
-                    self.publish()
-                    last = loop.time()
-        finally:
-            await self.close()
+        self._closing = False
+        self.publish()
+        last = loop.time()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.watch_s):
+                    await stop.wait()
+            fresh = self.state.plan is not None and self.state.plan is not self._last_plan
+            if fresh or loop.time() - last >= self.republish_s:
+                self.publish()
+                last = loop.time()
 
     async def close(self) -> None:
         """End every stream (clients see the connection close) and refuse new ones."""

@@ -312,7 +312,9 @@ async def test_a_client_that_stops_reading_is_dropped_and_never_stalls_publishin
             worst_publish_s = max(worst_publish_s, time.perf_counter() - started)
             await next_view(fast_reader)  # the reading client gets every view meanwhile
             received += 1
-        assert srv.page.client_count == 1
+        while srv.page.client_count > 1:  # the drop is at once; its task ends next
+            assert time.monotonic() < deadline, "dropped client still counted"
+            await asyncio.sleep(0.01)
         # Publishing builds the view once and hands it over; a stuck socket costs it nothing.
         assert worst_publish_s < 0.25, worst_publish_s
         assert received > 5

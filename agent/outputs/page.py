@@ -43,9 +43,10 @@ import json
 import logging
 import math
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
@@ -539,6 +540,15 @@ class SlowClient(Exception):
     """A page client that did not take its data within the write deadline."""
 
 
+@dataclass(slots=True)
+class _Client:
+    """One open event stream: its writer, when its unsent backlog began, and its end."""
+
+    writer: asyncio.StreamWriter
+    backlog_since: float | None = None  # monotonic s: unsent bytes waiting since then
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 def static_file(name: str) -> bytes:
     """One of the page's files, from the package data."""
     return resources.files("agent.outputs").joinpath("page", name).read_bytes()
@@ -582,9 +592,7 @@ class OperatorPage:
         self._files = {path: (static_file(name), ctype) for path, (name, ctype) in _STATIC.items()}
         self._json = b"{}"
         self._message = b""
-        self._version = 0
-        self._tick = asyncio.Event()
-        self._clients: set[asyncio.StreamWriter] = set()
+        self._clients: dict[asyncio.StreamWriter, _Client] = {}
         self._closing = False
         self._emptied = asyncio.Event()
         self._last_plan: Plan | None = None
@@ -616,11 +624,38 @@ class OperatorPage:
         self._json = payload
         # One line of data: compact JSON escapes every newline inside strings.
         self._message = b"event: view\ndata: " + payload + b"\n\n"
-        self._version += 1
         self.published_at = now
-        tick, self._tick = self._tick, asyncio.Event()
-        tick.set()
+        # Fan-out in one pass, no task switch per client: each write goes to the socket at once
+        # or into that client's bounded buffer, and a client that cannot keep up is dropped.
+        mono = time.monotonic()
+        for client in list(self._clients.values()):
+            self._offer(client, self._message, mono)
         return view
+
+    def _offer(self, client: _Client, data: bytes, mono: float) -> None:
+        writer = client.writer
+        if client.done.is_set():
+            return
+        if writer.is_closing():
+            client.done.set()  # the peer went away: its task ends now
+            return
+        writer.write(data)
+        backlog = writer.transport.get_write_buffer_size()
+        if backlog == 0:
+            client.backlog_since = None
+            return
+        if client.backlog_since is None:
+            client.backlog_since = mono
+        if backlog > self.max_buffer_bytes:
+            self._drop(client, f"{backlog} bytes unread")
+        elif mono - client.backlog_since > self.write_timeout_s:
+            self._drop(client, f"no progress in {self.write_timeout_s} s")
+
+    def _drop(self, client: _Client, why: str) -> None:
+        self.dropped_slow += 1
+        log.info("page: dropped a slow client (%s)", why)
+        client.done.set()
+        client.writer.transport.abort()  # discard what it did not read
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish at every new plan (and every ``republish_s``) until ``stop``.
@@ -646,9 +681,9 @@ class OperatorPage:
     async def close(self) -> None:
         """End every stream (clients see the connection close) and refuse new ones."""
         self._closing = True
-        self._tick.set()
-        for writer in list(self._clients):
-            writer.close()
+        for client in list(self._clients.values()):
+            client.done.set()
+            client.writer.close()
         if self._clients:
             self._emptied.clear()
             with contextlib.suppress(TimeoutError):
@@ -714,20 +749,19 @@ class OperatorPage:
                     extra="Retry-After: 10\r\n",
                 )
             return
-        self._clients.add(writer)
+        client = _Client(writer)
+        self._clients[writer] = client
         try:
-            await self._serve_stream(reader, writer)
+            await self._serve_stream(reader, client)
         except SlowClient as exc:
-            self.dropped_slow += 1
-            log.info("page: dropped a slow client (%s)", exc)
+            self._drop(client, str(exc))
         finally:
-            self._clients.discard(writer)
+            del self._clients[writer]
             if not self._clients:
                 self._emptied.set()
 
-    async def _serve_stream(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _serve_stream(self, reader: asyncio.StreamReader, client: _Client) -> None:
+        writer = client.writer
         head = (
             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             f"{_SECURITY_HEADERS}X-Accel-Buffering: no\r\nConnection: close\r\n\r\n"
@@ -740,15 +774,12 @@ class OperatorPage:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.max_buffer_bytes)
         # ``retry``: how long the browser waits before reconnecting after the stream ends.
         await self._write(writer, head + b"retry: 2000\n\n" + self._message)
-        seen = self._version
-        while not (self._closing or reader.at_eof() or writer.is_closing()):
-            if self._version == seen:
-                try:
-                    async with asyncio.timeout(self.heartbeat_s):
-                        await self._tick.wait()
-                except TimeoutError:
-                    # A comment line: keeps proxies from timing out and finds dead peers.
-                    await self._write(writer, b": keep-alive\n\n")
-                continue
-            seen = self._version
-            await self._write(writer, self._message)
+        # Views arrive through publish(); this task only keeps the stream alive and ends it.
+        while not (client.done.is_set() or reader.at_eof() or writer.is_closing()):
+            try:
+                async with asyncio.timeout(self.heartbeat_s):
+                    await client.done.wait()
+            except TimeoutError:
+                # A comment line, under the write deadline: keeps proxies from timing out,
+                # finds dead peers and clients that stopped reading between two views.
+                await self._write(writer, b": keep-alive\n\n")

@@ -37,11 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.config import parse_config  # noqa: E402
-from agent.metrics import MetricsServer, build_registry  # noqa: E402
+from agent.control.config import parse_config  # noqa: E402
+from agent.outputs.metrics import MetricsServer, build_registry  # noqa: E402
 from agent.outputs.page import OperatorPage  # noqa: E402
-from agent.runtime import Agent  # noqa: E402
-from agent.wiring import build_components  # noqa: E402
+from agent.runtime.loop import Agent  # noqa: E402
+from agent.runtime.wiring import build_components  # noqa: E402
 from bench.agent_spike import MODELS, cpu_s, emit, free_port, start_simulator  # noqa: E402
 from simulators.luxos import raise_open_file_limit  # noqa: E402
 from simulators.price_server import PriceServer  # noqa: E402
@@ -113,7 +113,7 @@ async def bench(n_miners: int, n_clients: int, phase_s: float, rounds: int, base
             )
             components = build_components(config)
             agent = Agent(config, components)
-            # The listener and the page exactly as agent.daemon.metrics_service builds them,
+            # The listener and the page exactly as agent.runtime.daemon.metrics_service builds them,
             # with the page object kept to count its clients.
             page = OperatorPage(agent.state, config, max_clients=max(32, n_clients))
             server = MetricsServer(build_registry(agent.state, config), "127.0.0.1", 0, page)

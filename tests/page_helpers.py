@@ -13,10 +13,10 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from agent.config import AgentConfig
-from agent.metrics import MetricsServer, build_registry
+from agent.control.config import AgentConfig
+from agent.outputs.metrics import MetricsServer, build_registry
 from agent.outputs.page import OperatorPage
-from agent.state import AgentState
+from agent.runtime.state import AgentState
 
 PAGE_DIR = Path(__file__).resolve().parent.parent / "agent" / "outputs" / "page"
 

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import pytest
 
-from agent.domain import ActiveEvent
+from agent.control.domain import ActiveEvent
 from agent.outputs.page import (
     MAX_TEXT,
     History,

@@ -1,6 +1,6 @@
 """The operator's page: plain files and a server-sent-events stream of the site, read-only.
 
-:class:`OperatorPage` hangs off the metrics listener (:class:`agent.metrics.MetricsServer`,
+:class:`OperatorPage` hangs off the metrics listener (:class:`agent.outputs.metrics.MetricsServer`,
 127.0.0.1 by default) and answers these paths, ``GET`` only (anything else gets 405):
 
 ==================  ===============================================================
@@ -10,7 +10,7 @@
 ``/events``         ``text/event-stream``: one ``view`` message per control cycle
 ==================  ===============================================================
 
-The view is built from :class:`agent.state.AgentState` only (the latest Snapshot and Plan,
+The view is built from :class:`agent.runtime.state.AgentState` only (the latest Snapshot and Plan,
 counters, faults): no I/O to devices. A watcher task notices a new plan (the runtime swaps
 snapshot and plan together once per cycle), records the cycle's per-workload figures in a bounded
 ring buffer (:class:`History`, the last 24 h), builds the view once and hands the same bytes to
@@ -51,11 +51,15 @@ from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
-from agent.config import AgentConfig
-from agent.domain import Plan, Snapshot
-from agent.economics import ai_revenue_usd_per_h, energy_cost_usd_per_h, mining_revenue_usd_per_h
-from agent.policy import event_limit_w
-from agent.state import AgentState
+from agent.control.config import AgentConfig
+from agent.control.domain import Plan, Snapshot
+from agent.control.economics import (
+    ai_revenue_usd_per_h,
+    energy_cost_usd_per_h,
+    mining_revenue_usd_per_h,
+)
+from agent.control.policy import event_limit_w
+from agent.runtime.state import AgentState
 from drivers.jobs.base import JobClass, JobState
 
 log = logging.getLogger(__name__)
@@ -557,8 +561,8 @@ def static_file(name: str) -> bytes:
 class OperatorPage:
     """The page's routes, its SSE clients and the watcher that feeds them.
 
-    Hand it to :class:`agent.metrics.MetricsServer` as ``routes`` and run :meth:`run` beside the
-    server (it returns when ``stop`` is set; closing the server ends the streams).
+    Hand it to :class:`agent.outputs.metrics.MetricsServer` as ``routes`` and run :meth:`run`
+    beside the server (it returns when ``stop`` is set; closing the server ends the streams).
     """
 
     def __init__(

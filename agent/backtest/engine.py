@@ -1,0 +1,939 @@
+"""The backtest engine: replays intervals through a strategy and settles each at its real price.
+
+Four strategies are settled by the same :class:`Ledger` rules (economics.md, "The backtest"):
+
+- ``policy``: the live :func:`agent.control.policy.decide`, fed one causal :class:`Snapshot` per
+  interval (the previous interval's settled price, aged one interval; the day-ahead price of the
+  hour; the 4CP risk from system load up to now). The backtest plays the devices: every plan is
+  applied as commanded and each device's ``commanded_since`` is kept, so dwell times, hysteresis
+  and the ramp limit act exactly as live. Miners are simulated as blocks of identical miners
+  (``MinerView.count``); live runs one view per miner, and block granularity is the only
+  difference.
+- ``oracle``: perfect foresight of the interval's price and of the true 4CP intervals, with
+  dwell, ramp, hysteresis and penalties relaxed. Per interval it maximises revenue minus cost
+  over every device's operating points (GPU caps continuously, per job) under the interconnect
+  limit, via the Lagrangian dual of that limit — a bound that holds for any feasible choice, so
+  the oracle is an upper bound of every causal strategy, and attained exactly whenever the
+  limit does not bind (with a fractional last step when it does).
+- ``always_on``: every miner at its top profile and every job running at full cap, always.
+- ``strike``: Foreman's rule — curtail every miner after ``n`` consecutive settled intervals
+  above the strike price, resume after 4 below; AI jobs stay on.
+
+AI jobs come from a seeded trace (:mod:`agent.backtest.data`) whose occupancy does not depend
+on the strategy. Settlement per interval: energy cost = site power × real price × interval
+length (negative prices pay); mining revenue from the hashrate run; AI revenue = contracted rate
+× GPUs × throughput at the cap while running; suspending a preemptible job loses the work since
+its last checkpoint, interrupting an SLA job costs its contract penalty; 4CP = rate ×
+site kW in each true monthly peak interval / 4.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+
+from agent.backtest.data import TraceJob
+from agent.control.config import AgentConfig, GpuNodeConfig
+from agent.control.domain import (
+    SLEEP,
+    ActiveEvent,
+    GpuNodeView,
+    JobView,
+    MinerView,
+    OperatingPoint,
+    Plan,
+    PriceView,
+    Snapshot,
+)
+from agent.control.economics import breakeven_usd_per_mwh, gpu_throughput_fraction
+from agent.journal.store import event_target_w
+from drivers.errors import AgentError
+from drivers.grid.base import GridEvent
+from drivers.jobs.base import JobClass, JobState
+
+STRATEGIES = ("policy", "oracle", "always_on", "strike")
+Decide = Callable[[Snapshot, AgentConfig, datetime], Plan]
+
+
+class BacktestError(AgentError):
+    """The backtest cannot run (bad inputs) or a strategy broke a rule it must keep."""
+
+
+# --- inputs --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Market:
+    """Everything exogenous, per interval of the period (all lists have one entry each)."""
+
+    interval_s: float
+    starts_s: tuple[float, ...]  # interval starts, epoch seconds UTC
+    price_usd_per_mwh: tuple[float, ...]  # the real settled price of each interval
+    # What the policy sees at each interval's start: the newest settled price (the previous
+    # interval's), with its own interval start; None before the first price.
+    seen_price: tuple[tuple[float, float] | None, ...]
+    hashprice: tuple[float, ...]
+    day_ahead: tuple[float | None, ...] = ()
+    fourcp_risk: tuple[float, ...] = ()
+    fourcp_reason: tuple[str, ...] = ()
+    peak: tuple[bool, ...] = ()  # the true monthly 4CP intervals (known only afterwards)
+    # Demand-response events, the intervals each is in force, and the baseline every strategy
+    # is settled against (see :func:`with_events`).
+    events: tuple[GridEvent, ...] = ()
+    event_baseline_w: tuple[float, ...] = ()
+    active_events: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.starts_s)
+        for name in ("price_usd_per_mwh", "seen_price", "hashprice"):
+            if len(getattr(self, name)) != n:
+                raise BacktestError(f"market.{name} has {len(getattr(self, name))} rows, not {n}")
+        for name in ("day_ahead", "fourcp_risk", "fourcp_reason", "peak"):
+            got = len(getattr(self, name))
+            if got not in (0, n):
+                raise BacktestError(f"market.{name} has {got} rows, not {n}")
+
+    def __len__(self) -> int:
+        return len(self.starts_s)
+
+    @property
+    def dt_h(self) -> float:
+        return self.interval_s / 3600.0
+
+
+def simple_market(
+    prices: Sequence[float],
+    hashprice: float,
+    *,
+    start: datetime = datetime(2023, 1, 1, tzinfo=UTC),
+    interval_s: float = 900.0,
+    peak: Sequence[bool] = (),
+    fourcp_risk: Sequence[float] = (),
+) -> Market:
+    """A market from a plain price list (tests, experiments): the policy sees price t−1."""
+    t0 = start.timestamp()
+    starts = tuple(t0 + i * interval_s for i in range(len(prices)))
+    seen: list[tuple[float, float] | None] = [None]
+    seen += [(prices[i - 1], starts[i - 1]) for i in range(1, len(prices))]
+    return Market(
+        interval_s=interval_s,
+        starts_s=starts,
+        price_usd_per_mwh=tuple(prices),
+        seen_price=tuple(seen),
+        hashprice=(hashprice,) * len(prices),
+        peak=tuple(peak),
+        fourcp_risk=tuple(fourcp_risk),
+        fourcp_reason=("",) * len(fourcp_risk),
+    )
+
+
+# --- the site ------------------------------------------------------------------------------
+
+
+def ladder(
+    standby_w: float, profiles: Sequence[tuple[str, float, float]]
+) -> tuple[OperatingPoint, ...]:
+    """``sleep`` first, then profiles by ascending power (as the coordinator builds them)."""
+    ordered = sorted(profiles, key=lambda p: p[1])
+    return (
+        OperatingPoint(SLEEP, standby_w, 0.0),
+        *(OperatingPoint(n, w, h) for n, w, h in ordered),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MinerBlock:
+    device_id: str
+    model: str
+    count: int
+    circuit: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """The static site: miner blocks with their ladders, and the expanded GPU nodes."""
+
+    config: AgentConfig
+    ladders: dict[str, tuple[OperatingPoint, ...]]
+    nameplates: dict[str, float]
+    blocks: tuple[MinerBlock, ...]
+    nodes: tuple[GpuNodeConfig, ...]  # one entry per node (``count`` expanded)
+    node_ids: tuple[str, ...]
+    limit_w: float  # interconnect limit minus the safety margin
+
+    @property
+    def miners_by_model(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for b in self.blocks:
+            out[b.model] = out.get(b.model, 0) + b.count
+        return out
+
+    def fleet_breakeven_usd_per_mwh(self, hashprice: float) -> float:
+        """Breakeven of each model at its top profile, weighted by the model's top power."""
+        fee = self.config.economics.pool_fee
+        num = den = 0.0
+        for model, count in self.miners_by_model.items():
+            top = self.ladders[model][-1]
+            weight = count * top.power_w
+            num += weight * breakeven_usd_per_mwh(hashprice, fee, top.power_w / top.hashrate_ths)
+            den += weight
+        return num / den if den else math.inf
+
+
+def build_site(config: AgentConfig, block_size: int) -> Site:
+    """Split every miner config line into blocks of at most ``block_size`` identical miners."""
+    if block_size < 1:
+        raise BacktestError(f"block size must be at least 1 (got {block_size})")
+    ladders = {
+        name: ladder(m.standby_w, [(p.name, p.power_w, p.hashrate_ths) for p in m.profiles])
+        for name, m in config.miner_models.items()
+    }
+    nameplates = {name: m.max_power_w for name, m in config.miner_models.items()}
+    blocks: list[MinerBlock] = []
+    for m in config.miners:
+        n_blocks = math.ceil(m.count / block_size)
+        for k in range(n_blocks):
+            size = min(block_size, m.count - k * block_size)
+            bid = m.id if m.count == 1 else f"{m.id}-blk{k + 1:04d}"
+            blocks.append(MinerBlock(bid, m.model, size, m.circuit))
+    nodes: list[GpuNodeConfig] = []
+    ids: list[str] = []
+    for n in config.gpu_nodes:
+        for k in range(n.count):
+            nodes.append(n)
+            ids.append(n.id if n.count == 1 else f"{n.id}-{k + 1:03d}")
+    site = config.site
+    limit_w = (site.interconnect_limit_kw - site.safety_margin_kw) * 1000.0
+    return Site(config, ladders, nameplates, tuple(blocks), tuple(nodes), tuple(ids), limit_w)
+
+
+# --- settlement ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Ledger:
+    """Money and energy of one strategy, with its power per interval for plots."""
+
+    name: str
+    mining_usd: float = 0.0
+    ai_usd: float = 0.0
+    demand_response_usd: float = 0.0
+    energy_cost_usd: float = 0.0
+    fourcp_cost_usd: float = 0.0
+    lost_work_usd: float = 0.0
+    sla_penalty_usd: float = 0.0
+    dr_penalty_usd: float = 0.0
+    energy_mwh: float = 0.0
+    interruptions: int = 0
+    curtailed_intervals: int = 0  # intervals with some mining capacity not at its top point
+    fourcp_rate_usd_per_kw_year: float = 0.0
+    mining_w: list[float] = field(default_factory=list)
+    ai_w: list[float] = field(default_factory=list)
+    # Revenue − energy cost − 4CP of each interval (penalties are booked per event, not here).
+    interval_margin_usd: list[float] = field(default_factory=list)
+
+    @property
+    def penalties_usd(self) -> float:
+        return self.lost_work_usd + self.sla_penalty_usd + self.dr_penalty_usd
+
+    @property
+    def revenue_usd(self) -> float:
+        return self.mining_usd + self.ai_usd + self.demand_response_usd
+
+    @property
+    def profit_usd(self) -> float:
+        return self.revenue_usd - self.energy_cost_usd - self.fourcp_cost_usd - self.penalties_usd
+
+    def settle(
+        self,
+        market: Market,
+        i: int,
+        mining_w: float,
+        ai_w: float,
+        mining_usd_per_h: float,
+        ai_usd_per_h: float,
+    ) -> None:
+        """Book interval ``i`` at its real price (and its 4CP charge if it is a true peak)."""
+        dt_h = market.dt_h
+        site_w = mining_w + ai_w
+        mwh = site_w / 1e6 * dt_h
+        self.energy_mwh += mwh
+        cost = mwh * market.price_usd_per_mwh[i]
+        self.energy_cost_usd += cost
+        self.mining_usd += mining_usd_per_h * dt_h
+        self.ai_usd += ai_usd_per_h * dt_h
+        if market.peak and market.peak[i]:
+            fourcp = fourcp_usd_per_kw(self.fourcp_rate_usd_per_kw_year) * site_w / 1000.0
+            self.fourcp_cost_usd += fourcp
+            cost += fourcp
+        dr = 0.0
+        for e in market.active_events.get(i, ()):
+            # The live settlement rule (agent.journal.store): paid for the reduction below the
+            # baseline down to the target, penalised for every MWh above the target.
+            event, baseline_w = market.events[e], market.event_baseline_w[e]
+            target_w = event_target_w(event, baseline_w)
+            if target_w is None:
+                continue
+            delivered_mwh = max(0.0, baseline_w - max(site_w, target_w)) / 1e6 * dt_h
+            shortfall_mwh = max(0.0, site_w - target_w) / 1e6 * dt_h
+            paid = delivered_mwh * event.payment_usd_per_mwh
+            penalty = shortfall_mwh * event.penalty_usd_per_mwh
+            self.demand_response_usd += paid
+            self.dr_penalty_usd += penalty
+            dr += paid - penalty
+        self.interval_margin_usd.append((mining_usd_per_h + ai_usd_per_h) * dt_h - cost + dr)
+        self.mining_w.append(mining_w)
+        self.ai_w.append(ai_w)
+
+
+def fourcp_usd_per_kw(rate_usd_per_kw_year: float) -> float:
+    """One true peak interval's share of next year's charge: a quarter of the annual rate."""
+    return rate_usd_per_kw_year / 4.0
+
+
+def fourcp_adder_usd_per_mwh(rate_usd_per_kw_year: float, dt_h: float) -> float:
+    """The 4CP charge of a peak interval as an energy price: USD per MWh drawn in it."""
+    return fourcp_usd_per_kw(rate_usd_per_kw_year) * 1000.0 / dt_h
+
+
+def mining_usd_per_h(ths: float, hashprice: float, fee: float) -> float:
+    return hashprice * (ths / 1000.0) / 24.0 * (1.0 - fee)
+
+
+def job_rate(config: AgentConfig, cls: JobClass) -> tuple[float, float, float]:
+    """(USD per GPU-hour, penalty per interruption, checkpoint interval s) of a job class."""
+    c = {JobClass.SLA: config.ai.sla, JobClass.PREEMPTIBLE: config.ai.preemptible}.get(
+        cls, config.ai.filler
+    )
+    return c.usd_per_gpu_hour, c.penalty_usd, c.checkpoint_interval_s
+
+
+def lost_work_usd(rev_usd_per_h: float, ran_s: float, checkpoint_interval_s: float) -> float:
+    """Revenue of the work done since the last checkpoint (checkpoints every interval of run)."""
+    if checkpoint_interval_s <= 0:
+        return 0.0
+    return rev_usd_per_h * (ran_s % checkpoint_interval_s) / 3600.0
+
+
+# --- occupancy shared by the cheap strategies -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Occupancy:
+    """Per interval, GPUs occupied per (node type, job class); node types group equal specs."""
+
+    types: tuple[GpuNodeConfig, ...]
+    gpus_per_type: tuple[int, ...]
+    hosts_w: float  # host overhead of every node (nodes stay up in every strategy)
+    used: tuple[tuple[tuple[int, ...], ...], ...]  # [interval][type][class index] -> GPUs
+
+
+CLASSES = (JobClass.SLA, JobClass.PREEMPTIBLE, JobClass.FILLER)
+
+
+def occupancy(site: Site, trace: Sequence[TraceJob], n: int) -> Occupancy:
+    types: list[GpuNodeConfig] = []
+    type_of: list[int] = []
+    for node in site.nodes:
+        if node not in types:
+            types.append(node)
+        type_of.append(types.index(node))
+    gpus_per_type = [0] * len(types)
+    for node, t in zip(site.nodes, type_of, strict=True):
+        gpus_per_type[t] += node.gpus
+    delta = [[[0] * len(CLASSES) for _ in types] for _ in range(n + 1)]
+    for job in trace:
+        c = CLASSES.index(job.job_class)
+        delta[job.start_i][type_of[job.node]][c] += job.gpus
+        delta[job.end_i][type_of[job.node]][c] -= job.gpus
+    used: list[tuple[tuple[int, ...], ...]] = []
+    run = [[0] * len(CLASSES) for _ in types]
+    for i in range(n):
+        for t in range(len(types)):
+            for c in range(len(CLASSES)):
+                run[t][c] += delta[i][t][c]
+        used.append(tuple(tuple(r) for r in run))
+    hosts_w = sum(node.host_overhead_w for node in site.nodes)
+    return Occupancy(tuple(types), tuple(gpus_per_type), hosts_w, tuple(used))
+
+
+# --- oracle --------------------------------------------------------------------------------
+
+
+def _best_gpu(rate_h: float, q: float, node: GpuNodeConfig) -> tuple[float, float]:
+    """Best (revenue USD/h, power W) of one GPU holding a job at energy price ``q`` USD/MWh:
+    suspended (idle power) or running at the continuous optimum of the concave curve."""
+    m, lo = node.max_cap_w, node.min_cap_w
+    if q <= 0:
+        cap = m
+    else:
+        # d/dc [r·(1 − (1 − c/M)²)] = q/1e6  →  c = M·(1 − q·M / (2·r·1e6))
+        cap = m * (1.0 - q * m / (2.0 * rate_h * 1e6)) if rate_h > 0 else lo
+        cap = min(m, max(lo, cap))
+    rev = rate_h * gpu_throughput_fraction(cap, m, lo)
+    if rev - q * cap / 1e6 >= -q * node.idle_w / 1e6:
+        return rev, cap
+    return 0.0, node.idle_w
+
+
+@dataclass(slots=True)
+class _Choice:
+    mining_rev_h: float = 0.0
+    ai_rev_h: float = 0.0
+    mining_w: float = 0.0
+    ai_w: float = 0.0
+
+    @property
+    def power_w(self) -> float:
+        return self.mining_w + self.ai_w
+
+    def mix(self, other: _Choice, theta: float) -> _Choice:
+        """``theta`` of self and ``1 − theta`` of other (time-sharing between two choices)."""
+        u = 1.0 - theta
+        return _Choice(
+            theta * self.mining_rev_h + u * other.mining_rev_h,
+            theta * self.ai_rev_h + u * other.ai_rev_h,
+            theta * self.mining_w + u * other.mining_w,
+            theta * self.ai_w + u * other.ai_w,
+        )
+
+
+def _oracle_choice(
+    q: float,
+    hashprice: float,
+    fee: float,
+    models: Sequence[tuple[tuple[OperatingPoint, ...], int]],
+    occ: Occupancy,
+    used: tuple[tuple[int, ...], ...],
+    rates_h: Sequence[float],
+) -> _Choice:
+    ch = _Choice(ai_w=occ.hosts_w)
+    for points, count in models:
+        best_v, best_p, best_r = -math.inf, 0.0, 0.0
+        for p in points:
+            r = mining_usd_per_h(p.hashrate_ths, hashprice, fee)
+            v = r - q * p.power_w / 1e6
+            if v > best_v:
+                best_v, best_p, best_r = v, p.power_w, r
+        ch.mining_rev_h += best_r * count
+        ch.mining_w += best_p * count
+    for t, node in enumerate(occ.types):
+        busy = 0
+        for c, gpus in enumerate(used[t]):
+            if gpus:
+                busy += gpus
+                r, w = _best_gpu(rates_h[c], q, node)
+                ch.ai_rev_h += r * gpus
+                ch.ai_w += w * gpus
+        ch.ai_w += (occ.gpus_per_type[t] - busy) * node.idle_w
+    return ch
+
+
+def _land(
+    q_lo: float,
+    lo: _Choice,
+    q_hi: float,
+    hi: _Choice,
+    target_w: float,
+    choose: Callable[[float], _Choice],
+) -> _Choice:
+    """``lo`` (at price ``q_lo``) draws more than ``target_w``, ``hi`` (at ``q_hi``) not more:
+    bisect the price, then mix the two bracketing choices to land exactly on the target."""
+    for _ in range(60):
+        mid = (q_lo + q_hi) / 2.0
+        if mid in (q_lo, q_hi):
+            break
+        c = choose(mid)
+        if c.power_w > target_w:
+            q_lo, lo = mid, c
+        else:
+            q_hi, hi = mid, c
+    if lo.power_w <= hi.power_w:
+        return hi
+    theta = (target_w - hi.power_w) / (lo.power_w - hi.power_w)
+    return lo.mix(hi, theta)
+
+
+def oracle_interval(
+    q: float,
+    limit_w: float,
+    choose: Callable[[float], _Choice],
+    soft: Sequence[tuple[float, float]] = (),
+) -> _Choice:
+    """The best choice at energy price ``q`` under the hard ``limit_w`` and ``soft`` targets.
+
+    A soft target ``(target_w, extra)`` (a demand-response event) makes every MWh above it cost
+    ``extra`` more (its payment forgone plus its penalty), so the cost of power is convex and
+    piecewise linear. Power is non-increasing in price, so the optimum is either the best
+    choice at one segment's price or sits on a breakpoint, where the two bracketing choices are
+    mixed (the LP relaxation's optimum: it bounds every integer choice). When nothing binds,
+    the result is exact."""
+    points = sorted((t, m) for t, m in soft if t < limit_w)
+    price = q
+    prev: _Choice | None = None
+    prev_price = q
+    lower = -math.inf
+    for k in range(len(points) + 1):
+        upper = points[k][0] if k < len(points) else limit_w
+        c = choose(price)
+        if c.power_w <= upper:
+            if prev is None or c.power_w >= lower:
+                return c
+            return _land(prev_price, prev, price, c, lower, choose)
+        prev, prev_price = c, price
+        if k < len(points):
+            lower = points[k][0]
+            price += points[k][1]
+    # Above the hard limit even at the last segment's price: raise the price until it fits.
+    assert prev is not None
+    base = prev_price
+    step = 1.0
+    hi = choose(base + step)
+    lo, lo_price = prev, base
+    while hi.power_w > limit_w and step < 1e12:
+        lo, lo_price = hi, base + step
+        step *= 4.0
+        hi = choose(base + step)
+    if hi.power_w > limit_w:
+        return hi  # even everything at its lowest point exceeds the limit: nothing better
+    return _land(lo_price, lo, base + step, hi, limit_w, choose)
+
+
+def _models(site: Site) -> list[tuple[tuple[OperatingPoint, ...], int]]:
+    return [(site.ladders[m], n) for m, n in site.miners_by_model.items()]
+
+
+def run_oracle(site: Site, market: Market, occ: Occupancy) -> Ledger:
+    cfg = site.config
+    fee = cfg.economics.pool_fee
+    rate = cfg.grid.fourcp.rate_usd_per_kw_year
+    adder = fourcp_adder_usd_per_mwh(rate, market.dt_h)
+    rates_h = [job_rate(cfg, c)[0] for c in CLASSES]
+    models = _models(site)
+    top_w = sum(points[-1].power_w * n for points, n in models)
+    ledger = Ledger("oracle", fourcp_rate_usd_per_kw_year=rate)
+    for i in range(len(market)):
+        q = market.price_usd_per_mwh[i] + (adder if market.peak and market.peak[i] else 0.0)
+        hp = market.hashprice[i]
+        used = occ.used[i]
+
+        def choose(x: float, hp: float = hp, used: tuple[tuple[int, ...], ...] = used) -> _Choice:
+            return _oracle_choice(x, hp, fee, models, occ, used, rates_h)
+
+        soft = []
+        for e in market.active_events.get(i, ()):
+            event = market.events[e]
+            target_w = event_target_w(event, market.event_baseline_w[e])
+            if target_w is not None:
+                extra = event.payment_usd_per_mwh + event.penalty_usd_per_mwh
+                soft.append((target_w, extra))
+        ch = oracle_interval(q, site.limit_w, choose, soft)
+        if ch.mining_w < top_w - 1e-6:
+            ledger.curtailed_intervals += 1
+        ledger.settle(market, i, ch.mining_w, ch.ai_w, ch.mining_rev_h, ch.ai_rev_h)
+    return ledger
+
+
+def with_events(market: Market, events: Sequence[GridEvent], site: Site, occ: Occupancy) -> Market:
+    """The market with demand-response events in force at the intervals whose start lies in
+    their window (the policy sees an event at the interval start, as live at a cycle).
+
+    Every strategy is settled against the same baseline, the site's full load (everything at
+    its top point, within the interconnect) at its highest during the event: a strategy cannot
+    inflate its own baseline, no strategy draws more than it, and the oracle stays a bound."""
+    if not events:
+        return market
+    rates_h = [job_rate(site.config, c)[0] for c in CLASSES]
+    top_w = sum(points[-1].power_w * n for points, n in _models(site))
+    active: dict[int, list[int]] = {}
+    baselines: list[float] = []
+    for e, event in enumerate(events):
+        lo, hi = event.start.timestamp(), event.end.timestamp()
+        full_w = 0.0
+        for i, start_s in enumerate(market.starts_s):
+            if lo <= start_s < hi:
+                active.setdefault(i, []).append(e)
+                ai_w = _full_ai(occ, occ.used[i], rates_h)[0]
+                full_w = max(full_w, min(site.limit_w, top_w + ai_w))
+        baselines.append(full_w)
+    return replace(
+        market,
+        events=tuple(events),
+        event_baseline_w=tuple(baselines),
+        active_events={i: tuple(es) for i, es in active.items()},
+    )
+
+
+# --- baselines -----------------------------------------------------------------------------
+
+
+def _full_ai(
+    occ: Occupancy, used: tuple[tuple[int, ...], ...], rates_h: Sequence[float]
+) -> tuple[float, float]:
+    """(power W, revenue USD/h) of every job running at full cap."""
+    w, r = occ.hosts_w, 0.0
+    for t, node in enumerate(occ.types):
+        busy = sum(used[t])
+        w += busy * node.max_cap_w + (occ.gpus_per_type[t] - busy) * node.idle_w
+        for c, gpus in enumerate(used[t]):
+            r += gpus * rates_h[c]
+    return w, r
+
+
+def _run_on_off(
+    name: str,
+    site: Site,
+    market: Market,
+    occ: Occupancy,
+    mining_on: Callable[[int], bool],
+) -> Ledger:
+    """Miners at their top profile when ``mining_on(i)``, else asleep; jobs always at full cap.
+    When the top load exceeds the interconnect limit, just enough miners sleep to fit."""
+    cfg = site.config
+    fee = cfg.economics.pool_fee
+    rates_h = [job_rate(cfg, c)[0] for c in CLASSES]
+    models = _models(site)
+    top_w = sum(points[-1].power_w * n for points, n in models)
+    top_ths = sum(points[-1].hashrate_ths * n for points, n in models)
+    sleep_w = sum(points[0].power_w * n for points, n in models)
+    ledger = Ledger(name, fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year)
+    for i in range(len(market)):
+        ai_w, ai_rev_h = _full_ai(occ, occ.used[i], rates_h)
+        if mining_on(i):
+            room = site.limit_w - ai_w
+            share = (
+                1.0
+                if top_w + ai_w <= site.limit_w
+                else max(0.0, room - sleep_w) / (top_w - sleep_w)
+            )
+            share = min(1.0, share)
+            m_w = sleep_w + share * (top_w - sleep_w)
+            m_r = mining_usd_per_h(share * top_ths, market.hashprice[i], fee)
+            if share < 1.0:
+                ledger.curtailed_intervals += 1
+        else:
+            m_w, m_r = sleep_w, 0.0
+            ledger.curtailed_intervals += 1
+        ledger.settle(market, i, m_w, ai_w, m_r, ai_rev_h)
+    return ledger
+
+
+def run_always_on(site: Site, market: Market, occ: Occupancy) -> Ledger:
+    return _run_on_off("always_on", site, market, occ, lambda i: True)
+
+
+def strike_states(
+    market: Market, strike_usd_per_mwh: float, n_above: int, n_below: int = 4
+) -> list[bool]:
+    """Mining on/off per interval under Foreman's rule, from settled prices only: off after
+    ``n_above`` consecutive settled intervals above the strike, on again after ``n_below``
+    consecutive ones at or below it."""
+    on = True
+    above = below = 0
+    states: list[bool] = []
+    last_start: float | None = None
+    for i in range(len(market)):
+        seen = market.seen_price[i]
+        # Count each settled interval once (a repeated view of the same price adds nothing).
+        if seen is not None and seen[1] != last_start:
+            last_start = seen[1]
+            if seen[0] > strike_usd_per_mwh:
+                above, below = above + 1, 0
+            else:
+                above, below = 0, below + 1
+            if on and above >= n_above:
+                on = False
+            elif not on and below >= n_below:
+                on = True
+        states.append(on)
+    return states
+
+
+def run_strike(
+    site: Site, market: Market, occ: Occupancy, strike_usd_per_mwh: float, n_above: int
+) -> Ledger:
+    states = strike_states(market, strike_usd_per_mwh, n_above)
+    return _run_on_off("strike", site, market, occ, lambda i: states[i])
+
+
+# --- the live policy -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Job:
+    spec: TraceJob
+    node: int
+    rate_h: float  # USD per GPU-hour
+    penalty_usd: float
+    checkpoint_s: float
+    state: JobState
+    since: datetime
+    run_start_s: float  # when it last started or resumed running (for lost work)
+    view: JobView | None = None  # cached until the job's state changes
+
+
+class PolicyReplay:
+    """Plays the devices for :func:`decide`: applies each plan as commanded, settles it."""
+
+    def __init__(self, site: Site, market: Market, trace: Sequence[TraceJob], decide: Decide):
+        self.site = site
+        self.market = market
+        self.decide = decide
+        cfg = site.config
+        self.cfg = cfg
+        self.fee = cfg.economics.pool_fee
+        self.ledger = Ledger(
+            "policy", fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year
+        )
+        self.times = [datetime.fromtimestamp(s, tz=UTC) for s in market.starts_s]
+        t0 = self.times[0] if self.times else datetime(2000, 1, 1, tzinfo=UTC)
+        # Devices start as the agent would find a settled, running site: miners at their top
+        # profile for a day already, so no dwell time holds the first decision.
+        t0 -= timedelta(days=1)
+        self.views: list[MinerView] = []
+        self.pos: dict[str, int] = {}
+        for k, b in enumerate(site.blocks):
+            points = site.ladders[b.model]
+            self.views.append(self._view(b, points, points[-1], t0))
+            self.pos[b.device_id] = k
+        self.point_idx = [len(site.ladders[b.model]) - 1 for b in site.blocks]
+        self.mining_w = sum(v.points[-1].power_w * v.count for v in self.views)
+        self.mining_ths = sum(v.points[-1].hashrate_ths * v.count for v in self.views)
+        self.miners_tuple: tuple[MinerView, ...] = tuple(self.views)
+        # GPU nodes
+        self.caps = [n.max_cap_w for n in site.nodes]
+        self.node_pos = {nid: k for k, nid in enumerate(site.node_ids)}
+        self.node_jobs: list[dict[str, _Job]] = [{} for _ in site.nodes]
+        self.node_views: list[GpuNodeView | None] = [None] * len(site.nodes)
+        self.node_power = [0.0] * len(site.nodes)
+        self.node_rev = [0.0] * len(site.nodes)
+        self.ai_w = 0.0
+        self.ai_rev_h = 0.0
+        self.jobs: dict[str, _Job] = {}
+        self.starts: dict[int, list[TraceJob]] = {}
+        self.ends: dict[int, list[TraceJob]] = {}
+        for job in trace:
+            self.starts.setdefault(job.start_i, []).append(job)
+            self.ends.setdefault(job.end_i, []).append(job)
+        self.nodes_tuple: tuple[GpuNodeView, ...] = ()
+        self.event_seen_w: dict[int, float] = {}
+        self.ramp_w = cfg.site.ramp_up_kw_per_min * 1000.0 * market.interval_s / 60.0
+
+    def _view(
+        self, b: MinerBlock, points: tuple[OperatingPoint, ...], at: OperatingPoint, since: datetime
+    ) -> MinerView:
+        return MinerView(
+            device_id=b.device_id,
+            model=b.model,
+            points=points,
+            nameplate_w=self.site.nameplates[b.model],
+            commanded=at.name,
+            commanded_since=since,
+            # Devices obey in the backtest: telemetry shows the commanded point.
+            measured_power_w=at.power_w,
+            measured_hashrate_ths=at.hashrate_ths,
+            reading_age_s=0.0,
+            circuit=b.circuit,
+            count=b.count,
+        )
+
+    def _node_power(self, k: int) -> tuple[float, float]:
+        node = self.site.nodes[k]
+        cap = self.caps[k]
+        running = 0
+        rev = 0.0
+        frac = gpu_throughput_fraction(cap, node.max_cap_w, node.min_cap_w)
+        for job in self.node_jobs[k].values():
+            if job.state == JobState.RUNNING:
+                running += job.spec.gpus
+                rev += job.rate_h * job.spec.gpus * frac
+        w = node.host_overhead_w + running * cap + (node.gpus - running) * node.idle_w
+        return w, rev
+
+    def _node_view(self, k: int) -> GpuNodeView:
+        node = self.site.nodes[k]
+        jobs = []
+        for j in self.node_jobs[k].values():
+            if j.view is None:
+                j.view = JobView(
+                    job_id=j.spec.job_id,
+                    job_class=j.spec.job_class,
+                    state=j.state,
+                    gpus=j.spec.gpus,
+                    node_id=self.site.node_ids[k],
+                    usd_per_gpu_hour=j.rate_h,
+                    penalty_usd=j.penalty_usd,
+                    commanded_since=j.since,
+                    last_checkpoint_at=None,
+                )
+            jobs.append(j.view)
+        return GpuNodeView(
+            device_id=self.site.node_ids[k],
+            gpu_count=node.gpus,
+            min_cap_w=node.min_cap_w,
+            max_cap_w=node.max_cap_w,
+            idle_w=node.idle_w,
+            host_overhead_w=node.host_overhead_w,
+            cap_w=self.caps[k],
+            jobs=tuple(jobs),
+            measured_power_w=self.node_power[k],
+            reading_age_s=0.0,
+            circuit=node.circuit,
+        )
+
+    def _refresh_nodes(self, dirty: set[int]) -> None:
+        """Recompute power, revenue and view of the nodes whose jobs or cap changed."""
+        for k in dirty:
+            self.node_power[k], self.node_rev[k] = self._node_power(k)
+            self.node_views[k] = self._node_view(k)
+        self.nodes_tuple = tuple(v for v in self.node_views if v is not None)
+        self.ai_w = sum(self.node_power)
+        self.ai_rev_h = sum(self.node_rev)
+        dirty.clear()
+
+    def _interrupt(self, job: _Job, now_s: float) -> None:
+        led = self.ledger
+        led.interruptions += 1
+        if job.spec.job_class == JobClass.SLA:
+            led.sla_penalty_usd += job.penalty_usd
+        elif job.spec.job_class == JobClass.PREEMPTIBLE:
+            node = self.site.nodes[job.node]
+            frac = gpu_throughput_fraction(self.caps[job.node], node.max_cap_w, node.min_cap_w)
+            rev_h = job.rate_h * job.spec.gpus * frac
+            led.lost_work_usd += lost_work_usd(rev_h, now_s - job.run_start_s, job.checkpoint_s)
+
+    def run(self) -> Ledger:
+        market, cfg, site = self.market, self.cfg, self.site
+        led = self.ledger
+        last_site_w: float | None = None
+        dirty = set(range(len(site.nodes)))
+        top_w = sum(site.ladders[b.model][-1].power_w * b.count for b in site.blocks)
+        rates = {c: job_rate(cfg, c) for c in CLASSES}
+        for i in range(len(market)):
+            now = self.times[i]
+            now_s = market.starts_s[i]
+            for job in self.ends.pop(i, ()):
+                self.node_jobs[job.node].pop(job.job_id, None)
+                self.jobs.pop(job.job_id, None)
+                dirty.add(job.node)
+            for job in self.starts.pop(i, ()):
+                rate_h, penalty, ckpt = rates[job.job_class]
+                j = _Job(job, job.node, rate_h, penalty, ckpt, JobState.RUNNING, now, now_s)
+                self.node_jobs[job.node][job.job_id] = j
+                self.jobs[job.job_id] = j
+                dirty.add(job.node)
+            if dirty:
+                self._refresh_nodes(dirty)
+            seen = market.seen_price[i]
+            price = (
+                None
+                if seen is None
+                else PriceView(
+                    usd_per_mwh=seen[0],
+                    interval_start=datetime.fromtimestamp(seen[1], tz=UTC),
+                    # The previous interval's price, settled as this one starts: one interval old.
+                    age_s=now_s - seen[1],
+                )
+            )
+            snap = Snapshot(
+                at=now,
+                price=price,
+                hashprice_usd_per_ph_day=market.hashprice[i],
+                miners=self.miners_tuple,
+                gpu_nodes=self.nodes_tuple,
+                day_ahead_usd_per_mwh=market.day_ahead[i] if market.day_ahead else None,
+                fourcp_risk=market.fourcp_risk[i] if market.fourcp_risk else 0.0,
+                fourcp_reason=market.fourcp_reason[i] if market.fourcp_reason else "",
+                measured_site_power_w=last_site_w,
+                ramp_headroom_w=self.ramp_w,
+                events=self._events(i, last_site_w),
+            )
+            plan = self.decide(snap, cfg, now)
+            # Apply the whole target, not only the actions: a plan is its operating points.
+            self._apply_miners(plan, now)
+            if plan.gpu_caps_w or plan.job_states:
+                self._apply_gpus(plan, now, now_s, dirty)
+                if dirty:
+                    self._refresh_nodes(dirty)
+            ai_w, ai_rev = self.ai_w, self.ai_rev_h
+            if self.mining_w < top_w - 1e-6:
+                led.curtailed_intervals += 1
+            led.settle(
+                market,
+                i,
+                self.mining_w,
+                ai_w,
+                mining_usd_per_h(self.mining_ths, market.hashprice[i], self.fee),
+                ai_rev,
+            )
+            last_site_w = self.mining_w + ai_w
+            if last_site_w > site.limit_w + 1e-6:
+                raise BacktestError(
+                    f"policy planned {last_site_w / 1000:,.1f} kW at {now:%Y-%m-%d %H:%M}Z, "
+                    f"above the interconnect limit {site.limit_w / 1000:,.1f} kW"
+                )
+        return led
+
+    def _events(self, i: int, site_w: float | None) -> tuple[ActiveEvent, ...]:
+        """Events in force now; each keeps the site load measured when it was first seen
+        (as live does for "shed Y kW" targets)."""
+        active = self.market.active_events.get(i)
+        if not active:
+            return ()
+        out = []
+        for e in active:
+            if e not in self.event_seen_w:
+                self.event_seen_w[e] = site_w if site_w is not None else self.mining_w + self.ai_w
+            out.append(ActiveEvent(self.market.events[e], self.event_seen_w[e]))
+        return tuple(out)
+
+    def _apply_miners(self, plan: Plan, now: datetime) -> None:
+        changed = False
+        for device_id, point in plan.miner_points.items():
+            k = self.pos.get(device_id)
+            if k is None:
+                raise BacktestError(f"plan names unknown miner {device_id!r}")
+            view = self.views[k]
+            if view.commanded == point:
+                continue
+            idx = next((n for n, p in enumerate(view.points) if p.name == point), None)
+            if idx is None:
+                raise BacktestError(f"plan sets {device_id} to unknown point {point!r}")
+            old = view.points[self.point_idx[k]]
+            new = view.points[idx]
+            self.mining_w += (new.power_w - old.power_w) * view.count
+            self.mining_ths += (new.hashrate_ths - old.hashrate_ths) * view.count
+            self.point_idx[k] = idx
+            self.views[k] = self._view(self.site.blocks[k], view.points, new, now)
+            changed = True
+        if changed:
+            self.miners_tuple = tuple(self.views)
+
+    def _apply_gpus(self, plan: Plan, now: datetime, now_s: float, touched: set[int]) -> None:
+        for node_id, cap in plan.gpu_caps_w.items():
+            k = self.node_pos.get(node_id)
+            if k is None:
+                raise BacktestError(f"plan names unknown GPU node {node_id!r}")
+            node = self.site.nodes[k]
+            cap = min(node.max_cap_w, max(node.min_cap_w, cap))
+            if cap != self.caps[k]:
+                self.caps[k] = cap
+                touched.add(k)
+        for job_id, state in plan.job_states.items():
+            job = self.jobs.get(job_id)
+            if job is None or job.state == state:
+                continue  # a job that just ended, or no change
+            if job.state == JobState.RUNNING:
+                self._interrupt(job, now_s)
+            elif state == JobState.RUNNING:
+                job.run_start_s = now_s
+            job.state = state
+            job.since = now
+            job.view = None
+            touched.add(job.node)
+
+
+def run_policy(site: Site, market: Market, trace: Sequence[TraceJob], decide: Decide) -> Ledger:
+    return PolicyReplay(site, market, trace, decide).run()

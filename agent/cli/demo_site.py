@@ -1,0 +1,329 @@
+"""The demo site: simulated miners and GPU nodes, the real agent, a real ERCOT day, in one run.
+
+Starts the LuxOS miner simulators of ``configs/demo-site.yaml`` on loopback (unmodified pyasic
+talks to them over TCP) and its GPU nodes (simulated H100s behind the real NVML driver, with the
+simulated scheduler running SLA, preemptible and filler jobs on them), replays a real ERCOT day
+(2023-09-06 on HB_WEST, an emergency day with prices from negative to over 5,000 USD/MWh) at
+high speed, runs the agent against it, prints one status line per replayed 15-minute interval,
+and ends with a summary: energy, revenue, cost and profit, against the same site left always on
+(miners at their default profile, every job running uncapped).
+
+The money is settled the way the backtest settles it: every control cycle, the power the
+simulators *measure* (miners, GPUs, plus the GPU hosts' overhead) is charged at the price of the
+interval being replayed, the hashrate they *measure* earns hashprice, and every running job
+earns its contract per GPU-hour times the throughput fraction at its node's power cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.control.config import (
+    AgentConfig,
+    ConfigError,
+    CsvPriceConfig,
+    JobClassContract,
+    load_config,
+)
+from agent.control.domain import SLEEP, ActionKind, Plan, Snapshot
+from agent.control.economics import (
+    ai_revenue_usd_per_h,
+    energy_cost_usd_per_h,
+    mining_revenue_usd_per_h,
+)
+from agent.runtime.actuator import ActionResult
+from agent.runtime.daemon import metrics_service
+from agent.runtime.gpu_fleet import GpuSite, build_gpu_fleet, expand_gpu_nodes
+from agent.runtime.loop import Agent, Components
+from agent.runtime.wiring import build_miners, build_price_source
+from drivers.errors import AgentError
+from drivers.jobs.base import JobClass, JobState
+from drivers.prices.csv_replay import CsvPriceReplay
+from simulators.luxos import LuxosFleet, MinerSpec
+from simulators.luxos_model import Timing
+
+DAY_S = 86_400.0
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Ledger:
+    """Money and energy, integrated over simulated time."""
+
+    energy_mwh: float = 0.0
+    revenue_usd: float = 0.0  # mining
+    ai_revenue_usd: float = 0.0
+    cost_usd: float = 0.0
+    base_energy_mwh: float = 0.0
+    base_revenue_usd: float = 0.0
+    base_ai_revenue_usd: float = 0.0
+    base_cost_usd: float = 0.0
+    peak_kw: float = 0.0
+    actions: int = 0
+    failed: int = 0
+    faults: set[str] = field(default_factory=set)
+    suspended: Counter[str] = field(default_factory=Counter)  # job class -> suspensions
+    resumed: int = 0
+    cap_changes: int = 0
+
+    @property
+    def profit_usd(self) -> float:
+        return self.revenue_usd + self.ai_revenue_usd - self.cost_usd
+
+    @property
+    def base_profit_usd(self) -> float:
+        return self.base_revenue_usd + self.base_ai_revenue_usd - self.base_cost_usd
+
+
+def model_key(name: str) -> str:
+    """Config model name → simulator model key (``S19jPro`` → ``s19jpro``)."""
+    return name.lower().replace(" ", "").replace("-", "")
+
+
+async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> int:
+    out = out or sys.stdout
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+    rt = config.prices.realtime
+    if not isinstance(rt, CsvPriceConfig):
+        print(
+            f"{config_path}: the demo replays a CSV price file (prices.realtime.type: csv_replay)"
+        )
+        return 2
+    # The whole day in `duration_s` of wall time.
+    speed = DAY_S / duration_s
+    config = config.model_copy(
+        update={
+            "prices": config.prices.model_copy(
+                update={"realtime": rt.model_copy(update={"speed": speed})}
+            )
+        }
+    )
+    try:
+        price_source = build_price_source(config)
+    except AgentError as exc:
+        print(f"demo cannot start: {exc}", file=sys.stderr)
+        return 2
+    assert isinstance(price_source, CsvPriceReplay)
+
+    specs = [
+        MinerSpec(address=address, model=model_key(line.model))
+        for _id, address, line in config.expanded_miners()
+    ]
+    fleet = LuxosFleet(specs, timing=Timing(wake_ramp_s=2.0, sleep_ramp_s=0.3, profile_ramp_s=0.5))
+    try:
+        gpus = build_gpu_fleet(config, source=str(config_path)) if config.gpu_nodes else None
+    except AgentError as exc:
+        print(f"demo cannot start: {exc}", file=sys.stderr)
+        return 2
+    always_on_ai = always_on_ai_figures(gpus, config)
+    ledger = Ledger()
+    models = {d: line.model for d, _a, line in config.expanded_miners()}
+    default_points = {
+        name: next((p for p in m.profiles if p.name == "default"), m.profiles[-1])
+        for name, m in config.miner_models.items()
+    }
+    hashprice = config.economics.hashprice.usd_per_ph_day
+    fee = config.economics.pool_fee
+    clock = {"mono": time.monotonic()}
+    shown = {"interval": -1.0}
+
+    def on_cycle(snapshot: Snapshot, plan: Plan, results: Sequence[ActionResult]) -> None:
+        now = time.monotonic()
+        dt_h = (now - clock["mono"]) * speed / 3600.0
+        clock["mono"] = now
+        sim_s = price_source.sim_now_s()
+        true_price = price_source.series.value_for_interval_containing(sim_s)
+        if true_price is None:
+            return
+        site_w = site_power_w(snapshot)
+        hashrate = sum(m.measured_hashrate_ths or 0.0 for m in snapshot.miners)
+        ledger.energy_mwh += site_w / 1e6 * dt_h
+        ledger.revenue_usd += mining_revenue_usd_per_h(hashrate, hashprice, fee) * dt_h
+        ledger.ai_revenue_usd += ai_revenue_rate(snapshot) * dt_h
+        ledger.cost_usd += energy_cost_usd_per_h(site_w, true_price) * dt_h
+        base_ai_w, base_ai_usd_per_h = always_on_ai
+        base_w = base_ai_w + sum(
+            default_points[models[m.device_id]].power_w for m in snapshot.miners
+        )
+        base_ths = sum(default_points[models[m.device_id]].hashrate_ths for m in snapshot.miners)
+        ledger.base_energy_mwh += base_w / 1e6 * dt_h
+        ledger.base_revenue_usd += mining_revenue_usd_per_h(base_ths, hashprice, fee) * dt_h
+        ledger.base_ai_revenue_usd += base_ai_usd_per_h * dt_h
+        ledger.base_cost_usd += energy_cost_usd_per_h(base_w, true_price) * dt_h
+        ledger.peak_kw = max(ledger.peak_kw, site_w / 1000)
+        ledger.actions += len(results)
+        ledger.failed += sum(1 for r in results if r.result != "ok")
+        ledger.faults |= {m.device_id for m in snapshot.miners if m.fault}
+        ledger.faults |= {n.device_id for n in snapshot.gpu_nodes if n.fault}
+        classes = {j.job_id: j.job_class.value for n in snapshot.gpu_nodes for j in n.jobs}
+        for r in results:
+            if r.result != "ok":
+                continue
+            if r.action.kind is ActionKind.SUSPEND_JOB:
+                ledger.suspended[classes.get(r.action.job_id or "", "unknown")] += 1
+            elif r.action.kind is ActionKind.RESUME_JOB:
+                ledger.resumed += 1
+            elif r.action.kind is ActionKind.SET_GPU_CAP:
+                ledger.cap_changes += 1
+        # One line per replayed interval (the cycle that first sees it).
+        interval = sim_s - sim_s % price_source.series.interval_s
+        if interval != shown["interval"]:
+            if shown["interval"] < 0 and agent.metrics_port is not None:
+                print(f"metrics: http://127.0.0.1:{agent.metrics_port}/metrics", file=out)
+                print(f"operator page: http://127.0.0.1:{agent.metrics_port}/", file=out)
+            shown["interval"] = interval
+            hhmm = price_source.sim_now().strftime("%H:%M")
+            print(status_line(hhmm, true_price, snapshot, plan, ledger), file=out, flush=True)
+
+    components = Components(miners=build_miners(config), price_source=price_source, gpu_fleet=gpus)
+    if gpus is not None:
+        components.services.append(gpus.run)
+    agent = Agent(config, components, on_cycle=on_cycle)
+    if config.metrics.enabled:
+        components.services.append(metrics_service(agent, config))
+    print(
+        f"site-agent demo: {len(specs)} simulated LuxOS miners on loopback, "
+        f"{gpu_summary(gpus, config)}, "
+        f"{rt.column} prices of {price_source.sim_now():%Y-%m-%d} replayed at {speed:.0f}x "
+        f"({duration_s:.0f} s), interconnect {config.site.interconnect_limit_kw:.0f} kW, "
+        f"hashprice {hashprice:.0f} $/PH/day",
+        file=out,
+        flush=True,
+    )
+    print(
+        "time   price $/MWh  mining (S19/S21)  asleep  AI jobs S/P/F  susp  GPU cap W  "
+        "GPU kW  site kW  plan kW  limit  profit $  always-on $",
+        file=out,
+    )
+    stop = asyncio.Event()
+    async with fleet:
+        if gpus is not None:
+            # Read the GPU nodes once, so the first status line already shows them.
+            with contextlib.suppress(AgentError):
+                await gpus.poll()
+        loop = asyncio.get_running_loop()
+        loop.call_later(duration_s, stop.set)
+        with contextlib.suppress(NotImplementedError):
+            import signal
+
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await agent.run(stop)
+    print_summary(ledger, agent, out)
+    return 0
+
+
+def site_power_w(snapshot: Snapshot) -> float:
+    """Measured site power: miners, and GPU nodes (their GPUs plus host overhead)."""
+    miners_w = sum(m.measured_power_w or 0.0 for m in snapshot.miners)
+    return miners_w + sum(n.measured_power_w or 0.0 for n in snapshot.gpu_nodes)
+
+
+def ai_revenue_rate(snapshot: Snapshot) -> float:
+    """USD/h the running jobs earn at their nodes' power caps (economics.md)."""
+    return sum(
+        ai_revenue_usd_per_h(j.gpus, j.usd_per_gpu_hour, n.cap_w, n.max_cap_w, n.min_cap_w)
+        for n in snapshot.gpu_nodes
+        for j in n.jobs
+        if j.state is JobState.RUNNING
+    )
+
+
+def always_on_ai_figures(gpus: GpuSite | None, config: AgentConfig) -> tuple[float, float]:
+    """(power W, revenue USD/h) of the GPU nodes with every job running uncapped."""
+    if gpus is None or gpus.simulation is None or gpus.simulation.scheduler is None:
+        return 0.0, 0.0
+    specs = [spec for _, spec in expand_gpu_nodes(config)]
+    by_name = {spec.scheduler_node: spec for spec in specs}
+    power_w = sum(spec.host_overhead_w + spec.gpus * spec.idle_w for spec in specs)
+    revenue = 0.0
+    for job in gpus.simulation.scheduler.jobs():
+        spec = by_name.get(job.node or "", specs[0])
+        contract: JobClassContract = getattr(config.ai, job.job_class)
+        revenue += job.gpus * contract.usd_per_gpu_hour
+        # A busy GPU draws idle + (cap - idle) x utilization (the simulated physics).
+        power_w += job.gpus * (spec.max_cap_w - spec.idle_w) * job.utilization_pct / 100.0
+    return power_w, revenue
+
+
+def gpu_summary(gpus: GpuSite | None, config: AgentConfig) -> str:
+    if gpus is None:
+        return "no GPU nodes"
+    cards = sum(n.gpus * n.count for n in config.gpu_nodes)
+    models = "/".join(sorted({n.model for n in config.gpu_nodes}))
+    return f"{len(gpus.node_ids)} GPU nodes ({cards} simulated {models})"
+
+
+def status_line(hhmm: str, price: float, snapshot: Snapshot, plan: Plan, ledger: Ledger) -> str:
+    by_model: dict[str, int] = {}
+    asleep = 0
+    for m in snapshot.miners:
+        if m.commanded == SLEEP:
+            asleep += 1
+        else:
+            by_model[m.model] = by_model.get(m.model, 0) + 1
+    mining = "/".join(str(v) for _, v in sorted(by_model.items())) or "0"
+    running = dict.fromkeys(JobClass, 0)
+    suspended = 0
+    for n in snapshot.gpu_nodes:
+        for j in n.jobs:
+            if j.state is JobState.RUNNING:
+                running[j.job_class] += 1
+            elif j.state is JobState.SUSPENDED:
+                suspended += 1
+    jobs = "/".join(str(running[c]) for c in (JobClass.SLA, JobClass.PREEMPTIBLE, JobClass.FILLER))
+    caps = "/".join(f"{n.cap_w:.0f}" for n in snapshot.gpu_nodes) or "-"
+    gpu_kw = sum(n.measured_power_w or 0.0 for n in snapshot.gpu_nodes) / 1000
+    site_kw = site_power_w(snapshot) / 1000
+    return (
+        f"{hhmm}  {price:>11,.2f}  {sum(by_model.values()):>3} ({mining:>7})  {asleep:>6}  "
+        f"{jobs:>13}  {suspended:>4}  {caps:>9}  {gpu_kw:>6.1f}  "
+        f"{site_kw:>7.1f}  {plan.planned_power_w / 1000:>7.1f}  {plan.limit_w / 1000:>5.0f}  "
+        f"{ledger.profit_usd:>8.2f}  {ledger.base_profit_usd:>11.2f}"
+    )
+
+
+def print_summary(ledger: Ledger, agent: Agent, out: Any) -> None:
+    rows = [
+        ("energy MWh", ledger.energy_mwh, ledger.base_energy_mwh, ".3f"),
+        ("mining revenue $", ledger.revenue_usd, ledger.base_revenue_usd, ".2f"),
+        ("AI revenue $", ledger.ai_revenue_usd, ledger.base_ai_revenue_usd, ".2f"),
+        ("energy cost $", ledger.cost_usd, ledger.base_cost_usd, ".2f"),
+        ("profit $", ledger.profit_usd, ledger.base_profit_usd, ".2f"),
+    ]
+    print("", file=out)
+    print(f"{'summary (one replayed day)':<30}{'agent':>12}{'always-on':>12}", file=out)
+    for label, mine, base, fmt in rows:
+        print(f"  {label:<28}{mine:>12{fmt}}{base:>12{fmt}}", file=out)
+    gain = ledger.profit_usd - ledger.base_profit_usd
+    print(f"  agent ahead of always-on by ${gain:,.2f}", file=out)
+    if agent.components.gpu_fleet is not None:
+        by_class = ", ".join(
+            f"{c.value} {ledger.suspended[c.value]}"
+            for c in (JobClass.SLA, JobClass.PREEMPTIBLE, JobClass.FILLER)
+        )
+        print(
+            f"  AI jobs suspended ({by_class}), resumed {ledger.resumed}, "
+            f"GPU cap changes {ledger.cap_changes}",
+            file=out,
+        )
+    print(
+        f"  control cycles {agent.state.cycles}, actions {ledger.actions} "
+        f"({ledger.failed} failed), peak site {ledger.peak_kw:.1f} kW, "
+        f"faulted devices {len(ledger.faults)}",
+        file=out,
+        flush=True,
+    )

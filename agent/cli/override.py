@@ -1,0 +1,148 @@
+"""Operator overrides: ``site-agent curtail`` and ``site-agent release``.
+
+An override is a grid event of kind ``override`` written into the journal, which the running
+agent reads every cycle (and within half a second, through its event watch). Only someone who
+can write the journal can command the site this way: on an installed site that is root, since
+the journal lives in the service's private state directory. Every override and every release is
+audited with the operating-system user who gave it. Bad input (a negative target, a time in the
+past) is refused with a clear error and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import math
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+MAX_OVERRIDE = timedelta(days=7)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("curtail", help="operator override: hold site load at or below a target")
+    p.add_argument("--config", type=Path, required=True, help="site YAML (finds the journal)")
+    p.add_argument("--target-kw", type=float, required=True, help="site load ceiling, kW")
+    p.add_argument("--until", required=True, help="end: +30m, +2h or an ISO-8601 time")
+    p.add_argument("--reason", default="operator override", help="why (audited)")
+    p.set_defaults(func=curtail)
+
+    p = sub.add_parser("release", help="end operator overrides (all, or one by --event)")
+    p.add_argument("--config", type=Path, required=True, help="site YAML (finds the journal)")
+    p.add_argument("--event", help="the override's event id (default: every active override)")
+    p.set_defaults(func=release)
+
+
+def _journal(config: Path) -> Path | None:
+    from agent.control.config import ConfigError, load_config
+    from agent.journal.store import journal_path
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return None
+    return journal_path(cfg.store.path, config)
+
+
+def curtail(args: argparse.Namespace) -> int:
+    from agent.journal.store import Store
+    from agent.runtime.events import describe, parse_until
+    from drivers.errors import AgentError
+    from drivers.grid.base import FailDirection, GridEvent, ProgramKind
+
+    now = datetime.now(UTC)
+    if not math.isfinite(args.target_kw) or args.target_kw < 0:
+        print(f"--target-kw must be a finite number >= 0 (got {args.target_kw})", file=sys.stderr)
+        return 2
+    try:
+        until = parse_until(args.until, now)
+    except ValueError:
+        print(
+            f"--until: expected +30m, +2h, +90s or an ISO-8601 time (got {args.until!r})",
+            file=sys.stderr,
+        )
+        return 2
+    if until <= now:
+        print(f"--until {until.isoformat()} is not in the future", file=sys.stderr)
+        return 2
+    if until - now > MAX_OVERRIDE:
+        print(f"--until is more than {MAX_OVERRIDE.days} days ahead; refusing", file=sys.stderr)
+        return 2
+    path = _journal(args.config)
+    if path is None:
+        return 2
+    user = getpass.getuser()
+    event = GridEvent(
+        event_id=f"override-{now:%Y%m%dT%H%M%S}-{user}",
+        source=f"operator:{user}",
+        program="operator-override",
+        kind=ProgramKind.OVERRIDE,
+        start=now,
+        end=until,
+        max_site_kw=args.target_kw,
+        fail=FailDirection.HOLD,
+    )
+
+    async def write() -> None:
+        async with Store.open(path) as store:
+            await store.upsert_event(event, baseline_w=0.0)
+            await store.audit(
+                source=f"operator:{user}",
+                action="curtail",
+                result="accepted",
+                reason=f"{event.event_id}: {describe(event, 0.0)}; {args.reason}",
+            )
+
+    try:
+        asyncio.run(write())
+    except AgentError as exc:
+        print(f"cannot write the override: {exc}", file=sys.stderr)
+        return 2
+    print(f"{event.event_id}: {describe(event, 0.0)}")
+    return 0
+
+
+def release(args: argparse.Namespace) -> int:
+    from agent.journal.store import EventStatus, Store
+    from drivers.errors import AgentError
+    from drivers.grid.base import ProgramKind
+
+    path = _journal(args.config)
+    if path is None:
+        return 2
+    user = getpass.getuser()
+
+    async def write() -> list[str]:
+        async with Store.open(path) as store:
+            active = [
+                s.event
+                for s in await store.active_events()
+                if s.event.kind is ProgramKind.OVERRIDE
+                and (args.event is None or s.event.event_id == args.event)
+            ]
+            for event in active:
+                await store.set_event_status(event.event_id, EventStatus.ENDED)
+                await store.audit(
+                    source=f"operator:{user}",
+                    action="release",
+                    result="accepted",
+                    reason=f"{event.event_id} released",
+                )
+            return [e.event_id for e in active]
+
+    try:
+        released = asyncio.run(write())
+    except AgentError as exc:
+        print(f"cannot release: {exc}", file=sys.stderr)
+        return 2
+    if not released:
+        which = f"override {args.event}" if args.event else "active override"
+        print(f"no {which} to release", file=sys.stderr)
+        return 1
+    for eid in released:
+        print(f"{eid}: released")
+    return 0

@@ -1,0 +1,56 @@
+"""The agent's live, in-memory state that outputs read: latest snapshot and plan, counters.
+
+The runtime owns one :class:`AgentState` and is the only writer. Outputs (the Prometheus
+collector, the MQTT publisher, the status line) only read it; they never do I/O against devices.
+Counters only grow, so a reader may see a value one cycle old but never a wrong one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from agent.control.domain import Plan, Snapshot
+from drivers.gpus.base import GpuReading
+
+
+@dataclass(slots=True)
+class SourceHealth:
+    """Health of one polled source (a device poller, a price feed, a grid source)."""
+
+    name: str
+    last_success: datetime | None = None
+    last_error: str | None = None
+    last_duration_s: float = 0.0
+    successes: int = 0
+    failures: int = 0
+
+
+@dataclass(slots=True)
+class AgentState:
+    """What the agent knows and has done, for outputs to read."""
+
+    site_id: str
+    started_at: datetime
+    snapshot: Snapshot | None = None
+    plan: Plan | None = None
+    cycles: int = 0
+    last_cycle_at: datetime | None = None
+    last_cycle_duration_s: float = 0.0
+    # (action kind, result) -> count; result is "ok", "failed", "not_applied", "skipped"
+    actions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # (source, reason) -> count of rejected inputs (bad price rows, bad commands, ...)
+    rejected: Counter[tuple[str, str]] = field(default_factory=Counter)
+    sources: dict[str, SourceHealth] = field(default_factory=dict)
+    faults: dict[str, str] = field(default_factory=dict)  # device id -> fault reason
+    mode: str = "auto"  # "auto"; "manual" (operator: no actions); "safe" (sheds only)
+    safe_reason: str | None = None
+    # GPU node id -> the latest per-GPU readings of that node (for per-GPU metrics).
+    gpu_readings: dict[str, tuple[GpuReading, ...]] = field(default_factory=dict)
+
+    def source(self, name: str) -> SourceHealth:
+        health = self.sources.get(name)
+        if health is None:
+            health = self.sources[name] = SourceHealth(name)
+        return health

@@ -32,15 +32,17 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.control.config import parse_config  # noqa: E402
-from agent.outputs.metrics import MetricsServer, build_registry  # noqa: E402
+from agent.outputs.metrics import MetricsService  # noqa: E402
 from agent.outputs.page import OperatorPage  # noqa: E402
 from agent.runtime.loop import Agent  # noqa: E402
+from agent.runtime.state import AgentState  # noqa: E402
 from agent.runtime.wiring import build_components  # noqa: E402
 from bench.agent_spike import MODELS, cpu_s, emit, free_port, start_simulator  # noqa: E402
 from simulators.luxos import raise_open_file_limit  # noqa: E402
@@ -111,23 +113,18 @@ async def bench(n_miners: int, n_clients: int, phase_s: float, rounds: int, base
                     },
                 }
             )
-            components = build_components(config)
-            agent = Agent(config, components)
-            # The listener and the page exactly as agent.runtime.daemon.metrics_service builds them,
-            # with the page object kept to count its clients.
-            page = OperatorPage(agent.state, config, max_clients=max(32, n_clients))
-            server = MetricsServer(build_registry(agent.state, config), "127.0.0.1", 0, page)
-
-            async def service(stop: asyncio.Event) -> None:
-                await server.start()
-                try:
-                    await page.run(stop)
-                finally:
-                    await server.close()
-
-            components.services.append(service)
+            state = AgentState(site_id=config.site.id, started_at=datetime.now(UTC))
+            # The listener and the page as ``site-agent run`` builds them (MetricsService), with
+            # the page object kept to count its clients and room for every one of them.
+            page = OperatorPage(state, config, max_clients=max(32, n_clients))
+            metrics = MetricsService(state, config, host="127.0.0.1", port=0, page=page)
             durations: list[float] = []
-            agent.on_cycle = lambda _s, _p, _r: durations.append(agent.state.last_cycle_duration_s)
+            agent = Agent(
+                config,
+                build_components(config, state, services=[metrics]),
+                state=state,
+                observers=[lambda _s, _p, _r: durations.append(state.last_cycle_duration_s)],
+            )
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
             while agent.state.cycles < 5:  # noqa: ASYNC110 (polling a counter is the point)
@@ -138,7 +135,7 @@ async def bench(n_miners: int, n_clients: int, phase_s: float, rounds: int, base
             for _ in range(rounds):
                 for clients in (0, n_clients):
                     delivered += await phase(
-                        page, server.port, clients, phase_s, durations, phases, cpu
+                        page, metrics.port, clients, phase_s, durations, phases, cpu
                     )
             stop.set()
             await task

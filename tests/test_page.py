@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from agent.outputs.metrics import MetricsService
 from agent.outputs.page import History, OperatorPage, energy_price_usd_per_mwh, workload_rates
 from tests.page_helpers import PageServer, contrast_ratio, css_variables, parse_colour
 from tests.sample_state import NOW, sample_config, sample_state
@@ -328,11 +329,12 @@ async def test_page_follows_a_real_agent_within_2_s_of_a_price_spike(tab: Driver
     # The same site, simulators and price feed as the miners' end-to-end test.
     browser = tab
     async with running_site(20.0) as (agent, fleet, server):
+        metrics = next(s for s in agent.components.services if isinstance(s, MetricsService))
         deadline = time.monotonic() + 30
-        while agent.metrics_port is None or agent.state.plan is None:
+        while not metrics.started.is_set() or agent.state.plan is None:
             assert time.monotonic() < deadline, "agent never planned"
             await asyncio.sleep(0.05)
-        await call(browser.get, f"http://127.0.0.1:{agent.metrics_port}/")
+        await call(browser.get, f"http://127.0.0.1:{metrics.port}/")
         await until_text(browser, "#price", r"^\$20\.00/MWh", timeout_s=15)
         await until_text(browser, "#site", r"^e2e$")
         await until_text(browser, 'tr[data-key="mining"] td[data-col="power"]', r"kW$")

@@ -52,6 +52,7 @@ from agent.control.economics import (
     mining_revenue_usd_per_h,
 )
 from agent.control.policy import event_limit_w
+from agent.outputs.page import OperatorPage
 from agent.runtime.state import AgentState
 from drivers.jobs.base import JobClass, JobState
 
@@ -719,11 +720,14 @@ async def _send(
 
 
 class MetricsService:
-    """The metrics endpoint as a runtime service: ``await service(stop)`` serves until ``stop``.
+    """The metrics listener as a runtime service: ``await service(stop)`` serves until ``stop``.
 
-    Append it to ``Components.services`` once the agent (and its state) exists. ``host`` and
+    It serves ``/metrics`` and the operator's page (:class:`agent.outputs.page.OperatorPage`,
+    whose watcher runs here, reading the same state). Build it from the state the agent will
+    write, and hand it in with the agent's services (``Components.services``). ``host`` and
     ``port`` default to ``config.metrics``; :attr:`port` is the bound port once :attr:`started`
-    is set (port 0 binds an ephemeral one).
+    is set (port 0 binds an ephemeral one). ``page`` replaces the default page (a bench that
+    opens more streams than the default client bound).
     """
 
     def __init__(
@@ -734,12 +738,15 @@ class MetricsService:
         host: str | None = None,
         port: int | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        page: OperatorPage | None = None,
     ) -> None:
         self.registry = build_registry(state, config, clock)
+        self.page = page if page is not None else OperatorPage(state, config, clock=clock)
         self.server = MetricsServer(
             self.registry,
             host if host is not None else config.metrics.host,
             port if port is not None else config.metrics.port,
+            routes=self.page,
         )
         self.started = asyncio.Event()
 
@@ -751,9 +758,9 @@ class MetricsService:
         await self.server.start()
         self.started.set()
         try:
-            await stop.wait()
+            await self.page.run(stop)  # returns once stop is set
         finally:
-            await self.server.close()
+            await self.server.close()  # the listener first, then the page's streams
 
 
 async def start_metrics_server(
@@ -763,17 +770,3 @@ async def start_metrics_server(
     server = MetricsServer(registry, host, port)
     await server.start()
     return server
-
-
-async def serve_metrics(
-    registry: CollectorRegistry,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    on_started: Callable[[int], None] | None = None,
-) -> None:
-    """Serve ``/metrics`` until cancelled (a TaskGroup task); ``on_started`` gets the bound port."""
-    server = MetricsServer(registry, host, port)
-    bound = await server.start()
-    if on_started is not None:
-        on_started(bound)
-    await server.serve_forever()

@@ -562,7 +562,8 @@ class OperatorPage:
     """The page's routes, its SSE clients and the watcher that feeds them.
 
     Hand it to :class:`agent.outputs.metrics.MetricsServer` as ``routes`` and run :meth:`run`
-    beside the server (it returns when ``stop`` is set; closing the server ends the streams).
+    beside the server (it returns when ``stop`` is set; closing the server ends the streams);
+    :class:`agent.outputs.metrics.MetricsService`, the daemon's listener, does both.
     """
 
     def __init__(

@@ -65,7 +65,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "agent/runtime/loop.py",
         (
             (
-                '            if self.state.mode == "safe":\n                return CommandResult',
+                "            if self.actuator.safe_reason is not None:\n"
+                "                return CommandResult",
                 "            if False:\n                return CommandResult",
             ),
         ),
@@ -100,10 +101,10 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "secret_keys_stored_in_clear",
-        "agent/journal/store.py",
+        "agent/control/redaction.py",
         (
             (
-                "out[key] = REDACTED if _is_secret_key(str(k)) else _redact(v, secrets)",
+                "out[key] = REDACTED if is_secret_key(str(k)) else _redact(v, secrets)",
                 "out[key] = _redact(v, secrets)",
             ),
         ),
@@ -112,11 +113,11 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "known_secrets_stored_in_clear",
-        "agent/journal/store.py",
+        "agent/control/redaction.py",
         (
             (
-                "    for s in secrets:\n        text = text.replace(s, REDACTED)\n",
-                "    pass\n",
+                "        text = text.replace(secret, REDACTED)\n",
+                "        pass\n",
             ),
         ),
         (T + "test_rejected_commands_are_audited_without_any_secret_in_the_journal",),
@@ -211,7 +212,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "agent/runtime/actuator.py",
         (
             (
-                '        self.state.mode = "safe"\n        self.state.safe_reason = why\n',
+                "        self.safe_reason = why\n",
                 "        pass\n",
             ),
         ),

@@ -24,12 +24,15 @@ from typing import Any
 
 import httpx
 
+from agent.control.commands import Curtail, Release, SetMode
 from agent.control.config import AgentConfig, MqttConfig, parse_config
-from agent.journal.store import EventStatus, Store, secrets_in
-from agent.outputs.mqtt import Curtail, MqttBridge, Release, SetMode
-from agent.runtime.daemon import metrics_service
-from agent.runtime.loop import Agent
-from agent.runtime.state import SourceHealth
+from agent.control.redaction import secrets_in
+from agent.journal.store import EventStatus, Store
+from agent.outputs.metrics import MetricsService
+from agent.outputs.mqtt import MqttBridge
+from agent.runtime.inbox import CommandInbox
+from agent.runtime.loop import Agent, CycleHook, Service
+from agent.runtime.state import AgentState, SourceHealth
 from agent.runtime.wiring import build_components
 from drivers.bus.base import BusSettings
 from drivers.bus.mqtt import MqttBus
@@ -160,10 +163,14 @@ class Site:
         )
         assert self.alive(), f"the agent stopped: {self.task.exception()!r}"
 
+    def metrics_service(self) -> MetricsService:
+        return next(s for s in self.agent.components.services if isinstance(s, MetricsService))
+
     async def metrics(self) -> str:
-        await until(lambda: self.agent.metrics_port is not None, 10, "metrics bound")
+        service = self.metrics_service()
+        await until(service.started.is_set, 10, "metrics bound")
         async with httpx.AsyncClient() as client:
-            url = f"http://127.0.0.1:{self.agent.metrics_port}/metrics"
+            url = f"http://127.0.0.1:{service.port}/metrics"
             return (await client.get(url)).text
 
     def truth(self, address: str) -> dict[str, Any]:
@@ -209,23 +216,28 @@ async def site(
             }
         config = config_for(feed.url, **mqtt, **extra)
         store = await stack.enter_async_context(Store.open(path, known_secrets=secrets_in(config)))
-        components = build_components(config)
-        components.store = store
-        agent = Agent(config, components)
-        agent.backoff_s = (0.05, 0.4)
+        # Built as agent.cli.daemon.serve builds it: state first, outputs, then the agent.
+        state = AgentState(site_id=config.site.id, started_at=datetime.now(UTC))
+        inbox = CommandInbox()
+        services: list[Service] = []
+        observers: list[CycleHook] = []
         if metrics:
-            components.services.append(metrics_service(agent, config))
+            services.append(MetricsService(state, config))
         bridges: list[MqttBridge] = []
         if mosquitto is not None:
             bridge = MqttBridge(
                 MqttConfig.model_validate(mqtt["mqtt"]),
-                agent.state,
-                agent.handle_command,
+                state,
+                inbox.submit,
+                count_rejected=inbox.reject,
                 audit=store.audit,
             )
-            agent.on_cycle = bridge.on_cycle
-            components.services.append(bridge)
+            observers.append(lambda *_: bridge.publish_cycle())
+            services.append(bridge)
             bridges.append(bridge)
+        components = build_components(config, state, store=store, services=services)
+        agent = Agent(config, components, state=state, observers=observers, inbox=inbox)
+        agent.backoff_s = (0.05, 0.4)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop, grace_s=2.0))
         try:
@@ -299,7 +311,9 @@ async def test_a_dead_task_is_shown_restarted_with_backoff_and_control_goes_on(
             assert tasks["control"].up
             assert tasks["control"].restarts == 0
             blocker.close()
-            await until(lambda: s.agent.metrics_port == port, 10, "metrics bound at last")
+            service = s.metrics_service()
+            await until(service.started.is_set, 10, "metrics bound at last")
+            assert service.port == port
             text = await s.metrics()
             assert 'site_agent_task_up{task="metrics"} 1.0' in text
             assert 'site_agent_task_up{task="control"} 1.0' in text
@@ -415,7 +429,7 @@ async def test_rejected_commands_are_audited_without_any_secret_in_the_journal(
 async def test_manual_mode_sends_no_device_commands(tmp_path: Path) -> None:
     async with site(tmp_path) as s:
         await until(lambda: all(s.truth(a)["profile"] == "+1" for a in ALL), 15, "all at +1")
-        await until(lambda: not s.agent.actuator.pending, 10, "commands verified")
+        await until(lambda: not s.agent.pending(), 10, "commands verified")
         answer = await s.agent.handle_command(SetMode("m-1", "operator", "manual"))
         assert answer.accepted
         await s.cycles_pass(2)
@@ -612,7 +626,7 @@ async def test_every_channel_applies_the_same_limits(tmp_path: Path) -> None:
             )
 
     async with site(tmp_path) as s:
-        s.agent.components.grid_sources.append(Source())
+        s.agent.event_book.sources.append(Source())
         await until(lambda: "dr-ok" in s.agent.coordinator.events, 10, "dr-ok in force")
         await s.cycles_pass(2)
         assert set(s.agent.coordinator.events) == {"dr-ok"}
@@ -624,8 +638,13 @@ async def test_every_channel_applies_the_same_limits(tmp_path: Path) -> None:
             assert not answer.accepted
 
 
-def failed_to(health: SourceHealth, count: int) -> bool:
-    return health.failures >= count
+def hashprice_health(s: Site) -> SourceHealth:
+    """The published health of the hashprice feed (a fresh copy after every poll)."""
+    return next(v for k, v in s.agent.state.sources.items() if k.startswith("hashprice"))
+
+
+def failed_to(s: Site, count: int) -> bool:
+    return hashprice_health(s).failures >= count
 
 
 # --- 6. hashprice ---------------------------------------------------------------------------------
@@ -652,11 +671,10 @@ async def test_a_hashprice_feed_out_of_range_is_never_used(tmp_path: Path) -> No
                 return None if snap is None else snap.hashprice_usd_per_ph_day
 
             await until(lambda: used() == 60.0, 10, "the good hashprice used")
-            health = next(v for k, v in s.agent.state.sources.items() if k.startswith("hash"))
             for bad in (b"0", b"-5", b"1e12"):
                 hp.body = b'{"value": ' + bad + b"}"
-                target = health.failures + 2
-                await until(functools.partial(failed_to, health, target), 10, f"{bad!r} polled")
+                target = hashprice_health(s).failures + 2
+                await until(functools.partial(failed_to, s, target), 10, f"{bad!r} polled")
                 await s.cycles_pass(2)
                 assert used() == 60.0, f"hashprice {bad!r} was used"
             assert (

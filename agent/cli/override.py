@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import math
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,13 +57,19 @@ def _journal(config: Path) -> Path | None:
 
 
 def curtail(args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    # A bad target is refused before anything loads: an operator in an emergency gets the
+    # answer at once.
+    if not math.isfinite(args.target_kw) or args.target_kw < 0:
+        print(f"--target-kw must be a finite number >= 0 (got {args.target_kw})", file=sys.stderr)
+        return 2
+
     from agent.control.limits import CommandLimits, LimitError, check_end, check_target_kw
     from agent.journal.store import Store, journal_path
     from agent.runtime.events import describe, parse_until
     from drivers.errors import AgentError
     from drivers.grid.base import FailDirection, GridEvent, ProgramKind
 
-    now = datetime.now(UTC)
     cfg = _load(args.config)
     if cfg is None:
         return 2

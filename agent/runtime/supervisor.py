@@ -11,7 +11,7 @@ the task is started again after a capped exponential back-off. A task that then 
 (``healthy_after_s``) starts the back-off again from its first step.
 
 Only a broken journal or a bad config at start ends the daemon; both happen before any task
-runs (:mod:`agent.runtime.daemon`).
+runs (:mod:`agent.cli.daemon`).
 """
 
 from __future__ import annotations

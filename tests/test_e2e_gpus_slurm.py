@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from agent.config import parse_config
-from agent.gpu_site import GpuSite, build_gpu_fleet
-from agent.runtime import Agent, Components
-from agent.wiring import build_price_source
+from agent.control.config import parse_config
+from agent.runtime.gpu_fleet import GpuSite, build_gpu_fleet
+from agent.runtime.loop import Agent, Components
+from agent.runtime.wiring import build_price_source
 from drivers.jobs.slurm import JobClassRules, SlurmJobs
 from simulators.price_server import PriceServer
 from tests.slurm_server import SlurmCluster

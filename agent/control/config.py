@@ -30,6 +30,8 @@ from pydantic import (
     model_validator,
 )
 
+from agent.control.cooling import AmbientConfig, CoolingConfig
+from agent.control.metering import MeterConfig
 from drivers.errors import AgentError
 from drivers.grid.mqtt_curtail import MqttCurtailSettings
 from drivers.grid.openadr import OpenAdrSettings
@@ -333,6 +335,11 @@ class AgentConfig(Strict):
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
     store: StoreConfig = StoreConfig()
+    # The revenue meter at the point of interconnection, the cooling model and the ambient
+    # temperature source (agent/control/metering.py, agent/control/cooling.py).
+    meter: MeterConfig | None = None
+    cooling: CoolingConfig = CoolingConfig()
+    ambient: AmbientConfig = AmbientConfig()
 
     @model_validator(mode="after")
     def _cross_check(self) -> AgentConfig:
@@ -363,6 +370,8 @@ class AgentConfig(Strict):
         for i, c in enumerate(self.site.circuits):
             if c.parent is not None and c.parent not in circuits:
                 problems.append(f"site.circuits.{i}.parent: unknown circuit {c.parent!r}")
+        if self.ambient.source == "meter" and self.meter is None:
+            problems.append("ambient.source: 'meter' needs a meter: block")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+from agent.control.cooling import SiteLoadModel
 from drivers.grid.base import GridEvent
 from drivers.jobs.base import JobClass, JobState
 
@@ -137,7 +138,12 @@ class Snapshot:
     day_ahead_usd_per_mwh: float | None = None
     fourcp_risk: float = 0.0  # 0..1: chance this interval is a monthly system peak
     fourcp_reason: str = ""
+    # Site power at the meter: the meter's reading when a trusted meter is configured, else the
+    # device sum through the load model (cooling, base load, fallback margin).
     measured_site_power_w: float | None = None
+    device_power_w: float | None = None  # the sum of device readings (None: one is missing)
+    # Device power → power at the meter (cooling, base load, meter trim or fallback margin).
+    load_model: SiteLoadModel = field(default_factory=SiteLoadModel)
     # Power the site may add this cycle (ramp limit); the coordinator derives it from the
     # ramp rate and the cycle length.
     ramp_headroom_w: float = float("inf")

@@ -73,6 +73,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from agent.control.config import AgentConfig, ControlConfig
+from agent.control.cooling import SiteLoadModel
 from agent.control.domain import (
     Action,
     ActionKind,
@@ -362,6 +363,8 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     prices = config.prices
     site = config.site
     margin_w = site.safety_margin_kw * 1000.0
+    # Limits are judged at the meter; devices get what is left after cooling and base load.
+    load = snapshot.load_model
 
     # --- price, safe mode, 4CP --------------------------------------------------------------
     notes: list[str] = []
@@ -490,7 +493,8 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         base_w=base_w,
         circuit_base_w=circuit_base_w,
         circuit_limit_w=circuit_limit_w,
-        price=price,
+        # Every device watt brings cooling with it: price device power at the meter's cost.
+        price=price * (1.0 + load.cooling_frac),
         market_price=market,
         hyst=control.hysteresis_usd_per_mwh,
         hold=hold,
@@ -498,24 +502,26 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         ramp_w=snapshot.ramp_headroom_w,
         fourcp_note=fourcp_note,
     )
-    result = _dispatch(ctx, limit_w, binding)
+    result = _dispatch(ctx, load.device_budget_w(limit_w), binding)
 
     # --- economic events: opt in when it pays -----------------------------------------------
     for active, target in economic:
         event_id = active.event.event_id
-        if result.total_w <= target + _EPS_W:
+        if load.site_w(result.total_w) <= target + _EPS_W:
             notes.append(f"economic event {event_id} met without extra shedding")
             continue
         name = f"event:{event_id}"
-        trial = _dispatch(ctx, min(limit_w, target), name if target < limit_w else binding)
-        shed_mw = max(active.baseline_w - trial.total_w, 0.0) / 1e6
+        trial = _dispatch(
+            ctx, load.device_budget_w(min(limit_w, target)), name if target < limit_w else binding
+        )
+        shed_mw = max(active.baseline_w - load.site_w(trial.total_w), 0.0) / 1e6
         pay_usd_per_h = active.event.payment_usd_per_mwh * shed_mw
         gain = (
             trial.value_usd_per_h(groups)
-            - energy_cost_usd_per_h(trial.total_w, price)
+            - energy_cost_usd_per_h(load.site_w(trial.total_w), price)
             + pay_usd_per_h
             - result.value_usd_per_h(groups)
-            + energy_cost_usd_per_h(result.total_w, price)
+            + energy_cost_usd_per_h(load.site_w(result.total_w), price)
         )
         if gain >= 0:
             notes.append(
@@ -531,7 +537,13 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
                 f"does not cover the lost margin ({-gain:,.2f} $/h short)"
             )
 
-    return _plan(now, ctx, result, limit_w, binding, fixed, notes)
+    if load.source == "fallback":
+        notes.append(
+            f"meter not trusted: planning on devices + cooling + {load.fixed_w / 1000:,.1f} kW"
+        )
+    elif load.source == "meter" and abs(load.trim_w) >= 1.0:
+        notes.append(f"meter trim {load.trim_w / 1000:+,.1f} kW")
+    return _plan(now, ctx, result, limit_w, binding, fixed, notes, load)
 
 
 def _miner_steps(gi: int, group: _Group, forced: bool, steps: list[_Step]) -> None:
@@ -902,7 +914,9 @@ def _plan(
     binding: str,
     fixed: list[MinerView | GpuNodeView],
     notes: list[str],
+    load: SiteLoadModel,
 ) -> Plan:
+    site_w = load.site_w(result.total_w)
     actions: list[Action] = []
     miner_points: dict[str, str] = {}
     gpu_caps: dict[str, float] = {}
@@ -938,7 +952,7 @@ def _plan(
         lines.append("4CP curtailment")
     summary = (
         f"price {ctx.market_price:.2f} $/MWh (effective {ctx.price:.2f}), limit "
-        f"{limit_w / 1000:,.1f} kW ({binding}), planned {result.total_w / 1000:,.1f} kW, "
+        f"{limit_w / 1000:,.1f} kW ({binding}), planned {site_w / 1000:,.1f} kW, "
         f"{len(actions)} action(s)"
     )
     if lines:
@@ -946,10 +960,10 @@ def _plan(
     return Plan(
         at=now,
         limit_w=limit_w,
-        planned_power_w=result.total_w,
+        planned_power_w=site_w,
         effective_price_usd_per_mwh=ctx.price,
         value_usd_per_h=result.value_usd_per_h(ctx.groups),
-        cost_usd_per_h=energy_cost_usd_per_h(result.total_w, ctx.market_price),
+        cost_usd_per_h=energy_cost_usd_per_h(site_w, ctx.market_price),
         miner_points=miner_points,
         gpu_caps_w=gpu_caps,
         job_states=job_states,

@@ -108,6 +108,7 @@ class AgentCollector(Collector):
         if plan is not None:
             yield from self._plan(state)
         yield from self._faults(state, snap)
+        yield from self._meter(state)
 
     # --- the agent itself ---------------------------------------------------------------------
 
@@ -484,6 +485,72 @@ class AgentCollector(Collector):
         for name in plan.binding:
             binding.add_metric([name], 1.0)
         yield binding
+
+    # --- the meter and the load model ----------------------------------------------------------
+
+    def _meter(self, state: AgentState) -> Iterator[Metric]:
+        m = state.meter
+        if m is None:
+            return
+        source = _gauge(
+            "site_agent_site_power_source",
+            "1 for what the site power is judged on: meter, fallback (devices + margin), devices.",
+            ["source"],
+        )
+        for name in ("meter", "fallback", "devices"):
+            source.add_metric([name], 1.0 if m.source == name else 0.0)
+        yield source
+        if m.configured:
+            yield GaugeMetricFamily(
+                "site_agent_meter_trusted",
+                "1 while the revenue meter is fresh and plausible; 0 while the agent falls back.",
+                value=1.0 if m.trusted else 0.0,
+            )
+            yield CounterMetricFamily(
+                "site_agent_meter_fallbacks",
+                "Times the agent stopped trusting the meter and fell back to devices + margin.",
+                value=m.fallbacks,
+            )
+            yield CounterMetricFamily(
+                "site_agent_meter_read_errors",
+                "Meter reads that failed (timeout, bad registers, wrong unit, stale).",
+                value=m.errors,
+            )
+            yield GaugeMetricFamily(
+                "site_agent_meter_trim_watts",
+                "Learned load the model does not explain (meter minus devices, cooling, base).",
+                value=m.trim_w,
+            )
+            if m.meter_w is not None:
+                yield GaugeMetricFamily(
+                    "site_agent_meter_power_watts",
+                    "The revenue meter's last good reading of site power.",
+                    value=m.meter_w,
+                )
+            if m.meter_age_s is not None:
+                yield GaugeMetricFamily(
+                    "site_agent_meter_age_seconds",
+                    "Seconds since the meter's last good reading.",
+                    value=m.meter_age_s,
+                )
+        if m.device_w is not None:
+            yield GaugeMetricFamily(
+                "site_agent_device_power_watts",
+                "Sum of the devices' own power readings.",
+                value=m.device_w,
+            )
+        if m.cooling_w is not None:
+            yield GaugeMetricFamily(
+                "site_agent_cooling_power_watts",
+                "Cooling power the cooling model attributes to the current IT load.",
+                value=m.cooling_w,
+            )
+        if m.ambient_c is not None:
+            yield GaugeMetricFamily(
+                "site_agent_ambient_celsius",
+                "Outdoor temperature the cooling model uses.",
+                value=m.ambient_c,
+            )
 
     # --- faults -------------------------------------------------------------------------------
 

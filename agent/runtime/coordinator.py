@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from agent.control.config import AgentConfig, MinerModelConfig
+from agent.control.cooling import SiteLoadModel
 from agent.control.domain import (
     SLEEP,
     ActiveEvent,
@@ -34,6 +35,7 @@ from agent.control.domain import (
 )
 from agent.control.fourcp import peak_risk
 from agent.runtime.fleet import GpuFleet
+from agent.runtime.meter import MeterWatch
 from agent.runtime.state import AgentState
 from drivers.errors import AgentError, BadInput, DeviceError
 from drivers.miners.base import MinerMode, MinerReading, MinerTelemetry
@@ -113,6 +115,8 @@ class Coordinator:
         self.hashprice_read_at: float | None = None
         self.day_ahead: DayAheadForecast | None = None
         self.system_load: SystemLoadReplay | None = None
+        # The meter and ambient source (set by the agent): the load model of every snapshot.
+        self.meter_watch: MeterWatch | None = None
         self.started_mono = monotonic()
         self._ramp_at: float | None = None
         self._ramp_tokens_w = 0.0
@@ -309,7 +313,10 @@ class Coordinator:
         miners = tuple(self.miner_view(s, mono) for s in self.slots.values())
         gpu_nodes = () if self.gpu_fleet is None else self.gpu_fleet.views(now)
         measured = [m.measured_power_w for m in miners] + [n.measured_power_w for n in gpu_nodes]
-        site_w = None if any(p is None for p in measured) else sum(p for p in measured if p)
+        device_w = None if any(p is None for p in measured) else sum(p for p in measured if p)
+        load, site_w = SiteLoadModel(), device_w
+        if self.meter_watch is not None:
+            load, site_w = self.meter_watch.load_model(device_w, mono)
         price = None
         if self.price is not None and self.price_read_at is not None:
             price = PriceView(
@@ -329,6 +336,8 @@ class Coordinator:
             gpu_nodes=gpu_nodes,
             events=tuple(e for e in self.events.values() if e.event.active_at(now)),
             measured_site_power_w=site_w,
+            device_power_w=device_w,
+            load_model=load,
             ramp_headroom_w=ramp_w,
             day_ahead_usd_per_mwh=day_ahead,
             fourcp_risk=risk,

@@ -31,9 +31,11 @@ from agent.runtime.actuator import ActionResult, Actuator, AuditSink
 from agent.runtime.coordinator import Clock, Coordinator, utc_now
 from agent.runtime.events import EventBook, EventSource
 from agent.runtime.fleet import GpuFleet
+from agent.runtime.meter import MeterWatch
 from agent.runtime.state import AgentState
 from drivers.errors import AgentError
 from drivers.grid.base import GridEvent, ProgramKind
+from drivers.meters.base import Meter
 from drivers.miners.base import MinerSleepWake, MinerTelemetry
 from drivers.prices.base import PriceSource
 from drivers.prices.csv_replay import DayAheadForecast
@@ -62,6 +64,8 @@ class Components:
     hashprice_source: PriceSource | None = None
     day_ahead: DayAheadForecast | None = None
     system_load: SystemLoadReplay | None = None
+    meter: Meter | None = None  # the site meter, when the config has a meter: block
+    ambient_source: PriceSource | None = None  # an HTTP weather feed (ambient.source http_json)
     # Extra long-running tasks (metrics server, MQTT...): each gets the stop event.
     services: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
         default_factory=list
@@ -95,6 +99,14 @@ class Agent:
         self.coordinator.hashprice_source = components.hashprice_source
         self.coordinator.day_ahead = components.day_ahead
         self.coordinator.system_load = components.system_load
+        self.meter_watch = MeterWatch(
+            config,
+            self.state,
+            components.meter,
+            ambient_source=components.ambient_source,
+            monotonic=monotonic,
+        )
+        self.coordinator.meter_watch = self.meter_watch
         self.actuator = Actuator(
             self.coordinator,
             self.state,
@@ -152,6 +164,7 @@ class Agent:
             self.coordinator.clock(), None if last is None else last.measured_site_power_w
         )
         snapshot = self.coordinator.snapshot()
+        await self._audit_meter()
         plan = decide(snapshot, self.config, snapshot.at)
         if self.state.mode == "manual":
             plan = replace(plan, actions=(), summary=f"manual mode: no actions; {plan.summary}")
@@ -203,6 +216,18 @@ class Agent:
                 self.wake_control.wait(),
                 self.coordinator.price_changed.wait(),
             )
+
+    async def _audit_meter(self) -> None:
+        """Write the meter's trust changes (lost, back) to the audit, once each."""
+        pending, self.meter_watch.pending_audit = self.meter_watch.pending_audit, []
+        sink = self.components.audit or self.components.store
+        if sink is None:
+            return
+        for action, reason in pending:
+            with contextlib.suppress(AgentError):
+                await sink.audit(
+                    source="meter", device_id=None, action=action, reason=reason, result="ok"
+                )
 
     def _count_rejected(self, source: str, reason: str) -> None:
         self.state.rejected[(source, reason)] += 1
@@ -322,6 +347,17 @@ class Agent:
                         self.state.faults[node.device_id] = node.fault
 
             loops.append(self.coordinator.run_poller(poll_gpus, control.poll_interval_s, stop))
+        if self.config.meter is not None and self.components.meter is not None:
+            loops.append(
+                self.coordinator.run_poller(self.meter_watch.poll, self.config.meter.poll_s, stop)
+            )
+        feed = self.config.ambient.feed
+        if self.components.ambient_source is not None and feed is not None:
+            loops.append(
+                self.coordinator.run_poller(
+                    self.meter_watch.poll_ambient, feed.poll_interval_s, stop
+                )
+            )
         if self.components.hashprice_source is not None:
             every = self.config.economics.hashprice.poll_interval_s
             loops.append(self.coordinator.run_poller(self.coordinator.poll_hashprice, every, stop))
@@ -337,10 +373,16 @@ class Agent:
                 tg.create_task(_cancel_after_grace(stop, tasks, grace_s))
         finally:
             # Sources that own connections (HTTP clients) expose aclose().
-            for source in (self.components.price_source, self.components.hashprice_source):
+            for source in (
+                self.components.price_source,
+                self.components.hashprice_source,
+                self.components.ambient_source,
+            ):
                 aclose = getattr(source, "aclose", None)
                 if aclose is not None:
                     await aclose()
+            if self.components.meter is not None:
+                await self.components.meter.close()
         log.info("agent stopped after %d cycle(s)", self.state.cycles)
 
 

@@ -10,9 +10,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from agent.control.domain import Plan, Snapshot
 from drivers.gpus.base import GpuReading
+
+if TYPE_CHECKING:
+    from agent.runtime.meter import MeterStatus
 
 
 @dataclass(slots=True)
@@ -48,6 +52,7 @@ class AgentState:
     safe_reason: str | None = None
     # GPU node id -> the latest per-GPU readings of that node (for per-GPU metrics).
     gpu_readings: dict[str, tuple[GpuReading, ...]] = field(default_factory=dict)
+    meter: MeterStatus | None = None  # the meter and the load model, as of the latest snapshot
 
     def source(self, name: str) -> SourceHealth:
         health = self.sources.get(name)

@@ -116,7 +116,19 @@ def build_components(config: AgentConfig) -> Components:
     if fleet is not None:
         components.services.append(fleet.run)  # opens the GPU drivers, closes them at stop
     build_signals(config, components)
+    build_meter(config, components)
     return components
+
+
+def build_meter(config: AgentConfig, components: Components) -> None:
+    """The site meter and the ambient feed, where configured."""
+    if config.meter is not None:
+        from drivers.meters.modbus import ModbusMeter  # pymodbus loads only for metered sites
+
+        components.meter = ModbusMeter(config.meter)
+    feed = config.ambient.feed
+    if config.ambient.source == "http_json" and feed is not None:
+        components.ambient_source = HttpJsonSource(feed, name="ambient")
 
 
 def attach_grid_sources(agent: Agent, config: AgentConfig) -> None:

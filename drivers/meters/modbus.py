@@ -24,9 +24,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
@@ -39,27 +37,11 @@ from drivers.errors import (
     WrongUnit,
 )
 from drivers.meters.base import MeterReading
-from drivers.meters.maps import METER_MAPS, MeterLimits, make_map
+from drivers.meters.maps import MeterLimits, make_map
+from drivers.meters.settings import ModbusMeterSettings
 
 MAX_REGISTERS_PER_READ = 125  # the Modbus limit for function 3
 MBAP_UNIT_BYTE = 6
-
-
-class ModbusMeterSettings(BaseModel):
-    """Where the meter is and how it is read (the agent's ``meter:`` block embeds these)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    driver: Literal["modbus_tcp"] = "modbus_tcp"
-    map: str = Field(default="sunspec", description=f"register map: {', '.join(METER_MAPS)}")
-    host: str = Field(min_length=1)
-    port: int = Field(default=502, ge=1, le=65535)
-    unit_id: int = Field(default=1, ge=1, le=255)
-    timeout_s: float = Field(default=2.0, gt=0, le=60, description="total deadline of one read")
-    stale_after_s: float = Field(
-        default=30.0, gt=0, le=3600, description="unchanged registers for longer are stale"
-    )
-    max_abs_site_w: float = Field(default=1.0e9, gt=0, le=1.0e10)
 
 
 class ModbusMeter:

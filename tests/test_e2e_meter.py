@@ -1,0 +1,245 @@
+"""End to end with the revenue meter: LuxOS simulators + SunSpec meter simulator + the real agent.
+
+The meter simulator measures the miners' true power plus cooling (6 % of it at 30 °C) and
+noise, over Modbus TCP. The agent reads it through the pymodbus driver. Assertions are on the
+meter simulator's *true* site power (devices + cooling, without noise), i.e. what the utility
+bills, and on the agent's audit, journal and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from agent.control.config import parse_config
+from agent.journal.store import Store
+from agent.runtime.daemon import metrics_service
+from agent.runtime.loop import Agent
+from agent.runtime.wiring import build_components
+from drivers.grid.base import GridEvent, ProgramKind
+from simulators.luxos import LuxosFleet, MinerSpec
+from simulators.luxos_model import Timing
+from simulators.meter import MeterSimulator
+from simulators.price_server import PriceServer
+from tests.test_e2e_miners import S19, S21, site_dict, true_site_w, until
+
+LIMIT_KW = 20.0  # all six miners at +1 draw 22.05 kW: the limit binds
+MARGIN_KW = 0.3
+FALLBACK_KW = 2.0
+
+
+def metered_w(meter: MeterSimulator) -> float:
+    """What the utility bills: devices + cooling + base load (the noise-free truth)."""
+    value = meter.truth()["true_w"]
+    assert isinstance(value, float)
+    return value
+
+
+@contextlib.asynccontextmanager
+async def metered_site(
+    tmp_path: Path, **extra: Any
+) -> AsyncIterator[tuple[Agent, LuxosFleet, MeterSimulator, Store]]:
+    specs = [MinerSpec(a, "s19jpro") for a in S19] + [MinerSpec(a, "s21") for a in S21]
+    fleet = LuxosFleet(specs, timing=Timing(wake_ramp_s=0.4, sleep_ramp_s=0.1, profile_ramp_s=0.1))
+    meter = MeterSimulator(
+        "127.0.0.1", 0, unit_id=1, device_power=lambda: true_site_w(fleet), max_site_w=60_000
+    )
+    meter.ambient_pinned_c = 30.0  # cooling = 4 % + 5 × 0.4 % = 6 % of the IT load
+    async with (
+        fleet,
+        meter,
+        PriceServer([20.0], interval_s=3600) as prices,
+        Store.open(tmp_path / "journal.db") as store,
+    ):
+        data = site_dict(prices.url, min_off_s=0.5, limit_kw=LIMIT_KW)
+        data["site"]["safety_margin_kw"] = MARGIN_KW
+        data["meter"] = {
+            "host": "127.0.0.1",
+            "port": meter.port,
+            "unit_id": 1,
+            "timeout_s": 0.5,
+            "stale_after_s": 5,
+            "poll_s": 0.2,
+            "max_age_s": 1.5,
+            "fallback_margin_kw": FALLBACK_KW,
+            "max_residual_kw": 10,
+            "trim_gain": 0.3,
+            "max_trim_kw": 5,
+            "max_trim_step_kw": 1,
+        }
+        data.update(extra)
+        config = parse_config(data)
+        components = build_components(config)
+        components.store = store
+        agent = Agent(config, components)
+        components.services.append(metrics_service(agent, config))
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        try:
+            yield agent, fleet, meter, store
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=8)
+
+
+async def held(predicate: Any, seconds: float, what: str) -> None:
+    """``predicate`` holds at every sample for ``seconds``."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        assert predicate(), f"stopped holding: {what}"
+        await asyncio.sleep(0.05)
+
+
+async def scrape(agent: Agent) -> dict[str, float]:
+    await until(lambda: agent.metrics_port is not None, 5, "metrics listening")
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{agent.metrics_port}/metrics")).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def test_metered_load_stays_under_the_limit_and_a_lost_meter_falls_back(
+    tmp_path: Path,
+) -> None:
+    limit_w = LIMIT_KW * 1000
+    async with metered_site(tmp_path) as (agent, fleet, meter, store):
+        # The trim learns the cooling the devices do not report, and the *metered* load settles
+        # under the limit (a device-sum agent would run the devices at the limit: 6 % over).
+        await until(
+            lambda: agent.meter_watch.trim_w > 800 and metered_w(meter) <= limit_w,
+            20,
+            "metered load under the limit with the cooling learned",
+        )
+        await held(lambda: metered_w(meter) <= limit_w, 3, "metered load <= limit")
+        devices = true_site_w(fleet)
+        assert metered_w(meter) / devices == pytest.approx(1.06, rel=0.002)
+        snap = agent.state.snapshot
+        assert snap is not None
+        assert snap.measured_site_power_w is not None
+        assert snap.measured_site_power_w == pytest.approx(metered_w(meter), rel=0.01)
+        assert snap.device_power_w is not None
+        assert snap.measured_site_power_w > snap.device_power_w * 1.04
+        # The trim is the cooling: about 6 % of the devices, learned without a cooling model.
+        assert agent.meter_watch.trim_w == pytest.approx(0.06 * devices, rel=0.25)
+        m = await scrape(agent)
+        assert m["site_agent_meter_trusted"] == 1
+        assert m['site_agent_site_power_source{source="meter"}'] == 1
+        assert m["site_agent_site_power_watts"] == pytest.approx(metered_w(meter), rel=0.01)
+        assert m["site_agent_meter_trim_watts"] > 800
+
+        # The meter goes silent: after max_age_s the agent plans on devices + the margin.
+        meter.set_fault("silent")
+        await until(
+            lambda: agent.state.meter is not None and agent.state.meter.source == "fallback",
+            6,
+            "fallback to devices + margin",
+        )
+        await held(lambda: metered_w(meter) <= limit_w, 3, "metered load <= limit in fallback")
+        plan = agent.state.plan
+        assert plan is not None
+        assert "meter not trusted" in plan.summary
+        m = await scrape(agent)
+        assert m["site_agent_meter_trusted"] == 0
+        assert m['site_agent_site_power_source{source="fallback"}'] == 1
+        assert m["site_agent_meter_fallbacks_total"] >= 1
+        assert m["site_agent_meter_read_errors_total"] >= 1
+        rows = [r for r in await store.audit_rows() if r.source == "meter"]
+        fallback = [r for r in rows if r.action == "meter_fallback"]
+        assert fallback, rows
+        assert "devices + cooling + 2 kW" in fallback[-1].reason
+        assert "no answer" in fallback[-1].reason or "old" in fallback[-1].reason
+
+        # It answers again: trusted, and the audit says so.
+        meter.clear()
+        await until(
+            lambda: agent.state.meter is not None and agent.state.meter.trusted,
+            6,
+            "meter trusted again",
+        )
+        await until(
+            lambda: metered_w(meter) <= limit_w, 10, "metered under the limit after recovery"
+        )
+
+        # An implausible meter (reads 300 kW while the devices draw ~18): not acted on.
+        meter.override("WphB", 0x8000)  # no per-phase figures, so the driver cannot tell
+        meter.override("W", 30000)  # 30,000 × 10 W
+        await until(
+            lambda: agent.state.meter is not None and agent.state.meter.source == "fallback",
+            6,
+            "fallback on an implausible meter",
+        )
+        assert agent.state.meter is not None
+        assert agent.state.meter.reason is not None
+        assert "off by more than 10 kW" in agent.state.meter.reason
+        await held(lambda: true_site_w(fleet) > 10_000, 1, "no mass shed on a wild meter")
+        audit = [r.action for r in await store.audit_rows() if r.source == "meter"]
+        assert audit.count("meter_fallback") >= 2
+        assert "meter_trusted" in audit
+
+
+async def test_an_event_is_judged_on_the_meter(tmp_path: Path) -> None:
+    # With the cooling model configured and the ambient read from the meter's model 307, the
+    # model itself predicts the 6 % and the trim stays small.
+    cooling = {"base_frac": 0.04, "per_degree_frac": 0.004, "reference_c": 25}
+    async with metered_site(tmp_path, cooling=cooling, ambient={"source": "meter"}) as (
+        agent,
+        fleet,
+        meter,
+        store,
+    ):
+        await until(lambda: agent.state.meter is not None and agent.state.meter.trusted, 10, "m")
+        await until(lambda: metered_w(meter) <= LIMIT_KW * 1000, 20, "under the limit")
+        assert agent.state.meter is not None
+        assert agent.state.meter.ambient_c == 30.0
+        assert abs(agent.meter_watch.trim_w) < 400
+        now = datetime.now(UTC)
+        event = GridEvent(
+            event_id="ers-1",
+            source="operator:test",
+            program="operator-override",
+            kind=ProgramKind.OVERRIDE,
+            start=now,
+            end=now + timedelta(minutes=10),
+            max_site_kw=12.0,
+        )
+        await agent.event_book.add_override(event, "test", "e2e")
+        target_w = 12_000.0
+        await until(lambda: metered_w(meter) <= target_w, 10, "metered load under the event")
+        # Devices alone would be allowed up to 12 kW: the meter-judged plan leaves room for
+        # cooling, so the devices sit clearly below the target.
+        await held(lambda: metered_w(meter) <= target_w, 2, "metered load <= event target")
+        assert true_site_w(fleet) <= (target_w - MARGIN_KW * 1000) / 1.06 + 50
+        rows = await store.compliance("ers-1")
+        assert rows, "compliance journaled"
+        # Compliance is settled on the meter: what it records is the metered load, which is
+        # above the device sum by the cooling.
+        await until(
+            lambda: (
+                agent.state.snapshot is not None
+                and agent.state.snapshot.device_power_w is not None
+                and agent.state.snapshot.measured_site_power_w is not None
+                and agent.state.snapshot.measured_site_power_w
+                > agent.state.snapshot.device_power_w * 1.04
+            ),
+            5,
+            "snapshot site power is the meter",
+        )
+        m = await scrape(agent)
+        shortfall = (
+            'site_agent_grid_event_shortfall_watts{event_id="ers-1",program="operator-override"}'
+        )
+        assert m[shortfall] == 0
+        assert m["site_agent_cooling_power_watts"] > 0
+        assert m["site_agent_ambient_celsius"] == 30.0

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import math
 import resource
 import secrets
 import signal
@@ -268,7 +269,11 @@ class LuxosFleet:
         *,
         clock: Clock = time.monotonic,
         timing: Timing | None = None,
+        ambient_c: Clock | None = None,
+        thermal_tau_s: float | None = None,
     ) -> None:
+        """``ambient_c`` gives the site's air temperature (a hot afternoon); ``thermal_tau_s``
+        overrides the models' thermal time constant (tests that cannot wait a minute)."""
         self._clock = clock
         self._timing = timing or Timing()
         self._servers: dict[str, _MinerServer] = {}
@@ -278,6 +283,7 @@ class LuxosFleet:
             if spec.model not in MODELS:
                 raise ValueError(f"unknown model {spec.model!r}; known: {', '.join(MODELS)}")
             state = MinerState(spec.address, MODELS[spec.model], clock, self._timing)
+            state.ambient, state.thermal_tau_s = ambient_c, thermal_tau_s
             self._servers[spec.address] = _MinerServer(spec, state)
         self._started = False
         self._reboots: set[asyncio.Task[None]] = set()
@@ -355,6 +361,14 @@ class LuxosFleet:
 
     def truth(self, address: str) -> dict[str, object]:
         return self._server(address).state.truth()
+
+    def set_hot_spot(self, address: str, extra_c: float) -> None:
+        """This miner's intake runs ``extra_c`` hotter than the site's air."""
+        if not math.isfinite(extra_c) or not -20.0 <= extra_c <= 40.0:
+            raise ValueError(f"hot spot {extra_c} °C outside -20..40")
+        state = self._server(address).state
+        state.pcb_c()  # settle the thermal integral up to now
+        state.hot_spot_c = extra_c
 
 
 # --- control endpoint --------------------------------------------------------------------

@@ -44,10 +44,17 @@ def metered_w(meter: MeterSimulator) -> float:
 
 @contextlib.asynccontextmanager
 async def metered_site(
-    tmp_path: Path, **extra: Any
+    tmp_path: Path, *, limit_kw: float = LIMIT_KW, air: dict[str, float] | None = None, **extra: Any
 ) -> AsyncIterator[tuple[Agent, LuxosFleet, MeterSimulator, Store]]:
+    """``air["c"]``, when given, is the outdoor temperature the miners breathe (boards lag it
+    by a 0.5 s time constant here, a minute on real hardware)."""
     specs = [MinerSpec(a, "s19jpro") for a in S19] + [MinerSpec(a, "s21") for a in S21]
-    fleet = LuxosFleet(specs, timing=Timing(wake_ramp_s=0.4, sleep_ramp_s=0.1, profile_ramp_s=0.1))
+    fleet = LuxosFleet(
+        specs,
+        timing=Timing(wake_ramp_s=0.4, sleep_ramp_s=0.1, profile_ramp_s=0.1),
+        ambient_c=None if air is None else (lambda: air["c"]),
+        thermal_tau_s=None if air is None else 0.5,
+    )
     meter = MeterSimulator(
         "127.0.0.1", 0, unit_id=1, device_power=lambda: true_site_w(fleet), max_site_w=60_000
     )
@@ -58,7 +65,7 @@ async def metered_site(
         PriceServer([20.0], interval_s=3600) as prices,
         Store.open(tmp_path / "journal.db") as store,
     ):
-        data = site_dict(prices.url, min_off_s=0.5, limit_kw=LIMIT_KW)
+        data = site_dict(prices.url, min_off_s=0.5, limit_kw=limit_kw)
         data["site"]["safety_margin_kw"] = MARGIN_KW
         data["meter"] = {
             "host": "127.0.0.1",
@@ -134,8 +141,8 @@ async def test_metered_load_stays_under_the_limit_and_a_lost_meter_falls_back(
         # The trim is the cooling: about 6 % of the devices, learned without a cooling model.
         assert agent.meter_watch.trim_w == pytest.approx(0.06 * devices, rel=0.25)
         m = await scrape(agent)
-        assert m["site_agent_meter_trusted"] == 1
-        assert m['site_agent_site_power_source{source="meter"}'] == 1
+        assert m["site_agent_meter_up"] == 1
+        assert m['site_agent_site_power_mode{source="meter"}'] == 1
         assert m["site_agent_site_power_watts"] == pytest.approx(metered_w(meter), rel=0.01)
         assert m["site_agent_meter_trim_watts"] > 800
 
@@ -151,10 +158,10 @@ async def test_metered_load_stays_under_the_limit_and_a_lost_meter_falls_back(
         assert plan is not None
         assert "meter not trusted" in plan.summary
         m = await scrape(agent)
-        assert m["site_agent_meter_trusted"] == 0
-        assert m['site_agent_site_power_source{source="fallback"}'] == 1
-        assert m["site_agent_meter_fallbacks_total"] >= 1
-        assert m["site_agent_meter_read_errors_total"] >= 1
+        assert m["site_agent_meter_up"] == 0
+        assert m['site_agent_site_power_mode{source="fallback"}'] == 1
+        assert m["site_agent_meter_fallback_actions_total"] >= 1
+        assert m["site_agent_meter_rejected_inputs_total"] >= 1
         rows = [r for r in await store.audit_rows() if r.source == "meter"]
         fallback = [r for r in rows if r.action == "meter_fallback"]
         assert fallback, rows
@@ -243,3 +250,51 @@ async def test_an_event_is_judged_on_the_meter(tmp_path: Path) -> None:
         assert m[shortfall] == 0
         assert m["site_agent_cooling_power_watts"] > 0
         assert m["site_agent_ambient_celsius"] == 30.0
+
+
+def profiles(fleet: LuxosFleet, addresses: list[str]) -> list[object]:
+    return [fleet.truth(a)["profile"] for a in addresses]
+
+
+async def test_a_hot_afternoon_derates_the_hottest_miners_first(tmp_path: Path) -> None:
+    air = {"c": 25.0}
+    thermal = {"miner": {"max_c": 108, "resume_c": 100, "step_s": 1.0}}
+    async with metered_site(tmp_path, limit_kw=60.0, air=air, thermal=thermal) as (
+        agent,
+        fleet,
+        meter,
+        store,
+    ):
+        # A mild morning: every miner at its top profile (S21 chips ~99 °C, S19 ~90 °C).
+        await until(lambda: profiles(fleet, S19 + S21) == ["+1"] * 6, 15, "all at +1")
+        await held(lambda: profiles(fleet, S19 + S21) == ["+1"] * 6, 1.5, "no derate at 25 °C")
+        # The afternoon heats up to 40 °C: the S21s (hotter chips) cross 108 °C and step down
+        # one point; at 'default' they settle in the hysteresis band. The S19s stay at +1.
+        air["c"] = meter.ambient_pinned_c = 40.0
+        await until(lambda: profiles(fleet, S21) == ["default"] * 3, 10, "S21s derated")
+        await held(
+            lambda: profiles(fleet, S21) == ["default"] * 3 and profiles(fleet, S19) == ["+1"] * 3,
+            3,
+            "one step down for the hottest, none for the others, no flapping",
+        )
+        hottest = [float(str(fleet.truth(a)["chip_c"])) for a in S21]
+        cooler = [float(str(fleet.truth(a)["chip_c"])) for a in S19]
+        assert min(hottest) > max(cooler)
+        reasons = [r.reason for r in await store.audit_rows() if "thermal derate" in r.reason]
+        assert len(reasons) >= 3
+        assert all("+1 -> default" in r and "> 108 °C" in r for r in reasons), reasons
+        m = await scrape(agent)
+        assert m['site_agent_thermal_derated_devices{kind="miner"}'] == 3
+        assert m['site_agent_thermal_derate_actions_total{kind="miner"}'] >= 3
+        plan = agent.state.plan
+        assert plan is not None
+        assert "thermal derate: 3 miner(s)" in plan.summary
+        # A hot spot at one S19's intake (+6 °C): it crosses the limit too, and only it.
+        fleet.set_hot_spot(S19[0], 6.0)
+        await until(lambda: profiles(fleet, S19)[0] != "+1", 10, "the hot-spot S19 derated")
+        assert profiles(fleet, S19)[1:] == ["+1", "+1"]
+        # Evening: back to 25 °C; below resume_c the ceilings lift and the miners step back up.
+        fleet.set_hot_spot(S19[0], 0.0)
+        air["c"] = meter.ambient_pinned_c = 25.0
+        await until(lambda: profiles(fleet, S19 + S21) == ["+1"] * 6, 15, "all back at +1")
+        await until(lambda: not agent.state.thermal_derated, 5, "no derate left")

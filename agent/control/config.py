@@ -32,6 +32,7 @@ from pydantic import (
 
 from agent.control.cooling import AmbientConfig, CoolingConfig
 from agent.control.metering import MeterConfig
+from agent.control.thermal import ThermalConfig
 from drivers.errors import AgentError
 from drivers.grid.mqtt_curtail import MqttCurtailSettings
 from drivers.grid.openadr import OpenAdrSettings
@@ -340,6 +341,7 @@ class AgentConfig(Strict):
     meter: MeterConfig | None = None
     cooling: CoolingConfig = CoolingConfig()
     ambient: AmbientConfig = AmbientConfig()
+    thermal: ThermalConfig = ThermalConfig()
 
     @model_validator(mode="after")
     def _cross_check(self) -> AgentConfig:

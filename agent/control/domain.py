@@ -50,6 +50,9 @@ class MinerView:
     fault: str | None = None  # set when the device is faulted; the policy leaves it alone
     circuit: str | None = None
     count: int = 1
+    # Thermal derate: the highest point the policy may plan (None: the whole ladder), and why.
+    max_point: str | None = None
+    derate: str | None = None
 
     def point(self, name: str) -> OperatingPoint:
         for p in self.points:
@@ -101,6 +104,8 @@ class GpuNodeView:
     fault: str | None = None
     circuit: str | None = None
     count: int = 1
+    # Thermal derate: set when ``max_cap_w`` was lowered below the card's maximum, and why.
+    derate: str | None = None
 
     @property
     def worst_case_power_w(self) -> float:

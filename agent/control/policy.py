@@ -450,7 +450,7 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
             continue
         since = m.commanded_since
         key = (id(m.points), m.model, m.commanded, since > off_cut, since > on_cut, m.circuit,
-               m.count)  # fmt: skip
+               m.count, m.max_point)  # fmt: skip
         entry = miner_groups.get(key)
         if entry is not None:
             entry[0].miners.append(m)
@@ -537,6 +537,10 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
                 f"does not cover the lost margin ({-gain:,.2f} $/h short)"
             )
 
+    derated = sum(m.count for m in snapshot.miners if m.max_point is not None)
+    derated_nodes = sum(n.count for n in snapshot.gpu_nodes if n.derate is not None)
+    if derated or derated_nodes:
+        notes.append(f"thermal derate: {derated} miner(s), {derated_nodes} GPU node(s)")
     if load.source == "fallback":
         notes.append(
             f"meter not trusted: planning on devices + cooling + {load.fixed_w / 1000:,.1f} kW"
@@ -544,6 +548,18 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     elif load.source == "meter" and abs(load.trim_w) >= 1.0:
         notes.append(f"meter trim {load.trim_w / 1000:+,.1f} kW")
     return _plan(now, ctx, result, limit_w, binding, fixed, notes, load)
+
+
+def _ceiling_rung(group: _Group) -> int:
+    """The highest rung a thermally derated group may reach (the top rung otherwise)."""
+    ladder = group.ladder
+    assert ladder is not None
+    top = len(ladder.power_w) - 1
+    ceiling = group.miners[0].max_point
+    if ceiling is None or ceiling not in ladder.index_of:
+        return top
+    limit = ladder.index_of[ceiling]
+    return max((r for r in range(top + 1) if ladder.point_index[r] <= limit), default=0)
 
 
 def _miner_steps(gi: int, group: _Group, forced: bool, steps: list[_Step]) -> None:
@@ -554,7 +570,7 @@ def _miner_steps(gi: int, group: _Group, forced: bool, steps: list[_Step]) -> No
     count = group.count
     vals = group.rung_value_usd_per_h
     prev = _INF
-    for r in range(1, len(pw)):
+    for r in range(1, _ceiling_rung(group) + 1):
         dp = pw[r] - pw[r - 1]
         dv = vals[r] - vals[r - 1]
         # The hull makes densities fall along the ladder; min() keeps rounding from
@@ -1013,7 +1029,10 @@ def _miner_actions(
             kind = ActionKind.WAKE
         else:
             kind = ActionKind.SET_PROFILE
-        if new.power_w < old.power_w:
+        ceiling = ladder.index_of.get(first.max_point or "", len(first.points))
+        if new.power_w < old.power_w and first.derate is not None and current > ceiling:
+            why = f"thermal derate: {first.derate}"
+        elif new.power_w < old.power_w:
             why = result.shed_cause.get(gi) or f"{old.name} is not on the efficient ladder"
         else:
             why = _increase_reason(ctx, result, gi)
@@ -1089,7 +1108,8 @@ def _node_actions(
     if k > 0 and abs(cap - n.cap_w) >= 0.5:
         lower = cap < n.cap_w
         why = (
-            result.shed_cause.get(gi)
+            (f"thermal derate: {n.derate}" if n.derate and cap >= n.max_cap_w - 0.5 else None)
+            or result.shed_cause.get(gi)
             or result.hold_cause.get(gi)
             or "price above the value of the top cap steps"
             if lower

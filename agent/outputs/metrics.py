@@ -489,11 +489,23 @@ class AgentCollector(Collector):
     # --- the meter and the load model ----------------------------------------------------------
 
     def _meter(self, state: AgentState) -> Iterator[Metric]:
+        derates = CounterMetricFamily(
+            "site_agent_thermal_derate_actions",
+            "Thermal step-downs (a device stepped one operating point down for heat), by kind.",
+            labels=["kind"],
+        )
+        derated = _gauge(
+            "site_agent_thermal_derated_devices", "Devices held derated for heat now.", ["kind"]
+        )
+        for kind in ("miner", "gpu_node"):
+            derates.add_metric([kind], state.thermal_derates.get(kind, 0))
+            derated.add_metric([kind], sum(1 for k in state.thermal_derated.values() if k == kind))
+        yield from (derates, derated)
         m = state.meter
         if m is None:
             return
         source = _gauge(
-            "site_agent_site_power_source",
+            "site_agent_site_power_mode",
             "1 for what the site power is judged on: meter, fallback (devices + margin), devices.",
             ["source"],
         )
@@ -502,18 +514,18 @@ class AgentCollector(Collector):
         yield source
         if m.configured:
             yield GaugeMetricFamily(
-                "site_agent_meter_trusted",
+                "site_agent_meter_up",
                 "1 while the revenue meter is fresh and plausible; 0 while the agent falls back.",
                 value=1.0 if m.trusted else 0.0,
             )
             yield CounterMetricFamily(
-                "site_agent_meter_fallbacks",
+                "site_agent_meter_fallback_actions",
                 "Times the agent stopped trusting the meter and fell back to devices + margin.",
                 value=m.fallbacks,
             )
             yield CounterMetricFamily(
-                "site_agent_meter_read_errors",
-                "Meter reads that failed (timeout, bad registers, wrong unit, stale).",
+                "site_agent_meter_rejected_inputs",
+                "Meter reads refused or failed (timeout, bad registers, wrong unit, stale).",
                 value=m.errors,
             )
             yield GaugeMetricFamily(

@@ -37,6 +37,7 @@ from agent.control.fourcp import peak_risk
 from agent.runtime.fleet import GpuFleet
 from agent.runtime.meter import MeterWatch
 from agent.runtime.state import AgentState
+from agent.runtime.thermal import ThermalGuard
 from drivers.errors import AgentError, BadInput, DeviceError
 from drivers.miners.base import MinerMode, MinerReading, MinerTelemetry
 from drivers.prices.base import PriceReading, PriceSource
@@ -117,6 +118,13 @@ class Coordinator:
         self.system_load: SystemLoadReplay | None = None
         # The meter and ambient source (set by the agent): the load model of every snapshot.
         self.meter_watch: MeterWatch | None = None
+        # Thermal derates: one ceiling per hot device, applied to every snapshot's views.
+        self.thermal = ThermalGuard(
+            config.thermal,
+            config.control.gpu_cap_step_w,
+            derates=state.thermal_derates,
+            derated=state.thermal_derated,
+        )
         self.started_mono = monotonic()
         self._ramp_at: float | None = None
         self._ramp_tokens_w = 0.0
@@ -312,6 +320,15 @@ class Coordinator:
         mono = self.monotonic()
         miners = tuple(self.miner_view(s, mono) for s in self.slots.values())
         gpu_nodes = () if self.gpu_fleet is None else self.gpu_fleet.views(now)
+        if self.config.thermal.miner is not None:
+            temps: dict[str, float | None] = {}
+            for v in miners:
+                reading = self.slots[v.device_id].reading
+                fresh = reading is not None and v.measured_power_w is not None
+                temps[v.device_id] = reading.temperature_c if fresh and reading else None
+            miners = self.thermal.apply_miners(miners, temps, mono)
+        if self.config.thermal.gpu is not None and self.gpu_fleet is not None:
+            gpu_nodes = self.thermal.apply_gpu_nodes(gpu_nodes, self.gpu_fleet.readings(), mono)
         measured = [m.measured_power_w for m in miners] + [n.measured_power_w for n in gpu_nodes]
         device_w = None if any(p is None for p in measured) else sum(p for p in measured if p)
         load, site_w = SiteLoadModel(), device_w

@@ -53,6 +53,9 @@ class AgentState:
     # GPU node id -> the latest per-GPU readings of that node (for per-GPU metrics).
     gpu_readings: dict[str, tuple[GpuReading, ...]] = field(default_factory=dict)
     meter: MeterStatus | None = None  # the meter and the load model, as of the latest snapshot
+    # Thermal derates: step-downs so far by kind, and the devices held derated now (-> kind).
+    thermal_derates: Counter[str] = field(default_factory=Counter)
+    thermal_derated: dict[str, str] = field(default_factory=dict)
 
     def source(self, name: str) -> SourceHealth:
         health = self.sources.get(name)

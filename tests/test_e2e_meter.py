@@ -22,12 +22,15 @@ from agent.control.config import parse_config
 from agent.journal.store import Store
 from agent.runtime.daemon import metrics_service
 from agent.runtime.loop import Agent
-from agent.runtime.wiring import build_components
+from agent.runtime.wiring import attach_grid_sources, build_components
 from drivers.grid.base import GridEvent, ProgramKind
+from drivers.grid.openadr import OpenAdrVen
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.meter import MeterSimulator
+from simulators.openadr_vtn import OpenAdrVtn
 from simulators.price_server import PriceServer
+from tests.servers import free_port
 from tests.test_e2e_miners import S19, S21, site_dict, true_site_w, until
 
 LIMIT_KW = 20.0  # all six miners at +1 draw 22.05 kW: the limit binds
@@ -86,6 +89,7 @@ async def metered_site(
         components = build_components(config)
         components.store = store
         agent = Agent(config, components)
+        attach_grid_sources(agent, config)
         components.services.append(metrics_service(agent, config))
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
@@ -298,3 +302,51 @@ async def test_a_hot_afternoon_derates_the_hottest_miners_first(tmp_path: Path) 
         air["c"] = meter.ambient_pinned_c = 25.0
         await until(lambda: profiles(fleet, S19 + S21) == ["+1"] * 6, 15, "all back at +1")
         await until(lambda: not agent.state.thermal_derated, 5, "no derate left")
+
+
+async def test_an_openadr_event_is_judged_and_reported_on_the_meter(tmp_path: Path) -> None:
+    port = free_port()
+    ers = "oadr://ercot/ers"
+    grid = {
+        "openadr": {
+            "vtn_url": f"http://127.0.0.1:{port}/OpenADR2/Simple/2.0b",
+            "ven_name": "site-1",
+            "programs": {ers: {"name": "ers", "kind": "emergency", "fail": "curtail"}},
+            "report_sampling_s": 1,
+            "register_retry_min_s": 0.2,
+            "register_retry_max_s": 0.5,
+        }
+    }
+    async with (
+        OpenAdrVtn(port=port, poll_s=1) as vtn,
+        metered_site(tmp_path, limit_kw=40.0, grid=grid) as (agent, fleet, meter, store),
+    ):
+        ven = next(s for s in agent.components.grid_sources if isinstance(s, OpenAdrVen))
+        await until(lambda: ven.registered, 10, "VEN registered")
+        await until(lambda: true_site_w(fleet) > 21_000, 15, "all miners mining")
+        start = datetime.now(UTC) + timedelta(seconds=2)
+        vtn.push_event(
+            "site-1",
+            start=start,
+            duration=timedelta(seconds=30),
+            value=12.0,  # LOAD_DISPATCH: site load at most 12 kW, at the meter
+            market_context=ers,
+        )
+        await until(lambda: metered_w(meter) <= 12_000, 10, "metered load under 12 kW")
+        await held(lambda: metered_w(meter) <= 12_000, 2, "metered load held under the event")
+        # The devices alone sit well under 12 kW: room was left for the cooling the meter sees.
+        assert true_site_w(fleet) < 12_000 / 1.05
+        # What the VEN reports to the VTN is the meter's figure, not the device sum.
+        await until(
+            lambda: any(r.value > true_site_w(fleet) * 1.04 for r in vtn.reports[-3:]),
+            6,
+            "VTN receives the metered load",
+        )
+        latest = vtn.reports[-1].value
+        assert latest == pytest.approx(metered_w(meter), rel=0.03)
+        rows = await store.compliance(vtn_event_id(agent))
+        assert rows, "compliance journaled on the meter"
+
+
+def vtn_event_id(agent: Agent) -> str:
+    return next(eid for eid in agent.coordinator.events if "evt" in eid)

@@ -174,3 +174,24 @@ def test_meter_config_keys_are_checked() -> None:
 
 def test_map_names_in_config_match_the_driver_registry() -> None:
     assert set(METER_MAP_NAMES) == set(METER_MAPS)
+
+
+def test_backtest_pays_for_cooling_and_keeps_the_metered_load_under_the_limit() -> None:
+    from agent.backtest.engine import build_site, run_policy, simple_market
+    from tests.test_backtest import PRICES
+    from tests.test_backtest import T0 as BT0
+    from tests.test_backtest import site_config as bt_site
+
+    market = simple_market(PRICES, 48.0, start=BT0)
+    plain = run_policy(build_site(bt_site(), 1), market, [], decide)
+    cooled_cfg = bt_site(cooling={"base_frac": 0.1})
+    cooled = run_policy(build_site(cooled_cfg, 1), market, [], decide)
+    # The same decisions at these prices (10 and −20 are far below the 60.6 $/MWh breakeven
+    # with cooling), but every device watt brings 10 % more at the meter, and it is paid.
+    assert cooled.mining_w == plain.mining_w == [20, 3000, 20, 3000]
+    assert cooled.energy_mwh == pytest.approx(plain.energy_mwh * 1.1)
+    assert cooled.energy_cost_usd == pytest.approx(plain.energy_cost_usd * 1.1)
+    # A 3.2 kW interconnect: 3,000 W of miner is 3,300 W at the meter, so it never runs.
+    tight = bt_site(cooling={"base_frac": 0.1}, site={"id": "t", "interconnect_limit_kw": 3.2})
+    capped = run_policy(build_site(tight, 1), market, [], decide)
+    assert capped.mining_w == [20, 20, 20, 20]

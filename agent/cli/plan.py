@@ -31,6 +31,14 @@ def plan(args: argparse.Namespace) -> int:
         agent = Agent(cfg, components)
         await agent.coordinator.poll_miners()
         await agent.coordinator.poll_price()
+        # The meter and the weather feed too: a dry-run plan is judged where the live one is.
+        await agent.meter_watch.poll()
+        await agent.meter_watch.poll_ambient()
+        if components.meter is not None:
+            await components.meter.close()
+        ambient_close = getattr(components.ambient_source, "aclose", None)
+        if ambient_close is not None:
+            await ambient_close()
         fleet = components.gpu_fleet
         if fleet is not None:
             try:

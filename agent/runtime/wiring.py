@@ -123,9 +123,13 @@ def build_components(config: AgentConfig) -> Components:
 def build_meter(config: AgentConfig, components: Components) -> None:
     """The site meter and the ambient feed, where configured."""
     if config.meter is not None:
-        from drivers.meters.modbus import ModbusMeter  # pymodbus loads only for metered sites
+        # pymodbus loads only for metered sites.
+        from drivers.meters.maps import MeterLimits
+        from drivers.meters.modbus import ModbusMeter
 
-        components.meter = ModbusMeter(config.meter)
+        # A reading beyond three times the interconnect is a broken meter, not a site.
+        plausible_w = min(config.meter.max_abs_site_w, 3 * config.site.interconnect_limit_kw * 1e3)
+        components.meter = ModbusMeter(config.meter, limits=MeterLimits(max_abs_site_w=plausible_w))
     feed = config.ambient.feed
     if config.ambient.source == "http_json" and feed is not None:
         components.ambient_source = HttpJsonSource(feed, name="ambient")

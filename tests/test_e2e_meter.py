@@ -215,7 +215,7 @@ async def test_an_event_is_judged_on_the_meter(tmp_path: Path) -> None:
         await until(lambda: metered_w(meter) <= LIMIT_KW * 1000, 20, "under the limit")
         assert agent.state.meter is not None
         assert agent.state.meter.ambient_c == 30.0
-        assert abs(agent.meter_watch.trim_w) < 400
+        await until(lambda: abs(agent.meter_watch.trim_w) < 400, 10, "the model explains the meter")
         now = datetime.now(UTC)
         event = GridEvent(
             event_id="ers-1",
@@ -343,8 +343,14 @@ async def test_an_openadr_event_is_judged_and_reported_on_the_meter(tmp_path: Pa
             6,
             "VTN receives the metered load",
         )
-        latest = vtn.reports[-1].value
-        assert latest == pytest.approx(metered_w(meter), rel=0.03)
+        # Once the site is steady under the event, the reports match the meter (sampled 1 s apart).
+        await until(
+            lambda: any(
+                abs(r.value - metered_w(meter)) <= 0.03 * metered_w(meter) for r in vtn.reports[-2:]
+            ),
+            6,
+            "a report equal to the metered load",
+        )
         rows = await store.compliance(vtn_event_id(agent))
         assert rows, "compliance journaled on the meter"
 

@@ -59,6 +59,13 @@ How it works, once per call:
   are counted at ``worst_case_power_w`` and get no action. Circuits use their own limit (the
   site safety margin applies to the site meter). Every increase, miners and GPU caps alike,
   counts against ``snapshot.ramp_headroom_w``.
+* **At the meter.** Site limits (interconnect, events) are judged at the revenue meter:
+  ``snapshot.load_model`` turns device power into site power (``devices × (1 + cooling) +
+  base load + meter trim``, or + the fallback margin without a trusted meter), the dispatch runs
+  on the device budget that leaves under the limit, device power is priced with the cooling it
+  brings, and ``Plan.planned_power_w`` is site power. The default model is the identity.
+* **Thermal derate.** A miner view with ``max_point`` is never planned above it, and a node's
+  lowered ``max_cap_w`` caps its ladder; the step down says "thermal derate" and why.
 * **Stale prices.** Older than ``prices.max_age_s`` (or never seen): ``curtail`` plans against
   ``safe_mode_price_usd_per_mwh``; ``hold`` keeps what runs and starts nothing, still shedding
   to meet limits.

@@ -13,11 +13,9 @@ import pytest
 
 from agent.control.config import AgentConfig, parse_config
 from agent.runtime.meter import MeterWatch
-from agent.runtime.state import AgentState
 from drivers.prices.http_json import HttpJsonSettings, HttpJsonSource
 from simulators.meter import AmbientCurve
 from simulators.price_server import PriceServer
-from tests.test_policy import T0
 
 
 class Mono:
@@ -54,8 +52,7 @@ async def test_weather_feed_drives_the_cooling_model_and_bad_values_are_ignored(
         assert config.ambient.feed is not None
         source = HttpJsonSource(HttpJsonSettings.model_validate(feed), name="ambient")
         mono = Mono()
-        state = AgentState(site_id="amb", started_at=T0)
-        watch = MeterWatch(config, state, None, ambient_source=source, monotonic=mono)
+        watch = MeterWatch(config, None, ambient_source=source, monotonic=mono)
         try:
             assert watch.current_ambient_c(mono()) == 40.0  # nothing read yet: the hot-day figure
             await watch.poll_ambient()
@@ -68,12 +65,12 @@ async def test_weather_feed_drives_the_cooling_model_and_bad_values_are_ignored(
             server.numbers["ambient"] = 150.0  # a feed in Fahrenheit, or garbage
             await watch.poll_ambient()
             assert watch.current_ambient_c(mono()) == 38.5
-            assert state.sources["ambient"].last_error == "implausible ambient 150.0"
+            assert watch.health["ambient"].last_error == "implausible ambient 150.0"
 
             server.fault = "nan"
             await watch.poll_ambient()
             assert watch.current_ambient_c(mono()) == 38.5
-            assert "ambient" in str(state.sources["ambient"].last_error)
+            assert "ambient" in str(watch.health["ambient"].last_error)
 
             mono.now += 1801  # older than ambient.max_age_s: back to the constant
             assert watch.current_ambient_c(mono()) == 40.0
@@ -83,7 +80,7 @@ async def test_weather_feed_drives_the_cooling_model_and_bad_values_are_ignored(
 
 def test_constant_ambient() -> None:
     config = site(ambient={"source": "constant", "constant_c": 30})
-    watch = MeterWatch(config, AgentState("amb", T0), None, monotonic=Mono())
+    watch = MeterWatch(config, None, monotonic=Mono())
     model, _ = watch.load_model(None, 0.0)
     assert model.ambient_c == 30.0
     assert model.cooling_frac == pytest.approx(0.06)

@@ -20,9 +20,8 @@ import pytest
 
 from agent.control.config import parse_config
 from agent.journal.store import Store
-from agent.runtime.daemon import metrics_service
+from agent.outputs.metrics import MetricsService
 from agent.runtime.loop import Agent
-from agent.runtime.wiring import attach_grid_sources, build_components
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.grid.openadr import OpenAdrVen
 from simulators.luxos import LuxosFleet, MinerSpec
@@ -31,6 +30,7 @@ from simulators.meter import MeterSimulator
 from simulators.openadr_vtn import OpenAdrVtn
 from simulators.price_server import PriceServer
 from tests.servers import free_port
+from tests.site_agent import build_agent, metrics_port
 from tests.test_e2e_miners import S19, S21, site_dict, true_site_w, until
 
 LIMIT_KW = 20.0  # all six miners at +1 draw 22.05 kW: the limit binds
@@ -86,11 +86,7 @@ async def metered_site(
         }
         data.update(extra)
         config = parse_config(data)
-        components = build_components(config)
-        components.store = store
-        agent = Agent(config, components)
-        attach_grid_sources(agent, config)
-        components.services.append(metrics_service(agent, config))
+        agent = build_agent(config, store=store, metrics=True)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:
@@ -110,9 +106,10 @@ async def held(predicate: Any, seconds: float, what: str) -> None:
 
 
 async def scrape(agent: Agent) -> dict[str, float]:
-    await until(lambda: agent.metrics_port is not None, 5, "metrics listening")
+    service = next(s for s in agent.components.services if isinstance(s, MetricsService))
+    await until(service.started.is_set, 5, "metrics listening")
     async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{agent.metrics_port}/metrics")).text
+        text = (await client.get(f"http://127.0.0.1:{metrics_port(agent)}/metrics")).text
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):

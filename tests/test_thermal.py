@@ -11,7 +11,6 @@ from agent.control.domain import ActionKind
 from agent.control.policy import decide
 from agent.control.thermal import Ceiling, ThermalConfig, ThermalLimit, next_ceiling
 from agent.runtime.thermal import ThermalGuard
-from drivers.gpus.base import GpuReading
 from tests.test_policy import T0, config, miner, node, snapshot
 
 LIMIT = ThermalLimit(max_c=100.0, resume_c=92.0, step_s=60.0)
@@ -86,39 +85,20 @@ def test_policy_lowers_a_derated_gpu_node_cap_and_says_why() -> None:
     assert "thermal derate: GPU 91 °C" in action.reason
 
 
-def _gpu(temp_c: float, i: int = 0) -> GpuReading:
-    return GpuReading(
-        device_id=f"GPU-{i}",
-        index=i,
-        name="H100",
-        at=T0,
-        power_w=650.0,
-        power_limit_w=700.0,
-        min_limit_w=200.0,
-        max_limit_w=700.0,
-        default_limit_w=700.0,
-        utilization_pct=99.0,
-        memory_used_mib=1.0,
-        memory_total_mib=80_000.0,
-        temperature_c=temp_c,
-        energy_j=0.0,
-    )
-
-
 def test_guard_derates_a_hot_gpu_node_one_cap_step_and_lifts_it_with_hysteresis() -> None:
     cfg = ThermalConfig(gpu=ThermalLimit(max_c=85, resume_c=78, step_s=10))
     guard = ThermalGuard(cfg, gpu_cap_step_w=100.0)
     view = node("gpu1", cap_w=700.0)
-    hot = {"gpu1": (_gpu(70.0, 0), _gpu(88.0, 1))}  # the hottest card counts
-    (derated,) = guard.apply_gpu_nodes((view,), hot, now_s=0.0)
+    hot = replace(view, temperature_c=88.0)  # the fleet's view: its hottest card
+    (derated,) = guard.apply_gpu_nodes((hot,), now_s=0.0)
     assert derated.max_cap_w == 600.0
     assert derated.derate == "hottest GPU 88 °C > 85 °C"
     assert guard.derates["gpu_node"] == 1
-    warm = {"gpu1": (_gpu(80.0, 0),)}  # in the band: held
-    (held,) = guard.apply_gpu_nodes((replace(view, cap_w=600.0),), warm, now_s=20.0)
+    warm = replace(view, cap_w=600.0, temperature_c=80.0)  # in the band: held
+    (held,) = guard.apply_gpu_nodes((warm,), now_s=20.0)
     assert held.max_cap_w == 600.0
-    cool = {"gpu1": (_gpu(70.0, 0),)}
-    (lifted,) = guard.apply_gpu_nodes((replace(view, cap_w=600.0),), cool, now_s=30.0)
+    cool = replace(view, cap_w=600.0, temperature_c=70.0)
+    (lifted,) = guard.apply_gpu_nodes((cool,), now_s=30.0)
     assert lifted.max_cap_w == 700.0
     assert lifted.derate is None
     assert guard.derated == {}
@@ -127,8 +107,9 @@ def test_guard_derates_a_hot_gpu_node_one_cap_step_and_lifts_it_with_hysteresis(
 def test_guard_leaves_faulted_and_unread_miners_alone() -> None:
     cfg = ThermalConfig(miner=ThermalLimit(max_c=100, resume_c=90, step_s=0))
     guard = ThermalGuard(cfg, gpu_cap_step_w=100.0)
-    views = (miner("a", "S21-ladder", "stock"), miner("b", "S21-ladder", "stock", fault="x"))
-    out = guard.apply_miners(views, {"a": None, "b": 130.0}, now_s=0.0)
+    a = miner("a", "S21-ladder", "stock")  # no fresh reading: no temperature
+    b = miner("b", "S21-ladder", "stock", fault="x", temperature_c=130.0)
+    out = guard.apply_miners((a, b), now_s=0.0)
     assert [v.max_point for v in out] == [None, None]
-    out = guard.apply_miners(views, {"a": 104.0, "b": 130.0}, now_s=1.0)
+    out = guard.apply_miners((replace(a, temperature_c=104.0), b), now_s=1.0)
     assert [v.max_point for v in out] == ["eco", None]

@@ -50,6 +50,7 @@ class MinerView:
     fault: str | None = None  # set when the device is faulted; the policy leaves it alone
     circuit: str | None = None
     count: int = 1
+    temperature_c: float | None = None  # the hottest chip on any board (fresh readings only)
     # Thermal derate: the highest point the policy may plan (None: the whole ladder), and why.
     max_point: str | None = None
     derate: str | None = None
@@ -104,6 +105,7 @@ class GpuNodeView:
     fault: str | None = None
     circuit: str | None = None
     count: int = 1
+    temperature_c: float | None = None  # the hottest card (fresh readings only)
     # Thermal derate: set when ``max_cap_w`` was lowered below the card's maximum, and why.
     derate: str | None = None
 

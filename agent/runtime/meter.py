@@ -10,6 +10,10 @@ each snapshot turns the device sum into a :class:`~agent.control.cooling.SiteLoa
 * otherwise the site is the device sum + cooling + base load + ``fallback_margin_kw``, and the
   reason is kept for ``/metrics`` and written to the audit once per change (lost, back).
 
+It reports through its own records: the sources' health (``meter``, ``ambient``), the
+:class:`MeterStatus` of the latest snapshot and the audit rows waiting to be written. The loop
+publishes them (it is the only writer of the agent's state) and writes the audit.
+
 Without a ``meter:`` block it still applies the cooling model, so planned power includes
 cooling on every site.
 """
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 from agent.control.config import AgentConfig
 from agent.control.cooling import SiteLoadModel, cooling_fraction, plausible_ambient
 from agent.control.metering import TrimParams, trim_step
-from agent.runtime.state import AgentState
+from agent.runtime.state import SourceHealth
 from drivers.errors import AgentError, DeviceError
 from drivers.meters.base import Meter, MeterReading
 from drivers.prices.base import PriceSource
@@ -56,14 +60,15 @@ class MeterWatch:
     def __init__(
         self,
         config: AgentConfig,
-        state: AgentState,
         meter: Meter | None,
         *,
         ambient_source: PriceSource | None = None,
+        health: dict[str, SourceHealth] | None = None,
         monotonic: Callable[[], float],
     ) -> None:
         self.config = config
-        self.state = state
+        # Source health by name: the coordinator hands in its own, so the loop publishes one.
+        self.health: dict[str, SourceHealth] = {} if health is None else health
         self.meter = meter if config.meter is not None else None
         self.ambient_source = ambient_source
         self.monotonic = monotonic
@@ -82,12 +87,18 @@ class MeterWatch:
         self.pending_audit: list[tuple[str, str]] = []  # (action, reason), written by the loop
         self.status: MeterStatus | None = None
 
+    def source(self, name: str) -> SourceHealth:
+        health = self.health.get(name)
+        if health is None:
+            health = self.health[name] = SourceHealth(name)
+        return health
+
     # --- polling -------------------------------------------------------------------------
 
     async def poll(self) -> None:
         if self.meter is None:
             return
-        health = self.state.source("meter")
+        health = self.source("meter")
         try:
             reading = await self.meter.read()
         except DeviceError as exc:
@@ -108,7 +119,7 @@ class MeterWatch:
         source = self.ambient_source
         if source is None:
             return
-        health = self.state.source("ambient")
+        health = self.source("ambient")
         try:
             reading = await source.latest()
         except AgentError as exc:
@@ -226,4 +237,3 @@ class MeterWatch:
             fallbacks=self.fallbacks,
             errors=self.errors,
         )
-        self.state.meter = self.status

@@ -1,23 +1,22 @@
 """Thermal derates in the runtime: one ceiling per device, moved by the pure rule each snapshot.
 
-The coordinator hands every snapshot's views through :meth:`ThermalGuard.apply`. A miner's
-temperature is its hottest chip on any board (``MinerReading.temperature_c``, fresh readings
-only); a GPU node's is its hottest card. A derated miner's view carries ``max_point`` (the
-policy plans nothing above it) and the reason; a derated node's view has ``max_cap_w`` lowered to
-its ceiling cap. Step-downs are counted per kind for ``/metrics``.
+The coordinator hands every snapshot's views through :meth:`ThermalGuard.apply_miners` and
+:meth:`ThermalGuard.apply_gpu_nodes`. Each view carries its temperature, set by its fleet from
+fresh readings only: a miner's hottest chip on any board, a GPU node's hottest card. A derated
+miner's view carries ``max_point`` (the policy plans nothing above it) and the reason; a derated
+node's view has ``max_cap_w`` lowered to its ceiling cap. Step-downs are counted per kind for
+``/metrics``; the loop publishes the counts and the derated devices.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import replace
 
 from agent.control.domain import GpuNodeView, MinerView
 from agent.control.policy import cap_levels_w
 from agent.control.thermal import Ceiling, ThermalConfig, next_ceiling
-from drivers.gpus.base import GpuReading
 
 log = logging.getLogger(__name__)
 
@@ -25,27 +24,15 @@ log = logging.getLogger(__name__)
 class ThermalGuard:
     """Keeps each device's derate ceiling with its hysteresis."""
 
-    def __init__(
-        self,
-        config: ThermalConfig,
-        gpu_cap_step_w: float,
-        *,
-        derates: Counter[str] | None = None,
-        derated: dict[str, str] | None = None,
-    ) -> None:
+    def __init__(self, config: ThermalConfig, gpu_cap_step_w: float) -> None:
         self.config = config
         self.gpu_cap_step_w = gpu_cap_step_w
         self.ceilings: dict[str, Ceiling] = {}
-        # Shared with AgentState so outputs read them: kind -> step-downs; device -> kind.
-        self.derates: Counter[str] = Counter() if derates is None else derates
-        self.derated: dict[str, str] = {} if derated is None else derated
+        # For outputs, through the loop: kind -> step-downs so far; derated device -> kind.
+        self.derates: Counter[str] = Counter()
+        self.derated: dict[str, str] = {}
 
-    def apply_miners(
-        self,
-        views: tuple[MinerView, ...],
-        temperatures_c: Mapping[str, float | None],
-        now_s: float,
-    ) -> tuple[MinerView, ...]:
+    def apply_miners(self, views: tuple[MinerView, ...], now_s: float) -> tuple[MinerView, ...]:
         limit = self.config.miner
         if limit is None:
             return views
@@ -53,7 +40,7 @@ class ThermalGuard:
         for v in views:
             current = next((i for i, p in enumerate(v.points) if p.name == v.commanded), 0)
             old = self.ceilings.get(v.device_id)
-            temp = temperatures_c.get(v.device_id) if v.fault is None else None
+            temp = v.temperature_c if v.fault is None else None
             new = next_ceiling(limit, temp, current, len(v.points) - 1, old, now_s)
             self._record(v.device_id, "miner", old, new, temp)
             if new is None:
@@ -70,10 +57,7 @@ class ThermalGuard:
         return tuple(out)
 
     def apply_gpu_nodes(
-        self,
-        views: tuple[GpuNodeView, ...],
-        readings: Mapping[str, tuple[GpuReading, ...]],
-        now_s: float,
+        self, views: tuple[GpuNodeView, ...], now_s: float
     ) -> tuple[GpuNodeView, ...]:
         limit = self.config.gpu
         if limit is None:
@@ -81,8 +65,7 @@ class ThermalGuard:
         out = []
         for v in views:
             levels = cap_levels_w(v.min_cap_w, v.max_cap_w, self.gpu_cap_step_w)
-            temps = [r.temperature_c for r in readings.get(v.device_id, ())]
-            temp = max(temps) if temps and v.fault is None else None
+            temp = v.temperature_c if v.fault is None else None
             current = max((i for i, c in enumerate(levels) if c <= v.cap_w + 0.5), default=0)
             old = self.ceilings.get(v.device_id)
             new = next_ceiling(limit, temp, current, len(levels) - 1, old, now_s)

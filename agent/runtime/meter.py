@@ -86,6 +86,16 @@ class MeterWatch:
         self.fallbacks = 0
         self.pending_audit: list[tuple[str, str]] = []  # (action, reason), written by the loop
         self.status: MeterStatus | None = None
+        # The load model of the latest snapshot (for the horizon planner's device budget);
+        # until the first, the one planned without a meter reading: cooling at the configured
+        # ambient, base load, and the fallback margin where a meter is configured.
+        margin_w = 0.0 if config.meter is None else config.meter.fallback_margin_kw * 1000.0
+        self.model = SiteLoadModel(
+            cooling_fraction(config.cooling, config.ambient.constant_c),
+            config.cooling.base_load_kw * 1000.0 + margin_w,
+            "devices" if config.meter is None else "fallback",
+            config.ambient.constant_c,
+        )
 
     def source(self, name: str) -> SourceHealth:
         health = self.health.get(name)
@@ -222,6 +232,7 @@ class MeterWatch:
         site_w: float | None,
         age: float | None,
     ) -> None:
+        self.model = model
         self.status = MeterStatus(
             configured=self.meter is not None,
             trusted=model.source == "meter",

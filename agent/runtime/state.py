@@ -61,3 +61,7 @@ class AgentState:
     # Thermal derates: step-downs so far by kind, and the devices held derated now (-> kind).
     thermal_derates: Mapping[str, int] = field(default_factory=dict)
     thermal_derated: Mapping[str, str] = field(default_factory=dict)
+    # The horizon planner's last solve (None: never solved): its time, status and reason.
+    planner_solve_s: float | None = None
+    planner_status: str | None = None
+    planner_reason: str = ""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import ssl
 from collections.abc import Callable
@@ -35,7 +34,6 @@ from typing import Literal
 
 import aiomqtt
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     SecretStr,
@@ -51,11 +49,18 @@ from drivers.grid.common import (
     apply_fail_directions,
     run_until_stopped,
 )
+from drivers.inputs import InputRejected, StrictSettings, load_json
 
 log = logging.getLogger(__name__)
 
 
-class MqttCurtailSettings(BaseModel):
+# A curtailment message is a few hundred bytes; targets are bounded by the largest site.
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_TARGET_KW = 10_000_000.0
+MAX_SETTING_S = 7 * 86400.0
+
+
+class MqttCurtailSettings(StrictSettings):
     """Config of an MQTT curtailment source (``type: mqtt``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -72,14 +77,14 @@ class MqttCurtailSettings(BaseModel):
     tls_key: Path | None = None
     topic: str = "grid/curtail"
     heartbeat_topic: str = "grid/heartbeat"
-    heartbeat_max_age_s: float = Field(default=60.0, gt=0)
+    heartbeat_max_age_s: float = Field(default=60.0, gt=0, le=MAX_SETTING_S)
     programs: dict[str, ProgramSettings] = Field(min_length=1)
     default_program: str | None = Field(
         default=None, description="program of messages that name none"
     )
-    reconnect_min_s: float = Field(default=0.5, gt=0)
-    reconnect_max_s: float = Field(default=30.0, gt=0)
-    connect_timeout_s: float = Field(default=10.0, gt=0)
+    reconnect_min_s: float = Field(default=0.5, gt=0, le=MAX_SETTING_S)
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=MAX_SETTING_S)
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=MAX_SETTING_S)
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The client TLS context, or None for plain TCP."""
@@ -99,17 +104,17 @@ class MqttCurtailSettings(BaseModel):
         return self
 
 
-class CurtailMessage(BaseModel):
+class CurtailMessage(StrictSettings):
     """The JSON schema of one message on the curtailment topic."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     event_id: str = Field(min_length=1, max_length=200)
     state: Literal["on", "off"]
-    program: str | None = Field(default=None, min_length=1)
-    kind: str | None = None
-    max_site_kw: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    shed_kw: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    program: str | None = Field(default=None, min_length=1, max_length=200)
+    kind: str | None = Field(default=None, max_length=64)
+    max_site_kw: float | None = Field(default=None, ge=0, le=MAX_TARGET_KW, allow_inf_nan=False)
+    shed_kw: float | None = Field(default=None, gt=0, le=MAX_TARGET_KW, allow_inf_nan=False)
     start: datetime | None = None
     until: datetime | None = None
 
@@ -192,9 +197,10 @@ class MqttCurtailSource:
         if not payload:
             return  # an empty retained message clears the topic; it carries no command
         try:
-            document = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._reject(topic, payload, f"malformed JSON: {exc}")
+            # Bounded: size, strict UTF-8, depth, no duplicate keys, no NaN (drivers/inputs.py).
+            document = load_json(payload, self._name, max_bytes=MAX_MESSAGE_BYTES, what="message")
+        except InputRejected as exc:
+            self._reject(topic, payload, f"{exc.reason}: {exc.message}")
             return
         try:
             message = CurtailMessage.model_validate(document)

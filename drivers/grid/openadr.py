@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from openleadr import OpenADRClient
 from openleadr.utils import certificate_fingerprint as _oadr_fingerprint
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from drivers.grid.base import GridEvent
 from drivers.grid.common import (
@@ -44,6 +44,7 @@ from drivers.grid.common import (
     apply_fail_directions,
     run_until_stopped,
 )
+from drivers.inputs import StrictSettings
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class OpenAdrProgram(ProgramSettings):
     name: str = Field(min_length=1, description="the program name events carry")
 
 
-class OpenAdrSettings(BaseModel):
+class OpenAdrSettings(StrictSettings):
     """Config of an OpenADR 2.0b VEN (``type: openadr``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -31,9 +31,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from drivers.errors import BadInput, SourceError
+from drivers.inputs import StrictSettings
 from drivers.prices.base import PriceReading
 
 
@@ -255,7 +256,7 @@ def load_day_ahead_csv(
     )
 
 
-class DayAheadSettings(BaseModel):
+class DayAheadSettings(StrictSettings):
     """Config of day-ahead prices read from an hourly CSV (``type: csv``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -290,7 +291,7 @@ class DayAheadForecast:
         return [(_utc(self.series.times_s[i]), self.series.values[i]) for i in range(lo, hi)]
 
 
-class CsvReplaySettings(BaseModel):
+class CsvReplaySettings(StrictSettings):
     """Config of a CSV price replay (``type: csv_replay``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from drivers.errors import BadInput
+from drivers.inputs import StrictSettings
 from drivers.prices.base import PriceReading
 from drivers.prices.http_json import HttpJsonSettings, HttpJsonSource
 
@@ -51,14 +52,14 @@ def _now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-class ConstantHashpriceSettings(BaseModel):
+class ConstantHashpriceSettings(StrictSettings):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["constant"] = "constant"
     usd_per_ph_day: float = Field(gt=0, allow_inf_nan=False)
 
 
-class ComputedHashpriceSettings(BaseModel):
+class ComputedHashpriceSettings(StrictSettings):
     """BTC price and difficulty feeds (``unit: raw``) plus the block reward."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

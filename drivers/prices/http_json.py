@@ -27,9 +27,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Self
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from drivers.errors import BadInput, SourceError
+from drivers.inputs import StrictSettings
 from drivers.prices.base import PriceReading
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ Unit = Literal[
 ]
 
 
-class HttpJsonSettings(BaseModel):
+class HttpJsonSettings(StrictSettings):
     """Config of an HTTP JSON price feed (``type: http_json``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

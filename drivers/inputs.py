@@ -183,9 +183,7 @@ def finite_in_range(
     if isinstance(value, bool):
         raise InputRejected(source, "bool_as_number", f"{what}: expected a number, got {value}")
     if not isinstance(value, int | float):
-        raise InputRejected(
-            source, "bad_type", f"{what}: expected a number, got {type(value).__name__}"
-        )
+        raise InputRejected(source, "bad_type", f"{what}: expected a number, got {shown(value)}")
     try:
         converted = float(value) * scale
     except OverflowError:
@@ -334,7 +332,7 @@ def load_json(
     bad = _first_non_finite(document)
     if bad is not None:
         raise InputRejected(
-            source, "not_finite", f"{what}: {bad[0]}: {bad[1]} is not a finite number"
+            source, "not_finite", f"{what}: {bad[0]}: expected a finite number, got {bad[1]}"
         )
     return document
 
@@ -477,7 +475,9 @@ async def deadline(seconds: float, source: str, what: str) -> AsyncIterator[None
         async with asyncio.timeout(seconds):
             yield
     except TimeoutError:
-        raise SourceTimeout(source, f"{what}: no complete answer within {seconds:g} s") from None
+        raise SourceTimeout(
+            source, f"no complete answer from {what} within {seconds:g} s"
+        ) from None
 
 
 def record(recorder: Callable[[str, str], None] | None, source: str, exc: BaseException) -> None:

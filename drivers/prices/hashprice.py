@@ -20,9 +20,13 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field
 
 from drivers.errors import BadInput
-from drivers.inputs import StrictSettings
+from drivers.inputs import StrictSettings, finite_in_range
 from drivers.prices.base import PriceReading
-from drivers.prices.http_json import HttpJsonSettings, HttpJsonSource
+from drivers.prices.http_json import (
+    HASHPRICE_RANGE_USD_PER_PH_DAY,
+    HttpJsonSettings,
+    HttpJsonSource,
+)
 
 SUBSIDY_BTC_2024 = 3.125  # block subsidy since the April 2024 halving
 SECONDS_PER_DAY = 86400
@@ -142,6 +146,11 @@ class ComputedHashprice:
             )
         except ValueError as exc:
             raise BadInput(self.name, f"cannot compute hashprice: {exc}") from None
+        lo, hi = HASHPRICE_RANGE_USD_PER_PH_DAY
+        # Each input may be in range while the result is absurd (a difficulty of 1e-6).
+        value = finite_in_range(
+            value, lo, hi, "computed hashprice", source=self.name, unit="USD/PH/day"
+        )
         now = self._clock()
         # The reading is as old as its older input.
         at = min(btc.at, difficulty.at)

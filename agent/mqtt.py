@@ -54,6 +54,7 @@ from agent.policy import event_limit_w
 from agent.state import AgentState
 from drivers.bus.base import Bus, BusError, BusMessage, BusSession, BusSettings, LastWill
 from drivers.bus.mqtt import MqttBus
+from drivers.inputs import InputRejected, load_json
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ class _Wire(BaseModel):
 
 
 class _CurtailWire(_Wire):
-    target_kw: float = Field(ge=0, allow_inf_nan=False)
+    # strict: ``true`` is no target; the bound is the largest site, the runtime applies its own.
+    target_kw: float = Field(ge=0, le=10_000_000, allow_inf_nan=False, strict=True)
     until: datetime
 
     @field_validator("until")
@@ -181,12 +183,7 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
     Order: well-formed JSON object, then authentication, then a known command, then its schema,
     so an unauthenticated sender learns nothing about the schema.
     """
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise Rejected("malformed", f"payload larger than {MAX_COMMAND_BYTES} bytes")
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Rejected("malformed", f"payload is not JSON: {exc}") from None
+    data = _load(payload)
     if not isinstance(data, dict):
         raise Rejected("malformed", "payload must be a JSON object")
     operator, token = data.get("operator"), data.get("token")
@@ -207,7 +204,7 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in exc.errors()
         )
-        raise Rejected("invalid", f"invalid {name}: {problems}") from None
+        raise Rejected("invalid", f"invalid {name}: {problems}"[:300]) from None
     if isinstance(wire, _CurtailWire):
         if wire.until <= now:
             raise Rejected("expired", f"until {wire.until.isoformat()} is not in the future")
@@ -219,13 +216,22 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
     return Release(wire.id, wire.operator)
 
 
+def _load(payload: bytes) -> Any:
+    """Bounded JSON (size, UTF-8, depth, duplicate keys, NaN): a hostile payload is refused
+    with its reason as the metric code, never an exception that ends the bridge."""
+    try:
+        return load_json(payload, REJECT_SOURCE, max_bytes=MAX_COMMAND_BYTES, max_depth=8)
+    except InputRejected as exc:
+        if exc.reason == "bad_syntax":
+            raise Rejected("malformed", f"payload is not JSON: {exc.message}") from None
+        raise Rejected(exc.reason, f"payload refused: {exc.message}") from None
+
+
 def _command_id(payload: bytes) -> str | None:
     """The sender's ``id`` if one can be read, for the ack of a command we reject."""
-    if len(payload) > MAX_COMMAND_BYTES:
-        return None
     try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = _load(payload)
+    except Rejected:
         return None
     cid = data.get("id") if isinstance(data, dict) else None
     return cid[:64] if isinstance(cid, str) else None

@@ -10,6 +10,7 @@ from typing import Any
 
 from agent.config import AgentConfig, ConfigError, load_config
 from drivers.errors import AgentError
+from drivers.inputs import arg_number
 
 
 def register(sub: Any) -> None:
@@ -27,9 +28,19 @@ def register(sub: Any) -> None:
     p.set_defaults(func=plan)
 
     p = sub.add_parser("sim", help="run simulated LuxOS miners on loopback")
-    p.add_argument("--miners", type=int, default=10, help="how many miners")
+    p.add_argument(
+        "--miners",
+        type=arg_number(1, 100_000, "--miners", integer=True),
+        default=10,
+        help="how many miners",
+    )
     p.add_argument("--base", default="127.1.0.1", help="first loopback address")
-    p.add_argument("--control-port", type=int, default=0, help="JSON control port (0: any)")
+    p.add_argument(
+        "--control-port",
+        type=arg_number(0, 65535, "--control-port", integer=True),
+        default=0,
+        help="JSON control port (0: any)",
+    )
     p.set_defaults(func=sim)
 
 

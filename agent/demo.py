@@ -40,6 +40,7 @@ from agent.gpu_site import GpuSite, build_gpu_fleet, expand_gpu_nodes
 from agent.runtime import Agent, Components
 from agent.wiring import build_miners, build_price_source
 from drivers.errors import AgentError
+from drivers.inputs import arg_number
 from drivers.jobs.base import JobClass, JobState
 from drivers.prices.csv_replay import CsvPriceReplay
 from simulators.luxos import LuxosFleet, MinerSpec
@@ -54,7 +55,10 @@ def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="run a simulated site with the agent on a real ERCOT day")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="demo site YAML")
     p.add_argument(
-        "--duration", type=float, default=90.0, help="seconds of wall time for the whole day"
+        "--duration",
+        type=arg_number(1.0, 7 * 86400.0, "--duration"),
+        default=90.0,
+        help="seconds of wall time for the whole day",
     )
     p.set_defaults(func=lambda args: asyncio.run(run_demo(args.config, args.duration)))
 

@@ -69,8 +69,11 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     (naive means UTC)."""
     m = _RELATIVE.match(text.strip())
     if m:
-        delta = timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2)])
-        return (now or datetime.now(UTC)) - delta
+        try:
+            delta = timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2)])
+            return (now or datetime.now(UTC)) - delta
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"not a time: {text[:40]!r} is too far back") from None
     try:
         at = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:

@@ -483,3 +483,28 @@ async def deadline(seconds: float, source: str, what: str) -> AsyncIterator[None
 def record(recorder: Callable[[str, str], None] | None, source: str, exc: BaseException) -> None:
     """Count one refusal into ``recorder`` (the process-wide counter when None)."""
     (recorder or _PROCESS_REJECTIONS)(source, reason_of(exc))
+
+
+# --- command-line arguments ----------------------------------------------------------------
+
+
+def arg_number(lo: float, hi: float, what: str, *, integer: bool = False) -> Callable[[str], float]:
+    """An argparse ``type=``: a finite number in [lo, hi]; argparse prints the one-line error.
+
+    (``float`` alone takes ``nan``, ``inf`` and ``1e400``; ``int`` alone takes any size.)
+    """
+    import argparse  # only the CLI needs it
+
+    def parse(text: str) -> float:
+        try:
+            value = parse_number_text(text, lo, hi, what, source="argument")
+        except InputRejected as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+        if integer:
+            if value != int(value):
+                raise argparse.ArgumentTypeError(f"{what}: expected a whole number, got {text!r}")
+            return int(value)
+        return value
+
+    parse.__name__ = what  # argparse names the type in "invalid <name> value" messages
+    return parse

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, Protocol, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from drivers.errors import BadInput, SourceError
@@ -60,9 +60,25 @@ MAX_CSV_BYTES: Final = 512 << 20  # a year of 5-minute prices for every hub is ~
 MAX_CSV_FIELD_BYTES: Final = 4096
 
 
-def _one_line(text: str, limit: int = 160) -> str:
+def one_line(text: str, limit: int = 300) -> str:
+    """Whitespace (newlines included) collapsed, cut at ``limit``: safe for one log line."""
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def validation_problems(exc: ValidationError, root: str = "message") -> str:
+    """A pydantic error as one line of ``key.path: problem`` items (keys from hostile input
+    included, so it is flattened)."""
+    items = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        ctx = err.get("ctx") or {}
+        if err["type"] == NUMBER_ERROR:
+            loc.append(str(ctx["field"]))
+            msg = str(ctx["problem"])
+        items.append(f"{'.'.join(loc) or root}: {msg}")
+    return one_line("; ".join(items))
 
 
 def shown(value: object, limit: int = 40) -> str:
@@ -75,7 +91,7 @@ class InputRejected(BadInput):
     """An input was refused without effect. ``reason`` is one of :data:`REASONS`."""
 
     def __init__(self, source: str, reason: Reason, message: str) -> None:
-        super().__init__(source, _one_line(message))
+        super().__init__(source, one_line(message))
         self.reason: Reason = reason
 
 
@@ -85,7 +101,7 @@ class SourceTimeout(SourceError):
     reason: Final = "timeout"
 
     def __init__(self, source: str, message: str) -> None:
-        super().__init__(source, _one_line(message))
+        super().__init__(source, one_line(message))
 
 
 # --- counting ------------------------------------------------------------------------------
@@ -350,7 +366,7 @@ class _BoundedLoader(yaml.SafeLoader):
         self._depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, yaml.AliasEvent):
             raise _YamlRefused("alias", event.start_mark, f"alias *{event.anchor} is not allowed")
         anchor = getattr(event, "anchor", None)
@@ -398,9 +414,10 @@ def load_yaml(
 ) -> Any:
     """Decode bounded YAML: size cap, strict UTF-8, no anchors/aliases, no duplicate keys."""
     text = decode_utf8(data, source, max_bytes=max_bytes, what="the file")
-    loader = _BoundedLoader(text)
-    loader.max_depth = max_depth
+    loader: _BoundedLoader | None = None
     try:
+        loader = _BoundedLoader(text)  # its reader refuses control characters here already
+        loader.max_depth = max_depth
         return loader.get_single_data()
     except _YamlRefused as exc:
         raise InputRejected(source, exc.reason, f"{_where(exc.mark)}: {exc}") from None
@@ -413,7 +430,8 @@ def load_yaml(
     except RecursionError:
         raise InputRejected(source, "too_deep", f"nested deeper than {max_depth} levels") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 # --- settings models -----------------------------------------------------------------------

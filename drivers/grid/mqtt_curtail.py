@@ -49,7 +49,13 @@ from drivers.grid.common import (
     apply_fail_directions,
     run_until_stopped,
 )
-from drivers.inputs import InputRejected, StrictSettings, load_json
+from drivers.inputs import (
+    InputRejected,
+    StrictSettings,
+    load_json,
+    one_line,
+    validation_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +184,7 @@ class MqttCurtailSource:
 
     def _reject(self, topic: str, payload: bytes, reason: str) -> None:
         text = payload[:200].decode("utf-8", "replace")
-        rejection = Rejection(self._clock(), topic, text, reason)
+        rejection = Rejection(self._clock(), topic[:200], text, one_line(reason))
         self.rejected.append(rejection)
         log.warning("%s: rejected message on %s: %s", self._name, topic, reason)
         if self._on_rejected is not None:
@@ -205,10 +211,7 @@ class MqttCurtailSource:
         try:
             message = CurtailMessage.model_validate(document)
         except ValidationError as exc:
-            reasons = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}"
-                for err in exc.errors()
-            )
+            reasons = validation_problems(exc)
             self._reject(topic, payload, f"invalid curtailment message: {reasons}")
             return
         program_name = message.program or self.settings.default_program

@@ -14,7 +14,8 @@ Fault modes (``server.fault = ...`` or ``POST /fault {"mode": ...}``): ``ok``, `
 ``string`` (the price as text), ``stale`` (timestamp two days old), ``future`` (one day ahead),
 ``slow`` (answers after ``slow_s``). Hostile modes, for the bounded-input tests: ``trickle``
 (headers at once, then the body one byte every ``trickle_s``: per-read timeouts never fire),
-``huge`` (a 2 MB body), ``deep`` (arrays nested 10,000 deep), ``overflow`` (a price of 1e308,
+``huge`` (a 2 MB body), ``flood`` (2 MB chunked, with no length announced), ``deep``
+(arrays nested 10,000 deep), ``overflow`` (a price of 1e308,
 infinite once converted from USD/kWh), ``bool`` (the price ``true``), ``duplicate`` (the price
 key twice). ``POST /fault`` validates every field (a known mode; ``slow_s`` and ``trickle_s``
 finite, 0–600 s) and changes nothing on a bad request. It imports neither ``agent`` nor
@@ -49,6 +50,7 @@ FAULT_MODES = (
     "slow",
     "trickle",
     "huge",
+    "flood",
     "deep",
     "overflow",
     "bool",
@@ -142,7 +144,7 @@ class PriceServer:
             return '{"data": [{"price": 41.5,, oops'
         if self.fault == "deep":
             return "[" * 10_000 + "]" * 10_000
-        if self.fault == "huge":
+        if self.fault in ("huge", "flood"):
             return json.dumps({"data": [{"price": price, "pad": "x" * 2_000_000}]})
         if self.fault == "stale":
             now -= timedelta(days=2)
@@ -175,6 +177,14 @@ class PriceServer:
             await asyncio.sleep(self.slow_s)
         if body is None:
             return web.Response(status=503, text="price feed down")
+        if self.fault == "flood":
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            data = body.encode()
+            for i in range(0, len(data), 65536):
+                await response.write(data[i : i + 65536])
+            await response.write_eof()
+            return response
         if self.fault == "trickle":
             response = web.StreamResponse(headers={"Content-Type": "application/json"})
             await response.prepare(request)

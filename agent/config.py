@@ -31,7 +31,14 @@ from pydantic import (
 from drivers.errors import AgentError
 from drivers.grid.mqtt_curtail import MqttCurtailSettings
 from drivers.grid.openadr import OpenAdrSettings
-from drivers.inputs import MAX_CONFIG_BYTES, NUMBER_ERROR, InputRejected, StrictSettings, load_yaml
+from drivers.inputs import (
+    MAX_CONFIG_BYTES,
+    NUMBER_ERROR,
+    InputRejected,
+    StrictSettings,
+    load_yaml,
+    read_text_file,
+)
 from drivers.prices.hashprice import ComputedHashpriceSettings
 from drivers.prices.http_json import HttpJsonSettings
 
@@ -54,6 +61,7 @@ class Strict(StrictSettings):
 MAX_QUANTITY: Final = 1e12  # a generic sanity cap for counts of money, W, kW, ...
 MAX_DURATION_S: Final = 10 * 365 * 86400.0  # ten years: any timeout or dwell is far below
 MAX_KW: Final = 10_000_000.0  # 10 GW: no site is bigger
+MAX_MINERS: Final = 100_000  # one controller polls ~10,000 (design.md); nodes split the rest
 MAX_DEVICE_W: Final = 10_000_000.0  # 10 MW for one device or node
 PRICE_RANGE_USD_PER_MWH: Final = (-100_000.0, 100_000.0)  # ERCOT's cap is 5,000
 MAX_HASHPRICE_USD_PER_PH_DAY: Final = 100_000.0  # the all-time high was about 4,000
@@ -366,7 +374,8 @@ class AgentConfig(Strict):
     def _cross_check(self) -> AgentConfig:
         problems: list[str] = []
         ids: set[str] = set()
-        addresses: set[int] = set()
+        # Address ranges as intervals, not sets: 100,000 miners on a line stay cheap to check.
+        spans: list[tuple[int, int, int]] = []
         circuits = {c.id for c in self.site.circuits}
         for i, m in enumerate(self.miners):
             if m.model not in self.miner_models:
@@ -376,12 +385,22 @@ class AgentConfig(Strict):
                 problems.append(f"miners.{i}.id: duplicate id {m.id!r}")
             ids.add(m.id)
             first = int(ipaddress.IPv4Address(m.address))
-            span = set(range(first, first + m.count))
-            if addresses & span:
-                problems.append(f"miners.{i}.address: {m.address} overlaps another miner's address")
-            addresses |= span
+            spans.append((first, first + m.count - 1, i))
             if m.circuit is not None and m.circuit not in circuits:
                 problems.append(f"miners.{i}.circuit: unknown circuit {m.circuit!r}")
+        # Sorted once: an overlap is a range starting before the furthest end seen so far.
+        reach = -1
+        for first, last, i in sorted(spans):
+            if first <= reach:
+                address = self.miners[i].address
+                problems.append(f"miners.{i}.address: {address} overlaps another miner's address")
+            reach = max(reach, last)
+        total = sum(m.count for m in self.miners)
+        if total > MAX_MINERS:
+            # First: the one problem that explains all the others.
+            problems.insert(
+                0, f"miners: {total:,} miners in all (at most {MAX_MINERS:,} per agent)"
+            )
         for i, n in enumerate(self.gpu_nodes):
             if n.id in ids:
                 problems.append(f"gpu_nodes.{i}.id: duplicate id {n.id!r}")
@@ -392,6 +411,8 @@ class AgentConfig(Strict):
             if c.parent is not None and c.parent not in circuits:
                 problems.append(f"site.circuits.{i}.parent: unknown circuit {c.parent!r}")
         if problems:
+            if len(problems) > 10:  # one readable line, however many lines are wrong
+                problems = [*problems[:10], f"and {len(problems) - 10} more"]
             raise ValueError("; ".join(problems))
         return self
 
@@ -417,13 +438,22 @@ def resolve_secret(value: str) -> str:
             raise ValueError(f"environment variable {name} is not set")
         return os.environ[name]
     if value.startswith("file:"):
-        return Path(value[5:]).read_text().strip()
+        return _read_secret(Path(value[5:]))
     if value.startswith("cred:"):
         folder = os.environ.get("CREDENTIALS_DIRECTORY")
         if folder is None:
             raise ValueError("cred: needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
-        return (Path(folder) / value[5:]).read_text().strip()
+        return _read_secret(Path(folder) / value[5:])
     return value
+
+
+def _read_secret(path: Path) -> str:
+    """A secret file: at most 64 KiB of strict UTF-8 (ValueError names the problem, not the
+    content)."""
+    try:
+        return read_text_file(path, "secret", max_bytes=64 * 1024).strip()
+    except InputRejected as exc:
+        raise ValueError(f"{path}: {exc.reason.replace('_', ' ')}") from None
 
 
 def _format_errors(path: str, exc: ValidationError) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -604,3 +605,26 @@ def test_yaml_config_loader_is_the_bounded_one() -> None:
     assert yaml.safe_load("a: &x 1\nb: *x\n") == {"a": 1, "b": 1}
     with pytest.raises(InputRejected):
         load_yaml(b"a: &x 1\nb: *x\n", "f")
+
+
+def test_a_config_naming_millions_of_miners_is_refused_fast(tmp_path: Path) -> None:
+    lines = [
+        f"  - {{id: r{k}, address: 10.{k // 250}.{k % 250}.0, model: s19, count: 100000}}"
+        for k in range(2000)
+    ]
+    text = MINIMAL.split("miners:")[0] + "miners:\n" + "\n".join(lines) + "\n"
+    started = time.monotonic()
+    problems = config_problems(tmp_path, text.encode())
+    assert time.monotonic() - started < 30  # sets of 2e8 addresses used to exhaust memory
+    assert len(problems) == 1
+    assert problems[0].startswith("(top level): miners: 200,000,000 miners in all (at most 100,000")
+    assert "overlaps another miner's address" in problems[0]
+    assert "; and 1990 more" in problems[0]
+
+
+def test_secret_file_not_utf8_is_named_not_echoed(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_bytes(b"hunter2\xff")
+    text = MINIMAL + f"mqtt: {{password: 'file:{secret}'}}\n"
+    problems = config_problems(tmp_path, text.encode())
+    assert problems == [f"mqtt.password: cannot resolve the secret: {secret}: not utf8"]

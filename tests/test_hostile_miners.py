@@ -1,4 +1,5 @@
-"""A miner that answers nonsense, over a real socket to unmodified pyasic.
+"""A miner or a GPU that answers nonsense: over a real socket to unmodified pyasic, and
+through the NVML driver.
 
 The reply is the LuxOS simulator's own answer, captured over TCP, then altered the way a broken
 or hostile miner would: a NaN or a boolean where a number belongs, a power past any real miner,
@@ -12,12 +13,16 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
 from drivers.errors import BadReply
+from drivers.gpus.nvml import NvmlGpus
+from drivers.inputs import RejectionCounter
 from drivers.miners.pyasic_driver import READ_COMMAND, PyasicMiner
 from simulators.luxos import LuxosFleet, MinerSpec
+from simulators.nvml import H100_SXM, SimNvml
 
 pytestmark = pytest.mark.hostile
 
@@ -87,13 +92,18 @@ async def test_nonsense_replies_are_bad_replies(
     answers[READ_COMMAND] = make(genuine[READ_COMMAND])
     server = await serve(answers)
     try:
-        miner = PyasicMiner.luxos(FAKE, asyncio.Semaphore(4), device_id="m1", timeout_s=5)
+        counter = RejectionCounter()
+        miner = PyasicMiner.luxos(
+            FAKE, asyncio.Semaphore(4), device_id="m1", timeout_s=5, rejections=counter
+        )
         with pytest.raises(BadReply) as info:
             await miner.read()
         text = str(info.value)
         assert text.startswith("m1: ")
         assert words in text, text
         assert "\n" not in text
+        if "Watts" in words:  # a parsed reply with a bad number: counted as a rejected input
+            assert sum(n for (source, _), n in counter.counts().items() if source == "miner") == 1
         # The genuine answer still reads: nothing was poisoned by the bad one.
         answers[READ_COMMAND] = genuine[READ_COMMAND]
         reading = await miner.read()
@@ -101,3 +111,40 @@ async def test_nonsense_replies_are_bad_replies(
     finally:
         server.close()
         await server.wait_closed()
+
+
+class BrokenNvml(SimNvml):
+    """The NVML stand-in with one reading gone wrong, as a wedged driver reports it."""
+
+    def __init__(self, field: str, value: object) -> None:
+        super().__init__([H100_SXM])
+        self.field, self.value = field, value
+
+    def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
+        if self.field == "power":
+            return self.value  # type: ignore[return-value]
+        return super().nvmlDeviceGetPowerUsage(handle)
+
+    def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int:
+        if self.field == "temperature":
+            return self.value  # type: ignore[return-value]
+        return super().nvmlDeviceGetTemperature(handle, sensor)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("power", 0xFFFFFFFF, "power usage: expected 0 to 10000 W, got 4.29497e+06 W"),
+        ("power", float("nan"), "power usage: expected a finite number"),
+        ("temperature", True, "temperature: expected a number, got True"),
+        ("temperature", 10**400, "temperature: "),
+    ],
+)
+async def test_nonsense_gpu_readings_are_bad_replies(field: str, value: object, words: str) -> None:
+    counter = RejectionCounter()
+    async with NvmlGpus(BrokenNvml(field, value), rejections=counter) as gpus:
+        with pytest.raises(BadReply) as info:
+            await gpus.read_all()
+    assert words in str(info.value)
+    assert "\n" not in str(info.value)
+    assert sum(n for (source, _), n in counter.counts().items() if source == "gpu") == 1

@@ -36,7 +36,7 @@ from drivers.errors import (
     Unsupported,
 )
 from drivers.gpus.base import GpuReading
-from drivers.inputs import InputRejected, finite_in_range
+from drivers.inputs import InputRejected, RejectionRecorder, finite_in_range, record
 
 # A GPU draws at most a few kW (an SXM board is 700 W, a GB200 superchip 2.7 kW).
 MAX_GPU_W = 10_000.0
@@ -122,6 +122,7 @@ class NvmlGpus:
         call_timeout_s: float = 2.0,
         max_outstanding: int = 4,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rejections: RejectionRecorder | None = None,
     ) -> None:
         if nvml is None:
             import pynvml
@@ -137,6 +138,7 @@ class NvmlGpus:
         self._pool: ThreadPoolExecutor | None = None
         self._entered = False
         self._unsupported_logged: set[tuple[str, str]] = set()
+        self._rejections = rejections
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -307,6 +309,7 @@ class NvmlGpus:
                 procs,
             )
         except InputRejected as exc:
+            record(self._rejections, "gpu", exc)  # one source label for every GPU
             raise BadReply(uuid, f"NVML reported {exc.message}") from None
         except (TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise BadReply(uuid, f"NVML reported nonsense ({type(exc).__name__})") from None

@@ -39,7 +39,13 @@ from drivers.errors import (
     DeviceUnavailable,
     Unsupported,
 )
-from drivers.inputs import InputRejected, finite_in_range, parse_number_text
+from drivers.inputs import (
+    InputRejected,
+    RejectionRecorder,
+    finite_in_range,
+    parse_number_text,
+    record,
+)
 from drivers.miners.base import MinerMode, MinerProfile, MinerReading
 
 
@@ -146,6 +152,7 @@ class PyasicMiner:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         thresholds: ModeThresholds | None = None,
+        rejections: RejectionRecorder | None = None,
     ) -> None:
         if not isinstance(miner, LUXMiner):
             raise Unsupported(device_id, f"{miner!r} is not a LuxOS miner; only LuxOS is supported")
@@ -162,6 +169,7 @@ class PyasicMiner:
         self._thresholds = thresholds or ModeThresholds()
         self._model = str(miner.raw_model) if miner.raw_model is not None else None
         self._profiles: tuple[MinerProfile, ...] = ()
+        self._rejections = rejections
 
     @classmethod
     def luxos(
@@ -172,6 +180,7 @@ class PyasicMiner:
         device_id: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         thresholds: ModeThresholds | None = None,
+        rejections: RejectionRecorder | None = None,
     ) -> PyasicMiner:
         """A LuxOS miner at ``address`` without identification (model read lazily)."""
         ipaddress.IPv4Address(address)  # ValueError for a malformed address, before any I/O
@@ -181,6 +190,7 @@ class PyasicMiner:
             semaphore,
             timeout_s=timeout_s,
             thresholds=thresholds,
+            rejections=rejections,
         )
 
     @property
@@ -265,6 +275,8 @@ class PyasicMiner:
         try:
             return self._parse(raw)
         except InputRejected as exc:
+            # Counted under one "miner" source: a label per device would not scale to a fleet.
+            record(self._rejections, "miner", exc)
             raise BadReply(self._device_id, f"read: {exc.message}") from exc
         except (LookupError, TypeError, ValueError, AttributeError) as exc:
             raise BadReply(

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from simulators.luxos import LuxosFleet, MinerSpec, serve_control
+from simulators.openadr_vtn import OpenAdrVtn
 from simulators.price_server import PriceServer
 
 pytestmark = pytest.mark.hostile
@@ -167,3 +168,59 @@ async def test_price_server_fault_port_refuses_and_keeps_its_mode(body: bytes) -
         ok = await client.post(f"{server.url}/fault", json={"mode": "ok", "slow_s": 0.5})
         assert ok.status_code == 200
         assert (server.fault, server.slow_s) == ("ok", 0.5)
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (
+            b'{"ven_name": "v", "start": "2030-01-01T00:00:00Z", "duration_s": NaN, "value": 1}',
+            "NaN",
+        ),
+        (
+            b'{"ven_name": "v", "start": "2030-01-01T00:00:00Z", "duration_s": 1e300, "value": 1}',
+            "duration_s must be",
+        ),
+        (
+            b'{"ven_name": "v", "start": "2030-01-01T00:00:00Z", "duration_s": true, "value": 1}',
+            "duration_s must be a number",
+        ),
+        (
+            b'{"ven_name": "v", "start": "2030-01-01T00:00:00", "duration_s": 60, "value": 1}',
+            "time zone",
+        ),
+        (
+            b'{"ven_name": "v", "start": "2030-01-01T00:00:00Z", "duration_s": 60, "value": 1e308}',
+            "value must be",
+        ),
+        (
+            b'{"ven_name": 5, "start": "2030-01-01T00:00:00Z", "duration_s": 60, "value": 1}',
+            "ven_name must be text",
+        ),
+        (
+            b'{"ven_name": "v", "start": "2030-01-01T00:00:00Z", "duration_s": 60, "value": 1, '
+            b'"x": 1}',
+            "unknown field",
+        ),
+        (b"[" * 100_000, "bad event request"),
+        (b'{"ven_name": "\xff"}', "bad event request"),
+        (
+            b'{"ven_name": "v", "start": "2030-01-01T00:00:00Z", "duration_s": 60, "value": 1}',
+            "not registered",
+        ),
+    ],
+)
+async def test_vtn_control_port_validates_every_field(body: bytes, words: str) -> None:
+    from tests.servers import free_port
+
+    async with (
+        OpenAdrVtn(port=free_port(), poll_s=1) as vtn,
+        httpx.AsyncClient() as client,
+    ):
+        answer = await client.post(
+            f"http://127.0.0.1:{vtn.port}/control/event", content=body, timeout=10
+        )
+        assert answer.status_code == 400
+        assert words in answer.text, answer.text
+        assert len(answer.text) <= 300
+        assert vtn.delivered == []

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from simulators.luxos import LuxosFleet, MinerSpec, serve_control
 from simulators.openadr_vtn import OpenAdrVtn
 from simulators.price_server import PriceServer
+from tests.servers import free_port
 
 pytestmark = pytest.mark.hostile
 
@@ -211,8 +212,6 @@ async def test_price_server_fault_port_refuses_and_keeps_its_mode(body: bytes) -
     ],
 )
 async def test_vtn_control_port_validates_every_field(body: bytes, words: str) -> None:
-    from tests.servers import free_port
-
     async with (
         OpenAdrVtn(port=free_port(), poll_s=1) as vtn,
         httpx.AsyncClient() as client,

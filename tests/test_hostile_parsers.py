@@ -41,6 +41,7 @@ from drivers.inputs import (
     record,
 )
 from drivers.prices.csv_replay import BadRow, load_price_csv, load_series_csv
+from drivers.prices.http_json import HttpJsonSettings, HttpJsonSource, value_range
 from drivers.prices.system_load import load_system_load_csv
 
 pytestmark = pytest.mark.hostile
@@ -628,3 +629,26 @@ def test_secret_file_not_utf8_is_named_not_echoed(tmp_path: Path) -> None:
     text = MINIMAL + f"mqtt: {{password: 'file:{secret}'}}\n"
     problems = config_problems(tmp_path, text.encode())
     assert problems == [f"mqtt.password: cannot resolve the secret: {secret}: not utf8"]
+
+
+# --- HTTP JSON answers, decoded ------------------------------------------------------------
+
+
+@FAST
+@given(
+    json_values | st.floats() | st.integers(min_value=-(10**60), max_value=10**60),
+    st.sampled_from(["USD/MWh", "USD/kWh", "cents/kWh", "USD/PH/day", "USD/TH/day"]),
+)
+def test_any_value_in_a_feed_gives_a_bounded_reading_or_a_refusal(value: Any, unit: str) -> None:
+    settings_ = HttpJsonSettings(url="http://127.0.0.1:9/p", value_path="data.0.price", unit=unit)
+    source = HttpJsonSource(settings_, name="feed")
+    reading, exc = attempt(
+        lambda: source.reading_from({"data": [{"price": value}]}, NOW), InputRejected
+    )
+    if exc is not None:
+        assert_clean(exc, "feed")
+        return
+    lo, hi, _ = value_range(unit)
+    assert math.isfinite(reading.value)
+    assert lo <= reading.value <= hi
+    assert not isinstance(value, bool)

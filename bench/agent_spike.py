@@ -1,7 +1,7 @@
 """Benchmark: the whole agent (coordinator, policy, actuator) against N simulated miners.
 
 The miners run in a separate process (``python -m simulators.luxos``); this process runs the
-real :class:`agent.runtime.Agent` with the pyasic driver and the HTTP price server. Figures:
+real :class:`agent.runtime.loop.Agent` with the pyasic driver and the HTTP price server. Figures:
 
 * ``agent_poll_s``: the coordinator's full fleet poll (median over the steady state);
 * ``agent_cpu_s_per_cycle``: this process's CPU seconds per control cycle in steady state
@@ -33,9 +33,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.config import parse_config  # noqa: E402
-from agent.runtime import Agent  # noqa: E402
-from agent.wiring import build_components  # noqa: E402
+from agent.control.config import parse_config  # noqa: E402
+from agent.runtime.loop import Agent  # noqa: E402
+from agent.runtime.wiring import build_components  # noqa: E402
 from simulators.luxos import control_request, raise_open_file_limit  # noqa: E402
 from simulators.luxos_model import S19J_PRO  # noqa: E402
 from simulators.luxos_model import S21 as S21_MODEL  # noqa: E402

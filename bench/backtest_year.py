@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.backtest import DEFAULT_BLOCK_SIZE, BacktestArgs, run_backtest  # noqa: E402
+from agent.backtest.runner import DEFAULT_BLOCK_SIZE, BacktestArgs, run_backtest  # noqa: E402
 
 
 def main() -> int:

@@ -24,14 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.config import (
+from agent.control.config import (
     AgentConfig,
     CircuitConfig,
     ConstantPriceConfig,
     PricesConfig,
     SiteConfig,
 )
-from agent.domain import (
+from agent.control.domain import (
     GpuNodeView,
     JobView,
     MinerView,
@@ -40,7 +40,7 @@ from agent.domain import (
     PriceView,
     Snapshot,
 )
-from agent.policy import decide
+from agent.control.policy import decide
 from drivers.jobs.base import JobClass, JobState
 
 T0 = datetime(2023, 8, 1, tzinfo=UTC)

@@ -47,12 +47,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make agent/, drivers/, simulators/ importable
     sys.path.insert(0, str(ROOT))
 
-from agent.actuator import ActionResult  # noqa: E402
-from agent.config import AgentConfig, parse_config  # noqa: E402
-from agent.domain import Plan, Snapshot  # noqa: E402
-from agent.runtime import Agent, Components  # noqa: E402
-from agent.store import Store  # noqa: E402
-from agent.wiring import build_miners  # noqa: E402
+from agent.control.config import AgentConfig, parse_config  # noqa: E402
+from agent.control.domain import Plan, Snapshot  # noqa: E402
+from agent.journal.store import Store  # noqa: E402
+from agent.runtime.actuator import ActionResult  # noqa: E402
+from agent.runtime.loop import Agent, Components  # noqa: E402
+from agent.runtime.wiring import build_miners  # noqa: E402
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind  # noqa: E402
 from drivers.prices.csv_replay import CsvPriceReplay, load_price_csv  # noqa: E402
 from simulators.luxos import LuxosFleet, fleet_addresses, fleet_specs, raise_open_file_limit  # noqa: E402

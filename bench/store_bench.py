@@ -15,7 +15,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 
-from agent.store import AuditEntry, Store
+from agent.journal.store import AuditEntry, Store
 
 
 def _emit(name: str, value: float, unit: str) -> None:

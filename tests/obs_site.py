@@ -1,7 +1,7 @@
 """A small real site for output tests: LuxOS simulators, the HTTP price server, the real Agent.
 
 Four miners (two S19j Pro, two S21) on 127.93.x addresses that unmodified pyasic talks to, a
-price server, and the lead's :class:`agent.runtime.Agent` with the outputs under test added as
+price server, and the lead's :class:`agent.runtime.loop.Agent` with the outputs under test added as
 services. Addresses differ from the other e2e tests so suites can run side by side.
 """
 
@@ -12,9 +12,9 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-from agent.config import AgentConfig, parse_config
-from agent.runtime import Agent
-from agent.wiring import build_components
+from agent.control.config import AgentConfig, parse_config
+from agent.runtime.loop import Agent
+from agent.runtime.wiring import build_components
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.price_server import PriceServer

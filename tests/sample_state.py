@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
-from agent.config import AgentConfig, parse_config
-from agent.domain import (
+from agent.control.config import AgentConfig, parse_config
+from agent.control.domain import (
     SLEEP,
     Action,
     ActionKind,
@@ -24,7 +24,7 @@ from agent.domain import (
     PriceView,
     Snapshot,
 )
-from agent.state import AgentState, SourceHealth
+from agent.runtime.state import AgentState, SourceHealth
 from drivers.gpus.base import GpuReading
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.jobs.base import JobClass, JobState

@@ -17,9 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.backtest import BacktestArgs, parse_week, result_json, run_backtest, table
-from agent.backtest_data import TraceJob, job_trace, load_events, load_series
-from agent.backtest_sim import (
+from agent.backtest.data import TraceJob, job_trace, load_events, load_series
+from agent.backtest.engine import (
     BacktestError,
     Market,
     build_site,
@@ -32,9 +31,11 @@ from agent.backtest_sim import (
     strike_states,
     with_events,
 )
-from agent.config import AgentConfig, load_config, parse_config
-from agent.domain import Plan, Snapshot
-from agent.policy import decide
+from agent.backtest.runner import BacktestArgs, result_json, run_backtest, table
+from agent.cli.backtest import parse_week
+from agent.control.config import AgentConfig, load_config, parse_config
+from agent.control.domain import Plan, Snapshot
+from agent.control.policy import decide
 from drivers.errors import BadInput
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.jobs.base import JobClass, JobState
@@ -548,7 +549,7 @@ def write_inputs(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_cli_writes_json_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from agent.cli import main
+    from agent.cli.main import main
 
     cfg, prices = write_inputs(tmp_path)
     out = tmp_path / "bt.json"
@@ -596,7 +597,7 @@ def test_cli_writes_json_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFi
 def test_cli_bad_price_file_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from agent.cli import main
+    from agent.cli.main import main
 
     cfg, prices = write_inputs(tmp_path)
     lines = prices.read_text().splitlines()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
-from agent.config import ConfigError, load_config, parse_config
+from agent.cli.main import main
+from agent.control.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

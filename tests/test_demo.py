@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
-from agent.demo import DEFAULT_CONFIG, run_demo
+from agent.cli.demo import DEFAULT_CONFIG
+from agent.cli.demo_site import run_demo
+from agent.control.config import load_config
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import httpx
 
-from agent.config import parse_config
-from agent.daemon import metrics_service
-from agent.domain import ActiveEvent
-from agent.gpu_site import GpuSimulation, GpuSite
-from agent.runtime import Agent
-from agent.wiring import build_components
+from agent.control.config import parse_config
+from agent.control.domain import ActiveEvent
+from agent.runtime.daemon import metrics_service
+from agent.runtime.gpu_fleet import GpuSimulation, GpuSite
+from agent.runtime.loop import Agent
+from agent.runtime.wiring import build_components
 from drivers.grid.base import GridEvent, ProgramKind
 from simulators.jobs import RUNNING, SUSPENDED, SimScheduler
 from simulators.luxos import LuxosFleet, MinerSpec

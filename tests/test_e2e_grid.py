@@ -18,9 +18,9 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent.config import parse_config
-from agent.runtime import Agent
-from agent.wiring import attach_grid_sources, build_components
+from agent.control.config import parse_config
+from agent.runtime.loop import Agent
+from agent.runtime.wiring import attach_grid_sources, build_components
 from drivers.grid.openadr import OpenAdrVen
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
@@ -163,8 +163,8 @@ async def test_mqtt_heartbeat_loss_curtails_and_its_return_restores(mosquitto: M
 async def test_rejected_grid_messages_are_audited_and_change_nothing(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    from agent.events import EventBook
-    from agent.store import Store
+    from agent.journal.store import Store
+    from agent.runtime.events import EventBook
     from drivers.grid.mqtt_curtail import MqttCurtailSettings, MqttCurtailSource
 
     settings = MqttCurtailSettings.model_validate(

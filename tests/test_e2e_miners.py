@@ -17,11 +17,11 @@ from typing import Any
 
 import httpx
 
-from agent.config import AgentConfig, parse_config
-from agent.daemon import metrics_service
-from agent.domain import SLEEP, ActiveEvent
-from agent.runtime import Agent
-from agent.wiring import build_components
+from agent.control.config import AgentConfig, parse_config
+from agent.control.domain import SLEEP, ActiveEvent
+from agent.runtime.daemon import metrics_service
+from agent.runtime.loop import Agent
+from agent.runtime.wiring import build_components
 from drivers.grid.base import GridEvent, ProgramKind
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import S19J_PRO, FaultKind, Timing

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from agent.economics import (
+from agent.control.economics import (
     ai_revenue_usd_per_h,
     breakeven_usd_per_mwh,
     energy_cost_usd_per_h,

@@ -31,12 +31,12 @@ import aiomqtt
 import pytest
 from prometheus_client import generate_latest
 
-from agent.actuator import ActionResult
-from agent.config import AgentConfig, parse_config
-from agent.domain import ActiveEvent, Plan, Snapshot
-from agent.metrics import build_registry
-from agent.runtime import Agent
-from agent.wiring import build_components
+from agent.control.config import AgentConfig, parse_config
+from agent.control.domain import ActiveEvent, Plan, Snapshot
+from agent.outputs.metrics import build_registry
+from agent.runtime.actuator import ActionResult
+from agent.runtime.loop import Agent
+from agent.runtime.wiring import build_components
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.grid.mqtt_curtail import MqttCurtailSettings, MqttCurtailSource
 from simulators.luxos import LuxosFleet, MinerSpec

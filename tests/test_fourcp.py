@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.fourcp import CENTRAL, peak_risk
+from agent.control.fourcp import CENTRAL, peak_risk
 from drivers.prices.csv_replay import BadRow
 from drivers.prices.system_load import (
     SystemLoadReplay,

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, ConfigError, parse_config
-from agent.domain import Action, ActionKind, Snapshot
-from agent.gpu_fleet import GpuFleet
-from agent.gpu_site import GpuSimulation, GpuSite, build_gpu_fleet
-from agent.metrics import build_registry
-from agent.state import AgentState
+from agent.control.config import AgentConfig, ConfigError, parse_config
+from agent.control.domain import Action, ActionKind, Snapshot
+from agent.outputs.metrics import build_registry
+from agent.runtime.fleet import GpuFleet
+from agent.runtime.gpu_fleet import GpuSimulation, GpuSite, build_gpu_fleet
+from agent.runtime.state import AgentState
 from drivers.errors import AuthFailed, CommandNotApplied, CommandRejected
 from drivers.jobs.base import JobClass, JobState
 from drivers.jobs.local import LocalJobs

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -226,7 +225,7 @@ def test_curtail_cli_hostile_arguments(tmp_path: Path, args: list[str], words: s
         )
     )
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "curtail", "--config", str(f), *args],
+        [str(SITE_AGENT), "curtail", "--config", str(f), *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.config import AgentConfig
-from agent.coordinator import Coordinator
-from agent.metrics import build_registry
-from agent.state import AgentState
+from agent.control.config import AgentConfig
+from agent.outputs.metrics import build_registry
+from agent.runtime.coordinator import Coordinator
+from agent.runtime.state import AgentState
 from drivers.inputs import InputRejected, RejectionCounter, SourceTimeout
 from drivers.prices.hashprice import ComputedHashprice
 from drivers.prices.http_json import HttpJsonSettings, HttpJsonSource

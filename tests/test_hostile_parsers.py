@@ -24,9 +24,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import ConfigError, load_config
-from agent.events import parse_until
-from agent.mqtt import Rejected, parse_command
+from agent.control.config import ConfigError, load_config
+from agent.outputs.mqtt import Rejected, parse_command
+from agent.runtime.events import parse_until
 from drivers.grid.base import ProgramKind
 from drivers.grid.mqtt_curtail import MqttCurtailSettings, MqttCurtailSource
 from drivers.grid.openadr import OpenAdrProgram, _Reject, grid_events_from_openadr

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.config import parse_config
-from agent.logs import bound, log_cycle, secrets_from_config, setup_logging
+from agent.control.config import parse_config
+from agent.outputs.logs import bound, log_cycle, secrets_from_config, setup_logging
 from tests.sample_state import sample_config, sample_plan, sample_snapshot
 
 log = logging.getLogger("agent.test")
@@ -89,7 +89,7 @@ def test_cycle_line_carries_the_decision_summary() -> None:
     out = io.StringIO()
     setup_logging(stream=out)
     log_cycle(
-        logging.getLogger("agent.runtime"),
+        logging.getLogger("agent.runtime.loop"),
         sample_plan(),
         cycle=241,
         duration_s=0.12345,

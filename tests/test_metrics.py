@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import AgentCollector, build_registry, start_metrics_server
-from agent.state import AgentState
+from agent.outputs.metrics import AgentCollector, build_registry, start_metrics_server
+from agent.runtime.state import AgentState
 from tests.sample_state import NOW, STARTED, sample_config, sample_state
 
 

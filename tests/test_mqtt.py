@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from agent.config import MqttConfig
-from agent.mqtt import (
+from agent.control.config import MqttConfig
+from agent.outputs.mqtt import (
     Command,
     CommandResult,
     Curtail,
@@ -31,7 +31,7 @@ from agent.mqtt import (
     Release,
     SetMode,
 )
-from agent.state import AgentState
+from agent.runtime.state import AgentState
 from drivers.bus.base import BusError, BusMessage, BusSettings
 from drivers.bus.mqtt import MqttBus
 from tests.sample_state import NOW, sample_state
@@ -448,9 +448,9 @@ async def test_agent_starts_while_broker_is_down(mosquitto: Mosquitto) -> None:
 
 AGENT_SCRIPT = """
 import asyncio, sys
-from agent.config import MqttConfig
-from agent.mqtt import CommandResult, MqttBridge
-from agent.state import AgentState
+from agent.control.config import MqttConfig
+from agent.outputs.mqtt import CommandResult, MqttBridge
+from agent.runtime.state import AgentState
 from datetime import datetime, UTC
 
 async def main():

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from agent.config import MqttConfig
-from agent.mqtt import Command, CommandResult, MqttBridge, SetMode
-from agent.runtime import Agent
+from agent.control.config import MqttConfig
+from agent.outputs.mqtt import Command, CommandResult, MqttBridge, SetMode
+from agent.runtime.loop import Agent
 from drivers.bus.base import BusSettings
 from drivers.bus.mqtt import MqttBus
 from tests.obs_site import S19, running_site, until

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import MqttConfig
-from agent.mqtt import CommandResult, MqttBridge
+from agent.control.config import MqttConfig
+from agent.outputs.mqtt import CommandResult, MqttBridge
 from drivers.bus.base import BusError, BusSettings
 from drivers.bus.mqtt import MqttBus
 from tests.sample_state import NOW, sample_state

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.cli import main
-from agent.config import load_config
-from agent.runtime import Agent
-from agent.store import Store
-from agent.wiring import build_components
+from agent.cli.main import main
+from agent.control.config import load_config
+from agent.journal.store import Store
+from agent.runtime.loop import Agent
+from agent.runtime.wiring import build_components
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.price_server import PriceServer

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import (
+from agent.control.config import (
     AgentConfig,
     CircuitConfig,
     ConstantPriceConfig,
@@ -25,7 +25,7 @@ from agent.config import (
     PricesConfig,
     SiteConfig,
 )
-from agent.domain import (
+from agent.control.domain import (
     SLEEP,
     Action,
     ActionKind,
@@ -38,7 +38,7 @@ from agent.domain import (
     PriceView,
     Snapshot,
 )
-from agent.policy import cap_levels_w, decide, event_limit_w, fourcp_adder_usd_per_mwh
+from agent.control.policy import cap_levels_w, decide, event_limit_w, fourcp_adder_usd_per_mwh
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.jobs.base import JobClass, JobState
 

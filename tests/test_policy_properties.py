@@ -16,9 +16,9 @@ from datetime import timedelta
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import AgentConfig, CircuitConfig, FourCpConfig
-from agent.domain import GpuNodeView, MinerView, Plan, Snapshot
-from agent.policy import decide
+from agent.control.config import AgentConfig, CircuitConfig, FourCpConfig
+from agent.control.domain import GpuNodeView, MinerView, Plan, Snapshot
+from agent.control.policy import decide
 from drivers.grid.base import ProgramKind
 from drivers.jobs.base import JobClass, JobState
 from tests.test_policy import MODELS, T0, config, event, job, miner, node, snapshot

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from agent.metrics import MetricsServer, build_registry, start_metrics_server
-from agent.state import AgentState
+from agent.outputs.metrics import MetricsServer, build_registry, start_metrics_server
+from agent.runtime.state import AgentState
 from tests.sample_state import sample_config, sample_state
 from tests.servers import Prometheus
 

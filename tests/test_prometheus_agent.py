@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.metrics import MetricsService
+from agent.outputs.metrics import MetricsService
 from tests.obs_site import S21, running_site, until
 from tests.servers import Prometheus, require_binary
 

@@ -55,7 +55,7 @@ def test_dashboard_only_queries_metrics_the_agent_exports() -> None:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from agent.metrics import build_registry
+    from agent.outputs.metrics import build_registry
     from tests.sample_state import NOW, sample_config, sample_state
 
     exported = set()

@@ -36,12 +36,12 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from agent.cli import main as cli_main
-from agent.config import load_config
-from agent.metrics import build_registry
-from agent.runtime import Agent
-from agent.store import Store
-from agent.wiring import build_components
+from agent.cli.main import main as cli_main
+from agent.control.config import load_config
+from agent.journal.store import Store
+from agent.outputs.metrics import build_registry
+from agent.runtime.loop import Agent
+from agent.runtime.wiring import build_components
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import FaultKind, Timing
 from tests.test_e2e_miners import MODELS, NET, until, watts

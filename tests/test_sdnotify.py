@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import sdnotify
-from agent.sdnotify import LoopWatchdog, Notifier, watchdog_interval_s
+from agent.runtime import sdnotify
+from agent.runtime.sdnotify import LoopWatchdog, Notifier, watchdog_interval_s
 
 
 @pytest.fixture

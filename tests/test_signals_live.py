@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import parse_config
-from agent.policy import decide
-from agent.runtime import Agent
-from agent.wiring import build_components
+from agent.control.config import parse_config
+from agent.control.policy import decide
+from agent.runtime.loop import Agent
+from agent.runtime.wiring import build_components
 from drivers.prices.csv_replay import load_day_ahead_csv
 from simulators.price_server import PriceServer
 

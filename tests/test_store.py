@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from agent.actuator import AuditSink
-from agent.config import parse_config
-from agent.store import (
+from agent.control.config import parse_config
+from agent.journal.store import (
     APPLICATION_ID,
     SCHEMA_VERSION,
     AuditEntry,
@@ -37,6 +36,7 @@ from agent.store import (
     redact,
     secrets_in,
 )
+from agent.runtime.actuator import AuditSink
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -524,7 +524,7 @@ _WRITER = textwrap.dedent(
     """
     import asyncio, sys
     from datetime import UTC, datetime
-    from agent.store import Store
+    from agent.journal.store import Store
 
     async def main(path):
         async with Store.open(path) as store:
@@ -589,7 +589,7 @@ def test_journal_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_to_json_is_plain_json() -> None:
-    from agent.store import AuditRow
+    from agent.journal.store import AuditRow
 
     row = AuditRow(1, T0, "policy", None, "sleep", "r", "ok", {"a": 1})
     assert json.loads(json.dumps(row.to_json()))["at"] == "2026-07-01T18:00:00.000000+00:00"

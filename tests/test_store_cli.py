@@ -10,18 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli, store_cli
-from agent.store import Store
-from agent.store_cli import parse_since
+from agent.cli import journal as store_cli
+from agent.cli import main as cli
+from agent.cli.journal import parse_since
+from agent.journal.store import Store
 from drivers.grid.base import GridEvent, ProgramKind
 
 NOW = datetime.now(UTC)
 
 
 def main(argv: list[str]) -> int:
-    """``site-agent`` with only this module's sub-commands, as agent.cli.main builds them.
+    """``site-agent`` with only this module's sub-commands, as agent.cli.main.main builds them.
 
-    Built here rather than through agent.cli so these tests do not depend on every other
+    Built here rather than through agent.cli.main so these tests do not depend on every other
     command module importing cleanly.
     """
     parser = argparse.ArgumentParser(prog="site-agent")
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> int:
 
 
 def test_cli_includes_these_commands() -> None:
-    assert "agent.store_cli" in cli.COMMAND_MODULES
+    assert "agent.cli.journal" in cli.COMMAND_MODULES
 
 
 async def _fill(db: Path) -> None:

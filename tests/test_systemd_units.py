@@ -169,8 +169,10 @@ _MDWE_PROBE = textwrap.dedent(
     import aiomqtt, openleadr, prometheus_client, pyasic, pydantic, pynvml, yaml  # noqa: F401
     import argparse
     from datetime import UTC, datetime
-    from agent import config, policy, sdnotify, store_cli  # noqa: F401
-    from agent.store import Store
+    from agent.cli import journal as store_cli
+    from agent.control import config, policy  # noqa: F401
+    from agent.runtime import sdnotify  # noqa: F401
+    from agent.journal.store import Store
 
     async def main():
         with tempfile.TemporaryDirectory() as d:

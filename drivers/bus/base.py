@@ -1,6 +1,6 @@
 """What a message-bus transport promises: sessions that publish, subscribe and yield messages.
 
-The agent's MQTT bridge (``agent/mqtt.py``) speaks only these types; ``drivers/bus/mqtt.py``
+The agent's MQTT bridge (``agent/outputs/mqtt.py``) speaks only these types; ``drivers/bus/mqtt.py``
 implements them on aiomqtt. Every transport failure surfaces as :class:`BusError`, so the
 bridge's reconnect loop catches one exception type and never a vendor one.
 """

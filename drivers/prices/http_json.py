@@ -62,7 +62,7 @@ UNIT_FACTORS: dict[str, float] = {
     "USD/PH/day": 1.0,
     "USD/TH/day": 1000.0,
     "raw": 1.0,
-    # The same units spelled as identifiers (the spelling agent/config.py uses).
+    # The same units spelled as identifiers (the spelling agent/control/config.py uses).
     "usd_per_mwh": 1.0,
     "usd_per_kwh": 1000.0,
     "cents_per_kwh": 10.0,

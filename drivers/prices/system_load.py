@@ -4,7 +4,7 @@ The file ``generation_by_fuel_15min_2023.csv`` stamps each 15-minute interval wi
 (``interval_end_utc``) and gives ``total_mwh`` for it; × 4 is the average MW, our proxy for ERCOT
 system load. Rows are validated exactly like price rows (:mod:`drivers.prices.csv_replay`).
 :class:`SystemLoadReplay` plays the series like the price replay and hands out the current
-month's settled history, which is what the pure estimator ``agent.fourcp.peak_risk`` needs.
+month's settled history, which is what the pure estimator ``agent.control.fourcp.peak_risk`` needs.
 """
 
 from __future__ import annotations

@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.backtest_sim import BacktestError, job_rate
-from agent.economics import breakeven_usd_per_mwh
+from agent.backtest.engine import BacktestError, job_rate
+from agent.control.economics import breakeven_usd_per_mwh
 from drivers.jobs.base import JobClass
 
 if TYPE_CHECKING:
-    from agent.backtest import BacktestResult
+    from agent.backtest.runner import BacktestResult
 
 
 def plot_week(res: BacktestResult, start: datetime, end: datetime, out: Path) -> Path:

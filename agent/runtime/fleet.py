@@ -2,7 +2,8 @@
 
 A :class:`GpuFleet` polls the site's GPU nodes (NVML, locally or through a node agent) and the
 job scheduler (Slurm or local processes), keeps the last good readings, turns them into
-:class:`~agent.domain.GpuNodeView` for snapshots, and applies GPU and job actions (power caps,
+:class:`~agent.control.domain.GpuNodeView` for snapshots, and applies GPU and job actions (power
+caps,
 suspend, resume, requeue), checking each against the device before it returns.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from agent.domain import Action, ActionKind, GpuNodeView
+from agent.control.domain import Action, ActionKind, GpuNodeView
 from drivers.gpus.base import GpuReading
 
 GPU_ACTIONS = frozenset(

@@ -45,15 +45,15 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from agent.config import AgentConfig
-from agent.domain import SLEEP, MinerView, Snapshot
-from agent.economics import (
+from agent.control.config import AgentConfig
+from agent.control.domain import SLEEP, MinerView, Snapshot
+from agent.control.economics import (
     ai_revenue_usd_per_h,
     breakeven_usd_per_mwh,
     mining_revenue_usd_per_h,
 )
-from agent.policy import event_limit_w
-from agent.state import AgentState
+from agent.control.policy import event_limit_w
+from agent.runtime.state import AgentState
 from drivers.inputs import RejectionCounter, process_rejections
 from drivers.jobs.base import JobClass, JobState
 

@@ -6,7 +6,7 @@ actuate → verify), and any outputs handed in (metrics server, MQTT). The contr
 ends (the fast path). It waits for the first full poll before the first decision, so a restart
 never commands from ignorance.
 
-Stopping: setting the ``stop`` event (SIGTERM/SIGINT in :mod:`agent.daemon`) lets every
+Stopping: setting the ``stop`` event (SIGTERM/SIGINT in :mod:`agent.runtime.daemon`) lets every
 loop finish its current step; anything still running after ``grace_s`` is cancelled, so the
 process exits within seconds even if a device call hangs.
 """
@@ -21,17 +21,17 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from agent.actuator import ActionResult, Actuator, AuditSink
-from agent.config import AgentConfig
-from agent.coordinator import Clock, Coordinator, utc_now
-from agent.domain import ActiveEvent, Plan, Snapshot
-from agent.events import EventBook, EventSource
-from agent.gpu_fleet import GpuFleet
-from agent.logs import log_cycle
-from agent.mqtt import Command, CommandResult, Curtail, Release, SetMode
-from agent.policy import decide
-from agent.state import AgentState
-from agent.store import Store
+from agent.control.config import AgentConfig
+from agent.control.domain import ActiveEvent, Plan, Snapshot
+from agent.control.policy import decide
+from agent.journal.store import Store
+from agent.outputs.logs import log_cycle
+from agent.outputs.mqtt import Command, CommandResult, Curtail, Release, SetMode
+from agent.runtime.actuator import ActionResult, Actuator, AuditSink
+from agent.runtime.coordinator import Clock, Coordinator, utc_now
+from agent.runtime.events import EventBook, EventSource
+from agent.runtime.fleet import GpuFleet
+from agent.runtime.state import AgentState
 from drivers.errors import AgentError
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.miners.base import MinerSleepWake, MinerTelemetry
@@ -51,7 +51,7 @@ CycleHook = Callable[[Snapshot, Plan, Sequence[ActionResult]], Awaitable[None] |
 
 @dataclass(slots=True)
 class Components:
-    """What the runtime drives: built from config by :mod:`agent.wiring`, or by tests."""
+    """What the runtime drives: built from config by :mod:`agent.runtime.wiring`, or by tests."""
 
     miners: Mapping[str, MinerDevice]
     price_source: PriceSource | None

@@ -13,12 +13,17 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute sub-commands. Each exposes register(subparsers).
+# Each module imports only the standard library at its top, so that building the parser (and
+# ``--help``) costs next to nothing; vendor libraries load inside the command that runs.
 COMMAND_MODULES = (
-    "agent.commands",
-    "agent.demo",
-    "agent.override_cli",
-    "agent.store_cli",
-    "agent.backtest",
+    "agent.cli.check_config",
+    "agent.cli.run",
+    "agent.cli.plan",
+    "agent.cli.sim",
+    "agent.cli.demo",
+    "agent.cli.override",
+    "agent.cli.journal",
+    "agent.cli.backtest",
 )
 
 

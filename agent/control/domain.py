@@ -1,7 +1,7 @@
 """The agent's own vocabulary: the immutable Snapshot the policy reads, and the Plan it returns.
 
 The coordinator builds one :class:`Snapshot` per control cycle from the last good readings of
-every source (with their ages and faults). :func:`agent.policy.decide` turns it into a
+every source (with their ages and faults). :func:`agent.control.policy.decide` turns it into a
 :class:`Plan`: the operating point of every device and the :class:`Action` list that gets there,
 each action with the reason a person can read. The actuator executes actions; outputs (metrics,
 MQTT, logs) only read snapshots and plans. Everything here is frozen and holds no I/O.

@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from agent.config import AgentConfig, ConstantPriceConfig, CsvPriceConfig
-from agent.economics import mining_revenue_usd_per_h
-from agent.events import EventSource
-from agent.gpu_site import build_gpu_fleet
-from agent.runtime import Agent, Components, MinerDevice
+from agent.control.config import AgentConfig, ConstantPriceConfig, CsvPriceConfig
+from agent.control.economics import mining_revenue_usd_per_h
+from agent.runtime.events import EventSource
+from agent.runtime.gpu_fleet import build_gpu_fleet
+from agent.runtime.loop import Agent, Components, MinerDevice
 from drivers.errors import SourceError
 from drivers.grid.base import GridEvent
 from drivers.grid.mqtt_curtail import MqttCurtailSource

@@ -1,9 +1,10 @@
-"""The site's GPU nodes and AI jobs as one :class:`~agent.gpu_fleet.GpuFleet`, built from config.
+"""The site's GPU nodes and AI jobs as one
+:class:`~agent.runtime.fleet.GpuFleet`, built from config.
 
 :class:`GpuSite` holds one GPU driver per node (NVML on this host, or NVML on the simulator) and
 one job-control driver for the whole site (Slurm, local processes, or the simulated scheduler).
 It polls them, keeps the last good readings, and gives the coordinator one
-:class:`~agent.domain.GpuNodeView` per node:
+:class:`~agent.control.domain.GpuNodeView` per node:
 
 * the per-GPU cap the agent commanded, or before any command the highest limit NVML reports
   (the node's maximum cap until the first reading);
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
-from agent.config import (
+from agent.control.config import (
     AgentConfig,
     AiConfig,
     ConfigError,
@@ -51,8 +52,8 @@ from agent.config import (
     JobClassContract,
     SimJobConfig,
 )
-from agent.coordinator import utc_now
-from agent.domain import Action, ActionKind, GpuNodeView, JobView
+from agent.control.domain import Action, ActionKind, GpuNodeView, JobView
+from agent.runtime.coordinator import utc_now
 from drivers.errors import (
     CommandNotApplied,
     CommandRejected,

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from agent.coordinator import Coordinator
-from agent.domain import SLEEP, Action, ActionKind, Plan
-from agent.gpu_fleet import GPU_ACTIONS
-from agent.state import AgentState
+from agent.control.domain import SLEEP, Action, ActionKind, Plan
+from agent.runtime.coordinator import Coordinator
+from agent.runtime.fleet import GPU_ACTIONS
+from agent.runtime.state import AgentState
 from drivers.errors import AgentError, DeviceError, DeviceTimeout, TransientDeviceError
 from drivers.miners.base import MinerMode, MinerPowerProfile, MinerSleepWake
 

@@ -14,13 +14,13 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from agent.config import AgentConfig
-from agent.metrics import MetricsServer, build_registry
-from agent.mqtt import MqttBridge
-from agent.runtime import Agent
-from agent.sdnotify import LoopWatchdog, Notifier
-from agent.store import Store, journal_path, secrets_in
-from agent.wiring import attach_grid_sources, build_components
+from agent.control.config import AgentConfig
+from agent.journal.store import Store, journal_path, secrets_in
+from agent.outputs.metrics import MetricsServer, build_registry
+from agent.outputs.mqtt import MqttBridge
+from agent.runtime.loop import Agent
+from agent.runtime.sdnotify import LoopWatchdog, Notifier
+from agent.runtime.wiring import attach_grid_sources, build_components
 
 log = logging.getLogger(__name__)
 

@@ -72,8 +72,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from agent.config import AgentConfig, ControlConfig
-from agent.domain import (
+from agent.control.config import AgentConfig, ControlConfig
+from agent.control.domain import (
     Action,
     ActionKind,
     ActiveEvent,
@@ -84,7 +84,7 @@ from agent.domain import (
     Plan,
     Snapshot,
 )
-from agent.economics import energy_cost_usd_per_h, gpu_throughput_fraction
+from agent.control.economics import energy_cost_usd_per_h, gpu_throughput_fraction
 from drivers.grid.base import ProgramKind
 from drivers.jobs.base import JobClass, JobState
 

@@ -19,12 +19,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.config import ConfigError, load_config
-from agent.events import describe, parse_until
-from agent.store import EventStatus, Store, journal_path
-from drivers.errors import AgentError
-from drivers.grid.base import FailDirection, GridEvent, ProgramKind
-
 MAX_OVERRIDE = timedelta(days=7)
 
 
@@ -46,6 +40,9 @@ def register(sub: Any) -> None:
 
 
 def _journal(config: Path) -> Path | None:
+    from agent.control.config import ConfigError, load_config
+    from agent.journal.store import journal_path
+
     try:
         cfg = load_config(config)
     except ConfigError as exc:
@@ -55,6 +52,11 @@ def _journal(config: Path) -> Path | None:
 
 
 def curtail(args: argparse.Namespace) -> int:
+    from agent.journal.store import Store
+    from agent.runtime.events import describe, parse_until
+    from drivers.errors import AgentError
+    from drivers.grid.base import FailDirection, GridEvent, ProgramKind
+
     now = datetime.now(UTC)
     if not math.isfinite(args.target_kw) or args.target_kw < 0:
         print(f"--target-kw must be a finite number >= 0 (got {args.target_kw})", file=sys.stderr)
@@ -76,7 +78,9 @@ def curtail(args: argparse.Namespace) -> int:
     path = _journal(args.config)
     if path is None:
         return 2
-    limit_kw = load_config(args.config).site.interconnect_limit_kw
+    from agent.control.config import load_config
+
+    limit_kw = load_config(args.config).site.interconnect_limit_kw  # read (and valid) just now
     if args.target_kw > limit_kw:
         print(
             f"--target-kw {args.target_kw:g} is above the site's interconnect limit "
@@ -116,6 +120,10 @@ def curtail(args: argparse.Namespace) -> int:
 
 
 def release(args: argparse.Namespace) -> int:
+    from agent.journal.store import EventStatus, Store
+    from drivers.errors import AgentError
+    from drivers.grid.base import ProgramKind
+
     path = _journal(args.config)
     if path is None:
         return 2

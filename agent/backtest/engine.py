@@ -2,7 +2,7 @@
 
 Four strategies are settled by the same :class:`Ledger` rules (economics.md, "The backtest"):
 
-- ``policy``: the live :func:`agent.policy.decide`, fed one causal :class:`Snapshot` per
+- ``policy``: the live :func:`agent.control.policy.decide`, fed one causal :class:`Snapshot` per
   interval (the previous interval's settled price, aged one interval; the day-ahead price of the
   hour; the 4CP risk from system load up to now). The backtest plays the devices: every plan is
   applied as commanded and each device's ``commanded_since`` is kept, so dwell times, hysteresis
@@ -19,7 +19,7 @@ Four strategies are settled by the same :class:`Ledger` rules (economics.md, "Th
 - ``strike``: Foreman's rule — curtail every miner after ``n`` consecutive settled intervals
   above the strike price, resume after 4 below; AI jobs stay on.
 
-AI jobs come from a seeded trace (:mod:`agent.backtest_data`) whose occupancy does not depend
+AI jobs come from a seeded trace (:mod:`agent.backtest.data`) whose occupancy does not depend
 on the strategy. Settlement per interval: energy cost = site power × real price × interval
 length (negative prices pay); mining revenue from the hashrate run; AI revenue = contracted rate
 × GPUs × throughput at the cap while running; suspending a preemptible job loses the work since
@@ -34,9 +34,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from agent.backtest_data import TraceJob
-from agent.config import AgentConfig, GpuNodeConfig
-from agent.domain import (
+from agent.backtest.data import TraceJob
+from agent.control.config import AgentConfig, GpuNodeConfig
+from agent.control.domain import (
     SLEEP,
     ActiveEvent,
     GpuNodeView,
@@ -47,8 +47,8 @@ from agent.domain import (
     PriceView,
     Snapshot,
 )
-from agent.economics import breakeven_usd_per_mwh, gpu_throughput_fraction
-from agent.store import event_target_w
+from agent.control.economics import breakeven_usd_per_mwh, gpu_throughput_fraction
+from agent.journal.store import event_target_w
 from drivers.errors import AgentError
 from drivers.grid.base import GridEvent
 from drivers.jobs.base import JobClass, JobState
@@ -270,7 +270,7 @@ class Ledger:
             cost += fourcp
         dr = 0.0
         for e in market.active_events.get(i, ()):
-            # The live settlement rule (agent.store): paid for the reduction below the
+            # The live settlement rule (agent.journal.store): paid for the reduction below the
             # baseline down to the target, penalised for every MWh above the target.
             event, baseline_w = market.events[e], market.event_baseline_w[e]
             target_w = event_target_w(event, baseline_w)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from agent.domain import ActiveEvent
-from agent.policy import event_limit_w
-from agent.store import EventStatus, Store
+from agent.control.domain import ActiveEvent
+from agent.control.policy import event_limit_w
+from agent.journal.store import EventStatus, Store
 from drivers.errors import AgentError
 from drivers.grid.base import GridEvent, ProgramKind
 

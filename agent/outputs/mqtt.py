@@ -47,11 +47,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.config import MqttConfig
-from agent.domain import Plan, Snapshot
-from agent.metrics import miner_state
-from agent.policy import event_limit_w
-from agent.state import AgentState
+from agent.control.config import MqttConfig
+from agent.control.domain import Plan, Snapshot
+from agent.control.policy import event_limit_w
+from agent.outputs.metrics import miner_state
+from agent.runtime.state import AgentState
 from drivers.bus.base import Bus, BusError, BusMessage, BusSession, BusSettings, LastWill
 from drivers.bus.mqtt import MqttBus
 from drivers.inputs import InputRejected, load_json
@@ -458,7 +458,7 @@ class MqttBridge:
             await _cancel_all({task})
 
     def on_cycle(self, snapshot: Snapshot, plan: Plan, results: Sequence[object] = ()) -> None:
-        """A ``CycleHook`` for :class:`agent.runtime.Agent`: publish after every cycle."""
+        """A ``CycleHook`` for :class:`agent.runtime.loop.Agent`: publish after every cycle."""
         self.publish_cycle()
 
     def publish_cycle(self) -> None:

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from agent.domain import Plan, Snapshot
+from agent.control.domain import Plan, Snapshot
 from drivers.gpus.base import GpuReading
 
 

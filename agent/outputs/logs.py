@@ -28,8 +28,8 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, SecretStr
 
-from agent.domain import Plan, Snapshot
-from agent.store import secrets_in
+from agent.control.domain import Plan, Snapshot
+from agent.journal.store import secrets_in
 
 REDACTED = "***"
 MIN_SECRET_LEN = 4  # shorter "secrets" would redact ordinary words and digits
@@ -156,7 +156,7 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-01-01T00:00:00.000Z INFO agent.runtime: msg key=value ...`` for a terminal."""
+    """``2026-01-01T00:00:00.000Z INFO agent.runtime.loop: msg key=value ...`` for a terminal."""
 
     def __init__(self, redactor: Redactor | None = None) -> None:
         super().__init__()

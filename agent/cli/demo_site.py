@@ -1,4 +1,4 @@
-"""``site-agent demo``: a simulated site and the real agent in one command.
+"""The demo site: simulated miners and GPU nodes, the real agent, a real ERCOT day, in one run.
 
 Starts the LuxOS miner simulators of ``configs/demo-site.yaml`` on loopback (unmodified pyasic
 talks to them over TCP) and its GPU nodes (simulated H100s behind the real NVML driver, with the
@@ -27,40 +27,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.actuator import ActionResult
-from agent.config import AgentConfig, ConfigError, CsvPriceConfig, JobClassContract, load_config
-from agent.daemon import metrics_service
-from agent.domain import SLEEP, ActionKind, Plan, Snapshot
-from agent.economics import (
+from agent.control.config import (
+    AgentConfig,
+    ConfigError,
+    CsvPriceConfig,
+    JobClassContract,
+    load_config,
+)
+from agent.control.domain import SLEEP, ActionKind, Plan, Snapshot
+from agent.control.economics import (
     ai_revenue_usd_per_h,
     energy_cost_usd_per_h,
     mining_revenue_usd_per_h,
 )
-from agent.gpu_site import GpuSite, build_gpu_fleet, expand_gpu_nodes
-from agent.runtime import Agent, Components
-from agent.wiring import build_miners, build_price_source
+from agent.runtime.actuator import ActionResult
+from agent.runtime.daemon import metrics_service
+from agent.runtime.gpu_fleet import GpuSite, build_gpu_fleet, expand_gpu_nodes
+from agent.runtime.loop import Agent, Components
+from agent.runtime.wiring import build_miners, build_price_source
 from drivers.errors import AgentError
-from drivers.inputs import arg_number
 from drivers.jobs.base import JobClass, JobState
 from drivers.prices.csv_replay import CsvPriceReplay
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo-site.yaml"
 DAY_S = 86_400.0
 log = logging.getLogger(__name__)
-
-
-def register(sub: Any) -> None:
-    p = sub.add_parser("demo", help="run a simulated site with the agent on a real ERCOT day")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="demo site YAML")
-    p.add_argument(
-        "--duration",
-        type=arg_number(1.0, 7 * 86400.0, "--duration"),
-        default=90.0,
-        help="seconds of wall time for the whole day",
-    )
-    p.set_defaults(func=lambda args: asyncio.run(run_demo(args.config, args.duration)))
 
 
 @dataclass(slots=True)

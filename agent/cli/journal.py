@@ -16,13 +16,11 @@ import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
-from pydantic import ValidationError
+if TYPE_CHECKING:
+    from agent.journal.store import AuditRow, EventReport
 
-from agent.config import ConfigError, StoreConfig
-from agent.store import AuditRow, EventReport, Store, StoreError, journal_path
 
 DEFAULT_CONFIG = Path("/etc/site-agent/site.yaml")
 _RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)([smhdw])$")
@@ -85,6 +83,8 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 def resolve_db(args: argparse.Namespace) -> Path:
     """The journal path from ``--db`` or the config; raises :class:`ConfigError` if unknown."""
+    from agent.journal.store import journal_path
+
     if args.db is not None:
         return Path(args.db)
     cfg_path = args.config
@@ -100,6 +100,11 @@ def store_path_from_config(path: Path) -> Path:
     ``$CREDENTIALS_DIRECTORY``), which an operator reading the audit from a shell does not
     have and must not need.
     """
+    import yaml
+    from pydantic import ValidationError
+
+    from agent.control.config import ConfigError, StoreConfig
+
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -119,6 +124,8 @@ def store_path_from_config(path: Path) -> Path:
 
 
 def _open_db(args: argparse.Namespace) -> Path | None:
+    from agent.control.config import ConfigError
+
     try:
         return resolve_db(args)
     except ConfigError as exc:
@@ -129,6 +136,8 @@ def _open_db(args: argparse.Namespace) -> Path | None:
 
 
 def audit_command(args: argparse.Namespace) -> int:
+    from agent.journal.store import StoreError
+
     db = _open_db(args)
     if db is None:
         return 2
@@ -152,6 +161,8 @@ def audit_command(args: argparse.Namespace) -> int:
 async def _read_audit(
     db: Path, since: datetime | None, limit: int | None, device: str | None
 ) -> list[AuditRow]:
+    from agent.journal.store import Store
+
     async with Store.open(db, readonly=True) as store:
         return await store.audit_rows(since, limit, device_id=device)
 
@@ -164,6 +175,8 @@ def format_audit_row(r: AuditRow) -> str:
 
 
 def events_report_command(args: argparse.Namespace) -> int:
+    from agent.journal.store import StoreError
+
     db = _open_db(args)
     if db is None:
         return 2
@@ -188,6 +201,8 @@ def events_report_command(args: argparse.Namespace) -> int:
 
 
 async def _read_reports(db: Path) -> list[EventReport]:
+    from agent.journal.store import Store
+
     async with Store.open(db, readonly=True) as store:
         return await store.event_report()
 

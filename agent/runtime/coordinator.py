@@ -2,7 +2,8 @@
 
 It polls the miner fleet and the price source on their own schedules (with jitter), keeps each
 source's last good reading with its age and last error, and hands out one immutable
-:class:`~agent.domain.Snapshot` per control cycle. Consumers never poll. A source that fails is
+:class:`~agent.control.domain.Snapshot` per control cycle. Consumers never poll. A source that
+fails is
 logged once when it starts failing and once when it recovers (Home Assistant's coordinator
 habit), not on every poll.
 
@@ -22,8 +23,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from agent.config import AgentConfig, MinerModelConfig
-from agent.domain import (
+from agent.control.config import AgentConfig, MinerModelConfig
+from agent.control.domain import (
     SLEEP,
     ActiveEvent,
     MinerView,
@@ -31,9 +32,9 @@ from agent.domain import (
     PriceView,
     Snapshot,
 )
-from agent.fourcp import peak_risk
-from agent.gpu_fleet import GpuFleet
-from agent.state import AgentState
+from agent.control.fourcp import peak_risk
+from agent.runtime.fleet import GpuFleet
+from agent.runtime.state import AgentState
 from drivers.errors import AgentError, BadInput, DeviceError
 from drivers.miners.base import MinerMode, MinerReading, MinerTelemetry
 from drivers.prices.base import PriceReading, PriceSource

@@ -1,0 +1,1 @@
+"""Control: domain types, the site model, settlement and the pure policy."""

@@ -1,0 +1,1 @@
+"""Outputs: read-only views of the site (metrics, MQTT, logs, the operator page)."""

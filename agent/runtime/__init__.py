@@ -1,0 +1,1 @@
+"""Runtime: coordinator, fleets, actuator and the main loop."""

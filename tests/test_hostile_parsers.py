@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from agent.control.config import ConfigError, load_config
 from agent.outputs.mqtt import Rejected, parse_command
 from agent.runtime.events import parse_until
+from agent.runtime.wiring import build_price_source
 from drivers.grid.base import ProgramKind
 from drivers.grid.mqtt_curtail import MqttCurtailSettings, MqttCurtailSource
 from drivers.grid.openadr import OpenAdrProgram, _Reject, grid_events_from_openadr
@@ -38,6 +39,7 @@ from drivers.inputs import (
     load_json,
     load_yaml,
     parse_number_text,
+    process_rejections,
     record,
 )
 from drivers.prices.csv_replay import BadRow, load_price_csv, load_series_csv
@@ -652,3 +654,34 @@ def test_any_value_in_a_feed_gives_a_bounded_reading_or_a_refusal(value: Any, un
     assert math.isfinite(reading.value)
     assert lo <= reading.value <= hi
     assert not isinstance(value, bool)
+
+
+def test_rejected_price_rows_are_counted_by_reason_when_the_agent_loads_them(
+    tmp_path: Path,
+) -> None:
+    f = tmp_path / "rows.csv"
+    f.write_text(
+        "interval_start_utc,HB_WEST\n"
+        "2023-01-01T00:00:00Z,20\n"
+        "2023-01-01T00:15:00Z,NaN\n"
+        "2023-01-01T00:30:00Z,\n"
+        "2023-01-01T00:45:00Z,1e999\n"
+        "2023-01-01T00:45:00Z,5\n"
+        "2023-01-01T01:00:00Z,30\n"
+    )
+    text = MINIMAL.replace(
+        "realtime: {type: constant, value: 40}",
+        f"realtime: {{type: csv_replay, path: {f}, column: HB_WEST}}",
+    )
+    cfg_file = tmp_path / "site.yaml"
+    cfg_file.write_text(text)
+    counter = process_rejections()
+    before = counter.counts()
+    build_price_source(load_config(cfg_file))
+    after = counter.counts()
+
+    def added(reason: str) -> int:
+        key = ("csv:rows.csv", reason)
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert (added("not_finite"), added("missing"), added("duplicate_key")) == (2, 1, 1)

@@ -34,15 +34,25 @@ from typing import Literal, TextIO
 from pydantic import ConfigDict, Field
 
 from drivers.errors import BadInput, SourceError
-from drivers.inputs import MAX_CSV_BYTES, MAX_CSV_FIELD_BYTES, InputRejected, Reason, StrictSettings
+from drivers.inputs import (
+    MAX_CSV_BYTES,
+    MAX_CSV_FIELD_BYTES,
+    InputRejected,
+    Reason,
+    StrictSettings,
+    shown,
+)
 from drivers.prices.base import PriceReading
 
 
 class BadRow(BadInput):
     """One CSV row (or the header) is unusable. Carries where and why."""
 
-    def __init__(self, path: Path, line: int, column: str, message: str) -> None:
+    def __init__(
+        self, path: Path, line: int, column: str, message: str, reason: Reason = "bad_syntax"
+    ) -> None:
         super().__init__(path.name, f"{path}:{line}: column {column!r}: {message}")
+        self.reason: Reason = reason  # for rejected_inputs_total (drivers/inputs.py)
         self.path = path
         self.line = line
         self.column = column
@@ -197,7 +207,9 @@ def _read_series(
             try:
                 if len(row) <= width:
                     missing = time_column if len(row) <= ti else value_column
-                    raise BadRow(path, line, missing, f"expected a value, the row has {len(row)}")
+                    raise BadRow(
+                        path, line, missing, f"expected a value, the row has {len(row)}", "missing"
+                    )
                 for name, index in ((time_column, ti), (value_column, vi)):
                     if len(row[index]) > MAX_CSV_FIELD_BYTES:
                         raise BadRow(
@@ -206,6 +218,7 @@ def _read_series(
                             name,
                             f"a field of {len(row[index]):,} characters "
                             f"(limit {MAX_CSV_FIELD_BYTES:,})",
+                            "too_large",
                         )
                 stamp_text = row[ti]
                 try:
@@ -216,7 +229,7 @@ def _read_series(
                         line,
                         time_column,
                         f"expected an ISO-8601 UTC timestamp like 2023-01-01T06:00:00Z, "
-                        f"got {stamp_text!r}",
+                        f"got {shown(stamp_text)}",
                     ) from None
                 if t_s <= last_s:
                     what = "duplicate" if t_s == last_s else "non-monotonic"
@@ -225,19 +238,26 @@ def _read_series(
                         line,
                         time_column,
                         f"expected a timestamp after {_utc(last_s).isoformat()}, got {what} "
-                        f"{stamp_text!r}",
+                        f"{shown(stamp_text)}",
+                        "duplicate_key" if t_s == last_s else "out_of_range",
                     )
                     raise bad
                 text = row[vi].strip()
                 if not text:
-                    bad = BadRow(path, line, value_column, f"expected a number in {unit}, empty")
+                    bad = BadRow(
+                        path, line, value_column, f"expected a number in {unit}, empty", "missing"
+                    )
                     bad.time_s = t_s
                     raise bad
                 try:
                     value = float(text)
                 except ValueError:
                     bad = BadRow(
-                        path, line, value_column, f"expected a number in {unit}, got {text!r}"
+                        path,
+                        line,
+                        value_column,
+                        f"expected a number in {unit}, got {shown(text)}",
+                        "bad_type",
                     )
                     bad.time_s = t_s
                     raise bad from None
@@ -247,7 +267,8 @@ def _read_series(
                         path,
                         line,
                         value_column,
-                        f"expected a finite number in {unit}, got {text!r}",
+                        f"expected a finite number in {unit}, got {shown(text)}",
+                        "not_finite",
                     )
                     bad.time_s = t_s
                     raise bad

@@ -131,7 +131,7 @@ class RejectionCounter:
 
     def get(self, source: str, reason: str) -> int:
         with self._lock:
-            return self._counts.get((source, reason), 0)
+            return self._counts.get((source[:80], reason[:40]), 0)
 
 
 _PROCESS_REJECTIONS = RejectionCounter()

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.journal.store import Store
 from simulators.price_server import PriceServer
 from tests.servers import free_port
 
@@ -161,6 +162,25 @@ async def test_daemon_survives_every_hostile_feed_and_recovers(
         assert proc.returncode is None
         text = log.read_text(errors="replace")
         assert "Traceback" not in text, text[-3000:]
+        # Every refused answer (all but the timeout, a transport failure) is in the audit trail.
+        async with Store.open(tmp_path / "journal.db", readonly=True) as store:
+            rows = [
+                r
+                for r in await store.audit_rows(limit=None)
+                if r.action == "reject_input" and r.source == source
+            ]
+        assert all(r.result == "rejected" for r in rows)
+        audited = " | ".join(r.reason for r in rows)
+        for words in (
+            "the body passed",
+            "nested deeper",
+            "malformed JSON",
+            "expected a finite number, got NaN",
+            "expected -100000 to 100000 USD/MWh",
+            "expected a number, got True",
+            "duplicate key 'price'",
+        ):
+            assert words in audited, (words, audited)
     finally:
         if proc.returncode is None:
             proc.terminate()

@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -135,6 +136,8 @@ class Coordinator:
         self.journaled: set[str] = set()
         self.miners_polled = asyncio.Event()  # set after the first full fleet poll
         self.price_changed = asyncio.Event()
+        # Refused feed answers (source, one-line reason) waiting for the runtime's audit sink.
+        self.rejected_to_audit: deque[tuple[str, str]] = deque(maxlen=100)
 
     # --- commanded state (written by the actuator and by restart) --------------------------
 
@@ -197,6 +200,7 @@ class Coordinator:
         except AgentError as exc:
             if health.last_error is None:
                 log.warning("price source %s failed: %s", self.price_source.name, exc)
+            self._note_rejected(health.last_error, exc)
             health.last_error = str(exc)
             health.failures += 1
             return
@@ -226,6 +230,7 @@ class Coordinator:
         except AgentError as exc:
             if health.last_error is None:
                 log.warning("hashprice feed %s failed: %s", source.name, exc)
+            self._note_rejected(health.last_error, exc)
             health.last_error, health.failures = str(exc), health.failures + 1
             return
         if health.last_error is not None:
@@ -233,6 +238,12 @@ class Coordinator:
         health.last_error, health.last_success = None, self.clock()
         health.successes += 1
         self.hashprice_usd_per_ph_day, self.hashprice_read_at = reading.value, self.monotonic()
+
+    def _note_rejected(self, previous: str | None, exc: AgentError) -> None:
+        """Queue a refused answer for the audit trail: once per failing streak and reason, not
+        once per poll (a feed answering NaN every second must not flood the journal)."""
+        if isinstance(exc, BadInput) and str(exc) != previous:
+            self.rejected_to_audit.append((exc.source, str(exc)))
 
     def market_now(self) -> datetime:
         """The market's clock: simulated time when the price source replays history."""

@@ -151,6 +151,7 @@ class Agent:
         await self.event_book.sync(
             self.coordinator.clock(), None if last is None else last.measured_site_power_w
         )
+        await self._audit_rejected_inputs()
         snapshot = self.coordinator.snapshot()
         plan = decide(snapshot, self.config, snapshot.at)
         if self.state.mode == "manual":
@@ -243,6 +244,23 @@ class Agent:
             return CommandResult.ok(f"mode {command.mode}")
         self.wake_control.set()  # Refresh
         return CommandResult.ok("control cycle requested")
+
+    async def _audit_rejected_inputs(self) -> None:
+        """Refused feed answers reach the audit trail (design.md: bad input, an audit row)."""
+        queue = self.coordinator.rejected_to_audit
+        sink = self.components.audit or self.components.store
+        while queue:
+            source, reason = queue.popleft()
+            if sink is None:
+                continue
+            with contextlib.suppress(AgentError):  # a journal failure is handled elsewhere
+                await sink.audit(
+                    source=source,
+                    device_id=None,
+                    action="reject_input",
+                    reason=reason,
+                    result="rejected",
+                )
 
     async def _audit_command(self, operator: str, action: str) -> None:
         sink = self.components.audit or self.components.store

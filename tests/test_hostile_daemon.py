@@ -25,7 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.journal.store import Store
 from simulators.price_server import PriceServer
-from tests.servers import free_port
+from tests.servers import Mosquitto, free_port
+from tests.test_mqtt import TOKEN, Operator
 
 pytestmark = [pytest.mark.hostile, pytest.mark.slow]
 
@@ -256,3 +257,70 @@ def test_curtail_cli_hostile_arguments(tmp_path: Path, args: list[str], words: s
     assert words in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "journal.db").exists()
+
+
+@pytest.mark.mqtt
+async def test_daemon_bridge_survives_hostile_commands_and_audits_them(
+    tmp_path: Path, price_server: PriceServer, mosquitto: Mosquitto
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, f"{price_server.url}/price", port)
+    data = yaml.safe_load(config.read_text())
+    data["site"]["id"] = "west-1"  # the test operator's topic prefix is site-agent/west-1
+    data["mqtt"] = {
+        "enabled": True,
+        "host": mosquitto.host,
+        "port": mosquitto.port,
+        "username": "agent",
+        "password": "agent-secret",
+        "command_tokens": {"operator": TOKEN},
+        "reconnect_initial_s": 0.1,
+        "reconnect_max_s": 0.5,
+    }
+    config.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+    with (tmp_path / "daemon.log").open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            str(SITE_AGENT),
+            "run",
+            "--config",
+            str(config),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=env,
+        )
+    try:
+        async with Operator(mosquitto).connected() as op:
+            await op.next("status", timeout_s=30.0)  # "online", retained by the daemon
+            hostile = [
+                (b"[" * 5000 + b"]" * 5000, "too_deep"),
+                (b'{"operator": "operator", "operator": "x", "token": "t"}', "duplicate_key"),
+                (b'{"id": "z", "token": NaN}', "not_finite"),
+                (b"\xff" * 10, "not_utf8"),
+            ]
+            for payload, _reason in hostile:
+                await op.send("curtail", None, raw=payload)
+                ack = await op.next("ack", timeout_s=10.0, status="rejected")
+                assert "\n" not in ack["reason"]
+            ack = await op.command("refresh", "still-here")
+            assert ack["status"] == "accepted"
+        metrics = scrape(port)
+        for _payload, reason in hostile:
+            counted = value(
+                metrics, "site_agent_rejected_inputs_total", source="mqtt", reason=reason
+            )
+            assert counted == 1.0, (reason, counted)
+        assert proc.returncode is None
+        async with Store.open(tmp_path / "journal.db", readonly=True) as store:
+            rows = [r for r in await store.audit_rows(limit=None) if r.source == "mqtt"]
+        reasons = sorted(r.reason.split(":")[0] for r in rows if r.action == "command:curtail")
+        assert reasons == sorted(reason for _p, reason in hostile)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()

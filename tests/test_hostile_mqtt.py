@@ -2,7 +2,8 @@
 
 Each attack (nested thousands deep, duplicate keys, NaN, invalid UTF-8, oversize, a boolean
 target, no token) is answered with a rejected ack naming what was wrong, counted under its
-reason, reaches no handler, and leaves the bridge serving: the next valid command is accepted.
+reason, reaches no handler, is audited, and leaves the bridge serving: the next valid command is
+accepted. A flood of garbage is audited at a bounded rate (and still counted in full).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import json
 
 import pytest
 
+from agent.outputs.mqtt import MqttBridge
+from tests.sample_state import NOW, sample_state
 from tests.servers import Mosquitto
-from tests.test_mqtt import TOKEN, Operator, make_bridge, running
+from tests.test_mqtt import TOKEN, Operator, Runtime, mqtt_config, running, wait_until
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.hostile]
 
@@ -52,7 +55,20 @@ ATTACKS: list[tuple[bytes, str, str]] = [
 async def test_hostile_commands_are_refused_and_the_bridge_keeps_serving(
     mosquitto: Mosquitto,
 ) -> None:
-    bridge, runtime = make_bridge(mosquitto)
+    audited: list[tuple[str, str]] = []
+
+    async def audit(action: str, reason: str) -> None:
+        audited.append((action, reason))
+
+    runtime = Runtime(sample_state())
+    bridge = MqttBridge(
+        mqtt_config(mosquitto),
+        runtime.state,
+        runtime.handle,
+        interconnect_limit_w=500_000.0,
+        clock=lambda: NOW,
+        audit_rejection=audit,
+    )
     async with Operator(mosquitto).connected() as op, running(bridge):
         assert await op.next("status") == "online"
         for k, (payload, reason, words) in enumerate(ATTACKS):
@@ -65,7 +81,32 @@ async def test_hostile_commands_are_refused_and_the_bridge_keeps_serving(
             assert runtime.state.rejected[("mqtt", reason)] == before + 1, k
             assert runtime.received == []  # nothing reached the runtime
             assert bridge.connected.is_set()
+            assert audited[-1][0] == "command:curtail"
+            assert audited[-1][1].startswith(f"{reason}: "), audited[-1]
+        assert len(audited) == len(ATTACKS)
         # Still serving: a valid command is executed and acknowledged.
         ack = await op.command("curtail", "ok-1", target_kw=100, until="2099-01-01T00:00:00Z")
         assert ack["status"] == "accepted"
         assert runtime.curtail_kw == 100
+
+
+async def test_a_flood_of_garbage_is_audited_at_a_bounded_rate(mosquitto: Mosquitto) -> None:
+    audited: list[tuple[str, str]] = []
+
+    async def audit(action: str, reason: str) -> None:
+        audited.append((action, reason))
+
+    runtime = Runtime(sample_state())
+    bridge = MqttBridge(
+        mqtt_config(mosquitto),
+        runtime.state,
+        runtime.handle,
+        clock=lambda: NOW,
+        audit_rejection=audit,
+    )
+    async with Operator(mosquitto).connected() as op, running(bridge):
+        for _ in range(200):
+            await op.send("curtail", None, raw=b"[" * 100 + b"]" * 100)
+        await wait_until(lambda: runtime.state.rejected[("mqtt", "too_deep")] == 200)
+    assert 20 <= len(audited) < 40  # the burst, plus about one a second
+    assert bridge.unaudited_rejections == 200 - len(audited)

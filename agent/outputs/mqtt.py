@@ -120,6 +120,9 @@ class CommandResult:
 
 
 CommandHandler = Callable[[Command], Awaitable[CommandResult]]
+# (action, reason) of a command rejected before it reached the runtime, for the audit trail.
+RejectionAudit = Callable[[str, str], Awaitable[None]]
+AUDIT_BURST = 20
 
 
 # --- the wire schema (pydantic at the edge) ------------------------------------------------------
@@ -428,10 +431,17 @@ class MqttBridge:
         interconnect_limit_w: float | None = None,
         bus: Bus | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        audit_rejection: RejectionAudit | None = None,
     ) -> None:
         self.config = config
         self.state = state
         self.handler = handler
+        # Rejected commands reach the audit trail, at most AUDIT_BURST at once and one a second
+        # after that: a flood of garbage must not turn into a flood of journal fsyncs.
+        self._audit_rejection = audit_rejection
+        self._audit_tokens = float(AUDIT_BURST)
+        self._audit_at: float | None = None
+        self.unaudited_rejections = 0
         self.interconnect_limit_w = interconnect_limit_w
         self.clock = clock
         self.prefix = f"{config.topic_prefix}/{state.site_id}"
@@ -584,6 +594,7 @@ class MqttBridge:
             command = parse_command(name, message.payload, self._tokens, self.clock())
         except Rejected as rej:
             self._reject(cid, name, rej.code, rej.reason)
+            await self._audit(name, rej.code, rej.reason)
             return
         previous = self._answered.get(command.id)
         if previous is not None:  # QoS 1 redelivery or a resend: same answer, no second effect
@@ -608,6 +619,22 @@ class MqttBridge:
             self.state.rejected[(REJECT_SOURCE, "refused")] += 1
             log.warning("mqtt: %s %s refused: %s", name, command.id, result.reason)
         self._ack(command.id, name, result)
+
+    async def _audit(self, name: str, code: str, reason: str) -> None:
+        if self._audit_rejection is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if self._audit_at is not None:
+            self._audit_tokens = min(AUDIT_BURST, self._audit_tokens + (now - self._audit_at))
+        self._audit_at = now
+        if self._audit_tokens < 1.0:
+            self.unaudited_rejections += 1  # still counted in rejected_inputs_total
+            return
+        self._audit_tokens -= 1.0
+        try:
+            await self._audit_rejection(f"command:{name[:64]}", f"{code}: {reason}")
+        except Exception:  # the journal's trouble is the runtime's to report, not the bridge's
+            log.exception("mqtt: cannot audit a rejected command")
 
     def _reject(self, cid: str | None, name: str, code: str, reason: str) -> None:
         self.state.rejected[(REJECT_SOURCE, code)] += 1

@@ -62,11 +62,16 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
         if config.metrics.enabled:
             components.services.append(metrics_service(agent, config))
         if config.mqtt.enabled:
+
+            async def audit_rejection(action: str, reason: str) -> None:
+                await store.audit(source="mqtt", action=action, result="rejected", reason=reason)
+
             bridge = MqttBridge(
                 config.mqtt,
                 agent.state,
                 agent.handle_command,
                 interconnect_limit_w=config.site.interconnect_limit_kw * 1000.0,
+                audit_rejection=audit_rejection,
             )
             agent.on_cycle = lambda _snapshot, _plan, _results: bridge.publish_cycle()
             components.services.append(bridge)

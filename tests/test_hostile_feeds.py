@@ -4,29 +4,26 @@ The peer is the real price server on loopback (``simulators/price_server.py``) i
 modes; the client is the unmodified :class:`~drivers.prices.http_json.HttpJsonSource` (httpx).
 Each attack gives one documented error line and one ``rejected_inputs_total{source,reason}``
 increment, keeps the last good price, and the feed recovers by itself once the peer behaves.
-The slow-feed test runs the real coordinator poller and reads ``source_up`` from the real
+The slow-feed test runs the real agent (its price poller) and reads ``source_up`` from the real
 Prometheus collector.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.control.config import AgentConfig
 from agent.outputs.metrics import build_registry
-from agent.runtime.coordinator import Coordinator
-from agent.runtime.state import AgentState
 from drivers.inputs import InputRejected, RejectionCounter, SourceTimeout
 from drivers.prices.hashprice import ComputedHashprice
 from drivers.prices.http_json import HttpJsonSettings, HttpJsonSource
 from simulators.price_server import PriceServer
+from tests.site_agent import build_agent
 
 pytestmark = pytest.mark.hostile
 
@@ -156,18 +153,18 @@ async def test_slow_feed_goes_down_within_the_deadline_and_recovers_within_a_pol
     config = AgentConfig.model_validate(
         {
             "site": {"id": "hostile", "interconnect_limit_kw": 100},
-            "control": {"poll_jitter_s": 0.0},
+            # The agent polls its price source every min(poll_interval_s, interval_s).
+            "control": {"interval_s": poll_s, "poll_interval_s": poll_s, "poll_jitter_s": 0.0},
             "prices": {"realtime": settings.model_dump()},
         }
     )
-    state = AgentState(site_id="hostile", started_at=datetime.now(UTC))
     counter = RejectionCounter()
-    registry = build_registry(state, config, rejections=counter)
     source = HttpJsonSource(settings, name="rt", rejections=counter)
-    coordinator = Coordinator(config, state, {}, source)
+    agent = build_agent(config, fleets=[], price_source=source)
+    registry = build_registry(agent.state, config, rejections=counter)
     name = "price:rt"
     stop = asyncio.Event()
-    poller = asyncio.create_task(coordinator.run_poller(coordinator.poll_price, poll_s, stop))
+    running = asyncio.create_task(agent.run(stop, grace_s=timeout_s + 1.0))
     try:
         await until(lambda: up(registry, name) == 1.0, 5.0)
         # A peer that sends headers at once and then one byte every 0.5 s: per-read timeouts
@@ -182,8 +179,8 @@ async def test_slow_feed_goes_down_within_the_deadline_and_recovers_within_a_pol
         )
         assert rejected is not None
         assert rejected >= 1
-        assert coordinator.price is not None
-        assert coordinator.price.value == 41.5  # the last good price is kept
+        assert agent.coordinator.price is not None
+        assert agent.coordinator.price.value == 41.5  # the last good price is kept
         # Fixed: the poll in flight may still be trickling (its deadline ends it), then the
         # next poll succeeds.
         server.fault = "ok"
@@ -191,6 +188,4 @@ async def test_slow_feed_goes_down_within_the_deadline_and_recovers_within_a_pol
         assert back_after_s <= timeout_s + poll_s + 1.0, back_after_s
     finally:
         stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(poller, 5.0)
-        await source.aclose()
+        await asyncio.wait_for(running, 10.0)  # the agent closes its price source

@@ -57,7 +57,8 @@ async def test_hostile_commands_are_refused_and_the_bridge_keeps_serving(
 ) -> None:
     audited: list[tuple[str, str]] = []
 
-    async def audit(action: str, reason: str) -> None:
+    def audit(source: str, action: str, reason: str) -> None:
+        assert source == "mqtt"
         audited.append((action, reason))
 
     runtime = Runtime(sample_state())
@@ -65,6 +66,7 @@ async def test_hostile_commands_are_refused_and_the_bridge_keeps_serving(
         mqtt_config(mosquitto),
         runtime.state,
         runtime.handle,
+        count_rejected=runtime.count_rejected,
         interconnect_limit_w=500_000.0,
         clock=lambda: NOW,
         audit_rejection=audit,
@@ -93,7 +95,8 @@ async def test_hostile_commands_are_refused_and_the_bridge_keeps_serving(
 async def test_a_flood_of_garbage_is_audited_at_a_bounded_rate(mosquitto: Mosquitto) -> None:
     audited: list[tuple[str, str]] = []
 
-    async def audit(action: str, reason: str) -> None:
+    def audit(source: str, action: str, reason: str) -> None:
+        assert source == "mqtt"
         audited.append((action, reason))
 
     runtime = Runtime(sample_state())
@@ -101,6 +104,7 @@ async def test_a_flood_of_garbage_is_audited_at_a_bounded_rate(mosquitto: Mosqui
         mqtt_config(mosquitto),
         runtime.state,
         runtime.handle,
+        count_rejected=runtime.count_rejected,
         clock=lambda: NOW,
         audit_rejection=audit,
     )

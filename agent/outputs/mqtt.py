@@ -22,8 +22,10 @@ command's own fields; unknown fields are refused. The broker's ACL decides which
 publish under ``P/command/``; the token says which operator did. The ack is
 ``{"id", "command", "status": "accepted"|"rejected", "reason", "at"}``. A malformed,
 unauthorised, unknown, invalid or expired command is rejected with a reason, reaches nobody
-and is counted in ``AgentState.rejected`` under source ``mqtt``. A repeated ``id`` (QoS 1
-redelivery) is answered again with the first answer and not re-executed.
+and is counted in ``AgentState.rejected`` under source ``mqtt``; the runtime also writes an
+audit row for it (``command:NAME``), for at most a burst of 20 and then one a second, so a flood
+is still counted in full but never floods the journal. A repeated ``id`` (QoS 1 redelivery) is
+answered again with the first answer and not re-executed.
 
 Control never waits on the broker: :meth:`MqttBridge.publish_cycle` only fills in-memory
 buffers. Retained topics keep only their newest payload (and are all republished after every
@@ -40,13 +42,24 @@ import logging
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.control.commands import (
+    Command,
+    CommandHandler,
+    CommandResult,
+    Curtail,
+    Refresh,
+    RejectCounter,
+    RejectionAudit,
+    Release,
+    SetMode,
+)
 from agent.control.config import MqttConfig
 from agent.control.domain import Plan, Snapshot
 from agent.control.policy import event_limit_w
@@ -62,66 +75,8 @@ REJECT_SOURCE = "mqtt"  # the source name under which rejected commands are coun
 MAX_COMMAND_BYTES = 16 * 1024  # a command is a few hundred bytes; more is abuse or a mistake
 
 
-# --- commands, as the runtime receives them -----------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Curtail:
-    """Hold site load at or below ``target_kw`` until ``until`` (an operator override)."""
-
-    id: str
-    operator: str
-    target_kw: float
-    until: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    """End the operator's curtailment."""
-
-    id: str
-    operator: str
-
-
-@dataclass(frozen=True, slots=True)
-class SetMode:
-    """Switch between automatic control and manual (the agent stops actuating)."""
-
-    id: str
-    operator: str
-    mode: Literal["auto", "manual"]
-
-
-@dataclass(frozen=True, slots=True)
-class Refresh:
-    """Run a control cycle now and republish everything."""
-
-    id: str
-    operator: str
-
-
-Command = Curtail | Release | SetMode | Refresh
-
-
-@dataclass(frozen=True, slots=True)
-class CommandResult:
-    """The runtime's answer to a command: accepted, or refused with a reason."""
-
-    accepted: bool
-    reason: str = ""
-
-    @classmethod
-    def ok(cls, reason: str = "") -> CommandResult:
-        return cls(True, reason)
-
-    @classmethod
-    def refuse(cls, reason: str) -> CommandResult:
-        return cls(False, reason)
-
-
-CommandHandler = Callable[[Command], Awaitable[CommandResult]]
-# (action, reason) of a command rejected before it reached the runtime, for the audit trail.
-RejectionAudit = Callable[[str, str], Awaitable[None]]
+# Rejected commands reach the audit trail, at most AUDIT_BURST at once and one a second after
+# that: a flood of garbage must not turn into a flood of journal writes.
 AUDIT_BURST = 20
 
 
@@ -392,18 +347,8 @@ def _dump(payload: Mapping[str, Any]) -> bytes:
 def bus_settings(config: MqttConfig, site_id: str) -> BusSettings:
     """Transport settings from config, with the retained ``offline`` status as last will."""
     prefix = f"{config.topic_prefix}/{site_id}"
-    return BusSettings(
-        host=config.host,
-        port=config.port,
-        client_id=config.client_id or f"site-agent-{site_id}",
-        username=config.username,
-        password=config.password.get_secret_value() if config.password else None,
-        tls_ca=config.tls_ca,
-        tls_cert=config.tls_cert,
-        tls_key=config.tls_key,
-        keepalive_s=config.keepalive_s,
-        will=LastWill(f"{prefix}/status", b"offline", qos=1, retain=True),
-    )
+    will = LastWill(f"{prefix}/status", b"offline", qos=1, retain=True)
+    return config.bus_settings(f"site-agent-{site_id}", will)
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +373,7 @@ class MqttBridge:
         state: AgentState,
         handler: CommandHandler,
         *,
+        count_rejected: RejectCounter,
         interconnect_limit_w: float | None = None,
         bus: Bus | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -436,9 +382,9 @@ class MqttBridge:
         self.config = config
         self.state = state
         self.handler = handler
-        # Rejected commands reach the audit trail, at most AUDIT_BURST at once and one a second
-        # after that: a flood of garbage must not turn into a flood of journal fsyncs.
-        self._audit_rejection = audit_rejection
+        self.count_rejected = count_rejected  # rejections are the runtime's to count
+        # ... and to audit: the bridge only decides which ones, at a bounded rate.
+        self.audit_rejection = audit_rejection
         self._audit_tokens = float(AUDIT_BURST)
         self._audit_at: float | None = None
         self.unaudited_rejections = 0
@@ -466,10 +412,6 @@ class MqttBridge:
             await stop.wait()
         finally:
             await _cancel_all({task})
-
-    def on_cycle(self, snapshot: Snapshot, plan: Plan, results: Sequence[object] = ()) -> None:
-        """A ``CycleHook`` for :class:`agent.runtime.loop.Agent`: publish after every cycle."""
-        self.publish_cycle()
 
     def publish_cycle(self) -> None:
         """Queue state, plan, events and per-device telemetry from the current AgentState."""
@@ -594,7 +536,7 @@ class MqttBridge:
             command = parse_command(name, message.payload, self._tokens, self.clock())
         except Rejected as rej:
             self._reject(cid, name, rej.code, rej.reason)
-            await self._audit(name, rej.code, rej.reason)
+            self._audit(name, rej.code, rej.reason)
             return
         previous = self._answered.get(command.id)
         if previous is not None:  # QoS 1 redelivery or a resend: same answer, no second effect
@@ -616,12 +558,12 @@ class MqttBridge:
             if isinstance(command, Refresh):
                 self.publish_cycle()
         else:
-            self.state.rejected[(REJECT_SOURCE, "refused")] += 1
+            self.count_rejected(REJECT_SOURCE, "refused")
             log.warning("mqtt: %s %s refused: %s", name, command.id, result.reason)
         self._ack(command.id, name, result)
 
-    async def _audit(self, name: str, code: str, reason: str) -> None:
-        if self._audit_rejection is None:
+    def _audit(self, name: str, code: str, reason: str) -> None:
+        if self.audit_rejection is None:
             return
         now = asyncio.get_running_loop().time()
         if self._audit_at is not None:
@@ -631,13 +573,11 @@ class MqttBridge:
             self.unaudited_rejections += 1  # still counted in rejected_inputs_total
             return
         self._audit_tokens -= 1.0
-        try:
-            await self._audit_rejection(f"command:{name[:64]}", f"{code}: {reason}")
-        except Exception:  # the journal's trouble is the runtime's to report, not the bridge's
-            log.exception("mqtt: cannot audit a rejected command")
+        # Handed to the runtime, which writes the row (the journal is the loop's to write).
+        self.audit_rejection(REJECT_SOURCE, f"command:{name[:64]}", f"{code}: {reason}")
 
     def _reject(self, cid: str | None, name: str, code: str, reason: str) -> None:
-        self.state.rejected[(REJECT_SOURCE, code)] += 1
+        self.count_rejected(REJECT_SOURCE, code)
         log.warning("mqtt: rejected command on %r: %s", name[:64], reason)
         self._ack(cid, name[:64], CommandResult.refuse(reason))
 

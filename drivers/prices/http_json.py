@@ -23,9 +23,8 @@ import logging
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
-import httpx
 from pydantic import ConfigDict, Field, field_validator
 
 from drivers.errors import BadInput, SourceError
@@ -40,6 +39,9 @@ from drivers.inputs import (
     record,
 )
 from drivers.prices.base import PriceReading
+
+if TYPE_CHECKING:  # httpx loads with the first request, not with a config
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +198,13 @@ class HttpJsonSource:
 
     async def __aenter__(self) -> Self:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.settings.timeout_s)
+            self._client = self._new_client()
         return self
+
+    def _new_client(self) -> httpx.AsyncClient:
+        import httpx  # loads with the first request, not with the config that names this source
+
+        return httpx.AsyncClient(timeout=self.settings.timeout_s)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
@@ -223,8 +230,10 @@ class HttpJsonSource:
 
     async def fetch_json(self) -> Any:
         """GET the URL and decode JSON: SourceError on transport, BadInput on the body."""
+        import httpx
+
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.settings.timeout_s)
+            self._client = self._new_client()
             self._owns_client = True
         url = self.settings.url
         limit_s = self.settings.timeout_s

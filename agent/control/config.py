@@ -329,6 +329,9 @@ class ControlConfig(Strict):
     min_off_s: NonNegSeconds = 300.0
     # Rungs of the GPU power-cap ladder (per GPU, from the card's minimum to its maximum cap).
     gpu_cap_step_w: DeviceW = 100.0
+    # Hashing a miner loses per wake (boot, ramp, the pool's average catching up): the horizon
+    # planner weighs it, the backtest charges it. An assumption until measured per model.
+    miner_wake_lost_s: float = Field(default=600.0, ge=0, le=86_400)
 
 
 class EconomicsConfig(Strict):

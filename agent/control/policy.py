@@ -59,6 +59,12 @@ How it works, once per call:
   are counted at ``worst_case_power_w`` and get no action. Circuits use their own limit (the
   site safety margin applies to the site meter). Every increase, miners and GPU caps alike,
   counts against ``snapshot.ramp_headroom_w``.
+* **Horizon plan.** With ``snapshot.horizon`` (a usable :class:`~agent.control.planner.
+  HorizonPlan` covering ``now``) and a fresh price, :func:`horizon_holds` holds a miner in its
+  state while the effective price lies inside its block's band (the switching would cost more
+  than it saves), exactly as a dwell time holds it; deferrable jobs the plan defers are valued at
+  nothing (shed, not restarted), those it runs are held like dwell-held jobs (limits still
+  apply; not under a 4CP risk). Without a usable plan the rule alone decides.
 * **Stale prices.** Older than ``prices.max_age_s`` (or never seen): ``curtail`` plans against
   ``safe_mode_price_usd_per_mwh``; ``hold`` keeps what runs and starts nothing, still shedding
   to meet limits.
@@ -68,9 +74,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from types import MappingProxyType
 
 from agent.control.config import AgentConfig, ControlConfig
 from agent.control.domain import (
@@ -109,6 +116,68 @@ def fourcp_adder_usd_per_mwh(risk: float, rate_usd_per_kw_year: float) -> float:
     """Expected 4CP charge of 1 kW held through one 15-minute interval, per MWh it draws."""
     risk = min(max(risk, 0.0), 1.0)
     return risk * rate_usd_per_kw_year / 4.0 / (FOURCP_INTERVAL_H / 1000.0)
+
+
+# --- following a horizon plan ------------------------------------------------------------------
+
+_NO_JOBS: Mapping[str, bool] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class HorizonHolds:
+    """What a horizon plan holds this cycle: miners kept in their state inside their block's
+    band, and deferrable jobs run or deferred per the plan's schedule."""
+
+    awake: frozenset[str] = frozenset()  # running miners the band keeps running
+    asleep: frozenset[str] = frozenset()  # sleeping miners the band keeps asleep
+    jobs: Mapping[str, bool] = field(default_factory=dict)  # deferrable job id -> run now
+    note: str = ""
+
+
+def horizon_holds(
+    snapshot: Snapshot, now: datetime, price: float, stale: bool, fourcp: bool
+) -> HorizonHolds:
+    """The plan's holds at effective price ``price`` (4CP adder included, so a 4CP interval is
+    never ridden through). A miner is only ever *held* in its state: inside the band (a spike
+    below ``curtail_above`` while running, a dip above ``restore_below`` while asleep) the
+    switching would cost more than it saves; outside it the rule decides. No plan, a plan that
+    does not cover ``now``, or a stale price: no holds (the rule alone, as before). Under a 4CP
+    risk the plan's deferrable runs are not forced (the risk may exceed the plan's forecast).
+    """
+    plan = snapshot.horizon
+    k = None if plan is None or stale else plan.index_at(now)
+    if plan is None or k is None:
+        return HorizonHolds()
+    # One lookup of the plan's row per call (a site has thousands of miners).
+    bands = dict(zip(plan.block_ids, plan.bands[k], strict=True))
+    runs = dict(zip(plan.job_ids, plan.job_run[k], strict=True))
+    awake: set[str] = set()
+    asleep: set[str] = set()
+    if bands:
+        for m in snapshot.miners:
+            band = bands.get(m.model)
+            if band is None or m.fault is not None:
+                continue
+            sleeping = m.commanded == m.points[0].name
+            if not sleeping and price <= band.curtail_above_usd_per_mwh:
+                awake.add(m.device_id)
+            elif sleeping and price >= band.restore_below_usd_per_mwh:
+                asleep.add(m.device_id)
+    jobs: dict[str, bool] = {}
+    if runs:
+        for n in snapshot.gpu_nodes:
+            for job in n.jobs:
+                run = runs.get(job.job_id)
+                if run is not None and job.job_class != JobClass.SLA and not (run and fourcp):
+                    jobs[job.job_id] = run
+    parts = []
+    if awake or asleep:
+        parts.append(f"{len(awake)} running and {len(asleep)} sleeping miner(s) held in band")
+    if jobs:
+        on = sum(jobs.values())
+        parts.append(f"{on} deferrable job(s) run, {len(jobs) - on} deferred")
+    note = f"horizon plan ({plan.status.value}): {', '.join(parts)}" if parts else ""
+    return HorizonHolds(frozenset(awake), frozenset(asleep), jobs, note)
 
 
 # --- static ladders (memoised) ---------------------------------------------------------------
@@ -379,6 +448,9 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         fourcp_note = f"4CP risk {risk:.0%}{why}: expected peak charge adds {adder:,.0f} $/MWh"
         notes.append(fourcp_note)
     price = market + adder
+    holds = horizon_holds(snapshot, now, price, hold, bool(fourcp_note))
+    if holds.note:
+        notes.append(holds.note)
 
     # --- limits -----------------------------------------------------------------------------
     mandatory = any(a.event.mandatory for a in snapshot.events)
@@ -428,7 +500,9 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
             add_base(paths.get(m.circuit, ()) if m.circuit else (), m.worst_case_power_w * m.count)
             continue
         since = m.commanded_since
-        key = (id(m.points), m.model, m.commanded, since > off_cut, since > on_cut, m.circuit,
+        held_off = since > off_cut or m.device_id in holds.asleep
+        held_on = since > on_cut or m.device_id in holds.awake
+        key = (id(m.points), m.model, m.commanded, held_off, held_on, m.circuit,
                m.count)  # fmt: skip
         entry = miner_groups.get(key)
         if entry is not None:
@@ -445,7 +519,7 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
             ladder=ml,
             cur_point=cur,
         )
-        miner_groups[key] = (group, cur == 0 and since > off_cut, cur != 0 and since > on_cut)
+        miner_groups[key] = (group, cur == 0 and held_off, cur != 0 and held_on)
         groups.append(group)
     for gi, (group, blocked, forced) in enumerate(miner_groups.values()):
         size = len(group.miners)
@@ -461,7 +535,9 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
             fixed.append(n)
             add_base(path, n.worst_case_power_w * n.count)
             continue
-        group = _node_group(n, path, control, now, (on_cut, off_cut), horizon_h, len(groups), steps)
+        group = _node_group(
+            n, path, control, now, (on_cut, off_cut), horizon_h, len(groups), steps, holds.jobs
+        )
         groups.append(group)
         add_base(path, group.rung_power_w[0] * n.count)
 
@@ -684,6 +760,7 @@ def _node_group(
     horizon_h: float,
     gi: int,
     steps: list[_Step],
+    planned_runs: Mapping[str, bool] = _NO_JOBS,
 ) -> _Group:
     """A node's group: its jobs in dispatch order, its rungs, and its merit-order steps."""
     on_cut, off_cut = cuts
@@ -696,15 +773,20 @@ def _node_group(
             continue  # pending, completed, failed: the scheduler's business, no power of ours
         running = state is JobState.RUNNING
         since = job.commanded_since
+        planned = planned_runs.get(job.job_id)
         if running:
             busy += job.gpus
             lost_any = True
-        elif since > off_cut:
-            continue  # minimum off time: stays suspended
-        if job.job_class == JobClass.SLA:
+        elif since > off_cut or planned is False:
+            continue  # minimum off time, or deferred by the horizon plan: stays suspended
+        if planned is False:
+            # Deferred by the plan, which weighed its resume cost: valued at nothing, shed last.
+            tier = 3
+            job = replace(job, usd_per_gpu_hour=0.0)
+        elif job.job_class == JobClass.SLA:
             tier = 0
             n_sla += 1
-        elif running and since > on_cut:
+        elif (running and since > on_cut) or planned:
             tier = 1
             n_held += 1
         else:

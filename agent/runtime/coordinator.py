@@ -19,11 +19,19 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from agent.control.config import AgentConfig
-from agent.control.domain import ActiveEvent, PriceView, Snapshot
+from agent.control.domain import ActiveEvent, MinerView, PriceView, Snapshot
 from agent.control.fourcp import peak_risk
+from agent.control.planner import (
+    HorizonInput,
+    HorizonPlan,
+    MinerBlock,
+    PlanStatus,
+    SwitchingCost,
+    plan_horizon,
+)
 from agent.runtime.fleet import Fleet
 from agent.runtime.state import SourceHealth
 from drivers.errors import AgentError, BadInput
@@ -70,6 +78,14 @@ class Coordinator:
         self.price_read_at: float | None = None
         self.hashprice_read_at: float | None = None
         self.events: dict[str, ActiveEvent] = {}
+        # The latest usable horizon plan, and what it was made from (re-plan when that changes).
+        self.horizon: HorizonPlan | None = None
+        self._horizon_key: tuple[object, ...] | None = None
+        # The planner's last solve (None: never solved): its time, status and reason. The loop
+        # publishes them with the rest.
+        self.planner_solve_s: float | None = None
+        self.planner_status: str | None = None
+        self.planner_reason = ""
         self._ramp_at: float | None = None
         self._ramp_tokens_w = 0.0
         # Health of every polled source, by name: the loop publishes copies to outputs.
@@ -222,7 +238,106 @@ class Coordinator:
             day_ahead_usd_per_mwh=day_ahead,
             fourcp_risk=risk,
             fourcp_reason=reason,
+            horizon=self.horizon,
         )
+
+    # --- the horizon plan ----------------------------------------------------------------
+
+    HORIZON_H = 36
+
+    def horizon_input(self) -> HorizonInput | None:
+        """The planner's input now: the day-ahead prices of the next 36 h (from the current
+        hour), the hashprice, the miners by model with the units awake, the GPU load as it is
+        now (flat), the interconnect. None without day-ahead prices, or while the market runs on
+        a simulated clock (the plan's times must be the policy's)."""
+        if self.day_ahead is None or callable(getattr(self.price_source, "sim_now", None)):
+            return None
+        now = self.clock()
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        prices = self.day_ahead.prices_between(hour, hour + timedelta(hours=self.HORIZON_H))
+        # Contiguous hours from the current one only: a gap ends the horizon.
+        hours: list[tuple[datetime, float]] = []
+        for k, (start, value) in enumerate(prices):
+            if start != hour + timedelta(hours=k):
+                break
+            hours.append((start, value))
+        if not hours:
+            return None
+        # Blocks by model, from what the fleets hold now (a view may stand for ``count`` units).
+        views = [fleet.views(now) for fleet in self.fleets]
+        by_model: dict[str, list[MinerView]] = {}
+        for miner in (m for v in views for m in v.miners):
+            by_model.setdefault(miner.model, []).append(miner)
+        switching = SwitchingCost(wake_lost_s=self.config.control.miner_wake_lost_s)
+        blocks = tuple(
+            MinerBlock(
+                model,
+                sum(m.count for m in miners),
+                miners[0].points,
+                switching,
+                units_on=sum(m.count for m in miners if m.commanded != m.points[0].name),
+            )
+            for model, miners in sorted(by_model.items())
+        )
+        gpu_w = sum(n.worst_case_power_w * n.count for v in views for n in v.gpu_nodes)
+        site, control = self.config.site, self.config.control
+        # The real-time price so far stands for the hour now running (persistence), when fresh.
+        realtime = None
+        if self.price is not None and self.price_read_at is not None:
+            fresh = self.monotonic() - self.price_read_at <= self.config.prices.max_age_s
+            if fresh and math.isfinite(self.price.value):
+                realtime = self.price.value
+        return HorizonInput(
+            at=now,
+            starts=tuple(h for h, _ in hours),
+            interval_s=3600.0,
+            price_usd_per_mwh=tuple(v for _, v in hours),
+            hashprice_usd_per_ph_day=self.current_hashprice(self.monotonic()),
+            pool_fee=self.config.economics.pool_fee,
+            blocks=blocks,
+            limit_w=max(0.0, (site.interconnect_limit_kw - site.safety_margin_kw) * 1000.0),
+            base_load_w=(gpu_w,) * len(hours),
+            min_on_s=control.min_on_s,
+            min_off_s=control.min_off_s,
+            # A curtailment lasts at least its minimum off time, and a real-time price holds for
+            # its settlement interval (15 minutes in ERCOT): the shortest spike worth weighing.
+            spike_h=max(control.min_off_s, control.interval_s, 900.0) / 3600.0,
+            realtime_usd_per_mwh=realtime,
+        )
+
+    async def refresh_horizon(self) -> None:
+        """Re-plan every hour and whenever the forecast, the real-time price or the hashprice
+        changes, off the event loop (a solve of 36 hourly intervals takes milliseconds). A failed
+        solve drops the plan (the rule alone decides) and logs the reason once."""
+        inp = self.horizon_input()
+        if inp is None:
+            return
+        key = (
+            inp.starts[0],
+            inp.price_usd_per_mwh,
+            inp.realtime_usd_per_mwh,
+            inp.hashprice_usd_per_ph_day,
+        )
+        if key == self._horizon_key:
+            return
+        self._horizon_key = key
+        try:
+            plan = await asyncio.to_thread(plan_horizon, inp)
+        except Exception as exc:  # the planner is advisory: it must never stop the agent
+            plan = HorizonPlan(
+                PlanStatus.FAILED, f"planner raised {type(exc).__name__}: {exc}", inp.at
+            )
+        was = self.planner_status
+        self.planner_solve_s, self.planner_status = plan.solve_s, plan.status.value
+        self.planner_reason = plan.reason
+        if plan.usable:
+            if was != plan.status.value:
+                log.info("horizon plan %s in %.3f s: %s", plan.status, plan.solve_s, plan.reason)
+            self.horizon = plan
+        else:
+            if was != plan.status.value:
+                log.warning("horizon planner fell back to the rule: %s", plan.reason)
+            self.horizon = None
 
     def ramp_headroom_w(self, mono: float) -> float:
         """The ramp budget: a token bucket filled at the ramp rate.

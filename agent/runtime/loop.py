@@ -147,6 +147,10 @@ class Agent:
                 readings.update(fleet.readings())
         state.gpu_readings = readings
         state.safe_reason = self.actuator.safe_reason
+        planner = self.coordinator
+        state.planner_solve_s = planner.planner_solve_s
+        state.planner_status = planner.planner_status
+        state.planner_reason = planner.planner_reason
         state.mode = "safe" if state.safe_reason is not None else self.operator_mode
 
     async def restore_journal(self) -> None:
@@ -400,6 +404,9 @@ class Agent:
         if self.components.price_source is not None:
             price_every = min(control.poll_interval_s, control.interval_s)
             loops.append(self._poll(coordinator.poll_price, price_every, stop))
+        if coordinator.day_ahead is not None:
+            # Cheap when nothing changed: it re-plans only on a new hour or a new forecast.
+            loops.append(self._poll(coordinator.refresh_horizon, 60.0, stop))
         if self.inbox is not None:
             loops.append(self._serve_inbox(self.inbox, stop))
         loops.extend(service(stop) for service in self.components.services)

@@ -53,3 +53,7 @@ class AgentState:
     safe_reason: str | None = None
     # GPU node id -> the latest per-GPU readings of that node (for per-GPU metrics).
     gpu_readings: Mapping[str, tuple[GpuReading, ...]] = field(default_factory=dict)
+    # The horizon planner's last solve (None: never solved): its time, status and reason.
+    planner_solve_s: float | None = None
+    planner_status: str | None = None
+    planner_reason: str = ""

@@ -374,6 +374,38 @@ class LuxosFleet:
 # --- control endpoint --------------------------------------------------------------------
 
 
+MAX_FAULT_DELAY_S = 3600.0  # a longer fault is a typo; inf or NaN would hang a timer forever
+_FAULT_KEYS = frozenset({"op", "fault", "address", "addresses", "delay_s"})
+
+
+def _fault_request(fleet: LuxosFleet, request: dict[str, object]) -> tuple[list[str], Fault]:
+    """Validate every field of a fault request before anything changes (ValueError if bad)."""
+    unknown = sorted(str(k) for k in request if k not in _FAULT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; known: {sorted(_FAULT_KEYS)}")
+    addresses = request.get("addresses", [request.get("address")])
+    if not isinstance(addresses, list) or not addresses:
+        raise ValueError("addresses must be a non-empty list")
+    if not all(isinstance(a, str) for a in addresses):
+        raise ValueError("every address must be a string")
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("an address is listed twice")
+    kind = request.get("fault")
+    if not isinstance(kind, str):
+        raise ValueError(f"fault must be one of {[k.value for k in FaultKind]}")
+    delay_s = request.get("delay_s", 0.0)
+    if isinstance(delay_s, bool) or not isinstance(delay_s, int | float):
+        raise ValueError(f"delay_s must be a number of seconds, got {delay_s!r}"[:120])
+    if not math.isfinite(delay_s) or not 0 <= delay_s <= MAX_FAULT_DELAY_S:
+        raise ValueError(f"delay_s must be 0 to {MAX_FAULT_DELAY_S:g} s, got {delay_s!r}")
+    fault = Fault(FaultKind(kind), float(delay_s))
+    for a in addresses:
+        fleet._server(a)  # every address known before any miner changes
+    if fault.kind is FaultKind.REBOOT and not fleet._started:
+        raise ValueError("a reboot needs a started fleet")
+    return addresses, fault
+
+
 def _control(fleet: LuxosFleet, request: object) -> dict[str, object]:
     if not isinstance(request, dict):
         return {"ok": False, "error": "request must be a JSON object"}
@@ -386,18 +418,25 @@ def _control(fleet: LuxosFleet, request: object) -> dict[str, object]:
         if op == "states":
             return {"ok": True, "states": [fleet.truth(a) for a in fleet.addresses]}
         if op == "fault":
-            addresses = request.get("addresses", [request.get("address")])
-            if not isinstance(addresses, list):
-                return {"ok": False, "error": "addresses must be a list"}
-            fault = Fault(FaultKind(str(request.get("fault"))), float(request.get("delay_s", 0.0)))
+            addresses, fault = _fault_request(fleet, request)
             for a in addresses:
-                fleet._server(str(a))  # validate every address before changing any
-            for a in addresses:
-                fleet.set_fault(str(a), fault)
+                fleet.set_fault(a, fault)
             return {"ok": True}
     except (KeyError, ValueError, TypeError) as exc:
-        return {"ok": False, "error": str(exc)}
-    return {"ok": False, "error": f"unknown op {op!r}; known: list, state, states, fault"}
+        return {"ok": False, "error": str(exc)[:300]}
+    return {"ok": False, "error": f"unknown op {str(op)[:40]!r}; known: list, state, states, fault"}
+
+
+def _decode_request(line: bytes) -> object:
+    """One control line as JSON: strict UTF-8, no NaN/Infinity, bounded nesting (ValueError)."""
+
+    def no_constants(name: str) -> object:
+        raise ValueError(f"{name} is not allowed")
+
+    try:
+        return json.loads(line.decode("utf-8"), parse_constant=no_constants)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 async def serve_control(fleet: LuxosFleet, port: int, host: str = "127.0.0.1") -> asyncio.Server:
@@ -407,12 +446,12 @@ async def serve_control(fleet: LuxosFleet, port: int, host: str = "127.0.0.1") -
         try:
             while line := await reader.readline():
                 try:
-                    reply = _control(fleet, json.loads(line))
-                except ValueError as exc:
-                    reply = {"ok": False, "error": f"not JSON: {exc}"}
+                    reply = _control(fleet, _decode_request(line))
+                except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+                    reply = {"ok": False, "error": f"not JSON: {exc}"[:300]}
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
-        except ConnectionError:
+        except (ConnectionError, ValueError):  # ValueError: a line over the 1 MiB limit
             pass
         finally:
             writer.close()

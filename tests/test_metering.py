@@ -166,6 +166,12 @@ def test_meter_config_keys_are_checked() -> None:
         ({"ambient": {"source": "meter"}}, "needs a meter"),
         ({"ambient": {"source": "http_json"}}, "needs ambient.feed"),
         ({"cooling": {"base_frac": -1}}, "base_frac"),
+        # Hostile numbers: a boolean, text, or a non-finite value is refused, never coerced.
+        ({"meter": {"host": "127.0.0.1", "poll_s": True}}, "poll_s: expected a number, got a b"),
+        ({"meter": {"host": "127.0.0.1", "port": "502"}}, "port: expected a number, got text"),
+        ({"cooling": {"base_frac": float("nan")}}, "base_frac: Input should be a finite number"),
+        ({"thermal": {"miner": {"max_c": True, "resume_c": 90}}}, "max_c: expected a number"),
+        ({"ambient": {"max_age_s": float("inf")}}, "max_age_s: Input should be a finite number"),
     ]
     for bad, message in cases:
         with pytest.raises(Exception, match=message):

@@ -22,12 +22,13 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from drivers.inputs import StrictSettings
 from drivers.prices.http_json import HttpJsonSettings
 
 
-class CoolingConfig(BaseModel):
+class CoolingConfig(StrictSettings):
     """``cooling:`` in the site config."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -46,7 +47,7 @@ class CoolingConfig(BaseModel):
         return self
 
 
-class AmbientConfig(BaseModel):
+class AmbientConfig(StrictSettings):
     """``ambient:`` in the site config: where the outdoor temperature comes from.
 
     ``constant`` (``constant_c``), ``meter`` (SunSpec model 307 on the site meter), or
@@ -60,7 +61,7 @@ class AmbientConfig(BaseModel):
     source: Literal["constant", "meter", "http_json"] = "constant"
     constant_c: float = Field(default=25.0, ge=-60, le=70)
     feed: HttpJsonSettings | None = None
-    max_age_s: float = Field(default=1800.0, gt=0)
+    max_age_s: float = Field(default=1800.0, gt=0, le=10 * 365 * 86400.0)
 
     @model_validator(mode="after")
     def _feed_when_http(self) -> AmbientConfig:

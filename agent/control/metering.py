@@ -38,10 +38,10 @@ class MeterConfig(ModbusMeterSettings):
     max_age_s: float = Field(default=10.0, gt=0, le=3600, description="older readings are lost")
     fallback_margin_kw: float = Field(default=0.0, ge=0, le=1e6)
     # The meter disagreeing with the modelled site by more than this is implausible.
-    max_residual_kw: float = Field(default=1e6, gt=0)
+    max_residual_kw: float = Field(default=1e6, gt=0, le=1e7)
     trim_gain: float = Field(default=0.3, gt=0, le=1)
-    max_trim_kw: float = Field(default=1e6, ge=0)
-    max_trim_step_kw: float = Field(default=1e6, gt=0)
+    max_trim_kw: float = Field(default=1e6, ge=0, le=1e7)
+    max_trim_step_kw: float = Field(default=1e6, gt=0, le=1e7)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from drivers.inputs import StrictSettings
 
 
-class ThermalLimit(BaseModel):
+class ThermalLimit(StrictSettings):
     """Derate above ``max_c``; lift it below ``resume_c``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -39,7 +41,7 @@ class ThermalLimit(BaseModel):
         return self
 
 
-class ThermalConfig(BaseModel):
+class ThermalConfig(StrictSettings):
     """``thermal:`` in the site config; a limit left out means no derate for that kind."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

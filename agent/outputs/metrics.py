@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
@@ -55,6 +56,7 @@ from agent.control.planner import PlanStatus
 from agent.control.policy import event_limit_w
 from agent.outputs.page import OperatorPage
 from agent.runtime.state import AgentState
+from drivers.inputs import RejectionCounter, process_rejections
 from drivers.jobs.base import JobClass, JobState
 
 log = logging.getLogger(__name__)
@@ -95,10 +97,14 @@ class AgentCollector(Collector):
         state: AgentState,
         config: AgentConfig | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        rejections: RejectionCounter | None = None,
     ) -> None:
         self.state = state
         self.config = config
         self.clock = clock
+        # What the drivers refused (bounded parsers, drivers/inputs.py); the process-wide
+        # counter unless one is injected.
+        self.rejections = rejections if rejections is not None else process_rejections()
 
     def collect(self) -> Iterator[Metric]:
         now = self.clock()
@@ -171,7 +177,9 @@ class AgentCollector(Collector):
             "Inputs rejected without effect (bad price rows, bad commands), by source and reason.",
             labels=["source", "reason"],
         )
-        for (source, reason), count in sorted(dict(state.rejected).items()):
+        counts = Counter(dict(state.rejected))
+        counts.update(self.rejections.counts())
+        for (source, reason), count in sorted(counts.items()):
             rejected.add_metric([source, reason], count)
         yield rejected
 
@@ -619,10 +627,11 @@ def build_registry(
     state: AgentState,
     config: AgentConfig | None = None,
     clock: Callable[[], datetime] = _utcnow,
+    rejections: RejectionCounter | None = None,
 ) -> CollectorRegistry:
     """A fresh registry holding one :class:`AgentCollector` (never the global registry)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(state, config, clock))
+    registry.register(AgentCollector(state, config, clock, rejections))
     return registry
 
 

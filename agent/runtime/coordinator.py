@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -99,6 +100,8 @@ class Coordinator:
         # Health of every polled source, by name: the loop publishes copies to outputs.
         self.health: dict[str, SourceHealth] = {}
         self.price_changed = asyncio.Event()
+        # Refused feed answers (source, one-line reason) waiting for the runtime's audit sink.
+        self.rejected_to_audit: deque[tuple[str, str]] = deque(maxlen=100)
         # The meter and the ambient source: the load model of every snapshot.
         self.meter_watch = MeterWatch(
             config,
@@ -144,6 +147,7 @@ class Coordinator:
         except AgentError as exc:
             if health.last_error is None:
                 log.warning("price source %s failed: %s", self.price_source.name, exc)
+            self._note_rejected(health.last_error, exc)
             health.last_error = str(exc)
             health.failures += 1
             return
@@ -173,6 +177,7 @@ class Coordinator:
         except AgentError as exc:
             if health.last_error is None:
                 log.warning("hashprice feed %s failed: %s", source.name, exc)
+            self._note_rejected(health.last_error, exc)
             health.last_error, health.failures = str(exc), health.failures + 1
             return
         if health.last_error is not None:
@@ -180,6 +185,12 @@ class Coordinator:
         health.last_error, health.last_success = None, self.clock()
         health.successes += 1
         self.hashprice_usd_per_ph_day, self.hashprice_read_at = reading.value, self.monotonic()
+
+    def _note_rejected(self, previous: str | None, exc: AgentError) -> None:
+        """Queue a refused answer for the audit trail: once per failing streak and reason, not
+        once per poll (a feed answering NaN every second must not flood the journal)."""
+        if isinstance(exc, BadInput) and str(exc) != previous:
+            self.rejected_to_audit.append((exc.source, str(exc)))
 
     def market_now(self) -> datetime:
         """The market's clock: simulated time when the price source replays history."""

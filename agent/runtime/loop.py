@@ -38,7 +38,7 @@ from agent.runtime.actuator import ActionResult, Actuator, AuditSink
 from agent.runtime.coordinator import Clock, Coordinator, utc_now
 from agent.runtime.events import EventBook, EventSource
 from agent.runtime.fleet import Fleet
-from agent.runtime.inbox import CommandInbox, Rejection, Submission
+from agent.runtime.inbox import AuditRequest, CommandInbox, Item, Rejection
 from agent.runtime.state import AgentState
 from drivers.errors import AgentError
 from drivers.gpus.base import GpuReading
@@ -199,6 +199,7 @@ class Agent:
         await self.event_book.sync(
             self.coordinator.clock(), None if last is None else last.measured_site_power_w
         )
+        await self._audit_rejected_inputs()
         snapshot = self.coordinator.snapshot()
         await self._audit_meter()
         plan = decide(snapshot, self.config, snapshot.at)
@@ -277,9 +278,12 @@ class Agent:
         finally:
             stopping.cancel()
 
-    async def _serve(self, item: Submission | Rejection) -> None:
+    async def _serve(self, item: Item) -> None:
         if isinstance(item, Rejection):
             self._count_rejected(item.source, item.reason)
+            return
+        if isinstance(item, AuditRequest):
+            await self._audit_rejection(item.source, item.action, item.reason)
             return
         if item.answer.done():  # the sender gave up waiting: nothing to do
             return
@@ -330,6 +334,22 @@ class Agent:
             return CommandResult.ok(f"mode {command.mode}")
         self.wake_control.set()  # Refresh
         return CommandResult.ok("control cycle requested")
+
+    async def _audit_rejected_inputs(self) -> None:
+        """Refused feed answers reach the audit trail (design.md: bad input, an audit row)."""
+        queue = self.coordinator.rejected_to_audit
+        while queue:
+            source, reason = queue.popleft()
+            await self._audit_rejection(source, "reject_input", reason)
+
+    async def _audit_rejection(self, source: str, action: str, reason: str) -> None:
+        sink = self.components.audit or self.components.store
+        if sink is None:
+            return
+        with contextlib.suppress(AgentError):  # a journal failure is handled elsewhere
+            await sink.audit(
+                source=source, device_id=None, action=action, reason=reason, result="rejected"
+            )
 
     async def _audit_command(self, operator: str, action: str) -> None:
         sink = self.components.audit or self.components.store

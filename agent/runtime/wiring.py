@@ -29,6 +29,7 @@ from drivers.errors import SourceError
 from drivers.grid.base import GridEvent
 from drivers.grid.mqtt_curtail import MqttCurtailSource
 from drivers.grid.openadr import OpenAdrVen
+from drivers.inputs import record
 from drivers.meters.base import Meter
 from drivers.prices.base import PriceReading, PriceSource
 from drivers.prices.csv_replay import (
@@ -86,6 +87,8 @@ def build_price_source(
         series = load_price_csv(rt.path, rt.column, collect_errors=True)
         for row in series.rejected[:5]:
             log.warning("price row rejected: %s", row)
+        for row in series.rejected:  # each counted in rejected_inputs_total
+            record(None, f"csv:{rt.path.name}", row)
         return CsvPriceReplay(series, start=rt.start, speed=rt.speed, clock=clock)
     if isinstance(rt, HttpJsonSettings):
         return HttpJsonSource(rt)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from drivers.inputs import StrictSettings
 
 METER_MAP_NAMES = ("sunspec",)  # keep in step with drivers.meters.maps.METER_MAPS (a test checks)
 
 
-class ModbusMeterSettings(BaseModel):
+class ModbusMeterSettings(StrictSettings):
     """Where the meter is and how it is read (the agent's ``meter:`` block embeds these)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -108,6 +108,16 @@ MUTANTS: tuple[Mutant, ...] = (
                 "out[key] = _redact(v, secrets)",
             ),
         ),
+        (
+            T + "test_rejected_commands_are_audited_without_any_secret_in_the_journal",
+            "tests/test_store.py",
+        ),
+        "secret values stored in clear in the journal",
+    ),
+    Mutant(
+        "configured_secrets_not_collected",
+        "agent/control/redaction.py",
+        (("    walk(value)\n", "    pass\n"),),
         (T + "test_rejected_commands_are_audited_without_any_secret_in_the_journal",),
         "secret values stored in clear in the journal",
     ),
@@ -148,7 +158,12 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "rejected_mqtt_commands_not_audited",
         "agent/outputs/mqtt.py",
-        (("        await self._audit(REJECT_SOURCE, name, cid, reason, payload)\n", ""),),
+        (
+            (
+                "        self.audit_rejection(REJECT_SOURCE,",
+                "        (lambda *_: None)(REJECT_SOURCE,",
+            ),
+        ),
         (
             T + "test_one_message_with_an_unencodable_token_does_not_kill_the_bridge",
             T + "test_rejected_commands_are_audited_without_any_secret_in_the_journal",

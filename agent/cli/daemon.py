@@ -55,8 +55,8 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
                 state,
                 inbox.submit,
                 count_rejected=inbox.reject,
+                audit_rejection=inbox.audit,
                 interconnect_limit_w=config.site.interconnect_limit_kw * 1000.0,
-                audit=store.audit,
             )
             observers.append(lambda _snapshot, _plan, _results: bridge.publish_cycle())
             services.append(bridge)

@@ -28,7 +28,10 @@ if TYPE_CHECKING:
 def register(sub: Any) -> None:
     p = sub.add_parser("curtail", help="operator override: hold site load at or below a target")
     p.add_argument("--config", type=Path, required=True, help="site YAML (finds the journal)")
-    p.add_argument("--target-kw", type=float, required=True, help="site load ceiling, kW")
+    # Bounds (finite, ≥ 0, ≤ the interconnect) are checked in curtail(), with the config.
+    p.add_argument(
+        "--target-kw", type=float, required=True, help="site load ceiling, kW (0 to interconnect)"
+    )
     p.add_argument("--until", required=True, help="end: +30m, +2h or an ISO-8601 time")
     p.add_argument("--reason", default="operator override", help="why (audited)")
     p.set_defaults(func=curtail)

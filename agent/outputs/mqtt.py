@@ -21,12 +21,14 @@ A command payload is a JSON object with ``id`` (chosen by the sender, echoed in 
 command's own fields; unknown fields are refused. The broker's ACL decides which MQTT user may
 publish under ``P/command/``; the token says which operator did. The ack is
 ``{"id", "command", "status": "accepted"|"rejected", "reason", "at"}``. A malformed,
-unauthorised, unknown, invalid or expired command is rejected with a reason, reaches nobody,
-is counted in ``AgentState.rejected`` under source ``mqtt`` and gets an audit row (credentials
-redacted by the journal). A repeated ``id`` from the same operator (QoS 1 redelivery) is
-answered again with the first answer and not re-executed; the same ``id`` from another operator
-is rejected. The agent's handler also deduplicates through the journal, across restarts.
-One message can never end the bridge: a failure handling it is logged and acked as rejected.
+unauthorised, unknown, invalid or expired command is rejected with a reason, reaches nobody
+and is counted in ``AgentState.rejected`` under source ``mqtt``; the runtime also writes an
+audit row for it (``command:NAME``), for at most a burst of 20 and then one a second, so a flood
+is still counted in full but never floods the journal; a command the runtime refuses is audited
+the same way. A repeated ``id`` from the same operator (QoS 1 redelivery) is answered again with
+the first answer and not re-executed; the same ``id`` from another operator is rejected. The
+runtime also deduplicates through the journal, across restarts. One message can never end the
+bridge: a failure handling it is logged and acked as rejected.
 
 Control never waits on the broker: :meth:`MqttBridge.publish_cycle` only fills in-memory
 buffers. Retained topics keep only their newest payload (and are all republished after every
@@ -46,7 +48,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -57,6 +59,7 @@ from agent.control.commands import (
     Curtail,
     Refresh,
     RejectCounter,
+    RejectionAudit,
     Release,
     SetMode,
 )
@@ -67,6 +70,7 @@ from agent.outputs.metrics import miner_state
 from agent.runtime.state import AgentState
 from drivers.bus.base import Bus, BusError, BusMessage, BusSession, BusSettings, LastWill
 from drivers.bus.mqtt import MqttBus
+from drivers.inputs import InputRejected, load_json
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +78,9 @@ REJECT_SOURCE = "mqtt"  # the source name under which rejected commands are coun
 MAX_COMMAND_BYTES = 16 * 1024  # a command is a few hundred bytes; more is abuse or a mistake
 
 
-class CommandAudit(Protocol):
-    """Where rejected and refused commands are audited (the journal's ``Store.audit``)."""
-
-    async def __call__(
-        self,
-        *,
-        source: str,
-        action: str,
-        result: str,
-        device_id: str | None = None,
-        reason: str = "",
-        detail: Mapping[str, Any] | None = None,
-    ) -> None: ...
+# Rejected commands reach the audit trail, at most AUDIT_BURST at once and one a second after
+# that: a flood of garbage must not turn into a flood of journal writes.
+AUDIT_BURST = 20
 
 
 # --- the wire schema (pydantic at the edge) ------------------------------------------------------
@@ -103,7 +97,8 @@ class _Wire(BaseModel):
 
 
 class _CurtailWire(_Wire):
-    target_kw: float = Field(ge=0, allow_inf_nan=False)
+    # strict: ``true`` is no target; the bound is the largest site, the runtime applies its own.
+    target_kw: float = Field(ge=0, le=10_000_000, allow_inf_nan=False, strict=True)
     until: datetime
 
     @field_validator("until")
@@ -149,14 +144,7 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
     Order: well-formed JSON object, then authentication, then a known command, then its schema,
     so an unauthenticated sender learns nothing about the schema.
     """
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise Rejected("malformed", f"payload larger than {MAX_COMMAND_BYTES} bytes")
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Rejected("malformed", f"payload is not JSON: {exc}") from None
-    except RecursionError:
-        raise Rejected("malformed", "payload is nested too deeply") from None
+    data = _load(payload)
     if not isinstance(data, dict):
         raise Rejected("malformed", "payload must be a JSON object")
     operator, token = data.get("operator"), data.get("token")
@@ -179,7 +167,7 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in exc.errors()
         )
-        raise Rejected("invalid", f"invalid {name}: {problems}") from None
+        raise Rejected("invalid", f"invalid {name}: {problems}"[:300]) from None
     if isinstance(wire, _CurtailWire):
         if wire.until <= now:
             raise Rejected("expired", f"until {wire.until.isoformat()} is not in the future")
@@ -191,39 +179,25 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
     return Release(wire.id, wire.operator)
 
 
+def _load(payload: bytes) -> Any:
+    """Bounded JSON (size, UTF-8, depth, duplicate keys, NaN): a hostile payload is refused
+    with its reason as the metric code, never an exception that ends the bridge."""
+    try:
+        return load_json(payload, REJECT_SOURCE, max_bytes=MAX_COMMAND_BYTES, max_depth=8)
+    except InputRejected as exc:
+        if exc.reason == "bad_syntax":
+            raise Rejected("malformed", f"payload is not JSON: {exc.message}") from None
+        raise Rejected(exc.reason, f"payload refused: {exc.message}") from None
+
+
 def _command_id(payload: bytes) -> str | None:
     """The sender's ``id`` if one can be read, for the ack of a command we reject."""
-    if len(payload) > MAX_COMMAND_BYTES:
-        return None
     try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        data = _load(payload)
+    except Rejected:
         return None
     cid = data.get("id") if isinstance(data, dict) else None
     return cid[:64] if isinstance(cid, str) else None
-
-
-def _printable(text: str) -> str:
-    """Text that UTF-8 (and so the journal) can store: lone surrogates become U+FFFD."""
-    return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def _payload_detail(payload: bytes) -> Any:
-    """What of a rejected payload goes into the audit row: its fields (flat, truncated)."""
-    if len(payload) > MAX_COMMAND_BYTES:
-        return f"<{len(payload)} bytes>"
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return payload[:200].decode("utf-8", "replace")
-    if not isinstance(data, dict):
-        return f"<{type(data).__name__}>"
-    return {
-        _printable(str(k)[:64]): (
-            v if isinstance(v, bool | int | float) or v is None else _printable(str(v)[:200])
-        )
-        for k, v in list(data.items())[:32]
-    }
 
 
 # --- payloads ---------------------------------------------------------------------------------
@@ -416,12 +390,17 @@ class MqttBridge:
         interconnect_limit_w: float | None = None,
         bus: Bus | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        audit: CommandAudit | None = None,
+        audit_rejection: RejectionAudit | None = None,
     ) -> None:
         self.config = config
         self.state = state
         self.handler = handler
         self.count_rejected = count_rejected  # rejections are the runtime's to count
+        # ... and to audit: the bridge only decides which ones, at a bounded rate.
+        self.audit_rejection = audit_rejection
+        self._audit_tokens = float(AUDIT_BURST)
+        self._audit_at: float | None = None
+        self.unaudited_rejections = 0
         self.interconnect_limit_w = interconnect_limit_w
         self.clock = clock
         self.prefix = f"{config.topic_prefix}/{state.site_id}"
@@ -436,7 +415,6 @@ class MqttBridge:
         self._wake = asyncio.Event()
         # id -> (operator, first answer): a redelivery is answered again, never re-executed.
         self._answered: OrderedDict[str, tuple[str, CommandResult]] = OrderedDict()
-        self.audit = audit  # rejected commands reach the audit trail (README)
         self._tokens = {k: v.get_secret_value() for k, v in config.command_tokens.items()}
 
     # --- what the runtime calls ---------------------------------------------------------------
@@ -578,12 +556,10 @@ class MqttBridge:
                 await self._on_command(message)
             except Exception as exc:  # one message must never end the command bridge
                 log.exception("mqtt: command on %r could not be handled", message.topic[:64])
-                await self._reject(
-                    _command_id(message.payload),
-                    message.topic.removeprefix(f"{self.prefix}/command/"),
-                    "internal",
-                    f"internal error: {type(exc).__name__}",
-                )
+                name = message.topic.removeprefix(f"{self.prefix}/command/")
+                reason = f"internal error: {type(exc).__name__}"
+                self._reject(_command_id(message.payload), name, "internal", reason)
+                self._audit(name, "internal", reason)
 
     # --- commands -----------------------------------------------------------------------------
 
@@ -593,14 +569,16 @@ class MqttBridge:
         try:
             command = parse_command(name, message.payload, self._tokens, self.clock())
         except Rejected as rej:
-            await self._reject(cid, name, rej.code, rej.reason, message.payload)
+            self._reject(cid, name, rej.code, rej.reason)
+            self._audit(name, rej.code, rej.reason)
             return
         previous = self._answered.get(command.id)
         if previous is not None:
             operator, answer = previous
             if operator != command.operator:  # never someone else's result
                 reason = f"command id {command.id!r} was already used by another operator"
-                await self._reject(command.id, name, "duplicate_id", reason, message.payload)
+                self._reject(command.id, name, "duplicate_id", reason)
+                self._audit(name, "duplicate_id", reason)
                 return
             self._ack(command.id, name, answer)  # QoS 1 redelivery or a resend: no second effect
             return
@@ -622,35 +600,27 @@ class MqttBridge:
         else:
             self.count_rejected(REJECT_SOURCE, "refused")
             log.warning("mqtt: %s %s refused: %s", name, command.id, result.reason)
-            await self._audit(
-                f"operator:{command.operator}", name, command.id, result.reason, message.payload
-            )
+            self._audit(name, "refused", f"by {command.operator}: {result.reason}")
         self._ack(command.id, name, result)
 
-    async def _reject(
-        self, cid: str | None, name: str, code: str, reason: str, payload: bytes = b""
-    ) -> None:
+    def _audit(self, name: str, code: str, reason: str) -> None:
+        if self.audit_rejection is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if self._audit_at is not None:
+            self._audit_tokens = min(AUDIT_BURST, self._audit_tokens + (now - self._audit_at))
+        self._audit_at = now
+        if self._audit_tokens < 1.0:
+            self.unaudited_rejections += 1  # still counted in rejected_inputs_total
+            return
+        self._audit_tokens -= 1.0
+        # Handed to the runtime, which writes the row (the journal is the loop's to write).
+        self.audit_rejection(REJECT_SOURCE, f"command:{name[:64]}", f"{code}: {reason}")
+
+    def _reject(self, cid: str | None, name: str, code: str, reason: str) -> None:
         self.count_rejected(REJECT_SOURCE, code)
         log.warning("mqtt: rejected command on %r: %s", name[:64], reason)
         self._ack(cid, name[:64], CommandResult.refuse(reason))
-        await self._audit(REJECT_SOURCE, name, cid, reason, payload)
-
-    async def _audit(
-        self, source: str, name: str, cid: str | None, reason: str, payload: bytes
-    ) -> None:
-        """One audit row per rejected or refused command; the journal redacts credentials."""
-        if self.audit is None:
-            return
-        try:
-            await self.audit(
-                source=_printable(source),
-                action=_printable(f"command:{name[:64]}"),
-                result="rejected",
-                reason=_printable(reason[:500]),
-                detail={"id": cid and _printable(cid), "payload": _payload_detail(payload)},
-            )
-        except Exception as exc:  # a journal that cannot take the row must not stop commands
-            log.error("mqtt: cannot audit a rejected command: %s", exc)
 
     def _ack(self, cid: str | None, name: str, result: CommandResult) -> None:
         payload = {

@@ -47,9 +47,10 @@ def check_target_kw(target_kw: object, limits: CommandLimits, what: str = "targe
     except OverflowError:
         raise LimitError(f"{what} is too large to be a power") from None
     if not math.isfinite(value) or not 0.0 <= value <= limits.interconnect_kw:
+        above = math.isfinite(value) and value > limits.interconnect_kw
         raise LimitError(
-            f"{what} {target_kw!r} kW is outside 0..{limits.interconnect_kw:g} kW "
-            "(the interconnect limit)"
+            f"{what} {target_kw!r} kW is outside 0..{limits.interconnect_kw:g} kW"
+            + (" (above the site's interconnect limit)" if above else "")
         )
     return value
 

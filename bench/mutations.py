@@ -87,15 +87,13 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "hashprice_range_check_disabled",
-        "agent/control/limits.py",
-        (("    if not (math.isfinite(value) and low <= value <= high):", "    if False:"),),
-        (T + "test_a_hashprice_feed_out_of_range_is_never_used",),
-        "a hashprice feed whose range check is disabled",
-    ),
-    Mutant(
-        "hashprice_check_not_called",
-        "agent/runtime/coordinator.py",
-        (("                check_hashprice(reading.value)\n", "                pass\n"),),
+        "drivers/prices/http_json.py",
+        (
+            (
+                '        return (*HASHPRICE_RANGE_USD_PER_PH_DAY, "USD/PH/day")',
+                '        return (-1e300, 1e300, "USD/PH/day")',
+            ),
+        ),
         (T + "test_a_hashprice_feed_out_of_range_is_never_used",),
         "a hashprice feed whose range check is disabled",
     ),

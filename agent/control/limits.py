@@ -1,4 +1,4 @@
-"""The one set of limits every command channel applies: targets, end times and hashprice.
+"""The one set of limits every command channel applies: targets and end times.
 
 An operator's curtailment (CLI or MQTT) and a grid event (OpenADR, the MQTT curtailment topic,
 and everything read back from the journal) all pass through :func:`check_event`, so no channel
@@ -16,10 +16,6 @@ from datetime import datetime, timedelta
 from agent.control.config import AgentConfig
 from drivers.errors import AgentError
 from drivers.grid.base import GridEvent
-
-# A hashprice outside this band is a broken feed, not a market (2020-2026 spanned ~30-400).
-HASHPRICE_MIN_USD_PER_PH_DAY = 0.01
-HASHPRICE_MAX_USD_PER_PH_DAY = 100_000.0
 
 
 class LimitError(AgentError):
@@ -85,13 +81,3 @@ def check_event(event: GridEvent, now: datetime, limits: CommandLimits) -> GridE
         raise LimitError(f"event starts {event.start.isoformat()}, not before its end")
     check_end(event.end, now, limits, "end")
     return event
-
-
-def check_hashprice(value: object) -> float:
-    """A hashprice in USD per PH/s per day inside the plausible band, else :class:`LimitError`."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise LimitError(f"hashprice must be a number, got {type(value).__name__}")
-    low, high = HASHPRICE_MIN_USD_PER_PH_DAY, HASHPRICE_MAX_USD_PER_PH_DAY
-    if not (math.isfinite(value) and low <= value <= high):
-        raise LimitError(f"hashprice {value!r} USD/PH/day is outside {low:g}..{high:g}")
-    return float(value)

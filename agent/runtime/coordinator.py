@@ -28,7 +28,6 @@ from datetime import UTC, datetime, timedelta
 from agent.control.config import AgentConfig
 from agent.control.domain import ActiveEvent, MinerView, PriceView, Snapshot
 from agent.control.fourcp import peak_risk
-from agent.control.limits import LimitError, check_hashprice
 from agent.control.planner import (
     HorizonInput,
     HorizonPlan,
@@ -173,11 +172,11 @@ class Coordinator:
         health = self.source(f"hashprice:{source.name}")
         try:
             reading = await source.latest()
-            try:
-                check_hashprice(reading.value)
-            except LimitError as exc:
-                self.count_rejected(f"hashprice:{source.name}", "out_of_range")
-                raise BadInput(source.name, str(exc)) from None
+            # The feed checks its range (drivers/prices); this guards any other source.
+            if not (math.isfinite(reading.value) and reading.value > 0):
+                raise BadInput(
+                    source.name, f"hashprice must be a positive number, got {reading.value}"
+                )
         except AgentError as exc:
             if health.last_error is None:
                 log.warning("hashprice feed %s failed: %s", source.name, exc)

@@ -37,7 +37,6 @@ from datetime import UTC, datetime, timedelta
 from agent.backtest.data import TraceJob
 from agent.control.config import AgentConfig, GpuNodeConfig
 from agent.control.domain import (
-    SLEEP,
     ActiveEvent,
     GpuNodeView,
     JobView,
@@ -47,8 +46,17 @@ from agent.control.domain import (
     PriceView,
     Snapshot,
 )
-from agent.control.economics import breakeven_usd_per_mwh, gpu_throughput_fraction
-from agent.journal.store import event_target_w
+from agent.control.economics import gpu_throughput_fraction, mining_revenue_usd_per_h
+from agent.control.settlement import Ledger, event_target_w, fourcp_adder_usd_per_mwh
+from agent.control.site import (
+    RampBudget,
+    SiteModel,
+    contract,
+    lost_work_usd,
+    node_power_w,
+    ramp_capacity_w,
+    site_model,
+)
 from drivers.errors import AgentError
 from drivers.grid.base import GridEvent
 from drivers.jobs.base import JobClass, JobState
@@ -132,17 +140,6 @@ def simple_market(
 # --- the site ------------------------------------------------------------------------------
 
 
-def ladder(
-    standby_w: float, profiles: Sequence[tuple[str, float, float]]
-) -> tuple[OperatingPoint, ...]:
-    """``sleep`` first, then profiles by ascending power (as the coordinator builds them)."""
-    ordered = sorted(profiles, key=lambda p: p[1])
-    return (
-        OperatingPoint(SLEEP, standby_w, 0.0),
-        *(OperatingPoint(n, w, h) for n, w, h in ordered),
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class MinerBlock:
     device_id: str
@@ -153,44 +150,47 @@ class MinerBlock:
 
 @dataclass(frozen=True, slots=True)
 class Site:
-    """The static site: miner blocks with their ladders, and the expanded GPU nodes."""
+    """The site model (:mod:`agent.control.site`) and its miners split into blocks."""
 
-    config: AgentConfig
-    ladders: dict[str, tuple[OperatingPoint, ...]]
-    nameplates: dict[str, float]
+    model: SiteModel
     blocks: tuple[MinerBlock, ...]
-    nodes: tuple[GpuNodeConfig, ...]  # one entry per node (``count`` expanded)
-    node_ids: tuple[str, ...]
-    limit_w: float  # interconnect limit minus the safety margin
+
+    @property
+    def config(self) -> AgentConfig:
+        return self.model.config
+
+    @property
+    def ladders(self) -> dict[str, tuple[OperatingPoint, ...]]:
+        return self.model.ladders
+
+    @property
+    def nameplates(self) -> dict[str, float]:
+        return self.model.nameplates
+
+    @property
+    def nodes(self) -> tuple[GpuNodeConfig, ...]:
+        return self.model.nodes
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return self.model.node_ids
+
+    @property
+    def limit_w(self) -> float:
+        return self.model.limit_w
 
     @property
     def miners_by_model(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for b in self.blocks:
-            out[b.model] = out.get(b.model, 0) + b.count
-        return out
+        return self.model.miners_by_model
 
     def fleet_breakeven_usd_per_mwh(self, hashprice: float) -> float:
-        """Breakeven of each model at its top profile, weighted by the model's top power."""
-        fee = self.config.economics.pool_fee
-        num = den = 0.0
-        for model, count in self.miners_by_model.items():
-            top = self.ladders[model][-1]
-            weight = count * top.power_w
-            num += weight * breakeven_usd_per_mwh(hashprice, fee, top.power_w / top.hashrate_ths)
-            den += weight
-        return num / den if den else math.inf
+        return self.model.fleet_breakeven_usd_per_mwh(hashprice)
 
 
 def build_site(config: AgentConfig, block_size: int) -> Site:
     """Split every miner config line into blocks of at most ``block_size`` identical miners."""
     if block_size < 1:
         raise BacktestError(f"block size must be at least 1 (got {block_size})")
-    ladders = {
-        name: ladder(m.standby_w, [(p.name, p.power_w, p.hashrate_ths) for p in m.profiles])
-        for name, m in config.miner_models.items()
-    }
-    nameplates = {name: m.max_power_w for name, m in config.miner_models.items()}
     blocks: list[MinerBlock] = []
     for m in config.miners:
         n_blocks = math.ceil(m.count / block_size)
@@ -198,123 +198,36 @@ def build_site(config: AgentConfig, block_size: int) -> Site:
             size = min(block_size, m.count - k * block_size)
             bid = m.id if m.count == 1 else f"{m.id}-blk{k + 1:04d}"
             blocks.append(MinerBlock(bid, m.model, size, m.circuit))
-    nodes: list[GpuNodeConfig] = []
-    ids: list[str] = []
-    for n in config.gpu_nodes:
-        for k in range(n.count):
-            nodes.append(n)
-            ids.append(n.id if n.count == 1 else f"{n.id}-{k + 1:03d}")
-    site = config.site
-    limit_w = (site.interconnect_limit_kw - site.safety_margin_kw) * 1000.0
-    return Site(config, ladders, nameplates, tuple(blocks), tuple(nodes), tuple(ids), limit_w)
+    return Site(site_model(config), tuple(blocks))
 
 
-# --- settlement ----------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Ledger:
-    """Money and energy of one strategy, with its power per interval for plots."""
-
-    name: str
-    mining_usd: float = 0.0
-    ai_usd: float = 0.0
-    demand_response_usd: float = 0.0
-    energy_cost_usd: float = 0.0
-    fourcp_cost_usd: float = 0.0
-    lost_work_usd: float = 0.0
-    sla_penalty_usd: float = 0.0
-    dr_penalty_usd: float = 0.0
-    energy_mwh: float = 0.0
-    interruptions: int = 0
-    curtailed_intervals: int = 0  # intervals with some mining capacity not at its top point
-    fourcp_rate_usd_per_kw_year: float = 0.0
-    mining_w: list[float] = field(default_factory=list)
-    ai_w: list[float] = field(default_factory=list)
-    # Revenue − energy cost − 4CP of each interval (penalties are booked per event, not here).
-    interval_margin_usd: list[float] = field(default_factory=list)
-
-    @property
-    def penalties_usd(self) -> float:
-        return self.lost_work_usd + self.sla_penalty_usd + self.dr_penalty_usd
-
-    @property
-    def revenue_usd(self) -> float:
-        return self.mining_usd + self.ai_usd + self.demand_response_usd
-
-    @property
-    def profit_usd(self) -> float:
-        return self.revenue_usd - self.energy_cost_usd - self.fourcp_cost_usd - self.penalties_usd
-
-    def settle(
-        self,
-        market: Market,
-        i: int,
-        mining_w: float,
-        ai_w: float,
-        mining_usd_per_h: float,
-        ai_usd_per_h: float,
-    ) -> None:
-        """Book interval ``i`` at its real price (and its 4CP charge if it is a true peak)."""
-        dt_h = market.dt_h
-        site_w = mining_w + ai_w
-        mwh = site_w / 1e6 * dt_h
-        self.energy_mwh += mwh
-        cost = mwh * market.price_usd_per_mwh[i]
-        self.energy_cost_usd += cost
-        self.mining_usd += mining_usd_per_h * dt_h
-        self.ai_usd += ai_usd_per_h * dt_h
-        if market.peak and market.peak[i]:
-            fourcp = fourcp_usd_per_kw(self.fourcp_rate_usd_per_kw_year) * site_w / 1000.0
-            self.fourcp_cost_usd += fourcp
-            cost += fourcp
-        dr = 0.0
-        for e in market.active_events.get(i, ()):
-            # The live settlement rule (agent.journal.store): paid for the reduction below the
-            # baseline down to the target, penalised for every MWh above the target.
-            event, baseline_w = market.events[e], market.event_baseline_w[e]
-            target_w = event_target_w(event, baseline_w)
-            if target_w is None:
-                continue
-            delivered_mwh = max(0.0, baseline_w - max(site_w, target_w)) / 1e6 * dt_h
-            shortfall_mwh = max(0.0, site_w - target_w) / 1e6 * dt_h
-            paid = delivered_mwh * event.payment_usd_per_mwh
-            penalty = shortfall_mwh * event.penalty_usd_per_mwh
-            self.demand_response_usd += paid
-            self.dr_penalty_usd += penalty
-            dr += paid - penalty
-        self.interval_margin_usd.append((mining_usd_per_h + ai_usd_per_h) * dt_h - cost + dr)
-        self.mining_w.append(mining_w)
-        self.ai_w.append(ai_w)
-
-
-def fourcp_usd_per_kw(rate_usd_per_kw_year: float) -> float:
-    """One true peak interval's share of next year's charge: a quarter of the annual rate."""
-    return rate_usd_per_kw_year / 4.0
-
-
-def fourcp_adder_usd_per_mwh(rate_usd_per_kw_year: float, dt_h: float) -> float:
-    """The 4CP charge of a peak interval as an energy price: USD per MWh drawn in it."""
-    return fourcp_usd_per_kw(rate_usd_per_kw_year) * 1000.0 / dt_h
-
-
-def mining_usd_per_h(ths: float, hashprice: float, fee: float) -> float:
-    return hashprice * (ths / 1000.0) / 24.0 * (1.0 - fee)
+def settle(
+    ledger: Ledger,
+    market: Market,
+    i: int,
+    mining_w: float,
+    ai_w: float,
+    mining_usd_per_h: float,
+    ai_usd_per_h: float,
+) -> None:
+    """Book interval ``i`` of the market (its real price, true peak and events in force)."""
+    active = market.active_events.get(i, ())
+    ledger.settle(
+        market.dt_h,
+        market.price_usd_per_mwh[i],
+        mining_w,
+        ai_w,
+        mining_usd_per_h,
+        ai_usd_per_h,
+        peak=bool(market.peak) and market.peak[i],
+        events=[(market.events[e], market.event_baseline_w[e]) for e in active],
+    )
 
 
 def job_rate(config: AgentConfig, cls: JobClass) -> tuple[float, float, float]:
     """(USD per GPU-hour, penalty per interruption, checkpoint interval s) of a job class."""
-    c = {JobClass.SLA: config.ai.sla, JobClass.PREEMPTIBLE: config.ai.preemptible}.get(
-        cls, config.ai.filler
-    )
+    c = contract(config, cls)
     return c.usd_per_gpu_hour, c.penalty_usd, c.checkpoint_interval_s
-
-
-def lost_work_usd(rev_usd_per_h: float, ran_s: float, checkpoint_interval_s: float) -> float:
-    """Revenue of the work done since the last checkpoint (checkpoints every interval of run)."""
-    if checkpoint_interval_s <= 0:
-        return 0.0
-    return rev_usd_per_h * (ran_s % checkpoint_interval_s) / 3600.0
 
 
 # --- occupancy shared by the cheap strategies -----------------------------------------------
@@ -413,7 +326,7 @@ def _oracle_choice(
     for points, count in models:
         best_v, best_p, best_r = -math.inf, 0.0, 0.0
         for p in points:
-            r = mining_usd_per_h(p.hashrate_ths, hashprice, fee)
+            r = mining_revenue_usd_per_h(p.hashrate_ths, hashprice, fee)
             v = r - q * p.power_w / 1e6
             if v > best_v:
                 best_v, best_p, best_r = v, p.power_w, r
@@ -509,7 +422,7 @@ def run_oracle(site: Site, market: Market, occ: Occupancy) -> Ledger:
     cfg = site.config
     fee = cfg.economics.pool_fee
     rate = cfg.grid.fourcp.rate_usd_per_kw_year
-    adder = fourcp_adder_usd_per_mwh(rate, market.dt_h)
+    adder = fourcp_adder_usd_per_mwh(rate, interval_h=market.dt_h)
     rates_h = [job_rate(cfg, c)[0] for c in CLASSES]
     models = _models(site)
     top_w = sum(points[-1].power_w * n for points, n in models)
@@ -532,7 +445,7 @@ def run_oracle(site: Site, market: Market, occ: Occupancy) -> Ledger:
         ch = oracle_interval(q, site.limit_w, choose, soft)
         if ch.mining_w < top_w - 1e-6:
             ledger.curtailed_intervals += 1
-        ledger.settle(market, i, ch.mining_w, ch.ai_w, ch.mining_rev_h, ch.ai_rev_h)
+        settle(ledger, market, i, ch.mining_w, ch.ai_w, ch.mining_rev_h, ch.ai_rev_h)
     return ledger
 
 
@@ -576,7 +489,8 @@ def _full_ai(
     w, r = occ.hosts_w, 0.0
     for t, node in enumerate(occ.types):
         busy = sum(used[t])
-        w += busy * node.max_cap_w + (occ.gpus_per_type[t] - busy) * node.idle_w
+        # Hosts are counted once for all nodes (occ.hosts_w), so none here.
+        w += node_power_w(0.0, occ.gpus_per_type[t], node.idle_w, busy, node.max_cap_w)
         for c, gpus in enumerate(used[t]):
             r += gpus * rates_h[c]
     return w, r
@@ -610,13 +524,13 @@ def _run_on_off(
             )
             share = min(1.0, share)
             m_w = sleep_w + share * (top_w - sleep_w)
-            m_r = mining_usd_per_h(share * top_ths, market.hashprice[i], fee)
+            m_r = mining_revenue_usd_per_h(share * top_ths, market.hashprice[i], fee)
             if share < 1.0:
                 ledger.curtailed_intervals += 1
         else:
             m_w, m_r = sleep_w, 0.0
             ledger.curtailed_intervals += 1
-        ledger.settle(market, i, m_w, ai_w, m_r, ai_rev_h)
+        settle(ledger, market, i, m_w, ai_w, m_r, ai_rev_h)
     return ledger
 
 
@@ -719,7 +633,9 @@ class PolicyReplay:
             self.ends.setdefault(job.end_i, []).append(job)
         self.nodes_tuple: tuple[GpuNodeView, ...] = ()
         self.event_seen_w: dict[int, float] = {}
-        self.ramp_w = cfg.site.ramp_up_kw_per_min * 1000.0 * market.interval_s / 60.0
+        # The live ramp bucket, asked once per market interval: it holds one interval's ramp.
+        self.ramp = RampBudget.of(cfg)
+        self.ramp_cap_w = ramp_capacity_w(cfg, market.interval_s)
 
     def _view(
         self, b: MinerBlock, points: tuple[OperatingPoint, ...], at: OperatingPoint, since: datetime
@@ -749,8 +665,7 @@ class PolicyReplay:
             if job.state == JobState.RUNNING:
                 running += job.spec.gpus
                 rev += job.rate_h * job.spec.gpus * frac
-        w = node.host_overhead_w + running * cap + (node.gpus - running) * node.idle_w
-        return w, rev
+        return node_power_w(node.host_overhead_w, node.gpus, node.idle_w, running, cap), rev
 
     def _node_view(self, k: int) -> GpuNodeView:
         node = self.site.nodes[k]
@@ -847,10 +762,11 @@ class PolicyReplay:
                 fourcp_risk=market.fourcp_risk[i] if market.fourcp_risk else 0.0,
                 fourcp_reason=market.fourcp_reason[i] if market.fourcp_reason else "",
                 measured_site_power_w=last_site_w,
-                ramp_headroom_w=self.ramp_w,
+                ramp_headroom_w=self.ramp.headroom_w(now_s, self.ramp_cap_w),
                 events=self._events(i, last_site_w),
             )
             plan = self.decide(snap, cfg, now)
+            self.ramp.spend(sum(a.delta_power_w for a in plan.actions if not a.sheds))
             # Apply the whole target, not only the actions: a plan is its operating points.
             self._apply_miners(plan, now)
             if plan.gpu_caps_w or plan.job_states:
@@ -860,12 +776,13 @@ class PolicyReplay:
             ai_w, ai_rev = self.ai_w, self.ai_rev_h
             if self.mining_w < top_w - 1e-6:
                 led.curtailed_intervals += 1
-            led.settle(
+            settle(
+                led,
                 market,
                 i,
                 self.mining_w,
                 ai_w,
-                mining_usd_per_h(self.mining_ths, market.hashprice[i], self.fee),
+                mining_revenue_usd_per_h(self.mining_ths, market.hashprice[i], self.fee),
                 ai_rev,
             )
             last_site_w = self.mining_w + ai_w

@@ -32,7 +32,6 @@ from agent.backtest.data import (
 from agent.backtest.engine import (
     BacktestError,
     Decide,
-    Ledger,
     Market,
     Site,
     build_site,
@@ -45,6 +44,7 @@ from agent.backtest.engine import (
 )
 from agent.control.config import AgentConfig, load_config
 from agent.control.fourcp import peak_risk
+from agent.control.settlement import Ledger
 
 CENTRAL = ZoneInfo("America/Chicago")
 DEFAULT_BLOCK_SIZE = 50

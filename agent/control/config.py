@@ -375,10 +375,17 @@ class AgentConfig(Strict):
                 out.append((m.id, m.address, m))
                 continue
             first = ipaddress.IPv4Address(m.address)
-            width = max(3, len(str(m.count)))
-            for k in range(m.count):
-                out.append((f"{m.id}-{k + 1:0{width}d}", str(first + k), m))
+            for k, device_id in enumerate(unit_ids(m.id, m.count)):
+                out.append((device_id, str(first + k), m))
         return out
+
+
+def unit_ids(base_id: str, count: int) -> list[str]:
+    """Device ids of a ``count`` config line: the id itself, or ``id-001``, ``id-002``..."""
+    if count == 1:
+        return [base_id]
+    width = max(3, len(str(count)))
+    return [f"{base_id}-{k + 1:0{width}d}" for k in range(count)]
 
 
 def resolve_secret(value: str) -> str:

@@ -85,48 +85,13 @@ from agent.control.domain import (
     Snapshot,
 )
 from agent.control.economics import energy_cost_usd_per_h, gpu_throughput_fraction
+from agent.control.settlement import event_target_w, fourcp_adder_usd_per_mwh
+from agent.control.site import node_power_w, site_limit_w
 from drivers.grid.base import ProgramKind
 from drivers.jobs.base import JobClass, JobState
 
-# ERCOT measures 4CP on 15-minute settlement intervals.
-FOURCP_INTERVAL_H = 0.25
 _EPS_W = 1e-6
 _INF = float("inf")
-
-
-def effective_limit_w(snapshot: Snapshot, config: AgentConfig) -> tuple[float, list[str]]:
-    """The strictest site limit requested now (every event), and the names that set it.
-
-    :func:`decide` may decline economic events; ``Plan.limit_w`` is the limit it planned to.
-    """
-    site = config.site
-    limit = (site.interconnect_limit_kw - site.safety_margin_kw) * 1000.0
-    binding = ["interconnect"]
-    for active in snapshot.events:
-        target = event_limit_w(active)
-        if target is None:
-            continue
-        target -= site.safety_margin_kw * 1000.0
-        if target < limit:
-            limit, binding = target, [f"event:{active.event.event_id}"]
-    return max(limit, 0.0), binding
-
-
-def event_limit_w(active: ActiveEvent) -> float | None:
-    """The site-load ceiling an event asks for (the stricter of its two target forms)."""
-    event = active.event
-    limits = []
-    if event.max_site_kw is not None:
-        limits.append(event.max_site_kw * 1000.0)
-    if event.shed_kw is not None:
-        limits.append(active.baseline_w - event.shed_kw * 1000.0)
-    return min(limits) if limits else None
-
-
-def fourcp_adder_usd_per_mwh(risk: float, rate_usd_per_kw_year: float) -> float:
-    """Expected 4CP charge of 1 kW held through one 15-minute interval, per MWh it draws."""
-    risk = min(max(risk, 0.0), 1.0)
-    return risk * rate_usd_per_kw_year / 4.0 / (FOURCP_INTERVAL_H / 1000.0)
 
 
 # --- static ladders (memoised) ---------------------------------------------------------------
@@ -235,8 +200,7 @@ def _node_ladder(
         cum_rate.append(cum_rate[-1] + g * rate)
 
     def power(k: int, j: int) -> float:
-        busy = cum_g[k]
-        return host_w + busy * levels[j] + max(gpu_count - busy, 0) * idle_w
+        return node_power_w(host_w, gpu_count, idle_w, cum_g[k], levels[j])
 
     rungs: list[_NodeRung] = [(0, -1, host_w + gpu_count * idle_w, 0.0)]
     for k in range(1, n_sla + 1):
@@ -392,7 +356,7 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     fourcp_note = ""
     risk = snapshot.fourcp_risk
     if fourcp.enabled and risk > 0 and risk >= fourcp.risk_threshold:
-        adder = fourcp_adder_usd_per_mwh(risk, fourcp.rate_usd_per_kw_year)
+        adder = fourcp_adder_usd_per_mwh(fourcp.rate_usd_per_kw_year, risk)
         why = f" ({snapshot.fourcp_reason})" if snapshot.fourcp_reason else ""
         fourcp_note = f"4CP risk {risk:.0%}{why}: expected peak charge adds {adder:,.0f} $/MWh"
         notes.append(fourcp_note)
@@ -400,11 +364,11 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
 
     # --- limits -----------------------------------------------------------------------------
     mandatory = any(a.event.mandatory for a in snapshot.events)
-    limit_w = max(site.interconnect_limit_kw * 1000.0 - margin_w, 0.0)
+    limit_w = site_limit_w(config)
     binding = "interconnect"
     economic: list[tuple[ActiveEvent, float]] = []
     for active in sorted(snapshot.events, key=lambda a: a.event.event_id):
-        target = event_limit_w(active)
+        target = event_target_w(active.event, active.baseline_w)
         if target is None:
             continue
         target = max(target - margin_w, 0.0)
@@ -610,7 +574,7 @@ def _node_template(
 ) -> _NodeTemplate:
     rungs = _node_ladder(gpu_count, min_cap_w, max_cap_w, idle_w, host_w, step_w, jobs, n_sla)
     levels = cap_levels_w(min_cap_w, max_cap_w, step_w)
-    cur_w = host_w + busy_gpus * cap_w + max(gpu_count - busy_gpus, 0) * idle_w
+    cur_w = node_power_w(host_w, gpu_count, idle_w, busy_gpus, cap_w)
     on = [True]
     for r in range(1, len(rungs)):
         k, j = rungs[r][0], rungs[r][1]

@@ -51,7 +51,7 @@ from agent.control.economics import (
     breakeven_usd_per_mwh,
     mining_revenue_usd_per_h,
 )
-from agent.control.policy import event_limit_w
+from agent.control.settlement import event_target_w
 from agent.runtime.state import AgentState
 from drivers.jobs.base import JobClass, JobState
 
@@ -406,7 +406,7 @@ class AgentCollector(Collector):
         for a in snap.events:
             e = a.event
             active.add_metric([e.event_id, e.program, e.kind.value], 1.0)
-            limit = event_limit_w(a)
+            limit = event_target_w(a.event, a.baseline_w)
             if limit is None:
                 continue
             limit = max(limit, 0.0)

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from agent.control.config import AgentConfig, MinerModelConfig
+from agent.control.config import AgentConfig
 from agent.control.domain import (
     SLEEP,
     ActiveEvent,
@@ -33,6 +33,7 @@ from agent.control.domain import (
     Snapshot,
 )
 from agent.control.fourcp import peak_risk
+from agent.control.site import RampBudget, miner_ladder, ramp_capacity_w
 from agent.runtime.fleet import GpuFleet
 from agent.runtime.state import AgentState
 from drivers.errors import AgentError, BadInput, DeviceError
@@ -48,15 +49,6 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def ladder(model: MinerModelConfig) -> tuple[OperatingPoint, ...]:
-    """A model's operating points: ``sleep`` first, then profiles by ascending power."""
-    profiles = sorted(model.profiles, key=lambda p: p.power_w)
-    return (
-        OperatingPoint(SLEEP, model.standby_w, 0.0),
-        *tuple(OperatingPoint(p.name, p.power_w, p.hashrate_ths) for p in profiles),
-    )
 
 
 @dataclass(slots=True)
@@ -114,8 +106,7 @@ class Coordinator:
         self.day_ahead: DayAheadForecast | None = None
         self.system_load: SystemLoadReplay | None = None
         self.started_mono = monotonic()
-        self._ramp_at: float | None = None
-        self._ramp_tokens_w = 0.0
+        self._ramp = RampBudget.of(config)
         now = clock()
         self.slots: dict[str, MinerSlot] = {}
         for device_id, address, line in config.expanded_miners():
@@ -124,11 +115,11 @@ class Coordinator:
                 device_id=device_id,
                 address=address,
                 model=line.model,
-                points=ladder(model),
+                points=miner_ladder(model),
                 nameplate_w=model.max_power_w,
                 circuit=line.circuit,
                 # Until the journal or telemetry says otherwise, assume the worst: running flat out.
-                commanded=ladder(model)[-1].name,
+                commanded=miner_ladder(model)[-1].name,
                 commanded_since=now,
             )
         # Devices whose commanded state came from the journal: adoption must not overwrite it.
@@ -336,23 +327,9 @@ class Coordinator:
         )
 
     def ramp_headroom_w(self, mono: float) -> float:
-        """The ramp budget: a token bucket filled at the ramp rate.
-
-        It holds at most one control interval's worth of ramp, or the largest single step of
-        any device if that is bigger, so that a large unit can still start when the per-cycle
-        budget is smaller than its step. Starting devices spends it (:meth:`spend_ramp`).
-        """
-        rate_w_per_s = self.config.site.ramp_up_kw_per_min * 1000.0 / 60.0
-        if self._ramp_at is None:
-            self._ramp_at, self._ramp_tokens_w = mono, self._ramp_cap_w(rate_w_per_s)
-        self._ramp_tokens_w = min(
-            self._ramp_cap_w(rate_w_per_s),
-            self._ramp_tokens_w + rate_w_per_s * (mono - self._ramp_at),
-        )
-        self._ramp_at = mono
-        return self._ramp_tokens_w
-
-    def _ramp_cap_w(self, rate_w_per_s: float) -> float:
+        """The ramp budget (:class:`agent.control.site.RampBudget`), holding at most one control
+        interval's worth of ramp or the largest single step of any device. Starting devices
+        spends it (:meth:`spend_ramp`)."""
         biggest = max(
             (s.points[-1].power_w - s.points[0].power_w for s in self.slots.values()), default=0.0
         )
@@ -360,11 +337,12 @@ class Coordinator:
             biggest = max(
                 [biggest, *(n.gpu_count * n.max_cap_w for n in self.gpu_fleet.views(self.clock()))]
             )
-        return max(rate_w_per_s * self.config.control.interval_s, biggest)
+        cap = ramp_capacity_w(self.config, self.config.control.interval_s, biggest)
+        return self._ramp.headroom_w(mono, cap)
 
     def spend_ramp(self, added_w: float) -> None:
         """Power was added: take it out of the ramp budget."""
-        self._ramp_tokens_w = max(0.0, self._ramp_tokens_w - max(added_w, 0.0))
+        self._ramp.spend(added_w)
 
     def observed_point(self, slot: MinerSlot) -> str | None:
         """The operating point telemetry shows the miner at, or None if unclear."""

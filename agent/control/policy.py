@@ -657,27 +657,30 @@ def _pool_with_bonus(
     return lo[:out], hi[:out], dp[:out], dv[:out], ons[:out], helds[:out]
 
 
-def _node_group(
-    n: GpuNodeView,
-    path: tuple[str, ...],
-    control: ControlConfig,
-    now: datetime,
-    cuts: tuple[datetime, datetime],  # (minimum on, minimum off): commands after these hold
-    horizon_h: float,
-    gi: int,
-    steps: list[_Step],
-) -> _Group:
-    """A node's group: its jobs in dispatch order, its rungs, and its merit-order steps."""
-    on_cut, off_cut = cuts
+@dataclass(frozen=True, slots=True)
+class _NodeStatic:
+    """The time-free part of a node's group: its jobs in dispatch order and their template."""
+
+    ordered: tuple[JobView, ...]
+    n_sla: int
+    t: _NodeTemplate
+    lost_any: bool  # some job runs (a suspension would lose work)
+    latest: datetime | None  # newest command among its jobs (None: no job)
+
+
+def _node_static(n: GpuNodeView, step_w: float, on_cut: datetime, off_cut: datetime) -> _NodeStatic:
     ranked: list[tuple[int, float, bool, str, JobView]] = []
     n_sla = n_held = busy = 0
     lost_any = False
+    latest: datetime | None = None
     for job in n.jobs:
         state = job.state
         if state is not JobState.RUNNING and state is not JobState.SUSPENDED:
             continue  # pending, completed, failed: the scheduler's business, no power of ours
         running = state is JobState.RUNNING
         since = job.commanded_since
+        if latest is None or since > latest:
+            latest = since
         if running:
             busy += job.gpus
             lost_any = True
@@ -705,7 +708,7 @@ def _node_group(
         n.max_cap_w,
         n.idle_w,
         n.host_overhead_w,
-        control.gpu_cap_step_w,
+        step_w,
         tuple((j.gpus, j.usd_per_gpu_hour) for j in ordered),
         n_sla,
         n_sla + n_held,
@@ -713,6 +716,42 @@ def _node_group(
         busy,
         n.cap_w,
     )
+    return _NodeStatic(ordered, n_sla, t, lost_any, latest)
+
+
+# Identity cache of node statics (as for miner ladders): a node's view is rebuilt only when its
+# jobs or cap change, so between changes its ranking and template are looked up, not rebuilt.
+# An entry is used only once no job of the node is within a dwell time (the ranking then no
+# longer depends on the clock); the entry keeps the view alive, so its id is never reused. It
+# also keeps the node's steps when they do not depend on the clock (no running job).
+_NODE_BY_ID: dict[int, tuple[GpuNodeView, float, _NodeStatic, list[tuple[int, list[_Step]]]]] = {}
+
+
+def _node_group(
+    n: GpuNodeView,
+    path: tuple[str, ...],
+    control: ControlConfig,
+    now: datetime,
+    cuts: tuple[datetime, datetime],  # (minimum on, minimum off): commands after these hold
+    horizon_h: float,
+    gi: int,
+    steps: list[_Step],
+) -> _Group:
+    """A node's group: its jobs in dispatch order, its rungs, and its merit-order steps."""
+    on_cut, off_cut = cuts
+    step_w = control.gpu_cap_step_w
+    hit = _NODE_BY_ID.get(id(n))
+    cached: list[tuple[int, list[_Step]]] | None = None
+    if hit is not None and hit[0] is n and hit[1] == step_w and _settled(hit[2], cuts):
+        static, cached = hit[2], hit[3]
+    else:
+        static = _node_static(n, step_w, on_cut, off_cut)
+        if _settled(static, cuts):
+            if len(_NODE_BY_ID) > 4096:
+                _NODE_BY_ID.clear()
+            cached = []
+            _NODE_BY_ID[id(n)] = (n, step_w, static, cached)
+    ordered, n_sla, t, lost_any = static.ordered, static.n_sla, static.t, static.lost_any
     count = n.count
     group = _Group(
         count=count,
@@ -725,6 +764,12 @@ def _node_group(
         levels=t.levels,
         jobs=ordered,
     )
+    if not lost_any and cached is not None:
+        for cgi, csteps in cached:
+            if cgi == gi:
+                steps.extend(csteps)
+                return group
+    first = len(steps)
     lo: Sequence[int] = t.lo
     hi: Sequence[int] = t.hi
     dp: Sequence[float] = t.dp
@@ -756,7 +801,15 @@ def _node_group(
             (0 if sla else 1, -density, 0 if is_on else 1, gi, b, a, p * count, new_w, density,
              is_on, helds[i], sla)
         )  # fmt: skip
+    if not lost_any and cached is not None:
+        cached.append((gi, steps[first:]))
     return group
+
+
+def _settled(static: _NodeStatic, cuts: tuple[datetime, datetime]) -> bool:
+    """No job of the node is within a minimum on or off time: its ranking is time-free."""
+    latest = static.latest
+    return latest is None or (latest <= cuts[0] and latest <= cuts[1])
 
 
 def _dispatch(ctx: _Ctx, limit_w: float, binding: str) -> _Result:

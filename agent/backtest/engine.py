@@ -17,7 +17,10 @@ Four strategies are settled by the same :class:`Ledger` rules (economics.md, "Th
   limit does not bind (with a fractional last step when it does).
 - ``always_on``: every miner at its top profile and every job running at full cap, always.
 - ``strike``: Foreman's rule — curtail every miner after ``n`` consecutive settled intervals
-  above the strike price, resume after 4 below; AI jobs stay on.
+  above the strike price (the fleet's breakeven at each day's hashprice), resume after 4 below;
+  GPU caps stay at nameplate and no job is suspended.
+- ``strike+4cp``: the same, and every miner also sits out the intervals flagged as 4CP risks
+  (the forecast the policy sees, by the policy's threshold).
 
 AI jobs come from a seeded trace (:mod:`agent.backtest.data`) whose occupancy does not depend
 on the strategy. Settlement per interval: energy cost = site power × real price × interval
@@ -47,7 +50,12 @@ from agent.control.domain import (
     Snapshot,
 )
 from agent.control.economics import gpu_throughput_fraction, mining_revenue_usd_per_h
-from agent.control.settlement import Ledger, event_target_w, fourcp_adder_usd_per_mwh
+from agent.control.settlement import (
+    Ledger,
+    event_target_w,
+    fourcp_adder_usd_per_mwh,
+    fourcp_risk_priced,
+)
 from agent.control.site import (
     RampBudget,
     SiteModel,
@@ -61,7 +69,7 @@ from drivers.errors import AgentError
 from drivers.grid.base import GridEvent
 from drivers.jobs.base import JobClass, JobState
 
-STRATEGIES = ("policy", "oracle", "always_on", "strike")
+STRATEGIES = ("policy", "oracle", "always_on", "strike", "strike+4cp")
 Decide = Callable[[Snapshot, AgentConfig, datetime], Plan]
 
 
@@ -539,11 +547,20 @@ def run_always_on(site: Site, market: Market, occ: Occupancy) -> Ledger:
 
 
 def strike_states(
-    market: Market, strike_usd_per_mwh: float, n_above: int, n_below: int = 4
+    market: Market,
+    strike_usd_per_mwh: float | Sequence[float],
+    n_above: int,
+    n_below: int = 4,
 ) -> list[bool]:
     """Mining on/off per interval under Foreman's rule, from settled prices only: off after
     ``n_above`` consecutive settled intervals above the strike, on again after ``n_below``
-    consecutive ones at or below it."""
+    consecutive ones at or below it. The strike is one price, or one per interval (the fleet's
+    breakeven at each day's hashprice)."""
+    strikes = (
+        [strike_usd_per_mwh] * len(market)
+        if isinstance(strike_usd_per_mwh, int | float)
+        else list(strike_usd_per_mwh)
+    )
     on = True
     above = below = 0
     states: list[bool] = []
@@ -553,7 +570,7 @@ def strike_states(
         # Count each settled interval once (a repeated view of the same price adds nothing).
         if seen is not None and seen[1] != last_start:
             last_start = seen[1]
-            if seen[0] > strike_usd_per_mwh:
+            if seen[0] > strikes[i]:
                 above, below = above + 1, 0
             else:
                 above, below = 0, below + 1
@@ -565,11 +582,40 @@ def strike_states(
     return states
 
 
+def strike_prices(site: Site, market: Market) -> list[float]:
+    """The fleet's breakeven at each interval's hashprice (a daily series moves it daily)."""
+    memo: dict[float, float] = {}
+    out = []
+    for hp in market.hashprice:
+        if hp not in memo:
+            memo[hp] = site.fleet_breakeven_usd_per_mwh(hp)
+        out.append(memo[hp])
+    return out
+
+
+def fourcp_flagged(site: Site, market: Market) -> list[bool]:
+    """Intervals whose forecast 4CP risk the site acts on (the policy's own rule)."""
+    fourcp = site.config.grid.fourcp
+    return [fourcp_risk_priced(fourcp, r) > 0 for r in market.fourcp_risk] or [False] * len(market)
+
+
 def run_strike(
-    site: Site, market: Market, occ: Occupancy, strike_usd_per_mwh: float, n_above: int
+    site: Site,
+    market: Market,
+    occ: Occupancy,
+    strike_usd_per_mwh: float | Sequence[float],
+    n_above: int,
+    *,
+    sit_out_4cp: bool = False,
 ) -> Ledger:
+    """Foreman's strike rule; ``sit_out_4cp`` also sleeps every miner in the intervals flagged
+    as 4CP risks (``strike+4cp``). GPU caps stay at nameplate and no job is ever suspended."""
     states = strike_states(market, strike_usd_per_mwh, n_above)
-    return _run_on_off("strike", site, market, occ, lambda i: states[i])
+    name = "strike"
+    if sit_out_4cp:
+        name = "strike+4cp"
+        states = [on and not f for on, f in zip(states, fourcp_flagged(site, market), strict=True)]
+    return _run_on_off(name, site, market, occ, lambda i: states[i])
 
 
 # --- the live policy -----------------------------------------------------------------------

@@ -85,7 +85,11 @@ from agent.control.domain import (
     Snapshot,
 )
 from agent.control.economics import energy_cost_usd_per_h, gpu_throughput_fraction
-from agent.control.settlement import event_target_w, fourcp_adder_usd_per_mwh
+from agent.control.settlement import (
+    event_target_w,
+    fourcp_adder_usd_per_mwh,
+    fourcp_risk_priced,
+)
 from agent.control.site import node_power_w, site_limit_w
 from drivers.grid.base import ProgramKind
 from drivers.jobs.base import JobClass, JobState
@@ -354,8 +358,8 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     fourcp = config.grid.fourcp
     adder = 0.0
     fourcp_note = ""
-    risk = snapshot.fourcp_risk
-    if fourcp.enabled and risk > 0 and risk >= fourcp.risk_threshold:
+    risk = fourcp_risk_priced(fourcp, snapshot.fourcp_risk)
+    if risk > 0:
         adder = fourcp_adder_usd_per_mwh(fourcp.rate_usd_per_kw_year, risk)
         why = f" ({snapshot.fourcp_reason})" if snapshot.fourcp_reason else ""
         fourcp_note = f"4CP risk {risk:.0%}{why}: expected peak charge adds {adder:,.0f} $/MWh"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from agent.control.config import FourCpConfig
 from drivers.grid.base import GridEvent
 
 # ERCOT measures 4CP on 15-minute settlement intervals.
@@ -61,6 +62,15 @@ def fourcp_adder_usd_per_mwh(
     return risk * (fourcp_usd_per_kw(rate_usd_per_kw_year) * 1000.0 / interval_h)
 
 
+def fourcp_risk_priced(config: FourCpConfig, risk: float) -> float:
+    """The 4CP risk the site acts on: the forecast's, when 4CP is enabled and the risk reaches
+    the threshold (the forecaster's noise floor), else 0. The policy prices it; the
+    ``strike+4cp`` baseline sits out the intervals where it is not 0."""
+    if config.enabled and risk > 0 and risk >= config.risk_threshold:
+        return min(risk, 1.0)
+    return 0.0
+
+
 # --- booking an interval -------------------------------------------------------------------
 
 
@@ -78,6 +88,8 @@ class Ledger:
     lost_work_usd: float = 0.0
     sla_penalty_usd: float = 0.0
     dr_penalty_usd: float = 0.0
+    # Waking and sleeping miners, suspending and resuming jobs (agent.control.site costs).
+    switching_usd: float = 0.0
     energy_mwh: float = 0.0
     interruptions: int = 0
     curtailed_intervals: int = 0  # intervals with some mining capacity not at its top point
@@ -97,7 +109,13 @@ class Ledger:
 
     @property
     def profit_usd(self) -> float:
-        return self.revenue_usd - self.energy_cost_usd - self.fourcp_cost_usd - self.penalties_usd
+        return (
+            self.revenue_usd
+            - self.energy_cost_usd
+            - self.fourcp_cost_usd
+            - self.penalties_usd
+            - self.switching_usd
+        )
 
     def settle(
         self,

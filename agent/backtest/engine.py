@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from agent.backtest.data import TraceJob
 from agent.control.config import AgentConfig, GpuNodeConfig
 from agent.control.domain import (
+    SLEEP,
     ActiveEvent,
     GpuNodeView,
     JobView,
@@ -49,7 +50,11 @@ from agent.control.domain import (
     PriceView,
     Snapshot,
 )
-from agent.control.economics import gpu_throughput_fraction, mining_revenue_usd_per_h
+from agent.control.economics import (
+    ai_revenue_usd_per_h,
+    gpu_throughput_fraction,
+    mining_revenue_usd_per_h,
+)
 from agent.control.settlement import (
     Ledger,
     event_target_w,
@@ -59,11 +64,15 @@ from agent.control.settlement import (
 from agent.control.site import (
     RampBudget,
     SiteModel,
+    checkpoint_age_s,
     contract,
-    lost_work_usd,
     node_power_w,
     ramp_capacity_w,
+    resume_cost,
     site_model,
+    sleep_cost,
+    suspend_cost,
+    wake_cost,
 )
 from drivers.errors import AgentError
 from drivers.grid.base import GridEvent
@@ -521,6 +530,9 @@ def _run_on_off(
     top_ths = sum(points[-1].hashrate_ths * n for points, n in models)
     sleep_w = sum(points[0].power_w * n for points, n in models)
     ledger = Ledger(name, fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year)
+    # Miners wake and sleep here too, and pay the site model's switching costs for it.
+    fleet = [(cfg.miner_models[m], n, site.ladders[m][-1]) for m, n in site.miners_by_model.items()]
+    awake = 1.0  # share of every model's miners awake (they start awake, as in the policy)
     for i in range(len(market)):
         ai_w, ai_rev_h = _full_ai(occ, occ.used[i], rates_h)
         if mining_on(i):
@@ -537,7 +549,18 @@ def _run_on_off(
                 ledger.curtailed_intervals += 1
         else:
             m_w, m_r = sleep_w, 0.0
+            share = 0.0
             ledger.curtailed_intervals += 1
+        if share != awake:
+            for model, count, top in fleet:
+                units = count * abs(share - awake)
+                cost = (
+                    wake_cost(model, top, market.hashprice[i], fee)
+                    if share > awake
+                    else sleep_cost(model)
+                ).times(units)
+                ledger.book_switch(cost.lost_usd, cost.energy_wh, market.price_usd_per_mwh[i])
+            awake = share
         settle(ledger, market, i, m_w, ai_w, m_r, ai_rev_h)
     return ledger
 
@@ -755,15 +778,22 @@ class PolicyReplay:
         dirty.clear()
 
     def _interrupt(self, job: _Job, now_s: float) -> None:
+        """A suspension, charged by the site model: the work since the checkpoint (at the cap
+        it ran at) and the contract's penalty."""
         led = self.ledger
         led.interruptions += 1
-        if job.spec.job_class == JobClass.SLA:
-            led.sla_penalty_usd += job.penalty_usd
-        elif job.spec.job_class == JobClass.PREEMPTIBLE:
-            node = self.site.nodes[job.node]
-            frac = gpu_throughput_fraction(self.caps[job.node], node.max_cap_w, node.min_cap_w)
-            rev_h = job.rate_h * job.spec.gpus * frac
-            led.lost_work_usd += lost_work_usd(rev_h, now_s - job.run_start_s, job.checkpoint_s)
+        node = self.site.nodes[job.node]
+        rev_h = ai_revenue_usd_per_h(
+            job.spec.gpus, job.rate_h, self.caps[job.node], node.max_cap_w, node.min_cap_w
+        )
+        age = checkpoint_age_s(now_s, job.run_start_s, None, job.checkpoint_s)
+        cost = suspend_cost(job.penalty_usd, rev_h, age)
+        led.sla_penalty_usd += job.penalty_usd
+        led.lost_work_usd += cost.lost_usd - job.penalty_usd
+
+    def _resume(self, job: _Job, price: float) -> None:
+        cost = resume_cost(contract(self.cfg, job.spec.job_class), job.spec.gpus, job.rate_h)
+        self.ledger.book_switch(cost.lost_usd, cost.energy_wh, price)
 
     def run(self) -> Ledger:
         market, cfg, site = self.market, self.cfg, self.site
@@ -814,9 +844,9 @@ class PolicyReplay:
             plan = self.decide(snap, cfg, now)
             self.ramp.spend(sum(a.delta_power_w for a in plan.actions if not a.sheds))
             # Apply the whole target, not only the actions: a plan is its operating points.
-            self._apply_miners(plan, now)
+            self._apply_miners(plan, now, i)
             if plan.gpu_caps_w or plan.job_states:
-                self._apply_gpus(plan, now, now_s, dirty)
+                self._apply_gpus(plan, now, now_s, dirty, market.price_usd_per_mwh[i])
                 if dirty:
                     self._refresh_nodes(dirty)
             ai_w, ai_rev = self.ai_w, self.ai_rev_h
@@ -852,8 +882,10 @@ class PolicyReplay:
             out.append(ActiveEvent(self.market.events[e], self.event_seen_w[e]))
         return tuple(out)
 
-    def _apply_miners(self, plan: Plan, now: datetime) -> None:
+    def _apply_miners(self, plan: Plan, now: datetime, i: int) -> None:
         changed = False
+        models = self.cfg.miner_models
+        price = self.market.price_usd_per_mwh[i]
         for device_id, point in plan.miner_points.items():
             k = self.pos.get(device_id)
             if k is None:
@@ -868,13 +900,37 @@ class PolicyReplay:
             new = view.points[idx]
             self.mining_w += (new.power_w - old.power_w) * view.count
             self.mining_ths += (new.hashrate_ths - old.hashrate_ths) * view.count
+            if (old.name == SLEEP) != (new.name == SLEEP):
+                model = models[view.model]
+                cost = (
+                    sleep_cost(model)
+                    if new.name == SLEEP
+                    else wake_cost(model, new, self.market.hashprice[i], self.fee)
+                ).times(view.count)
+                self.ledger.book_switch(cost.lost_usd, cost.energy_wh, price)
             self.point_idx[k] = idx
             self.views[k] = self._view(self.site.blocks[k], view.points, new, now)
             changed = True
         if changed:
             self.miners_tuple = tuple(self.views)
 
-    def _apply_gpus(self, plan: Plan, now: datetime, now_s: float, touched: set[int]) -> None:
+    def _apply_gpus(
+        self, plan: Plan, now: datetime, now_s: float, touched: set[int], price: float
+    ) -> None:
+        # Jobs first: a suspended job loses work done at the cap it ran at.
+        for job_id, state in plan.job_states.items():
+            job = self.jobs.get(job_id)
+            if job is None or job.state == state:
+                continue  # a job that just ended, or no change
+            if job.state == JobState.RUNNING:
+                self._interrupt(job, now_s)
+            elif state == JobState.RUNNING:
+                job.run_start_s = now_s
+                self._resume(job, price)
+            job.state = state
+            job.since = now
+            job.view = None
+            touched.add(job.node)
         for node_id, cap in plan.gpu_caps_w.items():
             k = self.node_pos.get(node_id)
             if k is None:
@@ -884,18 +940,6 @@ class PolicyReplay:
             if cap != self.caps[k]:
                 self.caps[k] = cap
                 touched.add(k)
-        for job_id, state in plan.job_states.items():
-            job = self.jobs.get(job_id)
-            if job is None or job.state == state:
-                continue  # a job that just ended, or no change
-            if job.state == JobState.RUNNING:
-                self._interrupt(job, now_s)
-            elif state == JobState.RUNNING:
-                job.run_start_s = now_s
-            job.state = state
-            job.since = now
-            job.view = None
-            touched.add(job.node)
 
 
 def run_policy(site: Site, market: Market, trace: Sequence[TraceJob], decide: Decide) -> Ledger:

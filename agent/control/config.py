@@ -71,6 +71,12 @@ class MinerModelConfig(Strict):
     profiles: list[ProfileConfig] = Field(min_length=1)
     standby_w: NonNegFloat = 30.0
     nameplate_w: PositiveFloat | None = None  # defaults to the highest profile's power
+    # Switching costs (agent.control.site): a wake loses this much hashing while the miner
+    # boots and its boards come up, and draws this much energy beyond its profile's; a sleep
+    # draws this much extra (fans and shutdown). The policy and the settlement both use them.
+    wake_lost_s: float = Field(default=0.0, ge=0, le=86_400, allow_inf_nan=False)
+    wake_energy_wh: float = Field(default=0.0, ge=0, le=1e6, allow_inf_nan=False)
+    sleep_energy_wh: float = Field(default=0.0, ge=0, le=1e6, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _check(self) -> MinerModelConfig:
@@ -145,7 +151,11 @@ class JobClassContract(Strict):
 
     usd_per_gpu_hour: NonNegFloat
     penalty_usd: NonNegFloat = 0.0  # per interruption (SLA contracts)
-    checkpoint_interval_s: NonNegFloat = 1800.0  # preemption loses on average half of this
+    # A suspension loses the work since the last checkpoint (0: the job never checkpoints, and
+    # loses everything since it last started).
+    checkpoint_interval_s: NonNegFloat = 1800.0
+    # A resume spends this long reloading the checkpoint before the job earns again.
+    resume_s: float = Field(default=0.0, ge=0, le=86_400, allow_inf_nan=False)
 
 
 class SimJobConfig(Strict):

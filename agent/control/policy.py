@@ -84,13 +84,29 @@ from agent.control.domain import (
     Plan,
     Snapshot,
 )
-from agent.control.economics import energy_cost_usd_per_h, gpu_throughput_fraction
+from agent.control.economics import (
+    ai_revenue_usd_per_h,
+    energy_cost_usd_per_h,
+    gpu_throughput_fraction,
+)
 from agent.control.settlement import (
     event_target_w,
     fourcp_adder_usd_per_mwh,
     fourcp_risk_priced,
 )
-from agent.control.site import node_power_w, site_limit_w
+from agent.control.site import (
+    NO_COST,
+    SwitchCost,
+    checkpoint_age_s,
+    commit_horizon_s,
+    contract,
+    node_power_w,
+    resume_cost,
+    site_limit_w,
+    sleep_cost,
+    suspend_cost,
+    wake_cost,
+)
 from drivers.grid.base import ProgramKind
 from drivers.jobs.base import JobClass, JobState
 
@@ -304,6 +320,7 @@ class _Ctx:
     mandatory: bool
     ramp_w: float
     fourcp_note: str
+    costs: _Costs
 
 
 @functools.lru_cache(maxsize=64)
@@ -433,21 +450,29 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         )
         miner_groups[key] = (group, cur == 0 and since > off_cut, cur != 0 and since > on_cut)
         groups.append(group)
+    costs = _Costs(
+        config=config,
+        now_s=now.timestamp(),
+        off_h=commit_horizon_s(control.interval_s, min_off_s) / 3600.0,
+        on_h=commit_horizon_s(control.interval_s, min_on_s) / 3600.0,
+        price=price,
+        hashprice=hashprice,
+        fee=fee,
+    )
     for gi, (group, blocked, forced) in enumerate(miner_groups.values()):
         size = len(group.miners)
         add_base(group.path, group.rung_power_w[0] * group.count * size)
         if blocked:
             continue  # minimum off time: nothing may start these
-        _miner_steps(gi, group, forced, steps)
+        _miner_steps(gi, group, forced, costs, steps)
 
-    horizon_h = max(control.interval_s, min_off_s) / 3600.0
     for n in sorted(snapshot.gpu_nodes, key=_by_id):
         path = paths.get(n.circuit, ()) if n.circuit else ()
         if n.fault is not None or (n.measured_power_w is None and n.reading_age_s is not None):
             fixed.append(n)
             add_base(path, n.worst_case_power_w * n.count)
             continue
-        group = _node_group(n, path, control, now, (on_cut, off_cut), horizon_h, len(groups), steps)
+        group = _node_group(n, path, control, now, (on_cut, off_cut), costs, len(groups), steps)
         groups.append(group)
         add_base(path, group.rung_power_w[0] * n.count)
 
@@ -465,6 +490,7 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         mandatory=mandatory,
         ramp_w=snapshot.ramp_headroom_w,
         fourcp_note=fourcp_note,
+        costs=costs,
     )
     result = _dispatch(ctx, limit_w, binding)
 
@@ -502,17 +528,34 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     return _plan(now, ctx, result, limit_w, binding, fixed, notes)
 
 
-def _miner_steps(gi: int, group: _Group, forced: bool, steps: list[_Step]) -> None:
+def _miner_steps(gi: int, group: _Group, forced: bool, costs: _Costs, steps: list[_Step]) -> None:
     ladder = group.ladder
     assert ladder is not None
     pw = ladder.power_w
-    cur_w = pw[0] if group.cur_point == 0 else group.miners[0].points[group.cur_point].power_w
+    asleep = group.cur_point == 0
+    cur_w = pw[0] if asleep else group.miners[0].points[group.cur_point].power_w
     count = group.count
     vals = group.rung_value_usd_per_h
+    # Switching costs (agent.control.site): waking loses hashing in proportion to the hashrate
+    # woken (every step's value shrinks alike) and draws extra energy (on the first step);
+    # keeping a running miner avoids the energy of putting it to sleep.
+    model = costs.config.miner_models.get(group.miners[0].model)
+    keep = 1.0
+    first_usd_h = 0.0
+    if model is not None:
+        if asleep:
+            keep = max(0.0, 1.0 - model.wake_lost_s / (costs.on_h * 3600.0))
+            first_usd_h = -model.wake_energy_wh / 1e6 * costs.price / costs.on_h
+        else:
+            first_usd_h = model.sleep_energy_wh / 1e6 * costs.price / costs.off_h
     prev = _INF
     for r in range(1, len(pw)):
         dp = pw[r] - pw[r - 1]
         dv = vals[r] - vals[r - 1]
+        if keep != 1.0:
+            dv *= keep
+        if r == 1 and first_usd_h:
+            dv += first_usd_h
         # The hull makes densities fall along the ladder; min() keeps rounding from
         # ever sorting a step before the one below it.
         density = prev = min(prev, _INF if dp <= 0 else dv / dp * 1e6)
@@ -529,13 +572,37 @@ def _levels(min_cap_w: float, max_cap_w: float, step_w: float) -> tuple[float, .
     return cap_levels_w(min_cap_w, max_cap_w, step_w)
 
 
-def _lost_work_usd(job: JobView, now: datetime) -> float:
-    """Work a running job loses if interrupted now (SLA: its contract penalty)."""
-    if job.job_class == JobClass.SLA:
-        return job.penalty_usd
-    since = job.last_checkpoint_at or job.commanded_since
-    hours = max((now - since).total_seconds(), 0.0) / 3600.0
-    return job.gpus * job.usd_per_gpu_hour * hours
+@dataclass(frozen=True, slots=True)
+class _Costs:
+    """This call's switching costs (one model, :mod:`agent.control.site`) and the horizons a
+    one-off cost is spread over to compare it with energy prices."""
+
+    config: AgentConfig
+    now_s: float
+    off_h: float  # a suspension or a sleep commits to the minimum off time
+    on_h: float  # a resume or a wake commits to the minimum on time
+    price: float  # effective USD/MWh: what extra energy costs
+    hashprice: float
+    fee: float
+
+
+def _job_cost(job: JobView, n: GpuNodeView, costs: _Costs) -> SwitchCost:
+    """Suspending a running job (its work since the checkpoint, its penalty), or resuming a
+    suspended one (its reload time)."""
+    terms = contract(costs.config, job.job_class)
+    if job.state is JobState.RUNNING:
+        rev = ai_revenue_usd_per_h(
+            job.gpus, job.usd_per_gpu_hour, n.cap_w, n.max_cap_w, n.min_cap_w
+        )
+        ckpt = job.last_checkpoint_at
+        age = checkpoint_age_s(
+            costs.now_s,
+            job.commanded_since.timestamp(),
+            None if ckpt is None else ckpt.timestamp(),
+            terms.checkpoint_interval_s,
+        )
+        return suspend_cost(job.penalty_usd, rev, age)
+    return resume_cost(terms, job.gpus, job.usd_per_gpu_hour)
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,36 +676,43 @@ def _node_template(
 def _pool_with_bonus(
     t: _NodeTemplate,
     ordered: tuple[JobView, ...],
-    now: datetime,
-    horizon_h: float,
+    node: GpuNodeView,
+    costs: _Costs,
     n_sla: int,
 ) -> tuple[
     Sequence[int], Sequence[int], Sequence[float], Sequence[float], Sequence[bool], Sequence[bool]
 ]:
-    """Steps of a node with running jobs: keeping bonuses added, then pooled to stay concave.
+    """Steps of a node with switching costs: bonuses added, then pooled to stay concave.
 
-    The keeping bonus is the work a suspension would lose, spread over the horizon it commits
-    to; it raises the value of the step that keeps the job. The template's steps are concave,
-    so only a step whose bonus changed its value can break the order; from the first such
-    step on, adjacent (non-SLA) steps are pooled until the values fall again.
+    Keeping a running job avoids what its suspension costs (:func:`_job_cost`), spread over
+    the horizon a suspension commits to: a bonus on the step that keeps it. Resuming a job
+    costs its reload, spread over the horizon a resume commits to: a malus on the step that
+    resumes it. The template's steps are concave, so only a step whose value changed can break
+    the order; from the first such step on, adjacent (non-SLA) steps are pooled until the
+    values fall again.
     """
     cum = [0.0]
     acc = 0.0
+    changed = False
     for job in ordered:
-        if job.state is JobState.RUNNING:
-            acc += _lost_work_usd(job, now)
+        cost = _job_cost(job, node, costs).lost_usd
+        if cost:
+            changed = True
+            if job.state is JobState.RUNNING:
+                acc += cost / costs.off_h
+            else:
+                acc -= cost / costs.on_h
         cum.append(acc)
-    if acc == 0.0:
+    if not changed:
         return t.lo, t.hi, t.dp, t.dv, t.on, t.held
     k_lo, k_hi = t.k_lo, t.k_hi
     lo, hi, dp, dv = list(t.lo), list(t.hi), list(t.dp), list(t.dv)
     ons, helds = list(t.on), list(t.held)
     on, held = t.on, t.held
-    per_h = 1.0 / horizon_h
     out = 0
     checking = False
     for i in range(len(dp)):
-        bonus = (cum[k_hi[i]] - cum[k_lo[i]]) * per_h
+        bonus = cum[k_hi[i]] - cum[k_lo[i]]
         if out != i:
             lo[out], hi[out], dp[out] = lo[i], hi[i], dp[i]
             ons[out], helds[out] = on[i], held[i]
@@ -737,7 +811,7 @@ def _node_group(
     control: ControlConfig,
     now: datetime,
     cuts: tuple[datetime, datetime],  # (minimum on, minimum off): commands after these hold
-    horizon_h: float,
+    costs: _Costs,
     gi: int,
     steps: list[_Step],
 ) -> _Group:
@@ -755,7 +829,12 @@ def _node_group(
                 _NODE_BY_ID.clear()
             cached = []
             _NODE_BY_ID[id(n)] = (n, step_w, static, cached)
-    ordered, n_sla, t, lost_any = static.ordered, static.n_sla, static.t, static.lost_any
+    ordered, n_sla, t = static.ordered, static.n_sla, static.t
+    # Switching costs make the steps depend on the clock: a running job's checkpoint age, a
+    # suspended job's reload when its contract has one.
+    lost_any = static.lost_any or (
+        len(ordered) > 0 and any(contract(costs.config, j.job_class).resume_s for j in ordered)
+    )
     count = n.count
     group = _Group(
         count=count,
@@ -781,7 +860,7 @@ def _node_group(
     ons: Sequence[bool] = t.on
     helds: Sequence[bool] = t.held
     if lost_any:
-        lo, hi, dp, dv, ons, helds = _pool_with_bonus(t, ordered, now, horizon_h, n_sla)
+        lo, hi, dp, dv, ons, helds = _pool_with_bonus(t, ordered, n, costs, n_sla)
 
     pw = t.rung_power_w
     cur_w = t.cur_w
@@ -1026,8 +1105,24 @@ def _miner_actions(
             why = _increase_reason(ctx, result, gi)
         reason = f"{first.model} {old.name} -> {new.name}: {why}"
         delta = (new.power_w - old.power_w) * group.count
+        cost = NO_COST
+        model = ctx.costs.config.miner_models.get(first.model)
+        if model is not None and kind is ActionKind.SLEEP:
+            cost = sleep_cost(model).times(group.count)
+        elif model is not None and kind is ActionKind.WAKE:
+            cost = wake_cost(model, new, ctx.costs.hashprice, ctx.costs.fee).times(group.count)
         for m in members:
-            actions.append(Action(m.device_id, kind, new.name, reason, delta))
+            actions.append(
+                Action(
+                    m.device_id,
+                    kind,
+                    new.name,
+                    reason,
+                    delta,
+                    switch_lost_usd=cost.lost_usd,
+                    switch_energy_wh=cost.energy_wh,
+                )
+            )
 
 
 def _node_actions(
@@ -1055,12 +1150,14 @@ def _node_actions(
         running = job.state is JobState.RUNNING
         if running and job.job_id in controlled and job.job_id not in planned:
             job_states[job.job_id] = JobState.SUSPENDED
-            lost = _lost_work_usd(job, now)
+            cost = _job_cost(job, n, ctx.costs).times(n.count)
+            lost = cost.lost_usd - job.penalty_usd * n.count
+            work = f"loses {lost:,.2f} $ of work since its checkpoint"
             if job.job_class == JobClass.SLA:
-                what = f"{lost:,.2f} $ penalty"
+                what = f"{job.penalty_usd * n.count:,.2f} $ penalty, {work}"
                 prefix = "SLA job shed last for a mandatory event: "
             else:
-                what = f"loses {lost:,.2f} $ of work since its checkpoint"
+                what = work
                 prefix = ""
             actions.append(
                 Action(
@@ -1073,12 +1170,14 @@ def _node_actions(
                     ),
                     delta_power_w=-job.gpus * max(n.cap_w - n.idle_w, 0.0) * n.count,
                     job_id=job.job_id,
+                    switch_lost_usd=cost.lost_usd,
                 )
             )
         elif running:
             kept_gpus += job.gpus
         elif job.job_id in planned:
             job_states[job.job_id] = JobState.RUNNING
+            cost = _job_cost(job, n, ctx.costs).times(n.count)
             actions.append(
                 Action(
                     device_id=n.device_id,
@@ -1091,6 +1190,7 @@ def _node_actions(
                     ),
                     delta_power_w=job.gpus * max(cap - n.idle_w, 0.0) * n.count,
                     job_id=job.job_id,
+                    switch_lost_usd=cost.lost_usd,
                 )
             )
     if k > 0 and abs(cap - n.cap_w) >= 0.5:

@@ -88,8 +88,12 @@ class Ledger:
     lost_work_usd: float = 0.0
     sla_penalty_usd: float = 0.0
     dr_penalty_usd: float = 0.0
-    # Waking and sleeping miners, suspending and resuming jobs (agent.control.site costs).
+    # Waking and sleeping miners and resuming jobs (agent.control.site costs; a suspension's
+    # lost work and penalty are booked above): what was lost, the extra energy, and both in USD
+    # at the real price.
     switching_usd: float = 0.0
+    switching_lost_usd: float = 0.0
+    switching_energy_mwh: float = 0.0
     energy_mwh: float = 0.0
     interruptions: int = 0
     curtailed_intervals: int = 0  # intervals with some mining capacity not at its top point
@@ -116,6 +120,14 @@ class Ledger:
             - self.penalties_usd
             - self.switching_usd
         )
+
+    def book_switch(self, lost_usd: float, energy_wh: float, price_usd_per_mwh: float) -> None:
+        """Book one switch: revenue or work lost, and extra energy at the interval's price."""
+        mwh = energy_wh / 1e6
+        self.switching_lost_usd += lost_usd
+        self.switching_energy_mwh += mwh
+        self.energy_mwh += mwh
+        self.switching_usd += lost_usd + mwh * price_usd_per_mwh
 
     def settle(
         self,

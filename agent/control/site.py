@@ -25,7 +25,7 @@ from agent.control.config import (
     unit_ids,
 )
 from agent.control.domain import SLEEP, OperatingPoint
-from agent.control.economics import breakeven_usd_per_mwh
+from agent.control.economics import breakeven_usd_per_mwh, mining_revenue_usd_per_h
 from drivers.jobs.base import JobClass
 
 # --- miners --------------------------------------------------------------------------------
@@ -124,11 +124,75 @@ def contract(config: AgentConfig, job_class: JobClass) -> JobClassContract:
     return ai.filler
 
 
-def lost_work_usd(rev_usd_per_h: float, ran_s: float, checkpoint_interval_s: float) -> float:
-    """Revenue of the work done since the last checkpoint (checkpoints every interval of run)."""
+# --- switching costs -----------------------------------------------------------------------
+#
+# One model, used by the policy to decide and by the settlement to charge: what a switch loses
+# (revenue or work, USD) and the extra energy it draws (Wh, which the settlement prices at the
+# interval's real price and the policy at the price it plans against).
+
+# Prices settle per 15-minute interval: a switch commits the site for at least one of them.
+SETTLEMENT_INTERVAL_S = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchCost:
+    """What one switch of one device costs: revenue or work lost, and extra energy drawn."""
+
+    lost_usd: float = 0.0
+    energy_wh: float = 0.0
+
+    def usd(self, price_usd_per_mwh: float) -> float:
+        return self.lost_usd + self.energy_wh / 1e6 * price_usd_per_mwh
+
+    def times(self, k: float) -> SwitchCost:
+        return SwitchCost(self.lost_usd * k, self.energy_wh * k)
+
+
+NO_COST = SwitchCost()
+
+
+def wake_cost(
+    model: MinerModelConfig, to: OperatingPoint, hashprice: float, pool_fee: float
+) -> SwitchCost:
+    """A miner woken to ``to`` hashes nothing for ``wake_lost_s`` and draws ``wake_energy_wh``
+    more than its profile's power."""
+    lost = mining_revenue_usd_per_h(to.hashrate_ths, hashprice, pool_fee) * model.wake_lost_s
+    return SwitchCost(lost / 3600.0, model.wake_energy_wh)
+
+
+def sleep_cost(model: MinerModelConfig) -> SwitchCost:
+    return SwitchCost(0.0, model.sleep_energy_wh)
+
+
+def checkpoint_age_s(
+    now_s: float, run_since_s: float, last_checkpoint_s: float | None, checkpoint_interval_s: float
+) -> float:
+    """Seconds of work a job would lose now: since its last checkpoint when it is known (and
+    after the job last started), else by its contract, a checkpoint every
+    ``checkpoint_interval_s`` of run (0: never, everything since it started)."""
+    ran = max(now_s - run_since_s, 0.0)
+    if last_checkpoint_s is not None and last_checkpoint_s >= run_since_s:
+        return min(max(now_s - last_checkpoint_s, 0.0), ran)
     if checkpoint_interval_s <= 0:
-        return 0.0
-    return rev_usd_per_h * (ran_s % checkpoint_interval_s) / 3600.0
+        return ran
+    return ran % checkpoint_interval_s
+
+
+def suspend_cost(penalty_usd: float, rev_usd_per_h: float, age_s: float) -> SwitchCost:
+    """Suspending a running job loses the work since its checkpoint (what it earned in that
+    time, at its cap) and costs its contract's penalty (SLA)."""
+    return SwitchCost(penalty_usd + rev_usd_per_h * age_s / 3600.0, 0.0)
+
+
+def resume_cost(job_contract: JobClassContract, gpus: int, usd_per_gpu_hour: float) -> SwitchCost:
+    """Resuming a job spends ``resume_s`` of its GPUs reloading, at its full rate."""
+    return SwitchCost(gpus * usd_per_gpu_hour * job_contract.resume_s / 3600.0, 0.0)
+
+
+def commit_horizon_s(interval_s: float, dwell_s: float) -> float:
+    """How long a switch commits the site: a control interval, the dwell time it starts, and at
+    least one settlement interval. One-off costs are spread over it to compare with prices."""
+    return max(interval_s, dwell_s, SETTLEMENT_INTERVAL_S)
 
 
 # --- ramp ----------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ from agent.control.domain import (
     Snapshot,
 )
 from agent.control.economics import (
-    ai_revenue_usd_per_h,
+    ai_revenue_at_fraction_usd_per_h,
     energy_cost_usd_per_h,
     gpu_throughput_fraction,
 )
@@ -219,8 +219,11 @@ def _node_ladder(
         cum_g.append(cum_g[-1] + g)
         cum_rate.append(cum_rate[-1] + g * rate)
 
+    # A node's power is linear in its cap: its power at cap 0, plus the busy GPUs at the cap.
+    at_zero = [node_power_w(host_w, gpu_count, idle_w, g, 0.0) for g in cum_g]
+
     def power(k: int, j: int) -> float:
-        return node_power_w(host_w, gpu_count, idle_w, cum_g[k], levels[j])
+        return at_zero[k] + cum_g[k] * levels[j]
 
     rungs: list[_NodeRung] = [(0, -1, host_w + gpu_count * idle_w, 0.0)]
     for k in range(1, n_sla + 1):
@@ -586,14 +589,14 @@ class _Costs:
     fee: float
 
 
-def _job_cost(job: JobView, n: GpuNodeView, costs: _Costs) -> SwitchCost:
+def _job_cost(job: JobView, n: GpuNodeView, costs: _Costs, frac: float | None = None) -> SwitchCost:
     """Suspending a running job (its work since the checkpoint, its penalty), or resuming a
-    suspended one (its reload time)."""
+    suspended one (its reload time). ``frac``: the node's throughput fraction, if known."""
     terms = contract(costs.config, job.job_class)
     if job.state is JobState.RUNNING:
-        rev = ai_revenue_usd_per_h(
-            job.gpus, job.usd_per_gpu_hour, n.cap_w, n.max_cap_w, n.min_cap_w
-        )
+        if frac is None:
+            frac = gpu_throughput_fraction(n.cap_w, n.max_cap_w, n.min_cap_w)
+        rev = ai_revenue_at_fraction_usd_per_h(job.gpus, job.usd_per_gpu_hour, frac)
         ckpt = job.last_checkpoint_at
         age = checkpoint_age_s(
             costs.now_s,
@@ -694,8 +697,9 @@ def _pool_with_bonus(
     cum = [0.0]
     acc = 0.0
     changed = False
+    frac = gpu_throughput_fraction(node.cap_w, node.max_cap_w, node.min_cap_w)
     for job in ordered:
-        cost = _job_cost(job, node, costs).lost_usd
+        cost = _job_cost(job, node, costs, frac).lost_usd
         if cost:
             changed = True
             if job.state is JobState.RUNNING:

@@ -33,7 +33,7 @@ from pydantic import (
 from drivers.errors import AgentError
 from drivers.grid.mqtt_curtail import MqttCurtailSettings
 from drivers.grid.openadr import OpenAdrSettings
-from drivers.prices.hashprice import ComputedHashpriceSettings
+from drivers.prices.hashprice import ComputedHashpriceSettings, CsvHashpriceSettings
 from drivers.prices.http_json import HttpJsonSettings
 
 
@@ -214,8 +214,9 @@ class HashpriceConfig(Strict):
     """Hashprice in USD per PH/s per day: a constant, or a feed (with this as the fallback)."""
 
     usd_per_ph_day: PositiveFloat = 55.0
-    # A live feed: an HTTP JSON number in USD/PH/day, or computed from BTC price and difficulty.
-    feed: HttpJsonSettings | ComputedHashpriceSettings | None = Field(
+    # A live feed: an HTTP JSON number in USD/PH/day, computed from BTC price and difficulty,
+    # or a daily series replayed on the market's clock (csv_replay).
+    feed: HttpJsonSettings | ComputedHashpriceSettings | CsvHashpriceSettings | None = Field(
         default=None, discriminator="type"
     )
     poll_interval_s: PositiveFloat = 600.0
@@ -500,9 +501,17 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
     fourcp = cfg.grid.fourcp
     if fourcp.system_load_csv is not None:
         fourcp = fourcp.model_copy(update={"system_load_csv": fix(fourcp.system_load_csv)})
+    economics = cfg.economics
+    feed = economics.hashprice.feed
+    if isinstance(feed, CsvHashpriceSettings):
+        hashprice = economics.hashprice.model_copy(
+            update={"feed": feed.model_copy(update={"path": fix(feed.path)})}
+        )
+        economics = economics.model_copy(update={"hashprice": hashprice})
     return cfg.model_copy(
         update={
             "prices": prices.model_copy(update={"realtime": realtime, "day_ahead": day_ahead}),
             "grid": cfg.grid.model_copy(update={"fourcp": fourcp}),
+            "economics": economics,
         }
     )

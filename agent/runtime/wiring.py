@@ -29,7 +29,12 @@ from drivers.prices.csv_replay import (
     load_day_ahead_csv,
     load_price_csv,
 )
-from drivers.prices.hashprice import ComputedHashprice, ComputedHashpriceSettings
+from drivers.prices.hashprice import (
+    ComputedHashprice,
+    ComputedHashpriceSettings,
+    CsvHashpriceSettings,
+    HashpriceReplay,
+)
 from drivers.prices.http_json import HttpJsonSettings, HttpJsonSource
 from drivers.prices.system_load import SystemLoadReplay, load_system_load_csv
 
@@ -94,6 +99,11 @@ def build_signals(config: AgentConfig, components: Components) -> None:
         components.hashprice_source = HttpJsonSource(hp.feed, name="hashprice")
     elif isinstance(hp.feed, ComputedHashpriceSettings):
         components.hashprice_source = ComputedHashprice.from_settings(hp.feed)
+    elif isinstance(hp.feed, CsvHashpriceSettings):
+        # On the market's clock: a replayed price year reads that year's hashprice.
+        sim_now = getattr(components.price_source, "sim_now", None)
+        clock = sim_now if callable(sim_now) else (lambda: datetime.now(UTC))
+        components.hashprice_source = HashpriceReplay.from_settings(hp.feed, clock=clock)
     da = config.prices.day_ahead
     if da is not None:
         components.day_ahead = DayAheadForecast(

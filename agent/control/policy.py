@@ -69,7 +69,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from agent.control.config import AgentConfig, ControlConfig
@@ -676,39 +676,72 @@ def _node_template(
     )
 
 
+# Per job in dispatch order, what its switch costs depend on besides the clock: running, SLA
+# penalty, revenue per hour at the node's cap, run since (s), last checkpoint (s) or None,
+# checkpoint period (s), and what a resume loses (USD).
+_JobTerms = tuple[bool, float, float, float, float | None, float, float]
+
+
+def _job_terms(
+    ordered: tuple[JobView, ...], n: GpuNodeView, config: AgentConfig
+) -> tuple[_JobTerms, ...]:
+    frac = gpu_throughput_fraction(n.cap_w, n.max_cap_w, n.min_cap_w)
+    out = []
+    for job in ordered:
+        terms = contract(config, job.job_class)
+        ckpt = job.last_checkpoint_at
+        out.append(
+            (
+                job.state is JobState.RUNNING,
+                job.penalty_usd,
+                ai_revenue_at_fraction_usd_per_h(job.gpus, job.usd_per_gpu_hour, frac),
+                job.commanded_since.timestamp(),
+                None if ckpt is None else ckpt.timestamp(),
+                terms.checkpoint_interval_s,
+                resume_cost(terms, job.gpus, job.usd_per_gpu_hour).lost_usd,
+            )
+        )
+    return tuple(out)
+
+
+def _node_bonus(terms: tuple[_JobTerms, ...], costs: _Costs) -> tuple[float, ...] | None:
+    """Cumulative switching bonus (USD/h) of the first k jobs in dispatch order, or None when
+    no job's switch costs anything.
+
+    Keeping a running job avoids what its suspension costs (:func:`_job_cost`: the same
+    site-model functions on the same terms), spread over the horizon a suspension commits to:
+    a bonus on the step that keeps it. Resuming a job costs its reload, spread over the
+    horizon a resume commits to: a malus on the step that resumes it."""
+    cum = [0.0]
+    acc = 0.0
+    changed = False
+    now_s = costs.now_s
+    for running, penalty, rev, since_s, ckpt_s, period_s, resume_usd in terms:
+        if running:
+            age = checkpoint_age_s(now_s, since_s, ckpt_s, period_s)
+            cost = suspend_cost(penalty, rev, age).lost_usd
+            if cost:
+                changed = True
+                acc += cost / costs.off_h
+        elif resume_usd:
+            changed = True
+            acc -= resume_usd / costs.on_h
+        cum.append(acc)
+    return tuple(cum) if changed else None
+
+
 def _pool_with_bonus(
     t: _NodeTemplate,
-    ordered: tuple[JobView, ...],
-    node: GpuNodeView,
-    costs: _Costs,
+    cum: tuple[float, ...],
     n_sla: int,
 ) -> tuple[
     Sequence[int], Sequence[int], Sequence[float], Sequence[float], Sequence[bool], Sequence[bool]
 ]:
-    """Steps of a node with switching costs: bonuses added, then pooled to stay concave.
-
-    Keeping a running job avoids what its suspension costs (:func:`_job_cost`), spread over
-    the horizon a suspension commits to: a bonus on the step that keeps it. Resuming a job
-    costs its reload, spread over the horizon a resume commits to: a malus on the step that
-    resumes it. The template's steps are concave, so only a step whose value changed can break
+    """Steps of a node with switching bonuses (:func:`_node_bonus`) added, then pooled to stay
+    concave. The template's steps are concave, so only a step whose value changed can break
     the order; from the first such step on, adjacent (non-SLA) steps are pooled until the
     values fall again.
     """
-    cum = [0.0]
-    acc = 0.0
-    changed = False
-    frac = gpu_throughput_fraction(node.cap_w, node.max_cap_w, node.min_cap_w)
-    for job in ordered:
-        cost = _job_cost(job, node, costs, frac).lost_usd
-        if cost:
-            changed = True
-            if job.state is JobState.RUNNING:
-                acc += cost / costs.off_h
-            else:
-                acc -= cost / costs.on_h
-        cum.append(acc)
-    if not changed:
-        return t.lo, t.hi, t.dp, t.dv, t.on, t.held
     k_lo, k_hi = t.k_lo, t.k_hi
     lo, hi, dp, dv = list(t.lo), list(t.hi), list(t.dp), list(t.dv)
     ons, helds = list(t.on), list(t.held)
@@ -805,8 +838,18 @@ def _node_static(n: GpuNodeView, step_w: float, on_cut: datetime, off_cut: datet
 # jobs or cap change, so between changes its ranking and template are looked up, not rebuilt.
 # An entry is used only once no job of the node is within a dwell time (the ranking then no
 # longer depends on the clock); the entry keeps the view alive, so its id is never reused. It
-# also keeps the node's steps when they do not depend on the clock (no running job).
-_NODE_BY_ID: dict[int, tuple[GpuNodeView, float, _NodeStatic, list[tuple[int, list[_Step]]]]] = {}
+# also keeps the node's steps, keyed by the switching bonuses they were built with.
+@dataclass(slots=True)
+class _NodeMemo:
+    """What a node's cache entry keeps besides its static: its jobs' cost terms (per config)
+    and its steps per (group index, switching bonuses)."""
+
+    config: AgentConfig | None = None
+    terms: tuple[_JobTerms, ...] = ()
+    steps: dict[tuple[int, tuple[float, ...] | None], list[_Step]] = field(default_factory=dict)
+
+
+_NODE_BY_ID: dict[int, tuple[GpuNodeView, float, _NodeStatic, _NodeMemo]] = {}
 
 
 def _node_group(
@@ -823,22 +866,25 @@ def _node_group(
     on_cut, off_cut = cuts
     step_w = control.gpu_cap_step_w
     hit = _NODE_BY_ID.get(id(n))
-    cached: list[tuple[int, list[_Step]]] | None = None
+    memo: _NodeMemo | None = None
     if hit is not None and hit[0] is n and hit[1] == step_w and _settled(hit[2], cuts):
-        static, cached = hit[2], hit[3]
+        static, memo = hit[2], hit[3]
     else:
         static = _node_static(n, step_w, on_cut, off_cut)
         if _settled(static, cuts):
             if len(_NODE_BY_ID) > 4096:
                 _NODE_BY_ID.clear()
-            cached = []
-            _NODE_BY_ID[id(n)] = (n, step_w, static, cached)
+            memo = _NodeMemo()
+            _NODE_BY_ID[id(n)] = (n, step_w, static, memo)
     ordered, n_sla, t = static.ordered, static.n_sla, static.t
     # Switching costs make the steps depend on the clock: a running job's checkpoint age, a
     # suspended job's reload when its contract has one.
-    lost_any = static.lost_any or (
-        len(ordered) > 0 and any(contract(costs.config, j.job_class).resume_s for j in ordered)
-    )
+    if memo is not None and memo.config is costs.config:
+        terms = memo.terms
+    else:
+        terms = _job_terms(ordered, n, costs.config)
+        if memo is not None:
+            memo.config, memo.terms, memo.steps = costs.config, terms, {}
     count = n.count
     group = _Group(
         count=count,
@@ -851,11 +897,15 @@ def _node_group(
         levels=t.levels,
         jobs=ordered,
     )
-    if not lost_any and cached is not None:
-        for cgi, csteps in cached:
-            if cgi == gi:
-                steps.extend(csteps)
-                return group
+    bonus = _node_bonus(terms, costs) if terms else None
+    cached = None if memo is None else memo.steps
+    if cached is not None:
+        # Checkpoint ages repeat (a settlement interval divides the checkpoint period), so a
+        # node whose view has not changed meets the same bonuses again and again.
+        hit_steps = cached.get((gi, bonus))
+        if hit_steps is not None:
+            steps.extend(hit_steps)
+            return group
     first = len(steps)
     lo: Sequence[int] = t.lo
     hi: Sequence[int] = t.hi
@@ -863,8 +913,8 @@ def _node_group(
     dv: Sequence[float] = t.dv
     ons: Sequence[bool] = t.on
     helds: Sequence[bool] = t.held
-    if lost_any:
-        lo, hi, dp, dv, ons, helds = _pool_with_bonus(t, ordered, n, costs, n_sla)
+    if bonus is not None:
+        lo, hi, dp, dv, ons, helds = _pool_with_bonus(t, bonus, n_sla)
 
     pw = t.rung_power_w
     cur_w = t.cur_w
@@ -888,8 +938,10 @@ def _node_group(
             (0 if sla else 1, -density, 0 if is_on else 1, gi, b, a, p * count, new_w, density,
              is_on, helds[i], sla)
         )  # fmt: skip
-    if not lost_any and cached is not None:
-        cached.append((gi, steps[first:]))
+    if cached is not None:
+        if len(cached) > 16:
+            cached.clear()
+        cached[(gi, bonus)] = steps[first:]
     return group
 
 

@@ -847,6 +847,8 @@ class _NodeMemo:
     config: AgentConfig | None = None
     terms: tuple[_JobTerms, ...] = ()
     steps: dict[tuple[int, tuple[float, ...] | None], list[_Step]] = field(default_factory=dict)
+    group: _Group | None = None  # a node's group is never changed by a dispatch
+    group_path: tuple[str, ...] | None = None
 
 
 _NODE_BY_ID: dict[int, tuple[GpuNodeView, float, _NodeStatic, _NodeMemo]] = {}
@@ -886,17 +888,21 @@ def _node_group(
         if memo is not None:
             memo.config, memo.terms, memo.steps = costs.config, terms, {}
     count = n.count
-    group = _Group(
-        count=count,
-        path=path,
-        rung_power_w=t.rung_power_w,
-        rung_value_usd_per_h=t.rung_value_usd_per_h,
-        miners=[],
-        node=n,
-        rungs=t.rungs,
-        levels=t.levels,
-        jobs=ordered,
-    )
+    group = None if memo is None or memo.group_path != path else memo.group
+    if group is None:
+        group = _Group(
+            count=count,
+            path=path,
+            rung_power_w=t.rung_power_w,
+            rung_value_usd_per_h=t.rung_value_usd_per_h,
+            miners=[],
+            node=n,
+            rungs=t.rungs,
+            levels=t.levels,
+            jobs=ordered,
+        )
+        if memo is not None:
+            memo.group, memo.group_path = group, path
     bonus = _node_bonus(terms, costs) if terms else None
     cached = None if memo is None else memo.steps
     if cached is not None:

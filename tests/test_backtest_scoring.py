@@ -209,3 +209,22 @@ def test_real_daily_hashprice_series(shared_data: Path, tmp_path: Path) -> None:
     doc = result_json(res)
     assert doc["inputs"]["hashprice_csv"] == str(btc)
     assert doc["inputs"]["strike_rule"] == "fleet breakeven at each interval's hashprice"
+
+
+def test_hybrid_site_contests_the_interconnect() -> None:
+    """configs/hybrid-site.yaml: GPUs at full cap are about 40 % of the interconnect, and
+    miners at their top profiles plus the GPUs draw more than the site may."""
+    from agent.control.config import load_config
+    from agent.control.site import node_power_w, site_model
+
+    root = Path(__file__).resolve().parent.parent
+    model = site_model(load_config(root / "configs" / "hybrid-site.yaml"))
+    gpu_w = sum(
+        node_power_w(n.host_overhead_w, n.gpus, n.idle_w, n.gpus, n.max_cap_w) for n in model.nodes
+    )
+    miners_w = sum(model.ladders[m][-1].power_w * k for m, k in model.miners_by_model.items())
+    interconnect_w = model.config.site.interconnect_limit_kw * 1000.0
+    assert 0.35 <= gpu_w / interconnect_w <= 0.45
+    assert miners_w + gpu_w > model.limit_w
+    assert model.config.grid.fourcp.enabled
+    assert {"sla", "preemptible", "filler"} <= set(model.config.ai.model_dump())

@@ -26,7 +26,7 @@ from simulators.price_server import PriceServer
 from tests.slurm_server import SlurmCluster
 from tests.slurm_server import slurm_fixture as slurm_fixture
 from tests.test_e2e_miners import until
-from tests.test_jobs_slurm import CHECKPOINT_JOB, job_pids, wait_procs, wait_state
+from tests.test_jobs_slurm import CHECKPOINT_JOB, wait_job_pids, wait_procs, wait_state
 
 pytestmark = pytest.mark.slurm
 
@@ -88,8 +88,7 @@ async def test_price_spike_suspends_and_resumes_a_real_preemptible_slurm_job(
     await wait_state(cluster, sla, "RUNNING")
     ckpt = tmp_path / f"{preemptible}.ckpt"
     await until(ckpt.exists, 10, "the job's first checkpoint (its handlers are in place)")
-    pids = job_pids(preemptible)
-    assert pids
+    pids = await wait_job_pids(cluster, preemptible, CHECKPOINT_JOB.name)
     server = PriceServer([20.0], interval_s=3600)
     async with server:
         config = parse_config(config_dict(server.url))

@@ -33,10 +33,15 @@ def driver(slurm: SlurmCluster, **kwargs: object) -> SlurmJobs:
     )
 
 
-def job_pids(job_id: str) -> list[int]:
-    """Processes of a Slurm job, found by SLURM_JOB_ID in their environment."""
+def job_pids(cluster: SlurmCluster, job_id: str) -> list[int]:
+    """Processes of one Slurm job of this cluster, found by their environment.
+
+    Job ids restart at 1 in every test cluster, and another test run may have its own cluster on
+    this machine at the same time, so a process must carry both this job's id and this cluster's
+    ``SLURM_CONF`` (sbatch exports the submitter's environment to the job).
+    """
     pids = []
-    marker = f"SLURM_JOB_ID={job_id}".encode()
+    markers = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_CONF={cluster.conf}".encode()}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -45,9 +50,35 @@ def job_pids(job_id: str) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if marker in environ.split(b"\0") and stat[stat.rindex(")") + 2] != "Z":
+        if markers <= set(environ.split(b"\0")) and stat[stat.rindex(")") + 2] != "Z":
             pids.append(int(entry.name))
     return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
+async def wait_job_pids(
+    cluster: SlurmCluster, job_id: str, payload: str, timeout_s: float = 15
+) -> list[int]:
+    """The job's processes once its payload (a word of its command line) is running.
+
+    RUNNING in Slurm comes before slurmstepd has forked the batch script and the script its
+    payload: a lookup right after RUNNING can miss the process that matters.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = job_pids(cluster, job_id)
+        if any(payload in _cmdline(pid) for pid in pids):
+            return pids
+        assert time.monotonic() < deadline, f"job {job_id}: no {payload!r} process in {pids}"
+        await asyncio.sleep(0.05)
 
 
 def proc_states(pids: list[int]) -> set[str]:
@@ -119,8 +150,7 @@ async def test_suspend_and_resume_stop_and_continue_the_processes(cluster: Slurm
     jobs = driver(cluster)
     job_id = cluster.sbatch("--wrap=sleep 300")
     await wait_state(cluster, job_id, "RUNNING")
-    pids = job_pids(job_id)
-    assert pids
+    pids = await wait_job_pids(cluster, job_id, "sleep")
     await jobs.suspend(job_id)
     assert cluster.job_state(job_id) == "SUSPENDED"
     await wait_procs(pids, {"T"})
@@ -201,7 +231,7 @@ async def test_no_requeue_job_is_refused_and_keeps_running(cluster: SlurmCluster
     with pytest.raises(CommandRejected, match="--no-requeue"):
         await jobs.requeue(job_id, grace_s=0.5)
     assert cluster.job_state(job_id) == "RUNNING"
-    assert proc_states(job_pids(job_id)) <= {"S", "R"}
+    assert proc_states(await wait_job_pids(cluster, job_id, "sleep")) <= {"S", "R"}
 
 
 async def test_bad_and_unknown_job_ids_are_refused(cluster: SlurmCluster) -> None:
@@ -243,7 +273,7 @@ async def test_controller_down_is_unavailable_and_nothing_is_done(cluster: Slurm
     jobs = driver(cluster)
     job_id = cluster.sbatch("--wrap=sleep 300")
     await wait_state(cluster, job_id, "RUNNING")
-    pids = job_pids(job_id)
+    pids = await wait_job_pids(cluster, job_id, "sleep")
     cluster.stop_controller()
     try:
         with pytest.raises(DeviceUnavailable, match="controller unreachable"):

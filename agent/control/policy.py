@@ -270,6 +270,9 @@ class _Group:
     rungs: tuple[_NodeRung, ...] = ()
     levels: tuple[float, ...] = ()
     jobs: tuple[JobView, ...] = ()  # dispatch order
+    # A cached node group: per top rung, the cap and job states it plans when that changes
+    # nothing (no action), so an unchanged node is planned by a lookup.
+    quiet: dict[int, tuple[float, dict[str, JobState]]] | None = None
 
     @property
     def size(self) -> int:
@@ -846,7 +849,7 @@ class _NodeMemo:
 
     config: AgentConfig | None = None
     terms: tuple[_JobTerms, ...] = ()
-    steps: dict[tuple[int, tuple[float, ...] | None], list[_Step]] = field(default_factory=dict)
+    steps: dict[tuple[int, tuple[float, ...]], list[_Step]] = field(default_factory=dict)
     group: _Group | None = None  # a node's group is never changed by a dispatch
     group_path: tuple[str, ...] | None = None
 
@@ -900,18 +903,25 @@ def _node_group(
             rungs=t.rungs,
             levels=t.levels,
             jobs=ordered,
+            quiet=None if memo is None else {},
         )
         if memo is not None:
             memo.group, memo.group_path = group, path
-    bonus = _node_bonus(terms, costs) if terms else None
     cached = None if memo is None else memo.steps
     if cached is not None:
         # Checkpoint ages repeat (a settlement interval divides the checkpoint period), so a
-        # node whose view has not changed meets the same bonuses again and again.
-        hit_steps = cached.get((gi, bonus))
+        # node whose view has not changed meets the same bonuses again and again: its steps
+        # are a function of its running jobs' checkpoint ages.
+        now_s = costs.now_s
+        ages = tuple(
+            checkpoint_age_s(now_s, since_s, ckpt_s, period_s) if running else 0.0
+            for running, _, _, since_s, ckpt_s, period_s, _ in terms
+        )
+        hit_steps = cached.get((gi, ages))
         if hit_steps is not None:
             steps.extend(hit_steps)
             return group
+    bonus = _node_bonus(terms, costs) if terms else None
     first = len(steps)
     lo: Sequence[int] = t.lo
     hi: Sequence[int] = t.hi
@@ -947,7 +957,7 @@ def _node_group(
     if cached is not None:
         if len(cached) > 16:
             cached.clear()
-        cached[(gi, bonus)] = steps[first:]
+        cached[(gi, ages)] = steps[first:]
     return group
 
 
@@ -1200,6 +1210,14 @@ def _node_actions(
 ) -> None:
     n = group.node
     assert n is not None
+    quiet = group.quiet
+    if quiet is not None:
+        hit = quiet.get(rung)
+        if hit is not None:
+            caps[n.device_id] = hit[0]
+            job_states.update(hit[1])
+            return
+    n_actions = len(actions)
     k, j, _, _ = group.rungs[rung]
     cap = group.levels[j] if k > 0 and j >= 0 else n.cap_w
     caps[n.device_id] = cap
@@ -1276,3 +1294,5 @@ def _node_actions(
                 delta_power_w=kept_gpus * (cap - n.cap_w) * n.count,
             )
         )
+    if quiet is not None and len(actions) == n_actions:
+        quiet[rung] = (caps[n.device_id], {job.job_id: job_states[job.job_id] for job in n.jobs})

@@ -982,6 +982,8 @@ def _dispatch(ctx: _Ctx, limit_w: float, binding: str) -> _Result:
     price, hyst, ramp_w, hold = ctx.price, ctx.hyst, ctx.ramp_w, ctx.hold
     on_thr, off_thr = price - hyst, price + hyst
     limit_cause = f"{binding} limit {limit_w / 1000:,.1f} kW reached"
+    # Circuit paths only where the site has circuits (most steps then skip two loops).
+    paths = [g.path for g in groups] if lim else None
 
     # Without a mandatory event, running SLA jobs stay whatever the limits say.
     sla_kept_w = 0.0
@@ -1030,12 +1032,13 @@ def _dispatch(ctx: _Ctx, limit_w: float, binding: str) -> _Result:
             if n_fit < fit:
                 fit, cause = n_fit, limit_cause
                 bound.add(binding)
-            for c in groups[gi].path:
-                room = lim[c] - use[c] + _EPS_W
-                n_fit = int(room // grow) if room > 0 else 0
-                if n_fit < fit:
-                    fit, cause = n_fit, f"circuit {c} limit {lim[c] / 1000:,.1f} kW reached"
-                    bound.add(f"circuit:{c}")
+            if paths is not None:
+                for c in paths[gi]:
+                    room = lim[c] - use[c] + _EPS_W
+                    n_fit = int(room // grow) if room > 0 else 0
+                    if n_fit < fit:
+                        fit, cause = n_fit, f"circuit {c} limit {lim[c] / 1000:,.1f} kW reached"
+                        bound.add(f"circuit:{c}")
         if new_w > 0 and ramp_w < _INF:
             room = ramp_w - added + _EPS_W
             n_fit = int(room // new_w) if room > 0 else 0
@@ -1050,8 +1053,9 @@ def _dispatch(ctx: _Ctx, limit_w: float, binding: str) -> _Result:
             row[r] += fit
         total += grow * fit
         added += new_w * fit
-        for c in groups[gi].path:
-            use[c] += grow * fit
+        if paths is not None:
+            for c in paths[gi]:
+                use[c] += grow * fit
     if fourcp_groups:
         bound.add("4cp")
     return _Result(

@@ -25,17 +25,22 @@ How it works, once per call:
 * **Jobs.** ``sla`` jobs are never shed without a mandatory grid event (emergency, override);
   under one they are the last steps shed (the first taken), ordered by value plus penalty.
   ``preemptible`` and ``filler`` jobs compete by value density; filler's low contract rate puts
-  it behind every better use of the same power. Suspending a running job loses the work since its
-  last checkpoint: ``gpus × rate × hours since checkpoint`` (since its start when it never
-  checkpointed). That loss, spread over the horizon a suspension commits to
-  (``max(control.interval_s, control.min_off_s)``), is added to the value of keeping it, and the
-  ladder is made monotone again by pooling adjacent steps. ``REQUEUE_JOB`` is never planned:
-  suspension keeps the job's memory, so requeueing is the scheduler's fallback, not a dispatch
-  choice.
+  it behind every better use of the same power. ``REQUEUE_JOB`` is never planned: suspension
+  keeps the job's memory, so requeueing is the scheduler's fallback, not a dispatch choice.
+* **Switching costs** are the site model's (:mod:`agent.control.site`), the same functions the
+  settlement charges, and every action carries its own (``Action.switch_lost_usd``,
+  ``switch_energy_wh``). Suspending a running job loses what it earned since its checkpoint (the
+  known one, or every ``checkpoint_interval_s`` of run by its contract) and an SLA contract's
+  penalty; resuming one loses its ``resume_s`` of reload; waking a miner loses ``wake_lost_s`` of
+  hashing and draws ``wake_energy_wh``, sleeping it ``sleep_energy_wh``. Each one-off cost is
+  spread over what the switch commits the site to (the dwell time, at least one 15-minute
+  settlement interval): keeping a running job or miner gains it, starting one pays it, and a
+  node's ladder is made monotone again by pooling adjacent steps.
 * **Host overhead** is counted whenever the node is up, jobs or not: the policy has no action
   that powers a host down, so an empty node keeps drawing it. That is safe for limits, and right
   for economics (suspending the last job does not save it).
-* **Events.** Every event's target (``max_site_kw`` or ``baseline − shed_kw``) less the safety
+* **Events.** Every event's target (the stricter of ``max_site_kw`` and ``baseline − shed_kw``,
+  :func:`agent.control.settlement.event_target_w`) less the safety
   margin is a ceiling on planned site power. Mandatory events (emergency, override) and 4CP
   windows always bind; only mandatory ones may shed SLA jobs. Economic events are opt-in: the
   plan is made with and without the event, and it complies when the payment

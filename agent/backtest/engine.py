@@ -1,33 +1,39 @@
 """The backtest engine: replays intervals through a strategy and settles each at its real price.
 
-Four strategies are settled by the same :class:`Ledger` rules (economics.md, "The backtest"):
+Five strategies are settled by the same :class:`~agent.control.settlement.Ledger` on the same
+site model (:mod:`agent.control.site`) as the live agent; this module keeps only what is the
+backtest's own: the market replay, the oracle and the baselines (economics.md, "The backtest").
 
 - ``policy``: the live :func:`agent.control.policy.decide`, fed one causal :class:`Snapshot` per
   interval (the previous interval's settled price, aged one interval; the day-ahead price of the
   hour; the 4CP risk from system load up to now). The backtest plays the devices: every plan is
   applied as commanded and each device's ``commanded_since`` is kept, so dwell times, hysteresis
-  and the ramp limit act exactly as live. Miners are simulated as blocks of identical miners
+  and the ramp token bucket act exactly as live, and every switch is charged the site model's
+  cost (the same the plan priced it at). Miners are simulated as blocks of identical miners
   (``MinerView.count``); live runs one view per miner, and block granularity is the only
   difference.
 - ``oracle``: perfect foresight of the interval's price and of the true 4CP intervals, with
-  dwell, ramp, hysteresis and penalties relaxed. Per interval it maximises revenue minus cost
+  dwell, ramp, hysteresis, switching costs and penalties relaxed. Per interval it maximises revenue minus cost
   over every device's operating points (GPU caps continuously, per job) under the interconnect
   limit, via the Lagrangian dual of that limit — a bound that holds for any feasible choice, so
   the oracle is an upper bound of every causal strategy, and attained exactly whenever the
   limit does not bind (with a fractional last step when it does).
-- ``always_on``: every miner at its top profile and every job running at full cap, always.
+- ``always_on``: every miner at its top profile and every job running at full cap, always
+  (miners pay switching costs whenever the interconnect makes some of them sleep or wake).
 - ``strike``: Foreman's rule — curtail every miner after ``n`` consecutive settled intervals
   above the strike price (the fleet's breakeven at each day's hashprice), resume after 4 below;
-  GPU caps stay at nameplate and no job is suspended.
+  GPU caps stay at nameplate and no job is suspended; miners pay the site model's wake and
+  sleep costs.
 - ``strike+4cp``: the same, and every miner also sits out the intervals flagged as 4CP risks
   (the forecast the policy sees, by the policy's threshold).
 
 AI jobs come from a seeded trace (:mod:`agent.backtest.data`) whose occupancy does not depend
 on the strategy. Settlement per interval: energy cost = site power × real price × interval
 length (negative prices pay); mining revenue from the hashrate run; AI revenue = contracted rate
-× GPUs × throughput at the cap while running; suspending a preemptible job loses the work since
-its last checkpoint, interrupting an SLA job costs its contract penalty; 4CP = rate ×
-site kW in each true monthly peak interval / 4.
+× GPUs × throughput at the cap while running; switching as :mod:`agent.control.site` prices it
+(a suspension loses the work since the checkpoint and an SLA contract's penalty, a resume its
+reload, a wake its lost hashing and extra energy, a sleep its extra energy); 4CP = rate × site
+kW in each true monthly peak interval / 4.
 """
 
 from __future__ import annotations

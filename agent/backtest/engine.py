@@ -13,11 +13,11 @@ backtest's own: the market replay, the oracle and the baselines (economics.md, "
   (``MinerView.count``); live runs one view per miner, and block granularity is the only
   difference.
 - ``oracle``: perfect foresight of the interval's price and of the true 4CP intervals, with
-  dwell, ramp, hysteresis, switching costs and penalties relaxed. Per interval it maximises revenue minus cost
-  over every device's operating points (GPU caps continuously, per job) under the interconnect
-  limit, via the Lagrangian dual of that limit — a bound that holds for any feasible choice, so
-  the oracle is an upper bound of every causal strategy, and attained exactly whenever the
-  limit does not bind (with a fractional last step when it does).
+  dwell, ramp, hysteresis, switching costs and penalties relaxed. Per interval it maximises
+  revenue minus cost over every device's operating points (GPU caps continuously, per job)
+  under the interconnect limit, via the Lagrangian dual of that limit — a bound that holds for
+  any feasible choice, so the oracle is an upper bound of every causal strategy, and attained
+  exactly whenever the limit does not bind (with a fractional last step when it does).
 - ``always_on``: every miner at its top profile and every job running at full cap, always
   (miners pay switching costs whenever the interconnect makes some of them sleep or wake).
 - ``strike``: Foreman's rule — curtail every miner after ``n`` consecutive settled intervals

@@ -86,6 +86,13 @@ def test_flex_capture_and_breakdown_add_up(tmp_path: Path) -> None:
             }
             assert sum(parts.values()) == pytest.approx(part["profit_usd"], abs=0.05), name
     assert sum(breakdown_usd(led["policy"]).values()) == pytest.approx(led["policy"].profit_usd)
+    costs = doc["inputs"]["switching_costs"]
+    assert costs["miner_models"]["M"] == {
+        "wake_lost_s": 0.0,
+        "wake_energy_wh": 0.0,
+        "sleep_energy_wh": 0.0,
+    }
+    assert costs["ai"]["preemptible"]["checkpoint_interval_s"] == 1800.0
     text = table(res)
     assert "flex_capture" in text
     assert "strike+4cp" in text

@@ -394,6 +394,29 @@ def result_json(res: BacktestResult) -> dict[str, Any]:
             "intervals": len(m),
             "interval_s": m.interval_s,
         },
+        # The switching costs every strategy but the oracle was charged (agent.control.site).
+        "switching_costs": {
+            "miner_models": {
+                name: {
+                    "wake_lost_s": m.wake_lost_s,
+                    "wake_energy_wh": m.wake_energy_wh,
+                    "sleep_energy_wh": m.sleep_energy_wh,
+                }
+                for name, m in res.config.miner_models.items()
+            },
+            "ai": {
+                cls: {
+                    "checkpoint_interval_s": c.checkpoint_interval_s,
+                    "resume_s": c.resume_s,
+                    "penalty_usd": c.penalty_usd,
+                }
+                for cls, c in (
+                    ("sla", res.config.ai.sla),
+                    ("preemptible", res.config.ai.preemptible),
+                    ("filler", res.config.ai.filler),
+                )
+            },
+        },
         "miners": sum(b.count for b in res.site.blocks),
         "gpus": sum(n.gpus for n in res.site.nodes),
     }

@@ -19,32 +19,19 @@ from agent.backtest.engine import (
 )
 from agent.backtest.runner import BacktestArgs, breakdown_usd, result_json, run_backtest, table
 from agent.cli.main import main
-from agent.control.config import parse_config
+from tests.test_backtest import site_config
+from tests.test_backtest import write_inputs as backtest_inputs
 
 START = datetime(2023, 9, 4, 5, tzinfo=UTC)
-ONE_PROFILE = {"name": "run", "power_w": 3000, "hashrate_ths": 100}
 
 
 def write_inputs(tmp_path: Path, *, fourcp: bool = False) -> tuple[Path, Path]:
-    """Four 3 kW miners and one 8-GPU node; eight days of prices, high each evening."""
-    cfg = tmp_path / "site.yaml"
-    cfg.write_text(
-        "site: {id: t, interconnect_limit_kw: 100}\n"
-        "economics: {pool_fee: 0}\n"
-        "prices: {realtime: {type: constant, value: 0}}\n"
-        "miner_models:\n"
-        "  M: {standby_w: 20, profiles: [{name: run, power_w: 3000, hashrate_ths: 100}]}\n"
-        "miners: [{id: m, address: 10.1.0.1, model: M, count: 4}]\n"
-        "gpu_nodes: [{id: g, gpus: 8}]\n"
-        + ("grid: {fourcp: {enabled: true, rate_usd_per_kw_year: 60}}\n" if fourcp else "")
-    )
-    prices = tmp_path / "rt.csv"
-    rows = [
-        f"{(START + timedelta(minutes=15 * i)).strftime('%Y-%m-%dT%H:%M:%SZ')},"
-        f"{20 + 200 * (i % 96 > 70):.2f}"
-        for i in range(96 * 8)
-    ]
-    prices.write_text("interval_start_utc,HB_WEST\n" + "\n".join(rows) + "\n")
+    """test_backtest's site (four 3 kW miners, one 8-GPU node, eight days of prices, high each
+    evening), with 4CP enabled when asked."""
+    cfg, prices = backtest_inputs(tmp_path)
+    if fourcp:
+        with cfg.open("a") as f:
+            f.write("grid: {fourcp: {enabled: true, rate_usd_per_kw_year: 60}}\n")
     return cfg, prices
 
 
@@ -102,20 +89,7 @@ def test_flex_capture_and_breakdown_add_up(tmp_path: Path) -> None:
 def test_strike_follows_the_daily_hashprice() -> None:
     """At 48 $/PH/day the 3 kW / 100 TH/s miner breaks even at 66.67 $/MWh; at 24, 33.33.
     A settled price of 50 keeps mining on the first day and stops it on the second."""
-    cfg = parse_config(
-        {
-            "site": {"id": "t", "interconnect_limit_kw": 1000},
-            "economics": {"pool_fee": 0.0},
-            "prices": {"realtime": {"type": "constant", "value": 0}},
-            "miner_models": {
-                "M": {
-                    "standby_w": 20,
-                    "profiles": [{"name": "run", "power_w": 3000, "hashrate_ths": 100}],
-                }
-            },
-            "miners": [{"id": "m1", "address": "10.1.0.1", "model": "M"}],
-        }
-    )
+    cfg = site_config()  # one 3 kW / 100 TH/s miner, no fee
     site = build_site(cfg, 1)
     market = simple_market([50.0] * 4, 48.0)
     market = type(market)(
@@ -134,21 +108,9 @@ def test_strike_follows_the_daily_hashprice() -> None:
 
 
 def test_strike_4cp_sits_out_flagged_intervals_and_keeps_jobs() -> None:
-    cfg = parse_config(
-        {
-            "site": {"id": "t", "interconnect_limit_kw": 1000},
-            "economics": {"pool_fee": 0.0},
-            "prices": {"realtime": {"type": "constant", "value": 0}},
-            "miner_models": {
-                "M": {
-                    "standby_w": 20,
-                    "profiles": [{"name": "run", "power_w": 3000, "hashrate_ths": 100}],
-                }
-            },
-            "miners": [{"id": "m1", "address": "10.1.0.1", "model": "M"}],
-            "gpu_nodes": [{"id": "g", "gpus": 8, "host_overhead_w": 1000}],
-            "grid": {"fourcp": {"enabled": True, "risk_threshold": 0.5}},
-        }
+    cfg = site_config(
+        gpu_nodes=[{"id": "g", "gpus": 8, "host_overhead_w": 1000}],
+        grid={"fourcp": {"enabled": True, "risk_threshold": 0.5}},
     )
     site = build_site(cfg, 1)
     # risk 0.4 is below the threshold: only the interval at 0.9 is flagged.

@@ -5,6 +5,10 @@ dev machine). Needs the shared data folder (``--data``, else ``$SITE_AGENT_SHARE
 ../shared/data); exits 2 with a message when it is missing.
 
     .venv/bin/python bench/backtest_year.py [--hashprice 55] [--block-size 50] [--config F]
+        [--optimum]
+
+The policy follows a day-ahead horizon plan (one MILP per day); its solve time per call is
+printed (``planner_seconds_mean``, ``..._max``; the first call includes loading scipy).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ def main() -> int:
     default_data = os.environ.get("SITE_AGENT_SHARED_DATA") or ROOT.parent / "shared" / "data"
     parser.add_argument("--data", type=Path, default=Path(default_data))
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "reference-site.yaml")
+    parser.add_argument("--optimum", action="store_true", help="also the constrained optimum")
     ns = parser.parse_args()
     ercot = ns.data / "ercot"
     if not ercot.is_dir():
@@ -42,6 +47,7 @@ def main() -> int:
         system_load=ercot / "generation_by_fuel_15min_2023.csv",
         hashprice=ns.hashprice,
         block_size=ns.block_size,
+        optimum=ns.optimum,
     )
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -77,6 +83,17 @@ def main() -> int:
     line("flex_capture", round(res.flex_capture or float("nan"), 5), "ratio")
     for name, led in res.ledgers.items():
         line(f"{name}_profit_usd", round(led.profit_usd, 2), "USD")
+    for label, stats in (("planner", res.planner), ("optimum_solver", res.optimum_stats)):
+        if stats is not None:
+            times_s = stats.seconds
+            line(f"{label}_solves", len(times_s), "1", statuses=stats.statuses)
+            if times_s:
+                line(f"{label}_seconds_total", round(sum(times_s), 3), "s")
+                line(f"{label}_seconds_mean", round(sum(times_s) / len(times_s), 5), "s")
+                line(f"{label}_seconds_max", round(max(times_s), 5), "s")
+                line(f"{label}_cpu_seconds_total", round(stats.cpu_s, 3), "s")
+    if res.capture_optimum is not None:
+        line("capture_optimum", round(res.capture_optimum, 5), "ratio")
     return 0
 
 

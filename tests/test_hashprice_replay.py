@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from agent.control.config import load_config
-from agent.runtime.loop import Components
 from agent.runtime.wiring import build_price_source, build_signals
 from drivers.errors import BadInput, SourceError
 from drivers.prices.hashprice import CsvHashpriceSettings, HashpriceReplay
@@ -59,9 +58,7 @@ async def test_wiring_replays_hashprice_on_the_price_replay_clock(tmp_path: Path
         "miners: [{id: m, address: 10.1.0.1, model: M}]\n"
     )
     config = load_config(cfg)
-    components = Components(miners={}, price_source=build_price_source(config))
-    build_signals(config, components)
-    src = components.hashprice_source
+    src = build_signals(config, build_price_source(config)).hashprice_source
     assert isinstance(src, HashpriceReplay)
     reading = await src.latest()
     assert reading.value == 58.2734

@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "configs" / "grafana-dashboard.json"
+
+# Metrics the dashboard queries before the agent exports them: the revenue meter, cooling and
+# thermal derates (issue 15, parts 1 and 2, branch ``meter``). Their panels stay empty until
+# then; the real-Prometheus test checks their queries parse and lists them as pending.
+PENDING_METRICS = {
+    "site_meter_w": "revenue meter reading (W); exported once the Modbus meter is in the agent",
+    "site_meter_up": "1 while the meter answers plausibly, 0 on fallback; with the meter",
+    "site_meter_trim_w": "limit trim from meter minus device sum (W); with the meter's trim loop",
+    "site_cooling_w": "cooling power of the cooling model (W); with the cooling model",
+    "site_derates_total": "thermal derates started (counter); with the thermal derate",
+    "site_derated_devices": "devices derated now; with the thermal derate",
+}
+
+
+def queried_metrics(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (every name this project uses starts with site_)."""
+    return set(re.findall(r"\b(site_[a-z0-9_]+)\b", expr))
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in load()["panels"] for t in p.get("targets", [])]
 
 
 def load() -> dict[str, Any]:
@@ -49,9 +71,7 @@ def test_every_panel_uses_the_datasource_variable_and_has_queries() -> None:
         assert topic in text, topic
 
 
-def test_dashboard_only_queries_metrics_the_agent_exports() -> None:
-    import re
-
+def test_dashboard_only_queries_metrics_the_agent_exports_or_pending_ones() -> None:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -62,6 +82,9 @@ def test_dashboard_only_queries_metrics_the_agent_exports() -> None:
     text = generate_latest(build_registry(sample_state(), sample_config(), clock=lambda: NOW))
     for fam in text_string_to_metric_families(text.decode()):
         exported |= {s.name for s in fam.samples}
-    used = set(re.findall(r"\b(site_agent_[a-z_]+)", DASHBOARD.read_text()))
-    assert used, "no site_agent metric in the dashboard"
-    assert used <= exported, f"unknown metrics: {used - exported}"
+    used = set().union(*(queried_metrics(e) for e in dashboard_exprs()))
+    assert any(m.startswith("site_agent_") for m in used), "no site_agent metric in the dashboard"
+    assert used <= exported | set(PENDING_METRICS), f"unknown metrics: {used - exported}"
+    # A pending metric the agent now exports: take it off the list (its queries must have data).
+    assert not exported & set(PENDING_METRICS), exported & set(PENDING_METRICS)
+    assert set(PENDING_METRICS) <= used, "pending metrics no panel queries"

@@ -99,7 +99,7 @@ def test_costs_by_hand() -> None:
     from agent.control.domain import OperatingPoint
 
     # 100 TH/s at 48 $/PH/day: 0.2 $/h; 300 s lost: 0.0166... $; 50 Wh extra.
-    wake = wake_cost(model, OperatingPoint("run", run.power_w, run.hashrate_ths), 48.0, 0.0)
+    wake = wake_cost(cfg, model, OperatingPoint("run", run.power_w, run.hashrate_ths), 48.0)
     assert wake.lost_usd == pytest.approx(0.2 * 300 / 3600)
     assert wake.energy_wh == 50.0
     assert wake.usd(100.0) == pytest.approx(0.2 * 300 / 3600 + 0.005)

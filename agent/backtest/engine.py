@@ -61,6 +61,7 @@ from agent.control.economics import (
     gpu_throughput_fraction,
     mining_revenue_usd_per_h,
 )
+from agent.control.planner import HorizonPlan
 from agent.control.settlement import (
     Ledger,
     event_target_w,
@@ -86,6 +87,8 @@ from drivers.jobs.base import JobClass, JobState
 
 STRATEGIES = ("policy", "oracle", "always_on", "strike", "strike+4cp")
 Decide = Callable[[Snapshot, AgentConfig, datetime], Plan]
+# The horizon plan at interval ``i``, given the units awake per miner model and the AI load now.
+HorizonAt = Callable[[int, Mapping[str, int], float], "HorizonPlan | None"]
 
 
 class BacktestError(AgentError):
@@ -560,8 +563,10 @@ def _run_on_off(
         if share != awake:
             for model, count, top in fleet:
                 units = count * abs(share - awake)
+                if share > awake:
+                    ledger.wakes += units
                 cost = (
-                    wake_cost(model, top, market.hashprice[i], fee)
+                    wake_cost(cfg, model, top, market.hashprice[i])
                     if share > awake
                     else sleep_cost(model)
                 ).times(units)
@@ -666,10 +671,18 @@ class _Job:
 class PolicyReplay:
     """Plays the devices for :func:`decide`: applies each plan as commanded, settles it."""
 
-    def __init__(self, site: Site, market: Market, trace: Sequence[TraceJob], decide: Decide):
+    def __init__(
+        self,
+        site: Site,
+        market: Market,
+        trace: Sequence[TraceJob],
+        decide: Decide,
+        horizon: HorizonAt | None = None,
+    ):
         self.site = site
         self.market = market
         self.decide = decide
+        self.horizon = horizon
         cfg = site.config
         self.cfg = cfg
         self.fee = cfg.economics.pool_fee
@@ -834,8 +847,16 @@ class PolicyReplay:
                     age_s=now_s - seen[1],
                 )
             )
+            plan_now = None
+            if self.horizon is not None:
+                awake: dict[str, int] = {}
+                for v in self.views:
+                    if v.commanded != v.points[0].name:
+                        awake[v.model] = awake.get(v.model, 0) + v.count
+                plan_now = self.horizon(i, awake, self.ai_w)
             snap = Snapshot(
                 at=now,
+                horizon=plan_now,
                 price=price,
                 hashprice_usd_per_ph_day=market.hashprice[i],
                 miners=self.miners_tuple,
@@ -911,9 +932,11 @@ class PolicyReplay:
                 cost = (
                     sleep_cost(model)
                     if new.name == SLEEP
-                    else wake_cost(model, new, self.market.hashprice[i], self.fee)
+                    else wake_cost(self.cfg, model, new, self.market.hashprice[i])
                 ).times(view.count)
                 self.ledger.book_switch(cost.lost_usd, cost.energy_wh, price)
+                if new.name != SLEEP:
+                    self.ledger.wakes += view.count
             self.point_idx[k] = idx
             self.views[k] = self._view(self.site.blocks[k], view.points, new, now)
             changed = True
@@ -948,5 +971,11 @@ class PolicyReplay:
                 touched.add(k)
 
 
-def run_policy(site: Site, market: Market, trace: Sequence[TraceJob], decide: Decide) -> Ledger:
-    return PolicyReplay(site, market, trace, decide).run()
+def run_policy(
+    site: Site,
+    market: Market,
+    trace: Sequence[TraceJob],
+    decide: Decide,
+    horizon: HorizonAt | None = None,
+) -> Ledger:
+    return PolicyReplay(site, market, trace, decide, horizon).run()

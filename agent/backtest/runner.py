@@ -44,9 +44,13 @@ from agent.backtest.engine import (
     strike_prices,
     with_events,
 )
+from agent.backtest.horizon import DayAheadPlanner, PlannerStats
+from agent.backtest.optimum import capture_against, run_optimum
 from agent.control.config import AgentConfig, load_config
 from agent.control.fourcp import peak_risk
+from agent.control.planner import HorizonPlan
 from agent.control.settlement import Ledger
+from agent.control.site import wake_lost_s
 
 CENTRAL = ZoneInfo("America/Chicago")
 DEFAULT_BLOCK_SIZE = 50
@@ -73,6 +77,12 @@ class BacktestArgs:
     strike_n: int = 1
     events: Path | None = None  # demand-response events CSV (agent.backtest.data.EVENT_COLUMNS)
     no_4cp: bool = False  # price no 4CP at all (no system load read)
+    # Hashing a miner loses per wake (ramp and catch-up): None keeps the site model's
+    # (``miner_models.*.wake_lost_s``, else ``control.miner_wake_lost_s``); a number replaces
+    # every model's, for the policy, the planner and the settlement alike. 0: waking loses none.
+    wake_lost_s: float | None = None
+    planner: bool = True  # with day-ahead prices, the policy follows a day-ahead horizon plan
+    optimum: bool = False  # also the constrained optimum (perfect-foresight MILP, day by day)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +97,9 @@ class BacktestResult:
     seconds: dict[str, float]
     trace: tuple[TraceJob, ...]
     strikes: tuple[float, ...] = ()  # the strike of each interval
+    planner: PlannerStats | None = None  # the policy's day-ahead plans
+    plans: tuple[HorizonPlan, ...] = ()
+    optimum_stats: PlannerStats | None = None
 
     @property
     def flex_capture(self) -> float | None:
@@ -110,6 +123,13 @@ class BacktestResult:
         if oracle <= 0:
             return None
         return self.ledgers["policy"].profit_usd / oracle
+
+    @property
+    def capture_optimum(self) -> float | None:
+        """Policy profit over the constrained optimum's (None without ``--optimum``)."""
+        if "optimum" not in self.ledgers or "policy" not in self.ledgers:
+            return None
+        return capture_against(self.ledgers["policy"], self.ledgers["optimum"])
 
 
 # --- building the market -------------------------------------------------------------------
@@ -262,6 +282,18 @@ def _risks(
 # --- running -------------------------------------------------------------------------------
 
 
+def with_wake_lost_s(config: AgentConfig, seconds: float) -> AgentConfig:
+    """``config`` with every miner model's ``wake_lost_s`` set to ``seconds`` (``--wake-lost-s``:
+    the policy, the planner and the settlement then all use it)."""
+    if not (math.isfinite(seconds) and 0 <= seconds <= 86400):
+        raise BacktestError(f"wake lost seconds must be 0..86400 (got {seconds})")
+    models = {
+        name: m.model_copy(update={"wake_lost_s": seconds})
+        for name, m in config.miner_models.items()
+    }
+    return config.model_copy(update={"miner_models": models})
+
+
 def run_backtest(
     args: BacktestArgs,
     config: AgentConfig | None = None,
@@ -272,6 +304,8 @@ def run_backtest(
     """Run every strategy over the period. ``config``/``market``/``decide`` may be injected."""
     if config is None:
         config = load_config(args.config_path)
+    if args.wake_lost_s is not None:
+        config = with_wake_lost_s(config, args.wake_lost_s)
     estimator = "given"
     if market is None:
         market, estimator = build_market(args, config)
@@ -293,11 +327,15 @@ def run_backtest(
         if args.strike_usd_per_mwh is None
         else [args.strike_usd_per_mwh] * len(market)
     )
+    planner = DayAheadPlanner(site, market) if args.planner and market.day_ahead else None
+    optimum_stats = PlannerStats() if args.optimum else None
+    if args.optimum and "optimum" not in strategies:
+        strategies = (*strategies, "optimum")
     ledgers: dict[str, Ledger] = {}
     for name in strategies:
         t = time.perf_counter()
         if name == "policy":
-            ledgers[name] = run_policy(site, market, trace, decide)
+            ledgers[name] = run_policy(site, market, trace, decide, planner)
         elif name == "oracle":
             ledgers[name] = run_oracle(site, market, occ)
         elif name == "always_on":
@@ -306,12 +344,26 @@ def run_backtest(
             ledgers[name] = run_strike(site, market, occ, strikes, args.strike_n)
         elif name == "strike+4cp":
             ledgers[name] = run_strike(site, market, occ, strikes, args.strike_n, sit_out_4cp=True)
+        elif name == "optimum":
+            ledgers[name] = run_optimum(site, market, occ, stats=optimum_stats)
         else:
             raise BacktestError(f"unknown strategy {name!r}")
         seconds[name] = time.perf_counter() - t
     mean_strike = sum(strikes) / len(strikes)
     return BacktestResult(
-        args, config, site, market, ledgers, mean_strike, estimator, seconds, trace, tuple(strikes)
+        args,
+        config,
+        site,
+        market,
+        ledgers,
+        mean_strike,
+        estimator,
+        seconds,
+        trace,
+        tuple(strikes),
+        planner=None if planner is None else planner.stats,
+        plans=() if planner is None else tuple(planner.plans),
+        optimum_stats=optimum_stats,
     )
 
 
@@ -328,6 +380,8 @@ def ledger_json(led: Ledger) -> dict[str, Any]:
         "energy_cost_usd": round(led.energy_cost_usd, 2),
         "fourcp_cost_usd": round(led.fourcp_cost_usd, 2),
         "penalties_usd": round(led.penalties_usd, 2),
+        "switching_usd": round(led.switching_usd, 2),
+        "miner_wakes": led.wakes,
         "penalties_detail_usd": {
             "lost_work": round(led.lost_work_usd, 2),
             "sla": round(led.sla_penalty_usd, 2),
@@ -363,6 +417,13 @@ def result_json(res: BacktestResult) -> dict[str, Any]:
     doc["capture"] = None if cap is None else round(cap, 5)
     flex = res.flex_capture
     doc["flex_capture"] = None if flex is None else round(flex, 5)
+    if "optimum" in res.ledgers:
+        co = res.capture_optimum
+        doc["capture_optimum"] = None if co is None else round(co, 5)
+    if res.planner is not None:
+        doc["planner"] = res.planner.summary()
+    if res.optimum_stats is not None:
+        doc["optimum_solver"] = res.optimum_stats.summary()
     hp = m.hashprice
     doc["inputs"] = {
         "config": str(a.config_path),
@@ -386,6 +447,8 @@ def result_json(res: BacktestResult) -> dict[str, Any]:
         ),
         "no_4cp": a.no_4cp,
         "strike_n": a.strike_n,
+        "wake_lost_s": a.wake_lost_s,  # None: the site model's (see switching_costs)
+        "horizon_planner": res.planner is not None,
         "fourcp_estimator": res.fourcp_estimator,
         "fourcp_peak_intervals": [_iso(m.starts_s[i]) for i, p in enumerate(m.peak) if p],
         "period": {
@@ -398,7 +461,7 @@ def result_json(res: BacktestResult) -> dict[str, Any]:
         "switching_costs": {
             "miner_models": {
                 name: {
-                    "wake_lost_s": m.wake_lost_s,
+                    "wake_lost_s": wake_lost_s(res.config, m),
                     "wake_energy_wh": m.wake_energy_wh,
                     "sleep_energy_wh": m.sleep_energy_wh,
                 }
@@ -463,6 +526,18 @@ def table(res: BacktestResult) -> str:
         "flex_capture ((policy − always_on) / (oracle − always_on)): "
         + ("n/a (oracle no better than always-on)" if flex is None else f"{flex:.4f}")
     )
+    if "optimum" in res.ledgers:
+        co = res.capture_optimum
+        out.append(
+            "capture against the constrained optimum: "
+            + ("n/a (optimum profit ≤ 0)" if co is None else f"{co:.4f}")
+        )
+    if res.planner is not None:
+        p = res.planner.summary()
+        out.append(
+            f"horizon planner: {p['solves']} day-ahead plans, mean {p['seconds_mean']} s, "
+            f"max {p['seconds_max']} s, {p['statuses']}"
+        )
     return "\n".join(out)
 
 

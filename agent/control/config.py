@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from drivers.bus.settings import BrokerSettings
 from drivers.errors import AgentError
 from drivers.grid.mqtt_curtail import MqttCurtailSettings
 from drivers.grid.openadr import OpenAdrSettings
@@ -74,7 +75,8 @@ class MinerModelConfig(Strict):
     # Switching costs (agent.control.site): a wake loses this much hashing while the miner
     # boots and its boards come up, and draws this much energy beyond its profile's; a sleep
     # draws this much extra (fans and shutdown). The policy and the settlement both use them.
-    wake_lost_s: float = Field(default=0.0, ge=0, le=86_400, allow_inf_nan=False)
+    # None: the site default, ``control.miner_wake_lost_s`` (agent.control.site.wake_lost_s).
+    wake_lost_s: float | None = Field(default=None, ge=0, le=86_400, allow_inf_nan=False)
     wake_energy_wh: float = Field(default=0.0, ge=0, le=1e6, allow_inf_nan=False)
     sleep_energy_wh: float = Field(default=0.0, ge=0, le=1e6, allow_inf_nan=False)
 
@@ -231,24 +233,15 @@ class FourCpConfig(Strict):
     system_load_csv: Path | None = None
 
 
-class MqttConfig(Strict):
+class MqttConfig(BrokerSettings):
+    """The agent's MQTT bridge: the broker (keys shared with every MQTT client), and topics."""
+
     enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
-    username: str | None = None
-    password: SecretStr | None = None
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
     topic_prefix: str = "site-agent"
-    client_id: str | None = None
     # Operators allowed to command over MQTT: username -> shared secret for the command HMAC/token.
     command_tokens: dict[str, SecretStr] = Field(default_factory=dict)
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
     # Telemetry waiting for the broker; when full the oldest is dropped (control never waits).
     queue_size: int = Field(default=10_000, ge=10, le=1_000_000)
-    reconnect_initial_s: PositiveFloat = 0.5
-    reconnect_max_s: PositiveFloat = 30.0
     command_timeout_s: PositiveFloat = 10.0  # how long the runtime may take to answer a command
     publish_telemetry: bool = True  # per-device telemetry (state, plan and events always)
 
@@ -312,6 +305,11 @@ class ControlConfig(Strict):
     min_off_s: NonNegFloat = 300.0
     # Rungs of the GPU power-cap ladder (per GPU, from the card's minimum to its maximum cap).
     gpu_cap_step_w: PositiveFloat = 100.0
+    # Hashing a miner loses per wake (boot, ramp, the pool's average catching up) for every
+    # miner model that sets no ``wake_lost_s`` of its own: the policy, the horizon planner and
+    # the settlement all use it (agent.control.site.wake_lost_s). 0 (the default): waking such
+    # a model loses nothing; measure it per model (``miner_models.*.wake_lost_s``).
+    miner_wake_lost_s: float = Field(default=0.0, ge=0, le=86_400, allow_inf_nan=False)
 
 
 class EconomicsConfig(Strict):

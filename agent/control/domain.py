@@ -16,9 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from drivers.grid.base import GridEvent
 from drivers.jobs.base import JobClass, JobState
+
+if TYPE_CHECKING:  # the planner imports this module's types
+    from agent.control.planner import HorizonPlan
 
 SLEEP = "sleep"  # the name of every miner's standby operating point
 
@@ -141,6 +145,8 @@ class Snapshot:
     # Power the site may add this cycle (ramp limit); the coordinator derives it from the
     # ramp rate and the cycle length.
     ramp_headroom_w: float = float("inf")
+    # The latest usable horizon plan (agent.control.planner), or None: the rule alone decides.
+    horizon: HorizonPlan | None = None
 
 
 class ActionKind(StrEnum):

@@ -64,6 +64,12 @@ How it works, once per call:
   are counted at ``worst_case_power_w`` and get no action. Circuits use their own limit (the
   site safety margin applies to the site meter). Every increase, miners and GPU caps alike,
   counts against ``snapshot.ramp_headroom_w``.
+* **Horizon plan.** With ``snapshot.horizon`` (a usable :class:`~agent.control.planner.
+  HorizonPlan` covering ``now``) and a fresh price, :func:`horizon_holds` holds a miner in its
+  state while the effective price lies inside its block's band (the switching would cost more
+  than it saves), exactly as a dwell time holds it; deferrable jobs the plan defers are valued at
+  nothing (shed, not restarted), those it runs are held like dwell-held jobs (limits still
+  apply; not under a 4CP risk). Without a usable plan the rule alone decides.
 * **Stale prices.** Older than ``prices.max_age_s`` (or never seen): ``curtail`` plans against
   ``safe_mode_price_usd_per_mwh``; ``hold`` keeps what runs and starts nothing, still shedding
   to meet limits.
@@ -73,9 +79,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from types import MappingProxyType
 
 from agent.control.config import AgentConfig, ControlConfig
 from agent.control.domain import (
@@ -111,12 +118,75 @@ from agent.control.site import (
     sleep_cost,
     suspend_cost,
     wake_cost,
+    wake_lost_s,
 )
 from drivers.grid.base import ProgramKind
 from drivers.jobs.base import JobClass, JobState
 
 _EPS_W = 1e-6
 _INF = float("inf")
+
+
+# --- following a horizon plan ------------------------------------------------------------------
+
+_NO_JOBS: Mapping[str, bool] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class HorizonHolds:
+    """What a horizon plan holds this cycle: miners kept in their state inside their block's
+    band, and deferrable jobs run or deferred per the plan's schedule."""
+
+    awake: frozenset[str] = frozenset()  # running miners the band keeps running
+    asleep: frozenset[str] = frozenset()  # sleeping miners the band keeps asleep
+    jobs: Mapping[str, bool] = field(default_factory=dict)  # deferrable job id -> run now
+    note: str = ""
+
+
+def horizon_holds(
+    snapshot: Snapshot, now: datetime, price: float, stale: bool, fourcp: bool
+) -> HorizonHolds:
+    """The plan's holds at effective price ``price`` (4CP adder included, so a 4CP interval is
+    never ridden through). A miner is only ever *held* in its state: inside the band (a spike
+    below ``curtail_above`` while running, a dip above ``restore_below`` while asleep) the
+    switching would cost more than it saves; outside it the rule decides. No plan, a plan that
+    does not cover ``now``, or a stale price: no holds (the rule alone, as before). Under a 4CP
+    risk the plan's deferrable runs are not forced (the risk may exceed the plan's forecast).
+    """
+    plan = snapshot.horizon
+    k = None if plan is None or stale else plan.index_at(now)
+    if plan is None or k is None:
+        return HorizonHolds()
+    # One lookup of the plan's row per call (a site has thousands of miners).
+    bands = dict(zip(plan.block_ids, plan.bands[k], strict=True))
+    runs = dict(zip(plan.job_ids, plan.job_run[k], strict=True))
+    awake: set[str] = set()
+    asleep: set[str] = set()
+    if bands:
+        for m in snapshot.miners:
+            band = bands.get(m.model)
+            if band is None or m.fault is not None:
+                continue
+            sleeping = m.commanded == m.points[0].name
+            if not sleeping and price <= band.curtail_above_usd_per_mwh:
+                awake.add(m.device_id)
+            elif sleeping and price >= band.restore_below_usd_per_mwh:
+                asleep.add(m.device_id)
+    jobs: dict[str, bool] = {}
+    if runs:
+        for n in snapshot.gpu_nodes:
+            for job in n.jobs:
+                run = runs.get(job.job_id)
+                if run is not None and job.job_class != JobClass.SLA and not (run and fourcp):
+                    jobs[job.job_id] = run
+    parts = []
+    if awake or asleep:
+        parts.append(f"{len(awake)} running and {len(asleep)} sleeping miner(s) held in band")
+    if jobs:
+        on = sum(jobs.values())
+        parts.append(f"{on} deferrable job(s) run, {len(jobs) - on} deferred")
+    note = f"horizon plan ({plan.status.value}): {', '.join(parts)}" if parts else ""
+    return HorizonHolds(frozenset(awake), frozenset(asleep), jobs, note)
 
 
 # --- static ladders (memoised) ---------------------------------------------------------------
@@ -393,6 +463,9 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         fourcp_note = f"4CP risk {risk:.0%}{why}: expected peak charge adds {adder:,.0f} $/MWh"
         notes.append(fourcp_note)
     price = market + adder
+    holds = horizon_holds(snapshot, now, price, hold, bool(fourcp_note))
+    if holds.note:
+        notes.append(holds.note)
 
     # --- limits -----------------------------------------------------------------------------
     mandatory = any(a.event.mandatory for a in snapshot.events)
@@ -442,7 +515,9 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
             add_base(paths.get(m.circuit, ()) if m.circuit else (), m.worst_case_power_w * m.count)
             continue
         since = m.commanded_since
-        key = (id(m.points), m.model, m.commanded, since > off_cut, since > on_cut, m.circuit,
+        held_off = since > off_cut or m.device_id in holds.asleep
+        held_on = since > on_cut or m.device_id in holds.awake
+        key = (id(m.points), m.model, m.commanded, held_off, held_on, m.circuit,
                m.count)  # fmt: skip
         entry = miner_groups.get(key)
         if entry is not None:
@@ -459,7 +534,7 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
             ladder=ml,
             cur_point=cur,
         )
-        miner_groups[key] = (group, cur == 0 and since > off_cut, cur != 0 and since > on_cut)
+        miner_groups[key] = (group, cur == 0 and held_off, cur != 0 and held_on)
         groups.append(group)
     costs = _Costs(
         config=config,
@@ -483,7 +558,9 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
             fixed.append(n)
             add_base(path, n.worst_case_power_w * n.count)
             continue
-        group = _node_group(n, path, control, now, (on_cut, off_cut), costs, len(groups), steps)
+        group = _node_group(
+            n, path, control, now, (on_cut, off_cut), costs, len(groups), steps, holds.jobs
+        )
         groups.append(group)
         add_base(path, group.rung_power_w[0] * n.count)
 
@@ -555,7 +632,7 @@ def _miner_steps(gi: int, group: _Group, forced: bool, costs: _Costs, steps: lis
     first_usd_h = 0.0
     if model is not None:
         if asleep:
-            keep = max(0.0, 1.0 - model.wake_lost_s / (costs.on_h * 3600.0))
+            keep = max(0.0, 1.0 - wake_lost_s(costs.config, model) / (costs.on_h * 3600.0))
             first_usd_h = -model.wake_energy_wh / 1e6 * costs.price / costs.on_h
         else:
             first_usd_h = model.sleep_energy_wh / 1e6 * costs.price / costs.off_h
@@ -791,7 +868,15 @@ class _NodeStatic:
     latest: datetime | None  # newest command among its jobs (None: no job)
 
 
-def _node_static(n: GpuNodeView, step_w: float, on_cut: datetime, off_cut: datetime) -> _NodeStatic:
+def _node_static(
+    n: GpuNodeView,
+    step_w: float,
+    on_cut: datetime,
+    off_cut: datetime,
+    planned_runs: Mapping[str, bool] = _NO_JOBS,
+) -> _NodeStatic:
+    """Rank a node's jobs (SLA, held, the rest by rate; a job the horizon plan defers last, at
+    no value; one it runs held) and look up the template of that ranking."""
     ranked: list[tuple[int, float, bool, str, JobView]] = []
     n_sla = n_held = busy = 0
     lost_any = False
@@ -804,15 +889,20 @@ def _node_static(n: GpuNodeView, step_w: float, on_cut: datetime, off_cut: datet
         since = job.commanded_since
         if latest is None or since > latest:
             latest = since
+        planned = planned_runs.get(job.job_id)
         if running:
             busy += job.gpus
             lost_any = True
-        elif since > off_cut:
-            continue  # minimum off time: stays suspended
-        if job.job_class == JobClass.SLA:
+        elif since > off_cut or planned is False:
+            continue  # minimum off time, or deferred by the horizon plan: stays suspended
+        if planned is False:
+            # Deferred by the plan, which weighed its resume cost: valued at nothing, shed last.
+            tier = 3
+            job = replace(job, usd_per_gpu_hour=0.0)
+        elif job.job_class == JobClass.SLA:
             tier = 0
             n_sla += 1
-        elif running and since > on_cut:
+        elif (running and since > on_cut) or planned:
             tier = 1
             n_held += 1
         else:
@@ -871,17 +961,21 @@ def _node_group(
     costs: _Costs,
     gi: int,
     steps: list[_Step],
+    planned_runs: Mapping[str, bool] = _NO_JOBS,
 ) -> _Group:
     """A node's group: its jobs in dispatch order, its rungs, and its merit-order steps."""
     on_cut, off_cut = cuts
     step_w = control.gpu_cap_step_w
-    hit = _NODE_BY_ID.get(id(n))
+    # A node with a job in the horizon plan is ranked by the plan, which changes by the block:
+    # it never reads or stores the identity cache (a cached ranking would ignore the plan).
+    planned = bool(planned_runs) and any(j.job_id in planned_runs for j in n.jobs)
+    hit = None if planned else _NODE_BY_ID.get(id(n))
     memo: _NodeMemo | None = None
     if hit is not None and hit[0] is n and hit[1] == step_w and _settled(hit[2], cuts):
         static, memo = hit[2], hit[3]
     else:
-        static = _node_static(n, step_w, on_cut, off_cut)
-        if _settled(static, cuts):
+        static = _node_static(n, step_w, on_cut, off_cut, planned_runs)
+        if not planned and _settled(static, cuts):
             if len(_NODE_BY_ID) > 4096:
                 _NODE_BY_ID.clear()
             memo = _NodeMemo()
@@ -1191,7 +1285,7 @@ def _miner_actions(
         if model is not None and kind is ActionKind.SLEEP:
             cost = sleep_cost(model).times(group.count)
         elif model is not None and kind is ActionKind.WAKE:
-            cost = wake_cost(model, new, ctx.costs.hashprice, ctx.costs.fee).times(group.count)
+            cost = wake_cost(ctx.costs.config, model, new, ctx.costs.hashprice).times(group.count)
         for m in members:
             actions.append(
                 Action(

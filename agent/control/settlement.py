@@ -92,6 +92,7 @@ class Ledger:
     # lost work and penalty are booked above): what was lost, the extra energy, and both in USD
     # at the real price.
     switching_usd: float = 0.0
+    wakes: float = 0.0  # miners woken (units; a share of a block counts pro rata)
     switching_lost_usd: float = 0.0
     switching_energy_mwh: float = 0.0
     energy_mwh: float = 0.0

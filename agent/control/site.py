@@ -26,6 +26,7 @@ from agent.control.config import (
 )
 from agent.control.domain import SLEEP, OperatingPoint
 from agent.control.economics import breakeven_usd_per_mwh, mining_revenue_usd_per_h
+from agent.control.planner import SwitchingCost
 from drivers.jobs.base import JobClass
 
 # --- miners --------------------------------------------------------------------------------
@@ -151,13 +152,29 @@ class SwitchCost:
 NO_COST = SwitchCost()
 
 
+def wake_lost_s(config: AgentConfig, model: MinerModelConfig) -> float:
+    """Seconds of hashing a wake loses: the model's ``wake_lost_s``, or for a model that sets
+    none the site default ``control.miner_wake_lost_s`` (an assumption until measured)."""
+    return config.control.miner_wake_lost_s if model.wake_lost_s is None else model.wake_lost_s
+
+
 def wake_cost(
-    model: MinerModelConfig, to: OperatingPoint, hashprice: float, pool_fee: float
+    config: AgentConfig, model: MinerModelConfig, to: OperatingPoint, hashprice: float
 ) -> SwitchCost:
-    """A miner woken to ``to`` hashes nothing for ``wake_lost_s`` and draws ``wake_energy_wh``
-    more than its profile's power."""
-    lost = mining_revenue_usd_per_h(to.hashrate_ths, hashprice, pool_fee) * model.wake_lost_s
-    return SwitchCost(lost / 3600.0, model.wake_energy_wh)
+    """A miner woken to ``to`` hashes nothing for :func:`wake_lost_s` and draws
+    ``wake_energy_wh`` more than its profile's power."""
+    rev_h = mining_revenue_usd_per_h(to.hashrate_ths, hashprice, config.economics.pool_fee)
+    return SwitchCost(rev_h * wake_lost_s(config, model) / 3600.0, model.wake_energy_wh)
+
+
+def planner_switching(config: AgentConfig, model: MinerModelConfig) -> SwitchingCost:
+    """The same costs as the horizon planner weighs them per unit of a block (it prices the
+    hashing lost at the block's top point, where :func:`wake_cost` wakes a unit to)."""
+    return SwitchingCost(
+        wake_lost_s=wake_lost_s(config, model),
+        wake_energy_kwh=model.wake_energy_wh / 1000.0,
+        sleep_energy_kwh=model.sleep_energy_wh / 1000.0,
+    )
 
 
 def sleep_cost(model: MinerModelConfig) -> SwitchCost:

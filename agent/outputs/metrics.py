@@ -34,11 +34,11 @@ Source names: a source whose name starts with ``price`` is a price feed and one 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
+from typing import Protocol
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -51,7 +51,9 @@ from agent.control.economics import (
     breakeven_usd_per_mwh,
     mining_revenue_usd_per_h,
 )
+from agent.control.planner import PlanStatus
 from agent.control.settlement import event_target_w
+from agent.outputs.page import OperatorPage
 from agent.runtime.state import AgentState
 from drivers.jobs.base import JobClass, JobState
 
@@ -73,6 +75,9 @@ def miner_state(m: MinerView) -> str:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+PLAN_STATUSES = tuple(s.value for s in PlanStatus)
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -132,6 +137,20 @@ class AgentCollector(Collector):
             "Duration of the last control cycle.",
             value=state.last_cycle_duration_s,
         )
+        if state.planner_solve_s is not None:
+            yield GaugeMetricFamily(
+                "site_planner_solve_seconds",
+                "Wall time of the horizon planner's last solve.",
+                value=state.planner_solve_s,
+            )
+            status = _gauge(
+                "site_planner_status",
+                "1 for the horizon planner's last status (failed and bad_input: the rule alone).",
+                ["status"],
+            )
+            for name in PLAN_STATUSES:
+                status.add_metric([name], 1.0 if name == state.planner_status else 0.0)
+            yield status
         if state.last_cycle_at is not None:
             yield GaugeMetricFamily(
                 "site_agent_last_control_cycle_timestamp_seconds",
@@ -533,6 +552,17 @@ def build_registry(
 _MAX_HEADER_BYTES = 16 * 1024
 _INDEX = b"<html><body><a href='/metrics'>/metrics</a></body></html>\n"
 
+# Answers one request once its head is read; it keeps the connection as long as it needs it.
+Responder = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Routes(Protocol):
+    """More read-only paths on this listener (the operator's page, :mod:`agent.outputs.page`)."""
+
+    def route(self, method: str, path: str, headers: Mapping[str, str]) -> Responder | None: ...
+
+    async def close(self) -> None: ...
+
 
 class MetricsServer:
     """A read-only HTTP server for ``GET /metrics`` on the running event loop.
@@ -541,16 +571,28 @@ class MetricsServer:
     binds an ephemeral port; :attr:`port` is the one actually bound.
     """
 
-    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        routes: Routes | None = None,
+    ):
         self.registry = registry
+        self.routes = routes
         self.host = host
         self.requested_port = port
         self._server: asyncio.Server | None = None
+        # Open connections: Python 3.11's Server.close() leaves them (a browser's idle
+        # preconnect, a page stream), so close() ends them itself.
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._closing = False
         self.port = 0
 
     async def start(self) -> int:
         if self._server is not None:
             raise RuntimeError("metrics server already started")
+        self._closing = False
         self._server = await asyncio.start_server(self._handle, self.host, self.requested_port)
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("metrics listening on http://%s:%d/metrics", self.host, self.port)
@@ -559,7 +601,17 @@ class MetricsServer:
     async def close(self) -> None:
         if self._server is None:
             return
-        self._server.close()
+        self._closing = True
+        self._server.close()  # accept no more; a browser would reconnect at once
+        if self.routes is not None:
+            await self.routes.close()  # long-lived page streams
+        for writer in self._connections.values():
+            writer.close()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=1.0)
+        for writer in self._connections.values():
+            writer.transport.abort()  # a peer that does not read would hold its socket open
+        await asyncio.sleep(0)  # connections accepted just before: their handlers close them
         await self._server.wait_closed()
         self._server = None
 
@@ -585,9 +637,17 @@ class MetricsServer:
         await self.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self._closing:
+            writer.close()
+            return
+        self._connections[task] = writer
         try:
             async with asyncio.timeout(10.0):
-                await self._respond(reader, writer)
+                responder = await self._respond(reader, writer)
+            if responder is not None:
+                await responder(reader, writer)  # keeps its own deadlines (page streams)
         except (
             TimeoutError,
             ConnectionError,
@@ -597,17 +657,27 @@ class MetricsServer:
             pass  # a client that hangs up or dawdles gets nothing; the agent does not care
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            try:
+                # Closing waits for unsent data to flush; a peer that stops reading is cut off.
+                async with asyncio.timeout(2.0):
+                    await writer.wait_closed()
+            except (TimeoutError, ConnectionError):
+                writer.transport.abort()
+            finally:
+                self._connections.pop(task, None)
 
-    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _respond(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Responder | None:
         head = await reader.readuntil(b"\r\n\r\n")
         if len(head) > _MAX_HEADER_BYTES:
-            return await _send(writer, 431, "text/plain", b"headers too large\n")
+            await _send(writer, 431, "text/plain", b"headers too large\n")
+            return None
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3:
-            return await _send(writer, 400, "text/plain", b"bad request\n")
+            await _send(writer, 400, "text/plain", b"bad request\n")
+            return None
         method, target, _ = parts
         headers = {}
         for line in lines[1:]:
@@ -615,12 +685,19 @@ class MetricsServer:
             if sep:
                 headers[name.strip().lower()] = value.strip()
         path = target.split("?", 1)[0]
+        if self.routes is not None:
+            responder = self.routes.route(method, path, headers)
+            if responder is not None:
+                return responder
         if method not in ("GET", "HEAD"):
-            return await _send(writer, 405, "text/plain", b"read-only: GET /metrics\n")
+            await _send(writer, 405, "text/plain", b"read-only: GET /metrics\n")
+            return None
         if path == "/":
-            return await _send(writer, 200, "text/html", _INDEX, head_only=method == "HEAD")
+            await _send(writer, 200, "text/html", _INDEX, head_only=method == "HEAD")
+            return None
         if path != "/metrics":
-            return await _send(writer, 404, "text/plain", b"not found: try /metrics\n")
+            await _send(writer, 404, "text/plain", b"not found: try /metrics\n")
+            return None
         encoder, content_type = choose_encoder(headers.get("accept", ""))
         # Rendering thousands of samples takes tens of milliseconds: do it in a thread so the
         # control loop is not held up. collect() only reads immutable snapshots/plans and
@@ -629,8 +706,10 @@ class MetricsServer:
             body = await asyncio.to_thread(encoder, self.registry)
         except Exception:  # a collector bug: say so to the scraper, keep serving
             log.exception("metrics: collecting failed")
-            return await _send(writer, 500, "text/plain", b"collecting metrics failed\n")
-        return await _send(writer, 200, content_type, body, head_only=method == "HEAD")
+            await _send(writer, 500, "text/plain", b"collecting metrics failed\n")
+            return None
+        await _send(writer, 200, content_type, body, head_only=method == "HEAD")
+        return None
 
 
 async def _send(
@@ -659,11 +738,14 @@ async def _send(
 
 
 class MetricsService:
-    """The metrics endpoint as a runtime service: ``await service(stop)`` serves until ``stop``.
+    """The metrics listener as a runtime service: ``await service(stop)`` serves until ``stop``.
 
-    Append it to ``Components.services`` once the agent (and its state) exists. ``host`` and
+    It serves ``/metrics`` and the operator's page (:class:`agent.outputs.page.OperatorPage`,
+    whose watcher runs here, reading the same state). Build it from the state the agent will
+    write, and hand it in with the agent's services (``Components.services``). ``host`` and
     ``port`` default to ``config.metrics``; :attr:`port` is the bound port once :attr:`started`
-    is set (port 0 binds an ephemeral one).
+    is set (port 0 binds an ephemeral one). ``page`` replaces the default page (a bench that
+    opens more streams than the default client bound).
     """
 
     def __init__(
@@ -674,12 +756,15 @@ class MetricsService:
         host: str | None = None,
         port: int | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        page: OperatorPage | None = None,
     ) -> None:
         self.registry = build_registry(state, config, clock)
+        self.page = page if page is not None else OperatorPage(state, config, clock=clock)
         self.server = MetricsServer(
             self.registry,
             host if host is not None else config.metrics.host,
             port if port is not None else config.metrics.port,
+            routes=self.page,
         )
         self.started = asyncio.Event()
 
@@ -691,9 +776,9 @@ class MetricsService:
         await self.server.start()
         self.started.set()
         try:
-            await stop.wait()
+            await self.page.run(stop)  # returns once stop is set
         finally:
-            await self.server.close()
+            await self.server.close()  # the listener first, then the page's streams
 
 
 async def start_metrics_server(
@@ -703,17 +788,3 @@ async def start_metrics_server(
     server = MetricsServer(registry, host, port)
     await server.start()
     return server
-
-
-async def serve_metrics(
-    registry: CollectorRegistry,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    on_started: Callable[[int], None] | None = None,
-) -> None:
-    """Serve ``/metrics`` until cancelled (a TaskGroup task); ``on_started`` gets the bound port."""
-    server = MetricsServer(registry, host, port)
-    bound = await server.start()
-    if on_started is not None:
-        on_started(bound)
-    await server.serve_forever()

@@ -34,7 +34,7 @@ async def test_replay_reads_the_day_of_its_clock(tmp_path: Path) -> None:
         await src.latest()
     bad = tmp_path / "bad.csv"
     bad.write_text("date,hashprice_usd_per_ph_day\n2023-09-04,0\n2023-09-05,1\n")
-    with pytest.raises(BadInput, match="hashprice must be positive"):
+    with pytest.raises(BadInput, match="hashprice must be within"):
         HashpriceReplay.from_settings(CsvHashpriceSettings(path=bad))
 
 

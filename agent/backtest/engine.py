@@ -45,6 +45,7 @@ from datetime import UTC, datetime, timedelta
 
 from agent.backtest.data import TraceJob
 from agent.control.config import AgentConfig, GpuNodeConfig
+from agent.control.cooling import SiteLoadModel, cooling_fraction
 from agent.control.domain import (
     SLEEP,
     ActiveEvent,
@@ -250,6 +251,17 @@ def settle(
     )
 
 
+def site_load_model(cfg: AgentConfig) -> SiteLoadModel:
+    """Cooling and base load at the configured ambient (no weather history is replayed)."""
+    ambient = cfg.ambient.constant_c
+    return SiteLoadModel(
+        cooling_fraction(cfg.cooling, ambient),
+        cfg.cooling.base_load_kw * 1000.0,
+        "devices",
+        ambient,
+    )
+
+
 def job_rate(config: AgentConfig, cls: JobClass) -> tuple[float, float, float]:
     """(USD per GPU-hour, penalty per interruption, checkpoint interval s) of a job class."""
     c = contract(config, cls)
@@ -452,7 +464,7 @@ def run_oracle(site: Site, market: Market, occ: Occupancy) -> Ledger:
     rates_h = [job_rate(cfg, c)[0] for c in CLASSES]
     models = _models(site)
     top_w = sum(points[-1].power_w * n for points, n in models)
-    ledger = Ledger("oracle", fourcp_rate_usd_per_kw_year=rate)
+    ledger = Ledger("oracle", fourcp_rate_usd_per_kw_year=rate, load=site_load_model(cfg))
     for i in range(len(market)):
         q = market.price_usd_per_mwh[i] + (adder if market.peak and market.peak[i] else 0.0)
         hp = market.hashprice[i]
@@ -538,7 +550,11 @@ def _run_on_off(
     top_w = sum(points[-1].power_w * n for points, n in models)
     top_ths = sum(points[-1].hashrate_ths * n for points, n in models)
     sleep_w = sum(points[0].power_w * n for points, n in models)
-    ledger = Ledger(name, fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year)
+    ledger = Ledger(
+        name,
+        fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year,
+        load=site_load_model(cfg),
+    )
     # Miners wake and sleep here too, and pay the site model's switching costs for it.
     fleet = [(cfg.miner_models[m], n, site.ladders[m][-1]) for m, n in site.miners_by_model.items()]
     awake = 1.0  # share of every model's miners awake (they start awake, as in the policy)
@@ -687,7 +703,9 @@ class PolicyReplay:
         self.cfg = cfg
         self.fee = cfg.economics.pool_fee
         self.ledger = Ledger(
-            "policy", fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year
+            "policy",
+            fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year,
+            load=site_load_model(cfg),
         )
         self.times = [datetime.fromtimestamp(s, tz=UTC) for s in market.starts_s]
         t0 = self.times[0] if self.times else datetime(2000, 1, 1, tzinfo=UTC)
@@ -865,6 +883,8 @@ class PolicyReplay:
                 fourcp_risk=market.fourcp_risk[i] if market.fourcp_risk else 0.0,
                 fourcp_reason=market.fourcp_reason[i] if market.fourcp_reason else "",
                 measured_site_power_w=last_site_w,
+                device_power_w=None if last_site_w is None else self.mining_w + self.ai_w,
+                load_model=led.load,
                 ramp_headroom_w=self.ramp.headroom_w(now_s, self.ramp_cap_w),
                 events=self._events(i, last_site_w),
             )
@@ -888,7 +908,7 @@ class PolicyReplay:
                 mining_revenue_usd_per_h(self.mining_ths, market.hashprice[i], self.fee),
                 ai_rev,
             )
-            last_site_w = self.mining_w + ai_w
+            last_site_w = led.load.site_w(self.mining_w + ai_w)
             if last_site_w > site.limit_w + 1e-6:
                 raise BacktestError(
                     f"policy planned {last_site_w / 1000:,.1f} kW at {now:%Y-%m-%d %H:%M}Z, "

@@ -30,6 +30,7 @@ from agent.backtest.engine import (
     _oracle_choice,
     job_rate,
     settle,
+    site_load_model,
 )
 from agent.backtest.horizon import PlannerStats
 from agent.control.economics import mining_revenue_usd_per_h
@@ -54,7 +55,7 @@ def run_optimum(
     rates_h = [job_rate(cfg, c)[0] for c in CLASSES]
     models = [(m, site.ladders[m], n) for m, n in site.miners_by_model.items()]
     switching = {m: planner_switching(cfg, cfg.miner_models[m]) for m, _, _ in models}
-    ledger = Ledger("optimum", fourcp_rate_usd_per_kw_year=rate)
+    ledger = Ledger("optimum", fourcp_rate_usd_per_kw_year=rate, load=site_load_model(cfg))
     awake = {m: n for m, _, n in models}  # a settled, running site, as the replay starts
     days: dict[int, list[int]] = {}
     for i, s in enumerate(market.starts_s):

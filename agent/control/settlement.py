@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from agent.control.config import FourCpConfig
+from agent.control.cooling import SiteLoadModel
 from drivers.grid.base import GridEvent
 
 # ERCOT measures 4CP on 15-minute settlement intervals.
@@ -99,6 +100,8 @@ class Ledger:
     interruptions: int = 0
     curtailed_intervals: int = 0  # intervals with some mining capacity not at its top point
     fourcp_rate_usd_per_kw_year: float = 0.0
+    # Devices -> power at the meter (cooling, base load): what is paid. Identity by default.
+    load: SiteLoadModel = field(default_factory=SiteLoadModel)
     mining_w: list[float] = field(default_factory=list)
     ai_w: list[float] = field(default_factory=list)
     # Revenue − energy cost − 4CP of each interval (penalties are booked per event, not here).
@@ -144,8 +147,9 @@ class Ledger:
         keep_series: bool = True,
     ) -> None:
         """Book one interval of ``dt_h`` hours at its real price: energy, revenue, the 4CP
-        charge when it is a true peak, and every event in force ``(event, baseline_w)``."""
-        site_w = mining_w + ai_w
+        charge when it is a true peak, and every event in force ``(event, baseline_w)``. The
+        devices' power (``mining_w + ai_w``) is paid at the meter (:attr:`load`)."""
+        site_w = self.load.site_w(mining_w + ai_w)
         mwh = site_w / 1e6 * dt_h
         self.energy_mwh += mwh
         cost = mwh * price_usd_per_mwh

@@ -18,12 +18,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from drivers.errors import BadInput, SourceError
+from drivers.inputs import StrictSettings, finite_in_range
 from drivers.prices.base import PriceReading
 from drivers.prices.csv_replay import PriceSeries, load_series_csv
-from drivers.prices.http_json import HttpJsonSettings, HttpJsonSource
+from drivers.prices.http_json import (
+    HASHPRICE_RANGE_USD_PER_PH_DAY,
+    HttpJsonSettings,
+    HttpJsonSource,
+)
 
 SUBSIDY_BTC_2024 = 3.125  # block subsidy since the April 2024 halving
 SECONDS_PER_DAY = 86400
@@ -53,14 +58,14 @@ def _now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-class ConstantHashpriceSettings(BaseModel):
+class ConstantHashpriceSettings(StrictSettings):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["constant"] = "constant"
     usd_per_ph_day: float = Field(gt=0, allow_inf_nan=False)
 
 
-class ComputedHashpriceSettings(BaseModel):
+class ComputedHashpriceSettings(StrictSettings):
     """BTC price and difficulty feeds (``unit: raw``) plus the block reward."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -143,13 +148,18 @@ class ComputedHashprice:
             )
         except ValueError as exc:
             raise BadInput(self.name, f"cannot compute hashprice: {exc}") from None
+        lo, hi = HASHPRICE_RANGE_USD_PER_PH_DAY
+        # Each input may be in range while the result is absurd (a difficulty of 1e-6).
+        value = finite_in_range(
+            value, lo, hi, "computed hashprice", source=self.name, unit="USD/PH/day"
+        )
         now = self._clock()
         # The reading is as old as its older input.
         at = min(btc.at, difficulty.at)
         return PriceReading(self.name, now, 86400.0, value, at)
 
 
-class CsvHashpriceSettings(BaseModel):
+class CsvHashpriceSettings(StrictSettings):
     """A daily hashprice series from a CSV (``type: csv_replay``), e.g. the shared
     ``btc/btc_daily_2021_2024.csv``: one row per UTC day."""
 
@@ -179,8 +189,11 @@ class HashpriceReplay:
             value_column=settings.column,
             unit="USD/PH/day",
         )
-        if min(series.values, default=0.0) <= 0:
-            raise BadInput(settings.path.name, f"{settings.path}: hashprice must be positive")
+        lo, hi = HASHPRICE_RANGE_USD_PER_PH_DAY
+        if not all(lo <= v <= hi for v in series.values):
+            raise BadInput(
+                settings.path.name, f"{settings.path}: hashprice must be within {lo:g}..{hi:g}"
+            )
         return cls(series, clock=clock)
 
     @property

@@ -463,7 +463,11 @@ class LuxosFleet:
         *,
         clock: Clock = time.monotonic,
         timing: Timing | None = None,
+        ambient_c: Clock | None = None,
+        thermal_tau_s: float | None = None,
     ) -> None:
+        """``ambient_c`` gives the site's air temperature (a hot afternoon); ``thermal_tau_s``
+        overrides the models' thermal time constant (tests that cannot wait a minute)."""
         self._clock = clock
         self._timing = timing or Timing()
         self._servers: dict[str, _MinerServer] = {}
@@ -479,6 +483,7 @@ class LuxosFleet:
                 self._timing,
                 profile_draw_ratio=PROFILE_DRAW_RATIO,
             )
+            state.ambient, state.thermal_tau_s = ambient_c, thermal_tau_s
             self._servers[spec.address] = _MinerServer(spec, state)
         self._started = False
         self._reboots: set[asyncio.Task[None]] = set()
@@ -558,8 +563,19 @@ class LuxosFleet:
         return self._server(address).state.truth()
 
     def set_ambient(self, address: str, ambient_c: float) -> None:
-        """The air one miner breathes (a hot aisle makes ATM step its profile down)."""
-        self._server(address).state.ambient_c = ambient_c
+        """The air one miner breathes (a hot aisle makes ATM step its profile down); it
+        replaces the site's ambient curve for this miner."""
+        state = self._server(address).state
+        state.pcb_c()  # settle the thermal integral up to now
+        state.ambient, state.ambient_c = None, ambient_c
+
+    def set_hot_spot(self, address: str, extra_c: float) -> None:
+        """This miner's intake runs ``extra_c`` hotter than the site's air."""
+        if not math.isfinite(extra_c) or not -20.0 <= extra_c <= 40.0:
+            raise ValueError(f"hot spot {extra_c} °C outside -20..40")
+        state = self._server(address).state
+        state.pcb_c()  # settle the thermal integral up to now
+        state.hot_spot_c = extra_c
 
 
 # --- control endpoint --------------------------------------------------------------------
@@ -580,6 +596,38 @@ class ControlledFleet(Protocol):
     def set_ambient(self, address: str, ambient_c: float) -> None: ...
 
 
+MAX_FAULT_DELAY_S = 3600.0  # a longer fault is a typo; inf or NaN would hang a timer forever
+_FAULT_KEYS = frozenset({"op", "fault", "address", "addresses", "delay_s"})
+
+
+def _fault_request(fleet: ControlledFleet, request: dict[str, object]) -> tuple[list[str], Fault]:
+    """Validate every field of a fault request before anything changes (ValueError if bad)."""
+    unknown = sorted(str(k) for k in request if k not in _FAULT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; known: {sorted(_FAULT_KEYS)}")
+    addresses = request.get("addresses", [request.get("address")])
+    if not isinstance(addresses, list) or not addresses:
+        raise ValueError("addresses must be a non-empty list")
+    if not all(isinstance(a, str) for a in addresses):
+        raise ValueError("every address must be a string")
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("an address is listed twice")
+    kind = request.get("fault")
+    if not isinstance(kind, str):
+        raise ValueError(f"fault must be one of {[k.value for k in FaultKind]}")
+    delay_s = request.get("delay_s", 0.0)
+    if isinstance(delay_s, bool) or not isinstance(delay_s, int | float):
+        raise ValueError(f"delay_s must be a number of seconds, got {delay_s!r}"[:120])
+    if not math.isfinite(delay_s) or not 0 <= delay_s <= MAX_FAULT_DELAY_S:
+        raise ValueError(f"delay_s must be 0 to {MAX_FAULT_DELAY_S:g} s, got {delay_s!r}")
+    fault = Fault(FaultKind(kind), float(delay_s))
+    for a in addresses:
+        fleet.truth(a)  # every address known before any miner changes (KeyError)
+    if fault.kind is FaultKind.REBOOT and not getattr(fleet, "_started", True):
+        raise ValueError("a reboot needs a started fleet")
+    return addresses, fault
+
+
 def _control(fleet: ControlledFleet, request: object) -> dict[str, object]:
     if not isinstance(request, dict):
         return {"ok": False, "error": "request must be a JSON object"}
@@ -592,27 +640,39 @@ def _control(fleet: ControlledFleet, request: object) -> dict[str, object]:
         if op == "states":
             return {"ok": True, "states": [fleet.truth(a) for a in fleet.addresses]}
         if op == "ambient":
-            value = float(request.get("ambient_c", math.nan))
-            if not math.isfinite(value) or not -40.0 <= value <= 70.0:
+            value = request.get("ambient_c")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or not -40.0 <= value <= 70.0
+            ):
                 return {"ok": False, "error": "ambient_c must be a number in [-40, 70]"}
-            fleet.set_ambient(str(request.get("address")), value)
+            fleet.set_ambient(str(request.get("address")), float(value))
             return {"ok": True}
         if op == "fault":
-            addresses = request.get("addresses", [request.get("address")])
-            if not isinstance(addresses, list):
-                return {"ok": False, "error": "addresses must be a list"}
-            fault = Fault(FaultKind(str(request.get("fault"))), float(request.get("delay_s", 0.0)))
+            addresses, fault = _fault_request(fleet, request)
             for a in addresses:
-                fleet.truth(str(a))  # validate every address before changing any
-            for a in addresses:
-                fleet.set_fault(str(a), fault)
+                fleet.set_fault(a, fault)
             return {"ok": True}
     except (KeyError, ValueError, TypeError) as exc:
-        return {"ok": False, "error": str(exc)}
+        return {"ok": False, "error": str(exc)[:300]}
     return {
         "ok": False,
-        "error": f"unknown op {op!r}; known: list, state, states, fault, ambient",
+        "error": f"unknown op {str(op)[:40]!r}; known: list, state, states, fault, ambient",
     }
+
+
+def _decode_request(line: bytes) -> object:
+    """One control line as JSON: strict UTF-8, no NaN/Infinity, bounded nesting (ValueError)."""
+
+    def no_constants(name: str) -> object:
+        raise ValueError(f"{name} is not allowed")
+
+    try:
+        return json.loads(line.decode("utf-8"), parse_constant=no_constants)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 async def serve_control(
@@ -624,12 +684,12 @@ async def serve_control(
         try:
             while line := await reader.readline():
                 try:
-                    reply = _control(fleet, json.loads(line))
-                except ValueError as exc:
-                    reply = {"ok": False, "error": f"not JSON: {exc}"}
+                    reply = _control(fleet, _decode_request(line))
+                except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+                    reply = {"ok": False, "error": f"not JSON: {exc}"[:300]}
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
-        except ConnectionError:
+        except (ConnectionError, ValueError):  # ValueError: a line over the 1 MiB limit
             pass
         finally:
             writer.close()

@@ -260,9 +260,14 @@ class MinerState:
     _avg_from_s: float = 0.0
     _avg_from_work_th: float = 0.0
     accepted_shares: int = 0
-    # The air the miner breathes (the model's default unless a test or the control port sets
-    # it): a hot room makes ATM step profiles down.
+    # Heat: the air the miner breathes (a site's ambient curve; else ``ambient_c``, the model's
+    # unless a test or the control port sets it: a hot room makes ATM step profiles down), how
+    # much hotter this spot runs (a hot aisle, a clogged filter), and a faster thermal time
+    # constant for tests (the model's if None).
     ambient_c: float = math.nan
+    ambient: Clock | None = None
+    hot_spot_c: float = 0.0
+    thermal_tau_s: float | None = None
 
     def __post_init__(self) -> None:
         if math.isnan(self.ambient_c):
@@ -362,12 +367,17 @@ class MinerState:
         now = self.clock() if now is None else now
         return max(0.0, now - self._avg_from_s)
 
+    def intake_c(self) -> float:
+        """The air temperature at this miner's intake."""
+        base = self.ambient_c if self.ambient is None else self.ambient()
+        return base + self.hot_spot_c
+
     def fan_ratio(self, power_w: float) -> float:
         """Fan duty (0.2-1.0) the fan loop settles on to hold the boards under target."""
         rise_floor = self.model.pcb_rise_c_per_kw * power_w / 1000.0
         if self.model.target_c is None:
             return 0.2
-        room = self.model.target_c - 3.0 - self.ambient_c
+        room = self.model.target_c - 3.0 - self.intake_c()
         if room <= 0.0:
             return 1.0
         return min(1.0, max(0.2, 0.2 * math.pow(rise_floor / room, 1.0 / 0.6)))
@@ -375,7 +385,7 @@ class MinerState:
     def _steady_pcb_c(self, power_w: float) -> float:
         # Faster fans carry heat away better: the rise falls as (floor duty / duty)^0.6.
         rise_floor = self.model.pcb_rise_c_per_kw * power_w / 1000.0
-        return self.ambient_c + rise_floor * math.pow(0.2 / self.fan_ratio(power_w), 0.6)
+        return self.intake_c() + rise_floor * math.pow(0.2 / self.fan_ratio(power_w), 0.6)
 
     def pcb_c(self, now: float | None = None) -> float:
         """Board (outlet) temperature, lagging power with time constant ``thermal_tau_s``."""
@@ -384,7 +394,8 @@ class MinerState:
         if dt > 0.0:
             # Exact for constant power over dt; during ramps polls are frequent enough
             # that using the power at the end of the interval is a small error.
-            alpha = 1.0 - math.exp(-dt / self.model.thermal_tau_s)
+            tau = self.model.thermal_tau_s if self.thermal_tau_s is None else self.thermal_tau_s
+            alpha = 1.0 - math.exp(-dt / tau)
             self._pcb_c += (self._steady_pcb_c(self.power_w(now)) - self._pcb_c) * alpha
             self._thermal_at_s = now
         return self._pcb_c
@@ -392,7 +403,8 @@ class MinerState:
     def inlet_c(self, now: float | None = None) -> float:
         """Board intake sensors: ambient plus part of the board's rise (34 C beside 47 C)."""
         pcb = self.pcb_c(now)
-        return self.ambient_c + 0.4 * (pcb - self.ambient_c)
+        intake = self.intake_c()
+        return intake + 0.4 * (pcb - intake)
 
     def chip_c(self, now: float | None = None) -> float:
         # LuxOS shows measured board temperatures where others estimate chip ones.
@@ -491,6 +503,7 @@ class MinerState:
             "hashrate_ths": round(self.hashrate_ths(now), 3),
             "pcb_c": round(self.pcb_c(now), 2),
             "chip_c": round(self.chip_c(now), 2),
+            "intake_c": round(self.intake_c(), 2),
             "fault": self.fault.kind.value,
             "fault_delay_s": self.fault.delay_s,
         }

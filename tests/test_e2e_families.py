@@ -21,7 +21,6 @@ import pytest
 
 from agent.control.config import parse_config
 from agent.runtime.loop import Agent
-from agent.runtime.wiring import build_components
 from simulators.antminer import AntminerFleet, AntminerSpec
 from simulators.braiins import BraiinsFleet, power_range
 from simulators.luxos import LuxosFleet, MinerSpec
@@ -29,6 +28,7 @@ from simulators.luxos_model import S19J_PRO, S21, Timing
 from simulators.price_server import PriceServer
 from simulators.whatsminer import WhatsminerFleet, WhatsminerSpec
 from simulators.whatsminer_replies import M30S_PLUS_V40
+from tests.site_agent import build_agent
 
 pytestmark = [
     pytest.mark.slow,
@@ -171,7 +171,7 @@ async def running_site(price: float, **config_kw: Any) -> AsyncIterator[Site]:
     try:
         async with fleets["luxos"], fleets["braiins"], fleets["whatsminer"], server:
             config = parse_config(site_dict(server.url, **config_kw))
-            agent = Agent(config, build_components(config))
+            agent = build_agent(config)
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
             try:

@@ -16,18 +16,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 from pyasic import get_miner
 
 from agent.control.config import AgentConfig, parse_config
 from agent.control.domain import SLEEP, ActiveEvent
-from agent.runtime.daemon import metrics_service
 from agent.runtime.loop import Agent
-from agent.runtime.wiring import build_components
 from drivers.grid.base import GridEvent, ProgramKind
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import S19J_PRO, SITE_BOTTOM, SITE_TOP, FaultKind, Timing
 from simulators.luxos_model import S21 as S21_MODEL
 from simulators.price_server import PriceServer
+from tests.site_agent import build_agent, metrics_port
 
 # A loopback /16 per test process, so concurrent runs on one machine do not collide.
 NET = 100 + os.getpid() % 150
@@ -85,9 +85,7 @@ async def running_site(
     server = PriceServer([price], interval_s=3600)
     async with fleet, server:
         config = site_config(server.url, **config_kw)
-        components = build_components(config)
-        agent = Agent(config, components)
-        components.services.append(metrics_service(agent, config))
+        agent = build_agent(config, metrics=True)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:
@@ -150,7 +148,7 @@ async def test_spike_sleeps_inefficient_miners_and_drop_restores_them_after_min_
         counts = agent.state.actions
         await until(lambda: counts[("sleep", "ok")] == 3, 5, "three sleeps confirmed")
         # The agent's own view agrees with the simulators' truth (telemetry confirmed it).
-        await until(lambda: not agent.actuator.pending, 5, "commands verified")
+        await until(lambda: not agent.pending(), 5, "commands verified")
         assert agent.state.faults == {}
         # Price falls again: the S19s come back, but not before the minimum off time (1.5 s).
         server.prices[0] = 20.0
@@ -194,9 +192,8 @@ async def test_miner_ignoring_commands_is_faulted_and_another_is_shed() -> None:
         s21_w = sum(float(truth(fleet, a)["power_w"]) for a in S21)
         assert s21_w <= 12_000 - float(truth(fleet, stubborn)["power_w"])
         # The fault is visible to the operator on /metrics.
-        assert agent.metrics_port is not None
         async with httpx.AsyncClient() as client:
-            text = (await client.get(f"http://127.0.0.1:{agent.metrics_port}/metrics")).text
+            text = (await client.get(f"http://127.0.0.1:{metrics_port(agent)}/metrics")).text
         assert 'site_agent_miner_state{miner="s19-001",state="faulted"} 1.0' in text
         assert 'site_agent_actions_total{kind="sleep",result="not_applied"}' in text
         assert 'site_agent_miners{state="faulted"} 1.0' in text
@@ -235,7 +232,7 @@ async def test_a_miner_restored_by_hand_during_an_event_is_shed_again() -> None:
         agent.wake_control.set()
         await until(lambda: all(asleep(fleet, a) for a in S19), 10, "S19s shed")
         await until(
-            lambda: agent.state.actions[("sleep", "ok")] >= 3 and not agent.actuator.pending,
+            lambda: agent.state.actions[("sleep", "ok")] >= 3 and not agent.pending(),
             5,
             "the sleeps verified",
         )
@@ -265,6 +262,14 @@ async def test_a_miner_that_never_answers_counts_at_nameplate() -> None:
         assert plan is not None
         assert plan.miner_points["s21-003"] == view.commanded  # left alone: no action for it
         assert not any(a.device_id == "s21-003" for a in plan.actions)
+        # The plan's own sum counts it at the S21 nameplate (4000 W), not at its last reading
+        # or its profile: every other miner at the power of the point the plan gives it.
+        others_w = sum(
+            m.point(plan.miner_points[m.device_id]).power_w
+            for m in snap.miners
+            if m.device_id != "s21-003"
+        )
+        assert plan.planned_power_w == pytest.approx(others_w + 4000)
 
 
 def _unknown(agent: Agent, device_id: str) -> bool:

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from agent.outputs.mqtt import Curtail, Refresh, Rejected, Release, SetMode, parse_command
+from agent.control.commands import Curtail, Refresh, Release, SetMode
+from agent.outputs.mqtt import Rejected, parse_command
 from tests.sample_state import NOW
 
 TOKENS = {"alice": "alice-token-1", "bob": "bob-token-2"}
@@ -33,7 +34,7 @@ def test_valid_commands_become_typed_commands() -> None:
 @pytest.mark.parametrize(
     ("name", "payload", "code"),
     [
-        ("release", b"\xff\xfe", "malformed"),
+        ("release", b"\xff\xfe", "not_utf8"),
         ("release", b"42", "malformed"),
         ("release", b'{"id": "x1", "operator": "alice", "token": "bob-token-2"}', "unauthorized"),
         ("release", b'{"id": "x1", "operator": "alice", "token": 5}', "unauthorized"),

@@ -12,11 +12,10 @@ import yaml
 from agent.cli.main import main
 from agent.control.config import load_config
 from agent.journal.store import Store
-from agent.runtime.loop import Agent
-from agent.runtime.wiring import build_components
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.price_server import PriceServer
+from tests.site_agent import build_agent
 from tests.test_e2e_miners import S19, S21, site_dict, true_site_w, truth, until
 
 
@@ -33,9 +32,7 @@ async def test_curtail_cli_brings_site_under_target_fast_and_release_restores(
         cfg_file.write_text(yaml.safe_dump(data))
         config = load_config(cfg_file)
         async with Store.open(tmp_path / "journal.db") as store:
-            components = build_components(config)
-            components.store = store
-            agent = Agent(config, components)
+            agent = build_agent(config, store=store)
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
             try:
@@ -89,6 +86,13 @@ def test_curtail_cli_refuses_bad_input_and_writes_nothing(
     assert main([*base, "--target-kw", "-5", "--until", "+1h"]) == 2
     assert "--target-kw must be a finite number >= 0 (got -5.0)" in capsys.readouterr().err
     assert main([*base, "--target-kw", "nan", "--until", "+1h"]) == 2
+    # The same limits as MQTT and OpenADR: above the interconnect, beyond the horizon.
+    assert main([*base, "--target-kw", "1e306", "--until", "+1h"]) == 2
+    assert "outside 0..40 kW" in capsys.readouterr().err
+    assert main([*base, "--target-kw", "10", "--until", "+200h"]) == 2
+    assert "(control.max_event_horizon_s)" in capsys.readouterr().err
+    assert main([*base, "--target-kw", "10", "--until", "+1e300h"]) == 2
+    assert "expected +30m" in capsys.readouterr().err
     assert main([*base, "--target-kw", "10", "--until", "2001-01-01T00:00:00Z"]) == 2
     assert "is not in the future" in capsys.readouterr().err
     assert main([*base, "--target-kw", "10", "--until", "tomorrow"]) == 2

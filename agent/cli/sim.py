@@ -56,6 +56,12 @@ def parse_mix(text: str) -> dict[str, int]:
 
 
 def sim(args: argparse.Namespace) -> int:
+    from agent.cli.common import bounded_args
+
+    if not bounded_args(
+        [(args.miners, 1, 100_000, "--miners"), (args.control_port, 0, 65535, "--control-port")]
+    ):
+        return 2
     if not args.mix:
         from simulators.luxos import run_fleet_cli
 

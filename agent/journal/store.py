@@ -17,9 +17,9 @@ one single-thread executor; the connection is opened, used and closed only there
 public method is a coroutine that hands its work to that thread. Calls therefore run one at a
 time, in the order they were made.
 
-Secrets: audit details pass through :func:`redact`, which masks values under credential-like
-keys (password, token, secret, ...), pydantic ``SecretStr`` values, and any known secret string
-the store was opened with, wherever it appears.
+Secrets: audit details pass through :func:`~agent.control.redaction.redact`, which masks values
+under credential-like keys (password, token, secret, ...), pydantic ``SecretStr`` values, and any
+known secret string the store was opened with, wherever it appears.
 
 Error tree (all under :class:`drivers.errors.AgentError`)::
 
@@ -33,31 +33,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
 import os
-import re
 import sqlite3
 from collections.abc import Callable, Generator, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import Enum, StrEnum
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
-from pydantic import BaseModel, SecretStr
-
+from agent.control.redaction import redact, scrub
+from agent.control.settlement import delivered_w, event_target_w, shortfall_w
 from drivers.errors import AgentError
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind
 
 SCHEMA_VERSION = 1
 # "SAJ1": marks the file as a site-agent journal, so we never adopt someone else's database.
 APPLICATION_ID = 0x53414A31
-REDACTED = "***"
 DEFAULT_INTERVAL_S = 900.0  # ERCOT settlement interval (economics.md)
 
 _T = TypeVar("_T")
@@ -101,6 +98,31 @@ class EventStatus(StrEnum):
     ACTIVE = "active"
     ENDED = "ended"
     CANCELLED = "cancelled"
+    QUARANTINED = "quarantined"  # failed re-validation when read back: never put in force
+
+
+@dataclass(frozen=True, slots=True)
+class CommandAnswer:
+    """The first answer given to an operator command id (deduplication across restarts)."""
+
+    command_id: str
+    operator: str
+    command: str
+    accepted: bool
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRow:
+    """A journal entry that failed re-validation when read back, set aside with the reason."""
+
+    id: int
+    at: datetime
+    kind: str  # "event", "commanded"
+    key: str
+    payload: str
+    reason: str
 
 
 class AuditResult(StrEnum):
@@ -136,7 +158,7 @@ class ComplianceRow:
 
     @property
     def shortfall_w(self) -> float:
-        return max(0.0, self.measured_w - self.target_w)
+        return shortfall_w(self.measured_w, self.target_w)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +217,7 @@ class EventReport:
     start: datetime
     end: datetime
     baseline_w: float
-    target_w: float | None  # from the event: max_site_kw, or baseline − shed_kw
+    target_w: float | None  # from the event (agent.control.settlement.event_target_w)
     intervals: int
     compliant_intervals: int
     delivered_mwh: float
@@ -225,99 +247,6 @@ class EventReport:
             "penalty_usd": self.penalty_usd,
             "net_usd": self.net_usd,
         }
-
-
-# --- redaction ---------------------------------------------------------------------------
-
-# Keys whose values are credentials, matched on the key with camelCase and separators
-# normalised to snake_case, so "mqtt_password", "apiKey" and "X-Auth-Token" all hit. It errs
-# towards masking ("tokens_per_s" is masked too): a false positive costs one masked number in
-# the audit, a false negative leaks a credential.
-_SECRET_KEY = re.compile(
-    r"(^|_)(pass|pwd|passwd|password|passphrase|secret|token|tokens|credential|credentials"
-    r"|apikey|api_key|privatekey|private_key|authorization|auth|cookie|session_key|psk)(_|$)"
-    r"|password|secret|token|credential|apikey|privatekey",
-)
-
-
-def _is_secret_key(key: str) -> bool:
-    norm = re.sub(r"[^a-z0-9]+", "_", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
-    return _SECRET_KEY.search(norm) is not None
-
-
-def redact(value: Any, known_secrets: Iterable[str] = ()) -> Any:
-    """A JSON-ready copy of ``value`` with every credential replaced by ``"***"``.
-
-    Masks values under credential-like keys, ``SecretStr`` values, and each string of
-    ``known_secrets`` wherever it occurs inside a string. Non-finite floats become strings
-    (JSON has no NaN); datetimes become ISO text; dataclasses and pydantic models become dicts.
-    """
-    secrets = tuple(s for s in known_secrets if s)
-    return _redact(value, secrets)
-
-
-def _scrub(text: str, secrets: tuple[str, ...]) -> str:
-    for s in secrets:
-        text = text.replace(s, REDACTED)
-    return text
-
-
-def _redact(value: Any, secrets: tuple[str, ...]) -> Any:
-    if isinstance(value, SecretStr):
-        return REDACTED
-    if value is None or isinstance(value, bool | int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, str):
-        return _scrub(value, secrets)
-    if isinstance(value, Enum):
-        return _redact(value.value, secrets)
-    if isinstance(value, datetime):
-        return _iso(value) if value.tzinfo is not None else value.isoformat()
-    if isinstance(value, BaseModel):
-        return _redact(dict(value), secrets)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return _redact(fields, secrets)
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            key = _scrub(str(k), secrets)
-            out[key] = REDACTED if _is_secret_key(str(k)) else _redact(v, secrets)
-        return out
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_redact(v, secrets) for v in value]
-    if isinstance(value, bytes):
-        return f"<{len(value)} bytes>"
-    return _scrub(str(value), secrets)
-
-
-def secrets_in(value: Any) -> tuple[str, ...]:
-    """Every ``SecretStr`` value inside a config model (for ``Store.open(known_secrets=...)``).
-
-    Walks pydantic models, mappings and sequences; empty secrets are skipped (an empty string
-    would "match" everywhere).
-    """
-    found: list[str] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, SecretStr):
-            secret = v.get_secret_value()
-            if secret and secret not in found:
-                found.append(secret)
-        elif isinstance(v, BaseModel):
-            for name in type(v).model_fields:
-                walk(getattr(v, name))
-        elif isinstance(v, Mapping):
-            for item in v.values():
-                walk(item)
-        elif isinstance(v, list | tuple | set | frozenset):
-            for item in v:
-                walk(item)
-
-    walk(value)
-    return tuple(found)
 
 
 # --- time and event (de)serialisation ------------------------------------------------------
@@ -365,30 +294,72 @@ def event_to_json(event: GridEvent) -> str:
     )
 
 
+class JournalEntryInvalid(ValueError):
+    """A journaled row that does not read back as what was written (edited, or a bug)."""
+
+
+def _text(d: Mapping[str, Any], key: str) -> str:
+    value = d.get(key)
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise JournalEntryInvalid(f"{key} must be a non-empty string of at most 256 characters")
+    return value
+
+
+def _number(d: Mapping[str, Any], key: str, *, optional: bool) -> float | None:
+    value = d.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise JournalEntryInvalid(f"{key} must be a number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise JournalEntryInvalid(f"{key} is too large") from None
+    if not math.isfinite(number):
+        raise JournalEntryInvalid(f"{key} must be finite, got {value!r}")
+    return number
+
+
+def _aware(text: object, what: str) -> datetime:
+    if not isinstance(text, str) or len(text) > 64:
+        raise JournalEntryInvalid(f"{what} must be an ISO-8601 time")
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise JournalEntryInvalid(f"{what} {text[:64]!r} is not an ISO-8601 time") from None
+    if at.tzinfo is None:
+        raise JournalEntryInvalid(f"{what} {text!r} has no time zone")
+    return at
+
+
 def event_from_json(text: str) -> GridEvent:
-    d = json.loads(text)
+    """A journaled event, every field re-validated; :class:`JournalEntryInvalid` otherwise."""
+    if not isinstance(text, str) or len(text) > 16_384:
+        raise JournalEntryInvalid("event_json is not a text of at most 16 KiB")
+    try:
+        d = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise JournalEntryInvalid(f"event_json is not JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise JournalEntryInvalid("event_json is not a JSON object")
+    try:
+        kind = ProgramKind(str(d.get("kind")))
+        fail = FailDirection(str(d.get("fail")))
+    except ValueError as exc:
+        raise JournalEntryInvalid(str(exc)) from None
     return GridEvent(
-        event_id=d["event_id"],
-        source=d["source"],
-        program=d["program"],
-        kind=ProgramKind(d["kind"]),
-        start=_parse_ts(d["start"]),
-        end=_parse_ts(d["end"]),
-        max_site_kw=d["max_site_kw"],
-        shed_kw=d["shed_kw"],
-        payment_usd_per_mwh=d["payment_usd_per_mwh"],
-        penalty_usd_per_mwh=d["penalty_usd_per_mwh"],
-        fail=FailDirection(d["fail"]),
+        event_id=_text(d, "event_id"),
+        source=_text(d, "source"),
+        program=_text(d, "program"),
+        kind=kind,
+        start=_aware(d.get("start"), "start"),
+        end=_aware(d.get("end"), "end"),
+        max_site_kw=_number(d, "max_site_kw", optional=True),
+        shed_kw=_number(d, "shed_kw", optional=True),
+        payment_usd_per_mwh=_number(d, "payment_usd_per_mwh", optional=False) or 0.0,
+        penalty_usd_per_mwh=_number(d, "penalty_usd_per_mwh", optional=False) or 0.0,
+        fail=fail,
     )
-
-
-def event_target_w(event: GridEvent, baseline_w: float) -> float | None:
-    """The site-load ceiling an event sets: ``max_site_kw``, or the baseline less ``shed_kw``."""
-    if event.max_site_kw is not None:
-        return event.max_site_kw * 1000.0
-    if event.shed_kw is not None:
-        return max(0.0, baseline_w - event.shed_kw * 1000.0)
-    return None
 
 
 # --- schema ------------------------------------------------------------------------------
@@ -429,6 +400,27 @@ CREATE TABLE audit (
     detail    TEXT NOT NULL
 );
 CREATE INDEX audit_at ON audit (at);
+"""
+
+# Added without a version bump: additive tables that an older reader ignores, created at every
+# writable open of a version-1 journal.
+_SCHEMA_V1_EXTRA = """
+CREATE TABLE IF NOT EXISTS commands (
+    command_id TEXT PRIMARY KEY,
+    operator   TEXT NOT NULL,
+    command    TEXT NOT NULL,
+    accepted   INTEGER NOT NULL,
+    reason     TEXT NOT NULL,
+    at         TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    reason  TEXT NOT NULL
+);
 """
 
 
@@ -575,11 +567,24 @@ class Store:
             await self._write(write)
 
     async def commanded_states(self) -> dict[str, CommandedState]:
+        """Commanded states; a row that does not read back is quarantined and left out."""
+        bad: list[tuple[str, str, str, str]] = []
+
         def read(conn: sqlite3.Connection) -> dict[str, CommandedState]:
             cur = conn.execute("SELECT device_id, state, since FROM commanded ORDER BY device_id")
-            return {d: CommandedState(s, _parse_ts(t)) for d, s, t in cur}
+            out: dict[str, CommandedState] = {}
+            for d, st, t in cur:
+                try:
+                    if not isinstance(st, str) or not st or len(st) > 64:
+                        raise JournalEntryInvalid("state must be a short non-empty string")
+                    out[str(d)] = CommandedState(st, _aware(t, "since"))
+                except JournalEntryInvalid as exc:
+                    bad.append(("commanded", str(d), json.dumps([st, t], default=str), str(exc)))
+            return out
 
-        return await self._run(read)
+        states = await self._run(read)
+        await self._quarantine(bad, table="commanded", key_column="device_id")
+        return states
 
     # -- grid events --
 
@@ -642,18 +647,148 @@ class Store:
         return await self._events("", ())
 
     async def _events(self, where: str, params: tuple[str, ...]) -> list[StoredEvent]:
+        """Journaled events, each re-validated: a row that fails is quarantined and left out."""
+        bad: list[tuple[str, str, str, str]] = []
+
         def read(conn: sqlite3.Connection) -> list[StoredEvent]:
             cur = conn.execute(
-                "SELECT event_json, baseline_w, status, first_seen, updated_at FROM events "
-                f"{where} ORDER BY start, event_id",
+                "SELECT event_id, event_json, baseline_w, status, first_seen, updated_at FROM"
+                f" events {where} ORDER BY start, event_id",
                 params,
             )
-            return [
-                StoredEvent(event_from_json(j), b, EventStatus(s), _parse_ts(f), _parse_ts(u))
-                for j, b, s, f, u in cur
-            ]
+            out: list[StoredEvent] = []
+            for eid, j, b, st, f, u in cur:
+                try:
+                    event = event_from_json(j)
+                    if event.event_id != eid:
+                        raise JournalEntryInvalid(f"event_json names {event.event_id!r}")
+                    baseline = _number({"baseline_w": b}, "baseline_w", optional=False)
+                    if baseline is None or baseline < 0:
+                        raise JournalEntryInvalid("baseline_w must be >= 0")
+                    out.append(
+                        StoredEvent(
+                            event,
+                            baseline,
+                            EventStatus(st),
+                            _aware(f, "first_seen"),
+                            _aware(u, "updated_at"),
+                        )
+                    )
+                except (JournalEntryInvalid, ValueError) as exc:
+                    bad.append(("event", str(eid), str(j)[:2000], str(exc)[:300]))
+            return out
+
+        events = await self._run(read)
+        await self._quarantine(bad, table="events", key_column="event_id")
+        return events
+
+    async def quarantine_event(self, event_id: str, reason: str) -> None:
+        """Set a journaled event aside (it failed the limits): never put in force again."""
+
+        def read(conn: sqlite3.Connection) -> str:
+            row = conn.execute(
+                "SELECT event_json FROM events WHERE event_id = ?", (event_id,)
+            ).fetchone()
+            return "" if row is None else str(row[0])
+
+        payload = await self._run(read)
+        await self._quarantine([("event", event_id, payload[:2000], reason)], "events", "event_id")
+
+    async def _quarantine(
+        self, bad: list[tuple[str, str, str, str]], table: str, key_column: str
+    ) -> None:
+        """Record each bad row in ``quarantine`` with an audit row, and take it out of use.
+
+        Events are marked ``quarantined`` (kept for inspection); a commanded state is deleted
+        (the first poll adopts what the device does). A read-only journal only skips them.
+        """
+        if not bad or self.readonly:
+            return
+        now = _iso(datetime.now(UTC))
+        s = self._secrets
+
+        def write(conn: sqlite3.Connection) -> None:
+            for kind, key, payload, reason in bad:
+                conn.execute(
+                    "INSERT INTO quarantine (at, kind, key, payload, reason)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (now, kind, scrub(key, s), scrub(payload, s), scrub(reason, s)),
+                )
+                conn.execute(
+                    "INSERT INTO audit (at, source, device_id, action, reason, result, detail)"
+                    " VALUES (?, 'journal', ?, 'quarantine', ?, 'rejected', ?)",
+                    (
+                        now,
+                        scrub(key, s) if kind == "commanded" else None,
+                        scrub(f"{kind} {key}: {reason}", s),
+                        json.dumps({"kind": kind, "key": scrub(key, s)}),
+                    ),
+                )
+                if table == "events":
+                    conn.execute(
+                        "UPDATE events SET status = ?, updated_at = ? WHERE event_id = ?",
+                        (str(EventStatus.QUARANTINED), now, key),
+                    )
+                else:
+                    conn.execute(f"DELETE FROM {table} WHERE {key_column} = ?", (key,))
+
+        await self._write(write)
+
+    async def quarantined(self) -> list[QuarantineRow]:
+        """Every quarantined entry, oldest first."""
+
+        def read(conn: sqlite3.Connection) -> list[QuarantineRow]:
+            if not _has_table(conn, "quarantine"):
+                return []
+            cur = conn.execute(
+                "SELECT id, at, kind, key, payload, reason FROM quarantine ORDER BY id"
+            )
+            return [QuarantineRow(i, _parse_ts(a), k, key, p, r) for i, a, k, key, p, r in cur]
 
         return await self._run(read)
+
+    # -- operator commands (deduplication) --
+
+    async def command_answer(self, command_id: str) -> CommandAnswer | None:
+        """The answer first given to ``command_id`` (by whichever operator), or None."""
+
+        def read(conn: sqlite3.Connection) -> CommandAnswer | None:
+            if not _has_table(conn, "commands"):
+                return None
+            row = conn.execute(
+                "SELECT command_id, operator, command, accepted, reason, at FROM commands"
+                " WHERE command_id = ?",
+                (command_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            cid, op, name, accepted, reason, at = row
+            return CommandAnswer(cid, op, name, bool(accepted), reason, _parse_ts(at))
+
+        return await self._run(read)
+
+    async def record_command_answer(
+        self, command_id: str, operator: str, command: str, accepted: bool, reason: str
+    ) -> None:
+        """Journal the answer to a command; the first answer to an id is kept."""
+        now = _iso(datetime.now(UTC))
+        row = (
+            _nonempty(command_id, "command_id"),
+            _nonempty(operator, "operator"),
+            _nonempty(command, "command"),
+            1 if accepted else 0,
+            scrub(reason, self._secrets),
+            now,
+        )
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO commands (command_id, operator, command, accepted, reason, at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (command_id) DO NOTHING",
+                row,
+            )
+
+        await self._write(write)
 
     async def record_compliance(
         self,
@@ -746,11 +881,11 @@ class Store:
         detail = redact(dict(e.detail or {}), s)
         return (
             _ts(e.at, "at") if e.at is not None else now,
-            _scrub(_nonempty(e.source, "source"), s),
-            _scrub(e.device_id, s) if e.device_id is not None else None,
-            _scrub(_nonempty(e.action, "action"), s),
-            _scrub(e.reason, s),
-            _scrub(_nonempty(str(e.result), "result"), s),
+            scrub(_nonempty(e.source, "source"), s),
+            scrub(e.device_id, s) if e.device_id is not None else None,
+            scrub(_nonempty(e.action, "action"), s),
+            scrub(e.reason, s),
+            scrub(_nonempty(str(e.result), "result"), s),
             json.dumps(detail, allow_nan=False, sort_keys=True),
         )
 
@@ -836,6 +971,11 @@ def _nonempty(value: str, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string (got {value!r})")
     return value
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    return row.fetchone() is not None
 
 
 def _describe(exc: sqlite3.Error) -> tuple[type[StoreError], str]:
@@ -965,6 +1105,13 @@ def _prepare(path: Path, conn: sqlite3.Connection, readonly: bool) -> None:
         raise kind(path, f"cannot prepare the journal: {message}") from exc
     if not fresh:
         _probe_write(path, conn)
+    try:
+        conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA_V1_EXTRA}COMMIT;")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        kind, message = _describe(exc)
+        raise kind(path, f"cannot prepare the journal: {message}") from exc
 
 
 def _probe_write(path: Path, conn: sqlite3.Connection) -> None:
@@ -1015,7 +1162,7 @@ def _settle(stored: StoredEvent, rows: list[ComplianceRow]) -> EventReport:
     for r in rows:
         hours = r.interval_s / 3600.0
         shortfall_wh += r.shortfall_w * hours
-        delivered_wh += max(0.0, stored.baseline_w - max(r.measured_w, r.target_w)) * hours
+        delivered_wh += delivered_w(stored.baseline_w, r.measured_w, r.target_w) * hours
         if r.measured_w <= r.target_w:
             compliant += 1
     delivered_mwh = round(delivered_wh / 1e6, 6)

@@ -22,8 +22,13 @@ command's own fields; unknown fields are refused. The broker's ACL decides which
 publish under ``P/command/``; the token says which operator did. The ack is
 ``{"id", "command", "status": "accepted"|"rejected", "reason", "at"}``. A malformed,
 unauthorised, unknown, invalid or expired command is rejected with a reason, reaches nobody
-and is counted in ``AgentState.rejected`` under source ``mqtt``. A repeated ``id`` (QoS 1
-redelivery) is answered again with the first answer and not re-executed.
+and is counted in ``AgentState.rejected`` under source ``mqtt``; the runtime also writes an
+audit row for it (``command:NAME``), for at most a burst of 20 and then one a second, so a flood
+is still counted in full but never floods the journal; a command the runtime refuses is audited
+the same way. A repeated ``id`` from the same operator (QoS 1 redelivery) is answered again with
+the first answer and not re-executed; the same ``id`` from another operator is rejected. The
+runtime also deduplicates through the journal, across restarts. One message can never end the
+bridge: a failure handling it is logged and acked as rejected.
 
 Control never waits on the broker: :meth:`MqttBridge.publish_cycle` only fills in-memory
 buffers. Retained topics keep only their newest payload (and are all republished after every
@@ -40,20 +45,32 @@ import logging
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.control.commands import (
+    Command,
+    CommandHandler,
+    CommandResult,
+    Curtail,
+    Refresh,
+    RejectCounter,
+    RejectionAudit,
+    Release,
+    SetMode,
+)
 from agent.control.config import MqttConfig
 from agent.control.domain import Plan, Snapshot
-from agent.control.policy import event_limit_w
+from agent.control.settlement import event_target_w
 from agent.outputs.metrics import miner_state
 from agent.runtime.state import AgentState
 from drivers.bus.base import Bus, BusError, BusMessage, BusSession, BusSettings, LastWill
 from drivers.bus.mqtt import MqttBus
+from drivers.inputs import InputRejected, load_json
 
 log = logging.getLogger(__name__)
 
@@ -61,64 +78,9 @@ REJECT_SOURCE = "mqtt"  # the source name under which rejected commands are coun
 MAX_COMMAND_BYTES = 16 * 1024  # a command is a few hundred bytes; more is abuse or a mistake
 
 
-# --- commands, as the runtime receives them -----------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Curtail:
-    """Hold site load at or below ``target_kw`` until ``until`` (an operator override)."""
-
-    id: str
-    operator: str
-    target_kw: float
-    until: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    """End the operator's curtailment."""
-
-    id: str
-    operator: str
-
-
-@dataclass(frozen=True, slots=True)
-class SetMode:
-    """Switch between automatic control and manual (the agent stops actuating)."""
-
-    id: str
-    operator: str
-    mode: Literal["auto", "manual"]
-
-
-@dataclass(frozen=True, slots=True)
-class Refresh:
-    """Run a control cycle now and republish everything."""
-
-    id: str
-    operator: str
-
-
-Command = Curtail | Release | SetMode | Refresh
-
-
-@dataclass(frozen=True, slots=True)
-class CommandResult:
-    """The runtime's answer to a command: accepted, or refused with a reason."""
-
-    accepted: bool
-    reason: str = ""
-
-    @classmethod
-    def ok(cls, reason: str = "") -> CommandResult:
-        return cls(True, reason)
-
-    @classmethod
-    def refuse(cls, reason: str) -> CommandResult:
-        return cls(False, reason)
-
-
-CommandHandler = Callable[[Command], Awaitable[CommandResult]]
+# Rejected commands reach the audit trail, at most AUDIT_BURST at once and one a second after
+# that: a flood of garbage must not turn into a flood of journal writes.
+AUDIT_BURST = 20
 
 
 # --- the wire schema (pydantic at the edge) ------------------------------------------------------
@@ -135,7 +97,8 @@ class _Wire(BaseModel):
 
 
 class _CurtailWire(_Wire):
-    target_kw: float = Field(ge=0, allow_inf_nan=False)
+    # strict: ``true`` is no target; the bound is the largest site, the runtime applies its own.
+    target_kw: float = Field(ge=0, le=10_000_000, allow_inf_nan=False, strict=True)
     until: datetime
 
     @field_validator("until")
@@ -181,12 +144,7 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
     Order: well-formed JSON object, then authentication, then a known command, then its schema,
     so an unauthenticated sender learns nothing about the schema.
     """
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise Rejected("malformed", f"payload larger than {MAX_COMMAND_BYTES} bytes")
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Rejected("malformed", f"payload is not JSON: {exc}") from None
+    data = _load(payload)
     if not isinstance(data, dict):
         raise Rejected("malformed", "payload must be a JSON object")
     operator, token = data.get("operator"), data.get("token")
@@ -194,7 +152,9 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
         raise Rejected("unauthorized", "operator and token are required")
     expected = tokens.get(operator)
     # Compare against a dummy for unknown operators so timing does not reveal who exists.
-    good = hmac.compare_digest(token.encode(), (expected or "\0" * 32).encode())
+    # JSON may carry lone surrogates ("\ud800") that UTF-8 cannot encode: never a match.
+    given = token.encode("utf-8", "surrogatepass")
+    good = hmac.compare_digest(given, (expected or "\0" * 32).encode("utf-8", "surrogatepass"))
     if expected is None or not good:
         raise Rejected("unauthorized", f"operator {operator[:64]!r} not authorised")
     schema = _SCHEMAS.get(name)
@@ -207,7 +167,7 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in exc.errors()
         )
-        raise Rejected("invalid", f"invalid {name}: {problems}") from None
+        raise Rejected("invalid", f"invalid {name}: {problems}"[:300]) from None
     if isinstance(wire, _CurtailWire):
         if wire.until <= now:
             raise Rejected("expired", f"until {wire.until.isoformat()} is not in the future")
@@ -219,13 +179,22 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
     return Release(wire.id, wire.operator)
 
 
+def _load(payload: bytes) -> Any:
+    """Bounded JSON (size, UTF-8, depth, duplicate keys, NaN): a hostile payload is refused
+    with its reason as the metric code, never an exception that ends the bridge."""
+    try:
+        return load_json(payload, REJECT_SOURCE, max_bytes=MAX_COMMAND_BYTES, max_depth=8)
+    except InputRejected as exc:
+        if exc.reason == "bad_syntax":
+            raise Rejected("malformed", f"payload is not JSON: {exc.message}") from None
+        raise Rejected(exc.reason, f"payload refused: {exc.message}") from None
+
+
 def _command_id(payload: bytes) -> str | None:
     """The sender's ``id`` if one can be read, for the ack of a command we reject."""
-    if len(payload) > MAX_COMMAND_BYTES:
-        return None
     try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = _load(payload)
+    except Rejected:
         return None
     cid = data.get("id") if isinstance(data, dict) else None
     return cid[:64] if isinstance(cid, str) else None
@@ -268,6 +237,10 @@ def state_payload(state: AgentState, interconnect_limit_w: float | None = None) 
         "gpu_nodes": len(snap.gpu_nodes) if snap else 0,
         "events_active": len(snap.events) if snap else 0,
         "faults": dict(sorted(state.faults.items())),
+        "tasks": {
+            name: {"up": t.up, "restarts": t.restarts, "last_error": t.last_error}
+            for name, t in sorted(state.tasks.items())
+        },
     }
 
 
@@ -299,7 +272,7 @@ def events_payload(snap: Snapshot) -> dict[str, Any]:
     site_w = snap.measured_site_power_w
     events = []
     for a in snap.events:
-        e, target = a.event, event_limit_w(a)
+        e, target = a.event, event_target_w(a.event, a.baseline_w)
         events.append(
             {
                 "event_id": e.event_id,
@@ -358,6 +331,10 @@ def telemetry_payloads(snap: Snapshot) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+async def _wait_set(event: asyncio.Event) -> None:
+    await event.wait()
+
+
 async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
     """Cancel and reap ``tasks``, cancelling again if one swallowed it.
 
@@ -383,18 +360,8 @@ def _dump(payload: Mapping[str, Any]) -> bytes:
 def bus_settings(config: MqttConfig, site_id: str) -> BusSettings:
     """Transport settings from config, with the retained ``offline`` status as last will."""
     prefix = f"{config.topic_prefix}/{site_id}"
-    return BusSettings(
-        host=config.host,
-        port=config.port,
-        client_id=config.client_id or f"site-agent-{site_id}",
-        username=config.username,
-        password=config.password.get_secret_value() if config.password else None,
-        tls_ca=config.tls_ca,
-        tls_cert=config.tls_cert,
-        tls_key=config.tls_key,
-        keepalive_s=config.keepalive_s,
-        will=LastWill(f"{prefix}/status", b"offline", qos=1, retain=True),
-    )
+    will = LastWill(f"{prefix}/status", b"offline", qos=1, retain=True)
+    return config.bus_settings(f"site-agent-{site_id}", will)
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,13 +386,21 @@ class MqttBridge:
         state: AgentState,
         handler: CommandHandler,
         *,
+        count_rejected: RejectCounter,
         interconnect_limit_w: float | None = None,
         bus: Bus | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        audit_rejection: RejectionAudit | None = None,
     ) -> None:
         self.config = config
         self.state = state
         self.handler = handler
+        self.count_rejected = count_rejected  # rejections are the runtime's to count
+        # ... and to audit: the bridge only decides which ones, at a bounded rate.
+        self.audit_rejection = audit_rejection
+        self._audit_tokens = float(AUDIT_BURST)
+        self._audit_at: float | None = None
+        self.unaudited_rejections = 0
         self.interconnect_limit_w = interconnect_limit_w
         self.clock = clock
         self.prefix = f"{config.topic_prefix}/{state.site_id}"
@@ -438,22 +413,28 @@ class MqttBridge:
         self._telemetry: deque[_Out] = deque(maxlen=config.queue_size)
         self._acks: deque[_Out] = deque(maxlen=config.queue_size)
         self._wake = asyncio.Event()
-        self._answered: OrderedDict[str, CommandResult] = OrderedDict()  # id -> first answer
+        # id -> (operator, first answer): a redelivery is answered again, never re-executed.
+        self._answered: OrderedDict[str, tuple[str, CommandResult]] = OrderedDict()
         self._tokens = {k: v.get_secret_value() for k, v in config.command_tokens.items()}
 
     # --- what the runtime calls ---------------------------------------------------------------
 
-    async def __call__(self, stop: asyncio.Event) -> None:
-        """Run as a runtime service until ``stop`` is set (then say offline and disconnect)."""
-        task = asyncio.create_task(self.run(), name="mqtt-bridge")
-        try:
-            await stop.wait()
-        finally:
-            await _cancel_all({task})
+    task_name = "mqtt"  # the supervised task's name in /metrics and the retained state
 
-    def on_cycle(self, snapshot: Snapshot, plan: Plan, results: Sequence[object] = ()) -> None:
-        """A ``CycleHook`` for :class:`agent.runtime.loop.Agent`: publish after every cycle."""
-        self.publish_cycle()
+    async def __call__(self, stop: asyncio.Event) -> None:
+        """Run as a runtime service until ``stop`` is set (then say offline and disconnect).
+
+        If the connection loop dies of anything but a broker outage, its exception is raised
+        here, so the runtime's supervisor logs it, shows it and starts the bridge again.
+        """
+        task = asyncio.create_task(self.run(), name="mqtt-bridge")
+        stopping = asyncio.create_task(_wait_set(stop), name="mqtt-stop")
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _cancel_all({task, stopping})
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
     def publish_cycle(self) -> None:
         """Queue state, plan, events and per-device telemetry from the current AgentState."""
@@ -534,6 +515,10 @@ class MqttBridge:
         for task in done:
             exc = task.exception()
             if exc is not None:
+                if not isinstance(exc, BusError):
+                    # The bridge itself failed, not the broker: the retained status must not
+                    # keep saying online while nobody answers commands.
+                    await self._say_offline(session)
                 raise exc
         raise BusError("message stream ended")
 
@@ -567,7 +552,14 @@ class MqttBridge:
 
     async def _receiver(self, session: BusSession) -> None:
         async for message in session.messages():
-            await self._on_command(message)
+            try:
+                await self._on_command(message)
+            except Exception as exc:  # one message must never end the command bridge
+                log.exception("mqtt: command on %r could not be handled", message.topic[:64])
+                name = message.topic.removeprefix(f"{self.prefix}/command/")
+                reason = f"internal error: {type(exc).__name__}"
+                self._reject(_command_id(message.payload), name, "internal", reason)
+                self._audit(name, "internal", reason)
 
     # --- commands -----------------------------------------------------------------------------
 
@@ -578,10 +570,17 @@ class MqttBridge:
             command = parse_command(name, message.payload, self._tokens, self.clock())
         except Rejected as rej:
             self._reject(cid, name, rej.code, rej.reason)
+            self._audit(name, rej.code, rej.reason)
             return
         previous = self._answered.get(command.id)
-        if previous is not None:  # QoS 1 redelivery or a resend: same answer, no second effect
-            self._ack(command.id, name, previous)
+        if previous is not None:
+            operator, answer = previous
+            if operator != command.operator:  # never someone else's result
+                reason = f"command id {command.id!r} was already used by another operator"
+                self._reject(command.id, name, "duplicate_id", reason)
+                self._audit(name, "duplicate_id", reason)
+                return
+            self._ack(command.id, name, answer)  # QoS 1 redelivery or a resend: no second effect
             return
         try:
             async with asyncio.timeout(self.config.command_timeout_s):
@@ -591,7 +590,7 @@ class MqttBridge:
         except Exception as exc:  # the handler's bug must not kill the bridge
             log.exception("mqtt: command handler failed on %s", name)
             result = CommandResult.refuse(f"internal error: {type(exc).__name__}")
-        self._answered[command.id] = result
+        self._answered[command.id] = (command.operator, result)
         while len(self._answered) > 1000:
             self._answered.popitem(last=False)
         if result.accepted:
@@ -599,12 +598,27 @@ class MqttBridge:
             if isinstance(command, Refresh):
                 self.publish_cycle()
         else:
-            self.state.rejected[(REJECT_SOURCE, "refused")] += 1
+            self.count_rejected(REJECT_SOURCE, "refused")
             log.warning("mqtt: %s %s refused: %s", name, command.id, result.reason)
+            self._audit(name, "refused", f"by {command.operator}: {result.reason}")
         self._ack(command.id, name, result)
 
+    def _audit(self, name: str, code: str, reason: str) -> None:
+        if self.audit_rejection is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if self._audit_at is not None:
+            self._audit_tokens = min(AUDIT_BURST, self._audit_tokens + (now - self._audit_at))
+        self._audit_at = now
+        if self._audit_tokens < 1.0:
+            self.unaudited_rejections += 1  # still counted in rejected_inputs_total
+            return
+        self._audit_tokens -= 1.0
+        # Handed to the runtime, which writes the row (the journal is the loop's to write).
+        self.audit_rejection(REJECT_SOURCE, f"command:{name[:64]}", f"{code}: {reason}")
+
     def _reject(self, cid: str | None, name: str, code: str, reason: str) -> None:
-        self.state.rejected[(REJECT_SOURCE, code)] += 1
+        self.count_rejected(REJECT_SOURCE, code)
         log.warning("mqtt: rejected command on %r: %s", name[:64], reason)
         self._ack(cid, name[:64], CommandResult.refuse(reason))
 

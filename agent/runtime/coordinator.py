@@ -1,14 +1,16 @@
-"""The coordinator: the only reader of devices and signals, keeper of the last good values.
+"""The coordinator: the only poller of devices and signals, keeper of the last good values.
 
-It polls the miner fleet and the price source on their own schedules (with jitter), keeps each
-source's last good reading with its age and last error, and hands out one immutable
-:class:`~agent.control.domain.Snapshot` per control cycle. Consumers never poll. A source that
-fails is
-logged once when it starts failing and once when it recovers (Home Assistant's coordinator
-habit), not on every poll.
+It polls the fleets (through :meth:`Coordinator.poll_fleet`), the price source, the hashprice
+feed, on their own schedules (with jitter), keeps each signal's last good reading with its age
+and each source's health (last success, last error), and hands out one immutable
+:class:`~agent.control.domain.Snapshot` per control cycle, built from the fleets' views. Consumers
+never poll. A source that fails is logged once when it starts failing and once when it recovers
+(Home Assistant's coordinator habit), not on every poll. What each device was commanded, its
+readings and faults belong to its fleet (:mod:`agent.runtime.fleet`), not to the coordinator.
 
-The coordinator also holds what was *commanded* to each device (set by the actuator, loaded from
-the journal on restart), because the policy's dwell times and the limit arithmetic need it.
+Each snapshot passes the fleets' views through the thermal guard (:mod:`agent.runtime.thermal`)
+and turns the device sum into power at the meter through the meter watch
+(:mod:`agent.runtime.meter`), which polls the site meter and the ambient source.
 """
 
 from __future__ import annotations
@@ -19,24 +21,28 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from agent.control.config import AgentConfig, MinerModelConfig
-from agent.control.domain import (
-    SLEEP,
-    ActiveEvent,
-    MinerView,
-    OperatingPoint,
-    PriceView,
-    Snapshot,
-)
+from agent.control.config import AgentConfig
+from agent.control.domain import ActiveEvent, MinerView, PriceView, Snapshot
 from agent.control.fourcp import peak_risk
-from agent.runtime.fleet import GpuFleet
-from agent.runtime.state import AgentState
-from drivers.errors import AgentError, BadInput, DeviceError
-from drivers.miners.base import MinerCapability, MinerMode, MinerReading, MinerTelemetry
+from agent.control.planner import (
+    HorizonInput,
+    HorizonPlan,
+    MinerBlock,
+    PlanStatus,
+    SwitchingCost,
+    plan_horizon,
+)
+from agent.control.site import RampBudget, planner_switching, ramp_capacity_w, site_limit_w
+from agent.runtime.fleet import Fleet
+from agent.runtime.meter import MeterWatch
+from agent.runtime.state import SourceHealth
+from agent.runtime.thermal import ThermalGuard
+from drivers.errors import AgentError, BadInput
+from drivers.meters.base import Meter
 from drivers.prices.base import PriceReading, PriceSource
 from drivers.prices.csv_replay import DayAheadForecast
 from drivers.prices.system_load import SystemLoadReplay
@@ -50,55 +56,29 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def ladder(model: MinerModelConfig) -> tuple[OperatingPoint, ...]:
-    """A model's operating points: ``sleep`` first, then profiles by ascending power."""
-    profiles = sorted(model.profiles, key=lambda p: p.power_w)
-    return (
-        OperatingPoint(SLEEP, model.standby_w, 0.0),
-        *tuple(OperatingPoint(p.name, p.power_w, p.hashrate_ths) for p in profiles),
-    )
-
-
-@dataclass(slots=True)
-class MinerSlot:
-    """Everything the coordinator tracks for one miner."""
-
-    device_id: str
-    address: str
-    model: str
-    points: tuple[OperatingPoint, ...]
-    nameplate_w: float
-    circuit: str | None
-    commanded: str
-    commanded_since: datetime
-    reading: MinerReading | None = None
-    read_at: float | None = None  # monotonic time of the last good reading
-    last_error: str | None = None
-    consecutive_failures: int = 0
-    fault: str | None = None
-    fault_since: float | None = None  # monotonic time the fault was set
-    # Given another chance after a fault: not trusted to follow a command until telemetry
-    # confirms one (the actuator clears it), so it counts at what it draws meanwhile.
-    probation: bool = False
-
-
 class Coordinator:
     """Polls sources, keeps last good data, builds snapshots."""
 
     def __init__(
         self,
         config: AgentConfig,
-        state: AgentState,
-        miners: Mapping[str, MinerTelemetry],
+        fleets: Sequence[Fleet],
         price_source: PriceSource | None,
         *,
+        hashprice_source: PriceSource | None = None,
+        day_ahead: DayAheadForecast | None = None,
+        system_load: SystemLoadReplay | None = None,
+        meter: Meter | None = None,
+        ambient_source: PriceSource | None = None,
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.state = state
-        self.drivers = dict(miners)
+        self.fleets = tuple(fleets)
         self.price_source = price_source
+        self.hashprice_source = hashprice_source
+        self.day_ahead = day_ahead
+        self.system_load = system_load
         self.clock = clock
         self.monotonic = monotonic
         self.hashprice_usd_per_ph_day = config.economics.hashprice.usd_per_ph_day
@@ -106,108 +86,70 @@ class Coordinator:
         # Monotonic time the newest price interval was first seen: its age is how long no *new*
         # price has arrived, whether the source errs or keeps repeating an old interval.
         self.price_read_at: float | None = None
-        self.events: dict[str, ActiveEvent] = {}
-        self.gpu_fleet: GpuFleet | None = None  # set by the runtime when the site has GPUs
-        # Optional signals, set by the wiring: a hashprice feed, day-ahead prices, system load.
-        self.hashprice_source: PriceSource | None = None
         self.hashprice_read_at: float | None = None
-        self.day_ahead: DayAheadForecast | None = None
-        self.system_load: SystemLoadReplay | None = None
-        self.started_mono = monotonic()
-        self._ramp_at: float | None = None
-        self._ramp_tokens_w = 0.0
-        now = clock()
-        self.slots: dict[str, MinerSlot] = {}
-        for device_id, address, line in config.expanded_miners():
-            model = config.miner_models[line.model]
-            self.slots[device_id] = MinerSlot(
-                device_id=device_id,
-                address=address,
-                model=line.model,
-                points=ladder(model),
-                nameplate_w=model.max_power_w,
-                circuit=line.circuit,
-                # Until the journal or telemetry says otherwise, assume the worst: running flat out.
-                commanded=ladder(model)[-1].name,
-                commanded_since=now,
-            )
-        # Devices whose commanded state came from the journal: adoption must not overwrite it.
-        self.journaled: set[str] = set()
-        self.miners_polled = asyncio.Event()  # set after the first full fleet poll
+        self.events: dict[str, ActiveEvent] = {}
+        # The latest usable horizon plan, and what it was made from (re-plan when that changes).
+        self.horizon: HorizonPlan | None = None
+        self._horizon_key: tuple[object, ...] | None = None
+        # The planner's last solve (None: never solved): its time, status and reason. The loop
+        # publishes them with the rest.
+        self.planner_solve_s: float | None = None
+        self.planner_status: str | None = None
+        self.planner_reason = ""
+        self._ramp = RampBudget.of(config)
+        # Health of every polled source, by name: the loop publishes copies to outputs.
+        self.health: dict[str, SourceHealth] = {}
+        # Counts one rejected input (source, reason); the loop sets it to its own counter.
+        self.count_rejected: Callable[[str, str], None] = lambda _source, _reason: None
         self.price_changed = asyncio.Event()
+        # Refused feed answers (source, one-line reason) waiting for the runtime's audit sink.
+        self.rejected_to_audit: deque[tuple[str, str]] = deque(maxlen=100)
+        # The meter and the ambient source: the load model of every snapshot.
+        self.meter_watch = MeterWatch(
+            config,
+            meter,
+            ambient_source=ambient_source,
+            health=self.health,
+            monotonic=monotonic,
+        )
+        # Thermal derates: one ceiling per hot device, applied to every snapshot's views.
+        self.thermal = ThermalGuard(config.thermal, config.control.gpu_cap_step_w)
 
-    # --- commanded state (written by the actuator and by restart) --------------------------
-
-    def set_commanded(self, device_id: str, point: str, since: datetime) -> None:
-        slot = self.slots[device_id]
-        slot.commanded, slot.commanded_since = point, since
-
-    def set_fault(self, device_id: str, reason: str | None) -> None:
-        slot = self.slots[device_id]
-        if slot.fault == reason:
-            return
-        if reason is None:
-            log.info("device %s recovered from fault: %s", device_id, slot.fault)
-            self.state.faults.pop(device_id, None)
-        else:
-            log.warning("device %s faulted: %s", device_id, reason)
-            self.state.faults[device_id] = reason
-        slot.fault = reason
-        slot.fault_since = None if reason is None else self.monotonic()
+    def source(self, name: str) -> SourceHealth:
+        health = self.health.get(name)
+        if health is None:
+            health = self.health[name] = SourceHealth(name)
+        return health
 
     # --- polling -------------------------------------------------------------------------
 
-    async def poll_miners(self) -> None:
-        """Read every miner once, concurrently (drivers bound the concurrency)."""
-        health = self.state.source("miners")
+    async def poll_fleet(self, fleet: Fleet) -> None:
+        """Poll one fleet; a fleet where nothing answered keeps its last good readings."""
+        health = self.source(fleet.name)
         started = self.monotonic()
-
-        async def one(device_id: str, driver: MinerTelemetry) -> None:
-            slot = self.slots[device_id]
-            try:
-                reading = await driver.read()
-            except DeviceError as exc:
-                if slot.last_error is None:
-                    log.warning("miner %s read failed: %s", device_id, exc.message)
-                slot.last_error = exc.message
-                slot.consecutive_failures += 1
-                return
-            if slot.last_error is not None:
-                log.info("miner %s answers again", device_id)
-            slot.reading, slot.read_at = reading, self.monotonic()
-            slot.last_error, slot.consecutive_failures = None, 0
-            if reading.capability is MinerCapability.SLEEP_ONLY and len(slot.points) > 2:
-                # Stock firmware only sleeps or runs at its nominal point: the policy may offer
-                # it nothing in between (its ladder is trimmed to sleep and the top point).
-                slot.points = (slot.points[0], slot.points[-1])
-                if slot.commanded not in (p.name for p in slot.points):
-                    slot.commanded = slot.points[-1].name  # what a running stock miner does
-                log.info(
-                    "miner %s is sleep-only: ladder trimmed to sleep and %s",
-                    device_id,
-                    slot.points[-1].name,
-                )
-
-        async with asyncio.TaskGroup() as tg:
-            for device_id, driver in self.drivers.items():
-                tg.create_task(one(device_id, driver))
-        health.last_duration_s = self.monotonic() - started
-        failed = sum(1 for s in self.slots.values() if s.last_error is not None)
-        health.last_error = f"{failed} miner(s) not answering" if failed else None
-        health.last_success = self.clock()
+        try:
+            problem = await fleet.poll()
+        except AgentError as exc:
+            if health.last_error is None:
+                log.warning("%s poll failed: %s", fleet.name, exc)
+            health.last_error, health.failures = str(exc), health.failures + 1
+            return
+        finally:
+            health.last_duration_s = self.monotonic() - started
+        health.last_error, health.last_success = problem, self.clock()
         health.successes += 1
-        self.miners_polled.set()
 
     async def poll_price(self) -> None:
         if self.price_source is None:
             return
-        health = self.state.source(f"price:{self.price_source.name}")
+        health = self.source(f"price:{self.price_source.name}")
         started = self.monotonic()
         try:
             reading = await self.price_source.latest()
         except AgentError as exc:
             if health.last_error is None:
                 log.warning("price source %s failed: %s", self.price_source.name, exc)
+            self._note_rejected(health.last_error, exc)
             health.last_error = str(exc)
             health.failures += 1
             return
@@ -227,9 +169,10 @@ class Coordinator:
         source = self.hashprice_source
         if source is None:
             return
-        health = self.state.source(f"hashprice:{source.name}")
+        health = self.source(f"hashprice:{source.name}")
         try:
             reading = await source.latest()
+            # The feed checks its range (drivers/prices); this guards any other source.
             if not (math.isfinite(reading.value) and reading.value > 0):
                 raise BadInput(
                     source.name, f"hashprice must be a positive number, got {reading.value}"
@@ -237,6 +180,7 @@ class Coordinator:
         except AgentError as exc:
             if health.last_error is None:
                 log.warning("hashprice feed %s failed: %s", source.name, exc)
+            self._note_rejected(health.last_error, exc)
             health.last_error, health.failures = str(exc), health.failures + 1
             return
         if health.last_error is not None:
@@ -244,6 +188,12 @@ class Coordinator:
         health.last_error, health.last_success = None, self.clock()
         health.successes += 1
         self.hashprice_usd_per_ph_day, self.hashprice_read_at = reading.value, self.monotonic()
+
+    def _note_rejected(self, previous: str | None, exc: AgentError) -> None:
+        """Queue a refused answer for the audit trail: once per failing streak and reason, not
+        once per poll (a feed answering NaN every second must not flood the journal)."""
+        if isinstance(exc, BadInput) and str(exc) != previous:
+            self.rejected_to_audit.append((exc.source, str(exc)))
 
     def market_now(self) -> datetime:
         """The market's clock: simulated time when the price source replays history."""
@@ -279,49 +229,17 @@ class Coordinator:
 
     # --- snapshots -----------------------------------------------------------------------
 
-    def miner_view(self, slot: MinerSlot, now_mono: float) -> MinerView:
-        # Never read: its age is the agent's age, so the policy treats it as unknown (nameplate).
-        age = now_mono - (self.started_mono if slot.read_at is None else slot.read_at)
-        fresh = slot.read_at is not None and age <= self.max_reading_age_s
-        fault = slot.fault
-        if fault is None and slot.consecutive_failures >= 3:
-            fault = f"unreachable: {slot.last_error}"
-        reading = slot.reading if fresh else None
-        if fault is None and slot.probation and reading is not None:
-            commanded_w = next(p.power_w for p in slot.points if p.name == slot.commanded)
-            # A device that once accepted a command and ignored it may do so again: while it
-            # draws well above its commanded point, the policy must count (and not move) it.
-            if reading.power_w > commanded_w + 0.1 * slot.nameplate_w:
-                fault = (
-                    f"unconfirmed after a fault: draws {reading.power_w:.0f} W, "
-                    f"commanded {slot.commanded} ({commanded_w:.0f} W)"
-                )
-        return MinerView(
-            device_id=slot.device_id,
-            model=slot.model,
-            points=slot.points,
-            nameplate_w=slot.nameplate_w,
-            commanded=slot.commanded,
-            commanded_since=slot.commanded_since,
-            measured_power_w=None if reading is None else reading.power_w,
-            measured_hashrate_ths=None if reading is None else reading.hashrate_ths,
-            reading_age_s=age,
-            fault=fault,
-            circuit=slot.circuit,
-            power_estimated=reading is not None and reading.power_estimated,
-        )
-
-    @property
-    def max_reading_age_s(self) -> float:
-        return 3 * self.config.control.poll_interval_s + self.config.control.device_timeout_s
-
     def snapshot(self) -> Snapshot:
         now = self.clock()
         mono = self.monotonic()
-        miners = tuple(self.miner_view(s, mono) for s in self.slots.values())
-        gpu_nodes = () if self.gpu_fleet is None else self.gpu_fleet.views(now)
+        views = [fleet.views(now) for fleet in self.fleets]
+        miners = tuple(m for v in views for m in v.miners)
+        gpu_nodes = tuple(n for v in views for n in v.gpu_nodes)
+        miners = self.thermal.apply_miners(miners, mono)
+        gpu_nodes = self.thermal.apply_gpu_nodes(gpu_nodes, mono)
         measured = [m.measured_power_w for m in miners] + [n.measured_power_w for n in gpu_nodes]
-        site_w = None if any(p is None for p in measured) else sum(p for p in measured if p)
+        device_w = None if any(p is None for p in measured) else sum(p for p in measured if p)
+        load, site_w = self.meter_watch.load_model(device_w, mono)
         price = None
         if self.price is not None and self.price_read_at is not None:
             price = PriceView(
@@ -341,112 +259,127 @@ class Coordinator:
             gpu_nodes=gpu_nodes,
             events=tuple(e for e in self.events.values() if e.event.active_at(now)),
             measured_site_power_w=site_w,
+            device_power_w=device_w,
+            load_model=load,
             ramp_headroom_w=ramp_w,
             day_ahead_usd_per_mwh=day_ahead,
             fourcp_risk=risk,
             fourcp_reason=reason,
+            horizon=self.horizon,
         )
+
+    # --- the horizon plan ----------------------------------------------------------------
+
+    HORIZON_H = 36
+
+    def horizon_input(self) -> HorizonInput | None:
+        """The planner's input now: the day-ahead prices of the next 36 h (from the current
+        hour), the hashprice, the miners by model with the units awake, the GPU load as it is
+        now (flat), the interconnect. None without day-ahead prices, or while the market runs on
+        a simulated clock (the plan's times must be the policy's)."""
+        if self.day_ahead is None or callable(getattr(self.price_source, "sim_now", None)):
+            return None
+        now = self.clock()
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        prices = self.day_ahead.prices_between(hour, hour + timedelta(hours=self.HORIZON_H))
+        # Contiguous hours from the current one only: a gap ends the horizon.
+        hours: list[tuple[datetime, float]] = []
+        for k, (start, value) in enumerate(prices):
+            if start != hour + timedelta(hours=k):
+                break
+            hours.append((start, value))
+        if not hours:
+            return None
+        # Blocks by model, from what the fleets hold now (a view may stand for ``count`` units).
+        views = [fleet.views(now) for fleet in self.fleets]
+        by_model: dict[str, list[MinerView]] = {}
+        for miner in (m for v in views for m in v.miners):
+            by_model.setdefault(miner.model, []).append(miner)
+        # The site model's switching costs (what the policy and settlement charge); a model the
+        # config does not know (a fleet of its own) loses the site default per wake.
+        models = self.config.miner_models
+        default = SwitchingCost(wake_lost_s=self.config.control.miner_wake_lost_s)
+        blocks = tuple(
+            MinerBlock(
+                model,
+                sum(m.count for m in miners),
+                miners[0].points,
+                planner_switching(self.config, models[model]) if model in models else default,
+                units_on=sum(m.count for m in miners if m.commanded != m.points[0].name),
+            )
+            for model, miners in sorted(by_model.items())
+        )
+        gpu_w = sum(n.worst_case_power_w * n.count for v in views for n in v.gpu_nodes)
+        control = self.config.control
+        # The real-time price so far stands for the hour now running (persistence), when fresh.
+        realtime = None
+        if self.price is not None and self.price_read_at is not None:
+            fresh = self.monotonic() - self.price_read_at <= self.config.prices.max_age_s
+            if fresh and math.isfinite(self.price.value):
+                realtime = self.price.value
+        return HorizonInput(
+            at=now,
+            starts=tuple(h for h, _ in hours),
+            interval_s=3600.0,
+            price_usd_per_mwh=tuple(v for _, v in hours),
+            hashprice_usd_per_ph_day=self.current_hashprice(self.monotonic()),
+            pool_fee=self.config.economics.pool_fee,
+            blocks=blocks,
+            # Limits are judged at the meter: the miners and GPUs get what cooling, base load
+            # and the meter trim (or fallback margin) leave, as in the policy's dispatch.
+            limit_w=self.meter_watch.model.device_budget_w(site_limit_w(self.config)),
+            base_load_w=(gpu_w,) * len(hours),
+            min_on_s=control.min_on_s,
+            min_off_s=control.min_off_s,
+            # A curtailment lasts at least its minimum off time, and a real-time price holds for
+            # its settlement interval (15 minutes in ERCOT): the shortest spike worth weighing.
+            spike_h=max(control.min_off_s, control.interval_s, 900.0) / 3600.0,
+            realtime_usd_per_mwh=realtime,
+        )
+
+    async def refresh_horizon(self) -> None:
+        """Re-plan every hour and whenever the forecast, the real-time price or the hashprice
+        changes, off the event loop (a solve of 36 hourly intervals takes milliseconds). A failed
+        solve drops the plan (the rule alone decides) and logs the reason once."""
+        inp = self.horizon_input()
+        if inp is None:
+            return
+        key = (
+            inp.starts[0],
+            inp.price_usd_per_mwh,
+            inp.realtime_usd_per_mwh,
+            inp.hashprice_usd_per_ph_day,
+        )
+        if key == self._horizon_key:
+            return
+        self._horizon_key = key
+        try:
+            plan = await asyncio.to_thread(plan_horizon, inp)
+        except Exception as exc:  # the planner is advisory: it must never stop the agent
+            plan = HorizonPlan(
+                PlanStatus.FAILED, f"planner raised {type(exc).__name__}: {exc}", inp.at
+            )
+        was = self.planner_status
+        self.planner_solve_s, self.planner_status = plan.solve_s, plan.status.value
+        self.planner_reason = plan.reason
+        if plan.usable:
+            if was != plan.status.value:
+                log.info("horizon plan %s in %.3f s: %s", plan.status, plan.solve_s, plan.reason)
+            self.horizon = plan
+        else:
+            if was != plan.status.value:
+                log.warning("horizon planner fell back to the rule: %s", plan.reason)
+            self.horizon = None
 
     def ramp_headroom_w(self, mono: float) -> float:
-        """The ramp budget: a token bucket filled at the ramp rate.
-
-        It holds at most one control interval's worth of ramp, or the largest single step of
-        any device if that is bigger, so that a large unit can still start when the per-cycle
-        budget is smaller than its step. Starting devices spends it (:meth:`spend_ramp`).
-        """
-        rate_w_per_s = self.config.site.ramp_up_kw_per_min * 1000.0 / 60.0
-        if self._ramp_at is None:
-            self._ramp_at, self._ramp_tokens_w = mono, self._ramp_cap_w(rate_w_per_s)
-        self._ramp_tokens_w = min(
-            self._ramp_cap_w(rate_w_per_s),
-            self._ramp_tokens_w + rate_w_per_s * (mono - self._ramp_at),
-        )
-        self._ramp_at = mono
-        return self._ramp_tokens_w
-
-    def _ramp_cap_w(self, rate_w_per_s: float) -> float:
-        biggest = max(
-            (s.points[-1].power_w - s.points[0].power_w for s in self.slots.values()), default=0.0
-        )
-        if self.gpu_fleet is not None:
-            biggest = max(
-                [biggest, *(n.gpu_count * n.max_cap_w for n in self.gpu_fleet.views(self.clock()))]
-            )
-        return max(rate_w_per_s * self.config.control.interval_s, biggest)
+        """The ramp budget (:class:`agent.control.site.RampBudget`), holding at most one control
+        interval's worth of ramp or the largest single step of any device, so that a large unit
+        can still start when the per-cycle budget is smaller than its step. Starting devices
+        spends it (:meth:`spend_ramp`)."""
+        biggest = max((fleet.largest_step_w() for fleet in self.fleets), default=0.0)
+        cap = ramp_capacity_w(self.config, self.config.control.interval_s, biggest)
+        return self._ramp.headroom_w(mono, cap)
 
     def spend_ramp(self, added_w: float) -> None:
         """Power was added: take it out of the ramp budget."""
-        self._ramp_tokens_w = max(0.0, self._ramp_tokens_w - max(added_w, 0.0))
-
-    def observed_point(self, slot: MinerSlot) -> str | None:
-        """The operating point telemetry shows the miner at, or None if unclear."""
-        r = slot.reading
-        if r is None:
-            return None
-        if r.mode is MinerMode.SLEEPING:
-            return SLEEP
-        if r.profile is not None and any(p.name == r.profile for p in slot.points):
-            return r.profile
-        if r.mode is MinerMode.MINING and r.capability in (
-            MinerCapability.POWER_TARGET,
-            MinerCapability.POWER_LIMIT,
-        ):
-            # A target or limit between ladder points (set by hand, or the firmware's default):
-            # the nearest point by power, so the policy sees where the miner is and commands it
-            # onto the ladder when it wants another point. (If it wants that very point, the
-            # miner stays off it by at most half a step: drawn power is still what is measured.)
-            running = slot.points[1:]
-            if running:
-                return min(running, key=lambda p: abs(p.power_w - r.power_w)).name
-        return None
-
-    def adopt_observed_state(self) -> int:
-        """On start, take each miner's observed operating point as its commanded state.
-
-        Without a journal entry the agent must not assume it put a miner where it is; adopting
-        what telemetry shows avoids a storm of commands on the first cycle. Returns how many
-        miners were adopted.
-        """
-        adopted = 0
-        # The agent did not put it there, so no dwell time protects that state: date it back.
-        control = self.config.control
-        since = self.clock() - timedelta(seconds=max(control.min_on_s, control.min_off_s))
-        for slot in self.slots.values():
-            if slot.device_id in self.journaled:
-                continue
-            observed = self.observed_point(slot)
-            if observed is not None:
-                slot.commanded, slot.commanded_since = observed, since
-                adopted += 1
-        return adopted
-
-    def reconcile_drift(self, pending: set[str]) -> list[tuple[str, str, str]]:
-        """Adopt the observed point of devices that drifted from their commanded one.
-
-        A miner restored by hand, rebooted into its default profile, or woken by its own
-        firmware is no longer where the agent put it. Taking what telemetry shows as the
-        commanded state (dated back, so no dwell time protects it) makes the policy decide
-        afresh, and re-shed it if a grid event is still in force: an OFF signal is a level.
-        Devices with a command in flight or a fault are skipped. Returns (id, was, now).
-        """
-        control = self.config.control
-        since = self.clock() - timedelta(seconds=max(control.min_on_s, control.min_off_s))
-        drifted = []
-        mono = self.monotonic()
-        for slot in self.slots.values():
-            if slot.device_id in pending or slot.fault is not None or slot.read_at is None:
-                continue
-            if mono - slot.read_at > self.max_reading_age_s:
-                continue
-            observed = self.observed_point(slot)
-            if observed is None or observed == slot.commanded:
-                continue
-            drifted.append((slot.device_id, slot.commanded, observed))
-            log.warning(
-                "miner %s drifted: commanded %s, telemetry shows %s",
-                slot.device_id,
-                slot.commanded,
-                observed,
-            )
-            slot.commanded, slot.commanded_since = observed, since
-        return drifted
+        self._ramp.spend(added_w)

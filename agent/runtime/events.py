@@ -23,7 +23,8 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from agent.control.domain import ActiveEvent
-from agent.control.policy import event_limit_w
+from agent.control.limits import CommandLimits, LimitError, check_event
+from agent.control.settlement import event_target_w
 from agent.journal.store import EventStatus, Store
 from drivers.errors import AgentError
 from drivers.grid.base import GridEvent, ProgramKind
@@ -58,10 +59,11 @@ class EventBook:
         events: dict[str, ActiveEvent],
         *,
         on_change: Callable[[], None] = lambda: None,
+        count_rejected: Callable[[str, str], None] = lambda _source, _reason: None,
     ) -> None:
-        self.sources = sources  # shared: sources attached later are seen at the next sync
+        self.sources = sources
         self.rejected_seen: dict[str, int] = {}  # per source, how many rejections were audited
-        self.count_rejected: Callable[[str, str], None] = lambda _source, _reason: None
+        self.count_rejected = count_rejected
         self.store = store
         self.events = events  # shared with the coordinator: it builds snapshots from it
         self.on_change = on_change
@@ -73,6 +75,29 @@ class EventBook:
         # Operator overrides given to this process (MQTT); also journaled when there is a store.
         self.overrides: dict[str, GridEvent] = {}
         self._intervals: dict[str, _Interval] = {}
+        # The limits every channel shares (agent.control.limits); None: no limits (tests).
+        self.limits: CommandLimits | None = None
+        self.refused_updates: set[tuple[str, str]] = set()  # audited once each
+
+    def _violation(self, event: GridEvent, now: datetime) -> str | None:
+        """Why ``event`` may not be put in force (the shared limits), or None."""
+        if self.limits is None:
+            return None
+        try:
+            check_event(event, now, self.limits)
+        except LimitError as exc:
+            return str(exc)
+        return None
+
+    async def quarantine(self, event_id: str, reason: str) -> None:
+        """A journaled event that fails the limits: set aside with an audit row, never in force."""
+        log.error("journal: event %s quarantined: %s", event_id, reason)
+        if self.store is None:
+            return
+        try:
+            await self.store.quarantine_event(event_id, reason)
+        except AgentError as exc:
+            log.error("cannot quarantine grid event %s: %s", event_id, exc)
 
     async def sync(self, now: datetime, site_w: float | None) -> None:
         """Merge sources and journal into ``events``; close what ended; journal compliance."""
@@ -107,6 +132,13 @@ class EventBook:
         for eid, event in offered.items():
             if eid in self.events:
                 if self.events[eid].event != event:  # a source updated it (target, end)
+                    violation = self._violation(event, now)
+                    if violation is not None:  # the update is refused; the event stays as it was
+                        if (eid, violation) not in self.refused_updates:
+                            self.refused_updates.add((eid, violation))
+                            self.count_rejected(f"grid:{event.source}", "limits")
+                            await self._audit(event, "rejected", f"update refused: {violation}")
+                        continue
                     self.events[eid] = ActiveEvent(event, self.events[eid].baseline_w)
                     await self._journal(event, self.events[eid].baseline_w)
                     changed = True
@@ -116,6 +148,16 @@ class EventBook:
             if event.end <= now:
                 self.rejected.add(eid)
                 await self._audit(event, "rejected", f"window already over (ended {event.end})")
+                continue
+            violation = self._violation(event, now)
+            if violation is not None:
+                self.rejected.add(eid)
+                self.count_rejected(f"grid:{event.source}", "limits")
+                if eid in journal:  # journaled (an override, or an older version's entry)
+                    await self.quarantine(eid, violation)
+                else:
+                    await self._audit(event, "rejected", violation)
+                log.warning("grid event %s refused: %s", eid, violation)
                 continue
             baseline = journal[eid][1] if eid in journal else (site_w or 0.0)
             self.events[eid] = ActiveEvent(event, baseline)
@@ -180,19 +222,38 @@ class EventBook:
         self.on_change()
 
     async def release_overrides(self, operator: str) -> list[str]:
-        """End every operator override in force; returns their ids."""
+        """End every operator override in force; returns their ids.
+
+        The journal is written first: an override still journaled as active would be put back
+        in force at the next sync, so a failed write raises (and releases nothing) rather than
+        report a release that did not happen.
+        """
         ids = {eid for eid, a in self.events.items() if a.event.kind is ProgramKind.OVERRIDE}
         ids |= set(self.overrides)
+        if self.store is not None:
+            journaled = {
+                s.event.event_id
+                for s in await self.store.active_events()
+                if s.event.kind is ProgramKind.OVERRIDE
+            }
+            ids |= journaled
+            for eid in sorted(ids & journaled):
+                await self.store.set_event_status(eid, EventStatus.ENDED)
+        # Offered (and now withdrawn): the next sync takes them out of force, even one resumed
+        # from the journal that no sync has offered yet.
+        self.offered_ever.update(ids)
         for eid in sorted(ids):
             self.overrides.pop(eid, None)
-            await self._close(eid, EventStatus.ENDED)
             if self.store is not None:
-                await self.store.audit(
-                    source=f"operator:{operator}",
-                    action="release",
-                    result="accepted",
-                    reason=f"{eid} released",
-                )
+                try:
+                    await self.store.audit(
+                        source=f"operator:{operator}",
+                        action="release",
+                        result="accepted",
+                        reason=f"{eid} released",
+                    )
+                except AgentError as exc:  # released all the same: the journal says ended
+                    log.error("cannot audit the release of %s: %s", eid, exc)
         if ids:
             self.on_change()
         return sorted(ids)
@@ -201,7 +262,7 @@ class EventBook:
         for eid, active in self.events.items():
             if not active.event.active_at(now):
                 continue
-            target_w = event_limit_w(active)
+            target_w = event_target_w(active.event, active.baseline_w)
             if target_w is None:
                 continue
             epoch = now.timestamp()
@@ -219,7 +280,7 @@ class EventBook:
                 await self.store.record_compliance(
                     eid, start, target_w, iv.energy_wh / iv.seconds, interval_s=SETTLEMENT_S
                 )
-            except (AgentError, KeyError) as exc:
+            except (AgentError, KeyError, ValueError) as exc:  # never ends the control cycle
                 log.error("cannot journal compliance of %s: %s", eid, exc)
 
     async def _journal(self, event: GridEvent, baseline_w: float) -> None:
@@ -265,9 +326,18 @@ def describe(event: GridEvent, baseline_w: float) -> str:
 
 def parse_until(text: str, now: datetime) -> datetime:
     """``+30m``, ``+2h``, ``+90s`` or an ISO-8601 time (UTC if no zone)."""
-    if text.startswith("+") and text[-1] in "smh" and text[1:-1].replace(".", "", 1).isdigit():
+    if len(text) > 64:
+        raise ValueError("too long")
+    if (
+        text.startswith("+")
+        and text[-1:] in ("s", "m", "h")
+        and text[1:-1].replace(".", "", 1).isdigit()
+    ):
         seconds = float(text[1:-1]) * {"s": 1, "m": 60, "h": 3600}[text[-1]]
-        return now + timedelta(seconds=seconds)
+        try:
+            return now + timedelta(seconds=seconds)
+        except OverflowError:  # +1e20h: a ValueError like any other bad time
+            raise ValueError(f"{text} is past the year 9999") from None
     value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if value.tzinfo is None:
         value = value.replace(tzinfo=now.tzinfo)

@@ -1,18 +1,27 @@
 """The agent's live, in-memory state that outputs read: latest snapshot and plan, counters.
 
-The runtime owns one :class:`AgentState` and is the only writer. Outputs (the Prometheus
-collector, the MQTT publisher, the status line) only read it; they never do I/O against devices.
-Counters only grow, so a reader may see a value one cycle old but never a wrong one.
+One writer: the loop (:class:`agent.runtime.loop.Agent`). The coordinator, the fleets and the
+actuator keep their own records and report through return values; the loop publishes copies
+here after every poll and every cycle (:meth:`~agent.runtime.loop.Agent.publish`), and counts
+what outputs refuse through the operator inbox. Outputs (the Prometheus collector, the MQTT
+publisher, the status line) only read it; they never do I/O against devices. Counters only grow,
+so a reader may see a value one cycle old but never a wrong one. ``tests/test_layout.py`` checks
+that nothing else in ``agent/`` assigns to it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from agent.control.domain import Plan, Snapshot
 from drivers.gpus.base import GpuReading
+
+if TYPE_CHECKING:
+    from agent.runtime.meter import MeterStatus
 
 
 @dataclass(slots=True)
@@ -25,6 +34,16 @@ class SourceHealth:
     last_duration_s: float = 0.0
     successes: int = 0
     failures: int = 0
+
+
+@dataclass(slots=True)
+class TaskHealth:
+    """One supervised long-lived task (see :mod:`agent.runtime.supervisor`)."""
+
+    name: str
+    up: bool = False
+    restarts: int = 0
+    last_error: str | None = None
 
 
 @dataclass(slots=True)
@@ -42,15 +61,25 @@ class AgentState:
     actions: Counter[tuple[str, str]] = field(default_factory=Counter)
     # (source, reason) -> count of rejected inputs (bad price rows, bad commands, ...)
     rejected: Counter[tuple[str, str]] = field(default_factory=Counter)
-    sources: dict[str, SourceHealth] = field(default_factory=dict)
-    faults: dict[str, str] = field(default_factory=dict)  # device id -> fault reason
+    sources: Mapping[str, SourceHealth] = field(default_factory=dict)
+    faults: Mapping[str, str] = field(default_factory=dict)  # device id -> fault reason
     mode: str = "auto"  # "auto"; "manual" (operator: no actions); "safe" (sheds only)
     safe_reason: str | None = None
     # GPU node id -> the latest per-GPU readings of that node (for per-GPU metrics).
-    gpu_readings: dict[str, tuple[GpuReading, ...]] = field(default_factory=dict)
+    gpu_readings: Mapping[str, tuple[GpuReading, ...]] = field(default_factory=dict)
+    meter: MeterStatus | None = None  # the meter and the load model, as of the latest snapshot
+    # Thermal derates: step-downs so far by kind, and the devices held derated now (-> kind).
+    thermal_derates: Mapping[str, int] = field(default_factory=dict)
+    thermal_derated: Mapping[str, str] = field(default_factory=dict)
+    # The horizon planner's last solve (None: never solved): its time, status and reason.
+    planner_solve_s: float | None = None
+    planner_status: str | None = None
+    planner_reason: str = ""
+    # Supervised task name -> whether it runs, and how often it died and was restarted.
+    tasks: dict[str, TaskHealth] = field(default_factory=dict)
 
-    def source(self, name: str) -> SourceHealth:
-        health = self.sources.get(name)
+    def task(self, name: str) -> TaskHealth:
+        health = self.tasks.get(name)
         if health is None:
-            health = self.sources[name] = SourceHealth(name)
+            health = self.tasks[name] = TaskHealth(name)
         return health

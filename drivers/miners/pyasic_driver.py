@@ -67,6 +67,13 @@ from drivers.errors import (
     SessionHeld,
     Unsupported,
 )
+from drivers.inputs import (
+    InputRejected,
+    RejectionRecorder,
+    finite_in_range,
+    parse_number_text,
+    record,
+)
 from drivers.miners.base import MinerCapability, MinerMode, MinerProfile, MinerReading
 
 
@@ -103,6 +110,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 READ_COMMAND = "power+stats+profiles+config+fans"
+MAX_REPLY_BYTES = 256 * 1024
+# Physical ranges of what a miner reports: a readout outside is nonsense, not a measurement.
+MAX_MINER_W = 100_000.0
+MAX_BOARD_GHS = 1e7
+MAX_PROFILE_THS = 100_000.0
+TEMP_RANGE_C = (-60.0, 250.0)
+MAX_FAN_RPM = 100_000.0
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_CONCURRENCY = 200
 
@@ -125,9 +139,18 @@ async def _strict_send_bytes(
     try:
         writer.write(data)
         await writer.drain()
-        reply: bytes = await reader.read()
+        # Bounded: a real reply is ~10 kB; a miner that streams forever is refused, not
+        # buffered (the caller's timeout bounds the time, this the memory).
+        reply: bytes = await reader.read(MAX_REPLY_BYTES + 1)
+        while reply and len(reply) <= MAX_REPLY_BYTES:
+            more = await reader.read(MAX_REPLY_BYTES + 1 - len(reply))
+            if not more:
+                break
+            reply += more
     finally:
         writer.close()
+    if len(reply) > MAX_REPLY_BYTES:
+        raise ValueError(f"reply larger than {MAX_REPLY_BYTES:,} bytes")
     if not reply:
         raise ConnectionResetError("connection closed without a reply")
     return reply
@@ -226,6 +249,7 @@ class PyasicMiner:
         session_retry_wait_s: float = 0.5,
         session_release_s: float | None = 5.0,
         address: str | None = None,
+        rejections: RejectionRecorder | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -248,6 +272,7 @@ class PyasicMiner:
         self._miner: Any = None
         self._family = Family.AUTO
         self._address = address or (str(miner.ip) if miner is not None else "")
+        self._rejections = rejections
         if miner is not None:
             self._adopt(miner)
 
@@ -288,6 +313,7 @@ class PyasicMiner:
         device_id: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         thresholds: ModeThresholds | None = None,
+        rejections: RejectionRecorder | None = None,
     ) -> PyasicMiner:
         """A LuxOS miner at ``address`` without identification (model read lazily)."""
         return cls.for_firmware(
@@ -297,6 +323,7 @@ class PyasicMiner:
             device_id=device_id,
             timeout_s=timeout_s,
             thresholds=thresholds,
+            rejections=rejections,
         )
 
     @classmethod
@@ -311,6 +338,7 @@ class PyasicMiner:
         thresholds: ModeThresholds | None = None,
         ladder: Sequence[MinerProfile] = (),
         credentials: tuple[str, str] | None = None,
+        rejections: RejectionRecorder | None = None,
     ) -> PyasicMiner:
         """A miner whose family the config names; ``auto`` is identified on the first call."""
         ipaddress.IPv4Address(address)  # ValueError for a malformed address, before any I/O
@@ -325,6 +353,7 @@ class PyasicMiner:
             ladder=ladder,
             credentials=credentials,
             address=address,
+            rejections=rejections,
         )
 
     @property
@@ -379,7 +408,8 @@ class PyasicMiner:
                 raise self._grpc_error(what, exc) from exc
             except OSError as exc:
                 raise DeviceUnavailable(self._device_id, f"{what}: {exc.strerror or exc}") from exc
-            except (LookupError, TypeError, ValueError) as exc:
+            except (LookupError, TypeError, ValueError, RecursionError) as exc:
+                # RecursionError: pyasic's json.loads on a reply nested thousands deep.
                 raise BadReply(
                     self._device_id, f"{what}: malformed reply ({type(exc).__name__}: {exc})"
                 ) from exc
@@ -513,6 +543,10 @@ class PyasicMiner:
             raw = await read
         try:
             return self._parse(raw)
+        except InputRejected as exc:
+            # Counted under one "miner" source: a label per device would not scale to a fleet.
+            record(self._rejections, "miner", exc)
+            raise BadReply(self._device_id, f"read: {exc.message}") from exc
         except (LookupError, TypeError, ValueError, AttributeError) as exc:
             raise BadReply(
                 self._device_id, f"read: malformed reply ({type(exc).__name__}: {exc})"
@@ -526,8 +560,15 @@ class PyasicMiner:
             raise BadReply(self._device_id, "version: no VERSION[0].Type") from exc
         self._model = str(model).removeprefix("Antminer ")
 
+    def _number(self, value: Any, lo: float, hi: float, what: str) -> float:
+        """A reply's number (LuxOS sends some as text): finite, in range, never a boolean."""
+        if isinstance(value, str):
+            return parse_number_text(value, lo, hi, what, source=self._device_id)
+        return finite_in_range(value, lo, hi, what, source=self._device_id)
+
     def _parse(self, raw: Mapping[str, Any]) -> MinerReading:
-        power_w = float(raw["power"][0]["POWER"][0]["Watts"])
+        num = self._number
+        power_w = num(raw["power"][0]["POWER"][0]["Watts"], 0.0, MAX_MINER_W, "power Watts")
         board = raw["stats"][0]["STATS"][1]
         hashrate_ghs = 0.0
         temps: list[float] = []
@@ -536,27 +577,29 @@ class PyasicMiner:
         # strings) sum to the since-start average, which lags for minutes after a wake or a
         # profile change; "GHS 5s" is the current rate, so it wins when present.
         while f"chain_rate{n}" in board:
-            hashrate_ghs += float(board[f"chain_rate{n}"])
-            chip = [int(t) for t in str(board.get(f"temp_chip{n}", "")).split("-") if t]
-            temps.extend(float(t) for t in chip if t != 0)
+            hashrate_ghs += num(board[f"chain_rate{n}"], 0.0, MAX_BOARD_GHS, f"chain_rate{n}")
+            chip = [int(t) for t in str(board.get(f"temp_chip{n}", ""))[:200].split("-") if t]
+            temps.extend(num(t, *TEMP_RANGE_C, f"temp_chip{n}") for t in chip if t != 0)
             n += 1
         if n == 1:
             raise KeyError("STATS[1] has no chain_rate1")
         if "GHS 5s" in board:
-            hashrate_ghs = float(board["GHS 5s"])
+            hashrate_ghs = num(board["GHS 5s"], 0.0, MAX_BOARD_GHS, "GHS 5s")
         if not math.isfinite(power_w) or not math.isfinite(hashrate_ghs):
             raise ValueError("power or hashrate is not finite")
         profiles = tuple(
             MinerProfile(
                 name=str(p["Profile Name"]),
-                power_w=float(p["Watts"]),
-                hashrate_ths=float(p["Hashrate"]),
+                power_w=num(p["Watts"], 0.0, MAX_MINER_W, "profile Watts"),
+                hashrate_ths=num(p["Hashrate"], 0.0, MAX_PROFILE_THS, "profile Hashrate"),
             )
             for p in raw["profiles"][0]["PROFILES"]
         )
         self._profiles = profiles
         active = str(raw["config"][0]["CONFIG"][0]["Profile"])
-        fans = tuple(int(f["RPM"]) for f in raw["fans"][0]["FANS"])
+        fans = tuple(
+            int(num(f["RPM"], 0.0, MAX_FAN_RPM, "fan RPM")) for f in raw["fans"][0]["FANS"]
+        )
         hashrate_ths = hashrate_ghs / 1000.0
         return MinerReading(
             device_id=self._device_id,
@@ -589,15 +632,26 @@ class PyasicMiner:
 
         stats, boards, details, cooling, perf = await self._call("read", fetch)
         try:
-            power_w = float(stats["powerStats"]["approximatedConsumption"].get("watt", 0))
+            num = self._number
+            power_w = num(
+                stats["powerStats"]["approximatedConsumption"].get("watt", 0),
+                0.0,
+                MAX_MINER_W,
+                "approximatedConsumption watt",
+            )
             rate = stats.get("minerStats", {}).get("realHashrate", {}).get("last5S", {})
-            hashrate_ths = float(rate.get("gigahashPerSecond", 0.0)) / 1000.0
+            hashrate_ths = (
+                num(rate.get("gigahashPerSecond", 0.0), 0.0, MAX_BOARD_GHS, "gigahashPerSecond")
+                / 1000.0
+            )
             temps = [
-                float(b["boardTemp"]["degreeC"])
+                num(b["boardTemp"]["degreeC"], *TEMP_RANGE_C, "boardTemp")
                 for b in boards.get("hashboards", [])
                 if "boardTemp" in b and "degreeC" in b["boardTemp"]
             ]
-            target_w = float(perf["tunerMode"]["powerTarget"]["powerTarget"]["watt"])
+            target_w = num(
+                perf["tunerMode"]["powerTarget"]["powerTarget"]["watt"], 0.0, MAX_MINER_W, "target"
+            )
             paused = int(details.get("status", 0)) == _BOS_PAUSED
             fans = tuple(int(f.get("rpm", 0)) for f in cooling.get("fans", []))
             name = details.get("minerIdentity", {}).get("minerModel")
@@ -605,6 +659,9 @@ class PyasicMiner:
                 self._model = str(name).removeprefix("Antminer ")
             if not all(math.isfinite(v) for v in (power_w, hashrate_ths, target_w)):
                 raise ValueError("a figure is not finite")
+        except InputRejected as exc:
+            record(self._rejections, "miner", exc)
+            raise BadReply(self._device_id, f"read: {exc.message}") from exc
         except (LookupError, TypeError, ValueError, AttributeError) as exc:
             raise BadReply(
                 self._device_id, f"read: malformed reply ({type(exc).__name__}: {exc})"
@@ -824,11 +881,16 @@ class PyasicMiner:
         if not self._profiles:
             raw: dict[str, Any] = await self._call("profiles", self._rpc.profiles)
             try:
+                num = self._number
                 self._profiles = tuple(
-                    MinerProfile(str(p["Profile Name"]), float(p["Watts"]), float(p["Hashrate"]))
+                    MinerProfile(
+                        str(p["Profile Name"]),
+                        num(p["Watts"], 0.0, MAX_MINER_W, "profile Watts"),
+                        num(p["Hashrate"], 0.0, MAX_PROFILE_THS, "profile Hashrate"),
+                    )
                     for p in raw["PROFILES"]
                 )
-            except (LookupError, TypeError, ValueError) as exc:
+            except (LookupError, TypeError, ValueError, InputRejected) as exc:
                 raise BadReply(self._device_id, "profiles: malformed PROFILES") from exc
         return self._profiles
 

@@ -221,10 +221,14 @@ async def test_a_spike_sheds_all_four_families_and_the_drop_restores_the_best_fi
 
 async def test_a_braiins_miner_that_refuses_its_target_is_faulted_and_others_shed() -> None:
     async with running_site(20.0, bos_model="S19jProTurbo") as site:
-        faults = site.agent.state.faults
+        state = site.agent.state
+        # The loop publishes a new faults mapping each cycle: read it afresh.
         await until(
-            lambda: "bos-001" in faults and "bos-002" in faults, 30, "Braiins miners faulted"
+            lambda: "bos-001" in state.faults and "bos-002" in state.faults,
+            30,
+            "Braiins miners faulted",
         )
+        faults = state.faults
         r = power_range("s19jpro")
         assert f"is not in allowed range [{r.min_w}, {r.max_w}]" in faults["bos-001"]
         # Refused, not applied: the miners stay on their own targets.

@@ -29,7 +29,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_listening(
-    host: str, port: int, timeout_s: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+    host: str, port: int, timeout_s: float = 30.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
     """Block until ``host:port`` accepts a TCP connection, or raise (at once if ``proc`` died)."""
     deadline = time.monotonic() + timeout_s

@@ -105,7 +105,7 @@ async def running_site(price: float) -> AsyncIterator[Site]:
             yield Site(agent, miners, server, simulation, simulation.scheduler)
         finally:
             stop.set()
-            await asyncio.wait_for(task, timeout=5)
+            await asyncio.wait_for(task, timeout=15)
 
 
 def emergency(site: Site, event_id: str, max_site_kw: float) -> None:
@@ -207,7 +207,7 @@ async def test_mandatory_event_sheds_miners_then_preemptible_jobs_and_sla_last()
         await until(lambda: site.true_w() <= 1400, 10, "site under 1.4 kW")
         nvml = site.gpus.nvml[NODE]
         assert all(g.utilization_pct == 0 for g in nvml.gpus)
-        await until(lambda: site.agent.state.actions[("suspend_job", "ok")] == 3, 5, "confirmed")
+        await until(lambda: site.agent.state.actions[("suspend_job", "ok")] == 3, 15, "confirmed")
         assert site.agent.state.faults == {}
 
 

@@ -16,6 +16,7 @@ from drivers.jobs.base import JobClass, JobControl, JobState
 from drivers.jobs.slurm import JobClassRules, SlurmJobs
 from tests.slurm_server import SlurmCluster
 from tests.slurm_server import slurm_fixture as slurm_fixture
+from tests.test_jobs_local import wait_steps
 
 pytestmark = pytest.mark.slurm
 
@@ -65,7 +66,7 @@ def _cmdline(pid: int) -> str:
 
 
 async def wait_job_pids(
-    cluster: SlurmCluster, job_id: str, payload: str, timeout_s: float = 15
+    cluster: SlurmCluster, job_id: str, payload: str, timeout_s: float = 30
 ) -> list[int]:
     """The job's processes once its payload (a word of its command line) is running.
 
@@ -92,7 +93,7 @@ def proc_states(pids: list[int]) -> set[str]:
     return states
 
 
-async def wait_state(slurm: SlurmCluster, job_id: str, *states: str, timeout_s: float = 20) -> str:
+async def wait_state(slurm: SlurmCluster, job_id: str, *states: str, timeout_s: float = 40) -> str:
     deadline = time.monotonic() + timeout_s
     while True:
         state = await asyncio.to_thread(slurm.job_state, job_id)
@@ -105,7 +106,7 @@ async def wait_state(slurm: SlurmCluster, job_id: str, *states: str, timeout_s: 
         await asyncio.sleep(0.2)
 
 
-async def wait_procs(pids: list[int], allowed: set[str], timeout_s: float = 10) -> None:
+async def wait_procs(pids: list[int], allowed: set[str], timeout_s: float = 30) -> None:
     """slurmd signals the processes shortly after the controller changes the job state."""
     deadline = time.monotonic() + timeout_s
     while not proc_states(pids) <= allowed:
@@ -176,7 +177,8 @@ async def test_requeue_signals_checkpoint_then_requeues(
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
     assert ckpt.read_text() == "0"
-    await asyncio.sleep(0.3)  # some steps
+    pids = await wait_job_pids(cluster, job_id, "checkpoint_job")
+    await wait_steps(next(p for p in pids if "checkpoint_job" in _cmdline(p)))
     await jobs.suspend(job_id)
     before = datetime.now(UTC)
     started = time.monotonic()

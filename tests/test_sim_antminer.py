@@ -29,7 +29,7 @@ from simulators.antminer import (
 from simulators.common import serve_control
 from simulators.luxos import control_request
 from simulators.luxos_model import S19J_PRO, ManualClock, Timing
-from tests.loopback import ip, subnet
+from tests.loopback import NET, ip, subnet
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ip(140, 1)
@@ -119,8 +119,9 @@ async def test_get_data_matches_true_state_and_has_no_power_reading(
     assert all(h.chips == S19J_PRO.chips_per_board for h in data.hashboards)
     assert len(data.fans) == 4
     assert all(f.speed and f.speed > 1000 for f in data.fans)
-    assert data.mac == "02:42:4D:20:01:01"
-    assert data.serial_number == "SIM032001001"
+    # Derived from the address (127.NET.140.1), as the simulator documents.
+    assert data.mac == f"02:42:4D:{NET:02X}:8C:01"
+    assert data.serial_number == f"SIM{NET:03d}140001"
     assert data.hostname == "Antminer"
     assert data.fw_ver == "Tue Dec  6 16:12:30 CST 2022"
     assert [p.url is not None for p in data.pools] == [True, True, True]

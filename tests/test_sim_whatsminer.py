@@ -31,7 +31,7 @@ from simulators.whatsminer import (
     whatsminer_specs,
 )
 from simulators.whatsminer_replies import M30S_PLUS_V40
-from tests.loopback import ip, subnet
+from tests.loopback import NET, ip, subnet
 
 # pyasic's token code calls passlib in a way passlib deprecates; under -W error that would turn
 # every privileged command into an exception. The agent does not run with -W error.
@@ -116,8 +116,9 @@ async def test_get_data_matches_true_state_with_a_power_reading(fleet: Whatsmine
     assert all(h.chips == M30S_PLUS_V40.chips_per_board for h in data.hashboards)
     assert [f.speed for f in data.fans] == [6480, 6450]
     assert data.env_temp == 25.0
-    assert data.mac == "C4:08:28:22:01:01"
-    assert data.serial_number == "HSIM034001001"
+    # Derived from the address (127.NET.150.1), as the simulator documents.
+    assert data.mac == f"C4:08:28:{NET:02X}:96:01"
+    assert data.serial_number == f"HSIM{NET:03d}150001"
     assert data.fw_ver == "20230803.11.REL"
     # pyasic 0.79 reads get_version's "rpc_ver"; real firmware (and this simulator) says
     # "api_ver", so the API version stays unknown.

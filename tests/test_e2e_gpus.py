@@ -27,14 +27,15 @@ from simulators.jobs import RUNNING, SUSPENDED, SimScheduler
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.price_server import PriceServer
+from tests.loopback import ip
 from tests.site_agent import build_agent, metrics_port
-from tests.test_e2e_miners import NET, asleep, site_dict, true_site_w, truth, until
+from tests.test_e2e_miners import asleep, site_dict, true_site_w, truth, until
 
 HOST_W = 500.0
 NODE = "gpu"
 # In this process's loopback /16 (see tests/test_e2e_miners.py), apart from that module's miners.
-S19 = [f"127.{NET}.2.{i}" for i in (1, 2, 3)]
-S21 = [f"127.{NET}.3.{i}" for i in (1, 2, 3)]
+S19 = [ip(2, i) for i in (1, 2, 3)]
+S21 = [ip(3, i) for i in (1, 2, 3)]
 
 
 @dataclass

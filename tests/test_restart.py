@@ -42,14 +42,15 @@ from agent.journal.store import Store
 from agent.outputs.metrics import build_registry
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import FaultKind, Timing
+from tests.loopback import ip
 from tests.site_agent import build_agent
-from tests.test_e2e_miners import MODELS, NET, until, watts
+from tests.test_e2e_miners import MODELS, until, watts
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE_AGENT = ROOT / ".venv" / "bin" / "site-agent"
 
-S19 = [f"127.{NET}.10.{i}" for i in range(1, 5)]
-S21 = [f"127.{NET}.11.{i}" for i in range(1, 5)]
+S19 = [ip(10, i) for i in range(1, 5)]
+S21 = [ip(11, i) for i in range(1, 5)]
 ALL = S19 + S21
 # 0.5 s cycles and 360 kW/min: at most 3 kW more per cycle, i.e. one miner woken per cycle
 # (the smallest wake step is an S19 at -2, 2.45 kW; two would need 4.9 kW).

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.soak import SoakSettings, run_soak
-from tests.test_e2e_miners import NET
+from tests.loopback import ip
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 async def test_soak_short(shared_data: Path, tmp_path: Path) -> None:
     settings = SoakSettings(
         miners=200,
-        base=f"127.{NET}.32.1",  # this process's loopback net: concurrent runs never collide
+        base=ip(32, 1),  # this process's loopback net: concurrent runs never collide
         hours=6.0,
         speed=1440.0,  # 15 s of wall time
         fault_every_s=0.5,

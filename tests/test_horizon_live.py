@@ -25,9 +25,10 @@ from drivers.prices.csv_replay import DayAheadForecast, load_day_ahead_csv
 NOW = datetime(2023, 8, 1, 12, 20, tzinfo=UTC)
 
 
-def config() -> Any:
+def config(**extra: Any) -> Any:
     return parse_config(
         {
+            **extra,
             "site": {"id": "t", "interconnect_limit_kw": 1000},
             "control": {"min_on_s": 0, "min_off_s": 0},
             "economics": {"pool_fee": 0.0, "hashprice": {"usd_per_ph_day": 48}},
@@ -54,10 +55,12 @@ def day_ahead(tmp_path: Path, prices: list[float]) -> DayAheadForecast:
     return DayAheadForecast(load_day_ahead_csv(path, "HB_WEST"))
 
 
-def coordinator(tmp_path: Path, prices: list[float]) -> tuple[Coordinator, AgentState, Agent]:
+def coordinator(
+    tmp_path: Path, prices: list[float], cfg: Any = None
+) -> tuple[Coordinator, AgentState, Agent]:
     """The real agent's coordinator over the configured miners (no drivers: nothing is polled,
     so every miner is as configured, awake at its top profile), with its published state."""
-    cfg = config()
+    cfg = config() if cfg is None else cfg
     fleet = MinerFleet(cfg, {}, clock=lambda: NOW)
     components = Components(
         fleets=[fleet], price_source=None, day_ahead=day_ahead(tmp_path, prices)
@@ -112,6 +115,21 @@ async def test_a_refused_forecast_drops_the_plan_with_a_logged_reason(
     assert any("fell back to the rule" in r.getMessage() for r in caplog.records)
     reg = build_registry(state, config(), clock=lambda: NOW)
     assert sample(reg, "site_planner_status", status="bad_input") == 1.0
+
+
+def test_the_horizon_plans_the_device_power_that_fits_at_the_meter(tmp_path: Path) -> None:
+    # Cooling draws 25 % of the IT load and the offices 100 kW: of the 1,000 kW interconnect
+    # (less the safety margin), the devices may use (limit - 100 kW) / 1.25.
+    cfg = config(cooling={"base_frac": 0.25, "base_load_kw": 100})
+    coord, _state, _agent = coordinator(tmp_path, [30.0] * 36, cfg)
+    inp = coord.horizon_input()
+    assert inp is not None
+    site_limit_w = (1000 - cfg.site.safety_margin_kw) * 1000.0
+    assert inp.limit_w == pytest.approx((site_limit_w - 100_000.0) / 1.25)
+    plain, _state, _agent = coordinator(tmp_path, [30.0] * 36)
+    plain_inp = plain.horizon_input()
+    assert plain_inp is not None
+    assert plain_inp.limit_w == pytest.approx(site_limit_w)
 
 
 async def test_no_day_ahead_no_plan(tmp_path: Path) -> None:

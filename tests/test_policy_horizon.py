@@ -227,7 +227,11 @@ def test_a_plan_never_takes_the_site_over_its_limit(
     plan = decide(snap, config(limit_kw=limit_kw), T0)
     floor_w = 25.0 * len(states) + (500.0 + 8 * 70.0 if parked else 0.0)
     assert plan.planned_power_w <= max(limit_kw * 1000.0, floor_w) + 1e-6
+    # A job the plan runs is held like a dwell-held one: it may draw up to its card's maximum
+    # (700 W a GPU, above the 70 W idle), and the limit then sheds a miner rather than it.
+    runs_w = (700.0 - 70.0) * sum(jobs)
     for k, on in enumerate(states):
         point = plan.miner_points[f"m{k}"]
-        if on and price <= upper and 3500.0 * sum(states) + floor_w <= limit_kw * 1000.0:
+        fits = 3500.0 * sum(states) + floor_w + runs_w <= limit_kw * 1000.0
+        if on and price <= upper and fits:
             assert point == "stock"  # held in the band, and the limit does not force a shed

@@ -36,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 
 from agent.backtest.data import TraceJob
 from agent.control.config import AgentConfig, GpuNodeConfig
+from agent.control.cooling import SiteLoadModel, cooling_fraction
 from agent.control.domain import (
     SLEEP,
     ActiveEvent,
@@ -215,6 +216,17 @@ def build_site(config: AgentConfig, block_size: int) -> Site:
 # --- settlement ----------------------------------------------------------------------------
 
 
+def site_load_model(cfg: AgentConfig) -> SiteLoadModel:
+    """Cooling and base load at the configured ambient (no weather history is replayed)."""
+    ambient = cfg.ambient.constant_c
+    return SiteLoadModel(
+        cooling_fraction(cfg.cooling, ambient),
+        cfg.cooling.base_load_kw * 1000.0,
+        "devices",
+        ambient,
+    )
+
+
 @dataclass(slots=True)
 class Ledger:
     """Money and energy of one strategy, with its power per interval for plots."""
@@ -236,6 +248,8 @@ class Ledger:
     switching_usd: float = 0.0
     curtailed_intervals: int = 0  # intervals with some mining capacity not at its top point
     fourcp_rate_usd_per_kw_year: float = 0.0
+    # Devices -> power at the meter (cooling at the configured ambient, base load): what is paid.
+    load: SiteLoadModel = field(default_factory=SiteLoadModel)
     mining_w: list[float] = field(default_factory=list)
     ai_w: list[float] = field(default_factory=list)
     # Revenue − energy cost − 4CP of each interval (penalties are booked per event, not here).
@@ -270,7 +284,7 @@ class Ledger:
     ) -> None:
         """Book interval ``i`` at its real price (and its 4CP charge if it is a true peak)."""
         dt_h = market.dt_h
-        site_w = mining_w + ai_w
+        site_w = self.load.site_w(mining_w + ai_w)
         mwh = site_w / 1e6 * dt_h
         self.energy_mwh += mwh
         cost = mwh * market.price_usd_per_mwh[i]
@@ -526,7 +540,7 @@ def run_oracle(site: Site, market: Market, occ: Occupancy) -> Ledger:
     rates_h = [job_rate(cfg, c)[0] for c in CLASSES]
     models = _models(site)
     top_w = sum(points[-1].power_w * n for points, n in models)
-    ledger = Ledger("oracle", fourcp_rate_usd_per_kw_year=rate)
+    ledger = Ledger("oracle", fourcp_rate_usd_per_kw_year=rate, load=site_load_model(cfg))
     for i in range(len(market)):
         q = market.price_usd_per_mwh[i] + (adder if market.peak and market.peak[i] else 0.0)
         hp = market.hashprice[i]
@@ -612,7 +626,11 @@ def _run_on_off(
     top_w = sum(points[-1].power_w * n for points, n in models)
     top_ths = sum(points[-1].hashrate_ths * n for points, n in models)
     sleep_w = sum(points[0].power_w * n for points, n in models)
-    ledger = Ledger(name, fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year)
+    ledger = Ledger(
+        name,
+        fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year,
+        load=site_load_model(cfg),
+    )
     was_on = True
     for i in range(len(market)):
         ai_w, ai_rev_h = _full_ai(occ, occ.used[i], rates_h)
@@ -727,7 +745,9 @@ class PolicyReplay:
         self.cfg = cfg
         self.fee = cfg.economics.pool_fee
         self.ledger = Ledger(
-            "policy", fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year
+            "policy",
+            fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year,
+            load=site_load_model(cfg),
         )
         self.times = [datetime.fromtimestamp(s, tz=UTC) for s in market.starts_s]
         t0 = self.times[0] if self.times else datetime(2000, 1, 1, tzinfo=UTC)
@@ -897,6 +917,8 @@ class PolicyReplay:
                 fourcp_risk=market.fourcp_risk[i] if market.fourcp_risk else 0.0,
                 fourcp_reason=market.fourcp_reason[i] if market.fourcp_reason else "",
                 measured_site_power_w=last_site_w,
+                device_power_w=None if last_site_w is None else self.mining_w + self.ai_w,
+                load_model=led.load,
                 ramp_headroom_w=self.ramp_w,
                 events=self._events(i, last_site_w),
             )
@@ -918,7 +940,7 @@ class PolicyReplay:
                 mining_usd_per_h(self.mining_ths, market.hashprice[i], self.fee),
                 ai_rev,
             )
-            last_site_w = self.mining_w + ai_w
+            last_site_w = led.load.site_w(self.mining_w + ai_w)
             if last_site_w > site.limit_w + 1e-6:
                 raise BacktestError(
                     f"policy planned {last_site_w / 1000:,.1f} kW at {now:%Y-%m-%d %H:%M}Z, "

@@ -42,6 +42,17 @@ def plan(args: argparse.Namespace) -> int:
                 await opened
             fleet.adopt_observed()
         await coordinator.poll_price()
+        # The meter and the weather feed too: a dry-run plan is judged where the live one is.
+        meter, ambient = agent.components.meter, agent.components.ambient_source
+        try:
+            await agent.meter_watch.poll()
+            await agent.meter_watch.poll_ambient()
+        finally:
+            if meter is not None:
+                await meter.close()
+            ambient_close = getattr(ambient, "aclose", None)
+            if ambient_close is not None:
+                await ambient_close()
         await coordinator.refresh_horizon()
         snapshot = coordinator.snapshot()
         result = decide(snapshot, cfg, snapshot.at)

@@ -59,6 +59,13 @@ How it works, once per call:
   are counted at ``worst_case_power_w`` and get no action. Circuits use their own limit (the
   site safety margin applies to the site meter). Every increase, miners and GPU caps alike,
   counts against ``snapshot.ramp_headroom_w``.
+* **At the meter.** Site limits (interconnect, events) are judged at the revenue meter:
+  ``snapshot.load_model`` turns device power into site power (``devices × (1 + cooling) +
+  base load + meter trim``, or + the fallback margin without a trusted meter), the dispatch runs
+  on the device budget that leaves under the limit, device power is priced with the cooling it
+  brings, and ``Plan.planned_power_w`` is site power. The default model is the identity.
+* **Thermal derate.** A miner view with ``max_point`` is never planned above it, and a node's
+  lowered ``max_cap_w`` caps its ladder; the step down says "thermal derate" and why.
 * **Horizon plan.** With ``snapshot.horizon`` (a usable :class:`~agent.control.planner.
   HorizonPlan` covering ``now``) and a fresh price, :func:`horizon_holds` holds a miner in its
   state while the effective price lies inside its block's band (the switching would cost more
@@ -80,6 +87,7 @@ from datetime import datetime, timedelta
 from types import MappingProxyType
 
 from agent.control.config import AgentConfig, ControlConfig
+from agent.control.cooling import SiteLoadModel
 from agent.control.domain import (
     Action,
     ActionKind,
@@ -413,6 +421,8 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     prices = config.prices
     site = config.site
     margin_w = site.safety_margin_kw * 1000.0
+    # Limits are judged at the meter; devices get what is left after cooling and base load.
+    load = snapshot.load_model
 
     # --- price, safe mode, 4CP --------------------------------------------------------------
     notes: list[str] = []
@@ -503,7 +513,7 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         held_off = since > off_cut or m.device_id in holds.asleep
         held_on = since > on_cut or m.device_id in holds.awake
         key = (id(m.points), m.model, m.commanded, held_off, held_on, m.circuit,
-               m.count)  # fmt: skip
+               m.count, m.max_point)  # fmt: skip
         entry = miner_groups.get(key)
         if entry is not None:
             entry[0].miners.append(m)
@@ -548,7 +558,8 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         base_w=base_w,
         circuit_base_w=circuit_base_w,
         circuit_limit_w=circuit_limit_w,
-        price=price,
+        # Every device watt brings cooling with it: price device power at the meter's cost.
+        price=price * (1.0 + load.cooling_frac),
         market_price=market,
         hyst=control.hysteresis_usd_per_mwh,
         hold=hold,
@@ -556,24 +567,26 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         ramp_w=snapshot.ramp_headroom_w,
         fourcp_note=fourcp_note,
     )
-    result = _dispatch(ctx, limit_w, binding)
+    result = _dispatch(ctx, load.device_budget_w(limit_w), binding)
 
     # --- economic events: opt in when it pays -----------------------------------------------
     for active, target in economic:
         event_id = active.event.event_id
-        if result.total_w <= target + _EPS_W:
+        if load.site_w(result.total_w) <= target + _EPS_W:
             notes.append(f"economic event {event_id} met without extra shedding")
             continue
         name = f"event:{event_id}"
-        trial = _dispatch(ctx, min(limit_w, target), name if target < limit_w else binding)
-        shed_mw = max(active.baseline_w - trial.total_w, 0.0) / 1e6
+        trial = _dispatch(
+            ctx, load.device_budget_w(min(limit_w, target)), name if target < limit_w else binding
+        )
+        shed_mw = max(active.baseline_w - load.site_w(trial.total_w), 0.0) / 1e6
         pay_usd_per_h = active.event.payment_usd_per_mwh * shed_mw
         gain = (
             trial.value_usd_per_h(groups)
-            - energy_cost_usd_per_h(trial.total_w, price)
+            - energy_cost_usd_per_h(load.site_w(trial.total_w), price)
             + pay_usd_per_h
             - result.value_usd_per_h(groups)
-            + energy_cost_usd_per_h(result.total_w, price)
+            + energy_cost_usd_per_h(load.site_w(result.total_w), price)
         )
         if gain >= 0:
             notes.append(
@@ -589,7 +602,29 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
                 f"does not cover the lost margin ({-gain:,.2f} $/h short)"
             )
 
-    return _plan(now, ctx, result, limit_w, binding, fixed, notes)
+    derated = sum(m.count for m in snapshot.miners if m.max_point is not None)
+    derated_nodes = sum(n.count for n in snapshot.gpu_nodes if n.derate is not None)
+    if derated or derated_nodes:
+        notes.append(f"thermal derate: {derated} miner(s), {derated_nodes} GPU node(s)")
+    if load.source == "fallback":
+        notes.append(
+            f"meter not trusted: planning on devices + cooling + {load.fixed_w / 1000:,.1f} kW"
+        )
+    elif load.source == "meter" and abs(load.trim_w) >= 1.0:
+        notes.append(f"meter trim {load.trim_w / 1000:+,.1f} kW")
+    return _plan(now, ctx, result, limit_w, binding, fixed, notes, load)
+
+
+def _ceiling_rung(group: _Group) -> int:
+    """The highest rung a thermally derated group may reach (the top rung otherwise)."""
+    ladder = group.ladder
+    assert ladder is not None
+    top = len(ladder.power_w) - 1
+    ceiling = group.miners[0].max_point
+    if ceiling is None or ceiling not in ladder.index_of:
+        return top
+    limit = ladder.index_of[ceiling]
+    return max((r for r in range(top + 1) if ladder.point_index[r] <= limit), default=0)
 
 
 def _miner_steps(gi: int, group: _Group, forced: bool, steps: list[_Step]) -> None:
@@ -600,7 +635,7 @@ def _miner_steps(gi: int, group: _Group, forced: bool, steps: list[_Step]) -> No
     count = group.count
     vals = group.rung_value_usd_per_h
     prev = _INF
-    for r in range(1, len(pw)):
+    for r in range(1, _ceiling_rung(group) + 1):
         dp = pw[r] - pw[r - 1]
         dv = vals[r] - vals[r - 1]
         # The hull makes densities fall along the ladder; min() keeps rounding from
@@ -966,7 +1001,9 @@ def _plan(
     binding: str,
     fixed: list[MinerView | GpuNodeView],
     notes: list[str],
+    load: SiteLoadModel,
 ) -> Plan:
+    site_w = load.site_w(result.total_w)
     actions: list[Action] = []
     miner_points: dict[str, str] = {}
     gpu_caps: dict[str, float] = {}
@@ -1002,7 +1039,7 @@ def _plan(
         lines.append("4CP curtailment")
     summary = (
         f"price {ctx.market_price:.2f} $/MWh (effective {ctx.price:.2f}), limit "
-        f"{limit_w / 1000:,.1f} kW ({binding}), planned {result.total_w / 1000:,.1f} kW, "
+        f"{limit_w / 1000:,.1f} kW ({binding}), planned {site_w / 1000:,.1f} kW, "
         f"{len(actions)} action(s)"
     )
     if lines:
@@ -1010,10 +1047,10 @@ def _plan(
     return Plan(
         at=now,
         limit_w=limit_w,
-        planned_power_w=result.total_w,
+        planned_power_w=site_w,
         effective_price_usd_per_mwh=ctx.price,
         value_usd_per_h=result.value_usd_per_h(ctx.groups),
-        cost_usd_per_h=energy_cost_usd_per_h(result.total_w, ctx.market_price),
+        cost_usd_per_h=energy_cost_usd_per_h(site_w, ctx.market_price),
         miner_points=miner_points,
         gpu_caps_w=gpu_caps,
         job_states=job_states,
@@ -1063,7 +1100,10 @@ def _miner_actions(
             kind = ActionKind.WAKE
         else:
             kind = ActionKind.SET_PROFILE
-        if new.power_w < old.power_w:
+        ceiling = ladder.index_of.get(first.max_point or "", len(first.points))
+        if new.power_w < old.power_w and first.derate is not None and current > ceiling:
+            why = f"thermal derate: {first.derate}"
+        elif new.power_w < old.power_w:
             why = result.shed_cause.get(gi) or f"{old.name} is not on the efficient ladder"
         else:
             why = _increase_reason(ctx, result, gi)
@@ -1139,7 +1179,8 @@ def _node_actions(
     if k > 0 and abs(cap - n.cap_w) >= 0.5:
         lower = cap < n.cap_w
         why = (
-            result.shed_cause.get(gi)
+            (f"thermal derate: {n.derate}" if n.derate and cap >= n.max_cap_w - 0.5 else None)
+            or result.shed_cause.get(gi)
             or result.hold_cause.get(gi)
             or "price above the value of the top cap steps"
             if lower

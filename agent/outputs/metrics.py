@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
@@ -55,6 +56,7 @@ from agent.control.planner import PlanStatus
 from agent.control.policy import event_limit_w
 from agent.outputs.page import OperatorPage
 from agent.runtime.state import AgentState
+from drivers.inputs import RejectionCounter, process_rejections
 from drivers.jobs.base import JobClass, JobState
 
 log = logging.getLogger(__name__)
@@ -95,10 +97,14 @@ class AgentCollector(Collector):
         state: AgentState,
         config: AgentConfig | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        rejections: RejectionCounter | None = None,
     ) -> None:
         self.state = state
         self.config = config
         self.clock = clock
+        # What the drivers refused (bounded parsers, drivers/inputs.py); the process-wide
+        # counter unless one is injected.
+        self.rejections = rejections if rejections is not None else process_rejections()
 
     def collect(self) -> Iterator[Metric]:
         now = self.clock()
@@ -113,6 +119,7 @@ class AgentCollector(Collector):
         if plan is not None:
             yield from self._plan(state)
         yield from self._faults(state, snap)
+        yield from self._meter(state)
 
     # --- the agent itself ---------------------------------------------------------------------
 
@@ -170,7 +177,9 @@ class AgentCollector(Collector):
             "Inputs rejected without effect (bad price rows, bad commands), by source and reason.",
             labels=["source", "reason"],
         )
-        for (source, reason), count in sorted(dict(state.rejected).items()):
+        counts = Counter(dict(state.rejected))
+        counts.update(self.rejections.counts())
+        for (source, reason), count in sorted(counts.items()):
             rejected.add_metric([source, reason], count)
         yield rejected
 
@@ -504,6 +513,84 @@ class AgentCollector(Collector):
             binding.add_metric([name], 1.0)
         yield binding
 
+    # --- the meter and the load model ----------------------------------------------------------
+
+    def _meter(self, state: AgentState) -> Iterator[Metric]:
+        derates = CounterMetricFamily(
+            "site_agent_thermal_derate_actions",
+            "Thermal step-downs (a device stepped one operating point down for heat), by kind.",
+            labels=["kind"],
+        )
+        derated = _gauge(
+            "site_agent_thermal_derated_devices", "Devices held derated for heat now.", ["kind"]
+        )
+        for kind in ("miner", "gpu_node"):
+            derates.add_metric([kind], state.thermal_derates.get(kind, 0))
+            derated.add_metric([kind], sum(1 for k in state.thermal_derated.values() if k == kind))
+        yield from (derates, derated)
+        m = state.meter
+        if m is None:
+            return
+        source = _gauge(
+            "site_agent_site_power_mode",
+            "1 for what the site power is judged on: meter, fallback (devices + margin), devices.",
+            ["source"],
+        )
+        for name in ("meter", "fallback", "devices"):
+            source.add_metric([name], 1.0 if m.source == name else 0.0)
+        yield source
+        if m.configured:
+            yield GaugeMetricFamily(
+                "site_agent_meter_up",
+                "1 while the revenue meter is fresh and plausible; 0 while the agent falls back.",
+                value=1.0 if m.trusted else 0.0,
+            )
+            yield CounterMetricFamily(
+                "site_agent_meter_fallback_actions",
+                "Times the agent stopped trusting the meter and fell back to devices + margin.",
+                value=m.fallbacks,
+            )
+            yield CounterMetricFamily(
+                "site_agent_meter_rejected_inputs",
+                "Meter reads refused or failed (timeout, bad registers, wrong unit, stale).",
+                value=m.errors,
+            )
+            yield GaugeMetricFamily(
+                "site_agent_meter_trim_watts",
+                "Learned load the model does not explain (meter minus devices, cooling, base).",
+                value=m.trim_w,
+            )
+            if m.meter_w is not None:
+                yield GaugeMetricFamily(
+                    "site_agent_meter_power_watts",
+                    "The revenue meter's last good reading of site power.",
+                    value=m.meter_w,
+                )
+            if m.meter_age_s is not None:
+                yield GaugeMetricFamily(
+                    "site_agent_meter_age_seconds",
+                    "Seconds since the meter's last good reading.",
+                    value=m.meter_age_s,
+                )
+        if m.device_w is not None:
+            yield GaugeMetricFamily(
+                "site_agent_device_power_watts",
+                "Sum of the devices' own power readings.",
+                value=m.device_w,
+            )
+        if m.cooling_w is not None:
+            yield GaugeMetricFamily(
+                "site_agent_cooling_power_watts",
+                "Cooling power the cooling model attributes to the current IT load.",
+                value=m.cooling_w,
+            )
+        if m.ambient_c is not None:
+            yield GaugeMetricFamily(
+                "site_agent_ambient_celsius",
+                "Outdoor temperature the cooling model uses.",
+                value=m.ambient_c,
+            )
+
     # --- faults -------------------------------------------------------------------------------
 
     def _faults(self, state: AgentState, snap: Snapshot | None) -> Iterator[Metric]:
@@ -540,10 +627,11 @@ def build_registry(
     state: AgentState,
     config: AgentConfig | None = None,
     clock: Callable[[], datetime] = _utcnow,
+    rejections: RejectionCounter | None = None,
 ) -> CollectorRegistry:
     """A fresh registry holding one :class:`AgentCollector` (never the global registry)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(state, config, clock))
+    registry.register(AgentCollector(state, config, clock, rejections))
     return registry
 
 

@@ -7,6 +7,10 @@ and each source's health (last success, last error), and hands out one immutable
 never poll. A source that fails is logged once when it starts failing and once when it recovers
 (Home Assistant's coordinator habit), not on every poll. What each device was commanded, its
 readings and faults belong to its fleet (:mod:`agent.runtime.fleet`), not to the coordinator.
+
+Each snapshot passes the fleets' views through the thermal guard (:mod:`agent.runtime.thermal`)
+and turns the device sum into power at the meter through the meter watch
+(:mod:`agent.runtime.meter`), which polls the site meter and the ambient source.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -32,8 +37,11 @@ from agent.control.planner import (
     plan_horizon,
 )
 from agent.runtime.fleet import Fleet
+from agent.runtime.meter import MeterWatch
 from agent.runtime.state import SourceHealth
+from agent.runtime.thermal import ThermalGuard
 from drivers.errors import AgentError, BadInput
+from drivers.meters.base import Meter
 from drivers.prices.base import PriceReading, PriceSource
 from drivers.prices.csv_replay import DayAheadForecast
 from drivers.prices.system_load import SystemLoadReplay
@@ -59,6 +67,8 @@ class Coordinator:
         hashprice_source: PriceSource | None = None,
         day_ahead: DayAheadForecast | None = None,
         system_load: SystemLoadReplay | None = None,
+        meter: Meter | None = None,
+        ambient_source: PriceSource | None = None,
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -90,6 +100,18 @@ class Coordinator:
         # Health of every polled source, by name: the loop publishes copies to outputs.
         self.health: dict[str, SourceHealth] = {}
         self.price_changed = asyncio.Event()
+        # Refused feed answers (source, one-line reason) waiting for the runtime's audit sink.
+        self.rejected_to_audit: deque[tuple[str, str]] = deque(maxlen=100)
+        # The meter and the ambient source: the load model of every snapshot.
+        self.meter_watch = MeterWatch(
+            config,
+            meter,
+            ambient_source=ambient_source,
+            health=self.health,
+            monotonic=monotonic,
+        )
+        # Thermal derates: one ceiling per hot device, applied to every snapshot's views.
+        self.thermal = ThermalGuard(config.thermal, config.control.gpu_cap_step_w)
 
     def source(self, name: str) -> SourceHealth:
         health = self.health.get(name)
@@ -125,6 +147,7 @@ class Coordinator:
         except AgentError as exc:
             if health.last_error is None:
                 log.warning("price source %s failed: %s", self.price_source.name, exc)
+            self._note_rejected(health.last_error, exc)
             health.last_error = str(exc)
             health.failures += 1
             return
@@ -154,6 +177,7 @@ class Coordinator:
         except AgentError as exc:
             if health.last_error is None:
                 log.warning("hashprice feed %s failed: %s", source.name, exc)
+            self._note_rejected(health.last_error, exc)
             health.last_error, health.failures = str(exc), health.failures + 1
             return
         if health.last_error is not None:
@@ -161,6 +185,12 @@ class Coordinator:
         health.last_error, health.last_success = None, self.clock()
         health.successes += 1
         self.hashprice_usd_per_ph_day, self.hashprice_read_at = reading.value, self.monotonic()
+
+    def _note_rejected(self, previous: str | None, exc: AgentError) -> None:
+        """Queue a refused answer for the audit trail: once per failing streak and reason, not
+        once per poll (a feed answering NaN every second must not flood the journal)."""
+        if isinstance(exc, BadInput) and str(exc) != previous:
+            self.rejected_to_audit.append((exc.source, str(exc)))
 
     def market_now(self) -> datetime:
         """The market's clock: simulated time when the price source replays history."""
@@ -202,8 +232,11 @@ class Coordinator:
         views = [fleet.views(now) for fleet in self.fleets]
         miners = tuple(m for v in views for m in v.miners)
         gpu_nodes = tuple(n for v in views for n in v.gpu_nodes)
+        miners = self.thermal.apply_miners(miners, mono)
+        gpu_nodes = self.thermal.apply_gpu_nodes(gpu_nodes, mono)
         measured = [m.measured_power_w for m in miners] + [n.measured_power_w for n in gpu_nodes]
-        site_w = None if any(p is None for p in measured) else sum(p for p in measured if p)
+        device_w = None if any(p is None for p in measured) else sum(p for p in measured if p)
+        load, site_w = self.meter_watch.load_model(device_w, mono)
         price = None
         if self.price is not None and self.price_read_at is not None:
             price = PriceView(
@@ -223,6 +256,8 @@ class Coordinator:
             gpu_nodes=gpu_nodes,
             events=tuple(e for e in self.events.values() if e.event.active_at(now)),
             measured_site_power_w=site_w,
+            device_power_w=device_w,
+            load_model=load,
             ramp_headroom_w=ramp_w,
             day_ahead_usd_per_mwh=day_ahead,
             fourcp_risk=risk,
@@ -284,7 +319,11 @@ class Coordinator:
             hashprice_usd_per_ph_day=self.current_hashprice(self.monotonic()),
             pool_fee=self.config.economics.pool_fee,
             blocks=blocks,
-            limit_w=max(0.0, (site.interconnect_limit_kw - site.safety_margin_kw) * 1000.0),
+            # Limits are judged at the meter: the miners and GPUs get what cooling, base load
+            # and the meter trim (or fallback margin) leave, as in the policy's dispatch.
+            limit_w=self.meter_watch.model.device_budget_w(
+                max(0.0, (site.interconnect_limit_kw - site.safety_margin_kw) * 1000.0)
+            ),
             base_load_w=(gpu_w,) * len(hours),
             min_on_s=control.min_on_s,
             min_off_s=control.min_off_s,

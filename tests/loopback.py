@@ -4,8 +4,9 @@ Simulated miners listen on fixed vendor ports (4028, 80, 443...), so two test ru
 must not share their addresses. Every test that binds takes its addresses from ``ip()``: they lie
 in ``127.NET.0.0/16``, a /16 that this process reserves for its whole life with an exclusive
 ``flock`` on ``/tmp/site-agent-net-NET.lock`` (the kernel drops the lock when the process ends, even
-when it is killed). Each test module keeps its own third octets, so a server a module left behind
-never answers for the next module. Ports for servers that bind 127.0.0.1 come from ``free_port``.
+when it is killed). Test modules mostly keep their own third octets (the demo test moves the demo's
+127.42.0-1.x miners here, beside test_e2e_miners' .0-1), and each stops its servers when done.
+Ports for servers that bind 127.0.0.1 come from ``free_port``.
 """
 
 from __future__ import annotations

@@ -213,11 +213,20 @@ async def test_job_that_ends_while_suspended(cluster: SlurmCluster) -> None:
     assert cluster.job_state(job_id) in ("CANCELLED", "COMPLETING")  # not requeued
 
 
-async def test_short_job_suspended_then_resumed_completes(cluster: SlurmCluster) -> None:
+async def test_short_job_suspended_then_resumed_completes(
+    cluster: SlurmCluster, tmp_path: Path
+) -> None:
     jobs = driver(cluster)
-    job_id = cluster.sbatch("--wrap=sleep 1")
+    go = tmp_path / "go"
+    # The job's one second of work starts once `go` exists, which the test creates only after
+    # the job is stopped: a plain `sleep 1` could end before a busy machine's suspend reaches it.
+    job_id = cluster.sbatch(f"--wrap=while [ ! -e {go} ]; do sleep 0.05; done; sleep 1")
     await wait_state(cluster, job_id, "RUNNING")
+    pids = await wait_job_pids(cluster, job_id, "sleep")
     await jobs.suspend(job_id)
+    # A `sleep 0.05` that ended as the stop came stays a zombie until its shell runs again.
+    await wait_procs(pids, {"T", "Z"})
+    go.touch()
     await asyncio.sleep(1.5)  # longer than the job's whole run: suspended time is not run time
     assert cluster.job_state(job_id) == "SUSPENDED"
     await jobs.resume(job_id)

@@ -122,9 +122,14 @@ class Recorder:
         return [s for s in self.samples if s[0] >= t0]
 
     def woken(self, t0: float, excluding: frozenset[str] = frozenset()) -> dict[str, float]:
-        """Miners that went from asleep to mining after ``t0``, with when they did."""
+        """Miners that went from asleep to mining after ``t0``, with when they did.
+
+        The state before ``t0`` is the last sample taken before it: on a busy machine the first
+        sample after ``t0`` may come late and already show a miner woken after ``t0``.
+        """
         out: dict[str, float] = {}
-        previous: dict[str, bool] | None = None
+        before = [s for s in self.samples if s[0] < t0]
+        previous: dict[str, bool] | None = before[-1][1] if before else None
         for at, mining, _w in self.since(t0):
             if previous is not None:
                 for a in ALL:
@@ -302,6 +307,7 @@ async def test_kill_9_then_clean_restart_mid_curtailment_then_release_ramps(
             assert rec.woken(stopped_at, excluding=others) == {}, "restored early after SIGTERM"
             # 6. The operator releases the override: load returns at the ramp rate.
             released_at = time.monotonic()
+            rec.sample()  # the state at release, before the CLI thread competes with the sampler
             assert await cli("release", "--config", str(config)) == 0
             await until(
                 lambda: all(

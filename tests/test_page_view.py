@@ -16,6 +16,7 @@ from datetime import timedelta
 import pytest
 
 from agent.control.domain import ActiveEvent
+from agent.control.thermal import ThermalConfig, ThermalLimit
 from agent.outputs.page import (
     MAX_TEXT,
     History,
@@ -164,6 +165,31 @@ def test_view_shows_derates_only_when_the_agent_reports_them() -> None:
     assert _derates(state, PlanWithDerates()) == [
         {"device": "m-001", "reason": "hottest board 92 °C above 90 °C: stock → -1"}
     ]
+
+
+def test_view_shows_the_meter_the_cooling_and_the_devices_derated_for_heat() -> None:
+    state = sample_state()  # a trusted meter: 18,898 W, of which 716 W cooling
+    view = build_view(state, sample_config(), History(), None, NOW)
+    assert view["power"]["meter_w"] == 18_898.0
+    assert view["power"]["cooling_w"] == 716.0
+    assert view["derates"] is None  # no thermal limit, nothing derated: hidden
+    snap = state.snapshot
+    assert snap is not None
+    why = "hottest chip 104 °C > 100 °C"
+    miners = tuple(replace(m, max_point="sleep", derate=why) if m.device_id == "m-002" else m
+                   for m in snap.miners)  # fmt: skip
+    state.snapshot = replace(snap, miners=miners)
+    state.meter = replace(state.meter, configured=False, meter_w=None)  # no meter: cooling only
+    view = build_view(state, sample_config(), History(), None, NOW)
+    assert view["derates"] == [{"device": "m-002", "reason": why}]
+    assert view["power"]["meter_w"] is None
+    assert view["power"]["cooling_w"] == 716.0
+    # A site with a thermal limit and nothing hot shows the (empty) list.
+    cooled = sample_config().model_copy(
+        update={"thermal": ThermalConfig(miner=ThermalLimit(max_c=100, resume_c=92))}
+    )
+    state.snapshot = snap
+    assert build_view(state, cooled, History(), None, NOW)["derates"] == []
 
 
 # --- colours ------------------------------------------------------------------------------------

@@ -9,17 +9,10 @@ from typing import Any
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "configs" / "grafana-dashboard.json"
 
-# Metrics the dashboard queries before the agent exports them: the revenue meter, cooling and
-# thermal derates (issue 15, parts 1 and 2, branch ``meter``). Their panels stay empty until
-# then; the real-Prometheus test checks their queries parse and lists them as pending.
-PENDING_METRICS = {
-    "site_meter_w": "revenue meter reading (W); exported once the Modbus meter is in the agent",
-    "site_meter_up": "1 while the meter answers plausibly, 0 on fallback; with the meter",
-    "site_meter_trim_w": "limit trim from meter minus device sum (W); with the meter's trim loop",
-    "site_cooling_w": "cooling power of the cooling model (W); with the cooling model",
-    "site_derates_total": "thermal derates started (counter); with the thermal derate",
-    "site_derated_devices": "devices derated now; with the thermal derate",
-}
+# Metrics the dashboard queries before the agent exports them (name -> why): their panels stay
+# empty until then; the real-Prometheus test checks their queries parse and lists them as pending.
+# None today: the meter, cooling and derate panels query what the agent exports.
+PENDING_METRICS: dict[str, str] = {}
 
 
 def queried_metrics(expr: str) -> set[str]:
@@ -88,3 +81,14 @@ def test_dashboard_only_queries_metrics_the_agent_exports_or_pending_ones() -> N
     # A pending metric the agent now exports: take it off the list (its queries must have data).
     assert not exported & set(PENDING_METRICS), exported & set(PENDING_METRICS)
     assert set(PENDING_METRICS) <= used, "pending metrics no panel queries"
+    # The meter, cooling and derate panels read the agent's own series.
+    for name in (
+        "site_agent_meter_power_watts",
+        "site_agent_meter_trim_watts",
+        "site_agent_meter_up",
+        "site_agent_device_power_watts",
+        "site_agent_cooling_power_watts",
+        "site_agent_thermal_derated_devices",
+        "site_agent_thermal_derate_actions_total",
+    ):
+        assert name in used, name

@@ -58,7 +58,7 @@ from agent.control.economics import (
     energy_cost_usd_per_h,
     mining_revenue_usd_per_h,
 )
-from agent.control.policy import event_limit_w
+from agent.control.settlement import event_target_w, shortfall_w
 from agent.runtime.state import AgentState
 from drivers.jobs.base import JobClass, JobState
 
@@ -176,10 +176,10 @@ def workload_rates(
             shed_w = max(0.0, a.baseline_w - site_w)
             power["grid_events"] = max(power["grid_events"], shed_w)
             revenue["grid_events"] += a.event.payment_usd_per_mwh * shed_w / 1e6
-            target = event_limit_w(a)
+            target = event_target_w(a.event, a.baseline_w)
             if target is not None:
-                shortfall_w = max(0.0, site_w - max(target, 0.0))
-                cost["grid_events"] += a.event.penalty_usd_per_mwh * shortfall_w / 1e6
+                short_w = shortfall_w(site_w, target)
+                cost["grid_events"] += a.event.penalty_usd_per_mwh * short_w / 1e6
     for key in _CONSUMING:
         cost[key] = energy_cost_usd_per_h(power[key], price_usd_per_mwh)
     return {k: WorkloadRate(power[k], revenue[k], cost[k]) for k in _KEYS}
@@ -310,13 +310,21 @@ class History:
 # --- the view -----------------------------------------------------------------------------------
 
 
-def _optional_w(obj: object, *names: str) -> float | None:
-    """A power another part of the agent may publish (meter, cooling): finite watts or None."""
-    for name in names:
-        value = getattr(obj, name, None)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-    return None
+@dataclass(frozen=True, slots=True)
+class _Derates:
+    derates: Mapping[str, str]
+
+
+def _thermal_derates(snap: Snapshot | None, config: AgentConfig | None) -> dict[str, str] | None:
+    """Devices held derated for heat now (device id -> why), read from the snapshot's views;
+    None when the site has no thermal limit and nothing is derated (the page hides the field)."""
+    found: dict[str, str] = {}
+    if snap is not None:
+        found.update((m.device_id, m.derate) for m in snap.miners if m.derate is not None)
+        found.update((n.device_id, n.derate) for n in snap.gpu_nodes if n.derate is not None)
+    thermal = None if config is None else config.thermal
+    limited = thermal is not None and (thermal.miner is not None or thermal.gpu is not None)
+    return found if found or limited else None
 
 
 def _derates(*holders: object) -> list[dict[str, str]] | None:
@@ -382,6 +390,7 @@ def build_view(
         interconnect_w = config.site.interconnect_limit_kw * 1000.0
         margin_w = config.site.safety_margin_kw * 1000.0
     site_w = snap.measured_site_power_w if snap is not None else None
+    meter = state.meter
     view["power"] = {
         "site_w": _num(site_w, 1),
         "planned_w": _num(plan.planned_power_w, 1) if plan else None,
@@ -389,9 +398,10 @@ def build_view(
         "interconnect_w": _num(interconnect_w, 1),
         "safety_margin_w": _num(margin_w, 1),
         "binding": [_text(b) for b in plan.binding[:MAX_ITEMS]] if plan else [],
-        # Published by the revenue meter and the cooling model when the agent has them.
-        "meter_w": _num(_optional_w(snap, "meter_w", "metered_site_power_w"), 1),
-        "cooling_w": _num(_optional_w(snap, "cooling_w") or _optional_w(plan, "cooling_w"), 1),
+        # The revenue meter's last good reading (a metered site only), and the cooling the
+        # cooling model adds to the devices' own power.
+        "meter_w": _num(meter.meter_w if meter is not None and meter.configured else None, 1),
+        "cooling_w": _num(meter.cooling_w if meter is not None and meter.cooling_w else None, 1),
     }
     if snap is not None:
         view["price"] = {
@@ -448,7 +458,8 @@ def build_view(
         {"device": _text(d), "reason": _text(r)} for d, r in sorted(faults.items())[:MAX_ITEMS]
     ]
     view["faults_total"] = len(faults)
-    view["derates"] = _derates(state, plan, snap)
+    derated = _thermal_derates(snap, config)
+    view["derates"] = _derates(_Derates(derated) if derated is not None else state, plan, snap)
     sources = []
     for name, h in sorted(dict(state.sources).items())[:MAX_ITEMS]:
         since = h.last_success or state.started_at
@@ -492,8 +503,8 @@ def _events_view(snap: Snapshot, now: datetime) -> list[dict[str, Any]]:
     rows = []
     for a in snap.events[:MAX_ITEMS]:
         e = a.event
-        target = event_limit_w(a)
-        target = None if target is None else _finite(max(target, 0.0))
+        target = event_target_w(a.event, a.baseline_w)
+        target = None if target is None else _finite(target)
         shortfall = None
         if target is not None and site_w is not None:
             shortfall = max(0.0, site_w - target)

@@ -31,11 +31,12 @@ from pyasic.web.braiins_os.proto.braiins.bos.v1 import (
 from simulators.braiins import GRPC_PORT, BraiinsFleet, power_range
 from simulators.luxos import control_request, fleet_specs, serve_control
 from simulators.luxos_model import TARGET_DRAW_RATIO, FaultKind, ManualClock, Timing
+from tests.loopback import ip, subnet
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = "127.22.1.1"
-S19 = "127.22.1.1"  # round-robin models: odd hosts S19j Pro, even hosts S21
-S21 = "127.22.1.2"
+BASE = ip(141, 1)
+S19 = ip(141, 1)  # round-robin models: odd hosts S19j Pro, even hosts S21
+S21 = ip(141, 2)
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ async def test_get_miner_identifies_braiins_os_plus_and_the_model(fleet: Braiins
 
 
 async def test_subnet_scan_finds_exactly_the_simulated_miners(fleet: BraiinsFleet) -> None:
-    found = await MinerNetwork.from_subnet("127.22.1.0/29").scan()
+    found = await MinerNetwork.from_subnet(subnet(141, 29)).scan()
     assert sorted(str(m.ip) for m in found) == sorted(fleet.addresses)
     assert all(type(m).__name__.startswith("BOSMiner") for m in found)
 
@@ -128,18 +129,18 @@ async def test_every_call_but_login_needs_the_token(fleet: BraiinsFleet) -> None
 
 
 async def test_wrong_password_is_refused(clock: ManualClock) -> None:
-    async with BraiinsFleet(fleet_specs(1, "127.22.2.1"), clock=clock, password="s3cret") as f:
-        miner = await get_miner("127.22.2.1")
+    async with BraiinsFleet(fleet_specs(1, ip(142, 1)), clock=clock, password="s3cret") as f:
+        miner = await get_miner(ip(142, 1))
         assert miner is not None
         # pyasic logs in as root/root, and its login runs outside its own error wrapping:
         # the refusal arrives as grpclib's error, not as pyasic's APIError or False.
         with pytest.raises(GRPCError) as caught:
             await miner.stop_mining()
         assert caught.value.status is Status.UNAUTHENTICATED
-        assert not f.miners["127.22.2.1"].sleeping
+        assert not f.miners[ip(142, 1)].sleeping
         miner.web.pwd = "s3cret"
         assert await miner.stop_mining()
-        assert f.miners["127.22.2.1"].sleeping
+        assert f.miners[ip(142, 1)].sleeping
 
 
 async def _rpc(address: str, command: bytes) -> bytes:
@@ -241,7 +242,7 @@ async def test_control_port_drives_the_braiins_fleet(fleet: BraiinsFleet) -> Non
 
 def test_cli_serves_and_stops_on_sigterm() -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "simulators.braiins", "--miners", "2", "--base", "127.22.3.1"],
+        [sys.executable, "-m", "simulators.braiins", "--miners", "2", "--base", ip(143, 1)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -249,7 +250,7 @@ def test_cli_serves_and_stops_on_sigterm() -> None:
         assert proc.stdout is not None
         try:
             rows = [json.loads(proc.stdout.readline()) for _ in range(3)]
-            assert [r.get("address") for r in rows[:2]] == ["127.22.3.1", "127.22.3.2"]
+            assert [r.get("address") for r in rows[:2]] == [ip(143, 1), ip(143, 2)]
             assert rows[0]["grpc_port"] == GRPC_PORT
             assert rows[2]["event"] == "ready"
         finally:
@@ -263,7 +264,7 @@ def test_site_agent_sim_serves_a_mixed_fleet_pyasic_tells_apart() -> None:
         pytest.skip("the stock Antminer's web API needs port 80 (root)")
     mix = "luxos=2,antminer=1,braiins=2,whatsminer=1"
     with subprocess.Popen(
-        [sys.executable, "-m", "agent.cli.main", "sim", "--mix", mix, "--base", "127.22.5.1"],
+        [sys.executable, "-m", "agent.cli.main", "sim", "--mix", mix, "--base", ip(145, 1)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,

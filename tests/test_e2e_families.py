@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from simulators.luxos_model import S19J_PRO, S21, Timing
 from simulators.price_server import PriceServer
 from simulators.whatsminer import WhatsminerFleet, WhatsminerSpec
 from simulators.whatsminer_replies import M30S_PLUS_V40
+from tests.loopback import ip
 from tests.site_agent import build_agent
 
 pytestmark = [
@@ -36,11 +36,10 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:passing settings to md5_crypt.hash:DeprecationWarning"),
 ]
 
-NET = 60 + os.getpid() % 150
-LUX = [f"127.{NET}.30.1", f"127.{NET}.30.2"]  # S21, S19j Pro
-ANT = [f"127.{NET}.31.1", f"127.{NET}.31.2"]  # S19j Pro
-BOS = [f"127.{NET}.32.1", f"127.{NET}.32.2"]  # S19j Pro
-WM = [f"127.{NET}.33.1", f"127.{NET}.33.2"]  # M30S+ V40
+LUX = [ip(30, 1), ip(30, 2)]  # S21, S19j Pro
+ANT = [ip(31, 1), ip(31, 2)]  # S19j Pro
+BOS = [ip(32, 1), ip(32, 2)]  # S19j Pro
+WM = [ip(33, 1), ip(33, 2)]  # M30S+ V40
 ALL = LUX + ANT + BOS + WM
 TIMING = Timing(wake_ramp_s=0.4, sleep_ramp_s=0.1, profile_ramp_s=0.1)
 

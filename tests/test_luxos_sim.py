@@ -33,13 +33,14 @@ from simulators.luxos_model import (
     Timing,
 )
 from simulators.luxos_replies import MINER_VERSION
+from tests.loopback import ip, subnet
 
 # What each model draws on its default profile: 0.885 x the profile's nominal Watts.
 S19_W = round(3068 * PROFILE_DRAW_RATIO)
 S21_W = round(3500 * PROFILE_DRAW_RATIO)
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = "127.20.1.1"
+BASE = ip(120, 1)
 
 
 @pytest.fixture
@@ -54,22 +55,22 @@ async def fleet(clock: ManualClock) -> AsyncIterator[LuxosFleet]:
 
 
 async def test_get_miner_identifies_both_models(fleet: LuxosFleet) -> None:
-    s19 = await get_miner("127.20.1.1")
-    s21 = await get_miner("127.20.1.2")
+    s19 = await get_miner(ip(120, 1))
+    s21 = await get_miner(ip(120, 2))
     assert isinstance(s19, LUXMinerS19jPro)
     assert isinstance(s21, LUXMinerS21)
 
 
 async def test_subnet_scan_finds_exactly_the_simulated_miners(fleet: LuxosFleet) -> None:
-    # 127.20.1.0/28 has 14 hosts; miners sit on .1-.10, .11-.14 refuse.
-    found = await MinerNetwork.from_subnet("127.20.1.0/28").scan()
+    # The /28 has 14 hosts; miners sit on .1-.10, .11-.14 refuse.
+    found = await MinerNetwork.from_subnet(subnet(120, 28)).scan()
     assert sorted(str(m.ip) for m in found) == sorted(fleet.addresses)
 
 
 async def test_get_data_reports_power_hashrate_temperatures_and_model(
     fleet: LuxosFleet,
 ) -> None:
-    miner = await get_miner("127.20.1.2")
+    miner = await get_miner(ip(120, 2))
     assert miner is not None
     data = await miner.get_data()
     assert data.model == "S21"
@@ -80,7 +81,7 @@ async def test_get_data_reports_power_hashrate_temperatures_and_model(
     # Settled at 3.1 kW with the fan loop holding the boards under LuxOS's 55 °C target.
     # pyasic reads the two middle sensors (intake) as the board and the outer two (exhaust)
     # as the chips, as on the recorded miner ("47-34-34-47").
-    state = fleet.miners["127.20.1.2"]
+    state = fleet.miners[ip(120, 2)]
     board_temps = sorted(h.temp for h in data.hashboards if h.temp is not None)
     chip_temps = sorted(h.chip_temp for h in data.hashboards if h.chip_temp is not None)
     assert len(board_temps) == len(chip_temps) == 3
@@ -94,10 +95,10 @@ async def test_get_data_reports_power_hashrate_temperatures_and_model(
 async def test_stop_and_resume_change_true_state_and_readings(
     fleet: LuxosFleet, clock: ManualClock
 ) -> None:
-    miner = await get_miner("127.20.1.1")
+    miner = await get_miner(ip(120, 1))
     assert miner is not None
     assert await miner.stop_mining()
-    assert fleet.miners["127.20.1.1"].sleeping
+    assert fleet.miners[ip(120, 1)].sleeping
     clock.advance(2.0)  # the sleep ramp
     data = await miner.get_data()
     assert data.wattage == S19J_PRO.standby_w
@@ -119,10 +120,10 @@ async def test_stop_and_resume_change_true_state_and_readings(
 async def test_set_power_limit_picks_highest_profile_at_or_below(
     fleet: LuxosFleet, clock: ManualClock
 ) -> None:
-    miner = await get_miner("127.20.1.1")
+    miner = await get_miner(ip(120, 1))
     assert miner is not None
     assert await miner.set_power_limit(3000)
-    state = fleet.miners["127.20.1.1"]
+    state = fleet.miners[ip(120, 1)]
     chosen = max((p for p in S19J_PRO.profiles if p.power_w <= 3000), key=lambda p: p.power_w)
     assert chosen.name == "565MHz"  # one 25 MHz step under the default
     assert state.profile == chosen.name
@@ -134,7 +135,7 @@ async def test_set_power_limit_picks_highest_profile_at_or_below(
 
 
 async def test_multicommand_and_error_status_shapes(fleet: LuxosFleet) -> None:
-    miner = await get_miner("127.20.1.1")
+    miner = await get_miner(ip(120, 1))
     assert miner is not None
     data = await miner.rpc.send_command("power+config")
     assert set(data) == {"power", "config", "id"}
@@ -144,15 +145,15 @@ async def test_multicommand_and_error_status_shapes(fleet: LuxosFleet) -> None:
         await miner.rpc.send_command("frobnicate")
     with pytest.raises(APIError, match="Invalid session"):
         await miner.rpc.send_command("curtail", "not-a-session", "sleep")
-    assert not fleet.miners["127.20.1.1"].sleeping
+    assert not fleet.miners[ip(120, 1)].sleeping
 
 
 async def test_connection_closed_without_request_is_tolerated(fleet: LuxosFleet) -> None:
     for _ in range(3):
-        _, writer = await asyncio.open_connection("127.20.1.3", 4028)
+        _, writer = await asyncio.open_connection(ip(120, 3), 4028)
         writer.close()
         await writer.wait_closed()
-    reader, writer = await asyncio.open_connection("127.20.1.3", 4028)
+    reader, writer = await asyncio.open_connection(ip(120, 3), 4028)
     writer.write(b'{"command": "power"}')
     await writer.drain()
     reply = json.loads((await reader.read()).rstrip(b"\x00"))
@@ -209,20 +210,20 @@ async def test_control_port_sets_faults_and_reports_truth(fleet: LuxosFleet) -> 
     server = await serve_control(fleet, 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        ok = await control_request(port, {"op": "fault", "address": "127.20.1.4", "fault": "error"})
+        ok = await control_request(port, {"op": "fault", "address": ip(120, 4), "fault": "error"})
         assert ok == {"ok": True}
-        state = await control_request(port, {"op": "state", "address": "127.20.1.4"})
+        state = await control_request(port, {"op": "state", "address": ip(120, 4)})
         assert state["ok"]
         assert isinstance(state["state"], dict)
         assert state["state"]["fault"] == "error"
         # A bad request changes nothing, and says why.
         bad = await control_request(
-            port, {"op": "fault", "addresses": ["127.20.1.5", "127.99.0.1"], "fault": "hang"}
+            port, {"op": "fault", "addresses": [ip(120, 5), "127.99.0.1"], "fault": "hang"}
         )
         assert not bad["ok"]
         assert "127.99.0.1" in str(bad["error"])
-        assert fleet.truth("127.20.1.5")["fault"] == "none"
-        unknown = await control_request(port, {"op": "fault", "address": "127.20.1.5"})
+        assert fleet.truth(ip(120, 5))["fault"] == "none"
+        unknown = await control_request(port, {"op": "fault", "address": ip(120, 5)})
         assert not unknown["ok"]
         listing = await control_request(port, {"op": "list"})
         assert listing["miners"] == fleet.addresses
@@ -233,7 +234,7 @@ async def test_control_port_sets_faults_and_reports_truth(fleet: LuxosFleet) -> 
 
 def test_cli_prints_every_address_and_stops_on_sigterm() -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "simulators.luxos", "--miners", "3", "--base", "127.20.3.1"],
+        [sys.executable, "-m", "simulators.luxos", "--miners", "3", "--base", ip(122, 1)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -242,7 +243,7 @@ def test_cli_prints_every_address_and_stops_on_sigterm() -> None:
         try:
             rows = [json.loads(proc.stdout.readline()) for _ in range(4)]
             addresses = [r.get("address") for r in rows[:3]]
-            assert addresses == ["127.20.3.1", "127.20.3.2", "127.20.3.3"]
+            assert addresses == [ip(122, 1), ip(122, 2), ip(122, 3)]
             assert rows[3]["event"] == "ready"
             assert rows[3]["miners"] == 3
             assert rows[3]["control_port"] > 0
@@ -310,16 +311,14 @@ async def test_control_port_sets_the_ambient_air(fleet: LuxosFleet) -> None:
     server = await serve_control(fleet, 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        ok = await control_request(
-            port, {"op": "ambient", "address": "127.20.1.4", "ambient_c": 40}
-        )
+        ok = await control_request(port, {"op": "ambient", "address": ip(120, 4), "ambient_c": 40})
         assert ok == {"ok": True}
-        assert fleet.miners["127.20.1.4"].ambient_c == 40.0
+        assert fleet.miners[ip(120, 4)].ambient_c == 40.0
         bad = await control_request(
-            port, {"op": "ambient", "address": "127.20.1.4", "ambient_c": "NaN"}
+            port, {"op": "ambient", "address": ip(120, 4), "ambient_c": "NaN"}
         )
         assert not bad["ok"]
-        assert fleet.miners["127.20.1.4"].ambient_c == 40.0
+        assert fleet.miners[ip(120, 4)].ambient_c == 40.0
     finally:
         server.close()
         await server.wait_closed()

@@ -40,6 +40,7 @@ from simulators.luxos_model import (
     Timing,
 )
 from simulators.whatsminer import WhatsminerFleet, whatsminer_specs
+from tests.loopback import ip, subnet
 
 # pyasic's btminer token code calls passlib in a way passlib deprecates: under -W error that
 # would become pyasic's "False" (outside tests it is a warning).
@@ -47,9 +48,9 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:passing settings to md5_crypt.hash:DeprecationWarning"
 )
 
-LUX = "127.23.1.1"  # S19j Pro on LuxOS
-BOS = "127.23.2.1"  # S19j Pro on Braiins OS+
-BOS_S21 = "127.23.2.2"
+LUX = ip(151, 1)  # S19j Pro on LuxOS
+BOS = ip(152, 1)  # S19j Pro on Braiins OS+
+BOS_S21 = ip(152, 2)
 TIMEOUT_S = 1.0
 # The site ladder of an S19j Pro as a config gives it (names as LuxOS has them; powers drawn).
 LADDER = tuple(
@@ -116,10 +117,10 @@ async def test_auto_identifies_each_family_and_its_capability(
 async def test_scan_finds_both_families(
     fleets: tuple[LuxosFleet, BraiinsFleet], semaphore: asyncio.Semaphore
 ) -> None:
-    found = await scan_subnet("127.23.2.0/29", semaphore)
+    found = await scan_subnet(subnet(152, 29), semaphore)
     assert [m.address for m in found] == [BOS, BOS_S21]
     assert {m.family for m in found} == {Family.BRAIINS}
-    found = await scan_subnet("127.23.1.0/29", semaphore)
+    found = await scan_subnet(subnet(151, 29), semaphore)
     assert {m.family for m in found} == {Family.LUXOS}
 
 
@@ -366,8 +367,8 @@ async def test_luxos_profile_points_and_ignored_commands(
 
 # --- stock Antminer (sleep only, no power reading) and Whatsminer (power limit) -----------
 
-STOCK = "127.23.3.1"  # S19j Pro on stock Bitmain firmware
-WM = "127.23.4.1"  # M30S+ V40 on btminer
+STOCK = ip(153, 1)  # S19j Pro on stock Bitmain firmware
+WM = ip(154, 1)  # M30S+ V40 on btminer
 
 
 async def eventually(predicate: Callable[[], Awaitable[bool]], what: str) -> None:

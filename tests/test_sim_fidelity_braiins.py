@@ -44,10 +44,11 @@ from pyasic.web.braiins_os.proto.braiins.bos.v1 import (
 from simulators.braiins import GRPC_PORT, BraiinsFleet
 from simulators.luxos import fleet_specs
 from simulators.luxos_model import ManualClock
+from tests.loopback import ip
 
 pytestmark = pytest.mark.shared_data
 
-ADDRESS = "127.24.2.1"
+ADDRESS = ip(162, 1)
 VERSIONS = ("v25_11", "v26_04")
 NOT_SERVED = {"miner_errors", "network"}  # pyasic 0.79's BOSer backend calls neither
 # Keys the simulator leaves out, each explained in simulators/braiins.py's docstring.

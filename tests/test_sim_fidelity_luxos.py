@@ -20,10 +20,11 @@ import pytest
 
 from simulators.luxos import LuxosFleet, fleet_specs
 from simulators.luxos_model import PROFILE_DRAW_RATIO, S19J_PRO, ManualClock
+from tests.loopback import ip
 
 pytestmark = pytest.mark.shared_data
 
-ADDRESS = "127.24.1.1"
+ADDRESS = ip(161, 1)
 # Recorded command -> the request that produced it.
 COMMANDS: dict[str, tuple[str, str | None]] = {
     "version": ("version", None),

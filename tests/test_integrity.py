@@ -38,7 +38,7 @@ from drivers.bus.base import BusSettings
 from drivers.bus.mqtt import MqttBus
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind
 from simulators.luxos import LuxosFleet, MinerSpec
-from simulators.luxos_model import Timing
+from simulators.luxos_model import SITE_TOP, Timing
 from tests.loopback import ip
 from tests.servers import Mosquitto, free_port
 from tests.test_e2e_miners import MODELS, until
@@ -429,7 +429,7 @@ async def test_rejected_commands_are_audited_without_any_secret_in_the_journal(
 
 async def test_manual_mode_sends_no_device_commands(tmp_path: Path) -> None:
     async with site(tmp_path) as s:
-        await until(lambda: all(s.truth(a)["profile"] == "+1" for a in ALL), 15, "all at +1")
+        await until(lambda: all(s.truth(a)["profile"] == SITE_TOP for a in ALL), 15, "all at +1")
         await until(lambda: not s.agent.pending(), 10, "commands verified")
         answer = await s.agent.handle_command(SetMode("m-1", "operator", "manual"))
         assert answer.accepted
@@ -462,7 +462,7 @@ async def test_manual_mode_sends_no_device_commands(tmp_path: Path) -> None:
 
 async def test_an_operator_cannot_leave_safe_mode(tmp_path: Path) -> None:
     async with site(tmp_path) as s:
-        await until(lambda: all(s.truth(a)["profile"] == "+1" for a in ALL), 15, "all at +1")
+        await until(lambda: all(s.truth(a)["profile"] == SITE_TOP for a in ALL), 15, "all at +1")
         # The journal stops taking writes (a read-only remount): the next action enters safe mode.
         await s.store._run(lambda c: c.execute("PRAGMA query_only=ON"))
         s.feed.body = price_body("100")

@@ -446,7 +446,7 @@ async def test_journal_becoming_unwritable_while_running_enters_safe_mode_and_re
             await until(lambda: not any(fleet.truth(x)["sleeping"] for x in ALL), 20, "restored")
             # Restores climb at the ramp rate: woken miners reach +1 a few cycles later (more on a
             # busy machine), and only then does the journal hold +1 for every one.
-            await until(lambda: all(fleet.truth(x)["profile"] == "+1" for x in ALL), 30, "+1")
+            await until(lambda: all(fleet.truth(x)["profile"] == SITE_TOP for x in ALL), 30, "+1")
             await until(lambda: not agent.pending(), 10, "restores verified")
             # The journal again says what the agent commanded (a restart now would be right).
             states = await store.commanded_states()

@@ -83,8 +83,21 @@ def write_config(folder: Path, **overrides: Any) -> Path:
         "economics": {"pool_fee": 0.02, "hashprice": {"usd_per_ph_day": 55}},
         "miner_models": MODELS,
         "miners": [
-            {"id": "s19", "address": S19[0], "model": "S19jPro", "count": len(S19)},
-            {"id": "s21", "address": S21[0], "model": "S21", "count": len(S21)},
+            # LuxOS named: the daemon talks LuxOS at once instead of identifying each miner.
+            {
+                "id": "s19",
+                "address": S19[0],
+                "model": "S19jPro",
+                "count": len(S19),
+                "firmware": "luxos",
+            },
+            {
+                "id": "s21",
+                "address": S21[0],
+                "model": "S21",
+                "count": len(S21),
+                "firmware": "luxos",
+            },
         ],
         # Cheap power: every step of every miner is worth running.
         "prices": {"realtime": {"type": "constant", "value": 20}, "max_age_s": 60},

@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.control.config import parse_config  # noqa: E402
 from agent.runtime.loop import Agent  # noqa: E402
+from agent.runtime.state import AgentState  # noqa: E402
 from agent.runtime.wiring import build_components  # noqa: E402
 from simulators.luxos import control_request, raise_open_file_limit  # noqa: E402
 from simulators.luxos_model import S19J_PRO  # noqa: E402
@@ -122,7 +124,8 @@ async def bench(n: int, base: str) -> None:
                     },
                 }
             )
-            agent = Agent(config, build_components(config))
+            state = AgentState(site_id=config.site.id, started_at=datetime.now(UTC))
+            agent = Agent(config, build_components(config, state), state=state)
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
             # Steady state: wait for the first cycles, then measure CPU over ~10 s.

@@ -52,6 +52,7 @@ from agent.control.domain import Plan, Snapshot  # noqa: E402
 from agent.journal.store import Store  # noqa: E402
 from agent.runtime.actuator import ActionResult  # noqa: E402
 from agent.runtime.loop import Agent, Components  # noqa: E402
+from agent.runtime.miner_fleet import MinerFleet  # noqa: E402
 from agent.runtime.wiring import build_miners  # noqa: E402
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind  # noqa: E402
 from drivers.prices.csv_replay import CsvPriceReplay, load_price_csv  # noqa: E402
@@ -316,13 +317,17 @@ async def run_soak(
             )
 
     async with fleet, Store.open(journal) as store:
-        components = Components(miners=build_miners(config), price_source=prices, store=store)
-        agent = Agent(config, components, on_cycle=on_cycle)
-        agent.actuator.fault_retry_s = settings.fault_retry_s
+        control = config.control.model_copy(update={"fault_retry_s": settings.fault_retry_s})
+        config = config.model_copy(update={"control": control})
+        components = Components(
+            fleets=[MinerFleet(config, build_miners(config))],
+            price_source=prices,
+            store=store,
+            # The reporter reads the agent once it runs (the agent starts its services).
+            services=[faults, lambda s: overrides(s, store), lambda s: reporter(s, agent)],
+        )
+        agent = Agent(config, components, observers=[on_cycle])
         stop = asyncio.Event()
-        components.services.append(faults)
-        components.services.append(lambda s: overrides(s, store))
-        components.services.append(lambda s: reporter(s, agent))
         run = asyncio.create_task(agent.run(stop, grace_s=5.0))
         await asyncio.sleep(wall_s * settings.warmup_frac)
         rss_warm, tasks_warm = rss_mb(), len(asyncio.all_tasks())

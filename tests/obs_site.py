@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from agent.control.config import AgentConfig, parse_config
-from agent.runtime.loop import Agent
+from agent.runtime.inbox import CommandInbox
+from agent.runtime.loop import Agent, CycleHook
+from agent.runtime.state import AgentState
 from agent.runtime.wiring import build_components
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.price_server import PriceServer
-from tests.test_e2e_miners import until  # noqa: F401 (re-exported for the obs tests)
+from tests.test_e2e_miners import until
+
+__all__ = ["S19", "S21", "Outputs", "running_site", "site_config", "until"]
 
 S19 = ["127.93.0.1", "127.93.0.2"]
 S21 = ["127.93.1.1", "127.93.1.2"]
@@ -74,18 +80,33 @@ def site_config(price_url: str) -> AgentConfig:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Outputs:
+    """The outputs under test: services to run and cycle observers, built before the agent."""
+
+    services: Sequence[Service] = ()
+    observers: Sequence[CycleHook] = ()
+
+
 @contextlib.asynccontextmanager
 async def running_site(
-    price: float, outputs: Callable[[Agent], list[Service]]
+    price: float, outputs: Callable[[AgentConfig, AgentState, CommandInbox], Outputs]
 ) -> AsyncIterator[tuple[Agent, LuxosFleet, PriceServer]]:
-    """Start simulators, price server and the agent with ``outputs(agent)`` as services."""
+    """Start simulators, price server and the agent with ``outputs(config, state, inbox)``.
+
+    The outputs read the state the agent writes, and send operator commands through the inbox
+    the agent serves, as in :func:`agent.cli.daemon.serve`.
+    """
     specs = [MinerSpec(a, "s19jpro") for a in S19] + [MinerSpec(a, "s21") for a in S21]
     fleet = LuxosFleet(specs, timing=Timing(wake_ramp_s=0.2, sleep_ramp_s=0.1, profile_ramp_s=0.1))
     server = PriceServer([price], interval_s=3600)
     async with fleet, server:
         config = site_config(server.url)
-        agent = Agent(config, build_components(config))
-        agent.components.services.extend(outputs(agent))
+        state = AgentState(site_id=config.site.id, started_at=datetime.now(UTC))
+        inbox = CommandInbox()
+        wired = outputs(config, state, inbox)
+        components = build_components(config, state, services=wired.services)
+        agent = Agent(config, components, state=state, observers=wired.observers, inbox=inbox)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:

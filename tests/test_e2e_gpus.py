@@ -18,17 +18,16 @@ from typing import Any
 
 import httpx
 
+from agent.cli.demo_drivers import GpuSimulation, SimulatedGpus
 from agent.control.config import parse_config
 from agent.control.domain import ActiveEvent
-from agent.runtime.daemon import metrics_service
-from agent.runtime.gpu_fleet import GpuSimulation, GpuSite
 from agent.runtime.loop import Agent
-from agent.runtime.wiring import build_components
 from drivers.grid.base import GridEvent, ProgramKind
 from simulators.jobs import RUNNING, SUSPENDED, SimScheduler
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.price_server import PriceServer
+from tests.site_agent import build_agent, metrics_port
 from tests.test_e2e_miners import NET, asleep, site_dict, true_site_w, truth, until
 
 HOST_W = 500.0
@@ -96,17 +95,14 @@ async def running_site(price: float) -> AsyncIterator[Site]:
     server = PriceServer([price], interval_s=3600)
     async with miners, server:
         config = parse_config(gpu_site_dict(server.url))
-        components = build_components(config)
-        fleet = components.gpu_fleet
-        assert isinstance(fleet, GpuSite)
-        assert fleet.simulation is not None
-        assert fleet.simulation.scheduler is not None
-        agent = Agent(config, components)
-        components.services.append(metrics_service(agent, config))
+        sims = SimulatedGpus()
+        agent = build_agent(config, drivers=sims.registry(), metrics=True)
+        simulation = sims.simulation
+        assert simulation.scheduler is not None
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:
-            yield Site(agent, miners, server, fleet.simulation, fleet.simulation.scheduler)
+            yield Site(agent, miners, server, simulation, simulation.scheduler)
         finally:
             stop.set()
             await asyncio.wait_for(task, timeout=5)
@@ -225,9 +221,8 @@ async def test_gpu_off_the_bus_is_a_fault_on_metrics_and_limits_still_hold() -> 
             return None if snap is None else snap.gpu_nodes[0].fault
 
         await until(lambda: (node_fault() or "").startswith("GPU 7 lost"), 10, "node faulted")
-        assert site.agent.metrics_port is not None
         async with httpx.AsyncClient() as client:
-            url = f"http://127.0.0.1:{site.agent.metrics_port}/metrics"
+            url = f"http://127.0.0.1:{metrics_port(site.agent)}/metrics"
             text = (await client.get(url)).text
         assert f'site_agent_device_faulted{{device="{NODE}"}} 1.0' in text
         assert 'site_agent_devices_faulted{kind="gpu_node"} 1.0' in text

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from agent.cli.demo_drivers import build_simulated_gpu_fleet
 from agent.control.config import parse_config
-from agent.runtime.gpu_fleet import GpuSite, build_gpu_fleet
 from agent.runtime.loop import Agent, Components
 from agent.runtime.wiring import build_price_source
 from drivers.jobs.slurm import JobClassRules, SlurmJobs
@@ -98,16 +98,9 @@ async def test_price_spike_suspends_and_resumes_a_real_preemptible_slurm_job(
             checkpoint_path=str(tmp_path / "{job_id}.ckpt"),
             command_timeout_s=8,
         )
-        fleet = build_gpu_fleet(config, jobs=jobs)
-        assert isinstance(fleet, GpuSite)
-        assert fleet.simulation is not None
-        nvml = fleet.simulation.nvml["gpu"]
-        components = Components(
-            miners={},
-            price_source=build_price_source(config),
-            gpu_fleet=fleet,
-            services=[fleet.run],
-        )
+        fleet, simulation = build_simulated_gpu_fleet(config, jobs=jobs)
+        nvml = simulation.nvml["gpu"]
+        components = Components(fleets=[fleet], price_source=build_price_source(config))
         agent = Agent(config, components)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))

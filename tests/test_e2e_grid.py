@@ -20,13 +20,13 @@ import pytest
 
 from agent.control.config import parse_config
 from agent.runtime.loop import Agent
-from agent.runtime.wiring import attach_grid_sources, build_components
 from drivers.grid.openadr import OpenAdrVen
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.openadr_vtn import OpenAdrVtn
 from simulators.price_server import PriceServer
 from tests.servers import Mosquitto, free_port
+from tests.site_agent import build_agent
 from tests.test_e2e_miners import S19, S21, site_dict, true_site_w, truth, until
 
 ERS = "oadr://ercot/ers"
@@ -42,8 +42,7 @@ async def site(grid: dict[str, Any]) -> AsyncIterator[tuple[Agent, LuxosFleet]]:
         data["site"]["ramp_up_kw_per_min"] = RAMP_KW_PER_MIN
         data["grid"] = grid
         config = parse_config(data)
-        agent = Agent(config, build_components(config))
-        attach_grid_sources(agent, config)
+        agent = build_agent(config)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:
@@ -125,7 +124,7 @@ async def test_mqtt_heartbeat_loss_curtails_and_its_return_restores(mosquitto: M
             "heartbeat_max_age_s": 1.0,
             "programs": {"ers": {"kind": "emergency", "fail": "curtail"}},
             "default_program": "ers",
-            "reconnect_min_s": 0.1,
+            "reconnect_initial_s": 0.1,
             "reconnect_max_s": 0.5,
         }
     }

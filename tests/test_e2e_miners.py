@@ -19,14 +19,13 @@ import httpx
 
 from agent.control.config import AgentConfig, parse_config
 from agent.control.domain import SLEEP, ActiveEvent
-from agent.runtime.daemon import metrics_service
 from agent.runtime.loop import Agent
-from agent.runtime.wiring import build_components
 from drivers.grid.base import GridEvent, ProgramKind
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import S19J_PRO, FaultKind, Timing
 from simulators.luxos_model import S21 as S21_MODEL
 from simulators.price_server import PriceServer
+from tests.site_agent import build_agent, metrics_port
 
 # A loopback /16 per test process, so concurrent runs on one machine do not collide.
 NET = 100 + os.getpid() % 150
@@ -84,9 +83,7 @@ async def running_site(
     server = PriceServer([price], interval_s=3600)
     async with fleet, server:
         config = site_config(server.url, **config_kw)
-        components = build_components(config)
-        agent = Agent(config, components)
-        components.services.append(metrics_service(agent, config))
+        agent = build_agent(config, metrics=True)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:
@@ -144,7 +141,7 @@ async def test_spike_sleeps_inefficient_miners_and_drop_restores_them_after_min_
         counts = agent.state.actions
         await until(lambda: counts[("sleep", "ok")] == 3, 5, "three sleeps confirmed")
         # The agent's own view agrees with the simulators' truth (telemetry confirmed it).
-        await until(lambda: not agent.actuator.pending, 5, "commands verified")
+        await until(lambda: not agent.pending(), 5, "commands verified")
         assert agent.state.faults == {}
         # Price falls again: the S19s come back, but not before the minimum off time (1.5 s).
         server.prices[0] = 20.0
@@ -186,9 +183,8 @@ async def test_miner_ignoring_commands_is_faulted_and_another_is_shed() -> None:
         s21_w = sum(float(truth(fleet, a)["power_w"]) for a in S21)
         assert s21_w <= 12_000 - float(truth(fleet, stubborn)["power_w"])
         # The fault is visible to the operator on /metrics.
-        assert agent.metrics_port is not None
         async with httpx.AsyncClient() as client:
-            text = (await client.get(f"http://127.0.0.1:{agent.metrics_port}/metrics")).text
+            text = (await client.get(f"http://127.0.0.1:{metrics_port(agent)}/metrics")).text
         assert 'site_agent_miner_state{miner="s19-001",state="faulted"} 1.0' in text
         assert 'site_agent_actions_total{kind="sleep",result="not_applied"}' in text
         assert 'site_agent_miners{state="faulted"} 1.0' in text
@@ -227,7 +223,7 @@ async def test_a_miner_restored_by_hand_during_an_event_is_shed_again() -> None:
         agent.wake_control.set()
         await until(lambda: all(asleep(fleet, a) for a in S19), 10, "S19s shed")
         await until(
-            lambda: agent.state.actions[("sleep", "ok")] >= 3 and not agent.actuator.pending,
+            lambda: agent.state.actions[("sleep", "ok")] >= 3 and not agent.pending(),
             5,
             "the sleeps verified",
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -36,6 +37,7 @@ from agent.control.domain import ActiveEvent, Plan, Snapshot
 from agent.outputs.metrics import build_registry
 from agent.runtime.actuator import ActionResult
 from agent.runtime.loop import Agent
+from agent.runtime.state import AgentState
 from agent.runtime.wiring import build_components
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.grid.mqtt_curtail import MqttCurtailSettings, MqttCurtailSource
@@ -43,6 +45,7 @@ from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import FaultKind, Timing
 from simulators.price_server import PriceServer
 from tests.servers import Mosquitto
+from tests.site_agent import build_agent
 from tests.test_e2e_miners import MODELS, NET, until, watts
 
 # This process's own loopback net (as the e2e tests), so concurrent test runs never collide.
@@ -176,11 +179,10 @@ async def running_site(**prices: Any) -> AsyncIterator[Site]:
     server = PriceServer([20.0], interval_s=3600)
     async with fleet, server:
         config = site_config(server.url, **prices)
-        agent = Agent(config, build_components(config))
         # Give a faulted miner another chance after 1 s instead of 5 minutes.
-        agent.actuator.fault_retry_s = 1.0
+        control = config.control.model_copy(update={"fault_retry_s": 1.0})
+        config = config.model_copy(update={"control": control})
         stop = asyncio.Event()
-        site = Site(agent, fleet, server, asyncio.create_task(asyncio.sleep(0)))
 
         def on_cycle(snapshot: Snapshot, plan: Plan, results: Sequence[ActionResult]) -> None:
             # Kept for failure messages: what each cycle believed and did.
@@ -193,7 +195,8 @@ async def running_site(**prices: Any) -> AsyncIterator[Site]:
                 f"{plan.planned_power_w:.0f} W: {', '.join(done) or 'no actions'}"
             )
 
-        agent.on_cycle = on_cycle
+        agent = build_agent(config, observers=lambda _state: [on_cycle])
+        site = Site(agent, fleet, server, asyncio.create_task(asyncio.sleep(0)))
         task = asyncio.create_task(agent.run(stop))
         site.task = task
         try:
@@ -354,7 +357,7 @@ async def test_broker_down_applies_the_programs_fail_direction_then_recovers(
             "password": "agent-secret",
             "heartbeat_max_age_s": 1.0,
             "programs": {"ers": {"kind": "emergency", "fail": "curtail"}},
-            "reconnect_min_s": 0.1,
+            "reconnect_initial_s": 0.1,
             "reconnect_max_s": 0.3,
         }
     )
@@ -383,10 +386,14 @@ async def test_broker_down_applies_the_programs_fail_direction_then_recovers(
             config = config.model_copy(
                 update={"miners": [m.model_copy(update={"count": 3}) for m in config.miners]}
             )
-            components = build_components(config)
-            components.grid_sources.append(grid)
-            components.services.append(grid.run)
-            agent = Agent(config, components)
+            state = AgentState(site_id=config.site.id, started_at=datetime.now(UTC))
+            components = build_components(config, state)
+            components = dataclasses.replace(
+                components,
+                grid_sources=[*components.grid_sources, grid],
+                services=[*components.services, grid.run],
+            )
+            agent = Agent(config, components, state=state)
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
             addresses = [s.address for s in specs]

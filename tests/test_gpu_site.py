@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
+from agent.cli.demo_drivers import GpuSimulation, build_simulated_gpu_fleet
 from agent.control.config import AgentConfig, ConfigError, parse_config
 from agent.control.domain import Action, ActionKind, Snapshot
 from agent.outputs.metrics import build_registry
-from agent.runtime.fleet import GpuFleet
-from agent.runtime.gpu_fleet import GpuSimulation, GpuSite, build_gpu_fleet
+from agent.runtime.fleet import Fleet
+from agent.runtime.gpu_fleet import GpuFleet, build_gpu_fleet
 from agent.runtime.state import AgentState
 from drivers.errors import AuthFailed, CommandNotApplied, CommandRejected
 from drivers.jobs.base import JobClass, JobState
@@ -59,36 +60,45 @@ def mono() -> Mono:
 
 
 @pytest.fixture
-async def site(mono: Mono) -> AsyncIterator[GpuSite]:
-    fleet = build_gpu_fleet(config(), monotonic=mono)
+async def site(mono: Mono) -> AsyncIterator[GpuFleet]:
+    fleet = build(config(), monotonic=mono)
     try:
         yield fleet
     finally:
         await fleet.aclose()
 
 
-def sim(site: GpuSite) -> GpuSimulation:
-    assert site.simulation is not None
-    return site.simulation
+_SIMULATIONS: dict[int, GpuSimulation] = {}  # id(fleet) -> what its simulated drivers run
 
 
-def job_of(site: GpuSite, job_class: str, node: str = "gpu-001") -> str:
+def build(cfg: AgentConfig, **kwargs: Any) -> GpuFleet:
+    """The fleet with the simulated drivers registered (as the demo does)."""
+    fleet, simulation = build_simulated_gpu_fleet(cfg, **kwargs)
+    _SIMULATIONS[id(fleet)] = simulation
+    return fleet
+
+
+def sim(site: GpuFleet) -> GpuSimulation:
+    return _SIMULATIONS[id(site)]
+
+
+def job_of(site: GpuFleet, job_class: str, node: str = "gpu-001") -> str:
     scheduler = sim(site).scheduler
     assert scheduler is not None
     return next(j.job_id for j in scheduler.jobs() if j.job_class == job_class and j.node == node)
 
 
-async def test_views_before_and_after_the_first_poll(site: GpuSite) -> None:
-    fleet: GpuFleet = site  # the protocol the runtime takes (mypy checks wiring too)
+async def test_views_before_and_after_the_first_poll(site: GpuFleet) -> None:
+    fleet: Fleet = site  # the protocol the runtime takes (mypy checks wiring too)
     assert fleet is site
     now = datetime.now(UTC)
-    before = site.views(now)
+    before = site.node_views(now)
     assert [v.device_id for v in before] == ["gpu-001", "gpu-002"]
     # Never read: unknown state (the policy counts it at nameplate), cap assumed at maximum.
     assert all(v.measured_power_w is None and v.reading_age_s == float("inf") for v in before)
     assert all(v.cap_w == 700 for v in before)
     await site.poll()
-    views = {v.device_id: v for v in site.views(now)}
+    views = {v.device_id: v for v in site.node_views(now)}
     first = views["gpu-001"]
     assert first.fault is None
     assert first.cap_w == 700.0
@@ -113,7 +123,7 @@ async def test_views_before_and_after_the_first_poll(site: GpuSite) -> None:
     assert len(site.readings()["gpu-001"]) == 8
 
 
-async def test_cap_is_set_on_every_gpu_and_read_back(site: GpuSite) -> None:
+async def test_cap_is_set_on_every_gpu_and_read_back(site: GpuFleet) -> None:
     await site.poll()
     nvml = sim(site).nvml["gpu-001"]
     busy_before = sum(g.power_w for g in nvml.gpus)
@@ -121,7 +131,7 @@ async def test_cap_is_set_on_every_gpu_and_read_back(site: GpuSite) -> None:
     assert [g.power_limit_w for g in nvml.gpus] == [350.0] * 8
     assert sum(g.power_w for g in nvml.gpus) < busy_before
     assert [g.power_limit_w for g in sim(site).nvml["gpu-002"].gpus] == [700.0] * 8
-    view = site.views(datetime.now(UTC))[0]
+    view = site.node_views(datetime.now(UTC))[0]
     assert view.cap_w == 350.0
     assert view.fault is None
     assert {r.power_limit_w for r in site.readings()["gpu-001"]} == {350.0}
@@ -132,7 +142,7 @@ async def test_cap_is_set_on_every_gpu_and_read_back(site: GpuSite) -> None:
     [("150", "outside the node's range 200–700 W"), ("nan", "outside"), ("lots", "must be watts")],
 )
 async def test_bad_cap_is_refused_and_changes_nothing(
-    site: GpuSite, target: str, error: str
+    site: GpuFleet, target: str, error: str
 ) -> None:
     await site.poll()
     with pytest.raises(CommandRejected, match=error):
@@ -144,7 +154,7 @@ async def test_bad_cap_is_refused_and_changes_nothing(
 
 
 async def test_cap_refused_by_the_card_faults_the_node_until_retry(
-    site: GpuSite, mono: Mono
+    site: GpuFleet, mono: Mono
 ) -> None:
     await site.poll()
     sim(site).nvml["gpu-002"].privileged = False
@@ -153,14 +163,14 @@ async def test_cap_refused_by_the_card_faults_the_node_until_retry(
     fault = site.fault("gpu-002")
     assert fault is not None
     assert fault.startswith("set_gpu_cap failed: cap 300 W failed on 8 of 8 GPU")
-    views = {v.device_id: v for v in site.views(datetime.now(UTC))}
+    views = {v.device_id: v for v in site.node_views(datetime.now(UTC))}
     assert views["gpu-002"].fault == fault
     assert views["gpu-002"].cap_w == 700.0  # what the cards still run at
     mono.now_s += 301
     assert site.fault("gpu-002") is None
 
 
-async def test_suspend_idles_the_jobs_gpus_and_is_confirmed(site: GpuSite) -> None:
+async def test_suspend_idles_the_jobs_gpus_and_is_confirmed(site: GpuFleet) -> None:
     await site.poll()
     job_id = job_of(site, "preemptible")
     scheduler = sim(site).scheduler
@@ -173,7 +183,7 @@ async def test_suspend_idles_the_jobs_gpus_and_is_confirmed(site: GpuSite) -> No
     assert scheduler.job(job_id).state == SUSPENDED
     assert [g.utilization_pct for g in gpus] == [0.0] * 4
     assert [g.power_w for g in gpus] == [70.0] * 4
-    view = site.views(datetime.now(UTC))[0]
+    view = site.node_views(datetime.now(UTC))[0]
     job = next(j for j in view.jobs if j.job_id == job_id)
     assert job.state is JobState.SUSPENDED
     assert job.commanded_since >= before  # the agent's own change starts its dwell time
@@ -184,7 +194,7 @@ async def test_suspend_idles_the_jobs_gpus_and_is_confirmed(site: GpuSite) -> No
     assert [g.utilization_pct for g in gpus] == [95.0] * 4
 
 
-async def test_job_action_on_the_wrong_node_or_without_id_is_refused(site: GpuSite) -> None:
+async def test_job_action_on_the_wrong_node_or_without_id_is_refused(site: GpuFleet) -> None:
     await site.poll()
     job_id = job_of(site, "sla")
     with pytest.raises(CommandRejected, match=f"job {job_id} is not on this node"):
@@ -200,7 +210,7 @@ async def test_job_action_on_the_wrong_node_or_without_id_is_refused(site: GpuSi
 
 
 async def test_job_that_ignores_suspend_is_not_applied_and_faults_the_node(
-    site: GpuSite,
+    site: GpuFleet,
 ) -> None:
     await site.poll()
     job_id = job_of(site, "filler")
@@ -216,13 +226,13 @@ async def test_job_that_ignores_suspend_is_not_applied_and_faults_the_node(
 
 
 async def test_gpu_off_the_bus_faults_its_node_and_counts_at_the_maximum_cap(
-    site: GpuSite, mono: Mono
+    site: GpuFleet, mono: Mono
 ) -> None:
     await site.poll()
     nvml = sim(site).nvml["gpu-002"]
     nvml.gpus[3].fall_off_bus()
     await site.poll()
-    view = {v.device_id: v for v in site.views(datetime.now(UTC))}["gpu-002"]
+    view = {v.device_id: v for v in site.node_views(datetime.now(UTC))}["gpu-002"]
     assert view.fault is not None
     assert view.fault.startswith("GPU 3 lost: GPU has fallen off the bus")
     others_w = sum(g.power_w for i, g in enumerate(nvml.gpus) if i != 3)
@@ -234,7 +244,7 @@ async def test_gpu_off_the_bus_faults_its_node_and_counts_at_the_maximum_cap(
         at=datetime.now(UTC),
         price=None,
         hashprice_usd_per_ph_day=55,
-        gpu_nodes=site.views(datetime.now(UTC)),
+        gpu_nodes=site.node_views(datetime.now(UTC)),
     )
     state.gpu_readings = site.readings()
     registry = build_registry(state, config())
@@ -250,7 +260,7 @@ async def test_gpu_off_the_bus_faults_its_node_and_counts_at_the_maximum_cap(
     assert registry.get_sample_value("site_agent_gpu_power_watts", labels) is None
 
 
-async def test_cap_changed_outside_the_agent_is_adopted(site: GpuSite) -> None:
+async def test_cap_changed_outside_the_agent_is_adopted(site: GpuFleet) -> None:
     await site.poll()
     nvml = sim(site).nvml["gpu-001"]
     nvml.nvmlInit()
@@ -259,25 +269,25 @@ async def test_cap_changed_outside_the_agent_is_adopted(site: GpuSite) -> None:
         nvml.nvmlDeviceSetPowerManagementLimit(handle, 450_000)
     nvml.nvmlShutdown()
     await site.poll()
-    assert site.views(datetime.now(UTC))[0].cap_w == 450.0
+    assert site.node_views(datetime.now(UTC))[0].cap_w == 450.0
 
 
-async def test_scheduler_that_stops_answering_faults_every_node(site: GpuSite) -> None:
+async def test_scheduler_that_stops_answering_faults_every_node(site: GpuFleet) -> None:
     await site.poll()
     scheduler = sim(site).scheduler
     assert scheduler is not None
     scheduler.go_down()
     for _ in range(3):
         await site.poll()  # the GPUs still answer: the poll itself does not fail
-    views = site.views(datetime.now(UTC))
+    views = site.node_views(datetime.now(UTC))
     assert all((v.fault or "").startswith("job scheduler unreachable") for v in views)
     assert all(len(v.jobs) == 3 for v in views[:1])  # last good job list kept
     scheduler.come_back()
     await site.poll()
-    assert all(v.fault is None for v in site.views(datetime.now(UTC)))
+    assert all(v.fault is None for v in site.node_views(datetime.now(UTC)))
 
 
-async def test_per_gpu_and_per_job_class_metrics(site: GpuSite) -> None:
+async def test_per_gpu_and_per_job_class_metrics(site: GpuFleet) -> None:
     await site.poll()
     await site.apply(
         Action(
@@ -294,7 +304,7 @@ async def test_per_gpu_and_per_job_class_metrics(site: GpuSite) -> None:
     now = datetime.now(UTC)
     state = AgentState(site_id="t", started_at=now)
     state.snapshot = Snapshot(
-        at=now, price=None, hashprice_usd_per_ph_day=55, gpu_nodes=site.views(now)
+        at=now, price=None, hashprice_usd_per_ph_day=55, gpu_nodes=site.node_views(now)
     )
     state.gpu_readings = site.readings()
     registry = build_registry(state, config())
@@ -365,15 +375,46 @@ def test_config_the_fleet_cannot_build_is_a_clear_error(
     nodes: list[dict[str, Any]], ai: dict[str, Any], problem: str
 ) -> None:
     with pytest.raises(ConfigError) as err:
-        build_gpu_fleet(config(gpu_nodes=nodes, ai=ai), source="site.yaml")
+        build(config(gpu_nodes=nodes, ai=ai), source="site.yaml")
     assert any(p.startswith(f"site.yaml: {problem}") for p in err.value.problems), (
+        err.value.problems
+    )
+
+
+@pytest.mark.parametrize(
+    ("nodes", "ai", "problem"),
+    [
+        (
+            [{"id": "pod", "gpus": 8, "driver": "nvml-sim"}],
+            {"scheduler": "slurm"},
+            "gpu_nodes.0.driver: nvml-sim is simulated: only site-agent demo, site-agent sim and "
+            "the tests have it; use nvml on the GPU host (available drivers: nvml)",
+        ),
+        (
+            [{"id": "pod", "gpus": 8, "driver": "nvml"}],
+            {"scheduler": "sim"},
+            "ai.scheduler: sim is the simulated scheduler: only site-agent demo",
+        ),
+        (  # NVML reports the card itself: a model in the config would be read by nobody
+            [{"id": "pod", "gpus": 8, "driver": "nvml", "model": "H100-SXM"}],
+            {"scheduler": "slurm"},
+            "gpu_nodes.0.model: driver nvml does not read this key; remove it",
+        ),
+    ],
+)
+def test_the_live_registry_has_no_simulated_devices(
+    nodes: list[dict[str, Any]], ai: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_gpu_fleet(config(gpu_nodes=nodes, ai=ai), source="site.yaml")
+    assert [p for p in err.value.problems if p.startswith(f"site.yaml: {problem}")], (
         err.value.problems
     )
 
 
 async def test_default_job_mix_and_scheduler_node_names() -> None:
     cfg = config(gpu_nodes=[{"id": "gpu", "gpus": 8, "count": 2, "scheduler_node": "hgx"}], ai={})
-    site = build_gpu_fleet(cfg)
+    site = build(cfg)
     try:
         scheduler = sim(site).scheduler
         assert scheduler is not None
@@ -388,39 +429,39 @@ async def test_default_job_mix_and_scheduler_node_names() -> None:
             ("hgx-002", "sla", 2),
         ]
         await site.poll()
-        views = site.views(datetime.now(UTC))
+        views = site.node_views(datetime.now(UTC))
         assert [len(v.jobs) for v in views] == [3, 3]
     finally:
         await site.aclose()
 
 
-async def test_nodes_stay_unknown_until_the_scheduler_has_listed_the_jobs(site: GpuSite) -> None:
+async def test_nodes_stay_unknown_until_the_scheduler_has_listed_the_jobs(site: GpuFleet) -> None:
     scheduler = sim(site).scheduler
     assert scheduler is not None
     scheduler.go_down()
     await site.poll()  # the GPUs answer, the scheduler does not
-    views = site.views(datetime.now(UTC))
+    views = site.node_views(datetime.now(UTC))
     # Busy GPUs without their jobs would look idle to the policy: unknown state instead, which
     # the policy counts at nameplate.
     assert all(v.measured_power_w is None for v in views)
     assert all(v.reading_age_s is not None and v.reading_age_s < 1 for v in views)
     scheduler.come_back()
     await site.poll()
-    assert all(v.measured_power_w is not None for v in site.views(datetime.now(UTC)))
+    assert all(v.measured_power_w is not None for v in site.node_views(datetime.now(UTC)))
 
 
 async def test_local_scheduler_suspends_a_real_process_through_the_fleet() -> None:
     cfg = config(
         gpu_nodes=[{"id": "box", "gpus": 4, "scheduler_node": "box"}], ai={"scheduler": "local"}
     )
-    site = build_gpu_fleet(cfg)
+    site = build(cfg)
     jobs = site.jobs
     assert isinstance(jobs, LocalJobs)
     try:
         await site.poll()  # opens the drivers (LocalJobs is a context manager)
         await jobs.start("train-1", ["sleep", "30"], job_class=JobClass.PREEMPTIBLE, gpus=2)
         await site.poll()
-        (view,) = site.views(datetime.now(UTC))
+        (view,) = site.node_views(datetime.now(UTC))
         assert [(j.job_id, j.gpus, j.state) for j in view.jobs] == [
             ("train-1", 2, JobState.RUNNING)
         ]
@@ -438,7 +479,7 @@ async def test_local_scheduler_suspends_a_real_process_through_the_fleet() -> No
 
 
 async def test_cap_a_card_refuses_faults_the_node_but_a_job_that_ended_does_not(
-    site: GpuSite,
+    site: GpuFleet,
 ) -> None:
     await site.poll()
     # One card's VBIOS allows no less than 300 W (the config says 200): NVML refuses 250 W.
@@ -447,7 +488,7 @@ async def test_cap_a_card_refuses_faults_the_node_but_a_job_that_ended_does_not(
     with pytest.raises(CommandRejected, match="outside the allowed range 300–700 W"):
         await site.apply(Action("gpu-001", ActionKind.SET_GPU_CAP, "250", "t", -1))
     assert (site.fault("gpu-001") or "").startswith("set_gpu_cap failed: cap 250 W failed on 1")
-    assert site.views(datetime.now(UTC))[0].cap_w == 700.0  # the highest limit read back
+    assert site.node_views(datetime.now(UTC))[0].cap_w == 700.0  # the highest limit read back
     # A job that ends between the poll and the command is refused by the scheduler: the next
     # poll shows it, and the node is not held faulted for it.
     scheduler = sim(site).scheduler

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from drivers.bus.base import topic_matches
 from drivers.grid.base import FailDirection, GridEventSource, ProgramKind
 from drivers.grid.common import Rejection
 from drivers.grid.mqtt_curtail import MqttCurtailSettings, MqttCurtailSource
@@ -47,7 +49,7 @@ def make_settings(broker: Mosquitto, **kw: Any) -> MqttCurtailSettings:
         "password": "agent-secret",
         "heartbeat_max_age_s": 30,
         "programs": PROGRAMS,
-        "reconnect_min_s": 0.1,
+        "reconnect_initial_s": 0.1,
         "reconnect_max_s": 0.5,
     }
     base.update(kw)
@@ -403,7 +405,8 @@ async def test_tls_with_client_certificate(tmp_path: Path) -> None:
         stop = asyncio.Event()
         tasks = [asyncio.create_task(s.run(stop)) for s in (source, plain)]
         await until(lambda: source.connected)
-        context = source.settings.tls_context()
+        context = ssl.create_default_context(cafile=str(pki["ca"]))
+        context.load_cert_chain(str(pki["agent_crt"]), str(pki["agent_key"]))
         async with aiomqtt.Client(
             broker.host,
             broker.port,
@@ -430,3 +433,19 @@ async def test_tls_with_client_certificate(tmp_path: Path) -> None:
         await asyncio.wait_for(asyncio.gather(*tasks), 5)
     finally:
         broker.stop()
+
+
+@pytest.mark.parametrize(
+    ("topic", "pattern", "matches"),
+    [
+        ("grid/heartbeat", "grid/heartbeat", True),
+        ("grid/heartbeat", "grid/+", True),
+        ("grid/site/heartbeat", "grid/#", True),
+        ("grid", "grid/#", True),
+        ("grid/heartbeat/x", "grid/+", False),
+        ("grid/heartbeat", "grid", False),
+        ("$SYS/broker/uptime", "#", False),
+    ],
+)
+def test_topic_filters_match_as_mqtt_says(topic: str, pattern: str, matches: bool) -> None:
+    assert topic_matches(topic, pattern) is matches

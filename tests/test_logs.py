@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from agent.control.config import parse_config
-from agent.outputs.logs import bound, log_cycle, secrets_from_config, setup_logging
+from agent.control.redaction import secrets_in
+from agent.outputs.logs import bound, log_cycle, setup_logging
 from tests.sample_state import sample_config, sample_plan, sample_snapshot
 
 log = logging.getLogger("agent.test")
@@ -128,14 +129,14 @@ def test_secrets_from_config_finds_every_secret() -> None:
             "mqtt": {"password": "broker-pass-7", "command_tokens": {"op": "tok-abc-123"}},
         }
     )
-    assert set(secrets_from_config(cfg)) == {"miner-pass-9", "broker-pass-7", "tok-abc-123"}
-    assert secrets_from_config(sample_config()) == ["op-token-123"]
+    assert set(secrets_in(cfg)) == {"miner-pass-9", "broker-pass-7", "tok-abc-123"}
+    assert list(secrets_in(sample_config())) == ["op-token-123"]
 
 
 def test_secrets_never_printed(caplog: pytest.LogCaptureFixture) -> None:
     secret = "op-token-123"
     out = io.StringIO()
-    setup_logging(stream=out, secrets=secrets_from_config(sample_config()))
+    setup_logging(stream=out, secrets=secrets_in(sample_config()))
     logging.getLogger().addHandler(caplog.handler)  # after ours: it sees the redacted record
     log.info("token is %s", secret)
     log.info("in a field", extra={"auth": {"token": secret}, "tokens": [secret]})

@@ -21,16 +21,9 @@ from typing import Any
 
 import pytest
 
+from agent.control.commands import Command, CommandResult, Curtail, Refresh, Release, SetMode
 from agent.control.config import MqttConfig
-from agent.outputs.mqtt import (
-    Command,
-    CommandResult,
-    Curtail,
-    MqttBridge,
-    Refresh,
-    Release,
-    SetMode,
-)
+from agent.outputs.mqtt import MqttBridge
 from agent.runtime.state import AgentState
 from drivers.bus.base import BusError, BusMessage, BusSettings
 from drivers.bus.mqtt import MqttBus
@@ -81,6 +74,9 @@ class Runtime:
             self.curtail_kw = None
             self.state.mode = "auto"
         return CommandResult.ok()
+
+    def count_rejected(self, source: str, reason: str) -> None:
+        self.state.rejected[(source, reason)] += 1
 
 
 class Operator:
@@ -174,6 +170,7 @@ def make_bridge(broker: Mosquitto, **extra: Any) -> tuple[MqttBridge, Runtime]:
         mqtt_config(broker, **extra),
         state,
         runtime.handle,
+        count_rejected=runtime.count_rejected,
         interconnect_limit_w=500_000.0,
         clock=lambda: NOW,
     )
@@ -449,7 +446,8 @@ async def test_agent_starts_while_broker_is_down(mosquitto: Mosquitto) -> None:
 AGENT_SCRIPT = """
 import asyncio, sys
 from agent.control.config import MqttConfig
-from agent.outputs.mqtt import CommandResult, MqttBridge
+from agent.control.commands import CommandResult
+from agent.outputs.mqtt import MqttBridge
 from agent.runtime.state import AgentState
 from datetime import datetime, UTC
 
@@ -458,7 +456,8 @@ async def main():
                      password="agent-secret")
     async def handler(cmd):
         return CommandResult.ok()
-    bridge = MqttBridge(cfg, AgentState("west-1", datetime.now(UTC)), handler)
+    state = AgentState("west-1", datetime.now(UTC))
+    bridge = MqttBridge(cfg, state, handler, count_rejected=lambda _source, _reason: None)
     task = asyncio.create_task(bridge.run())
     await bridge.connected.wait()
     print("connected", flush=True)

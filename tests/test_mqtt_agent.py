@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 
-from agent.control.config import MqttConfig
-from agent.outputs.mqtt import Command, CommandResult, MqttBridge, SetMode
-from agent.runtime.loop import Agent
+from agent.control.commands import Command, CommandResult
+from agent.control.config import AgentConfig, MqttConfig
+from agent.outputs.mqtt import MqttBridge
+from agent.runtime.inbox import CommandInbox
+from agent.runtime.state import AgentState
 from drivers.bus.base import BusSettings
 from drivers.bus.mqtt import MqttBus
-from tests.obs_site import S19, running_site, until
+from tests.obs_site import S19, Outputs, running_site, until
 from tests.servers import Mosquitto
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
@@ -44,12 +46,10 @@ async def test_control_continues_while_the_broker_is_down(mosquitto: Mosquitto) 
     bridges: list[MqttBridge] = []
     commands: list[Command] = []
 
-    def outputs(agent: Agent) -> list[Any]:
+    def outputs(_config: AgentConfig, state: AgentState, inbox: CommandInbox) -> Outputs:
         async def handle(command: Command) -> CommandResult:
             commands.append(command)
-            if isinstance(command, SetMode):
-                agent.state.mode = command.mode
-            return CommandResult.ok()
+            return await inbox.submit(command)  # the runtime's own handler, in the loop
 
         config = MqttConfig.model_validate(
             {
@@ -63,10 +63,9 @@ async def test_control_continues_while_the_broker_is_down(mosquitto: Mosquitto) 
                 "reconnect_max_s": 0.5,
             }
         )
-        bridge = MqttBridge(config, agent.state, handle)
-        agent.on_cycle = bridge.on_cycle
+        bridge = MqttBridge(config, state, handle, count_rejected=inbox.reject)
         bridges.append(bridge)
-        return [bridge]
+        return Outputs([bridge], [lambda *_: bridge.publish_cycle()])
 
     state_topic = "site-agent/obs/state"
     async with running_site(20.0, outputs) as (agent, fleet, server):
@@ -119,7 +118,7 @@ async def test_control_continues_while_the_broker_is_down(mosquitto: Mosquitto) 
 async def test_operator_curtail_over_mqtt_sheds_real_miners(mosquitto: Mosquitto) -> None:
     bridges: list[MqttBridge] = []
 
-    def outputs(agent: Agent) -> list[Any]:
+    def outputs(_config: AgentConfig, state: AgentState, inbox: CommandInbox) -> Outputs:
         config = MqttConfig.model_validate(
             {
                 "enabled": True,
@@ -131,10 +130,9 @@ async def test_operator_curtail_over_mqtt_sheds_real_miners(mosquitto: Mosquitto
                 "reconnect_initial_s": 0.1,
             }
         )
-        bridge = MqttBridge(config, agent.state, agent.handle_command)  # the runtime's handler
-        agent.on_cycle = bridge.on_cycle
+        bridge = MqttBridge(config, state, inbox.submit, count_rejected=inbox.reject)
         bridges.append(bridge)
-        return [bridge]
+        return Outputs([bridge], [lambda *_: bridge.publish_cycle()])
 
     def site_w(fleet: Any) -> float:
         return sum(float(fleet.truth(a)["power_w"]) for a in fleet.addresses)
@@ -176,3 +174,5 @@ async def test_operator_curtail_over_mqtt_sheds_real_miners(mosquitto: Mosquitto
         async with asyncio.timeout(10):
             ack = json.loads((await anext(acks)).payload)
         assert ack == {**ack, "status": "rejected", "reason": "no operator override is in force"}
+        # The refusal is counted by the agent itself (the bridge reports it through the inbox).
+        await until(lambda: agent.state.rejected[("mqtt", "refused")] == 1, 5, "refusal counted")

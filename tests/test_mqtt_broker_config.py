@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.control.commands import CommandResult
 from agent.control.config import MqttConfig
-from agent.outputs.mqtt import CommandResult, MqttBridge
+from agent.outputs.mqtt import MqttBridge
 from drivers.bus.base import BusError, BusSettings
 from drivers.bus.mqtt import MqttBus
 from tests.sample_state import NOW, sample_state
@@ -121,7 +122,9 @@ async def test_agent_publishes_over_tls_to_the_shipped_broker(
     async def handler(_: object) -> CommandResult:
         return CommandResult.ok()
 
-    bridge = MqttBridge(config, state, handler, clock=lambda: NOW)
+    bridge = MqttBridge(
+        config, state, handler, count_rejected=lambda _source, _reason: None, clock=lambda: NOW
+    )
     operator = MqttBus(
         BusSettings("127.0.0.1", shipped_broker.plain_port, "op", "operator", "operator-secret")
     )

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from agent.outputs.mqtt import Curtail, Refresh, Rejected, Release, SetMode, parse_command
+from agent.control.commands import Curtail, Refresh, Release, SetMode
+from agent.outputs.mqtt import Rejected, parse_command
 from tests.sample_state import NOW
 
 TOKENS = {"alice": "alice-token-1", "bob": "bob-token-2"}

@@ -12,11 +12,10 @@ import yaml
 from agent.cli.main import main
 from agent.control.config import load_config
 from agent.journal.store import Store
-from agent.runtime.loop import Agent
-from agent.runtime.wiring import build_components
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.price_server import PriceServer
+from tests.site_agent import build_agent
 from tests.test_e2e_miners import S19, S21, site_dict, true_site_w, truth, until
 
 
@@ -33,9 +32,7 @@ async def test_curtail_cli_brings_site_under_target_fast_and_release_restores(
         cfg_file.write_text(yaml.safe_dump(data))
         config = load_config(cfg_file)
         async with Store.open(tmp_path / "journal.db") as store:
-            components = build_components(config)
-            components.store = store
-            agent = Agent(config, components)
+            agent = build_agent(config, store=store)
             stop = asyncio.Event()
             task = asyncio.create_task(agent.run(stop))
             try:

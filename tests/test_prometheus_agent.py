@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from agent.control.config import AgentConfig
 from agent.outputs.metrics import MetricsService
-from tests.obs_site import S21, running_site, until
+from agent.runtime.inbox import CommandInbox
+from agent.runtime.state import AgentState
+from tests.obs_site import S21, Outputs, running_site, until
 from tests.servers import Prometheus, require_binary
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
@@ -19,9 +21,9 @@ async def test_prometheus_scrapes_the_running_agent(tmp_path: Path) -> None:
     require_binary("prometheus", "prometheus")  # skip before starting the site, not after
     services: list[MetricsService] = []
 
-    def outputs(agent: Any) -> list[Any]:
-        services.append(MetricsService(agent.state, agent.config))
-        return services
+    def outputs(config: AgentConfig, state: AgentState, _inbox: CommandInbox) -> Outputs:
+        services.append(MetricsService(state, config))
+        return Outputs(services=services)
 
     async with running_site(100.0, outputs) as (agent, fleet, _server):
         metrics = services[0]

@@ -9,10 +9,9 @@ import pytest
 
 from agent.control.config import parse_config
 from agent.control.policy import decide
-from agent.runtime.loop import Agent
-from agent.runtime.wiring import build_components
 from drivers.prices.csv_replay import load_day_ahead_csv
 from simulators.price_server import PriceServer
+from tests.site_agent import build_agent
 
 BASE = {
     "site": {"id": "sig", "interconnect_limit_kw": 10_000},
@@ -41,7 +40,7 @@ async def test_hashprice_feed_is_used_and_a_bad_or_failing_feed_keeps_the_last_g
                 "economics": {"hashprice": {"usd_per_ph_day": 55, "feed": feed}},
             }
         )
-        agent = Agent(config, build_components(config))
+        agent = build_agent(config)
         coordinator = agent.coordinator
         assert coordinator.snapshot().hashprice_usd_per_ph_day == 55  # the constant until a read
         await coordinator.poll_hashprice()
@@ -50,7 +49,7 @@ async def test_hashprice_feed_is_used_and_a_bad_or_failing_feed_keeps_the_last_g
             server.fault = fault
             await coordinator.poll_hashprice()
             assert coordinator.snapshot().hashprice_usd_per_ph_day == 47.5, fault
-        health = agent.state.sources["hashprice:hashprice"]
+        health = coordinator.health["hashprice:hashprice"]
         assert health.failures == 3
         assert health.last_error is not None
         server.fault = "ok"
@@ -93,7 +92,7 @@ async def test_day_ahead_and_4cp_risk_follow_the_replayed_market_clock(shared_da
             },
         }
     )
-    agent = Agent(config, build_components(config))
+    agent = build_agent(config)
     await agent.coordinator.poll_price()
     snap = agent.coordinator.snapshot()
     dam = load_day_ahead_csv(ercot / "dam_prices_hourly_2022_2024.csv", "HB_WEST")

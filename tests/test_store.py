@@ -20,6 +20,7 @@ import pytest
 from pydantic import SecretStr
 
 from agent.control.config import parse_config
+from agent.control.redaction import redact, secrets_in
 from agent.journal.store import (
     APPLICATION_ID,
     SCHEMA_VERSION,
@@ -33,8 +34,6 @@ from agent.journal.store import (
     StoreSchemaError,
     StoreWriteError,
     journal_path,
-    redact,
-    secrets_in,
 )
 from agent.runtime.actuator import AuditSink
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind

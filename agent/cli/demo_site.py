@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.cli.demo_drivers import GpuSimulation, build_simulated_gpu_fleet
 from agent.control.config import (
     AgentConfig,
     ConfigError,
@@ -40,10 +41,14 @@ from agent.control.economics import (
     energy_cost_usd_per_h,
     mining_revenue_usd_per_h,
 )
+from agent.outputs.metrics import MetricsService
 from agent.runtime.actuator import ActionResult
-from agent.runtime.daemon import metrics_service
-from agent.runtime.gpu_fleet import GpuSite, build_gpu_fleet, expand_gpu_nodes
+from agent.runtime.coordinator import utc_now
+from agent.runtime.fleet import Fleet
+from agent.runtime.gpu_fleet import GpuFleet, expand_gpu_nodes
 from agent.runtime.loop import Agent, Components
+from agent.runtime.miner_fleet import MinerFleet
+from agent.runtime.state import AgentState
 from agent.runtime.wiring import build_miners, build_price_source
 from drivers.errors import AgentError
 from drivers.jobs.base import JobClass, JobState
@@ -123,12 +128,15 @@ async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> 
         for _id, address, line in config.expanded_miners()
     ]
     fleet = LuxosFleet(specs, timing=Timing(wake_ramp_s=2.0, sleep_ramp_s=0.3, profile_ramp_s=0.5))
+    gpus: GpuFleet | None = None
+    simulation: GpuSimulation | None = None
     try:
-        gpus = build_gpu_fleet(config, source=str(config_path)) if config.gpu_nodes else None
+        if config.gpu_nodes:
+            gpus, simulation = build_simulated_gpu_fleet(config, source=str(config_path))
     except AgentError as exc:
         print(f"demo cannot start: {exc}", file=sys.stderr)
         return 2
-    always_on_ai = always_on_ai_figures(gpus, config)
+    always_on_ai = always_on_ai_figures(simulation, config)
     ledger = Ledger()
     models = {d: line.model for d, _a, line in config.expanded_miners()}
     default_points = {
@@ -181,18 +189,23 @@ async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> 
         # One line per replayed interval (the cycle that first sees it).
         interval = sim_s - sim_s % price_source.series.interval_s
         if interval != shown["interval"]:
-            if shown["interval"] < 0 and agent.metrics_port is not None:
-                print(f"metrics: http://127.0.0.1:{agent.metrics_port}/metrics", file=out)
+            if shown["interval"] < 0 and metrics is not None and metrics.started.is_set():
+                print(f"metrics: http://127.0.0.1:{metrics.port}/metrics", file=out)
             shown["interval"] = interval
             hhmm = price_source.sim_now().strftime("%H:%M")
             print(status_line(hhmm, true_price, snapshot, plan, ledger), file=out, flush=True)
 
-    components = Components(miners=build_miners(config), price_source=price_source, gpu_fleet=gpus)
+    state = AgentState(site_id=config.site.id, started_at=utc_now())
+    metrics = MetricsService(state, config) if config.metrics.enabled else None
+    fleets: list[Fleet] = [MinerFleet(config, build_miners(config))]
     if gpus is not None:
-        components.services.append(gpus.run)
-    agent = Agent(config, components, on_cycle=on_cycle)
-    if config.metrics.enabled:
-        components.services.append(metrics_service(agent, config))
+        fleets.append(gpus)
+    components = Components(
+        fleets=fleets,
+        price_source=price_source,
+        services=() if metrics is None else (metrics,),
+    )
+    agent = Agent(config, components, state=state, observers=[on_cycle])
     print(
         f"site-agent demo: {len(specs)} simulated LuxOS miners on loopback, "
         f"{gpu_summary(gpus, config)}, "
@@ -241,15 +254,17 @@ def ai_revenue_rate(snapshot: Snapshot) -> float:
     )
 
 
-def always_on_ai_figures(gpus: GpuSite | None, config: AgentConfig) -> tuple[float, float]:
+def always_on_ai_figures(
+    simulation: GpuSimulation | None, config: AgentConfig
+) -> tuple[float, float]:
     """(power W, revenue USD/h) of the GPU nodes with every job running uncapped."""
-    if gpus is None or gpus.simulation is None or gpus.simulation.scheduler is None:
+    if simulation is None or simulation.scheduler is None:
         return 0.0, 0.0
     specs = [spec for _, spec in expand_gpu_nodes(config)]
     by_name = {spec.scheduler_node: spec for spec in specs}
     power_w = sum(spec.host_overhead_w + spec.gpus * spec.idle_w for spec in specs)
     revenue = 0.0
-    for job in gpus.simulation.scheduler.jobs():
+    for job in simulation.scheduler.jobs():
         spec = by_name.get(job.node or "", specs[0])
         contract: JobClassContract = getattr(config.ai, job.job_class)
         revenue += job.gpus * contract.usd_per_gpu_hour
@@ -258,7 +273,7 @@ def always_on_ai_figures(gpus: GpuSite | None, config: AgentConfig) -> tuple[flo
     return power_w, revenue
 
 
-def gpu_summary(gpus: GpuSite | None, config: AgentConfig) -> str:
+def gpu_summary(gpus: GpuFleet | None, config: AgentConfig) -> str:
     if gpus is None:
         return "no GPU nodes"
     cards = sum(n.gpus * n.count for n in config.gpu_nodes)
@@ -309,7 +324,7 @@ def print_summary(ledger: Ledger, agent: Agent, out: Any) -> None:
         print(f"  {label:<28}{mine:>12{fmt}}{base:>12{fmt}}", file=out)
     gain = ledger.profit_usd - ledger.base_profit_usd
     print(f"  agent ahead of always-on by ${gain:,.2f}", file=out)
-    if agent.components.gpu_fleet is not None:
+    if any(f.name == "gpus" for f in agent.fleets):
         by_class = ", ".join(
             f"{c.value} {ledger.suspended[c.value]}"
             for c in (JobClass.SLA, JobClass.PREEMPTIBLE, JobClass.FILLER)

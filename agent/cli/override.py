@@ -49,15 +49,18 @@ def _journal(config: Path) -> Path | None:
 
 
 def curtail(args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    # A bad target is refused before anything loads: an operator in an emergency gets the
+    # answer at once.
+    if not math.isfinite(args.target_kw) or args.target_kw < 0:
+        print(f"--target-kw must be a finite number >= 0 (got {args.target_kw})", file=sys.stderr)
+        return 2
+
     from agent.journal.store import Store
     from agent.runtime.events import describe, parse_until
     from drivers.errors import AgentError
     from drivers.grid.base import FailDirection, GridEvent, ProgramKind
 
-    now = datetime.now(UTC)
-    if not math.isfinite(args.target_kw) or args.target_kw < 0:
-        print(f"--target-kw must be a finite number >= 0 (got {args.target_kw})", file=sys.stderr)
-        return 2
     try:
         until = parse_until(args.until, now)
     except ValueError:

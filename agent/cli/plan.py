@@ -19,7 +19,9 @@ def register(sub: Any) -> None:
 
 def plan(args: argparse.Namespace) -> int:
     from agent.control.policy import decide
+    from agent.runtime.coordinator import utc_now
     from agent.runtime.loop import Agent
+    from agent.runtime.state import AgentState
     from agent.runtime.wiring import build_components
 
     cfg = load_or_report(args.config)
@@ -27,20 +29,20 @@ def plan(args: argparse.Namespace) -> int:
         return 2
 
     async def once() -> int:
-        components = build_components(cfg)
-        agent = Agent(cfg, components)
-        await agent.coordinator.poll_miners()
-        await agent.coordinator.poll_price()
-        fleet = components.gpu_fleet
-        if fleet is not None:
+        state = AgentState(site_id=cfg.site.id, started_at=utc_now())
+        agent = Agent(cfg, build_components(cfg, state), state=state)
+        coordinator = agent.coordinator
+        for fleet in agent.fleets:
+            stop = asyncio.Event()
+            opened = asyncio.create_task(fleet.run(stop))  # opens drivers; closes them at stop
             try:
-                await fleet.poll()
+                await coordinator.poll_fleet(fleet)
             finally:
-                aclose = getattr(fleet, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-        agent.coordinator.adopt_observed_state()
-        snapshot = agent.coordinator.snapshot()
+                stop.set()
+                await opened
+            fleet.adopt_observed()
+        await coordinator.poll_price()
+        snapshot = coordinator.snapshot()
         result = decide(snapshot, cfg, snapshot.at)
         print(result.summary)
         for action in result.actions:

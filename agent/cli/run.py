@@ -1,4 +1,4 @@
-"""``site-agent run``: the daemon, as systemd starts it (see :mod:`agent.runtime.daemon`)."""
+"""``site-agent run``: the daemon, as systemd starts it (see :mod:`agent.cli.daemon`)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.journal.store import secrets_in
+    from agent.cli.daemon import serve
+    from agent.control.redaction import secrets_in
     from agent.outputs.logs import setup_logging
-    from agent.runtime.daemon import serve
     from drivers.errors import AgentError
 
     cfg = load_or_report(args.config)

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from drivers.bus.settings import BrokerSettings
 from drivers.errors import AgentError
 from drivers.grid.mqtt_curtail import MqttCurtailSettings
 from drivers.grid.openadr import OpenAdrSettings
@@ -220,24 +221,15 @@ class FourCpConfig(Strict):
     system_load_csv: Path | None = None
 
 
-class MqttConfig(Strict):
+class MqttConfig(BrokerSettings):
+    """The agent's MQTT bridge: the broker (keys shared with every MQTT client), and topics."""
+
     enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
-    username: str | None = None
-    password: SecretStr | None = None
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
     topic_prefix: str = "site-agent"
-    client_id: str | None = None
     # Operators allowed to command over MQTT: username -> shared secret for the command HMAC/token.
     command_tokens: dict[str, SecretStr] = Field(default_factory=dict)
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
     # Telemetry waiting for the broker; when full the oldest is dropped (control never waits).
     queue_size: int = Field(default=10_000, ge=10, le=1_000_000)
-    reconnect_initial_s: PositiveFloat = 0.5
-    reconnect_max_s: PositiveFloat = 30.0
     command_timeout_s: PositiveFloat = 10.0  # how long the runtime may take to answer a command
     publish_telemetry: bool = True  # per-device telemetry (state, plan and events always)
 

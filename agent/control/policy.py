@@ -94,24 +94,6 @@ _EPS_W = 1e-6
 _INF = float("inf")
 
 
-def effective_limit_w(snapshot: Snapshot, config: AgentConfig) -> tuple[float, list[str]]:
-    """The strictest site limit requested now (every event), and the names that set it.
-
-    :func:`decide` may decline economic events; ``Plan.limit_w`` is the limit it planned to.
-    """
-    site = config.site
-    limit = (site.interconnect_limit_kw - site.safety_margin_kw) * 1000.0
-    binding = ["interconnect"]
-    for active in snapshot.events:
-        target = event_limit_w(active)
-        if target is None:
-            continue
-        target -= site.safety_margin_kw * 1000.0
-        if target < limit:
-            limit, binding = target, [f"event:{active.event.event_id}"]
-    return max(limit, 0.0), binding
-
-
 def event_limit_w(active: ActiveEvent) -> float | None:
     """The site-load ceiling an event asks for (the stricter of its two target forms)."""
     event = active.event

@@ -17,9 +17,9 @@ one single-thread executor; the connection is opened, used and closed only there
 public method is a coroutine that hands its work to that thread. Calls therefore run one at a
 time, in the order they were made.
 
-Secrets: audit details pass through :func:`redact`, which masks values under credential-like
-keys (password, token, secret, ...), pydantic ``SecretStr`` values, and any known secret string
-the store was opened with, wherever it appears.
+Secrets: audit details pass through :func:`~agent.control.redaction.redact`, which masks values
+under credential-like keys (password, token, secret, ...), pydantic ``SecretStr`` values, and any
+known secret string the store was opened with, wherever it appears.
 
 Error tree (all under :class:`drivers.errors.AgentError`)::
 
@@ -33,31 +33,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
 import os
-import re
 import sqlite3
 from collections.abc import Callable, Generator, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import Enum, StrEnum
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
-from pydantic import BaseModel, SecretStr
-
+from agent.control.redaction import redact, scrub
 from drivers.errors import AgentError
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind
 
 SCHEMA_VERSION = 1
 # "SAJ1": marks the file as a site-agent journal, so we never adopt someone else's database.
 APPLICATION_ID = 0x53414A31
-REDACTED = "***"
 DEFAULT_INTERVAL_S = 900.0  # ERCOT settlement interval (economics.md)
 
 _T = TypeVar("_T")
@@ -225,99 +221,6 @@ class EventReport:
             "penalty_usd": self.penalty_usd,
             "net_usd": self.net_usd,
         }
-
-
-# --- redaction ---------------------------------------------------------------------------
-
-# Keys whose values are credentials, matched on the key with camelCase and separators
-# normalised to snake_case, so "mqtt_password", "apiKey" and "X-Auth-Token" all hit. It errs
-# towards masking ("tokens_per_s" is masked too): a false positive costs one masked number in
-# the audit, a false negative leaks a credential.
-_SECRET_KEY = re.compile(
-    r"(^|_)(pass|pwd|passwd|password|passphrase|secret|token|tokens|credential|credentials"
-    r"|apikey|api_key|privatekey|private_key|authorization|auth|cookie|session_key|psk)(_|$)"
-    r"|password|secret|token|credential|apikey|privatekey",
-)
-
-
-def _is_secret_key(key: str) -> bool:
-    norm = re.sub(r"[^a-z0-9]+", "_", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
-    return _SECRET_KEY.search(norm) is not None
-
-
-def redact(value: Any, known_secrets: Iterable[str] = ()) -> Any:
-    """A JSON-ready copy of ``value`` with every credential replaced by ``"***"``.
-
-    Masks values under credential-like keys, ``SecretStr`` values, and each string of
-    ``known_secrets`` wherever it occurs inside a string. Non-finite floats become strings
-    (JSON has no NaN); datetimes become ISO text; dataclasses and pydantic models become dicts.
-    """
-    secrets = tuple(s for s in known_secrets if s)
-    return _redact(value, secrets)
-
-
-def _scrub(text: str, secrets: tuple[str, ...]) -> str:
-    for s in secrets:
-        text = text.replace(s, REDACTED)
-    return text
-
-
-def _redact(value: Any, secrets: tuple[str, ...]) -> Any:
-    if isinstance(value, SecretStr):
-        return REDACTED
-    if value is None or isinstance(value, bool | int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, str):
-        return _scrub(value, secrets)
-    if isinstance(value, Enum):
-        return _redact(value.value, secrets)
-    if isinstance(value, datetime):
-        return _iso(value) if value.tzinfo is not None else value.isoformat()
-    if isinstance(value, BaseModel):
-        return _redact(dict(value), secrets)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return _redact(fields, secrets)
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            key = _scrub(str(k), secrets)
-            out[key] = REDACTED if _is_secret_key(str(k)) else _redact(v, secrets)
-        return out
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_redact(v, secrets) for v in value]
-    if isinstance(value, bytes):
-        return f"<{len(value)} bytes>"
-    return _scrub(str(value), secrets)
-
-
-def secrets_in(value: Any) -> tuple[str, ...]:
-    """Every ``SecretStr`` value inside a config model (for ``Store.open(known_secrets=...)``).
-
-    Walks pydantic models, mappings and sequences; empty secrets are skipped (an empty string
-    would "match" everywhere).
-    """
-    found: list[str] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, SecretStr):
-            secret = v.get_secret_value()
-            if secret and secret not in found:
-                found.append(secret)
-        elif isinstance(v, BaseModel):
-            for name in type(v).model_fields:
-                walk(getattr(v, name))
-        elif isinstance(v, Mapping):
-            for item in v.values():
-                walk(item)
-        elif isinstance(v, list | tuple | set | frozenset):
-            for item in v:
-                walk(item)
-
-    walk(value)
-    return tuple(found)
 
 
 # --- time and event (de)serialisation ------------------------------------------------------
@@ -746,11 +649,11 @@ class Store:
         detail = redact(dict(e.detail or {}), s)
         return (
             _ts(e.at, "at") if e.at is not None else now,
-            _scrub(_nonempty(e.source, "source"), s),
-            _scrub(e.device_id, s) if e.device_id is not None else None,
-            _scrub(_nonempty(e.action, "action"), s),
-            _scrub(e.reason, s),
-            _scrub(_nonempty(str(e.result), "result"), s),
+            scrub(_nonempty(e.source, "source"), s),
+            scrub(e.device_id, s) if e.device_id is not None else None,
+            scrub(_nonempty(e.action, "action"), s),
+            scrub(e.reason, s),
+            scrub(_nonempty(str(e.result), "result"), s),
             json.dumps(detail, allow_nan=False, sort_keys=True),
         )
 

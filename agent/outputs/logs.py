@@ -9,8 +9,8 @@ JSON line fields: ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``msg``, then e
 field and every field bound with :func:`bound`, then ``exc`` for a traceback.
 
 Every configured secret (MQTT password, command tokens, miner passwords; see
-:func:`secrets_from_config`) is replaced by ``***`` wherever it would appear: message, arguments,
-extra fields and tracebacks.
+:func:`agent.control.redaction.secrets_in`) is replaced by ``***`` wherever it would appear:
+message, arguments, extra fields and tracebacks (one redaction module for logs and journal).
 """
 
 from __future__ import annotations
@@ -21,18 +21,14 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TextIO
 
-from pydantic import BaseModel, SecretStr
-
 from agent.control.domain import Plan, Snapshot
-from agent.journal.store import secrets_in
-
-REDACTED = "***"
-MIN_SECRET_LEN = 4  # shorter "secrets" would redact ordinary words and digits
+from agent.control.redaction import Redactor
+from agent.runtime.state import AgentState
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
@@ -54,38 +50,6 @@ def bound(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _context.reset(token)
-
-
-def secrets_from_config(config: BaseModel) -> list[str]:
-    """Every non-empty :class:`SecretStr` value anywhere in a config model."""
-    return list(secrets_in(config))
-
-
-class Redactor:
-    """Replaces known secret values in text and in JSON-able values."""
-
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
-        # Longest first, so a secret containing another is replaced whole.
-        self.secrets = sorted(
-            {s for s in secrets if len(s) >= MIN_SECRET_LEN}, key=len, reverse=True
-        )
-
-    def text(self, value: str) -> str:
-        for secret in self.secrets:
-            if secret in value:
-                value = value.replace(secret, REDACTED)
-        return value
-
-    def value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, Mapping):
-            return {str(k): self.value(v) for k, v in value.items()}
-        if isinstance(value, list | tuple | set | frozenset):
-            return [self.value(v) for v in value]
-        if isinstance(value, SecretStr):
-            return REDACTED
-        return value
 
 
 class RedactingFilter(logging.Filter):
@@ -255,3 +219,22 @@ def log_cycle(
     fields = cycle_fields(plan, cycle=cycle, duration_s=duration_s, snapshot=snapshot, mode=mode)
     summary = plan.summary or ("no change" if not plan.actions else f"{len(plan.actions)} actions")
     logger.info("cycle %d: %s", cycle, summary, extra=fields)
+
+
+def cycle_logger(
+    state: AgentState, logger: logging.Logger | None = None
+) -> Callable[[Snapshot, Plan, Sequence[object]], None]:
+    """A cycle observer for the runtime: the canonical line of each cycle, read from ``state``."""
+    out = logger or logging.getLogger("agent.runtime.loop")
+
+    def observe(snapshot: Snapshot, plan: Plan, _results: Sequence[object]) -> None:
+        log_cycle(
+            out,
+            plan,
+            cycle=state.cycles,
+            duration_s=state.last_cycle_duration_s,
+            snapshot=snapshot,
+            mode=state.mode,
+        )
+
+    return observe

@@ -661,7 +661,8 @@ async def _send(
 class MetricsService:
     """The metrics endpoint as a runtime service: ``await service(stop)`` serves until ``stop``.
 
-    Append it to ``Components.services`` once the agent (and its state) exists. ``host`` and
+    Build it from the state the agent will write, and hand it in with the agent's services
+    (``Components.services``). ``host`` and
     ``port`` default to ``config.metrics``; :attr:`port` is the bound port once :attr:`started`
     is set (port 0 binds an ephemeral one).
     """
@@ -703,17 +704,3 @@ async def start_metrics_server(
     server = MetricsServer(registry, host, port)
     await server.start()
     return server
-
-
-async def serve_metrics(
-    registry: CollectorRegistry,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    on_started: Callable[[int], None] | None = None,
-) -> None:
-    """Serve ``/metrics`` until cancelled (a TaskGroup task); ``on_started`` gets the bound port."""
-    server = MetricsServer(registry, host, port)
-    bound = await server.start()
-    if on_started is not None:
-        on_started(bound)
-    await server.serve_forever()

@@ -40,13 +40,23 @@ import logging
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.control.commands import (
+    Command,
+    CommandHandler,
+    CommandResult,
+    Curtail,
+    Refresh,
+    RejectCounter,
+    Release,
+    SetMode,
+)
 from agent.control.config import MqttConfig
 from agent.control.domain import Plan, Snapshot
 from agent.control.policy import event_limit_w
@@ -59,66 +69,6 @@ log = logging.getLogger(__name__)
 
 REJECT_SOURCE = "mqtt"  # the source name under which rejected commands are counted
 MAX_COMMAND_BYTES = 16 * 1024  # a command is a few hundred bytes; more is abuse or a mistake
-
-
-# --- commands, as the runtime receives them -----------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Curtail:
-    """Hold site load at or below ``target_kw`` until ``until`` (an operator override)."""
-
-    id: str
-    operator: str
-    target_kw: float
-    until: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    """End the operator's curtailment."""
-
-    id: str
-    operator: str
-
-
-@dataclass(frozen=True, slots=True)
-class SetMode:
-    """Switch between automatic control and manual (the agent stops actuating)."""
-
-    id: str
-    operator: str
-    mode: Literal["auto", "manual"]
-
-
-@dataclass(frozen=True, slots=True)
-class Refresh:
-    """Run a control cycle now and republish everything."""
-
-    id: str
-    operator: str
-
-
-Command = Curtail | Release | SetMode | Refresh
-
-
-@dataclass(frozen=True, slots=True)
-class CommandResult:
-    """The runtime's answer to a command: accepted, or refused with a reason."""
-
-    accepted: bool
-    reason: str = ""
-
-    @classmethod
-    def ok(cls, reason: str = "") -> CommandResult:
-        return cls(True, reason)
-
-    @classmethod
-    def refuse(cls, reason: str) -> CommandResult:
-        return cls(False, reason)
-
-
-CommandHandler = Callable[[Command], Awaitable[CommandResult]]
 
 
 # --- the wire schema (pydantic at the edge) ------------------------------------------------------
@@ -383,18 +333,8 @@ def _dump(payload: Mapping[str, Any]) -> bytes:
 def bus_settings(config: MqttConfig, site_id: str) -> BusSettings:
     """Transport settings from config, with the retained ``offline`` status as last will."""
     prefix = f"{config.topic_prefix}/{site_id}"
-    return BusSettings(
-        host=config.host,
-        port=config.port,
-        client_id=config.client_id or f"site-agent-{site_id}",
-        username=config.username,
-        password=config.password.get_secret_value() if config.password else None,
-        tls_ca=config.tls_ca,
-        tls_cert=config.tls_cert,
-        tls_key=config.tls_key,
-        keepalive_s=config.keepalive_s,
-        will=LastWill(f"{prefix}/status", b"offline", qos=1, retain=True),
-    )
+    will = LastWill(f"{prefix}/status", b"offline", qos=1, retain=True)
+    return config.bus_settings(f"site-agent-{site_id}", will)
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,6 +359,7 @@ class MqttBridge:
         state: AgentState,
         handler: CommandHandler,
         *,
+        count_rejected: RejectCounter,
         interconnect_limit_w: float | None = None,
         bus: Bus | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -426,6 +367,7 @@ class MqttBridge:
         self.config = config
         self.state = state
         self.handler = handler
+        self.count_rejected = count_rejected  # rejections are the runtime's to count
         self.interconnect_limit_w = interconnect_limit_w
         self.clock = clock
         self.prefix = f"{config.topic_prefix}/{state.site_id}"
@@ -450,10 +392,6 @@ class MqttBridge:
             await stop.wait()
         finally:
             await _cancel_all({task})
-
-    def on_cycle(self, snapshot: Snapshot, plan: Plan, results: Sequence[object] = ()) -> None:
-        """A ``CycleHook`` for :class:`agent.runtime.loop.Agent`: publish after every cycle."""
-        self.publish_cycle()
 
     def publish_cycle(self) -> None:
         """Queue state, plan, events and per-device telemetry from the current AgentState."""
@@ -599,12 +537,12 @@ class MqttBridge:
             if isinstance(command, Refresh):
                 self.publish_cycle()
         else:
-            self.state.rejected[(REJECT_SOURCE, "refused")] += 1
+            self.count_rejected(REJECT_SOURCE, "refused")
             log.warning("mqtt: %s %s refused: %s", name, command.id, result.reason)
         self._ack(command.id, name, result)
 
     def _reject(self, cid: str | None, name: str, code: str, reason: str) -> None:
-        self.state.rejected[(REJECT_SOURCE, code)] += 1
+        self.count_rejected(REJECT_SOURCE, code)
         log.warning("mqtt: rejected command on %r: %s", name[:64], reason)
         self._ack(cid, name[:64], CommandResult.refuse(reason))
 

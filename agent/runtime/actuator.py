@@ -1,32 +1,32 @@
-"""The actuator: turns a Plan's actions into device commands, and checks they took effect.
+"""The actuator: turns a Plan's actions into fleet commands, and has fleets check them.
 
 Sheds run first and must finish before anything starts (never exceed a limit while switching).
-Each command runs under the fleet semaphore with its own timeout, and transient failures are
-retried with capped backoff. A command the device accepts is recorded as commanded and then
-verified against telemetry: if the device has not reached the commanded point within
-``control.verify_after_s``, it is marked faulted ("accepted but not applied"). The policy leaves
-a faulted device alone and counts it at its measured power, so the next cycle sheds someone
-else. A faulted device is given another chance after ``fault_retry_s``, or at once when
-telemetry shows it where it was commanded.
+Each command goes to the fleet that owns its device (:mod:`agent.runtime.fleet`), under one
+semaphore with its own timeout, and transient failures are retried with capped backoff. A
+command the fleet accepts is journaled; the fleet then checks it in telemetry and reports what
+was accepted but not applied (:meth:`Actuator.verify`). The policy leaves a faulted device alone
+and counts it at its measured power, so the next cycle sheds someone else.
 
-Every action and its result is audited through the :class:`AuditSink`.
+Every action and its result is audited through the :class:`AuditSink`. A journal or audit write
+that fails puts the actuator in safe mode (:attr:`Actuator.safe_reason`: sheds only) until a
+write works again. The actuator writes no shared state: it returns its results, and the loop
+publishes them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from agent.control.domain import SLEEP, Action, ActionKind, Plan
-from agent.runtime.coordinator import Coordinator
-from agent.runtime.fleet import GPU_ACTIONS
-from agent.runtime.state import AgentState
+from agent.control.config import ControlConfig
+from agent.control.domain import Action, Plan
+from agent.runtime.fleet import Fleet
 from drivers.errors import AgentError, DeviceError, DeviceTimeout, TransientDeviceError
-from drivers.miners.base import MinerMode, MinerPowerProfile, MinerSleepWake
 
 log = logging.getLogger(__name__)
 
@@ -63,45 +63,35 @@ class ActionResult:
     error: str | None = None
 
 
-@dataclass(slots=True)
-class _Pending:
-    action: Action
-    issued_at: float  # monotonic
-    deadline: float
-
-
 class Actuator:
-    """Executes plans against miner drivers and verifies them in telemetry."""
+    """Executes plans through the fleets, journals and audits every action."""
 
     def __init__(
         self,
-        coordinator: Coordinator,
-        state: AgentState,
-        drivers: Mapping[str, MinerSleepWake],
+        control: ControlConfig,
+        fleets: Sequence[Fleet],
         audit: AuditSink | None = None,
         journal: Journal | None = None,
         *,
-        fault_retry_s: float | None = None,
+        clock: Callable[[], datetime],
         backoff_s: float = 0.2,
     ) -> None:
-        self.coordinator = coordinator
-        self.config = coordinator.config
-        self.state = state
-        self.drivers = drivers
+        self.control = control
+        self.fleets = tuple(fleets)
         self.audit_sink: AuditSink = audit or LogAudit()
         self.journal = journal
-        self.fault_retry_s = (
-            coordinator.config.control.fault_retry_s if fault_retry_s is None else fault_retry_s
-        )
+        self.clock = clock
         self.backoff_s = backoff_s
-        self.semaphore = asyncio.Semaphore(self.config.control.max_concurrency)
-        self.pending: dict[str, _Pending] = {}
-        self.journal_failed = False  # safe mode was entered because the journal failed
-        # Devices faulted because a command failed: being where they were proves nothing, so
-        # only fault_retry_s gives them another chance.
-        self.command_failed: set[str] = set()
-        self.monotonic: Callable[[], float] = coordinator.monotonic
-        self.clock: Callable[[], datetime] = coordinator.clock
+        self.semaphore = asyncio.Semaphore(control.max_concurrency)
+        # Why the actuator is in safe mode (a journal or audit write failed), or None.
+        self.safe_reason: str | None = None
+
+    def fleet_of(self, device_id: str) -> Fleet | None:
+        return next((f for f in self.fleets if f.owns(device_id)), None)
+
+    def pending(self) -> frozenset[str]:
+        """Devices whose last command is still waiting for telemetry."""
+        return frozenset(itertools.chain.from_iterable(f.pending() for f in self.fleets))
 
     async def execute(self, plan: Plan) -> list[ActionResult]:
         """Run the plan's actions: all sheds, then all starts. Returns one result per action."""
@@ -117,14 +107,7 @@ class Actuator:
             failed_sheds = [r for r in results if r.result != "ok" and r.action.sheds]
             # A device on probation once acknowledged a command and ignored it: its shed is
             # not headroom until telemetry shows it (the next cycle counts what it draws).
-            slots = self.coordinator.slots
-            unconfirmed = [
-                r
-                for r in results
-                if r.action.sheds
-                and r.action.device_id in slots
-                and slots[r.action.device_id].probation
-            ]
+            unconfirmed = [r for r in results if r.action.sheds and self._unconfirmed(r.action)]
             if batch is sheds and (failed_sheds or unconfirmed) and starts:
                 # A shed that failed leaves less headroom than planned: starting devices now
                 # could exceed the limit. The next cycle re-plans with the fault known.
@@ -135,20 +118,25 @@ class Actuator:
                 )
                 for a in starts:
                     results.append(ActionResult(a, "skipped", why))
-                    self.state.actions[(a.kind.value, "skipped")] += 1
                     await self._audit(a, "skipped", why)
                 break
         return results
 
+    def _unconfirmed(self, action: Action) -> bool:
+        fleet = self.fleet_of(action.device_id)
+        return fleet is not None and fleet.unconfirmed(action.device_id)
+
     async def _run(self, action: Action) -> ActionResult:
-        driver = self.drivers.get(action.device_id)
-        attempts = self.config.control.retries + 1
+        fleet = self.fleet_of(action.device_id)
+        if fleet is None:
+            return await self._finish(action, "failed", "no fleet owns this device")
+        attempts = self.control.retries + 1
         error: DeviceError | None = None
         for attempt in range(attempts):
             try:
                 async with self.semaphore:
-                    async with asyncio.timeout(self.config.control.device_timeout_s):
-                        await self._command(driver, action)
+                    async with asyncio.timeout(self.control.device_timeout_s):
+                        await fleet.apply(action)
             except TimeoutError:
                 error = DeviceTimeout(action.device_id, f"{action.kind} timed out")
             except TransientDeviceError as exc:
@@ -157,65 +145,29 @@ class Actuator:
                 error = exc
                 break  # permanent: retrying will not help
             else:
-                now = self.clock()
-                key = action.job_id or action.device_id
-                if action.device_id in self.coordinator.slots:
-                    self.coordinator.set_commanded(action.device_id, action.target, now)
                 if self.journal is not None:
-                    await self._journal(key, action.target, now)
-                if action.kind not in GPU_ACTIONS:  # the GPU fleet verifies its own actions
-                    mono = self.monotonic()
-                    self.pending[action.device_id] = _Pending(
-                        action, mono, mono + self.config.control.verify_after_s
-                    )
+                    await self._journal(action.job_id or action.device_id, action.target)
                 return await self._finish(action, "ok", None)
             if attempt + 1 < attempts:
                 await asyncio.sleep(min(self.backoff_s * 2**attempt, 5.0))
         assert error is not None
-        if action.device_id in self.coordinator.slots:
-            self.coordinator.set_fault(action.device_id, f"{action.kind} failed: {error.message}")
-            self.command_failed.add(action.device_id)
+        fleet.command_failed(action, error.message)
         return await self._finish(action, "failed", error.message)
 
-    async def _command(self, driver: MinerSleepWake | None, action: Action) -> None:
-        if action.kind in GPU_ACTIONS:
-            fleet = self.coordinator.gpu_fleet
-            if fleet is None:
-                raise DeviceError(action.device_id, "no GPU fleet is configured")
-            await fleet.apply(action)
-            return
-        if driver is None:
-            raise DeviceError(action.device_id, "no driver for this device")
-        if action.kind is ActionKind.SLEEP:
-            await driver.sleep()
-        elif action.kind is ActionKind.WAKE:
-            if isinstance(driver, MinerPowerProfile):
-                await driver.set_profile(action.target)
-            await driver.wake()
-        elif action.kind is ActionKind.SET_PROFILE:
-            if not isinstance(driver, MinerPowerProfile):
-                raise DeviceError(action.device_id, "this miner cannot change power profile")
-            await driver.set_profile(action.target)
-        else:
-            raise DeviceError(action.device_id, f"action {action.kind} is not for miners")
-
-    async def _journal(self, device_id: str, state: str, since: datetime) -> None:
+    async def _journal(self, key: str, state: str) -> None:
         assert self.journal is not None
         try:
-            await self.journal.record_command(device_id, state, since)
+            await self.journal.record_command(key, state, self.clock())
         except AgentError as exc:
-            self.journal_failed = True
             self.enter_safe_mode(f"journal write failed: {exc}")
 
     def enter_safe_mode(self, why: str) -> None:
         """Stop adding load: without a journal a restart could not know what was shed."""
-        if self.state.mode != "safe":
+        if self.safe_reason is None:
             log.error("entering safe mode (sheds only, no restores): %s", why)
-        self.state.mode = "safe"
-        self.state.safe_reason = why
+        self.safe_reason = why
 
     async def _finish(self, action: Action, result: str, error: str | None) -> ActionResult:
-        self.state.actions[(action.kind.value, result)] += 1
         if result != "ok":
             log.warning(
                 "%s %s -> %s %s: %s", action.device_id, action.kind, action.target, result, error
@@ -234,7 +186,6 @@ class Actuator:
                 result=result,
             )
         except AgentError as exc:
-            self.journal_failed = True
             self.enter_safe_mode(f"audit write failed: {exc}")
 
     async def retry_journal(self) -> bool:
@@ -244,93 +195,31 @@ class Actuator:
         commanded state in place), then every commanded state: the commands whose journaling
         failed are made durable before anything may be restored. Returns True on recovery.
         """
-        if not self.journal_failed or self.state.mode != "safe":
+        if self.safe_reason is None:
             return False
         try:
             await self.audit_sink.audit(
                 source="agent",
                 device_id=None,
                 action="journal",
-                reason=f"journal writable again after: {self.state.safe_reason}",
+                reason=f"journal writable again after: {self.safe_reason}",
                 result="recovered",
             )
             if self.journal is not None:
-                slots = self.coordinator.slots.values()
                 await self.journal.record_commands(
-                    (s.device_id, s.commanded, s.commanded_since) for s in slots
+                    itertools.chain.from_iterable(f.commanded() for f in self.fleets)
                 )
         except AgentError:
             return False  # still failing: stay in safe mode, try again next cycle
-        log.warning("journal writable again; leaving safe mode (%s)", self.state.safe_reason)
-        self.journal_failed = False
-        self.state.mode, self.state.safe_reason = "auto", None
+        log.warning("journal writable again; leaving safe mode (%s)", self.safe_reason)
+        self.safe_reason = None
         return True
 
     async def verify(self) -> list[ActionResult]:
-        """Check pending commands against telemetry; fault devices that did not comply."""
-        now = self.monotonic()
+        """Ask every fleet to check its pending commands; audit what was not applied."""
         out: list[ActionResult] = []
-        for device_id, pending in list(self.pending.items()):
-            slot = self.coordinator.slots[device_id]
-            fresh = slot.read_at is not None and slot.read_at > pending.issued_at
-            if fresh and self._complies(device_id, pending.action.target):
-                del self.pending[device_id]
-                slot.probation = False
-                continue
-            if now < pending.deadline:
-                continue
-            del self.pending[device_id]
-            seen = "no fresh telemetry" if not fresh else self._describe(device_id)
-            act = pending.action
-            reason = f"{act.kind} to {act.target} accepted but not applied ({seen})"
-            self.coordinator.set_fault(device_id, reason)
-            result = ActionResult(pending.action, "not_applied", reason)
-            self.state.actions[(pending.action.kind.value, "not_applied")] += 1
-            await self._audit(pending.action, "not_applied", reason)
-            out.append(result)
-        self._retry_faults(now)
+        for fleet in self.fleets:
+            for missed in fleet.verify():
+                out.append(ActionResult(missed.action, "not_applied", missed.reason))
+                await self._audit(missed.action, "not_applied", missed.reason)
         return out
-
-    def _complies(self, device_id: str, target: str) -> bool:
-        reading = self.coordinator.slots[device_id].reading
-        if reading is None:
-            return False
-        if target == SLEEP:
-            return reading.mode is MinerMode.SLEEPING
-        if reading.mode is MinerMode.SLEEPING:
-            return False
-        # Waking counts (it is ramping towards its profile), but only at the right profile.
-        return reading.profile is None or reading.profile == target
-
-    def _describe(self, device_id: str) -> str:
-        r = self.coordinator.slots[device_id].reading
-        if r is None:
-            return "no telemetry"
-        return f"telemetry shows {r.mode.value} at {r.power_w:.0f} W, profile {r.profile}"
-
-    def _retry_faults(self, now: float) -> None:
-        """Clear faults that telemetry contradicts, or that have waited ``fault_retry_s``."""
-        for slot in self.coordinator.slots.values():
-            if slot.fault is None or slot.device_id in self.pending:
-                continue
-            # Only a reading taken since the fault counts: the last good one from before it
-            # would show the device where it was, "healed" at once (a device rejecting every
-            # command would be retried every cycle).
-            since = slot.fault_since
-            if slot.read_at is None or since is None or slot.read_at <= since:
-                continue
-            observed = self.coordinator.observed_point(slot)
-            healed = (
-                observed is not None
-                and observed == slot.commanded
-                and slot.device_id not in self.command_failed
-            )
-            expired = slot.fault_since is not None and now - slot.fault_since >= self.fault_retry_s
-            if healed or (expired and observed is not None):
-                # Adopt what telemetry shows, so the policy re-commands from the truth.
-                assert observed is not None
-                self.coordinator.set_commanded(slot.device_id, observed, self.clock())
-                self.coordinator.set_fault(slot.device_id, None)
-                self.command_failed.discard(slot.device_id)
-                # Retried, not healed: trusted again only once a command is seen to apply.
-                slot.probation = not healed

@@ -58,10 +58,11 @@ class EventBook:
         events: dict[str, ActiveEvent],
         *,
         on_change: Callable[[], None] = lambda: None,
+        count_rejected: Callable[[str, str], None] = lambda _source, _reason: None,
     ) -> None:
-        self.sources = sources  # shared: sources attached later are seen at the next sync
+        self.sources = sources
         self.rejected_seen: dict[str, int] = {}  # per source, how many rejections were audited
-        self.count_rejected: Callable[[str, str], None] = lambda _source, _reason: None
+        self.count_rejected = count_rejected
         self.store = store
         self.events = events  # shared with the coordinator: it builds snapshots from it
         self.on_change = on_change

@@ -1,10 +1,9 @@
-"""The site's GPU nodes and AI jobs as one
-:class:`~agent.runtime.fleet.GpuFleet`, built from config.
+"""The site's GPU nodes and AI jobs as one :class:`~agent.runtime.fleet.Fleet`, built from config.
 
-:class:`GpuSite` holds one GPU driver per node (NVML on this host, or NVML on the simulator) and
-one job-control driver for the whole site (Slurm, local processes, or the simulated scheduler).
-It polls them, keeps the last good readings, and gives the coordinator one
-:class:`~agent.control.domain.GpuNodeView` per node:
+:class:`GpuFleet` holds one GPU driver per node (NVML on this host, or whatever the registry's
+``driver:`` factory builds) and one job-control driver for the whole site (Slurm, local
+processes, or a scheduler registered by the demo and the tests). It polls them, keeps the last
+good readings, and gives the coordinator one :class:`~agent.control.domain.GpuNodeView` per node:
 
 * the per-GPU cap the agent commanded, or before any command the highest limit NVML reports
   (the node's maximum cap until the first reading);
@@ -19,17 +18,16 @@ It polls them, keeps the last good readings, and gives the coordinator one
   that failed (held for ``fault_retry_s``). The policy leaves a faulted node alone and counts it
   at that worst-case power, so limits still hold with the other devices.
 
-:meth:`GpuSite.apply` carries out one GPU or job action and checks it itself (the actuator does
-not verify GPU actions): a power cap is set on every GPU of the node and read back; a job is
-suspended, resumed or requeued and its new state read back from the scheduler. A command that
-was accepted but not applied raises :class:`~drivers.errors.CommandNotApplied`.
+:meth:`GpuFleet.apply` carries out one GPU or job action and checks it at once in telemetry, so
+nothing stays pending for :meth:`GpuFleet.verify`: a power cap is set on every GPU of the node
+and read back; a job is suspended, resumed or requeued and its new state read back from the
+scheduler. A command that was accepted but not applied raises
+:class:`~drivers.errors.CommandNotApplied`.
 
 Drivers that are async context managers (NVML, local jobs) are opened on the first poll and
-closed by :meth:`GpuSite.run` (a runtime service) when the agent stops.
-:func:`build_gpu_fleet` turns ``gpu_nodes:`` and ``ai:`` into a :class:`GpuSite`; with
-``nvml-sim`` nodes and the ``sim`` scheduler it also starts the simulated site
-(:class:`GpuSimulation`): simulated GPUs per node and a scheduler that runs the configured jobs
-on them.
+closed by :meth:`GpuFleet.run` (a runtime service) when the agent stops.
+:func:`build_gpu_fleet` turns ``gpu_nodes:`` and ``ai:`` into a :class:`GpuFleet` through the
+driver registry (:mod:`agent.runtime.registry`).
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -50,10 +48,11 @@ from agent.control.config import (
     ConfigError,
     ControlConfig,
     JobClassContract,
-    SimJobConfig,
 )
 from agent.control.domain import Action, ActionKind, GpuNodeView, JobView
 from agent.runtime.coordinator import utc_now
+from agent.runtime.fleet import FleetViews, NotApplied
+from agent.runtime.registry import DriverConfigError, DriverRegistry, GpuNodeSpec, live_drivers
 from drivers.errors import (
     CommandNotApplied,
     CommandRejected,
@@ -62,13 +61,7 @@ from drivers.errors import (
     DeviceUnavailable,
 )
 from drivers.gpus.base import GpuControl, GpuReading
-from drivers.gpus.nvml import NvmlGpus
 from drivers.jobs.base import JobClass, JobControl, JobReading, JobState
-from drivers.jobs.local import LocalJobs
-from drivers.jobs.sim import SimJobs
-from drivers.jobs.slurm import JobClassRules, SlurmJobs
-from simulators.jobs import SimScheduler
-from simulators.nvml import SimNvml, model_named
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +79,6 @@ class GpuEachReader(Protocol):
     """Optional: a GPU driver that reports a failing GPU in its place (``NvmlGpus``)."""
 
     async def read_each(self) -> tuple[GpuReading | DeviceError, ...]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class GpuNodeSpec:
-    """One GPU node as configured (a ``count`` line expanded into one spec per node)."""
-
-    device_id: str
-    scheduler_node: str
-    gpus: int
-    min_cap_w: float
-    max_cap_w: float
-    idle_w: float
-    host_overhead_w: float
-    circuit: str | None = None
 
 
 @dataclass(slots=True)
@@ -126,8 +105,8 @@ class _JobTrack:
     since: datetime
 
 
-class GpuSite:
-    """GPU nodes and their jobs, polled and commanded as one (implements ``GpuFleet``)."""
+class GpuFleet:
+    """GPU nodes and their jobs, polled and commanded as one :class:`~agent.runtime.fleet.Fleet`."""
 
     def __init__(
         self,
@@ -150,7 +129,6 @@ class GpuSite:
         self.clock = clock
         self.monotonic = monotonic
         self.fault_retry_s = fault_retry_s
-        self.simulation: GpuSimulation | None = None  # set by build_gpu_fleet for nvml-sim
         self._stack = contextlib.AsyncExitStack()
         self._open_lock = asyncio.Lock()  # the poller and the run() service both open
         self._jobs_opened = False
@@ -160,6 +138,18 @@ class GpuSite:
         self._tracks: dict[str, _JobTrack] = {}
         self._jobs_polled = False
         self._closed = False
+        self._polled = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return "gpus"
+
+    @property
+    def polled(self) -> asyncio.Event:
+        return self._polled
+
+    def owns(self, device_id: str) -> bool:
+        return device_id in self._nodes
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -214,17 +204,21 @@ class GpuSite:
     def max_reading_age_s(self) -> float:
         return 3 * self.control.poll_interval_s + self.control.device_timeout_s
 
-    async def poll(self) -> None:
+    async def poll(self) -> str | None:
         """Read every node and the scheduler. Raises only when nothing at all answered."""
-        await self._open()
-        nodes_ok = await asyncio.gather(*(self._poll_node(n) for n in self._nodes.values()))
-        jobs_ok = await self._poll_jobs()
+        try:
+            await self._open()
+            nodes_ok = await asyncio.gather(*(self._poll_node(n) for n in self._nodes.values()))
+            jobs_ok = await self._poll_jobs()
+        finally:
+            self._polled.set()
         self._log_faults()
         if not any(nodes_ok) and not jobs_ok:
             errors = [f"{n.spec.device_id}: {n.last_error}" for n in self._nodes.values()]
             if self._jobs_error is not None:
                 errors.append(f"scheduler: {self._jobs_error}")
             raise DeviceUnavailable(FLEET_ID, "; ".join(errors) or "no GPU node answered")
+        return None
 
     async def _poll_node(self, node: _Node) -> bool:
         if not node.opened:
@@ -364,7 +358,18 @@ class GpuSite:
                 log.warning("GPU node %s faulted: %s", node.spec.device_id, fault)
             node.logged_fault = fault
 
-    def views(self, now: datetime) -> tuple[GpuNodeView, ...]:
+    def views(self, now: datetime) -> FleetViews:
+        return FleetViews(gpu_nodes=self.node_views(now))
+
+    def faults(self) -> dict[str, str]:
+        mono = self.monotonic()
+        held = ((node_id, self._fault(node, mono)) for node_id, node in self._nodes.items())
+        return {node_id: fault for node_id, fault in held if fault is not None}
+
+    def largest_step_w(self) -> float:
+        return max((n.spec.gpus * n.spec.max_cap_w for n in self._nodes.values()), default=0.0)
+
+    def node_views(self, now: datetime) -> tuple[GpuNodeView, ...]:
         mono = self.monotonic()
         by_node: dict[str, list[JobReading]] = {}
         for job in self._job_readings:
@@ -426,6 +431,33 @@ class GpuSite:
         )
 
     # ---- commands -------------------------------------------------------------------------
+    # A GPU command is checked as it is given (caps read back, job states listed again), so
+    # nothing stays pending; drift (a cap changed by hand) is adopted as each poll sees it.
+
+    def command_failed(self, action: Action, message: str) -> None:
+        """Nothing more to do: :meth:`apply` holds the node faulted when a command fails."""
+
+    def unconfirmed(self, device_id: str) -> bool:
+        return False
+
+    def pending(self) -> frozenset[str]:
+        return frozenset()
+
+    def verify(self) -> list[NotApplied]:
+        return []
+
+    def resume(self, commanded: Mapping[str, tuple[str, datetime]]) -> int:
+        """Caps and job states are read from the devices, not taken from the journal."""
+        return 0
+
+    def adopt_observed(self) -> int:
+        return 0
+
+    def reconcile(self) -> list[tuple[str, str, str]]:
+        return []
+
+    def commanded(self) -> Iterable[tuple[str, str, datetime]]:
+        return ()
 
     async def apply(self, action: Action) -> None:
         """Carry out one GPU or job action and check it took effect."""
@@ -551,18 +583,6 @@ class GpuSite:
 # ---- building from config -----------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class GpuSimulation:
-    """The simulated side of a site: NVML stand-ins per node and the job scheduler."""
-
-    nvml: dict[str, SimNvml]  # node id -> its simulated NVML
-    scheduler: SimScheduler | None
-
-    def gpu_power_w(self) -> float:
-        """True power of every simulated GPU (what a meter on the cards would read)."""
-        return sum(g.power_w for nvml in self.nvml.values() for g in nvml.gpus)
-
-
 def expand_gpu_nodes(config: AgentConfig) -> list[tuple[int, GpuNodeSpec]]:
     """Every configured node as (index of its config line, spec), expanding ``count``."""
     out = []
@@ -592,33 +612,26 @@ def expand_gpu_nodes(config: AgentConfig) -> list[tuple[int, GpuNodeSpec]]:
 def build_gpu_fleet(
     config: AgentConfig,
     *,
+    drivers: DriverRegistry | None = None,
     jobs: JobControl | None = None,
     clock: Callable[[], datetime] | None = None,
     monotonic: Callable[[], float] = time.monotonic,
-    sim_clock: Callable[[], float] = time.time,
     source: str = "<config>",
-) -> GpuSite:
-    """A :class:`GpuSite` for ``config.gpu_nodes`` and ``config.ai``.
+) -> GpuFleet:
+    """A :class:`GpuFleet` for ``config.gpu_nodes`` and ``config.ai``, drivers from ``drivers``
+    (the live ones by default).
 
     ``jobs`` replaces the configured scheduler (tests hand in a ``SlurmJobs`` for their own
-    cluster). Raises :class:`ConfigError` for what config validation cannot see (an unknown
-    GPU model, a cap range the card cannot do, an unsupported driver).
+    cluster). Raises :class:`ConfigError` for what config validation cannot see (a driver that
+    is not available here, a cap range the card cannot do, two nodes on this host's NVML).
     """
+    registry = live_drivers() if drivers is None else drivers
     problems: list[str] = []
     specs = expand_gpu_nodes(config)
-    control = config.control
-    nvml_timeout_s = min(2.0, control.device_timeout_s)
     nodes: list[tuple[GpuNodeSpec, GpuControl]] = []
-    sims: dict[str, SimNvml] = {}
     real_nvml = 0
     for i, spec in specs:
         line = config.gpu_nodes[i]
-        if line.driver == "mqtt-node":
-            problems.append(
-                f"{source}: gpu_nodes.{i}.driver: mqtt-node (a node agent on a remote GPU host, "
-                "over MQTT) is not supported yet; use nvml on the GPU host itself, or nvml-sim"
-            )
-            continue
         if line.driver == "nvml":
             real_nvml += 1
             if real_nvml == 2:
@@ -626,113 +639,24 @@ def build_gpu_fleet(
                     f"{source}: gpu_nodes.{i}.driver: nvml reads this host's GPUs, so only one "
                     "GPU node (count 1) may use it; remote hosts need mqtt-node"
                 )
-            nodes.append((spec, NvmlGpus(call_timeout_s=nvml_timeout_s)))
-            continue
+                continue
         try:
-            model = model_named(line.model)
-        except ValueError as exc:
-            problems.append(f"{source}: gpu_nodes.{i}.model: {exc}")
-            continue
-        if spec.min_cap_w < model.min_limit_w or spec.max_cap_w > model.max_limit_w:
-            problems.append(
-                f"{source}: gpu_nodes.{i}: cap range {spec.min_cap_w:g}–{spec.max_cap_w:g} W is "
-                f"outside what a {model.name} allows ({model.min_limit_w:g}–"
-                f"{model.max_limit_w:g} W)"
-            )
-            continue
-        nvml = SimNvml([model] * spec.gpus)
-        sims[spec.device_id] = nvml
-        nodes.append((spec, NvmlGpus(nvml, call_timeout_s=nvml_timeout_s)))
-    scheduler: SimScheduler | None = None
-    ai = config.ai
+            nodes.append((spec, registry.gpu(spec, line, config.control)))
+        except DriverConfigError as exc:
+            problems.append(f"{source}: {exc.where(f'gpu_nodes.{i}', 'driver')}: {exc}")
     if jobs is None and not problems:
-        jobs, scheduler = _build_jobs(config, specs, sims, sim_clock, source, problems)
+        try:
+            jobs = registry.scheduler(config, [spec for _, spec in specs])
+        except DriverConfigError as exc:
+            problems.append(f"{source}: {exc.where('ai', 'scheduler')}: {exc}")
     if problems:
         raise ConfigError(source, problems)
-    site = GpuSite(
+    return GpuFleet(
         nodes,
         jobs,
-        ai,
-        control,
+        config.ai,
+        config.control,
         clock=clock or utc_now,
         monotonic=monotonic,
         fault_retry_s=config.control.fault_retry_s,
     )
-    if sims:
-        site.simulation = GpuSimulation(sims, scheduler)
-    return site
-
-
-def _build_jobs(
-    config: AgentConfig,
-    specs: list[tuple[int, GpuNodeSpec]],
-    sims: dict[str, SimNvml],
-    sim_clock: Callable[[], float],
-    source: str,
-    problems: list[str],
-) -> tuple[JobControl | None, SimScheduler | None]:
-    ai = config.ai
-    if ai.scheduler == "slurm":
-        return SlurmJobs(rules=JobClassRules(sources=(ai.class_from,))), None
-    if ai.scheduler == "local":
-        if len(specs) != 1:
-            problems.append(
-                f"{source}: ai.scheduler: local runs jobs on this host, so it needs exactly one "
-                f"GPU node (got {len(specs)})"
-            )
-            return None, None
-        return LocalJobs(node=specs[0][1].scheduler_node), None
-    real = [spec.device_id for _, spec in specs if spec.device_id not in sims]
-    if real:
-        problems.append(
-            f"{source}: ai.scheduler: sim runs simulated jobs on simulated GPUs, but "
-            f"{', '.join(real)} use real NVML; use slurm or local"
-        )
-        return None, None
-    by_sched = {spec.scheduler_node: spec for _, spec in specs}
-    scheduler = SimScheduler(
-        {spec.scheduler_node: sims[spec.device_id].gpus for _, spec in specs},
-        clock=sim_clock,
-    )
-    node_ids = {spec.device_id: spec.scheduler_node for _, spec in specs}
-    for k, job in enumerate(ai.sim_jobs or _default_mix(specs)):
-        if job.node is not None and job.node not in node_ids:
-            problems.append(
-                f"{source}: ai.sim_jobs.{k}.node: unknown GPU node {job.node!r} "
-                f"(known: {', '.join(node_ids)})"
-            )
-            continue
-        pinned = None if job.node is None else node_ids[job.node]
-        room = by_sched[pinned].gpus if pinned else max(s.gpus for _, s in specs)
-        if job.gpus > room:
-            problems.append(
-                f"{source}: ai.sim_jobs.{k}.gpus: {job.gpus} GPUs, but no node has more than {room}"
-            )
-            continue
-        contract: JobClassContract = getattr(ai, job.job_class)
-        for _ in range(job.count):
-            scheduler.submit(
-                job_class=job.job_class,
-                gpus=job.gpus,
-                node=pinned,
-                utilization_pct=job.utilization_pct,
-                checkpoint_interval_s=contract.checkpoint_interval_s,
-            )
-    return SimJobs(scheduler), scheduler
-
-
-def _default_mix(specs: list[tuple[int, GpuNodeSpec]]) -> list[SimJobConfig]:
-    """Per node: a quarter of the GPUs in an SLA job, half preemptible, the rest filler."""
-    mix: list[SimJobConfig] = []
-    for _, spec in specs:
-        sla = max(1, spec.gpus // 4)
-        preemptible = spec.gpus // 2
-        filler = spec.gpus - sla - preemptible
-        for job_class, gpus in (("sla", sla), ("preemptible", preemptible), ("filler", filler)):
-            if gpus > 0:
-                mix.append(
-                    SimJobConfig.model_validate(
-                        {"job_class": job_class, "gpus": gpus, "node": spec.device_id}
-                    )
-                )
-    return mix

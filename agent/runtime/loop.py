@@ -1,12 +1,18 @@
 """The agent's main loop: one TaskGroup owns every long-running task.
 
-Tasks: the miner poller and price poller (coordinator), the control loop (snapshot → decide →
-actuate → verify), and any outputs handed in (metrics server, MQTT). The control loop runs every
-``control.interval_s`` and at once when the price interval changes or a grid event starts or
-ends (the fast path). It waits for the first full poll before the first decision, so a restart
-never commands from ignorance.
+Tasks: a poller per fleet and per signal (through the coordinator), the control loop (snapshot →
+decide → actuate → verify), the operator inbox, the grid event watch, and the services handed in
+(metrics server, MQTT, fleet drivers). The control loop runs every ``control.interval_s`` and at
+once when the price interval changes or a grid event starts or ends (the fast path). It waits for
+every fleet's first poll before the first decision, so a restart never commands from ignorance.
 
-Stopping: setting the ``stop`` event (SIGTERM/SIGINT in :mod:`agent.runtime.daemon`) lets every
+The loop is the only writer of :class:`~agent.runtime.state.AgentState`: after each poll and each
+cycle it publishes what the coordinator, the fleets and the actuator report (source health,
+faults, action results, safe mode); outputs only read it. Every part is handed in at
+construction: the components (fleets, signals, journal, grid sources, services), the cycle
+observers (logs, MQTT), the operator inbox and the watchdog.
+
+Stopping: setting the ``stop`` event (SIGTERM/SIGINT in :mod:`agent.cli.daemon`) lets every
 loop finish its current step; anything still running after ``grace_s`` is cancelled, so the
 process exits within seconds even if a device call hangs.
 """
@@ -15,57 +21,63 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
-from agent.control.config import AgentConfig
+from agent.control.commands import Command, CommandResult, Curtail, Release, SetMode
+from agent.control.config import AgentConfig, ControlConfig
 from agent.control.domain import ActiveEvent, Plan, Snapshot
 from agent.control.policy import decide
 from agent.journal.store import Store
-from agent.outputs.logs import log_cycle
-from agent.outputs.mqtt import Command, CommandResult, Curtail, Release, SetMode
 from agent.runtime.actuator import ActionResult, Actuator, AuditSink
 from agent.runtime.coordinator import Clock, Coordinator, utc_now
 from agent.runtime.events import EventBook, EventSource
-from agent.runtime.fleet import GpuFleet
+from agent.runtime.fleet import Fleet
+from agent.runtime.inbox import CommandInbox, Rejection, Submission
 from agent.runtime.state import AgentState
 from drivers.errors import AgentError
+from drivers.gpus.base import GpuReading
 from drivers.grid.base import GridEvent, ProgramKind
-from drivers.miners.base import MinerSleepWake, MinerTelemetry
 from drivers.prices.base import PriceSource
 from drivers.prices.csv_replay import DayAheadForecast
 from drivers.prices.system_load import SystemLoadReplay
 
 log = logging.getLogger(__name__)
 
-
-class MinerDevice(MinerTelemetry, MinerSleepWake, Protocol):
-    """A miner driver that can be read and put to sleep or woken."""
-
-
 CycleHook = Callable[[Snapshot, Plan, Sequence[ActionResult]], Awaitable[None] | None]
+Service = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
-@dataclass(slots=True)
+@runtime_checkable
+class PerGpuReadings(Protocol):
+    """Optional for a fleet: the latest per-GPU readings of each node (per-GPU metrics)."""
+
+    def readings(self) -> dict[str, tuple[GpuReading, ...]]: ...
+
+
+@dataclass(frozen=True, slots=True)
 class Components:
     """What the runtime drives: built from config by :mod:`agent.runtime.wiring`, or by tests."""
 
-    miners: Mapping[str, MinerDevice]
+    fleets: Sequence[Fleet]
     price_source: PriceSource | None
-    audit: AuditSink | None = None
     store: Store | None = None  # the journal; also the audit sink when audit is None
-    grid_sources: list[EventSource] = field(default_factory=list)
-    gpu_fleet: GpuFleet | None = None
+    audit: AuditSink | None = None
+    grid_sources: Sequence[EventSource] = ()
     hashprice_source: PriceSource | None = None
     day_ahead: DayAheadForecast | None = None
     system_load: SystemLoadReplay | None = None
-    # Extra long-running tasks (metrics server, MQTT...): each gets the stop event.
-    services: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
-        default_factory=list
-    )
+    # Extra long-running tasks (metrics server, MQTT, grid sources...): each gets the stop event.
+    services: Sequence[Service] = field(default_factory=tuple)
+
+
+def first_poll_timeout_s(control: ControlConfig) -> float:
+    """How long the first decision waits for every fleet's first poll (then it goes ahead)."""
+    return max(30.0, 3 * control.device_timeout_s)
 
 
 class Agent:
@@ -76,59 +88,74 @@ class Agent:
         config: AgentConfig,
         components: Components,
         *,
+        state: AgentState | None = None,
+        observers: Sequence[CycleHook] = (),
+        inbox: CommandInbox | None = None,
+        watchdog: Callable[[], None] | None = None,
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
-        on_cycle: CycleHook | None = None,
     ) -> None:
         self.config = config
         self.components = components
-        self.state = AgentState(site_id=config.site.id, started_at=clock())
+        # Built by the caller when outputs need it before the agent exists; written only here.
+        self.state = state or AgentState(site_id=config.site.id, started_at=clock())
+        self.fleets = tuple(components.fleets)
         self.coordinator = Coordinator(
             config,
-            self.state,
-            components.miners,
+            self.fleets,
             components.price_source,
+            hashprice_source=components.hashprice_source,
+            day_ahead=components.day_ahead,
+            system_load=components.system_load,
             clock=clock,
             monotonic=monotonic,
         )
-        self.coordinator.gpu_fleet = components.gpu_fleet
-        self.coordinator.hashprice_source = components.hashprice_source
-        self.coordinator.day_ahead = components.day_ahead
-        self.coordinator.system_load = components.system_load
         self.actuator = Actuator(
-            self.coordinator,
-            self.state,
-            components.miners,
+            config.control,
+            self.fleets,
             components.audit or components.store,
             components.store,
+            clock=clock,
         )
-        self.on_cycle = on_cycle
+        self.observers = tuple(observers)
+        self.inbox = inbox
+        self.watchdog = watchdog  # fed after every cycle (systemd)
+        self.operator_mode: Literal["auto", "manual"] = "auto"
         self.wake_control = asyncio.Event()  # set to run a control cycle at once (fast path)
         self.event_book = EventBook(
-            components.grid_sources,
+            list(components.grid_sources),
             components.store,
             self.coordinator.events,
             on_change=self.wake_control.set,
+            count_rejected=self._count_rejected,
         )
-        self.event_book.count_rejected = self._count_rejected
         self.event_watch_s = 0.5
-        self.metrics_port: int | None = None  # set by the metrics service once bound
-        self.first_poll_timeout_s = max(30.0, 3 * config.control.device_timeout_s)
-        self.watchdog: Callable[[], None] | None = None  # fed after every cycle (systemd)
+        self.first_poll_timeout_s = first_poll_timeout_s(config.control)
+
+    def pending(self) -> frozenset[str]:
+        """Devices whose last command still waits for telemetry to confirm it."""
+        return self.actuator.pending()
+
+    def publish(self) -> None:
+        """Copy what the parts report into the state outputs read (the only writer)."""
+        state = self.state
+        state.sources = {n: replace(h) for n, h in self.coordinator.health.items()}
+        state.faults = dict(itertools.chain.from_iterable(f.faults().items() for f in self.fleets))
+        readings: dict[str, tuple[GpuReading, ...]] = {}
+        for fleet in self.fleets:
+            if isinstance(fleet, PerGpuReadings):
+                readings.update(fleet.readings())
+        state.gpu_readings = readings
+        state.safe_reason = self.actuator.safe_reason
+        state.mode = "safe" if state.safe_reason is not None else self.operator_mode
 
     async def restore_journal(self) -> None:
         """Load commanded states and active events from the journal (restart rule)."""
         store = self.components.store
         if store is None:
             return
-        known = 0
-        for device_id, (point, since) in (await store.commanded_states()).items():
-            slot = self.coordinator.slots.get(device_id)
-            if slot is None or all(p.name != point for p in slot.points):
-                continue  # a device no longer configured, or a profile that no longer exists
-            self.coordinator.set_commanded(device_id, point, since)
-            self.coordinator.journaled.add(device_id)
-            known += 1
+        commanded = await store.commanded_states()
+        known = sum(fleet.resume(commanded) for fleet in self.fleets)
         now = self.coordinator.clock()
         for stored in await store.active_events():
             if stored.event.end > now:
@@ -142,11 +169,13 @@ class Agent:
         )
 
     async def control_cycle(self) -> Plan:
-        """One decision: verify last commands, snapshot, decide, actuate."""
+        """One decision: verify last commands, snapshot, decide, actuate, publish."""
         started = time.monotonic()
         await self.actuator.retry_journal()
-        await self.actuator.verify()
-        self.coordinator.reconcile_drift(set(self.actuator.pending))
+        missed = await self.actuator.verify()
+        for fleet in self.fleets:
+            fleet.reconcile()
+        self.publish()
         last = self.state.snapshot
         await self.event_book.sync(
             self.coordinator.clock(), None if last is None else last.measured_site_power_w
@@ -164,19 +193,14 @@ class Agent:
         self.coordinator.spend_ramp(
             sum(r.action.delta_power_w for r in results if r.result == "ok" and not r.action.sheds)
         )
+        for r in itertools.chain(missed, results):
+            self.state.actions[(r.action.kind.value, r.result)] += 1
+        self.publish()
         self.state.cycles += 1
         self.state.last_cycle_at = snapshot.at
         self.state.last_cycle_duration_s = time.monotonic() - started
-        log_cycle(
-            log,
-            plan,
-            cycle=self.state.cycles,
-            duration_s=self.state.last_cycle_duration_s,
-            snapshot=snapshot,
-            mode=self.state.mode,
-        )
-        if self.on_cycle is not None:
-            maybe = self.on_cycle(snapshot, plan, results)
+        for observer in self.observers:
+            maybe = observer(snapshot, plan, results)
             if maybe is not None:
                 await maybe
         if self.watchdog is not None:
@@ -186,12 +210,12 @@ class Agent:
     async def _control_loop(self, stop: asyncio.Event) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.first_poll_timeout_s):
-                # Hold every device where it is until the first full fleet poll (restart rule).
-                await _first(self.coordinator.miners_polled.wait(), stop.wait())
+                # Hold every device where it is until every fleet's first poll (restart rule).
+                await _first(_all_polled(self.fleets), stop.wait())
         if stop.is_set():
             return
-        adopted = self.coordinator.adopt_observed_state()
-        log.info("first poll done: %d miner(s) adopted at their observed operating point", adopted)
+        adopted = sum(fleet.adopt_observed() for fleet in self.fleets)
+        log.info("first poll done: %d device(s) adopted at their observed state", adopted)
         interval = self.config.control.interval_s
         while not stop.is_set():
             await self.control_cycle()
@@ -206,6 +230,34 @@ class Agent:
 
     def _count_rejected(self, source: str, reason: str) -> None:
         self.state.rejected[(source, reason)] += 1
+
+    async def _serve_inbox(self, inbox: CommandInbox, stop: asyncio.Event) -> None:
+        """Answer operator commands and count rejected inputs, in the loop's own task."""
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                getting = asyncio.ensure_future(inbox.next())
+                await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()  # a cancelled get() takes nothing off the queue
+                    return
+                await self._serve(getting.result())
+        finally:
+            stopping.cancel()
+
+    async def _serve(self, item: Submission | Rejection) -> None:
+        if isinstance(item, Rejection):
+            self._count_rejected(item.source, item.reason)
+            return
+        if item.answer.done():  # the sender gave up waiting: nothing to do
+            return
+        try:
+            result = await self.handle_command(item.command)
+        except Exception as exc:  # a bug here must not stop the loop's other tasks
+            log.exception("command %s failed", item.command.id)
+            result = CommandResult.refuse(f"internal error: {type(exc).__name__}")
+        if not item.answer.done():
+            item.answer.set_result(result)
 
     async def handle_command(self, command: Command) -> CommandResult:
         """An authenticated operator command (MQTT): act on it, or refuse with the reason."""
@@ -235,9 +287,12 @@ class Agent:
                 return CommandResult.refuse("no operator override is in force")
             return CommandResult.ok(f"released {', '.join(released)}")
         if isinstance(command, SetMode):
-            if self.state.mode == "safe":
-                return CommandResult.refuse(f"safe mode ({self.state.safe_reason}) cannot be left")
-            self.state.mode = command.mode
+            if self.actuator.safe_reason is not None:
+                return CommandResult.refuse(
+                    f"safe mode ({self.actuator.safe_reason}) cannot be left"
+                )
+            self.operator_mode = command.mode
+            self.publish()
             await self._audit_command(command.operator, f"set_mode:{command.mode}")
             self.wake_control.set()
             return CommandResult.ok(f"mode {command.mode}")
@@ -288,48 +343,41 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.event_watch_s)
 
+    async def _poll(
+        self, poll: Callable[[], Awaitable[None]], every_s: float, stop: asyncio.Event
+    ) -> None:
+        """A poller that publishes what it learnt after every poll."""
+
+        async def poll_and_publish() -> None:
+            await poll()
+            self.publish()
+
+        await self.coordinator.run_poller(poll_and_publish, every_s, stop)
+
     async def run(self, stop: asyncio.Event, *, grace_s: float = 3.0) -> None:
         """Run until ``stop`` is set; then give tasks ``grace_s`` to finish, and cancel the rest."""
         control = self.config.control
+        coordinator = self.coordinator
         await self.restore_journal()
         loops: list[Coroutine[Any, Any, None]] = [
-            self.coordinator.run_poller(
-                self.coordinator.poll_miners, control.poll_interval_s, stop
-            ),
             self._control_loop(stop),
             self._event_watch(stop),
         ]
-        fleet = self.components.gpu_fleet
-        if fleet is not None:
+        for fleet in self.fleets:
 
-            async def poll_gpus() -> None:
-                health = self.state.source("gpus")
-                try:
-                    await fleet.poll()
-                except AgentError as exc:  # the fleet keeps its last good readings
-                    if health.last_error is None:
-                        log.warning("GPU poll failed: %s", exc)
-                    health.last_error, health.failures = str(exc), health.failures + 1
-                    return
-                health.last_error, health.last_success = None, self.coordinator.clock()
-                health.successes += 1
-                self.state.gpu_readings = fleet.readings()
-                # GPU node faults join the miners' in the one fault list outputs read.
-                for node in fleet.views(self.coordinator.clock()):
-                    if node.fault is None:
-                        self.state.faults.pop(node.device_id, None)
-                    else:
-                        self.state.faults[node.device_id] = node.fault
+            async def poll_fleet(fleet: Fleet = fleet) -> None:
+                await coordinator.poll_fleet(fleet)
 
-            loops.append(self.coordinator.run_poller(poll_gpus, control.poll_interval_s, stop))
+            loops.append(self._poll(poll_fleet, control.poll_interval_s, stop))
+            loops.append(fleet.run(stop))  # opens the fleet's drivers, closes them at stop
         if self.components.hashprice_source is not None:
             every = self.config.economics.hashprice.poll_interval_s
-            loops.append(self.coordinator.run_poller(self.coordinator.poll_hashprice, every, stop))
+            loops.append(self._poll(coordinator.poll_hashprice, every, stop))
         if self.components.price_source is not None:
             price_every = min(control.poll_interval_s, control.interval_s)
-            loops.append(
-                self.coordinator.run_poller(self.coordinator.poll_price, price_every, stop)
-            )
+            loops.append(self._poll(coordinator.poll_price, price_every, stop))
+        if self.inbox is not None:
+            loops.append(self._serve_inbox(self.inbox, stop))
         loops.extend(service(stop) for service in self.components.services)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -342,6 +390,11 @@ class Agent:
                 if aclose is not None:
                     await aclose()
         log.info("agent stopped after %d cycle(s)", self.state.cycles)
+
+
+async def _all_polled(fleets: Sequence[Fleet]) -> None:
+    for fleet in fleets:
+        await fleet.polled.wait()
 
 
 async def _first(*aws: Coroutine[Any, Any, Any]) -> None:

@@ -1,13 +1,18 @@
 """The agent's live, in-memory state that outputs read: latest snapshot and plan, counters.
 
-The runtime owns one :class:`AgentState` and is the only writer. Outputs (the Prometheus
-collector, the MQTT publisher, the status line) only read it; they never do I/O against devices.
-Counters only grow, so a reader may see a value one cycle old but never a wrong one.
+One writer: the loop (:class:`agent.runtime.loop.Agent`). The coordinator, the fleets and the
+actuator keep their own records and report through return values; the loop publishes copies
+here after every poll and every cycle (:meth:`~agent.runtime.loop.Agent.publish`), and counts
+what outputs refuse through the operator inbox. Outputs (the Prometheus collector, the MQTT
+publisher, the status line) only read it; they never do I/O against devices. Counters only grow,
+so a reader may see a value one cycle old but never a wrong one. ``tests/test_layout.py`` checks
+that nothing else in ``agent/`` assigns to it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -42,15 +47,9 @@ class AgentState:
     actions: Counter[tuple[str, str]] = field(default_factory=Counter)
     # (source, reason) -> count of rejected inputs (bad price rows, bad commands, ...)
     rejected: Counter[tuple[str, str]] = field(default_factory=Counter)
-    sources: dict[str, SourceHealth] = field(default_factory=dict)
-    faults: dict[str, str] = field(default_factory=dict)  # device id -> fault reason
+    sources: Mapping[str, SourceHealth] = field(default_factory=dict)
+    faults: Mapping[str, str] = field(default_factory=dict)  # device id -> fault reason
     mode: str = "auto"  # "auto"; "manual" (operator: no actions); "safe" (sheds only)
     safe_reason: str | None = None
     # GPU node id -> the latest per-GPU readings of that node (for per-GPU metrics).
-    gpu_readings: dict[str, tuple[GpuReading, ...]] = field(default_factory=dict)
-
-    def source(self, name: str) -> SourceHealth:
-        health = self.sources.get(name)
-        if health is None:
-            health = self.sources[name] = SourceHealth(name)
-        return health
+    gpu_readings: Mapping[str, tuple[GpuReading, ...]] = field(default_factory=dict)

@@ -1,7 +1,9 @@
-"""Builds the runtime's components from a config: drivers for every device and signal.
+"""Builds the runtime's components from a config: fleets, signals, grid sources.
 
-This is the one place that knows which driver class serves which config ``type``; the rest of
-the agent sees only the protocols in ``drivers/*/base.py``.
+Device drivers come from the driver registry (:mod:`agent.runtime.registry`, keyed by
+``firmware:``, ``driver:`` and ``ai.scheduler:``); price and signal sources are chosen here by
+their config ``type``. The rest of the agent sees only the protocols in ``drivers/*/base.py``
+and the fleet protocol.
 """
 
 from __future__ import annotations
@@ -9,19 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
-from agent.control.config import AgentConfig, ConstantPriceConfig, CsvPriceConfig
+from agent.control.config import AgentConfig, ConfigError, ConstantPriceConfig, CsvPriceConfig
 from agent.control.economics import mining_revenue_usd_per_h
-from agent.runtime.events import EventSource
+from agent.journal.store import Store
+from agent.runtime.fleet import Fleet
 from agent.runtime.gpu_fleet import build_gpu_fleet
-from agent.runtime.loop import Agent, Components, MinerDevice
+from agent.runtime.loop import Components, Service
+from agent.runtime.miner_fleet import MinerDevice, MinerFleet
+from agent.runtime.registry import DriverConfigError, DriverRegistry, MinerLine, live_drivers
+from agent.runtime.state import AgentState
 from drivers.errors import SourceError
 from drivers.grid.base import GridEvent
 from drivers.grid.mqtt_curtail import MqttCurtailSource
 from drivers.grid.openadr import OpenAdrVen
-from drivers.miners.pyasic_driver import PyasicMiner
 from drivers.prices.base import PriceReading, PriceSource
 from drivers.prices.csv_replay import (
     CsvPriceReplay,
@@ -34,6 +41,17 @@ from drivers.prices.http_json import HttpJsonSettings, HttpJsonSource
 from drivers.prices.system_load import SystemLoadReplay, load_system_load_csv
 
 log = logging.getLogger(__name__)
+
+
+class GridSource(Protocol):
+    """A grid event source the runtime runs as a service (it holds its connection)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def events(self) -> tuple[GridEvent, ...]: ...
+
+    async def run(self, stop: asyncio.Event) -> None: ...
 
 
 class ConstantPrice:
@@ -73,58 +91,112 @@ def build_price_source(
     raise AssertionError(f"unhandled price config {rt!r}")
 
 
-def build_miners(config: AgentConfig) -> dict[str, MinerDevice]:
-    """One pyasic driver per configured miner, sharing one fleet semaphore."""
+def build_miners(
+    config: AgentConfig, drivers: DriverRegistry | None = None, *, source: str = "<config>"
+) -> dict[str, MinerDevice]:
+    """One driver per configured miner, by its ``firmware:``, sharing one fleet semaphore."""
+    registry = live_drivers() if drivers is None else drivers
     semaphore = asyncio.Semaphore(config.control.max_concurrency)
     timeout_s = config.control.device_timeout_s
-    return {
-        device_id: PyasicMiner.luxos(address, semaphore, device_id=device_id, timeout_s=timeout_s)
-        for device_id, address, _line in config.expanded_miners()
-    }
+    line_of = {id(line): i for i, line in enumerate(config.miners)}
+    miners: dict[str, MinerDevice] = {}
+    problems: dict[int, str] = {}
+    for device_id, address, line in config.expanded_miners():
+        i = line_of[id(line)]
+        if i in problems:
+            continue
+        try:
+            miners[device_id] = registry.miner(
+                MinerLine(device_id, address, line, semaphore, timeout_s)
+            )
+        except DriverConfigError as exc:
+            problems[i] = f"{source}: {exc.where(f'miners.{i}', 'firmware')}: {exc}"
+    if problems:
+        raise ConfigError(source, list(problems.values()))
+    return miners
 
 
-def build_signals(config: AgentConfig, components: Components) -> None:
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """The optional signals: hashprice feed, day-ahead forecast, system load (4CP)."""
+
+    hashprice_source: PriceSource | None = None
+    day_ahead: DayAheadForecast | None = None
+    system_load: SystemLoadReplay | None = None
+
+
+def build_signals(config: AgentConfig) -> Signals:
     """Hashprice feed, day-ahead forecast and system load (4CP), where configured.
 
     A replayed system load or day-ahead file follows the real-time price replay's clock (the
     coordinator looks both up at the market's time), so they stay in step in demos and tests.
     """
+    hashprice: PriceSource | None = None
     hp = config.economics.hashprice
     if isinstance(hp.feed, HttpJsonSettings):
-        components.hashprice_source = HttpJsonSource(hp.feed, name="hashprice")
+        hashprice = HttpJsonSource(hp.feed, name="hashprice")
     elif isinstance(hp.feed, ComputedHashpriceSettings):
-        components.hashprice_source = ComputedHashprice.from_settings(hp.feed)
+        hashprice = ComputedHashprice.from_settings(hp.feed)
     da = config.prices.day_ahead
+    day_ahead = None
     if da is not None:
-        components.day_ahead = DayAheadForecast(
-            load_day_ahead_csv(da.path, da.column, collect_errors=True)
-        )
+        day_ahead = DayAheadForecast(load_day_ahead_csv(da.path, da.column, collect_errors=True))
+    system_load = None
     load_csv = config.grid.fourcp.system_load_csv
     if config.grid.fourcp.enabled and load_csv is not None:
         if not load_csv.is_file():
             raise SourceError("system-load", f"system-load file {load_csv} not found")
-        components.system_load = SystemLoadReplay(
-            load_system_load_csv(load_csv, collect_errors=True)
-        )
+        system_load = SystemLoadReplay(load_system_load_csv(load_csv, collect_errors=True))
+    return Signals(hashprice, day_ahead, system_load)
 
 
-def build_components(config: AgentConfig) -> Components:
-    fleet = build_gpu_fleet(config) if config.gpu_nodes else None
-    components = Components(
-        miners=build_miners(config), price_source=build_price_source(config), gpu_fleet=fleet
+def build_fleets(
+    config: AgentConfig, drivers: DriverRegistry | None = None, *, source: str = "<config>"
+) -> list[Fleet]:
+    """The miner fleet, and the GPU fleet when the site has GPU nodes."""
+    fleets: list[Fleet] = [MinerFleet(config, build_miners(config, drivers, source=source))]
+    if config.gpu_nodes:
+        fleets.append(build_gpu_fleet(config, drivers=drivers, source=source))
+    return fleets
+
+
+def build_components(
+    config: AgentConfig,
+    state: AgentState,
+    *,
+    drivers: DriverRegistry | None = None,
+    fleets: Sequence[Fleet] | None = None,
+    price_source: PriceSource | None = None,
+    store: Store | None = None,
+    services: Sequence[Service] = (),
+) -> Components:
+    """Everything the agent drives, from config, with drivers from ``drivers`` (the live
+    registry by default); ``fleets`` and ``price_source`` replace the configured ones.
+
+    ``state`` is the one the agent will write: the grid sources read the latest snapshot and
+    plan from it (an economic event is joined only when it pays).
+    """
+    grid_sources = build_grid_sources(config, state)
+    signals = build_signals(config)
+    return Components(
+        fleets=build_fleets(config, drivers) if fleets is None else fleets,
+        price_source=build_price_source(config) if price_source is None else price_source,
+        store=store,
+        grid_sources=grid_sources,
+        hashprice_source=signals.hashprice_source,
+        day_ahead=signals.day_ahead,
+        system_load=signals.system_load,
+        # Grid sources keep their connections in their own service.
+        services=(*services, *(source.run for source in grid_sources)),
     )
-    if fleet is not None:
-        components.services.append(fleet.run)  # opens the GPU drivers, closes them at stop
-    build_signals(config, components)
-    return components
 
 
-def attach_grid_sources(agent: Agent, config: AgentConfig) -> None:
-    """Add the configured grid event sources to a built agent (they need its live state)."""
+def build_grid_sources(config: AgentConfig, state: AgentState) -> list[GridSource]:
+    """The configured grid event sources (OpenADR VEN, MQTT curtailment topic)."""
     grid = config.grid
 
     def site_power_w() -> float:
-        snap = agent.state.snapshot
+        snap = state.snapshot
         if snap is None or snap.measured_site_power_w is None:
             return 0.0
         return snap.measured_site_power_w
@@ -133,7 +205,7 @@ def attach_grid_sources(agent: Agent, config: AgentConfig) -> None:
         """Join an economic event when payment + price beats the best value it would shed."""
         if event.mandatory:
             return True
-        snap, plan = agent.state.snapshot, agent.state.plan
+        snap, plan = state.snapshot, state.plan
         if snap is None or plan is None:
             return False
         price = plan.effective_price_usd_per_mwh
@@ -141,14 +213,12 @@ def attach_grid_sources(agent: Agent, config: AgentConfig) -> None:
         gain = event.payment_usd_per_mwh + price - grid.economic_opt_in_margin_usd_per_mwh
         return gain >= best
 
-    sources: list[EventSource] = []
+    sources: list[GridSource] = []
     if grid.openadr is not None:
         sources.append(OpenAdrVen(grid.openadr, opt_rule=opt_in, site_power_w=site_power_w))
     if grid.mqtt_curtail is not None:
         sources.append(MqttCurtailSource(grid.mqtt_curtail))
-    for source in sources:
-        agent.components.grid_sources.append(source)
-        agent.components.services.append(source.run)  # type: ignore[attr-defined]
+    return sources
 
 
 def best_mining_value_usd_per_mwh(config: AgentConfig, hashprice: float) -> float:

@@ -81,3 +81,20 @@ class Bus(Protocol):
     """Opens sessions; ``async with bus.session() as s`` connects, and disconnects on exit."""
 
     def session(self) -> AbstractAsyncContextManager[BusSession]: ...
+
+
+def topic_matches(topic: str, pattern: str) -> bool:
+    """Whether ``topic`` matches the MQTT subscription ``pattern`` (``+`` one level, ``#`` rest).
+
+    Topics starting with ``$`` (broker internals) match no pattern that starts with a wildcard,
+    as in MQTT 3.1.1 section 4.7.2.
+    """
+    if topic.startswith("$") and pattern[:1] in ("+", "#"):
+        return False
+    levels, wanted = topic.split("/"), pattern.split("/")
+    for i, want in enumerate(wanted):
+        if want == "#":
+            return i == len(wanted) - 1  # "#" is valid only last; it matches the parent too
+        if i >= len(levels) or (want != "+" and want != levels[i]):
+            return False
+    return len(levels) == len(wanted)

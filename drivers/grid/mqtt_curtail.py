@@ -18,7 +18,10 @@ Conflicting events are all reported; the policy applies the stricter target.
 age is measured on our clock, immune to the sender's). When it goes stale, each program does what
 its ``fail`` says: ``curtail`` adds a synthesized full-shed event (site load ≤ 0 kW) until the
 heartbeat returns, ``hold`` keeps the known events, ``release`` drops that program's events.
-The connection is kept by :meth:`MqttCurtailSource.run`, reconnecting with capped backoff.
+The connection is kept by :meth:`MqttCurtailSource.run`, reconnecting with capped backoff, over
+the project's one MQTT transport (:mod:`drivers.bus`); the broker keys are the shared
+:class:`~drivers.bus.settings.BrokerSettings`. The MQTT library loads only when the source
+connects, so reading a config that has one costs nothing.
 """
 
 from __future__ import annotations
@@ -27,23 +30,21 @@ import asyncio
 import contextlib
 import json
 import logging
-import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Literal
 
-import aiomqtt
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from drivers.bus.base import Bus, BusError, topic_matches
+from drivers.bus.settings import BrokerSettings
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.grid.common import (
     ProgramSettings,
@@ -55,21 +56,10 @@ from drivers.grid.common import (
 log = logging.getLogger(__name__)
 
 
-class MqttCurtailSettings(BaseModel):
-    """Config of an MQTT curtailment source (``type: mqtt``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class MqttCurtailSettings(BrokerSettings):
+    """Config of an MQTT curtailment source (``type: mqtt``): a broker, and what to watch."""
 
     type: Literal["mqtt"] = "mqtt"
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
-    username: str | None = None
-    password: SecretStr | None = None
-    client_id: str | None = None
-    # TLS to the broker: a CA to verify it, and optionally a client certificate and key.
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
     topic: str = "grid/curtail"
     heartbeat_topic: str = "grid/heartbeat"
     heartbeat_max_age_s: float = Field(default=60.0, gt=0)
@@ -77,18 +67,6 @@ class MqttCurtailSettings(BaseModel):
     default_program: str | None = Field(
         default=None, description="program of messages that name none"
     )
-    reconnect_min_s: float = Field(default=0.5, gt=0)
-    reconnect_max_s: float = Field(default=30.0, gt=0)
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-
-    def tls_context(self) -> ssl.SSLContext | None:
-        """The client TLS context, or None for plain TCP."""
-        if self.tls_ca is None and self.tls_cert is None:
-            return None
-        context = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
-        if self.tls_cert is not None:
-            context.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
-        return context
 
     @model_validator(mode="after")
     def _default_known(self) -> MqttCurtailSettings:
@@ -151,8 +129,10 @@ class MqttCurtailSource:
         name: str = "mqtt",
         clock: Callable[[], datetime] = _now_utc,
         on_rejected: Callable[[Rejection], None] | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self.settings = settings
+        self._bus = bus  # the transport; by default MQTT to the configured broker
         self._name = name
         self._clock = clock
         self._on_rejected = on_rejected
@@ -182,7 +162,7 @@ class MqttCurtailSource:
     def handle(self, topic: str, payload: bytes) -> None:
         """Apply one message from ``topic`` (heartbeat or curtailment)."""
         now = self._clock()
-        if aiomqtt.Topic(topic).matches(self.settings.heartbeat_topic):
+        if topic_matches(topic, self.settings.heartbeat_topic):
             self._last_heartbeat = now
             if self._was_stale:
                 log.info("%s: heartbeat back", self._name)
@@ -304,19 +284,23 @@ class MqttCurtailSource:
     async def run(self, stop: asyncio.Event) -> None:
         """Stay subscribed until ``stop`` is set; reconnect with capped exponential backoff."""
         s = self.settings
-        delay_s = s.reconnect_min_s
-        tls = s.tls_context()  # a bad CA or key file fails here, at start, not per attempt
+        delay_s = s.reconnect_initial_s
+        bus = self._bus
+        if bus is None:
+            from drivers.bus.mqtt import MqttBus  # the MQTT library loads only to connect
+
+            bus = MqttBus(s.bus_settings(f"site-agent-{self._name}"))
         while not stop.is_set():
             try:
-                await run_until_stopped(self._session(tls), stop)
-            except aiomqtt.MqttError as exc:
+                await run_until_stopped(self._session(bus), stop)
+            except BusError as exc:
                 if self.connected:
                     log.warning("%s: connection lost: %s", self._name, exc)
                 else:
                     log.debug("%s: cannot connect: %s", self._name, exc)
             finally:
                 if self.connected:
-                    delay_s = s.reconnect_min_s  # it worked for a while: retry quickly
+                    delay_s = s.reconnect_initial_s  # it worked for a while: retry quickly
                 self.connected = False
             if stop.is_set():
                 return
@@ -324,28 +308,17 @@ class MqttCurtailSource:
                 await asyncio.wait_for(stop.wait(), delay_s)
             delay_s = min(delay_s * 2, s.reconnect_max_s)
 
-    async def _session(self, tls: ssl.SSLContext | None) -> None:
+    async def _session(self, bus: Bus) -> None:
         """One connection: subscribe and feed every message to :meth:`handle` until it drops."""
         s = self.settings
-        async with aiomqtt.Client(
-            s.host,
-            s.port,
-            username=s.username,
-            password=s.password.get_secret_value() if s.password else None,
-            identifier=s.client_id,
-            tls_context=tls,
-            timeout=s.connect_timeout_s,
-        ) as client:
-            await client.subscribe(s.topic, qos=1)
-            await client.subscribe(s.heartbeat_topic, qos=0)
+        async with bus.session() as session:
+            await session.subscribe(s.topic, qos=1)
+            await session.subscribe(s.heartbeat_topic, qos=0)
             self.connected = True
             self.connects += 1
             log.info("%s: subscribed to %s on %s:%d", self._name, s.topic, s.host, s.port)
-            async for message in client.messages:
-                payload = message.payload
-                if not isinstance(payload, bytes | bytearray):
-                    payload = str(payload if payload is not None else "").encode()
-                self.handle(str(message.topic), bytes(payload))
+            async for message in session.messages():
+                self.handle(message.topic, message.payload)
 
 
 def _describe(event: GridEvent) -> str:

@@ -31,10 +31,8 @@ import math
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from openleadr import OpenADRClient
-from openleadr.utils import certificate_fingerprint as _oadr_fingerprint
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from drivers.grid.base import GridEvent
@@ -44,6 +42,9 @@ from drivers.grid.common import (
     apply_fail_directions,
     run_until_stopped,
 )
+
+if TYPE_CHECKING:  # openleadr loads only when a VEN is built, not when a config is read
+    from openleadr import OpenADRClient
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,9 @@ class OpenAdrSettings(BaseModel):
 
 def certificate_fingerprint(pem_path: Path) -> str:
     """The OpenADR fingerprint of a PEM certificate (what a VTN or VEN operator exchanges)."""
-    return str(_oadr_fingerprint(pem_path.read_text()))
+    from openleadr.utils import certificate_fingerprint
+
+    return str(certificate_fingerprint(pem_path.read_text()))
 
 
 class _Reject(Exception):
@@ -378,6 +381,8 @@ class OpenAdrVen:
     # --- connection -------------------------------------------------------------------------
 
     def _new_client(self) -> OpenADRClient:
+        from openleadr import OpenADRClient
+
         s = self.settings
         client = OpenADRClient(
             ven_name=s.ven_name,

@@ -24,13 +24,15 @@ import logging
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from drivers.errors import BadInput, SourceError
 from drivers.prices.base import PriceReading
+
+if TYPE_CHECKING:  # httpx loads with the first request, not with a config
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +160,13 @@ class HttpJsonSource:
 
     async def __aenter__(self) -> Self:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.settings.timeout_s)
+            self._client = self._new_client()
         return self
+
+    def _new_client(self) -> httpx.AsyncClient:
+        import httpx  # loads with the first request, not with the config that names this source
+
+        return httpx.AsyncClient(timeout=self.settings.timeout_s)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
@@ -185,8 +192,10 @@ class HttpJsonSource:
 
     async def fetch_json(self) -> Any:
         """GET the URL and decode JSON: SourceError on transport, BadInput on the body."""
+        import httpx
+
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.settings.timeout_s)
+            self._client = self._new_client()
             self._owns_client = True
         url = self.settings.url
         try:

@@ -1,0 +1,56 @@
+"""Builds the real Agent for tests the way the daemon does: state first, then every part.
+
+Outputs that read the agent's state (metrics, MQTT) are built from it before the agent, and
+handed in with the rest at construction, as :func:`agent.cli.daemon.serve` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from agent.control.config import AgentConfig
+from agent.journal.store import Store
+from agent.outputs.metrics import MetricsService
+from agent.runtime.fleet import Fleet
+from agent.runtime.inbox import CommandInbox
+from agent.runtime.loop import Agent, CycleHook, Service
+from agent.runtime.registry import DriverRegistry
+from agent.runtime.state import AgentState
+from agent.runtime.wiring import build_components
+from drivers.prices.base import PriceSource
+
+
+def build_agent(
+    config: AgentConfig,
+    *,
+    outputs: Callable[[AgentState], Sequence[Service]] = lambda _state: (),
+    observers: Callable[[AgentState], Sequence[CycleHook]] = lambda _state: (),
+    store: Store | None = None,
+    drivers: DriverRegistry | None = None,
+    fleets: Sequence[Fleet] | None = None,
+    price_source: PriceSource | None = None,
+    inbox: CommandInbox | None = None,
+    metrics: bool = False,
+) -> Agent:
+    state = AgentState(site_id=config.site.id, started_at=datetime.now(UTC))
+    services = list(outputs(state))
+    if metrics:
+        services.append(MetricsService(state, config))
+    components = build_components(
+        config,
+        state,
+        drivers=drivers,
+        fleets=fleets,
+        price_source=price_source,
+        store=store,
+        services=services,
+    )
+    return Agent(config, components, state=state, observers=observers(state), inbox=inbox)
+
+
+def metrics_port(agent: Agent) -> int:
+    """The port the agent's ``/metrics`` is bound to (it must be serving)."""
+    service = next(s for s in agent.components.services if isinstance(s, MetricsService))
+    assert service.started.is_set(), "metrics not serving yet"
+    return service.port

@@ -14,7 +14,10 @@
     │       ├── AuthFailed          credentials refused
     │       └── Unsupported         the device cannot do this at all
     └── SourceError                 a signal source (price, hashprice, grid) failed
+        ├── SourceTimeout           a read missed its total deadline (drivers/inputs.py)
         └── BadInput                a row/message/event that is malformed; carries ``source``
+            └── InputRejected       refused by a bounded parser; carries ``reason``
+                                    (drivers/inputs.py: too_large, too_deep, not_finite, ...)
 
 Vendor exceptions are mapped to these at the driver border with ``raise ... from exc``.
 """

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.control.node_config import NodeRoleConfig, RemoteNodesConfig
 from drivers.bus.settings import BrokerSettings
 from drivers.errors import AgentError
 from drivers.grid.mqtt_curtail import MqttCurtailSettings
@@ -325,6 +326,8 @@ class AgentConfig(Strict):
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
     store: StoreConfig = StoreConfig()
+    node: NodeRoleConfig | None = None  # this process is a node agent (site-agent node)
+    remote_nodes: RemoteNodesConfig | None = None  # node agents dispatched as fleets
 
     @model_validator(mode="after")
     def _cross_check(self) -> AgentConfig:

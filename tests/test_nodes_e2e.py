@@ -1,0 +1,274 @@
+"""End to end: a controller and three node agents over a real Mosquitto (issue 11).
+
+Two GPU node agents (simulated NVML + simulated jobs behind the real drivers) and one
+miner-partition node agent (LuxOS simulators that unmodified pyasic talks to on 127.x) each run
+the real agent loop with their :class:`~agent.runtime.node.NodeLink`; the controller runs the
+real loop with a :class:`~agent.runtime.remote_fleet.RemoteNodeFleet`. Every message crosses the
+broker over TCP with per-node credentials and the shipped node ACL. Assertions are on each
+node's own telemetry and on the simulators' truth, not on what the controller believes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.cli.demo_drivers import SimulatedGpus
+from agent.cli.node_daemon import build_node
+from agent.control.config import AgentConfig, parse_config
+from agent.runtime.loop import Agent
+from agent.runtime.node import NodeLink
+from agent.runtime.remote_fleet import RemoteNodeFleet
+from simulators.luxos import LuxosFleet, MinerSpec
+from simulators.luxos_model import S19J_PRO, Timing
+from simulators.price_server import PriceServer
+from tests.servers import Mosquitto
+from tests.site_agent import build_agent
+
+ROOT = Path(__file__).resolve().parent.parent
+NET = 100 + (os.getpid() + 7) % 150
+MINERS = [f"127.{NET}.7.{i}" for i in range(1, 11)]
+NODE_IDS = ("gpu-a", "gpu-b", "miners-1")
+USERS = {"controller": "controller-secret", **{n: f"{n}-secret" for n in NODE_IDS}}
+CONTROL = {
+    "interval_s": 0.3,
+    "poll_interval_s": 0.2,
+    "poll_jitter_s": 0.02,
+    "device_timeout_s": 2,
+    "retries": 1,
+    "verify_after_s": 4,
+    "hysteresis_usd_per_mwh": 2,
+    "min_on_s": 0.3,
+    "min_off_s": 0.3,
+}
+
+
+def broker_dict(broker: Mosquitto, user: str) -> dict[str, Any]:
+    return {
+        "host": broker.host,
+        "port": broker.port,
+        "username": user,
+        "password": USERS[user],
+        "reconnect_initial_s": 0.1,
+        "reconnect_max_s": 0.5,
+        "timeout_s": 3,
+    }
+
+
+def price_dict(url: str) -> dict[str, Any]:
+    return {
+        "realtime": {
+            "type": "http_json",
+            "url": f"{url}/price",
+            "value_path": "data.0.price",
+            "time_path": "data.0.time",
+            "poll_interval_s": 0.2,
+            "timeout_s": 1,
+        },
+        "max_age_s": 30,
+    }
+
+
+def controller_config(broker: Mosquitto, price_url: str, limit_kw: float) -> AgentConfig:
+    return parse_config(
+        {
+            "site": {"id": "e2e", "interconnect_limit_kw": limit_kw},
+            "control": CONTROL,
+            "economics": {"pool_fee": 0.02, "hashprice": {"usd_per_ph_day": 55}},
+            "metrics": {"port": 0},
+            "prices": price_dict(price_url),
+            "remote_nodes": {
+                "broker": broker_dict(broker, "controller"),
+                "nodes": [{"id": n, "max_w": 40_000, "timeout_s": 3} for n in NODE_IDS],
+                "ack_timeout_s": 3,
+                "beat_interval_s": 0.5,
+            },
+        }
+    )
+
+
+def node_dict(broker: Mosquitto, node_id: str, tmp: Path) -> dict[str, Any]:
+    return {
+        "site": {"id": "e2e", "interconnect_limit_kw": 1000},
+        "control": CONTROL,
+        "economics": {"pool_fee": 0.02, "hashprice": {"usd_per_ph_day": 55}},
+        "metrics": {"port": 0},
+        # The node's own price is the controller's: this one only fills the schema.
+        "prices": {"realtime": {"type": "constant", "value": 0}},
+        "node": {
+            "id": node_id,
+            "broker": broker_dict(broker, node_id),
+            "fail_after_s": 5,
+            "journal_path": str(tmp / f"{node_id}.json"),
+            "views_interval_s": 0.5,
+        },
+    }
+
+
+def gpu_node_config(broker: Mosquitto, node_id: str, tmp: Path) -> AgentConfig:
+    data = node_dict(broker, node_id, tmp)
+    data["gpu_nodes"] = [{"id": node_id, "gpus": 4, "host_overhead_w": 800}]
+    data["ai"] = {
+        "sla": {"usd_per_gpu_hour": 2.5, "penalty_usd": 500},
+        "preemptible": {"usd_per_gpu_hour": 1.0, "checkpoint_interval_s": 0.2},
+        "filler": {"usd_per_gpu_hour": 0.6, "checkpoint_interval_s": 0.2},
+        "scheduler": "sim",
+        "sim_jobs": [
+            {"job_class": "preemptible", "gpus": 2},
+            {"job_class": "filler", "gpus": 2},
+        ],
+    }
+    return parse_config(data)
+
+
+def miner_node_config(broker: Mosquitto, tmp: Path) -> AgentConfig:
+    data = node_dict(broker, "miners-1", tmp)
+    data["miner_models"] = {"S19jPro": S19J_PRO.site_config()}
+    data["miners"] = [{"id": "m", "address": MINERS[0], "model": "S19jPro", "count": len(MINERS)}]
+    return parse_config(data)
+
+
+@dataclass
+class Site:
+    controller: Agent
+    fleet: RemoteNodeFleet
+    nodes: dict[str, tuple[Agent, NodeLink]]
+    miners: LuxosFleet
+    price: PriceServer
+    stops: dict[str, asyncio.Event]
+
+    def node_views(self, node_id: str) -> Any:
+        return self.nodes[node_id][1].latest_views
+
+
+def node_acl() -> str:
+    return (ROOT / "configs" / "mosquitto-nodes.acl").read_text()
+
+
+@contextlib.asynccontextmanager
+async def running_site(tmp: Path, price: float, limit_kw: float = 200) -> AsyncIterator[Site]:
+    broker = Mosquitto(tmp, users=USERS, acl=node_acl())
+    broker.start()
+    specs = [MinerSpec(a, "s19jpro") for a in MINERS]
+    miners = LuxosFleet(specs, timing=Timing(wake_ramp_s=0.2, sleep_ramp_s=0.1, profile_ramp_s=0.1))
+    server = PriceServer([price], interval_s=3600)
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        async with miners, server:
+            nodes: dict[str, tuple[Agent, NodeLink]] = {}
+            for node_id in ("gpu-a", "gpu-b"):
+                sims = SimulatedGpus()
+                nodes[node_id] = build_node(
+                    gpu_node_config(broker, node_id, tmp), store=None, drivers=sims.registry()
+                )
+            nodes["miners-1"] = build_node(miner_node_config(broker, tmp), store=None)
+            controller = build_agent(controller_config(broker, server.url, limit_kw), metrics=True)
+            fleet = next(f for f in controller.fleets if isinstance(f, RemoteNodeFleet))
+            stops = {n: asyncio.Event() for n in nodes}
+            for node_id, (agent, _) in nodes.items():
+                tasks.append(asyncio.create_task(agent.run(stops[node_id])))
+            tasks.append(asyncio.create_task(controller.run(stop)))
+            yield Site(controller, fleet, nodes, miners, server, stops)
+    finally:
+        stop.set()
+        for event in locals().get("stops", {}).values():
+            event.set()
+        if tasks:
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
+        broker.stop()
+
+
+async def until(
+    predicate: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]
+) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            said = what if isinstance(what, str) else what()
+            raise AssertionError(f"timed out after {timeout_s} s waiting for: {said}")
+        await asyncio.sleep(0.05)
+
+
+def confirmed_at_floor(site: Site, node_id: str) -> bool:
+    v = site.node_views(node_id)
+    return (
+        v is not None
+        and v.envelope_w is not None
+        and v.measured_w <= v.envelope_w * 1.02
+        and (v.envelope_w <= v.floor_w + 1)
+    )
+
+
+def running_full(site: Site, node_id: str) -> bool:
+    v = site.node_views(node_id)
+    return v is not None and bool(v.points) and v.measured_w > v.floor_w + 100
+
+
+def settled(site: Site) -> bool:
+    """Every node heard, earning, granted its whole ladder and drawing above its floor."""
+    if site.fleet.faults():
+        return False
+    for node_id in NODE_IDS:
+        v = site.node_views(node_id)
+        if not running_full(site, node_id) or v.points[-1].value_usd_per_h <= 0:
+            return False
+        if v.envelope_w is not None and v.envelope_w < v.points[-1].power_w - 1:
+            return False
+    return True
+
+
+async def test_price_spike_sheds_nodes_in_merit_order_confirmed_by_their_telemetry(
+    tmp_path: Path,
+) -> None:
+    async with running_site(tmp_path, price=30.0) as site:
+        await until(lambda: settled(site), 30, "every node running and heard by the controller")
+        # 400 $/MWh: above what an S19j Pro earns (~80 $/MWh), below GPU jobs (>800 $/MWh).
+        site.price.prices[0] = 400.0
+        await until(
+            lambda: confirmed_at_floor(site, "miners-1"),
+            20,
+            lambda: f"miners shed: {site.node_views('miners-1')}",
+        )
+        truths = [site.miners.truth(a) for a in MINERS]
+        assert all(t["sleeping"] for t in truths), truths
+        assert running_full(site, "gpu-a"), site.node_views("gpu-a")
+        assert running_full(site, "gpu-b"), site.node_views("gpu-b")
+        # 5,000 $/MWh: every GPU job is worth less than its energy; both GPU hosts shed too.
+        site.price.prices[0] = 5000.0
+        await until(
+            lambda: confirmed_at_floor(site, "gpu-a") and confirmed_at_floor(site, "gpu-b"),
+            20,
+            "GPU hosts shed",
+        )
+        audited = site.controller.state.actions
+        assert audited[("sleep", "ok")] >= 3, audited  # one per node, audited like any device
+
+
+async def test_a_silent_node_is_faulted_and_counted_at_its_worst_case(tmp_path: Path) -> None:
+    async with running_site(tmp_path, price=30.0) as site:
+        await until(lambda: settled(site), 30, "every node running and heard by the controller")
+        _, link = site.nodes["gpu-b"]
+        assert link.latest_views is not None
+        worst = link.latest_views.max_w
+        site.stops["gpu-b"].set()  # the node agent stops: no more views or acks
+        await until(lambda: "gpu-b" in site.fleet.faults(), 10, "gpu-b faulted")
+
+        def silent_view() -> Any:
+            snap = site.controller.state.snapshot
+            views = [] if snap is None else [m for m in snap.miners if m.device_id == "gpu-b"]
+            return views[0] if views and views[0].fault is not None else None
+
+        await until(lambda: silent_view() is not None, 5, "the fault in a snapshot")
+        view = silent_view()
+        # Counted at the last maximum it reported, whatever it drew last.
+        assert view.measured_power_w == pytest.approx(worst)
+        assert view.nameplate_w == pytest.approx(worst)
+        assert "silent" in site.controller.state.faults["gpu-b"]

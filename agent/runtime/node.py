@@ -272,14 +272,17 @@ class NodeLink:
         """After each control cycle: ack what was applied under its envelope, publish views."""
         floor_w, max_w, measured_w, points, faults, devices = supply_curve(snapshot, self.config)
         self.floor_w = floor_w
+        self.observe_plan(plan, results)
+        self.publish_views(floor_w, max_w, measured_w, points, faults, devices)
+
+    def observe_plan(self, plan: Plan, results: Sequence[ActionResult] = ()) -> None:
+        """Ack every admitted command this cycle planned under (its actions have run)."""
         failed = [r for r in results if r.result != "ok"]
         for cmd in list(self.unacked):
-            # The cycle planned under the envelope; its actions ran (failures are in the views).
             if plan.limit_w <= cmd.envelope_w + 1.0 or plan.planned_power_w <= cmd.envelope_w:
                 self.unacked.remove(cmd)
                 why = f"{len(failed)} action(s) failed" if failed else "planned under envelope"
                 self._ack(cmd, AckResult.APPLIED, why, cmd.envelope_w)
-        self.publish_views(floor_w, max_w, measured_w, points, faults, devices)
 
     def publish_views(
         self,

@@ -26,6 +26,8 @@ from agent.control.config import AgentConfig, parse_config
 from agent.runtime.loop import Agent
 from agent.runtime.node import NodeLink
 from agent.runtime.remote_fleet import RemoteNodeFleet
+from drivers.bus.mqtt import MqttBus
+from drivers.bus.settings import BrokerSettings
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import S19J_PRO, Timing
 from simulators.price_server import PriceServer
@@ -143,6 +145,8 @@ class Site:
     miners: LuxosFleet
     price: PriceServer
     stops: dict[str, asyncio.Event]
+    broker: Mosquitto
+    controller_stop: asyncio.Event
 
     def node_views(self, node_id: str) -> Any:
         return self.nodes[node_id][1].latest_views
@@ -176,7 +180,7 @@ async def running_site(tmp: Path, price: float, limit_kw: float = 200) -> AsyncI
             for node_id, (agent, _) in nodes.items():
                 tasks.append(asyncio.create_task(agent.run(stops[node_id])))
             tasks.append(asyncio.create_task(controller.run(stop)))
-            yield Site(controller, fleet, nodes, miners, server, stops)
+            yield Site(controller, fleet, nodes, miners, server, stops, broker, stop)
     finally:
         stop.set()
         for event in locals().get("stops", {}).values():
@@ -272,3 +276,88 @@ async def test_a_silent_node_is_faulted_and_counted_at_its_worst_case(tmp_path: 
         assert view.measured_power_w == pytest.approx(worst)
         assert view.nameplate_w == pytest.approx(worst)
         assert "silent" in site.controller.state.faults["gpu-b"]
+
+
+async def test_the_broker_refuses_a_node_publishing_on_another_nodes_topics(
+    tmp_path: Path,
+) -> None:
+    broker = Mosquitto(tmp_path, users=USERS, acl=node_acl())
+    broker.start()
+    try:
+        settings = BrokerSettings.model_validate(broker_dict(broker, "controller"))
+        controller = MqttBus(settings.bus_settings("controller"))
+        node_a = MqttBus(
+            BrokerSettings.model_validate(broker_dict(broker, "gpu-a")).bus_settings("gpu-a")
+        )
+        async with controller.session() as c, node_a.session() as a:
+            await c.subscribe("site-agent/e2e/node/#", qos=1)
+            await a.subscribe("site-agent/e2e/node/gpu-b/cmd", qos=1)  # not its commands
+            await a.publish("site-agent/e2e/node/gpu-b/views", b'{"forged": 1}', 1)
+            await a.publish("site-agent/e2e/node/gpu-b/ack", b'{"forged": 2}', 1)
+            await a.publish("site-agent/e2e/node/gpu-a/views", b'{"own": 1}', 1)
+            await c.publish("site-agent/e2e/node/gpu-b/cmd", b'{"for": "b"}', 1)
+            await c.publish("site-agent/e2e/node/gpu-a/cmd", b'{"for": "a"}', 1)
+            seen_c: list[str] = []
+            seen_a: list[str] = []
+
+            async def read(session: Any, into: list[str], last: str) -> None:
+                async for msg in session.messages():
+                    into.append(msg.topic)
+                    if msg.topic == last:
+                        return
+
+            await asyncio.wait_for(read(c, seen_c, "site-agent/e2e/node/gpu-a/cmd"), 5)
+            await a.subscribe("site-agent/e2e/node/gpu-a/cmd", qos=1)
+            await c.publish("site-agent/e2e/node/gpu-a/cmd", b'{"for": "a"}', 1)
+            await asyncio.wait_for(read(a, seen_a, "site-agent/e2e/node/gpu-a/cmd"), 5)
+        # The controller saw gpu-a's own views, never the forged gpu-b ones; gpu-a never
+        # received gpu-b's command.
+        assert "site-agent/e2e/node/gpu-a/views" in seen_c
+        assert "site-agent/e2e/node/gpu-b/views" not in seen_c
+        assert "site-agent/e2e/node/gpu-b/ack" not in seen_c
+        assert "site-agent/e2e/node/gpu-b/cmd" not in seen_a
+    finally:
+        broker.stop()
+
+
+async def test_a_broker_restart_loses_no_command_and_runs_none_twice(tmp_path: Path) -> None:
+    async with running_site(tmp_path, price=30.0) as site:
+        await until(lambda: settled(site), 30, "every node running and heard by the controller")
+        broker = site.broker
+        broker.stop()
+        site.price.prices[0] = 400.0  # the spike comes while the broker is down
+        await asyncio.sleep(1.0)
+        broker.start()  # same port, no persistence: the broker forgot every session
+        await until(
+            lambda: confirmed_at_floor(site, "miners-1"),
+            30,
+            lambda: f"miners shed after the outage: {site.node_views('miners-1')}",
+        )
+        truths = [site.miners.truth(a) for a in MINERS]
+        assert all(t["sleeping"] for t in truths), truths
+        for node_id, (_, link) in site.nodes.items():
+            applied = link.applied
+            assert len(applied) == len(set(applied)), (node_id, applied)  # none twice
+            assert applied == sorted(applied), (node_id, applied)  # in order
+
+
+async def test_a_lost_controller_leaves_nodes_under_their_envelope_then_failsafe(
+    tmp_path: Path,
+) -> None:
+    async with running_site(tmp_path, price=30.0) as site:
+        await until(lambda: settled(site), 30, "every node running and heard by the controller")
+        site.price.prices[0] = 400.0
+        await until(lambda: confirmed_at_floor(site, "miners-1"), 20, "miners shed")
+        site.controller_stop.set()  # the controller goes away
+        deadline = asyncio.get_running_loop().time() + 3.0
+        while asyncio.get_running_loop().time() < deadline:  # well inside fail_after_s (5 s)
+            v = site.node_views("miners-1")
+            assert v.envelope_w is not None and v.measured_w <= v.envelope_w * 1.02, v
+            await asyncio.sleep(0.1)
+        # After fail_after_s the GPU hosts apply their fail direction (shed to the floor).
+        await until(
+            lambda: confirmed_at_floor(site, "gpu-a") and confirmed_at_floor(site, "gpu-b"),
+            20,
+            lambda: f"GPU hosts failsafe: {site.node_views('gpu-a')}",
+        )
+        assert site.node_views("gpu-a").state.value == "failsafe"

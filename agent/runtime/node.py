@@ -221,6 +221,7 @@ class NodeLink:
         self.outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=1000)
         self.connected = asyncio.Event()
         self.refused = 0
+        self.applied: list[tuple[int, int]] = []  # (epoch, seq) in the order applied (tests)
         self.wake: Callable[[], None] | None = None  # set by the node runner: a fast cycle
         self.latest_views: NodeViews | None = None
         journaled = load_journal(self.role.journal_path)
@@ -346,6 +347,8 @@ class NodeLink:
         self.ledger.epoch, self.ledger.seq = cmd.epoch, cmd.seq
         save_journal(self.role.journal_path, cmd, now)
         self.unacked.append(cmd)
+        self.applied.append((cmd.epoch, cmd.seq))
+        del self.applied[:-1000]
         if self.wake is not None:
             self.wake()
 

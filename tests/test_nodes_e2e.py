@@ -15,6 +15,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,13 @@ import pytest
 from agent.cli.demo_drivers import SimulatedGpus
 from agent.cli.node_daemon import build_node
 from agent.control.config import AgentConfig, parse_config
+from agent.control.domain import ActiveEvent
 from agent.runtime.loop import Agent
 from agent.runtime.node import NodeLink
 from agent.runtime.remote_fleet import RemoteNodeFleet
 from drivers.bus.mqtt import MqttBus
 from drivers.bus.settings import BrokerSettings
+from drivers.grid.base import GridEvent, ProgramKind
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import S19J_PRO, Timing
 from simulators.price_server import PriceServer
@@ -362,3 +365,42 @@ async def test_a_lost_controller_leaves_nodes_under_their_envelope_then_failsafe
             lambda: f"GPU hosts failsafe: {site.node_views('gpu-a')}",
         )
         assert site.node_views("gpu-a").state.value == "failsafe"
+
+
+async def test_a_grid_event_is_met_through_the_nodes_by_its_start_plus_the_margin(
+    tmp_path: Path,
+) -> None:
+    margin_s = 10.0
+    async with running_site(tmp_path, price=30.0) as site:
+        await until(lambda: settled(site), 30, "every node running and heard by the controller")
+        now = datetime.now(UTC)
+        start = now + timedelta(seconds=2)
+        event = GridEvent(
+            event_id="ers-1",
+            source="test",
+            program="ers",
+            kind=ProgramKind.EMERGENCY,
+            start=start,
+            end=start + timedelta(hours=1),
+            max_site_kw=10.0,  # the site draws ~38 kW: the miners (cheapest) must go
+        )
+        site.controller.coordinator.events["ers-1"] = ActiveEvent(event, baseline_w=38_000)
+        site.controller.wake_control.set()
+
+        def site_w() -> float:
+            return sum(site.node_views(n).measured_w for n in NODE_IDS)
+
+        await until(
+            lambda: datetime.now(UTC) >= start and site_w() <= 10_000,
+            2 + margin_s,
+            lambda: f"site under 10 kW by the start + {margin_s:g} s: {site_w():.0f} W",
+        )
+        assert datetime.now(UTC) <= start + timedelta(seconds=margin_s)
+        # Merit order: the miners shed, the GPU hosts (worth far more per MWh) keep running.
+        assert confirmed_at_floor(site, "miners-1")
+        assert running_full(site, "gpu-a")
+        assert running_full(site, "gpu-b")
+        # The grant says a mandatory event is in force: the node stays shed if it loses us.
+        _, link = site.nodes["miners-1"]
+        assert link.last is not None
+        assert link.last.event

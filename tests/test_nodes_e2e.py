@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,7 +30,7 @@ from agent.cli.node_daemon import build_node
 from agent.control.config import AgentConfig, parse_config
 from agent.control.domain import ActiveEvent
 from agent.runtime.loop import Agent
-from agent.runtime.node import NodeLink
+from agent.runtime.node import NodeLink, load_journal
 from agent.runtime.remote_fleet import RemoteNodeFleet
 from drivers.bus.mqtt import MqttBus
 from drivers.bus.settings import BrokerSettings
@@ -404,3 +408,91 @@ async def test_a_grid_event_is_met_through_the_nodes_by_its_start_plus_the_margi
         _, link = site.nodes["miners-1"]
         assert link.last is not None
         assert link.last.event
+
+
+async def test_a_node_killed_with_sigkill_comes_back_to_its_journaled_envelope(
+    tmp_path: Path,
+) -> None:
+    """A real ``site-agent node`` process over the LuxOS simulators, killed with SIGKILL."""
+    broker = Mosquitto(tmp_path, users=USERS, acl=node_acl())
+    broker.start()
+    specs = [MinerSpec(a, "s19jpro") for a in MINERS]
+    miners = LuxosFleet(specs, timing=Timing(wake_ramp_s=0.2, sleep_ramp_s=0.1, profile_ramp_s=0.1))
+    server = PriceServer([30.0], interval_s=3600)
+    node_yaml = tmp_path / "node.yaml"
+    data = node_dict(broker, "miners-1", tmp_path)
+    data["store"] = {"path": str(tmp_path / "node.db")}
+    data["miner_models"] = {"S19jPro": S19J_PRO.site_config()}
+    data["miners"] = [{"id": "m", "address": MINERS[0], "model": "S19jPro", "count": len(MINERS)}]
+    node_yaml.write_text(json.dumps(data))  # JSON is YAML
+    ctl = controller_config(broker, "http://127.0.0.1:1", 200).model_dump(mode="json")
+    ctl["remote_nodes"]["nodes"] = [{"id": "miners-1", "max_w": 40_000, "timeout_s": 3}]
+    ctl["remote_nodes"]["broker"]["password"] = USERS["controller"]
+    stop = asyncio.Event()
+
+    def start_node() -> subprocess.Popen[bytes]:
+        with (tmp_path / "node.log").open("ab") as log:  # the child keeps its own descriptor
+            return subprocess.Popen(
+                [sys.executable, "-m", "agent.cli.main", "node", "--config", str(node_yaml)],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    proc = start_node()
+    try:
+        async with miners, server:
+            ctl["prices"]["realtime"]["url"] = f"{server.url}/price"
+            controller = build_agent(parse_config(ctl))
+            fleet = next(f for f in controller.fleets if isinstance(f, RemoteNodeFleet))
+            task = asyncio.create_task(controller.run(stop))
+            node = fleet.nodes["miners-1"]
+
+            def sleeping() -> int:
+                return sum(bool(miners.truth(a)["sleeping"]) for a in MINERS)
+
+            await until(
+                lambda: node.views is not None and not fleet.faults() and sleeping() == 0,
+                40,
+                lambda: f"node heard, miners mining: {(tmp_path / 'node.log').read_text()[-800:]}",
+            )
+            server.prices[0] = 400.0
+            await until(lambda: sleeping() == len(MINERS), 30, "miners asleep")
+            await until(lambda: fleet.pending() == frozenset(), 10, "shed confirmed")
+            journaled = load_journal(tmp_path / "miners-1.json")
+            assert journaled is not None
+            seq_before = journaled[0].seq
+
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(5)
+            await until(lambda: "miners-1" in fleet.faults(), 10, "the dead node faulted")
+            snap = controller.state.snapshot
+            assert snap is not None
+            assert sleeping() == len(MINERS)  # the devices hold what they were told
+
+            proc = start_node()
+            # The price falls while the node restarts: the journaled envelope holds until the
+            # controller grants more (no early restore), then the new grant is applied once.
+            server.prices[0] = 30.0
+            for _ in range(20):  # ~1 s after restart: still asleep
+                assert sleeping() == len(MINERS)
+                await asyncio.sleep(0.05)
+            await until(
+                lambda: sleeping() == 0,
+                40,
+                lambda: (
+                    f"miners mining again after the new grant: {node.views} "
+                    f"{controller.state.plan and controller.state.plan.summary} {fleet.faults()}"
+                ),
+            )
+            journaled = load_journal(tmp_path / "miners-1.json")
+            assert journaled is not None
+            assert journaled[0].seq > seq_before
+            assert not fleet.faults()
+            stop.set()
+            await asyncio.wait_for(task, 10)
+    finally:
+        stop.set()
+        proc.kill()
+        proc.wait(5)
+        broker.stop()

@@ -319,23 +319,49 @@ class RemoteNodeFleet:
             known += 1
         return known
 
+    def _observed(self, v: NodeViews) -> str | None:
+        """The point a node's reported envelope corresponds to (None: no envelope, its top)."""
+        if v.envelope_w is None:
+            return None
+        name = FLOOR if v.envelope_w < v.floor_w + 1e-6 else None
+        for i, p in enumerate(v.points):
+            if p.power_w <= v.envelope_w + 1e-6:
+                name = f"p{i + 1}"
+        return name
+
     def adopt_observed(self) -> int:
         """Nodes hold their own journal; the controller takes their envelope's point."""
         adopted = 0
         for n in self.nodes.values():
             if n.journaled or n.views is None or n.views.envelope_w is None:
                 continue
-            env = n.views.envelope_w
-            name = FLOOR if env < n.views.floor_w + 1e-6 else None
-            for i, p in enumerate(n.views.points):
-                if p.power_w <= env + 1e-6:
-                    name = f"p{i + 1}"
-            n.commanded = name
+            n.commanded = self._observed(n.views)
             adopted += 1
         return adopted
 
     def reconcile(self) -> list[tuple[str, str, str]]:
-        return []
+        """Adopt the envelope a node reports when it differs from what we think we granted.
+
+        A command whose ack came after our deadline was applied all the same (the node keeps
+        it); a node in failsafe holds its floor. Either way the node's own report is the truth,
+        and the next decision starts from it (dated back, so no dwell time protects it).
+        """
+        drifted = []
+        since = self.clock() - timedelta(
+            seconds=max(self.config.control.min_on_s, self.config.control.min_off_s)
+        )
+        for n in self.nodes.values():
+            if n.pending is not None or n.views is None or n.fault is not None:
+                continue
+            observed = self._observed(n.views)
+            if observed != n.commanded:
+                top = f"p{len(n.views.points)}" if n.views.points else FLOOR
+                was, now = n.commanded or top, observed or top
+                n.commanded, n.commanded_since = observed, since
+                n.envelope_w = n.views.envelope_w
+                if was != now:
+                    drifted.append((n.node_id, was, now))
+        return drifted
 
     def commanded(self) -> Iterable[tuple[str, str, datetime]]:
         return [

@@ -164,7 +164,9 @@ def node_acl() -> str:
 
 
 @contextlib.asynccontextmanager
-async def running_site(tmp: Path, price: float, limit_kw: float = 200) -> AsyncIterator[Site]:
+async def running_site(
+    tmp: Path, price: float, limit_kw: float = 200, *, controller_here: bool = True
+) -> AsyncIterator[Site]:
     broker = Mosquitto(tmp, users=USERS, acl=node_acl())
     broker.start()
     specs = [MinerSpec(a, "s19jpro") for a in MINERS]
@@ -186,7 +188,8 @@ async def running_site(tmp: Path, price: float, limit_kw: float = 200) -> AsyncI
             stops = {n: asyncio.Event() for n in nodes}
             for node_id, (agent, _) in nodes.items():
                 tasks.append(asyncio.create_task(agent.run(stops[node_id])))
-            tasks.append(asyncio.create_task(controller.run(stop)))
+            if controller_here:
+                tasks.append(asyncio.create_task(controller.run(stop)))
             yield Site(controller, fleet, nodes, miners, server, stops, broker, stop)
     finally:
         stop.set()
@@ -496,3 +499,63 @@ async def test_a_node_killed_with_sigkill_comes_back_to_its_journaled_envelope(
         proc.kill()
         proc.wait(5)
         broker.stop()
+
+
+async def test_a_controller_killed_with_sigkill_leaves_the_site_shed_and_a_new_one_takes_over(
+    tmp_path: Path,
+) -> None:
+    """The controller is a real ``site-agent run`` process; the nodes hold through its death."""
+    async with running_site(tmp_path, price=30.0, controller_here=False) as site:
+        ctl = controller_config(site.broker, site.price.url, 200).model_dump(mode="json")
+        ctl["remote_nodes"]["broker"]["password"] = USERS["controller"]
+        ctl["store"] = {"path": str(tmp_path / "controller.db")}
+        ctl_yaml = tmp_path / "controller.yaml"
+        ctl_yaml.write_text(json.dumps(ctl))
+
+        def start_controller() -> subprocess.Popen[bytes]:
+            with (tmp_path / "controller.log").open("ab") as log:
+                return subprocess.Popen(
+                    [sys.executable, "-m", "agent.cli.main", "run", "--config", str(ctl_yaml)],
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+
+        def site_w() -> float:
+            return sum(site.node_views(n).measured_w for n in NODE_IDS)
+
+        proc = start_controller()
+        try:
+            site.price.prices[0] = 400.0
+            await until(
+                lambda: confirmed_at_floor(site, "miners-1"),
+                40,
+                lambda: f"miners shed: {(tmp_path / 'controller.log').read_text()[-600:]}",
+            )
+            epochs_before = {n: list(link.applied) for n, (_, link) in site.nodes.items()}
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(5)
+            # Silent controller, inside fail_after_s: the miners hold their shed envelope.
+            deadline = asyncio.get_running_loop().time() + 2.0
+            while asyncio.get_running_loop().time() < deadline:
+                assert confirmed_at_floor(site, "miners-1"), site.node_views("miners-1")
+                await asyncio.sleep(0.1)
+            proc = start_controller()  # a new epoch
+            await until(
+                lambda: all(
+                    link.applied and link.applied[-1][0] > epochs_before[n][-1][0]
+                    for n, (_, link) in site.nodes.items()
+                    if epochs_before[n]
+                ),
+                40,
+                "the new controller's grants applied",
+            )
+            assert confirmed_at_floor(site, "miners-1")  # still the spike: still shed
+            for node_id, (_, link) in site.nodes.items():
+                assert link.applied == sorted(set(link.applied)), (node_id, link.applied)
+            site.price.prices[0] = 30.0
+            await until(lambda: running_full(site, "miners-1"), 40, "miners back after the spike")
+            assert site_w() <= 200_000
+        finally:
+            proc.kill()
+            proc.wait(5)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from agent.cli.demo_drivers import SimulatedGpus
@@ -39,7 +41,7 @@ from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import S19J_PRO, Timing
 from simulators.price_server import PriceServer
 from tests.servers import Mosquitto
-from tests.site_agent import build_agent
+from tests.site_agent import build_agent, metrics_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NET = 100 + (os.getpid() + 7) % 150
@@ -211,6 +213,13 @@ async def until(
         await asyncio.sleep(0.05)
 
 
+async def scrape(agent: Agent) -> str:
+    async with httpx.AsyncClient() as client:
+        reply = await client.get(f"http://127.0.0.1:{metrics_port(agent)}/metrics", timeout=5)
+    assert reply.status_code == 200
+    return reply.text
+
+
 def confirmed_at_floor(site: Site, node_id: str) -> bool:
     v = site.node_views(node_id)
     return (
@@ -264,6 +273,14 @@ async def test_price_spike_sheds_nodes_in_merit_order_confirmed_by_their_telemet
         )
         audited = site.controller.state.actions
         assert audited[("sleep", "ok")] >= 3, audited  # one per node, audited like any device
+        # A GPU host's own /metrics: its GPUs under dcgm-exporter's names, and its envelope.
+        text = await scrape(site.nodes["gpu-a"][0])
+        dcgm = re.findall(r'^DCGM_FI_DEV_POWER_USAGE\{.*gpu="(\d)".*\} (\S+)$', text, re.M)
+        assert sorted(g for g, _ in dcgm) == ["0", "1", "2", "3"], dcgm  # one per GPU
+        assert all(float(w) > 0 for _, w in dcgm)
+        assert "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{" in text  # dcgm's name, no _total
+        envelope = site.node_views("gpu-a").envelope_w
+        assert f'site_agent_node_envelope_watts{{node="gpu-a"}} {envelope}' in text
 
 
 async def test_a_silent_node_is_faulted_and_counted_at_its_worst_case(tmp_path: Path) -> None:
@@ -286,6 +303,8 @@ async def test_a_silent_node_is_faulted_and_counted_at_its_worst_case(tmp_path: 
         assert view.measured_power_w == pytest.approx(worst)
         assert view.nameplate_w == pytest.approx(worst)
         assert "silent" in site.controller.state.faults["gpu-b"]
+        text = await scrape(site.controller)
+        assert 'site_agent_device_faulted{device="gpu-b"} 1.0' in text
 
 
 async def test_the_broker_refuses_a_node_publishing_on_another_nodes_topics(

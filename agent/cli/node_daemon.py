@@ -18,6 +18,7 @@ from agent.control.redaction import secrets_in
 from agent.journal.store import Store, journal_path
 from agent.outputs.logs import cycle_logger
 from agent.outputs.metrics import MetricsService
+from agent.outputs.node_metrics import DcgmCollector, NodeLinkCollector
 from agent.runtime.coordinator import utc_now
 from agent.runtime.loop import Agent, CycleHook, Service
 from agent.runtime.node import NodeLink, node_will
@@ -44,7 +45,10 @@ def build_node(
     state = AgentState(site_id=config.site.id, started_at=utc_now())
     services: list[Service] = [link.run, link.tick, *extra_services]
     if config.metrics.enabled:
-        services.append(MetricsService(state, config))
+        metrics = MetricsService(state, config)
+        metrics.registry.register(DcgmCollector(state))
+        metrics.registry.register(NodeLinkCollector(link.metrics, link.node_id))
+        services.append(metrics)
     observers: list[CycleHook] = [cycle_logger(state), link.observe]
     components = build_components(
         config, state, drivers=drivers, price_source=link, store=store, services=services

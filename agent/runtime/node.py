@@ -315,6 +315,18 @@ class NodeLink:
         self.latest_views = views
         self._send(self.topics["views"], encode_views(views), retain=True)
 
+    def metrics(self) -> dict[str, float]:
+        """What the node's ``/metrics`` shows about its link (read on each scrape)."""
+        env = self.envelope_w()
+        out: dict[str, float] = {
+            "applied_seq": float(self.ledger.seq),
+            "refused": float(self.refused),
+            f"state_{self.state.value}": 1.0,
+        }
+        if env is not None:
+            out["envelope_w"] = env
+        return out
+
     # -- commands --
 
     def handle_command(self, payload: bytes) -> None:

@@ -11,7 +11,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.control.config import parse_config
+import pytest
+
+from agent.control.config import load_config, parse_config
 from agent.control.domain import Plan
 from agent.control.node_protocol import (
     AckResult,
@@ -188,3 +190,17 @@ def test_hostile_commands_are_refused_with_one_line_and_change_nothing(tmp_path:
     assert node.refused == 4
     assert node.last is None
     assert acks(node) == []
+
+
+def test_the_example_node_config_loads_with_its_node_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "node-mqtt-password").write_text("node-pass\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs" / "example-node.yaml")
+    assert cfg.node is not None
+    assert cfg.node.id == cfg.node.broker.username == "gpu-07"
+    assert cfg.node.broker.password is not None
+    assert cfg.node.broker.password.get_secret_value() == "node-pass"
+    assert cfg.gpu_nodes[0].driver == "nvml"

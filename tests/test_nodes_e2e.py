@@ -45,7 +45,7 @@ from tests.site_agent import build_agent, metrics_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NET = 100 + (os.getpid() + 7) % 150
-MINERS = [f"127.{NET}.7.{i}" for i in range(1, 11)]
+MINERS = [f"127.{NET}.7.{i}" for i in range(1, 51)]  # 50 simulated LuxOS miners
 NODE_IDS = ("gpu-a", "gpu-b", "miners-1")
 USERS = {"controller": "controller-secret", **{n: f"{n}-secret" for n in NODE_IDS}}
 CONTROL = {
@@ -97,7 +97,7 @@ def controller_config(broker: Mosquitto, price_url: str, limit_kw: float) -> Age
             "prices": price_dict(price_url),
             "remote_nodes": {
                 "broker": broker_dict(broker, "controller"),
-                "nodes": [{"id": n, "max_w": 40_000, "timeout_s": 3} for n in NODE_IDS],
+                "nodes": [{"id": n, "max_w": 200_000, "timeout_s": 3} for n in NODE_IDS],
                 "ack_timeout_s": 3,
                 "beat_interval_s": 0.5,
             },
@@ -408,9 +408,9 @@ async def test_a_grid_event_is_met_through_the_nodes_by_its_start_plus_the_margi
             kind=ProgramKind.EMERGENCY,
             start=start,
             end=start + timedelta(hours=1),
-            max_site_kw=10.0,  # the site draws ~38 kW: the miners (cheapest) must go
+            max_site_kw=10.0,  # the site draws ~160 kW: the miners (cheapest) must go
         )
-        site.controller.coordinator.events["ers-1"] = ActiveEvent(event, baseline_w=38_000)
+        site.controller.coordinator.events["ers-1"] = ActiveEvent(event, baseline_w=160_000)
         site.controller.wake_control.set()
 
         def site_w() -> float:
@@ -448,7 +448,7 @@ async def test_a_node_killed_with_sigkill_comes_back_to_its_journaled_envelope(
     data["miners"] = [{"id": "m", "address": MINERS[0], "model": "S19jPro", "count": len(MINERS)}]
     node_yaml.write_text(json.dumps(data))  # JSON is YAML
     ctl = controller_config(broker, "http://127.0.0.1:1", 200).model_dump(mode="json")
-    ctl["remote_nodes"]["nodes"] = [{"id": "miners-1", "max_w": 40_000, "timeout_s": 3}]
+    ctl["remote_nodes"]["nodes"] = [{"id": "miners-1", "max_w": 200_000, "timeout_s": 3}]
     ctl["remote_nodes"]["broker"]["password"] = USERS["controller"]
     stop = asyncio.Event()
 

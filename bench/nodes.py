@@ -10,8 +10,10 @@ miner partition is worth less than its energy, every GPU host more) and it measu
 * from the spike to every shed node's ack (``spike_to_all_acked_s``), and to every shed node's
   own telemetry confirming its envelope (``spike_to_all_confirmed_s``), broker included;
 * the controller's CPU per control cycle (process CPU time / cycles over the run) and RSS;
-* side by side, the same dispatch polled directly by one controller, extrapolated linearly
-  from ``bench/miners_poll.py``'s measured fleet poll (1,000 miners: 1.01 s, README).
+* side by side, the same dispatch with every miner polled directly by one controller: measured
+  with ``bench/agent_spike.py --miners N`` (``--direct N``, 1,000 by default: the whole agent
+  against N LuxOS simulators over pyasic, in this same run), and extrapolated linearly to the
+  site's miners (a direct controller must poll every miner to confirm a shed).
 
 Prints one JSON line per figure. Run: ``.venv/bin/python bench/nodes.py [--partitions 200]``.
 """
@@ -38,8 +40,6 @@ from agent.runtime.remote_fleet import RemoteNodeFleet  # noqa: E402
 from simulators.price_server import PriceServer  # noqa: E402
 from tests.servers import Mosquitto  # noqa: E402
 from tests.site_agent import build_agent  # noqa: E402
-
-DIRECT_POLL_S_PER_1000 = 1.01  # bench/miners_poll.py, 1,000 miners, median fleet poll (README)
 
 
 def figure(name: str, value: float, unit: str, **extra: Any) -> None:
@@ -190,18 +190,43 @@ async def run(args: argparse.Namespace) -> None:
         )
         figure("controller_rss_mb", rss_mb(), "MB", target_mb=500)
         figure("commands_sent", fleet.commands_sent, "commands")
-        figure(
-            "direct_poll_one_round_s",
-            DIRECT_POLL_S_PER_1000 * miners / 1000,
-            "s",
-            miners=miners,
-            note="extrapolated linearly from bench/miners_poll.py (1,000 miners: 1.01 s); "
-            "a direct controller needs at least one full poll to confirm a shed",
-        )
+        direct(args.direct, miners)
     finally:
         sim.terminate()
         sim.wait(10)
         broker.stop()
+
+
+def direct(n: int, site_miners: int) -> None:
+    """The same spike with N miners polled directly (bench/agent_spike.py), side by side."""
+    if n <= 0:
+        return
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "agent_spike.py"), "--miners", str(n)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    wanted = {"agent_poll_s", "spike_to_all_confirmed_asleep_s", "agent_peak_rss_mb"}
+    for line in done.stdout.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("figure") in wanted:
+            figure(f"direct_{row['figure']}", float(row["value"]), row.get("unit", ""), miners=n)
+            if row["figure"] == "agent_poll_s":
+                figure(
+                    "direct_poll_extrapolated_s",
+                    float(row["value"]) * site_miners / n,
+                    "s",
+                    miners=site_miners,
+                    note=f"linear from {n} measured; one poll is the least a shed needs",
+                )
+    if done.returncode != 0:
+        figure("direct_failed", done.returncode, "rc", stderr=done.stderr[-300:])
 
 
 def main() -> None:
@@ -209,6 +234,7 @@ def main() -> None:
     p.add_argument("--partitions", type=int, default=200)
     p.add_argument("--gpu-hosts", type=int, default=64)
     p.add_argument("--miners", type=int, default=100_000)
+    p.add_argument("--direct", type=int, default=1000, help="miners polled directly (0: skip)")
     args = p.parse_args()
     os.nice(0)
     asyncio.run(run(args))

@@ -204,3 +204,26 @@ def test_the_example_node_config_loads_with_its_node_section(
     assert cfg.node.broker.password is not None
     assert cfg.node.broker.password.get_secret_value() == "node-pass"
     assert cfg.gpu_nodes[0].driver == "nvml"
+
+
+def test_a_command_is_acked_after_the_first_cycle_that_planned_under_it(tmp_path: Path) -> None:
+    clock = Clock()
+    node = link(tmp_path, clock)
+    clock.now = T0 + timedelta(seconds=1)
+    node.handle_command(cmd(1, 2000, T0))
+    node.observe_plan(plan(2000, T0))  # a cycle whose snapshot predates the command
+    assert acks(node) == []
+    # A stuck device: the next cycle cannot get under the envelope; the ack says so at once,
+    # and telemetry (not an ack timeout) shows the shortfall to the controller.
+    over = Plan(
+        at=clock.now,
+        limit_w=2000,
+        planned_power_w=3500,
+        effective_price_usd_per_mwh=1,
+        value_usd_per_h=0,
+        cost_usd_per_h=0,
+    )
+    node.observe_plan(over)
+    (ack,) = acks(node)
+    assert ack.result is AckResult.APPLIED
+    assert "cannot get under" in ack.reason

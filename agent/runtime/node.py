@@ -214,6 +214,7 @@ class NodeLink:
         self.last: NodeCommand | None = None
         self.last_heard: datetime | None = None
         self.unacked: list[NodeCommand] = []
+        self.admitted_at: dict[tuple[int, int], datetime] = {}
         self.state = NodeState.HOLDING
         self.floor_w = 0.0
         self.views_seq = 0
@@ -277,13 +278,26 @@ class NodeLink:
         self.publish_views(floor_w, max_w, measured_w, points, faults, devices)
 
     def observe_plan(self, plan: Plan, results: Sequence[ActionResult] = ()) -> None:
-        """Ack every admitted command this cycle planned under (its actions have run)."""
+        """Ack every command admitted before this cycle's snapshot: its actions have run.
+
+        ``applied`` means the node took the envelope and acted on it. Whether the devices got
+        under it is for telemetry to show (the views' ``measured_w``), so a node that cannot
+        meet its envelope (a stuck device) still answers at once, saying why, and the
+        controller's verification, not an ack timeout, finds the shortfall.
+        """
         failed = [r for r in results if r.result != "ok"]
         for cmd in list(self.unacked):
-            if plan.limit_w <= cmd.envelope_w + 1.0 or plan.planned_power_w <= cmd.envelope_w:
-                self.unacked.remove(cmd)
-                why = f"{len(failed)} action(s) failed" if failed else "planned under envelope"
-                self._ack(cmd, AckResult.APPLIED, why, cmd.envelope_w)
+            if self.admitted_at.get((cmd.epoch, cmd.seq), plan.at) > plan.at:
+                continue  # arrived during this cycle: the next one plans under it
+            self.unacked.remove(cmd)
+            self.admitted_at.pop((cmd.epoch, cmd.seq), None)
+            if plan.planned_power_w > cmd.envelope_w + 1.0:
+                why = f"planned {plan.planned_power_w:.0f} W: cannot get under the envelope"
+            elif failed:
+                why = f"{len(failed)} action(s) failed"
+            else:
+                why = "planned under envelope"
+            self._ack(cmd, AckResult.APPLIED, why, cmd.envelope_w)
 
     def publish_views(
         self,
@@ -359,6 +373,7 @@ class NodeLink:
         self.ledger.epoch, self.ledger.seq = cmd.epoch, cmd.seq
         save_journal(self.role.journal_path, cmd, now)
         self.unacked.append(cmd)
+        self.admitted_at[(cmd.epoch, cmd.seq)] = now
         self.applied.append((cmd.epoch, cmd.seq))
         del self.applied[:-1000]
         if self.wake is not None:

@@ -8,7 +8,7 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 RUN := $(VENV)/bin
-DEBIAN_PACKAGES := mosquitto prometheus slurm-wlm munge systemd
+DEBIAN_PACKAGES := mosquitto prometheus slurm-wlm munge systemd chromium chromium-driver
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 

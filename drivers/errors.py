@@ -6,9 +6,11 @@
     ├── DeviceError                 carries ``device_id``
     │   ├── TransientDeviceError    worth retrying: the device may answer next time
     │   │   ├── DeviceTimeout       no answer within the call's timeout
-    │   │   └── DeviceUnavailable   connection refused/reset, GPU off the bus, scheduler down
+    │   │   ├── DeviceUnavailable   connection refused/reset, GPU off the bus, scheduler down
+    │   │   └── StaleReading        it answers, but its values have stopped moving (a frozen meter)
     │   └── PermanentDeviceError    retrying will not help
     │       ├── BadReply            the device answered nonsense (garbage, missing fields)
+    │       │   └── WrongUnit       another Modbus unit answered (a miswired gateway, a wrong ID)
     │       ├── CommandRejected     the device said no (error status, out-of-range value)
     │       ├── CommandNotApplied   accepted, but telemetry shows it was not applied
     │       ├── AuthFailed          credentials refused
@@ -50,12 +52,20 @@ class DeviceUnavailable(TransientDeviceError):
     """The device could not be reached (refused, reset, fallen off the bus)."""
 
 
+class StaleReading(TransientDeviceError):
+    """The device answers, but its values have not changed for longer than allowed."""
+
+
 class PermanentDeviceError(DeviceError):
     """Retrying will not help without a change on the device or in config."""
 
 
 class BadReply(PermanentDeviceError):
     """The device answered, but the answer is malformed or missing fields."""
+
+
+class WrongUnit(BadReply):
+    """A Modbus answer came from another unit ID than the one asked."""
 
 
 class CommandRejected(PermanentDeviceError):

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import math
 import resource
 import secrets
 import signal
@@ -268,7 +269,11 @@ class LuxosFleet:
         *,
         clock: Clock = time.monotonic,
         timing: Timing | None = None,
+        ambient_c: Clock | None = None,
+        thermal_tau_s: float | None = None,
     ) -> None:
+        """``ambient_c`` gives the site's air temperature (a hot afternoon); ``thermal_tau_s``
+        overrides the models' thermal time constant (tests that cannot wait a minute)."""
         self._clock = clock
         self._timing = timing or Timing()
         self._servers: dict[str, _MinerServer] = {}
@@ -278,6 +283,7 @@ class LuxosFleet:
             if spec.model not in MODELS:
                 raise ValueError(f"unknown model {spec.model!r}; known: {', '.join(MODELS)}")
             state = MinerState(spec.address, MODELS[spec.model], clock, self._timing)
+            state.ambient, state.thermal_tau_s = ambient_c, thermal_tau_s
             self._servers[spec.address] = _MinerServer(spec, state)
         self._started = False
         self._reboots: set[asyncio.Task[None]] = set()
@@ -356,8 +362,48 @@ class LuxosFleet:
     def truth(self, address: str) -> dict[str, object]:
         return self._server(address).state.truth()
 
+    def set_hot_spot(self, address: str, extra_c: float) -> None:
+        """This miner's intake runs ``extra_c`` hotter than the site's air."""
+        if not math.isfinite(extra_c) or not -20.0 <= extra_c <= 40.0:
+            raise ValueError(f"hot spot {extra_c} °C outside -20..40")
+        state = self._server(address).state
+        state.pcb_c()  # settle the thermal integral up to now
+        state.hot_spot_c = extra_c
+
 
 # --- control endpoint --------------------------------------------------------------------
+
+
+MAX_FAULT_DELAY_S = 3600.0  # a longer fault is a typo; inf or NaN would hang a timer forever
+_FAULT_KEYS = frozenset({"op", "fault", "address", "addresses", "delay_s"})
+
+
+def _fault_request(fleet: LuxosFleet, request: dict[str, object]) -> tuple[list[str], Fault]:
+    """Validate every field of a fault request before anything changes (ValueError if bad)."""
+    unknown = sorted(str(k) for k in request if k not in _FAULT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; known: {sorted(_FAULT_KEYS)}")
+    addresses = request.get("addresses", [request.get("address")])
+    if not isinstance(addresses, list) or not addresses:
+        raise ValueError("addresses must be a non-empty list")
+    if not all(isinstance(a, str) for a in addresses):
+        raise ValueError("every address must be a string")
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("an address is listed twice")
+    kind = request.get("fault")
+    if not isinstance(kind, str):
+        raise ValueError(f"fault must be one of {[k.value for k in FaultKind]}")
+    delay_s = request.get("delay_s", 0.0)
+    if isinstance(delay_s, bool) or not isinstance(delay_s, int | float):
+        raise ValueError(f"delay_s must be a number of seconds, got {delay_s!r}"[:120])
+    if not math.isfinite(delay_s) or not 0 <= delay_s <= MAX_FAULT_DELAY_S:
+        raise ValueError(f"delay_s must be 0 to {MAX_FAULT_DELAY_S:g} s, got {delay_s!r}")
+    fault = Fault(FaultKind(kind), float(delay_s))
+    for a in addresses:
+        fleet._server(a)  # every address known before any miner changes
+    if fault.kind is FaultKind.REBOOT and not fleet._started:
+        raise ValueError("a reboot needs a started fleet")
+    return addresses, fault
 
 
 def _control(fleet: LuxosFleet, request: object) -> dict[str, object]:
@@ -372,18 +418,25 @@ def _control(fleet: LuxosFleet, request: object) -> dict[str, object]:
         if op == "states":
             return {"ok": True, "states": [fleet.truth(a) for a in fleet.addresses]}
         if op == "fault":
-            addresses = request.get("addresses", [request.get("address")])
-            if not isinstance(addresses, list):
-                return {"ok": False, "error": "addresses must be a list"}
-            fault = Fault(FaultKind(str(request.get("fault"))), float(request.get("delay_s", 0.0)))
+            addresses, fault = _fault_request(fleet, request)
             for a in addresses:
-                fleet._server(str(a))  # validate every address before changing any
-            for a in addresses:
-                fleet.set_fault(str(a), fault)
+                fleet.set_fault(a, fault)
             return {"ok": True}
     except (KeyError, ValueError, TypeError) as exc:
-        return {"ok": False, "error": str(exc)}
-    return {"ok": False, "error": f"unknown op {op!r}; known: list, state, states, fault"}
+        return {"ok": False, "error": str(exc)[:300]}
+    return {"ok": False, "error": f"unknown op {str(op)[:40]!r}; known: list, state, states, fault"}
+
+
+def _decode_request(line: bytes) -> object:
+    """One control line as JSON: strict UTF-8, no NaN/Infinity, bounded nesting (ValueError)."""
+
+    def no_constants(name: str) -> object:
+        raise ValueError(f"{name} is not allowed")
+
+    try:
+        return json.loads(line.decode("utf-8"), parse_constant=no_constants)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 async def serve_control(fleet: LuxosFleet, port: int, host: str = "127.0.0.1") -> asyncio.Server:
@@ -393,12 +446,12 @@ async def serve_control(fleet: LuxosFleet, port: int, host: str = "127.0.0.1") -
         try:
             while line := await reader.readline():
                 try:
-                    reply = _control(fleet, json.loads(line))
-                except ValueError as exc:
-                    reply = {"ok": False, "error": f"not JSON: {exc}"}
+                    reply = _control(fleet, _decode_request(line))
+                except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+                    reply = {"ok": False, "error": f"not JSON: {exc}"[:300]}
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
-        except ConnectionError:
+        except (ConnectionError, ValueError):  # ValueError: a line over the 1 MiB limit
             pass
         finally:
             writer.close()

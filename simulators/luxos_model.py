@@ -152,6 +152,12 @@ class MinerState:
     _pcb_c: float = 0.0
     _thermal_at_s: float = 0.0
     accepted_shares: int = 0
+    # Heat: the air the miner breathes (a site's ambient curve; the model's ambient_c if None),
+    # how much hotter this spot runs (a hot aisle, a clogged filter), and a faster thermal
+    # time constant for tests (the model's if None).
+    ambient: Clock | None = None
+    hot_spot_c: float = 0.0
+    thermal_tau_s: float | None = None
 
     def __post_init__(self) -> None:
         self.reset()
@@ -198,8 +204,13 @@ class MinerState:
         f = self._progress(now)
         return self._from_hashrate_ths + (target_ths - self._from_hashrate_ths) * f
 
+    def intake_c(self) -> float:
+        """The air temperature at this miner's intake."""
+        base = self.model.ambient_c if self.ambient is None else self.ambient()
+        return base + self.hot_spot_c
+
     def _steady_pcb_c(self, power_w: float) -> float:
-        return self.model.ambient_c + self.model.pcb_rise_c_per_kw * power_w / 1000.0
+        return self.intake_c() + self.model.pcb_rise_c_per_kw * power_w / 1000.0
 
     def pcb_c(self, now: float | None = None) -> float:
         """PCB temperature, lagging power with time constant ``thermal_tau_s``."""
@@ -208,7 +219,8 @@ class MinerState:
         if dt > 0.0:
             # Exact for constant power over dt; during ramps polls are frequent enough
             # that using the power at the end of the interval is a small error.
-            alpha = 1.0 - math.exp(-dt / self.model.thermal_tau_s)
+            tau = self.model.thermal_tau_s if self.thermal_tau_s is None else self.thermal_tau_s
+            alpha = 1.0 - math.exp(-dt / tau)
             self._pcb_c += (self._steady_pcb_c(self.power_w(now)) - self._pcb_c) * alpha
             self._thermal_at_s = now
         return self._pcb_c
@@ -262,6 +274,7 @@ class MinerState:
             "hashrate_ths": round(self.hashrate_ths(now), 3),
             "pcb_c": round(self.pcb_c(now), 2),
             "chip_c": round(self.chip_c(now), 2),
+            "intake_c": round(self.intake_c(), 2),
             "fault": self.fault.kind.value,
             "fault_delay_s": self.fault.delay_s,
         }

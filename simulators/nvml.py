@@ -218,6 +218,8 @@ class SimGpu:
     uuid: str = ""
     power_limit_w: float = 0.0
     load_pct: float = 0.0  # utilization from work that is not a listed process
+    # The air the card breathes (a site's ambient curve: a hot afternoon); AMBIENT_C if None.
+    ambient: Callable[[], float] | None = None
     _processes: dict[int, _Process] = field(default_factory=dict)
     _temperature_c: float = AMBIENT_C
     _energy_j: float = 0.0
@@ -274,7 +276,8 @@ class SimGpu:
                 return
             power = self.power_w
             self._energy_j += power * dt
-            target = AMBIENT_C + _RISE_AT_MAX_K * power / self.model.max_limit_w
+            air = AMBIENT_C if self.ambient is None else self.ambient()
+            target = air + _RISE_AT_MAX_K * power / self.model.max_limit_w
             self._temperature_c = target + (self._temperature_c - target) * math.exp(
                 -dt / THERMAL_TAU_S
             )
@@ -385,12 +388,13 @@ class SimNvml:
         clock: Callable[[], float] = time.monotonic,
         privileged: bool = True,
         driver_loaded: bool = True,
+        ambient_c: Callable[[], float] | None = None,
     ) -> None:
         self.clock = clock
         self.privileged = privileged
         self.driver_loaded = driver_loaded
         self.gpus: list[SimGpu] = [
-            SimGpu(model=m, index=i, clock=clock) for i, m in enumerate(gpus)
+            SimGpu(model=m, index=i, clock=clock, ambient=ambient_c) for i, m in enumerate(gpus)
         ]
         self.init_count = 0
         self.calls: list[str] = []  # every API call by name, so tests can see what was (not) done

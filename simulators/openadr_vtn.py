@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -211,29 +213,36 @@ class OpenAdrVtn:
         self._server.cancel_event(self.registrations[ven_name], event_id)
 
     async def _control_event(self, request: web.Request) -> web.Response:
+        """Push one event; every field is checked before anything is queued."""
         try:
-            body = await request.json()
+            body = await _control_body(request, _EVENT_KEYS)
+            start = datetime.fromisoformat(_text(body, "start"))
+            if start.tzinfo is None:
+                raise ValueError("start needs a time zone")
+            duration_s = _number(body, "duration_s", 1e-3, MAX_CONTROL_DURATION_S)
+            start + timedelta(seconds=duration_s)  # OverflowError past the year 9999
             event_id = self.push_event(
-                body["ven_name"],
-                start=datetime.fromisoformat(body["start"]),
-                duration=timedelta(seconds=float(body["duration_s"])),
-                value=float(body["value"]),
-                signal_name=body.get("signal_name", "LOAD_DISPATCH"),
-                signal_type=body.get("signal_type", "setpoint"),
-                market_context=body.get("market_context", "oadr://unknown.context"),
-                event_id=body.get("event_id"),
+                _text(body, "ven_name"),
+                start=start,
+                duration=timedelta(seconds=duration_s),
+                value=_number(body, "value", -1e12, 1e12),
+                signal_name=_text(body, "signal_name", "LOAD_DISPATCH"),
+                signal_type=_text(body, "signal_type", "setpoint"),
+                market_context=_text(body, "market_context", "oadr://unknown.context"),
+                event_id=_text(body, "event_id", "") or None,
             )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise web.HTTPBadRequest(text=f"bad event request: {exc!r}") from None
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+            raise web.HTTPBadRequest(text=f"bad event request: {exc!r}"[:300]) from None
         return web.json_response({"event_id": event_id})
 
     async def _control_cancel(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json()
-            self.cancel_event(body["ven_name"], body["event_id"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise web.HTTPBadRequest(text=f"bad cancel request: {exc!r}") from None
-        return web.json_response({"cancelled": body["event_id"]})
+            body = await _control_body(request, frozenset({"ven_name", "event_id"}))
+            event_id = _text(body, "event_id")
+            self.cancel_event(_text(body, "ven_name"), event_id)
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise web.HTTPBadRequest(text=f"bad cancel request: {exc!r}"[:300]) from None
+        return web.json_response({"cancelled": event_id})
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -253,6 +262,66 @@ class OpenAdrVtn:
         await self.stop()
 
 
+# --- control-port parsing: bounded, strict, every field typed ------------------------------------
+
+MAX_CONTROL_BYTES = 16 * 1024
+MAX_CONTROL_DURATION_S = 31 * 86400.0
+_EVENT_KEYS = frozenset(
+    {
+        "ven_name",
+        "start",
+        "duration_s",
+        "value",
+        "signal_name",
+        "signal_type",
+        "market_context",
+        "event_id",
+    }
+)
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not allowed")
+
+
+async def _control_body(request: web.Request, known: frozenset[str]) -> dict[str, Any]:
+    raw = await request.content.read(MAX_CONTROL_BYTES + 1)
+    if len(raw) > MAX_CONTROL_BYTES:
+        raise ValueError(f"body over {MAX_CONTROL_BYTES} bytes")
+    body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    if not isinstance(body, dict):
+        raise ValueError("expected a JSON object")
+    unknown = sorted(str(k) for k in body if k not in known)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}")
+    return body
+
+
+def _text(body: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = body.get(key, default)
+    if value is None:
+        raise KeyError(key)
+    if not isinstance(value, str) or len(value) > 256:
+        raise ValueError(f"{key} must be text of at most 256 characters")
+    return value
+
+
+def _number(body: dict[str, Any], key: str, lo: float, hi: float) -> float:
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key} must be a number")
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ValueError(f"{key} must be {lo:g} to {hi:g}, got {value!r}")
+    return float(value)
+
+
+def _poll_arg(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected 0 < seconds ≤ 86400, got {text!r}")
+    return value
+
+
 async def _serve(args: argparse.Namespace) -> None:
     vtn = OpenAdrVtn(port=args.port, host=args.host, poll_s=args.poll_s)
     await vtn.start()
@@ -264,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="OpenADR 2.0b VTN simulator on loopback")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--poll-s", type=float, default=1.0)
+    parser.add_argument("--poll-s", type=_poll_arg, default=1.0)
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(args))

@@ -12,7 +12,14 @@ check sees a live feed), ``index`` the position in the played series. ``GET /has
 Fault modes (``server.fault = ...`` or ``POST /fault {"mode": ...}``): ``ok``, ``down`` (HTTP
 503), ``garbage`` (not JSON), ``nan`` (a NaN price literal), ``missing`` (no price field),
 ``string`` (the price as text), ``stale`` (timestamp two days old), ``future`` (one day ahead),
-``slow`` (answers after ``slow_s``). It imports neither ``agent`` nor ``drivers``.
+``slow`` (answers after ``slow_s``). Hostile modes, for the bounded-input tests: ``trickle``
+(headers at once, then the body one byte every ``trickle_s``: per-read timeouts never fire),
+``huge`` (a 2 MB body), ``flood`` (2 MB chunked, with no length announced), ``deep``
+(arrays nested 10,000 deep), ``overflow`` (a price of 1e308,
+infinite once converted from USD/kWh), ``bool`` (the price ``true``), ``duplicate`` (the price
+key twice). ``POST /fault`` validates every field (a known mode; ``slow_s`` and ``trickle_s``
+finite, 0–600 s) and changes nothing on a bad request. It imports neither ``agent`` nor
+``drivers``.
 """
 
 from __future__ import annotations
@@ -31,7 +38,26 @@ from pathlib import Path
 
 from aiohttp import web
 
-FAULT_MODES = ("ok", "down", "garbage", "nan", "missing", "string", "stale", "future", "slow")
+FAULT_MODES = (
+    "ok",
+    "down",
+    "garbage",
+    "nan",
+    "missing",
+    "string",
+    "stale",
+    "future",
+    "slow",
+    "trickle",
+    "huge",
+    "flood",
+    "deep",
+    "overflow",
+    "bool",
+    "duplicate",
+)
+MAX_FAULT_BODY_BYTES = 4096
+MAX_DELAY_S = 600.0
 
 
 def read_csv_column(path: Path, column: str) -> list[float]:
@@ -44,6 +70,26 @@ def read_csv_column(path: Path, column: str) -> list[float]:
             except (TypeError, ValueError):
                 values.append(math.nan)
     return values
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _delay(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number of seconds")
+    if not math.isfinite(value) or not 0 <= value <= MAX_DELAY_S:
+        raise ValueError(f"{name} must be 0 to {MAX_DELAY_S:g} s, got {value!r}")
+    return float(value)
+
+
+def _finite_arg(text: str) -> float:
+    """An argparse type: a finite number (``nan`` and ``inf`` parse as floats otherwise)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 class PriceServer:
@@ -72,6 +118,7 @@ class PriceServer:
         self.port = port
         self.unit = unit
         self.slow_s = slow_s
+        self.trickle_s = 0.2
         self.fault = "ok"
         self.requests = 0
         self.numbers: dict[str, float] = {"hashprice": 50.0, "btc": 100_000.0, "difficulty": 1e14}
@@ -95,6 +142,10 @@ class PriceServer:
             return None
         if self.fault == "garbage":
             return '{"data": [{"price": 41.5,, oops'
+        if self.fault == "deep":
+            return "[" * 10_000 + "]" * 10_000
+        if self.fault in ("huge", "flood"):
+            return json.dumps({"data": [{"price": price, "pad": "x" * 2_000_000}]})
         if self.fault == "stale":
             now -= timedelta(days=2)
         elif self.fault == "future":
@@ -111,33 +162,73 @@ class PriceServer:
             del entry[key]
         elif self.fault == "string":
             entry[key] = str(price)
+        elif self.fault == "overflow":
+            entry[key] = 1e308
+        elif self.fault == "bool":
+            entry[key] = True
+        elif self.fault == "duplicate":
+            text = json.dumps(entry)
+            return '{"data": [' + text[:-1] + f', "{key}": {price * 100}' + "}]}"
         return json.dumps({"data": [entry]})
 
-    async def _answer(self, body: str | None) -> web.Response:
+    async def _answer(self, request: web.Request, body: str | None) -> web.StreamResponse:
         self.requests += 1
         if self.fault == "slow":
             await asyncio.sleep(self.slow_s)
         if body is None:
             return web.Response(status=503, text="price feed down")
+        if self.fault == "flood":
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            data = body.encode()
+            for i in range(0, len(data), 65536):
+                await response.write(data[i : i + 65536])
+            await response.write_eof()
+            return response
+        if self.fault == "trickle":
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            for i in range(len(body)):
+                await response.write(body[i : i + 1].encode())
+                await asyncio.sleep(self.trickle_s)
+            await response.write_eof()
+            return response
         return web.Response(text=body, content_type="application/json")
 
-    async def _price(self, request: web.Request) -> web.Response:
-        return await self._answer(self._body(self.prices[self.index()]))
+    async def _price(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, self._body(self.prices[self.index()]))
 
-    async def _number(self, request: web.Request) -> web.Response:
+    async def _number(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         if name not in self.numbers:
-            raise web.HTTPNotFound(text=f"unknown feed {name}")
-        return await self._answer(self._body(self.numbers[name], key="value"))
+            raise web.HTTPNotFound(text=f"unknown feed {name[:40]}")
+        return await self._answer(request, self._body(self.numbers[name], key="value"))
 
     async def _set_fault(self, request: web.Request) -> web.Response:
+        """``{"mode": M, "slow_s": S, "trickle_s": T}``: every field checked before any change."""
+        if (request.content_length or 0) > MAX_FAULT_BODY_BYTES:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=MAX_FAULT_BODY_BYTES, actual_size=request.content_length or 0
+            )
+        raw = await request.content.read(MAX_FAULT_BODY_BYTES + 1)
         try:
-            mode = (await request.json())["mode"]
-        except (ValueError, KeyError, TypeError):
-            raise web.HTTPBadRequest(text='expected {"mode": ...}') from None
-        if mode not in FAULT_MODES:
-            raise web.HTTPBadRequest(text=f"unknown mode {mode!r}; one of {FAULT_MODES}")
+            if len(raw) > MAX_FAULT_BODY_BYTES:
+                raise ValueError(f"body over {MAX_FAULT_BODY_BYTES} bytes")
+            data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+            if not isinstance(data, dict) or "mode" not in data:
+                raise ValueError('expected {"mode": ...}')
+            unknown = sorted(str(k) for k in data if k not in ("mode", "slow_s", "trickle_s"))
+            if unknown:
+                raise ValueError(f"unknown field(s) {unknown}")
+            mode = data["mode"]
+            if not isinstance(mode, str) or mode not in FAULT_MODES:
+                raise ValueError(f"unknown mode {str(mode)[:40]!r}; one of {FAULT_MODES}")
+            delays = {k: _delay(k, data[k]) for k in ("slow_s", "trickle_s") if k in data}
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise web.HTTPBadRequest(text=str(exc)[:200]) from None
         self.fault = mode
+        self.slow_s = delays.get("slow_s", self.slow_s)
+        self.trickle_s = delays.get("trickle_s", self.trickle_s)
         return web.json_response({"mode": mode})
 
     async def start(self) -> None:
@@ -179,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--csv", help="price CSV to play")
     parser.add_argument("--column", default="HB_WEST")
-    parser.add_argument("--constant", type=float, default=40.0, help="price when no CSV")
-    parser.add_argument("--speed", type=float, default=1.0)
+    parser.add_argument("--constant", type=_finite_arg, default=40.0, help="price when no CSV")
+    parser.add_argument("--speed", type=_finite_arg, default=1.0)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)

@@ -24,6 +24,7 @@ from agent.control.domain import (
     PriceView,
     Snapshot,
 )
+from agent.runtime.meter import MeterStatus
 from agent.runtime.state import AgentState, SourceHealth
 from drivers.gpus.base import GpuReading
 from drivers.grid.base import GridEvent, ProgramKind
@@ -154,4 +155,20 @@ def sample_state() -> AgentState:
             for i in range(2)
         )
     }
+    # A trusted revenue meter: the devices' 17,900 W + 4 % cooling + a learned 282 W trim.
+    state.meter = MeterStatus(
+        configured=True,
+        trusted=True,
+        source="meter",
+        reason=None,
+        meter_w=18_898.0,
+        meter_age_s=1.5,
+        device_w=17_900.0,
+        site_w=18_898.0,
+        cooling_w=716.0,
+        trim_w=282.0,
+        ambient_c=31.0,
+        fallbacks=1,
+        errors=2,
+    )
     return state

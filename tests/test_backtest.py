@@ -583,7 +583,8 @@ def test_cli_writes_json_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFi
         s = doc[name]
         assert set(s["revenue_usd"]) == {"mining", "ai", "demand_response"}
         parts = sum(s["revenue_usd"].values()) - s["energy_cost_usd"] - s["fourcp_cost_usd"]
-        assert parts - s["penalties_usd"] == pytest.approx(s["profit_usd"], abs=0.05)
+        parts -= s["penalties_usd"] + s["switching_usd"]
+        assert parts == pytest.approx(s["profit_usd"], abs=0.05)
         assert doc["oracle"]["profit_usd"] >= s["profit_usd"]
     assert doc["capture"] == pytest.approx(
         doc["policy"]["profit_usd"] / doc["oracle"]["profit_usd"], abs=1e-4

@@ -97,6 +97,7 @@ async def test_views_before_and_after_the_first_poll(site: GpuFleet) -> None:
     # Never read: unknown state (the policy counts it at nameplate), cap assumed at maximum.
     assert all(v.measured_power_w is None and v.reading_age_s == float("inf") for v in before)
     assert all(v.cap_w == 700 for v in before)
+    assert all(v.temperature_c is None for v in before)
     await site.poll()
     views = {v.device_id: v for v in site.node_views(now)}
     first = views["gpu-001"]
@@ -121,6 +122,9 @@ async def test_views_before_and_after_the_first_poll(site: GpuFleet) -> None:
     assert sorted(j.gpus for j in second.jobs) == [2, 4]
     assert set(site.readings()) == {"gpu-001", "gpu-002"}
     assert len(site.readings()["gpu-001"]) == 8
+    # The thermal guard reads the node's hottest card from its view.
+    hottest_c = max(r.temperature_c for r in site.readings()["gpu-001"])
+    assert first.temperature_c == hottest_c
 
 
 async def test_cap_is_set_on_every_gpu_and_read_back(site: GpuFleet) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from agent.control.commands import CommandResult, Refresh
-from agent.runtime.inbox import CommandInbox, Rejection, Submission
+from agent.runtime.inbox import AuditRequest, CommandInbox, Rejection, Submission
 
 
 async def test_a_command_is_answered_by_whoever_serves_the_inbox() -> None:
@@ -33,3 +33,14 @@ async def test_a_flood_is_refused_at_once_and_rejections_are_queued_in_order() -
     assert await inbox.next() == Rejection("mqtt", "bad_token")
     for task in waiting:
         task.cancel()
+
+
+async def test_an_audit_request_travels_to_the_loop_and_a_flood_drops_it() -> None:
+    inbox = CommandInbox(max_waiting=1)
+    inbox.audit("mqtt", "command:curtail", "too_deep: nested deeper than 8 levels")
+    inbox.audit("mqtt", "command:curtail", "dropped: the queue is full")  # never blocks
+    assert await asyncio.wait_for(inbox.next(), 1) == AuditRequest(
+        "mqtt", "command:curtail", "too_deep: nested deeper than 8 levels"
+    )
+    inbox.reject("mqtt", "too_deep")
+    assert await asyncio.wait_for(inbox.next(), 1) == Rejection("mqtt", "too_deep")

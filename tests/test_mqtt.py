@@ -259,7 +259,7 @@ BAD_COMMANDS: list[tuple[str, str, bytes | dict[str, Any], str, str]] = [
     # (command topic, expected metric code, payload, expected ack id, text in the reason)
     ("set_mode", "malformed", b"{not json", "", "not JSON"),
     ("set_mode", "malformed", b'["a list"]', "", "JSON object"),
-    ("set_mode", "malformed", b'{"id": "big", "pad": "' + b"x" * 20_000 + b'"}', "", "larger"),
+    ("set_mode", "too_large", b'{"id": "big", "pad": "' + b"x" * 20_000 + b'"}', "", "larger"),
     ("set_mode", "unauthorized", {"id": "b3", "mode": "manual"}, "b3", "token"),
     (
         "set_mode",

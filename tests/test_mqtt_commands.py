@@ -34,7 +34,7 @@ def test_valid_commands_become_typed_commands() -> None:
 @pytest.mark.parametrize(
     ("name", "payload", "code"),
     [
-        ("release", b"\xff\xfe", "malformed"),
+        ("release", b"\xff\xfe", "not_utf8"),
         ("release", b"42", "malformed"),
         ("release", b'{"id": "x1", "operator": "alice", "token": "bob-token-2"}', "unauthorized"),
         ("release", b'{"id": "x1", "operator": "alice", "token": 5}', "unauthorized"),

@@ -72,13 +72,13 @@ async def test_unit_conversion(server: PriceServer, unit: str, expected: float) 
 
 FAULTS = [
     ("garbage", BadInput, "malformed JSON"),
-    ("nan", BadInput, "expected a finite number, got nan"),
+    ("nan", BadInput, "data.0.price: expected a finite number, got NaN"),
     ("missing", BadInput, "field 'data.0.price' is missing"),
-    ("string", BadInput, "expected a number in USD/MWh, got '41.5'"),
+    ("string", BadInput, "(in USD/MWh): expected a number, got '41.5'"),
     ("stale", BadInput, "s old (at most 3600 s accepted)"),
     ("future", BadInput, "in the future (tolerance 300 s)"),
     ("down", SourceError, "answered HTTP 503"),
-    ("slow", SourceError, "no answer from"),
+    ("slow", SourceError, "no complete answer from"),
 ]
 
 

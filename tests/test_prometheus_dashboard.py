@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "configs" / "grafana-dashboard.json"
+
+# Metrics the dashboard queries before the agent exports them (name -> why): their panels stay
+# empty until then; the real-Prometheus test checks their queries parse and lists them as pending.
+# None today: the meter, cooling and derate panels query what the agent exports.
+PENDING_METRICS: dict[str, str] = {}
+
+
+def queried_metrics(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (every name this project uses starts with site_)."""
+    return set(re.findall(r"\b(site_[a-z0-9_]+)\b", expr))
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in load()["panels"] for t in p.get("targets", [])]
 
 
 def load() -> dict[str, Any]:
@@ -49,9 +64,7 @@ def test_every_panel_uses_the_datasource_variable_and_has_queries() -> None:
         assert topic in text, topic
 
 
-def test_dashboard_only_queries_metrics_the_agent_exports() -> None:
-    import re
-
+def test_dashboard_only_queries_metrics_the_agent_exports_or_pending_ones() -> None:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -62,6 +75,20 @@ def test_dashboard_only_queries_metrics_the_agent_exports() -> None:
     text = generate_latest(build_registry(sample_state(), sample_config(), clock=lambda: NOW))
     for fam in text_string_to_metric_families(text.decode()):
         exported |= {s.name for s in fam.samples}
-    used = set(re.findall(r"\b(site_agent_[a-z_]+)", DASHBOARD.read_text()))
-    assert used, "no site_agent metric in the dashboard"
-    assert used <= exported, f"unknown metrics: {used - exported}"
+    used = set().union(*(queried_metrics(e) for e in dashboard_exprs()))
+    assert any(m.startswith("site_agent_") for m in used), "no site_agent metric in the dashboard"
+    assert used <= exported | set(PENDING_METRICS), f"unknown metrics: {used - exported}"
+    # A pending metric the agent now exports: take it off the list (its queries must have data).
+    assert not exported & set(PENDING_METRICS), exported & set(PENDING_METRICS)
+    assert set(PENDING_METRICS) <= used, "pending metrics no panel queries"
+    # The meter, cooling and derate panels read the agent's own series.
+    for name in (
+        "site_agent_meter_power_watts",
+        "site_agent_meter_trim_watts",
+        "site_agent_meter_up",
+        "site_agent_device_power_watts",
+        "site_agent_cooling_power_watts",
+        "site_agent_thermal_derated_devices",
+        "site_agent_thermal_derate_actions_total",
+    ):
+        assert name in used, name

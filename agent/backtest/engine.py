@@ -36,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 
 from agent.backtest.data import TraceJob
 from agent.control.config import AgentConfig, GpuNodeConfig
+from agent.control.cooling import SiteLoadModel, cooling_fraction
 from agent.control.domain import (
     SLEEP,
     ActiveEvent,
@@ -48,6 +49,7 @@ from agent.control.domain import (
     Snapshot,
 )
 from agent.control.economics import breakeven_usd_per_mwh, gpu_throughput_fraction
+from agent.control.planner import HorizonPlan, SwitchingCost, unit_cycle_cost_usd
 from agent.journal.store import event_target_w
 from drivers.errors import AgentError
 from drivers.grid.base import GridEvent
@@ -55,6 +57,8 @@ from drivers.jobs.base import JobClass, JobState
 
 STRATEGIES = ("policy", "oracle", "always_on", "strike")
 Decide = Callable[[Snapshot, AgentConfig, datetime], Plan]
+# The horizon plan at interval ``i``, given the units awake per miner model and the AI load now.
+HorizonAt = Callable[[int, Mapping[str, int], float], "HorizonPlan | None"]
 
 
 class BacktestError(AgentError):
@@ -212,6 +216,17 @@ def build_site(config: AgentConfig, block_size: int) -> Site:
 # --- settlement ----------------------------------------------------------------------------
 
 
+def site_load_model(cfg: AgentConfig) -> SiteLoadModel:
+    """Cooling and base load at the configured ambient (no weather history is replayed)."""
+    ambient = cfg.ambient.constant_c
+    return SiteLoadModel(
+        cooling_fraction(cfg.cooling, ambient),
+        cfg.cooling.base_load_kw * 1000.0,
+        "devices",
+        ambient,
+    )
+
+
 @dataclass(slots=True)
 class Ledger:
     """Money and energy of one strategy, with its power per interval for plots."""
@@ -227,8 +242,14 @@ class Ledger:
     dr_penalty_usd: float = 0.0
     energy_mwh: float = 0.0
     interruptions: int = 0
+    # Miner wakes and what they cost (hashing lost, energy overhead): charged only when the
+    # backtest is given a switching cost (``--wake-lost-s``), the same one the planner weighs.
+    wakes: int = 0
+    switching_usd: float = 0.0
     curtailed_intervals: int = 0  # intervals with some mining capacity not at its top point
     fourcp_rate_usd_per_kw_year: float = 0.0
+    # Devices -> power at the meter (cooling at the configured ambient, base load): what is paid.
+    load: SiteLoadModel = field(default_factory=SiteLoadModel)
     mining_w: list[float] = field(default_factory=list)
     ai_w: list[float] = field(default_factory=list)
     # Revenue − energy cost − 4CP of each interval (penalties are booked per event, not here).
@@ -244,7 +265,13 @@ class Ledger:
 
     @property
     def profit_usd(self) -> float:
-        return self.revenue_usd - self.energy_cost_usd - self.fourcp_cost_usd - self.penalties_usd
+        return (
+            self.revenue_usd
+            - self.energy_cost_usd
+            - self.fourcp_cost_usd
+            - self.penalties_usd
+            - self.switching_usd
+        )
 
     def settle(
         self,
@@ -257,7 +284,7 @@ class Ledger:
     ) -> None:
         """Book interval ``i`` at its real price (and its 4CP charge if it is a true peak)."""
         dt_h = market.dt_h
-        site_w = mining_w + ai_w
+        site_w = self.load.site_w(mining_w + ai_w)
         mwh = site_w / 1e6 * dt_h
         self.energy_mwh += mwh
         cost = mwh * market.price_usd_per_mwh[i]
@@ -513,7 +540,7 @@ def run_oracle(site: Site, market: Market, occ: Occupancy) -> Ledger:
     rates_h = [job_rate(cfg, c)[0] for c in CLASSES]
     models = _models(site)
     top_w = sum(points[-1].power_w * n for points, n in models)
-    ledger = Ledger("oracle", fourcp_rate_usd_per_kw_year=rate)
+    ledger = Ledger("oracle", fourcp_rate_usd_per_kw_year=rate, load=site_load_model(cfg))
     for i in range(len(market)):
         q = market.price_usd_per_mwh[i] + (adder if market.peak and market.peak[i] else 0.0)
         hp = market.hashprice[i]
@@ -588,6 +615,7 @@ def _run_on_off(
     market: Market,
     occ: Occupancy,
     mining_on: Callable[[int], bool],
+    switching: SwitchingCost | None = None,
 ) -> Ledger:
     """Miners at their top profile when ``mining_on(i)``, else asleep; jobs always at full cap.
     When the top load exceeds the interconnect limit, just enough miners sleep to fit."""
@@ -598,10 +626,23 @@ def _run_on_off(
     top_w = sum(points[-1].power_w * n for points, n in models)
     top_ths = sum(points[-1].hashrate_ths * n for points, n in models)
     sleep_w = sum(points[0].power_w * n for points, n in models)
-    ledger = Ledger(name, fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year)
+    ledger = Ledger(
+        name,
+        fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year,
+        load=site_load_model(cfg),
+    )
+    was_on = True
     for i in range(len(market)):
         ai_w, ai_rev_h = _full_ai(occ, occ.used[i], rates_h)
-        if mining_on(i):
+        on = mining_on(i)
+        if on and not was_on and switching is not None:
+            for points, count in models:
+                ledger.wakes += count
+                ledger.switching_usd += count * wake_cost_usd(
+                    points, switching, market.hashprice[i], fee, market.price_usd_per_mwh[i]
+                )
+        was_on = on
+        if on:
             room = site.limit_w - ai_w
             share = (
                 1.0
@@ -652,10 +693,19 @@ def strike_states(
 
 
 def run_strike(
-    site: Site, market: Market, occ: Occupancy, strike_usd_per_mwh: float, n_above: int
+    site: Site,
+    market: Market,
+    occ: Occupancy,
+    strike_usd_per_mwh: float,
+    n_above: int,
+    switching: SwitchingCost | None = None,
 ) -> Ledger:
     states = strike_states(market, strike_usd_per_mwh, n_above)
-    return _run_on_off("strike", site, market, occ, lambda i: states[i])
+    return _run_on_off("strike", site, market, occ, lambda i: states[i], switching)
+
+
+# One unit's wake (and its sleep): the planner's cost model, charged per wake.
+wake_cost_usd = unit_cycle_cost_usd
 
 
 # --- the live policy -----------------------------------------------------------------------
@@ -677,15 +727,27 @@ class _Job:
 class PolicyReplay:
     """Plays the devices for :func:`decide`: applies each plan as commanded, settles it."""
 
-    def __init__(self, site: Site, market: Market, trace: Sequence[TraceJob], decide: Decide):
+    def __init__(
+        self,
+        site: Site,
+        market: Market,
+        trace: Sequence[TraceJob],
+        decide: Decide,
+        horizon: HorizonAt | None = None,
+        switching: SwitchingCost | None = None,
+    ):
         self.site = site
         self.market = market
         self.decide = decide
+        self.horizon = horizon
+        self.switching = switching
         cfg = site.config
         self.cfg = cfg
         self.fee = cfg.economics.pool_fee
         self.ledger = Ledger(
-            "policy", fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year
+            "policy",
+            fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year,
+            load=site_load_model(cfg),
         )
         self.times = [datetime.fromtimestamp(s, tz=UTC) for s in market.starts_s]
         t0 = self.times[0] if self.times else datetime(2000, 1, 1, tzinfo=UTC)
@@ -837,8 +899,16 @@ class PolicyReplay:
                     age_s=now_s - seen[1],
                 )
             )
+            plan_now = None
+            if self.horizon is not None:
+                awake: dict[str, int] = {}
+                for v in self.views:
+                    if v.commanded != v.points[0].name:
+                        awake[v.model] = awake.get(v.model, 0) + v.count
+                plan_now = self.horizon(i, awake, self.ai_w)
             snap = Snapshot(
                 at=now,
+                horizon=plan_now,
                 price=price,
                 hashprice_usd_per_ph_day=market.hashprice[i],
                 miners=self.miners_tuple,
@@ -847,12 +917,14 @@ class PolicyReplay:
                 fourcp_risk=market.fourcp_risk[i] if market.fourcp_risk else 0.0,
                 fourcp_reason=market.fourcp_reason[i] if market.fourcp_reason else "",
                 measured_site_power_w=last_site_w,
+                device_power_w=None if last_site_w is None else self.mining_w + self.ai_w,
+                load_model=led.load,
                 ramp_headroom_w=self.ramp_w,
                 events=self._events(i, last_site_w),
             )
             plan = self.decide(snap, cfg, now)
             # Apply the whole target, not only the actions: a plan is its operating points.
-            self._apply_miners(plan, now)
+            self._apply_miners(plan, now, i)
             if plan.gpu_caps_w or plan.job_states:
                 self._apply_gpus(plan, now, now_s, dirty)
                 if dirty:
@@ -868,7 +940,7 @@ class PolicyReplay:
                 mining_usd_per_h(self.mining_ths, market.hashprice[i], self.fee),
                 ai_rev,
             )
-            last_site_w = self.mining_w + ai_w
+            last_site_w = led.load.site_w(self.mining_w + ai_w)
             if last_site_w > site.limit_w + 1e-6:
                 raise BacktestError(
                     f"policy planned {last_site_w / 1000:,.1f} kW at {now:%Y-%m-%d %H:%M}Z, "
@@ -889,7 +961,7 @@ class PolicyReplay:
             out.append(ActiveEvent(self.market.events[e], self.event_seen_w[e]))
         return tuple(out)
 
-    def _apply_miners(self, plan: Plan, now: datetime) -> None:
+    def _apply_miners(self, plan: Plan, now: datetime, i: int) -> None:
         changed = False
         for device_id, point in plan.miner_points.items():
             k = self.pos.get(device_id)
@@ -903,6 +975,16 @@ class PolicyReplay:
                 raise BacktestError(f"plan sets {device_id} to unknown point {point!r}")
             old = view.points[self.point_idx[k]]
             new = view.points[idx]
+            if self.point_idx[k] == 0 and idx != 0:
+                self.ledger.wakes += view.count
+                if self.switching is not None:
+                    self.ledger.switching_usd += view.count * wake_cost_usd(
+                        view.points,
+                        self.switching,
+                        self.market.hashprice[i],
+                        self.fee,
+                        self.market.price_usd_per_mwh[i],
+                    )
             self.mining_w += (new.power_w - old.power_w) * view.count
             self.mining_ths += (new.hashrate_ths - old.hashrate_ths) * view.count
             self.point_idx[k] = idx
@@ -935,5 +1017,12 @@ class PolicyReplay:
             touched.add(job.node)
 
 
-def run_policy(site: Site, market: Market, trace: Sequence[TraceJob], decide: Decide) -> Ledger:
-    return PolicyReplay(site, market, trace, decide).run()
+def run_policy(
+    site: Site,
+    market: Market,
+    trace: Sequence[TraceJob],
+    decide: Decide,
+    horizon: HorizonAt | None = None,
+    switching: SwitchingCost | None = None,
+) -> Ledger:
+    return PolicyReplay(site, market, trace, decide, horizon, switching).run()

@@ -5,12 +5,15 @@ each miner model's breakeven at its top profile, the value of an hour of each AI
 MWh of GPU power, and the 4CP risk the policy saw. Bottom panel: the policy's site power
 stacked by workload (mining, AI incl. host overhead), with the oracle's and strike's total for
 comparison. True 4CP intervals (purple lines) and demand-response events (cyan) are marked.
-Uses matplotlib's Agg backend (no display).
+With a horizon planner (``--day-ahead``): the day-ahead prices it planned from and each block's
+band (curtail above / restore below) on top; below, the miners' planned power, the deferrable
+jobs' planned runs (shaded) and the policy's switching (▲ wakes, ▼ sleeps: steps of mining
+power). Uses matplotlib's Agg backend (no display).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +23,23 @@ from drivers.jobs.base import JobClass
 
 if TYPE_CHECKING:
     from agent.backtest.runner import BacktestResult
+    from agent.control.planner import Band
+
+
+def _plan_rows(
+    res: BacktestResult, start: datetime, end: datetime
+) -> list[tuple[datetime, dict[str, Band], dict[str, bool]]]:
+    """(interval start, bands by block, job runs) of every plan interval in [start, end); a
+    later plan overrides an earlier one where they overlap."""
+    rows: dict[datetime, tuple[dict[str, Band], dict[str, bool]]] = {}
+    for plan in res.plans:
+        for k, when in enumerate(plan.starts):
+            if start <= when < end:
+                rows[when] = (
+                    dict(zip(plan.block_ids, plan.bands[k], strict=True)),
+                    dict(zip(plan.job_ids, plan.job_run[k], strict=True)),
+                )
+    return [(when, *rows[when]) for when in sorted(rows)]
 
 
 def plot_week(res: BacktestResult, start: datetime, end: datetime, out: Path) -> Path:
@@ -66,6 +86,29 @@ def plot_week(res: BacktestResult, start: datetime, end: datetime, out: Path) ->
                 value, color=color, ls=":", lw=1.4, label=f"AI {cls} value {value:,.0f} $/MWh"
             )
     ax1.axhline(res.strike_usd_per_mwh, color="gray", lw=0.8, ls="-.", label="strike price")
+    plan_rows = _plan_rows(res, start, end)
+    if m.day_ahead:
+        ax1.step(
+            t,
+            [m.day_ahead[i] for i in idx],
+            where="post",
+            color="tab:blue",
+            lw=0.8,
+            alpha=0.7,
+            label="day-ahead price",
+        )
+    for k, block in enumerate(sorted({b for row in plan_rows for b in row[1]})):
+        times = [when for when, bands, _ in plan_rows if block in bands]
+        upper = [
+            bands[block].curtail_above_usd_per_mwh for _, bands, _ in plan_rows if block in bands
+        ]
+        lower = [
+            bands[block].restore_below_usd_per_mwh for _, bands, _ in plan_rows if block in bands
+        ]
+        ax1.fill_between(
+            times, lower, upper, step="post", color=colors[k % 3], alpha=0.15,
+            label=f"{block} plan band",
+        )  # fmt: skip
     ax1.set_yscale("symlog", linthresh=100)
     ax1.set_ylim(top=max(max(price) * 1.5, 5000.0))
     ax1.set_ylabel("USD/MWh")
@@ -102,6 +145,33 @@ def plot_week(res: BacktestResult, start: datetime, end: datetime, out: Path) ->
             total = [(led.mining_w[i] + led.ai_w[i]) / 1e6 for i in idx]
             ax2.step(t, total, where="post", color=color, lw=1.0, label=f"{name}: site total")
     ax2.axhline(res.site.limit_w / 1e6, color="red", lw=0.8, ls="--", label="interconnect")
+    if plan_rows:
+        ax2.step(
+            [when for when, _, _ in plan_rows],
+            [sum(b.power_w for b in bands.values()) / 1e6 for _, bands, _ in plan_rows],
+            where="post",
+            color="black",
+            lw=1.0,
+            ls=":",
+            label="plan: mining",
+        )
+        labelled = False
+        for job_id in sorted({j for row in plan_rows for j in row[2]}):
+            for when, _, runs in plan_rows:
+                if runs.get(job_id):
+                    ax2.axvspan(
+                        when, when + timedelta(hours=1), color="tab:olive", alpha=0.2,
+                        label=None if labelled else "plan: deferrable job runs",
+                    )  # fmt: skip
+                    labelled = True
+    steps = [(i, pol.mining_w[i] - pol.mining_w[i - 1]) for i in idx if i > 0]
+    big = 0.05 * max(max(pol.mining_w), 1.0)
+    ups = [(t[idx.index(i)], pol.mining_w[i] / 1e6) for i, d in steps if d > big]
+    downs = [(t[idx.index(i)], pol.mining_w[i] / 1e6) for i, d in steps if d < -big]
+    if ups:
+        ax2.scatter(*zip(*ups, strict=True), marker="^", color="tab:red", s=18, label="wakes")
+    if downs:
+        ax2.scatter(*zip(*downs, strict=True), marker="v", color="tab:blue", s=18, label="sleeps")
     ax2.set_ylabel("MW")
     ax2.grid(alpha=0.3)
     window = (start.timestamp(), end.timestamp())

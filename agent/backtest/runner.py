@@ -43,8 +43,11 @@ from agent.backtest.engine import (
     run_strike,
     with_events,
 )
+from agent.backtest.horizon import DayAheadPlanner, PlannerStats
+from agent.backtest.optimum import capture_against, run_optimum
 from agent.control.config import AgentConfig, load_config
 from agent.control.fourcp import peak_risk
+from agent.control.planner import HorizonPlan, SwitchingCost
 
 CENTRAL = ZoneInfo("America/Chicago")
 DEFAULT_BLOCK_SIZE = 50
@@ -70,6 +73,12 @@ class BacktestArgs:
     strike_usd_per_mwh: float | None = None  # None: the fleet's breakeven
     strike_n: int = 1
     events: Path | None = None  # demand-response events CSV (agent.backtest.data.EVENT_COLUMNS)
+    # Hashing a miner loses per wake (ramp and catch-up); charged to every strategy that wakes
+    # miners (not the relaxed oracle) and weighed by the planner. 0: switching is free; None:
+    # the config's ``control.miner_wake_lost_s``.
+    wake_lost_s: float | None = None
+    planner: bool = True  # with day-ahead prices, the policy follows a day-ahead horizon plan
+    optimum: bool = False  # also the constrained optimum (perfect-foresight MILP, day by day)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +92,9 @@ class BacktestResult:
     fourcp_estimator: str
     seconds: dict[str, float]
     trace: tuple[TraceJob, ...]
+    planner: PlannerStats | None = None  # the policy's day-ahead plans
+    plans: tuple[HorizonPlan, ...] = ()
+    optimum_stats: PlannerStats | None = None
 
     @property
     def capture(self) -> float | None:
@@ -92,6 +104,13 @@ class BacktestResult:
         if oracle <= 0:
             return None
         return self.ledgers["policy"].profit_usd / oracle
+
+    @property
+    def capture_optimum(self) -> float | None:
+        """Policy profit over the constrained optimum's (None without ``--optimum``)."""
+        if "optimum" not in self.ledgers or "policy" not in self.ledgers:
+            return None
+        return capture_against(self.ledgers["policy"], self.ledgers["optimum"])
 
 
 # --- building the market -------------------------------------------------------------------
@@ -246,21 +265,47 @@ def run_backtest(
     strike = args.strike_usd_per_mwh
     if strike is None:
         strike = site.fleet_breakeven_usd_per_mwh(market.hashprice[0])
+    wake_lost_s = config.control.miner_wake_lost_s if args.wake_lost_s is None else args.wake_lost_s
+    if not (math.isfinite(wake_lost_s) and 0 <= wake_lost_s <= 86400):
+        raise BacktestError(f"wake lost seconds must be 0..86400 (got {wake_lost_s})")
+    switching = SwitchingCost(wake_lost_s=wake_lost_s)
+    charged = switching if wake_lost_s > 0 else None
+    planner = (
+        DayAheadPlanner(site, market, switching) if args.planner and market.day_ahead else None
+    )
+    optimum_stats = PlannerStats() if args.optimum else None
+    if args.optimum and "optimum" not in strategies:
+        strategies = (*strategies, "optimum")
     ledgers: dict[str, Ledger] = {}
     for name in strategies:
         t = time.perf_counter()
         if name == "policy":
-            ledgers[name] = run_policy(site, market, trace, decide)
+            ledgers[name] = run_policy(site, market, trace, decide, planner, charged)
         elif name == "oracle":
             ledgers[name] = run_oracle(site, market, occ)
         elif name == "always_on":
             ledgers[name] = run_always_on(site, market, occ)
         elif name == "strike":
-            ledgers[name] = run_strike(site, market, occ, strike, args.strike_n)
+            ledgers[name] = run_strike(site, market, occ, strike, args.strike_n, charged)
+        elif name == "optimum":
+            ledgers[name] = run_optimum(site, market, occ, switching, stats=optimum_stats)
         else:
             raise BacktestError(f"unknown strategy {name!r}")
         seconds[name] = time.perf_counter() - t
-    return BacktestResult(args, config, site, market, ledgers, strike, estimator, seconds, trace)
+    return BacktestResult(
+        args,
+        config,
+        site,
+        market,
+        ledgers,
+        strike,
+        estimator,
+        seconds,
+        trace,
+        planner=None if planner is None else planner.stats,
+        plans=() if planner is None else tuple(planner.plans),
+        optimum_stats=optimum_stats,
+    )
 
 
 # --- output --------------------------------------------------------------------------------
@@ -276,6 +321,8 @@ def ledger_json(led: Ledger) -> dict[str, Any]:
         "energy_cost_usd": round(led.energy_cost_usd, 2),
         "fourcp_cost_usd": round(led.fourcp_cost_usd, 2),
         "penalties_usd": round(led.penalties_usd, 2),
+        "switching_usd": round(led.switching_usd, 2),
+        "miner_wakes": led.wakes,
         "penalties_detail_usd": {
             "lost_work": round(led.lost_work_usd, 2),
             "sla": round(led.sla_penalty_usd, 2),
@@ -293,6 +340,13 @@ def result_json(res: BacktestResult) -> dict[str, Any]:
     doc: dict[str, Any] = {name: ledger_json(led) for name, led in res.ledgers.items()}
     cap = res.capture
     doc["capture"] = None if cap is None else round(cap, 5)
+    if "optimum" in res.ledgers:
+        co = res.capture_optimum
+        doc["capture_optimum"] = None if co is None else round(co, 5)
+    if res.planner is not None:
+        doc["planner"] = res.planner.summary()
+    if res.optimum_stats is not None:
+        doc["optimum_solver"] = res.optimum_stats.summary()
     hp = m.hashprice
     doc["inputs"] = {
         "config": str(a.config_path),
@@ -310,6 +364,10 @@ def result_json(res: BacktestResult) -> dict[str, Any]:
         "block_size": a.block_size,
         "strike_usd_per_mwh": round(res.strike_usd_per_mwh, 4),
         "strike_n": a.strike_n,
+        "wake_lost_s": (
+            res.config.control.miner_wake_lost_s if a.wake_lost_s is None else a.wake_lost_s
+        ),
+        "horizon_planner": res.planner is not None,
         "fourcp_estimator": res.fourcp_estimator,
         "fourcp_peak_intervals": [_iso(m.starts_s[i]) for i, p in enumerate(m.peak) if p],
         "period": {
@@ -337,6 +395,7 @@ def table(res: BacktestResult) -> str:
         ("energy cost", lambda led: -led.energy_cost_usd),
         ("4CP cost", lambda led: -led.fourcp_cost_usd),
         ("penalties", lambda led: -led.penalties_usd),
+        ("switching", lambda led: -led.switching_usd),
         ("profit", lambda led: led.profit_usd),
     ]
     names = list(res.ledgers)
@@ -358,6 +417,18 @@ def table(res: BacktestResult) -> str:
         "capture (policy / oracle profit): "
         + ("n/a (oracle profit ≤ 0)" if cap is None else f"{cap:.4f}")
     )
+    if "optimum" in res.ledgers:
+        co = res.capture_optimum
+        out.append(
+            "capture against the constrained optimum: "
+            + ("n/a (optimum profit ≤ 0)" if co is None else f"{co:.4f}")
+        )
+    if res.planner is not None:
+        p = res.planner.summary()
+        out.append(
+            f"horizon planner: {p['solves']} day-ahead plans, mean {p['seconds_mean']} s, "
+            f"max {p['seconds_max']} s, {p['statuses']}"
+        )
     return "\n".join(out)
 
 

@@ -69,6 +69,23 @@ def register(sub: Any) -> None:
     p.add_argument("--end", type=_when, help="end (exclusive)")
     p.add_argument("--strike", type=float, help="strike price USD/MWh (default: fleet breakeven)")
     p.add_argument("--strike-n", type=int, default=1, help="intervals above strike to curtail")
+    p.add_argument(
+        "--wake-lost-s",
+        type=float,
+        help="seconds of hashing a miner loses per wake, charged to every strategy that wakes "
+        "miners and weighed by the planner (default: control.miner_wake_lost_s, 600; 0: free)",
+    )
+    p.add_argument(
+        "--no-planner",
+        action="store_true",
+        help="with --day-ahead, do not follow a day-ahead horizon plan (the rule alone)",
+    )
+    p.add_argument(
+        "--optimum",
+        action="store_true",
+        help="also the constrained optimum: perfect foresight with switching costs and dwell, "
+        "a MILP per day",
+    )
     p.add_argument("--plot", type=parse_week, metavar="WEEK", help="ISO week (2023-W36) or date")
     p.add_argument("--plot-out", type=Path, help="PNG path (default: backtest-WEEK.png)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the JSON document here")
@@ -98,7 +115,10 @@ def cli(ns: argparse.Namespace) -> int:
         strike_usd_per_mwh=ns.strike,
         strike_n=ns.strike_n,
         events=ns.events,
+        planner=not ns.no_planner,
+        optimum=ns.optimum,
         **({} if ns.block_size is None else {"block_size": ns.block_size}),
+        wake_lost_s=ns.wake_lost_s,
     )
     try:
         res = run_backtest(args)

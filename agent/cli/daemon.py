@@ -55,6 +55,7 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
                 state,
                 inbox.submit,
                 count_rejected=inbox.reject,
+                audit_rejection=inbox.audit,
                 interconnect_limit_w=config.site.interconnect_limit_kw * 1000.0,
             )
             observers.append(lambda _snapshot, _plan, _results: bridge.publish_cycle())

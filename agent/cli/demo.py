@@ -21,6 +21,9 @@ def register(sub: Any) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
+    from agent.cli.common import bounded_args
     from agent.cli.demo_site import run_demo
 
+    if not bounded_args([(args.duration, 1.0, 7 * 86400.0, "--duration")]):
+        return 2
     return asyncio.run(run_demo(args.config, args.duration))

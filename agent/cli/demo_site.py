@@ -191,6 +191,7 @@ async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> 
         if interval != shown["interval"]:
             if shown["interval"] < 0 and metrics is not None and metrics.started.is_set():
                 print(f"metrics: http://127.0.0.1:{metrics.port}/metrics", file=out)
+                print(f"operator page: http://127.0.0.1:{metrics.port}/", file=out)
             shown["interval"] = interval
             hhmm = price_source.sim_now().strftime("%H:%M")
             print(status_line(hhmm, true_price, snapshot, plan, ledger), file=out, flush=True)

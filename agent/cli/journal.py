@@ -67,8 +67,11 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     (naive means UTC)."""
     m = _RELATIVE.match(text.strip())
     if m:
-        delta = timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2)])
-        return (now or datetime.now(UTC)) - delta
+        try:
+            delta = timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2)])
+            return (now or datetime.now(UTC)) - delta
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"not a time: {text[:40]!r} is too far back") from None
     try:
         at = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -97,17 +100,20 @@ def store_path_from_config(path: Path) -> Path:
     ``$CREDENTIALS_DIRECTORY``), which an operator reading the audit from a shell does not
     have and must not need.
     """
-    import yaml
     from pydantic import ValidationError
 
     from agent.control.config import ConfigError, StoreConfig
+    from drivers.inputs import MAX_CONFIG_BYTES, InputRejected, load_yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        # The same bounded loader as load_config: no aliases, duplicates, or endless files.
+        data = load_yaml(raw, str(path), max_bytes=MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError(str(path), [f"{path}: cannot read: {exc.strerror}"]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [f"{path}: invalid YAML: {exc}"]) from None
+    except InputRejected as exc:
+        raise ConfigError(str(path), [f"{path}: {exc.message}"]) from None
     store = data.get("store") if isinstance(data, dict) else None
     if store is None:
         return StoreConfig().path

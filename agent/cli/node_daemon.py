@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from agent.control.config import AgentConfig
@@ -53,16 +54,8 @@ def build_node(
     components = build_components(
         config, state, drivers=drivers, price_source=link, store=store, services=services
     )
-    components = type(components)(
-        fleets=components.fleets,
-        price_source=components.price_source,
-        store=components.store,
-        grid_sources=(*components.grid_sources, link),
-        hashprice_source=components.hashprice_source,
-        day_ahead=components.day_ahead,
-        system_load=components.system_load,
-        services=components.services,
-    )
+    # The link is one more grid source: every other part stays as the wiring built it.
+    components = replace(components, grid_sources=(*components.grid_sources, link))
     agent = Agent(config, components, state=state, observers=observers)
     agent.event_watch_s = 0.1  # a new envelope reaches the policy within 0.1 s
     link.wake = agent.wake_control.set

@@ -25,7 +25,10 @@ MAX_OVERRIDE = timedelta(days=7)
 def register(sub: Any) -> None:
     p = sub.add_parser("curtail", help="operator override: hold site load at or below a target")
     p.add_argument("--config", type=Path, required=True, help="site YAML (finds the journal)")
-    p.add_argument("--target-kw", type=float, required=True, help="site load ceiling, kW")
+    # Bounds (finite, ≥ 0, ≤ the interconnect) are checked in curtail(), with the config.
+    p.add_argument(
+        "--target-kw", type=float, required=True, help="site load ceiling, kW (0 to interconnect)"
+    )
     p.add_argument("--until", required=True, help="end: +30m, +2h or an ISO-8601 time")
     p.add_argument("--reason", default="operator override", help="why (audited)")
     p.set_defaults(func=curtail)
@@ -77,6 +80,16 @@ def curtail(args: argparse.Namespace) -> int:
         return 2
     path = _journal(args.config)
     if path is None:
+        return 2
+    from agent.control.config import load_config
+
+    limit_kw = load_config(args.config).site.interconnect_limit_kw  # read (and valid) just now
+    if args.target_kw > limit_kw:
+        print(
+            f"--target-kw {args.target_kw:g} is above the site's interconnect limit "
+            f"({limit_kw:g} kW); refusing",
+            file=sys.stderr,
+        )
         return 2
     user = getpass.getuser()
     event = GridEvent(

@@ -42,9 +42,36 @@ def plan(args: argparse.Namespace) -> int:
                 await opened
             fleet.adopt_observed()
         await coordinator.poll_price()
+        # The meter and the weather feed too: a dry-run plan is judged where the live one is.
+        meter, ambient = agent.components.meter, agent.components.ambient_source
+        try:
+            await agent.meter_watch.poll()
+            await agent.meter_watch.poll_ambient()
+        finally:
+            if meter is not None:
+                await meter.close()
+            ambient_close = getattr(ambient, "aclose", None)
+            if ambient_close is not None:
+                await ambient_close()
+        await coordinator.refresh_horizon()
         snapshot = coordinator.snapshot()
         result = decide(snapshot, cfg, snapshot.at)
         print(result.summary)
+        if coordinator.planner_status is not None:
+            print(
+                f"horizon plan: {coordinator.planner_status} in "
+                f"{coordinator.planner_solve_s or 0.0:.3f} s ({coordinator.planner_reason})"
+            )
+        horizon = snapshot.horizon
+        if horizon is not None:
+            for block in horizon.block_ids:
+                band = horizon.band(block, snapshot.at)
+                if band is not None:
+                    print(
+                        f"  {block}: {band.units_on} awake in the plan; curtail above "
+                        f"{band.curtail_above_usd_per_mwh:,.1f}, restore below "
+                        f"{band.restore_below_usd_per_mwh:,.1f} $/MWh"
+                    )
         for action in result.actions:
             print(f"  {action.device_id}: {action.kind.value} -> {action.target}: {action.reason}")
         return 0

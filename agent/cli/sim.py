@@ -16,8 +16,13 @@ def register(sub: Any) -> None:
 
 
 def sim(args: argparse.Namespace) -> int:
+    from agent.cli.common import bounded_args
     from simulators.luxos import run_fleet_cli
 
+    if not bounded_args(
+        [(args.miners, 1, 100_000, "--miners"), (args.control_port, 0, 65535, "--control-port")]
+    ):
+        return 2
     argv = ["--miners", str(args.miners), "--base", args.base]
     if args.control_port:
         argv += ["--control-port", str(args.control_port)]

@@ -70,3 +70,6 @@ class CommandResult:
 CommandHandler = Callable[[Command], Awaitable[CommandResult]]
 # Counts one rejected input: (source, reason code), e.g. ("mqtt", "bad_token").
 RejectCounter = Callable[[str, str], None]
+# Asks for one audit row of an input refused at the edge: (source, action, reason), e.g.
+# ("mqtt", "command:curtail", "too_deep: ..."). The output bounds the rate; the runtime writes.
+RejectionAudit = Callable[[str, str, str], None]

@@ -17,11 +17,9 @@ import ipaddress
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
-import yaml
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     SecretStr,
@@ -30,11 +28,22 @@ from pydantic import (
     model_validator,
 )
 
+from agent.control.cooling import AmbientConfig, CoolingConfig
+from agent.control.metering import MeterConfig
 from agent.control.node_config import NodeRoleConfig, RemoteNodesConfig
+from agent.control.thermal import ThermalConfig
 from drivers.bus.settings import BrokerSettings
 from drivers.errors import AgentError
 from drivers.grid.mqtt_curtail import MqttCurtailSettings
 from drivers.grid.openadr import OpenAdrSettings
+from drivers.inputs import (
+    MAX_CONFIG_BYTES,
+    NUMBER_ERROR,
+    InputRejected,
+    StrictSettings,
+    load_yaml,
+    read_text_file,
+)
 from drivers.prices.hashprice import ComputedHashpriceSettings
 from drivers.prices.http_json import HttpJsonSettings
 
@@ -48,12 +57,31 @@ class ConfigError(AgentError):
         super().__init__("\n".join(problems))
 
 
-class Strict(BaseModel):
+class Strict(StrictSettings):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+# Every number has a physical range: a typo (or 1e308) must not reach the arithmetic, where a
+# duration beyond year 9999 or an infinite limit would crash or fool the agent.
+MAX_QUANTITY: Final = 1e12  # a generic sanity cap for counts of money, W, kW, ...
+MAX_DURATION_S: Final = 10 * 365 * 86400.0  # ten years: any timeout or dwell is far below
+MAX_KW: Final = 10_000_000.0  # 10 GW: no site is bigger
+MAX_MINERS: Final = 100_000  # one controller polls ~10,000 (design.md); nodes split the rest
+MAX_DEVICE_W: Final = 10_000_000.0  # 10 MW for one device or node
+PRICE_RANGE_USD_PER_MWH: Final = (-100_000.0, 100_000.0)  # ERCOT's cap is 5,000
+MAX_HASHPRICE_USD_PER_PH_DAY: Final = 100_000.0  # the all-time high was about 4,000
+
+PositiveFloat = Annotated[float, Field(gt=0, le=MAX_QUANTITY, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, le=MAX_QUANTITY, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(gt=0, le=MAX_DURATION_S, allow_inf_nan=False)]
+NonNegSeconds = Annotated[float, Field(ge=0, le=MAX_DURATION_S, allow_inf_nan=False)]
+Kw = Annotated[float, Field(gt=0, le=MAX_KW, allow_inf_nan=False)]
+DeviceW = Annotated[float, Field(gt=0, le=MAX_DEVICE_W, allow_inf_nan=False)]
+NonNegDeviceW = Annotated[float, Field(ge=0, le=MAX_DEVICE_W, allow_inf_nan=False)]
+UsdPerMwh = Annotated[
+    float,
+    Field(ge=PRICE_RANGE_USD_PER_MWH[0], le=PRICE_RANGE_USD_PER_MWH[1], allow_inf_nan=False),
+]
 
 
 # --- miners ------------------------------------------------------------------------------
@@ -63,7 +91,7 @@ class ProfileConfig(Strict):
     """One operating point of a miner model."""
 
     name: str = Field(min_length=1)
-    power_w: PositiveFloat
+    power_w: DeviceW
     hashrate_ths: PositiveFloat
 
 
@@ -71,8 +99,8 @@ class MinerModelConfig(Strict):
     """A miner model: its profile ladder, standby power and nameplate (worst-case) power."""
 
     profiles: list[ProfileConfig] = Field(min_length=1)
-    standby_w: NonNegFloat = 30.0
-    nameplate_w: PositiveFloat | None = None  # defaults to the highest profile's power
+    standby_w: NonNegDeviceW = 30.0
+    nameplate_w: DeviceW | None = None  # defaults to the highest profile's power
 
     @model_validator(mode="after")
     def _check(self) -> MinerModelConfig:
@@ -113,6 +141,13 @@ class MinerConfig(Strict):
         ipaddress.IPv4Address(value)
         return value
 
+    @model_validator(mode="after")
+    def _range_fits(self) -> MinerConfig:
+        last = int(ipaddress.IPv4Address(self.address)) + self.count - 1
+        if last > int(ipaddress.IPv4Address("255.255.255.255")):
+            raise ValueError(f"{self.count} addresses from {self.address} run past 255.255.255.255")
+        return self
+
 
 # --- GPUs and AI jobs ------------------------------------------------------------------------
 
@@ -123,10 +158,10 @@ class GpuNodeConfig(Strict):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     gpus: int = Field(ge=1, le=64)
     model: str = "H100-SXM"
-    min_cap_w: PositiveFloat = 200.0
-    max_cap_w: PositiveFloat = 700.0
-    idle_w: NonNegFloat = 70.0
-    host_overhead_w: NonNegFloat = 1500.0
+    min_cap_w: DeviceW = 200.0
+    max_cap_w: DeviceW = 700.0
+    idle_w: NonNegDeviceW = 70.0
+    host_overhead_w: NonNegDeviceW = 1500.0
     count: int = Field(default=1, ge=1, le=10_000)
     circuit: str | None = None
     driver: Literal["nvml", "nvml-sim", "mqtt-node"] = "nvml-sim"
@@ -147,7 +182,7 @@ class JobClassContract(Strict):
 
     usd_per_gpu_hour: NonNegFloat
     penalty_usd: NonNegFloat = 0.0  # per interruption (SLA contracts)
-    checkpoint_interval_s: NonNegFloat = 1800.0  # preemption loses on average half of this
+    checkpoint_interval_s: NonNegSeconds = 1800.0  # preemption loses on average half of this
 
 
 class SimJobConfig(Strict):
@@ -166,7 +201,7 @@ class AiConfig(Strict):
     filler: JobClassContract = JobClassContract(usd_per_gpu_hour=0.6)
     scheduler: Literal["sim", "slurm", "local"] = "sim"
     class_from: Literal["comment", "partition", "qos"] = "comment"
-    requeue_grace_s: NonNegFloat = 60.0
+    requeue_grace_s: NonNegSeconds = 60.0
     # scheduler: sim only; empty: a default mix of SLA, preemptible and filler jobs per node.
     sim_jobs: list[SimJobConfig] = Field(default_factory=list)
 
@@ -179,12 +214,14 @@ class CsvPriceConfig(Strict):
     path: Path
     column: str
     start: datetime | None = None
-    speed: PositiveFloat = 1.0  # 1 = real time; 600 = a 15-minute interval every 1.5 s
+    speed: float = Field(
+        default=1.0, gt=0, le=1e6, allow_inf_nan=False
+    )  # 1 = real time; 600 = a 15-minute interval every 1.5 s
 
 
 class ConstantPriceConfig(Strict):
     type: Literal["constant"]
-    value: float = Field(allow_inf_nan=False)
+    value: UsdPerMwh
 
 
 PriceConfig = Annotated[
@@ -196,23 +233,25 @@ class PricesConfig(Strict):
     realtime: PriceConfig
     day_ahead: CsvPriceConfig | None = None
     # Stale-price rule (design.md): keep the last value this long, then the safe mode.
-    max_age_s: PositiveFloat = 1800.0
+    max_age_s: Seconds = 1800.0
     # curtail: run only what beats a pessimistic price (sheds mining); hold: freeze the plan.
     safe_mode: Literal["curtail", "hold"] = "curtail"
-    safe_mode_price_usd_per_mwh: float = Field(default=1000.0, allow_inf_nan=False)
+    safe_mode_price_usd_per_mwh: UsdPerMwh = 1000.0
 
 
 class HashpriceConfig(Strict):
     """Hashprice in USD per PH/s per day: a constant, or a feed (with this as the fallback)."""
 
-    usd_per_ph_day: PositiveFloat = 55.0
+    usd_per_ph_day: float = Field(
+        default=55.0, gt=0, le=MAX_HASHPRICE_USD_PER_PH_DAY, allow_inf_nan=False
+    )
     # A live feed: an HTTP JSON number in USD/PH/day, or computed from BTC price and difficulty.
     feed: HttpJsonSettings | ComputedHashpriceSettings | None = Field(
         default=None, discriminator="type"
     )
-    poll_interval_s: PositiveFloat = 600.0
+    poll_interval_s: Seconds = 600.0
     # After this long without a good reading the constant above is used again.
-    max_age_s: PositiveFloat = 86_400.0
+    max_age_s: Seconds = 86_400.0
 
 
 class FourCpConfig(Strict):
@@ -231,7 +270,7 @@ class MqttConfig(BrokerSettings):
     command_tokens: dict[str, SecretStr] = Field(default_factory=dict)
     # Telemetry waiting for the broker; when full the oldest is dropped (control never waits).
     queue_size: int = Field(default=10_000, ge=10, le=1_000_000)
-    command_timeout_s: PositiveFloat = 10.0  # how long the runtime may take to answer a command
+    command_timeout_s: Seconds = 10.0  # how long the runtime may take to answer a command
     publish_telemetry: bool = True  # per-device telemetry (state, plan and events always)
 
     @field_validator("command_tokens", mode="before")
@@ -265,35 +304,38 @@ class GridConfig(Strict):
 
 class CircuitConfig(Strict):
     id: str
-    limit_kw: PositiveFloat
+    limit_kw: Kw
     parent: str | None = None
 
 
 class SiteConfig(Strict):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    interconnect_limit_kw: PositiveFloat
+    interconnect_limit_kw: Kw
     # Headroom the policy keeps below every limit, for measurement error and ramping devices.
-    safety_margin_kw: NonNegFloat = 0.0
+    safety_margin_kw: float = Field(default=0.0, ge=0, le=MAX_KW, allow_inf_nan=False)
     ramp_up_kw_per_min: PositiveFloat = 1e9
     circuits: list[CircuitConfig] = Field(default_factory=list)
 
 
 class ControlConfig(Strict):
-    interval_s: PositiveFloat = 15.0
-    poll_interval_s: PositiveFloat = 10.0
-    poll_jitter_s: NonNegFloat = 1.0
-    device_timeout_s: PositiveFloat = 10.0
+    interval_s: Seconds = 15.0
+    poll_interval_s: Seconds = 10.0
+    poll_jitter_s: NonNegSeconds = 1.0
+    device_timeout_s: Seconds = 10.0
     max_concurrency: int = Field(default=200, ge=1, le=10_000)
     retries: int = Field(default=2, ge=0, le=10)
     # How long after a command telemetry must show it applied, else the device is faulted.
-    verify_after_s: PositiveFloat = 60.0
+    verify_after_s: Seconds = 60.0
     # A faulted device is left alone this long before the agent tries it again.
-    fault_retry_s: PositiveFloat = 300.0
+    fault_retry_s: Seconds = 300.0
     hysteresis_usd_per_mwh: NonNegFloat = 5.0
-    min_on_s: NonNegFloat = 300.0
-    min_off_s: NonNegFloat = 300.0
+    min_on_s: NonNegSeconds = 300.0
+    min_off_s: NonNegSeconds = 300.0
     # Rungs of the GPU power-cap ladder (per GPU, from the card's minimum to its maximum cap).
-    gpu_cap_step_w: PositiveFloat = 100.0
+    gpu_cap_step_w: DeviceW = 100.0
+    # Hashing a miner loses per wake (boot, ramp, the pool's average catching up): the horizon
+    # planner weighs it, the backtest charges it. An assumption until measured per model.
+    miner_wake_lost_s: float = Field(default=600.0, ge=0, le=86_400)
 
 
 class EconomicsConfig(Strict):
@@ -328,12 +370,19 @@ class AgentConfig(Strict):
     store: StoreConfig = StoreConfig()
     node: NodeRoleConfig | None = None  # this process is a node agent (site-agent node)
     remote_nodes: RemoteNodesConfig | None = None  # node agents dispatched as fleets
+    # The revenue meter at the point of interconnection, the cooling model and the ambient
+    # temperature source (agent/control/metering.py, agent/control/cooling.py).
+    meter: MeterConfig | None = None
+    cooling: CoolingConfig = CoolingConfig()
+    ambient: AmbientConfig = AmbientConfig()
+    thermal: ThermalConfig = ThermalConfig()
 
     @model_validator(mode="after")
     def _cross_check(self) -> AgentConfig:
         problems: list[str] = []
         ids: set[str] = set()
-        addresses: set[int] = set()
+        # Address ranges as intervals, not sets: 100,000 miners on a line stay cheap to check.
+        spans: list[tuple[int, int, int]] = []
         circuits = {c.id for c in self.site.circuits}
         for i, m in enumerate(self.miners):
             if m.model not in self.miner_models:
@@ -343,12 +392,22 @@ class AgentConfig(Strict):
                 problems.append(f"miners.{i}.id: duplicate id {m.id!r}")
             ids.add(m.id)
             first = int(ipaddress.IPv4Address(m.address))
-            span = set(range(first, first + m.count))
-            if addresses & span:
-                problems.append(f"miners.{i}.address: {m.address} overlaps another miner's address")
-            addresses |= span
+            spans.append((first, first + m.count - 1, i))
             if m.circuit is not None and m.circuit not in circuits:
                 problems.append(f"miners.{i}.circuit: unknown circuit {m.circuit!r}")
+        # Sorted once: an overlap is a range starting before the furthest end seen so far.
+        reach = -1
+        for first, last, i in sorted(spans):
+            if first <= reach:
+                address = self.miners[i].address
+                problems.append(f"miners.{i}.address: {address} overlaps another miner's address")
+            reach = max(reach, last)
+        total = sum(m.count for m in self.miners)
+        if total > MAX_MINERS:
+            # First: the one problem that explains all the others.
+            problems.insert(
+                0, f"miners: {total:,} miners in all (at most {MAX_MINERS:,} per agent)"
+            )
         for i, n in enumerate(self.gpu_nodes):
             if n.id in ids:
                 problems.append(f"gpu_nodes.{i}.id: duplicate id {n.id!r}")
@@ -358,7 +417,11 @@ class AgentConfig(Strict):
         for i, c in enumerate(self.site.circuits):
             if c.parent is not None and c.parent not in circuits:
                 problems.append(f"site.circuits.{i}.parent: unknown circuit {c.parent!r}")
+        if self.ambient.source == "meter" and self.meter is None:
+            problems.append("ambient.source: 'meter' needs a meter: block")
         if problems:
+            if len(problems) > 10:  # one readable line, however many lines are wrong
+                problems = [*problems[:10], f"and {len(problems) - 10} more"]
             raise ValueError("; ".join(problems))
         return self
 
@@ -384,13 +447,22 @@ def resolve_secret(value: str) -> str:
             raise ValueError(f"environment variable {name} is not set")
         return os.environ[name]
     if value.startswith("file:"):
-        return Path(value[5:]).read_text().strip()
+        return _read_secret(Path(value[5:]))
     if value.startswith("cred:"):
         folder = os.environ.get("CREDENTIALS_DIRECTORY")
         if folder is None:
             raise ValueError("cred: needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)")
-        return (Path(folder) / value[5:]).read_text().strip()
+        return _read_secret(Path(folder) / value[5:])
     return value
+
+
+def _read_secret(path: Path) -> str:
+    """A secret file: at most 64 KiB of strict UTF-8 (ValueError names the problem, not the
+    content)."""
+    try:
+        return read_text_file(path, "secret", max_bytes=64 * 1024).strip()
+    except InputRejected as exc:
+        raise ValueError(f"{path}: {exc.reason.replace('_', ' ')}") from None
 
 
 def _format_errors(path: str, exc: ValidationError) -> list[str]:
@@ -398,6 +470,10 @@ def _format_errors(path: str, exc: ValidationError) -> list[str]:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
+        ctx = err.get("ctx") or {}
+        if err["type"] == NUMBER_ERROR:  # the key is in ctx: name it in the path
+            loc = ".".join(str(p) for p in (*err["loc"], ctx["field"]))
+            msg = str(ctx["problem"])
         got = err.get("input")
         shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
         if "password" in loc or "token" in loc:
@@ -450,16 +526,15 @@ def load_config(path: str | Path) -> AgentConfig:
     """Load and validate a site YAML file. Relative paths inside resolve against its folder."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with p.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)  # the cap is checked before parsing
     except OSError as exc:
-        raise ConfigError(str(p), [f"{p}: cannot read: {exc.strerror}"]) from None
+        raise ConfigError(str(p), [f"{p}: cannot read: {exc.strerror or exc}"]) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(str(p), [f"{p}: {where}: invalid YAML: {problem}"]) from None
+        # Strict UTF-8, no anchors or aliases, no duplicate keys, bounded size and depth.
+        data = load_yaml(raw, str(p), max_bytes=MAX_CONFIG_BYTES)
+    except InputRejected as exc:
+        raise ConfigError(str(p), [f"{p}: {exc.message}"]) from None
     cfg = parse_config(data, str(p))
     return _resolve_paths(cfg, p.parent)
 

@@ -16,9 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
+from agent.control.cooling import SiteLoadModel
 from drivers.grid.base import GridEvent
 from drivers.jobs.base import JobClass, JobState
+
+if TYPE_CHECKING:  # the planner imports this module's types
+    from agent.control.planner import HorizonPlan
 
 SLEEP = "sleep"  # the name of every miner's standby operating point
 
@@ -49,6 +54,10 @@ class MinerView:
     fault: str | None = None  # set when the device is faulted; the policy leaves it alone
     circuit: str | None = None
     count: int = 1
+    temperature_c: float | None = None  # the hottest chip on any board (fresh readings only)
+    # Thermal derate: the highest point the policy may plan (None: the whole ladder), and why.
+    max_point: str | None = None
+    derate: str | None = None
 
     def point(self, name: str) -> OperatingPoint:
         for p in self.points:
@@ -100,6 +109,9 @@ class GpuNodeView:
     fault: str | None = None
     circuit: str | None = None
     count: int = 1
+    temperature_c: float | None = None  # the hottest card (fresh readings only)
+    # Thermal derate: set when ``max_cap_w`` was lowered below the card's maximum, and why.
+    derate: str | None = None
 
     @property
     def worst_case_power_w(self) -> float:
@@ -137,10 +149,17 @@ class Snapshot:
     day_ahead_usd_per_mwh: float | None = None
     fourcp_risk: float = 0.0  # 0..1: chance this interval is a monthly system peak
     fourcp_reason: str = ""
+    # Site power at the meter: the meter's reading when a trusted meter is configured, else the
+    # device sum through the load model (cooling, base load, fallback margin).
     measured_site_power_w: float | None = None
+    device_power_w: float | None = None  # the sum of device readings (None: one is missing)
+    # Device power → power at the meter (cooling, base load, meter trim or fallback margin).
+    load_model: SiteLoadModel = field(default_factory=SiteLoadModel)
     # Power the site may add this cycle (ramp limit); the coordinator derives it from the
     # ramp rate and the cycle length.
     ramp_headroom_w: float = float("inf")
+    # The latest usable horizon plan (agent.control.planner), or None: the rule alone decides.
+    horizon: HorizonPlan | None = None
 
 
 class ActionKind(StrEnum):

@@ -59,6 +59,19 @@ How it works, once per call:
   are counted at ``worst_case_power_w`` and get no action. Circuits use their own limit (the
   site safety margin applies to the site meter). Every increase, miners and GPU caps alike,
   counts against ``snapshot.ramp_headroom_w``.
+* **At the meter.** Site limits (interconnect, events) are judged at the revenue meter:
+  ``snapshot.load_model`` turns device power into site power (``devices × (1 + cooling) +
+  base load + meter trim``, or + the fallback margin without a trusted meter), the dispatch runs
+  on the device budget that leaves under the limit, device power is priced with the cooling it
+  brings, and ``Plan.planned_power_w`` is site power. The default model is the identity.
+* **Thermal derate.** A miner view with ``max_point`` is never planned above it, and a node's
+  lowered ``max_cap_w`` caps its ladder; the step down says "thermal derate" and why.
+* **Horizon plan.** With ``snapshot.horizon`` (a usable :class:`~agent.control.planner.
+  HorizonPlan` covering ``now``) and a fresh price, :func:`horizon_holds` holds a miner in its
+  state while the effective price lies inside its block's band (the switching would cost more
+  than it saves), exactly as a dwell time holds it; deferrable jobs the plan defers are valued at
+  nothing (shed, not restarted), those it runs are held like dwell-held jobs (limits still
+  apply; not under a 4CP risk). Without a usable plan the rule alone decides.
 * **Stale prices.** Older than ``prices.max_age_s`` (or never seen): ``curtail`` plans against
   ``safe_mode_price_usd_per_mwh``; ``hold`` keeps what runs and starts nothing, still shedding
   to meet limits.
@@ -68,11 +81,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from types import MappingProxyType
 
 from agent.control.config import AgentConfig, ControlConfig
+from agent.control.cooling import SiteLoadModel
 from agent.control.domain import (
     Action,
     ActionKind,
@@ -109,6 +124,68 @@ def fourcp_adder_usd_per_mwh(risk: float, rate_usd_per_kw_year: float) -> float:
     """Expected 4CP charge of 1 kW held through one 15-minute interval, per MWh it draws."""
     risk = min(max(risk, 0.0), 1.0)
     return risk * rate_usd_per_kw_year / 4.0 / (FOURCP_INTERVAL_H / 1000.0)
+
+
+# --- following a horizon plan ------------------------------------------------------------------
+
+_NO_JOBS: Mapping[str, bool] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class HorizonHolds:
+    """What a horizon plan holds this cycle: miners kept in their state inside their block's
+    band, and deferrable jobs run or deferred per the plan's schedule."""
+
+    awake: frozenset[str] = frozenset()  # running miners the band keeps running
+    asleep: frozenset[str] = frozenset()  # sleeping miners the band keeps asleep
+    jobs: Mapping[str, bool] = field(default_factory=dict)  # deferrable job id -> run now
+    note: str = ""
+
+
+def horizon_holds(
+    snapshot: Snapshot, now: datetime, price: float, stale: bool, fourcp: bool
+) -> HorizonHolds:
+    """The plan's holds at effective price ``price`` (4CP adder included, so a 4CP interval is
+    never ridden through). A miner is only ever *held* in its state: inside the band (a spike
+    below ``curtail_above`` while running, a dip above ``restore_below`` while asleep) the
+    switching would cost more than it saves; outside it the rule decides. No plan, a plan that
+    does not cover ``now``, or a stale price: no holds (the rule alone, as before). Under a 4CP
+    risk the plan's deferrable runs are not forced (the risk may exceed the plan's forecast).
+    """
+    plan = snapshot.horizon
+    k = None if plan is None or stale else plan.index_at(now)
+    if plan is None or k is None:
+        return HorizonHolds()
+    # One lookup of the plan's row per call (a site has thousands of miners).
+    bands = dict(zip(plan.block_ids, plan.bands[k], strict=True))
+    runs = dict(zip(plan.job_ids, plan.job_run[k], strict=True))
+    awake: set[str] = set()
+    asleep: set[str] = set()
+    if bands:
+        for m in snapshot.miners:
+            band = bands.get(m.model)
+            if band is None or m.fault is not None:
+                continue
+            sleeping = m.commanded == m.points[0].name
+            if not sleeping and price <= band.curtail_above_usd_per_mwh:
+                awake.add(m.device_id)
+            elif sleeping and price >= band.restore_below_usd_per_mwh:
+                asleep.add(m.device_id)
+    jobs: dict[str, bool] = {}
+    if runs:
+        for n in snapshot.gpu_nodes:
+            for job in n.jobs:
+                run = runs.get(job.job_id)
+                if run is not None and job.job_class != JobClass.SLA and not (run and fourcp):
+                    jobs[job.job_id] = run
+    parts = []
+    if awake or asleep:
+        parts.append(f"{len(awake)} running and {len(asleep)} sleeping miner(s) held in band")
+    if jobs:
+        on = sum(jobs.values())
+        parts.append(f"{on} deferrable job(s) run, {len(jobs) - on} deferred")
+    note = f"horizon plan ({plan.status.value}): {', '.join(parts)}" if parts else ""
+    return HorizonHolds(frozenset(awake), frozenset(asleep), jobs, note)
 
 
 # --- static ladders (memoised) ---------------------------------------------------------------
@@ -344,6 +421,8 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     prices = config.prices
     site = config.site
     margin_w = site.safety_margin_kw * 1000.0
+    # Limits are judged at the meter; devices get what is left after cooling and base load.
+    load = snapshot.load_model
 
     # --- price, safe mode, 4CP --------------------------------------------------------------
     notes: list[str] = []
@@ -379,6 +458,9 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         fourcp_note = f"4CP risk {risk:.0%}{why}: expected peak charge adds {adder:,.0f} $/MWh"
         notes.append(fourcp_note)
     price = market + adder
+    holds = horizon_holds(snapshot, now, price, hold, bool(fourcp_note))
+    if holds.note:
+        notes.append(holds.note)
 
     # --- limits -----------------------------------------------------------------------------
     mandatory = any(a.event.mandatory for a in snapshot.events)
@@ -428,8 +510,10 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
             add_base(paths.get(m.circuit, ()) if m.circuit else (), m.worst_case_power_w * m.count)
             continue
         since = m.commanded_since
-        key = (id(m.points), m.model, m.commanded, since > off_cut, since > on_cut, m.circuit,
-               m.count)  # fmt: skip
+        held_off = since > off_cut or m.device_id in holds.asleep
+        held_on = since > on_cut or m.device_id in holds.awake
+        key = (id(m.points), m.model, m.commanded, held_off, held_on, m.circuit,
+               m.count, m.max_point)  # fmt: skip
         entry = miner_groups.get(key)
         if entry is not None:
             entry[0].miners.append(m)
@@ -445,7 +529,7 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
             ladder=ml,
             cur_point=cur,
         )
-        miner_groups[key] = (group, cur == 0 and since > off_cut, cur != 0 and since > on_cut)
+        miner_groups[key] = (group, cur == 0 and held_off, cur != 0 and held_on)
         groups.append(group)
     for gi, (group, blocked, forced) in enumerate(miner_groups.values()):
         size = len(group.miners)
@@ -461,7 +545,9 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
             fixed.append(n)
             add_base(path, n.worst_case_power_w * n.count)
             continue
-        group = _node_group(n, path, control, now, (on_cut, off_cut), horizon_h, len(groups), steps)
+        group = _node_group(
+            n, path, control, now, (on_cut, off_cut), horizon_h, len(groups), steps, holds.jobs
+        )
         groups.append(group)
         add_base(path, group.rung_power_w[0] * n.count)
 
@@ -472,7 +558,8 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         base_w=base_w,
         circuit_base_w=circuit_base_w,
         circuit_limit_w=circuit_limit_w,
-        price=price,
+        # Every device watt brings cooling with it: price device power at the meter's cost.
+        price=price * (1.0 + load.cooling_frac),
         market_price=market,
         hyst=control.hysteresis_usd_per_mwh,
         hold=hold,
@@ -480,24 +567,26 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         ramp_w=snapshot.ramp_headroom_w,
         fourcp_note=fourcp_note,
     )
-    result = _dispatch(ctx, limit_w, binding)
+    result = _dispatch(ctx, load.device_budget_w(limit_w), binding)
 
     # --- economic events: opt in when it pays -----------------------------------------------
     for active, target in economic:
         event_id = active.event.event_id
-        if result.total_w <= target + _EPS_W:
+        if load.site_w(result.total_w) <= target + _EPS_W:
             notes.append(f"economic event {event_id} met without extra shedding")
             continue
         name = f"event:{event_id}"
-        trial = _dispatch(ctx, min(limit_w, target), name if target < limit_w else binding)
-        shed_mw = max(active.baseline_w - trial.total_w, 0.0) / 1e6
+        trial = _dispatch(
+            ctx, load.device_budget_w(min(limit_w, target)), name if target < limit_w else binding
+        )
+        shed_mw = max(active.baseline_w - load.site_w(trial.total_w), 0.0) / 1e6
         pay_usd_per_h = active.event.payment_usd_per_mwh * shed_mw
         gain = (
             trial.value_usd_per_h(groups)
-            - energy_cost_usd_per_h(trial.total_w, price)
+            - energy_cost_usd_per_h(load.site_w(trial.total_w), price)
             + pay_usd_per_h
             - result.value_usd_per_h(groups)
-            + energy_cost_usd_per_h(result.total_w, price)
+            + energy_cost_usd_per_h(load.site_w(result.total_w), price)
         )
         if gain >= 0:
             notes.append(
@@ -513,7 +602,29 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
                 f"does not cover the lost margin ({-gain:,.2f} $/h short)"
             )
 
-    return _plan(now, ctx, result, limit_w, binding, fixed, notes)
+    derated = sum(m.count for m in snapshot.miners if m.max_point is not None)
+    derated_nodes = sum(n.count for n in snapshot.gpu_nodes if n.derate is not None)
+    if derated or derated_nodes:
+        notes.append(f"thermal derate: {derated} miner(s), {derated_nodes} GPU node(s)")
+    if load.source == "fallback":
+        notes.append(
+            f"meter not trusted: planning on devices + cooling + {load.fixed_w / 1000:,.1f} kW"
+        )
+    elif load.source == "meter" and abs(load.trim_w) >= 1.0:
+        notes.append(f"meter trim {load.trim_w / 1000:+,.1f} kW")
+    return _plan(now, ctx, result, limit_w, binding, fixed, notes, load)
+
+
+def _ceiling_rung(group: _Group) -> int:
+    """The highest rung a thermally derated group may reach (the top rung otherwise)."""
+    ladder = group.ladder
+    assert ladder is not None
+    top = len(ladder.power_w) - 1
+    ceiling = group.miners[0].max_point
+    if ceiling is None or ceiling not in ladder.index_of:
+        return top
+    limit = ladder.index_of[ceiling]
+    return max((r for r in range(top + 1) if ladder.point_index[r] <= limit), default=0)
 
 
 def _miner_steps(gi: int, group: _Group, forced: bool, steps: list[_Step]) -> None:
@@ -524,7 +635,7 @@ def _miner_steps(gi: int, group: _Group, forced: bool, steps: list[_Step]) -> No
     count = group.count
     vals = group.rung_value_usd_per_h
     prev = _INF
-    for r in range(1, len(pw)):
+    for r in range(1, _ceiling_rung(group) + 1):
         dp = pw[r] - pw[r - 1]
         dv = vals[r] - vals[r - 1]
         # The hull makes densities fall along the ladder; min() keeps rounding from
@@ -684,6 +795,7 @@ def _node_group(
     horizon_h: float,
     gi: int,
     steps: list[_Step],
+    planned_runs: Mapping[str, bool] = _NO_JOBS,
 ) -> _Group:
     """A node's group: its jobs in dispatch order, its rungs, and its merit-order steps."""
     on_cut, off_cut = cuts
@@ -696,15 +808,20 @@ def _node_group(
             continue  # pending, completed, failed: the scheduler's business, no power of ours
         running = state is JobState.RUNNING
         since = job.commanded_since
+        planned = planned_runs.get(job.job_id)
         if running:
             busy += job.gpus
             lost_any = True
-        elif since > off_cut:
-            continue  # minimum off time: stays suspended
-        if job.job_class == JobClass.SLA:
+        elif since > off_cut or planned is False:
+            continue  # minimum off time, or deferred by the horizon plan: stays suspended
+        if planned is False:
+            # Deferred by the plan, which weighed its resume cost: valued at nothing, shed last.
+            tier = 3
+            job = replace(job, usd_per_gpu_hour=0.0)
+        elif job.job_class == JobClass.SLA:
             tier = 0
             n_sla += 1
-        elif running and since > on_cut:
+        elif (running and since > on_cut) or planned:
             tier = 1
             n_held += 1
         else:
@@ -884,7 +1001,9 @@ def _plan(
     binding: str,
     fixed: list[MinerView | GpuNodeView],
     notes: list[str],
+    load: SiteLoadModel,
 ) -> Plan:
+    site_w = load.site_w(result.total_w)
     actions: list[Action] = []
     miner_points: dict[str, str] = {}
     gpu_caps: dict[str, float] = {}
@@ -920,7 +1039,7 @@ def _plan(
         lines.append("4CP curtailment")
     summary = (
         f"price {ctx.market_price:.2f} $/MWh (effective {ctx.price:.2f}), limit "
-        f"{limit_w / 1000:,.1f} kW ({binding}), planned {result.total_w / 1000:,.1f} kW, "
+        f"{limit_w / 1000:,.1f} kW ({binding}), planned {site_w / 1000:,.1f} kW, "
         f"{len(actions)} action(s)"
     )
     if lines:
@@ -928,10 +1047,10 @@ def _plan(
     return Plan(
         at=now,
         limit_w=limit_w,
-        planned_power_w=result.total_w,
+        planned_power_w=site_w,
         effective_price_usd_per_mwh=ctx.price,
         value_usd_per_h=result.value_usd_per_h(ctx.groups),
-        cost_usd_per_h=energy_cost_usd_per_h(result.total_w, ctx.market_price),
+        cost_usd_per_h=energy_cost_usd_per_h(site_w, ctx.market_price),
         miner_points=miner_points,
         gpu_caps_w=gpu_caps,
         job_states=job_states,
@@ -981,7 +1100,10 @@ def _miner_actions(
             kind = ActionKind.WAKE
         else:
             kind = ActionKind.SET_PROFILE
-        if new.power_w < old.power_w:
+        ceiling = ladder.index_of.get(first.max_point or "", len(first.points))
+        if new.power_w < old.power_w and first.derate is not None and current > ceiling:
+            why = f"thermal derate: {first.derate}"
+        elif new.power_w < old.power_w:
             why = result.shed_cause.get(gi) or f"{old.name} is not on the efficient ladder"
         else:
             why = _increase_reason(ctx, result, gi)
@@ -1057,7 +1179,8 @@ def _node_actions(
     if k > 0 and abs(cap - n.cap_w) >= 0.5:
         lower = cap < n.cap_w
         why = (
-            result.shed_cause.get(gi)
+            (f"thermal derate: {n.derate}" if n.derate and cap >= n.max_cap_w - 0.5 else None)
+            or result.shed_cause.get(gi)
             or result.hold_cause.get(gi)
             or "price above the value of the top cap steps"
             if lower

@@ -164,6 +164,9 @@ def setup_logging(
     # Libraries that chat at INFO about every packet or poll: keep them to warnings.
     for noisy in ("pyasic", "aiomqtt", "paho", "asyncio", "openleadr", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # pymodbus logs every failed request at ERROR with a hex dump; the meter watch already says
+    # once, in one line, when the meter fails and when it answers again.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     return handler
 
 

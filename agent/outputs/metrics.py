@@ -34,11 +34,12 @@ Source names: a source whose name starts with ``price`` is a price feed and one 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
+from typing import Protocol
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -51,8 +52,11 @@ from agent.control.economics import (
     breakeven_usd_per_mwh,
     mining_revenue_usd_per_h,
 )
+from agent.control.planner import PlanStatus
 from agent.control.policy import event_limit_w
+from agent.outputs.page import OperatorPage
 from agent.runtime.state import AgentState
+from drivers.inputs import RejectionCounter, process_rejections
 from drivers.jobs.base import JobClass, JobState
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,9 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+PLAN_STATUSES = tuple(s.value for s in PlanStatus)
+
+
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, labels=labels if labels is not None else [])
 
@@ -90,10 +97,14 @@ class AgentCollector(Collector):
         state: AgentState,
         config: AgentConfig | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        rejections: RejectionCounter | None = None,
     ) -> None:
         self.state = state
         self.config = config
         self.clock = clock
+        # What the drivers refused (bounded parsers, drivers/inputs.py); the process-wide
+        # counter unless one is injected.
+        self.rejections = rejections if rejections is not None else process_rejections()
 
     def collect(self) -> Iterator[Metric]:
         now = self.clock()
@@ -108,6 +119,7 @@ class AgentCollector(Collector):
         if plan is not None:
             yield from self._plan(state)
         yield from self._faults(state, snap)
+        yield from self._meter(state)
 
     # --- the agent itself ---------------------------------------------------------------------
 
@@ -132,6 +144,20 @@ class AgentCollector(Collector):
             "Duration of the last control cycle.",
             value=state.last_cycle_duration_s,
         )
+        if state.planner_solve_s is not None:
+            yield GaugeMetricFamily(
+                "site_planner_solve_seconds",
+                "Wall time of the horizon planner's last solve.",
+                value=state.planner_solve_s,
+            )
+            status = _gauge(
+                "site_planner_status",
+                "1 for the horizon planner's last status (failed and bad_input: the rule alone).",
+                ["status"],
+            )
+            for name in PLAN_STATUSES:
+                status.add_metric([name], 1.0 if name == state.planner_status else 0.0)
+            yield status
         if state.last_cycle_at is not None:
             yield GaugeMetricFamily(
                 "site_agent_last_control_cycle_timestamp_seconds",
@@ -151,7 +177,9 @@ class AgentCollector(Collector):
             "Inputs rejected without effect (bad price rows, bad commands), by source and reason.",
             labels=["source", "reason"],
         )
-        for (source, reason), count in sorted(dict(state.rejected).items()):
+        counts = Counter(dict(state.rejected))
+        counts.update(self.rejections.counts())
+        for (source, reason), count in sorted(counts.items()):
             rejected.add_metric([source, reason], count)
         yield rejected
 
@@ -485,6 +513,84 @@ class AgentCollector(Collector):
             binding.add_metric([name], 1.0)
         yield binding
 
+    # --- the meter and the load model ----------------------------------------------------------
+
+    def _meter(self, state: AgentState) -> Iterator[Metric]:
+        derates = CounterMetricFamily(
+            "site_agent_thermal_derate_actions",
+            "Thermal step-downs (a device stepped one operating point down for heat), by kind.",
+            labels=["kind"],
+        )
+        derated = _gauge(
+            "site_agent_thermal_derated_devices", "Devices held derated for heat now.", ["kind"]
+        )
+        for kind in ("miner", "gpu_node"):
+            derates.add_metric([kind], state.thermal_derates.get(kind, 0))
+            derated.add_metric([kind], sum(1 for k in state.thermal_derated.values() if k == kind))
+        yield from (derates, derated)
+        m = state.meter
+        if m is None:
+            return
+        source = _gauge(
+            "site_agent_site_power_mode",
+            "1 for what the site power is judged on: meter, fallback (devices + margin), devices.",
+            ["source"],
+        )
+        for name in ("meter", "fallback", "devices"):
+            source.add_metric([name], 1.0 if m.source == name else 0.0)
+        yield source
+        if m.configured:
+            yield GaugeMetricFamily(
+                "site_agent_meter_up",
+                "1 while the revenue meter is fresh and plausible; 0 while the agent falls back.",
+                value=1.0 if m.trusted else 0.0,
+            )
+            yield CounterMetricFamily(
+                "site_agent_meter_fallback_actions",
+                "Times the agent stopped trusting the meter and fell back to devices + margin.",
+                value=m.fallbacks,
+            )
+            yield CounterMetricFamily(
+                "site_agent_meter_rejected_inputs",
+                "Meter reads refused or failed (timeout, bad registers, wrong unit, stale).",
+                value=m.errors,
+            )
+            yield GaugeMetricFamily(
+                "site_agent_meter_trim_watts",
+                "Learned load the model does not explain (meter minus devices, cooling, base).",
+                value=m.trim_w,
+            )
+            if m.meter_w is not None:
+                yield GaugeMetricFamily(
+                    "site_agent_meter_power_watts",
+                    "The revenue meter's last good reading of site power.",
+                    value=m.meter_w,
+                )
+            if m.meter_age_s is not None:
+                yield GaugeMetricFamily(
+                    "site_agent_meter_age_seconds",
+                    "Seconds since the meter's last good reading.",
+                    value=m.meter_age_s,
+                )
+        if m.device_w is not None:
+            yield GaugeMetricFamily(
+                "site_agent_device_power_watts",
+                "Sum of the devices' own power readings.",
+                value=m.device_w,
+            )
+        if m.cooling_w is not None:
+            yield GaugeMetricFamily(
+                "site_agent_cooling_power_watts",
+                "Cooling power the cooling model attributes to the current IT load.",
+                value=m.cooling_w,
+            )
+        if m.ambient_c is not None:
+            yield GaugeMetricFamily(
+                "site_agent_ambient_celsius",
+                "Outdoor temperature the cooling model uses.",
+                value=m.ambient_c,
+            )
+
     # --- faults -------------------------------------------------------------------------------
 
     def _faults(self, state: AgentState, snap: Snapshot | None) -> Iterator[Metric]:
@@ -521,10 +627,11 @@ def build_registry(
     state: AgentState,
     config: AgentConfig | None = None,
     clock: Callable[[], datetime] = _utcnow,
+    rejections: RejectionCounter | None = None,
 ) -> CollectorRegistry:
     """A fresh registry holding one :class:`AgentCollector` (never the global registry)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(state, config, clock))
+    registry.register(AgentCollector(state, config, clock, rejections))
     return registry
 
 
@@ -532,6 +639,17 @@ def build_registry(
 
 _MAX_HEADER_BYTES = 16 * 1024
 _INDEX = b"<html><body><a href='/metrics'>/metrics</a></body></html>\n"
+
+# Answers one request once its head is read; it keeps the connection as long as it needs it.
+Responder = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Routes(Protocol):
+    """More read-only paths on this listener (the operator's page, :mod:`agent.outputs.page`)."""
+
+    def route(self, method: str, path: str, headers: Mapping[str, str]) -> Responder | None: ...
+
+    async def close(self) -> None: ...
 
 
 class MetricsServer:
@@ -541,16 +659,28 @@ class MetricsServer:
     binds an ephemeral port; :attr:`port` is the one actually bound.
     """
 
-    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        routes: Routes | None = None,
+    ):
         self.registry = registry
+        self.routes = routes
         self.host = host
         self.requested_port = port
         self._server: asyncio.Server | None = None
+        # Open connections: Python 3.11's Server.close() leaves them (a browser's idle
+        # preconnect, a page stream), so close() ends them itself.
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._closing = False
         self.port = 0
 
     async def start(self) -> int:
         if self._server is not None:
             raise RuntimeError("metrics server already started")
+        self._closing = False
         self._server = await asyncio.start_server(self._handle, self.host, self.requested_port)
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("metrics listening on http://%s:%d/metrics", self.host, self.port)
@@ -559,7 +689,17 @@ class MetricsServer:
     async def close(self) -> None:
         if self._server is None:
             return
-        self._server.close()
+        self._closing = True
+        self._server.close()  # accept no more; a browser would reconnect at once
+        if self.routes is not None:
+            await self.routes.close()  # long-lived page streams
+        for writer in self._connections.values():
+            writer.close()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=1.0)
+        for writer in self._connections.values():
+            writer.transport.abort()  # a peer that does not read would hold its socket open
+        await asyncio.sleep(0)  # connections accepted just before: their handlers close them
         await self._server.wait_closed()
         self._server = None
 
@@ -585,9 +725,17 @@ class MetricsServer:
         await self.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self._closing:
+            writer.close()
+            return
+        self._connections[task] = writer
         try:
             async with asyncio.timeout(10.0):
-                await self._respond(reader, writer)
+                responder = await self._respond(reader, writer)
+            if responder is not None:
+                await responder(reader, writer)  # keeps its own deadlines (page streams)
         except (
             TimeoutError,
             ConnectionError,
@@ -597,17 +745,27 @@ class MetricsServer:
             pass  # a client that hangs up or dawdles gets nothing; the agent does not care
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            try:
+                # Closing waits for unsent data to flush; a peer that stops reading is cut off.
+                async with asyncio.timeout(2.0):
+                    await writer.wait_closed()
+            except (TimeoutError, ConnectionError):
+                writer.transport.abort()
+            finally:
+                self._connections.pop(task, None)
 
-    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _respond(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Responder | None:
         head = await reader.readuntil(b"\r\n\r\n")
         if len(head) > _MAX_HEADER_BYTES:
-            return await _send(writer, 431, "text/plain", b"headers too large\n")
+            await _send(writer, 431, "text/plain", b"headers too large\n")
+            return None
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3:
-            return await _send(writer, 400, "text/plain", b"bad request\n")
+            await _send(writer, 400, "text/plain", b"bad request\n")
+            return None
         method, target, _ = parts
         headers = {}
         for line in lines[1:]:
@@ -615,12 +773,19 @@ class MetricsServer:
             if sep:
                 headers[name.strip().lower()] = value.strip()
         path = target.split("?", 1)[0]
+        if self.routes is not None:
+            responder = self.routes.route(method, path, headers)
+            if responder is not None:
+                return responder
         if method not in ("GET", "HEAD"):
-            return await _send(writer, 405, "text/plain", b"read-only: GET /metrics\n")
+            await _send(writer, 405, "text/plain", b"read-only: GET /metrics\n")
+            return None
         if path == "/":
-            return await _send(writer, 200, "text/html", _INDEX, head_only=method == "HEAD")
+            await _send(writer, 200, "text/html", _INDEX, head_only=method == "HEAD")
+            return None
         if path != "/metrics":
-            return await _send(writer, 404, "text/plain", b"not found: try /metrics\n")
+            await _send(writer, 404, "text/plain", b"not found: try /metrics\n")
+            return None
         encoder, content_type = choose_encoder(headers.get("accept", ""))
         # Rendering thousands of samples takes tens of milliseconds: do it in a thread so the
         # control loop is not held up. collect() only reads immutable snapshots/plans and
@@ -629,8 +794,10 @@ class MetricsServer:
             body = await asyncio.to_thread(encoder, self.registry)
         except Exception:  # a collector bug: say so to the scraper, keep serving
             log.exception("metrics: collecting failed")
-            return await _send(writer, 500, "text/plain", b"collecting metrics failed\n")
-        return await _send(writer, 200, content_type, body, head_only=method == "HEAD")
+            await _send(writer, 500, "text/plain", b"collecting metrics failed\n")
+            return None
+        await _send(writer, 200, content_type, body, head_only=method == "HEAD")
+        return None
 
 
 async def _send(
@@ -659,12 +826,14 @@ async def _send(
 
 
 class MetricsService:
-    """The metrics endpoint as a runtime service: ``await service(stop)`` serves until ``stop``.
+    """The metrics listener as a runtime service: ``await service(stop)`` serves until ``stop``.
 
-    Build it from the state the agent will write, and hand it in with the agent's services
-    (``Components.services``). ``host`` and
+    It serves ``/metrics`` and the operator's page (:class:`agent.outputs.page.OperatorPage`,
+    whose watcher runs here, reading the same state). Build it from the state the agent will
+    write, and hand it in with the agent's services (``Components.services``). ``host`` and
     ``port`` default to ``config.metrics``; :attr:`port` is the bound port once :attr:`started`
-    is set (port 0 binds an ephemeral one).
+    is set (port 0 binds an ephemeral one). ``page`` replaces the default page (a bench that
+    opens more streams than the default client bound).
     """
 
     def __init__(
@@ -675,12 +844,15 @@ class MetricsService:
         host: str | None = None,
         port: int | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        page: OperatorPage | None = None,
     ) -> None:
         self.registry = build_registry(state, config, clock)
+        self.page = page if page is not None else OperatorPage(state, config, clock=clock)
         self.server = MetricsServer(
             self.registry,
             host if host is not None else config.metrics.host,
             port if port is not None else config.metrics.port,
+            routes=self.page,
         )
         self.started = asyncio.Event()
 
@@ -692,9 +864,9 @@ class MetricsService:
         await self.server.start()
         self.started.set()
         try:
-            await stop.wait()
+            await self.page.run(stop)  # returns once stop is set
         finally:
-            await self.server.close()
+            await self.server.close()  # the listener first, then the page's streams
 
 
 async def start_metrics_server(

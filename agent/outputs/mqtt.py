@@ -22,8 +22,10 @@ command's own fields; unknown fields are refused. The broker's ACL decides which
 publish under ``P/command/``; the token says which operator did. The ack is
 ``{"id", "command", "status": "accepted"|"rejected", "reason", "at"}``. A malformed,
 unauthorised, unknown, invalid or expired command is rejected with a reason, reaches nobody
-and is counted in ``AgentState.rejected`` under source ``mqtt``. A repeated ``id`` (QoS 1
-redelivery) is answered again with the first answer and not re-executed.
+and is counted in ``AgentState.rejected`` under source ``mqtt``; the runtime also writes an
+audit row for it (``command:NAME``), for at most a burst of 20 and then one a second, so a flood
+is still counted in full but never floods the journal. A repeated ``id`` (QoS 1 redelivery) is
+answered again with the first answer and not re-executed.
 
 Control never waits on the broker: :meth:`MqttBridge.publish_cycle` only fills in-memory
 buffers. Retained topics keep only their newest payload (and are all republished after every
@@ -54,6 +56,7 @@ from agent.control.commands import (
     Curtail,
     Refresh,
     RejectCounter,
+    RejectionAudit,
     Release,
     SetMode,
 )
@@ -64,11 +67,17 @@ from agent.outputs.metrics import miner_state
 from agent.runtime.state import AgentState
 from drivers.bus.base import Bus, BusError, BusMessage, BusSession, BusSettings, LastWill
 from drivers.bus.mqtt import MqttBus
+from drivers.inputs import InputRejected, load_json
 
 log = logging.getLogger(__name__)
 
 REJECT_SOURCE = "mqtt"  # the source name under which rejected commands are counted
 MAX_COMMAND_BYTES = 16 * 1024  # a command is a few hundred bytes; more is abuse or a mistake
+
+
+# Rejected commands reach the audit trail, at most AUDIT_BURST at once and one a second after
+# that: a flood of garbage must not turn into a flood of journal writes.
+AUDIT_BURST = 20
 
 
 # --- the wire schema (pydantic at the edge) ------------------------------------------------------
@@ -85,7 +94,8 @@ class _Wire(BaseModel):
 
 
 class _CurtailWire(_Wire):
-    target_kw: float = Field(ge=0, allow_inf_nan=False)
+    # strict: ``true`` is no target; the bound is the largest site, the runtime applies its own.
+    target_kw: float = Field(ge=0, le=10_000_000, allow_inf_nan=False, strict=True)
     until: datetime
 
     @field_validator("until")
@@ -131,12 +141,7 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
     Order: well-formed JSON object, then authentication, then a known command, then its schema,
     so an unauthenticated sender learns nothing about the schema.
     """
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise Rejected("malformed", f"payload larger than {MAX_COMMAND_BYTES} bytes")
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Rejected("malformed", f"payload is not JSON: {exc}") from None
+    data = _load(payload)
     if not isinstance(data, dict):
         raise Rejected("malformed", "payload must be a JSON object")
     operator, token = data.get("operator"), data.get("token")
@@ -157,7 +162,7 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in exc.errors()
         )
-        raise Rejected("invalid", f"invalid {name}: {problems}") from None
+        raise Rejected("invalid", f"invalid {name}: {problems}"[:300]) from None
     if isinstance(wire, _CurtailWire):
         if wire.until <= now:
             raise Rejected("expired", f"until {wire.until.isoformat()} is not in the future")
@@ -169,13 +174,22 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
     return Release(wire.id, wire.operator)
 
 
+def _load(payload: bytes) -> Any:
+    """Bounded JSON (size, UTF-8, depth, duplicate keys, NaN): a hostile payload is refused
+    with its reason as the metric code, never an exception that ends the bridge."""
+    try:
+        return load_json(payload, REJECT_SOURCE, max_bytes=MAX_COMMAND_BYTES, max_depth=8)
+    except InputRejected as exc:
+        if exc.reason == "bad_syntax":
+            raise Rejected("malformed", f"payload is not JSON: {exc.message}") from None
+        raise Rejected(exc.reason, f"payload refused: {exc.message}") from None
+
+
 def _command_id(payload: bytes) -> str | None:
     """The sender's ``id`` if one can be read, for the ack of a command we reject."""
-    if len(payload) > MAX_COMMAND_BYTES:
-        return None
     try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = _load(payload)
+    except Rejected:
         return None
     cid = data.get("id") if isinstance(data, dict) else None
     return cid[:64] if isinstance(cid, str) else None
@@ -363,11 +377,17 @@ class MqttBridge:
         interconnect_limit_w: float | None = None,
         bus: Bus | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        audit_rejection: RejectionAudit | None = None,
     ) -> None:
         self.config = config
         self.state = state
         self.handler = handler
         self.count_rejected = count_rejected  # rejections are the runtime's to count
+        # ... and to audit: the bridge only decides which ones, at a bounded rate.
+        self.audit_rejection = audit_rejection
+        self._audit_tokens = float(AUDIT_BURST)
+        self._audit_at: float | None = None
+        self.unaudited_rejections = 0
         self.interconnect_limit_w = interconnect_limit_w
         self.clock = clock
         self.prefix = f"{config.topic_prefix}/{state.site_id}"
@@ -516,6 +536,7 @@ class MqttBridge:
             command = parse_command(name, message.payload, self._tokens, self.clock())
         except Rejected as rej:
             self._reject(cid, name, rej.code, rej.reason)
+            self._audit(name, rej.code, rej.reason)
             return
         previous = self._answered.get(command.id)
         if previous is not None:  # QoS 1 redelivery or a resend: same answer, no second effect
@@ -540,6 +561,20 @@ class MqttBridge:
             self.count_rejected(REJECT_SOURCE, "refused")
             log.warning("mqtt: %s %s refused: %s", name, command.id, result.reason)
         self._ack(command.id, name, result)
+
+    def _audit(self, name: str, code: str, reason: str) -> None:
+        if self.audit_rejection is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if self._audit_at is not None:
+            self._audit_tokens = min(AUDIT_BURST, self._audit_tokens + (now - self._audit_at))
+        self._audit_at = now
+        if self._audit_tokens < 1.0:
+            self.unaudited_rejections += 1  # still counted in rejected_inputs_total
+            return
+        self._audit_tokens -= 1.0
+        # Handed to the runtime, which writes the row (the journal is the loop's to write).
+        self.audit_rejection(REJECT_SOURCE, f"command:{name[:64]}", f"{code}: {reason}")
 
     def _reject(self, cid: str | None, name: str, code: str, reason: str) -> None:
         self.count_rejected(REJECT_SOURCE, code)

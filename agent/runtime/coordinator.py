@@ -7,6 +7,10 @@ and each source's health (last success, last error), and hands out one immutable
 never poll. A source that fails is logged once when it starts failing and once when it recovers
 (Home Assistant's coordinator habit), not on every poll. What each device was commanded, its
 readings and faults belong to its fleet (:mod:`agent.runtime.fleet`), not to the coordinator.
+
+Each snapshot passes the fleets' views through the thermal guard (:mod:`agent.runtime.thermal`)
+and turns the device sum into power at the meter through the meter watch
+(:mod:`agent.runtime.meter`), which polls the site meter and the ambient source.
 """
 
 from __future__ import annotations
@@ -17,15 +21,27 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from agent.control.config import AgentConfig
-from agent.control.domain import ActiveEvent, PriceView, Snapshot
+from agent.control.domain import ActiveEvent, MinerView, PriceView, Snapshot
 from agent.control.fourcp import peak_risk
+from agent.control.planner import (
+    HorizonInput,
+    HorizonPlan,
+    MinerBlock,
+    PlanStatus,
+    SwitchingCost,
+    plan_horizon,
+)
 from agent.runtime.fleet import Fleet
+from agent.runtime.meter import MeterWatch
 from agent.runtime.state import SourceHealth
+from agent.runtime.thermal import ThermalGuard
 from drivers.errors import AgentError, BadInput
+from drivers.meters.base import Meter
 from drivers.prices.base import PriceReading, PriceSource
 from drivers.prices.csv_replay import DayAheadForecast
 from drivers.prices.system_load import SystemLoadReplay
@@ -51,6 +67,8 @@ class Coordinator:
         hashprice_source: PriceSource | None = None,
         day_ahead: DayAheadForecast | None = None,
         system_load: SystemLoadReplay | None = None,
+        meter: Meter | None = None,
+        ambient_source: PriceSource | None = None,
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -69,11 +87,31 @@ class Coordinator:
         self.price_read_at: float | None = None
         self.hashprice_read_at: float | None = None
         self.events: dict[str, ActiveEvent] = {}
+        # The latest usable horizon plan, and what it was made from (re-plan when that changes).
+        self.horizon: HorizonPlan | None = None
+        self._horizon_key: tuple[object, ...] | None = None
+        # The planner's last solve (None: never solved): its time, status and reason. The loop
+        # publishes them with the rest.
+        self.planner_solve_s: float | None = None
+        self.planner_status: str | None = None
+        self.planner_reason = ""
         self._ramp_at: float | None = None
         self._ramp_tokens_w = 0.0
         # Health of every polled source, by name: the loop publishes copies to outputs.
         self.health: dict[str, SourceHealth] = {}
         self.price_changed = asyncio.Event()
+        # Refused feed answers (source, one-line reason) waiting for the runtime's audit sink.
+        self.rejected_to_audit: deque[tuple[str, str]] = deque(maxlen=100)
+        # The meter and the ambient source: the load model of every snapshot.
+        self.meter_watch = MeterWatch(
+            config,
+            meter,
+            ambient_source=ambient_source,
+            health=self.health,
+            monotonic=monotonic,
+        )
+        # Thermal derates: one ceiling per hot device, applied to every snapshot's views.
+        self.thermal = ThermalGuard(config.thermal, config.control.gpu_cap_step_w)
 
     def source(self, name: str) -> SourceHealth:
         health = self.health.get(name)
@@ -109,6 +147,7 @@ class Coordinator:
         except AgentError as exc:
             if health.last_error is None:
                 log.warning("price source %s failed: %s", self.price_source.name, exc)
+            self._note_rejected(health.last_error, exc)
             health.last_error = str(exc)
             health.failures += 1
             return
@@ -138,6 +177,7 @@ class Coordinator:
         except AgentError as exc:
             if health.last_error is None:
                 log.warning("hashprice feed %s failed: %s", source.name, exc)
+            self._note_rejected(health.last_error, exc)
             health.last_error, health.failures = str(exc), health.failures + 1
             return
         if health.last_error is not None:
@@ -145,6 +185,12 @@ class Coordinator:
         health.last_error, health.last_success = None, self.clock()
         health.successes += 1
         self.hashprice_usd_per_ph_day, self.hashprice_read_at = reading.value, self.monotonic()
+
+    def _note_rejected(self, previous: str | None, exc: AgentError) -> None:
+        """Queue a refused answer for the audit trail: once per failing streak and reason, not
+        once per poll (a feed answering NaN every second must not flood the journal)."""
+        if isinstance(exc, BadInput) and str(exc) != previous:
+            self.rejected_to_audit.append((exc.source, str(exc)))
 
     def market_now(self) -> datetime:
         """The market's clock: simulated time when the price source replays history."""
@@ -186,8 +232,11 @@ class Coordinator:
         views = [fleet.views(now) for fleet in self.fleets]
         miners = tuple(m for v in views for m in v.miners)
         gpu_nodes = tuple(n for v in views for n in v.gpu_nodes)
+        miners = self.thermal.apply_miners(miners, mono)
+        gpu_nodes = self.thermal.apply_gpu_nodes(gpu_nodes, mono)
         measured = [m.measured_power_w for m in miners] + [n.measured_power_w for n in gpu_nodes]
-        site_w = None if any(p is None for p in measured) else sum(p for p in measured if p)
+        device_w = None if any(p is None for p in measured) else sum(p for p in measured if p)
+        load, site_w = self.meter_watch.load_model(device_w, mono)
         price = None
         if self.price is not None and self.price_read_at is not None:
             price = PriceView(
@@ -207,11 +256,116 @@ class Coordinator:
             gpu_nodes=gpu_nodes,
             events=tuple(e for e in self.events.values() if e.event.active_at(now)),
             measured_site_power_w=site_w,
+            device_power_w=device_w,
+            load_model=load,
             ramp_headroom_w=ramp_w,
             day_ahead_usd_per_mwh=day_ahead,
             fourcp_risk=risk,
             fourcp_reason=reason,
+            horizon=self.horizon,
         )
+
+    # --- the horizon plan ----------------------------------------------------------------
+
+    HORIZON_H = 36
+
+    def horizon_input(self) -> HorizonInput | None:
+        """The planner's input now: the day-ahead prices of the next 36 h (from the current
+        hour), the hashprice, the miners by model with the units awake, the GPU load as it is
+        now (flat), the interconnect. None without day-ahead prices, or while the market runs on
+        a simulated clock (the plan's times must be the policy's)."""
+        if self.day_ahead is None or callable(getattr(self.price_source, "sim_now", None)):
+            return None
+        now = self.clock()
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        prices = self.day_ahead.prices_between(hour, hour + timedelta(hours=self.HORIZON_H))
+        # Contiguous hours from the current one only: a gap ends the horizon.
+        hours: list[tuple[datetime, float]] = []
+        for k, (start, value) in enumerate(prices):
+            if start != hour + timedelta(hours=k):
+                break
+            hours.append((start, value))
+        if not hours:
+            return None
+        # Blocks by model, from what the fleets hold now (a view may stand for ``count`` units).
+        views = [fleet.views(now) for fleet in self.fleets]
+        by_model: dict[str, list[MinerView]] = {}
+        for miner in (m for v in views for m in v.miners):
+            by_model.setdefault(miner.model, []).append(miner)
+        switching = SwitchingCost(wake_lost_s=self.config.control.miner_wake_lost_s)
+        blocks = tuple(
+            MinerBlock(
+                model,
+                sum(m.count for m in miners),
+                miners[0].points,
+                switching,
+                units_on=sum(m.count for m in miners if m.commanded != m.points[0].name),
+            )
+            for model, miners in sorted(by_model.items())
+        )
+        gpu_w = sum(n.worst_case_power_w * n.count for v in views for n in v.gpu_nodes)
+        site, control = self.config.site, self.config.control
+        # The real-time price so far stands for the hour now running (persistence), when fresh.
+        realtime = None
+        if self.price is not None and self.price_read_at is not None:
+            fresh = self.monotonic() - self.price_read_at <= self.config.prices.max_age_s
+            if fresh and math.isfinite(self.price.value):
+                realtime = self.price.value
+        return HorizonInput(
+            at=now,
+            starts=tuple(h for h, _ in hours),
+            interval_s=3600.0,
+            price_usd_per_mwh=tuple(v for _, v in hours),
+            hashprice_usd_per_ph_day=self.current_hashprice(self.monotonic()),
+            pool_fee=self.config.economics.pool_fee,
+            blocks=blocks,
+            # Limits are judged at the meter: the miners and GPUs get what cooling, base load
+            # and the meter trim (or fallback margin) leave, as in the policy's dispatch.
+            limit_w=self.meter_watch.model.device_budget_w(
+                max(0.0, (site.interconnect_limit_kw - site.safety_margin_kw) * 1000.0)
+            ),
+            base_load_w=(gpu_w,) * len(hours),
+            min_on_s=control.min_on_s,
+            min_off_s=control.min_off_s,
+            # A curtailment lasts at least its minimum off time, and a real-time price holds for
+            # its settlement interval (15 minutes in ERCOT): the shortest spike worth weighing.
+            spike_h=max(control.min_off_s, control.interval_s, 900.0) / 3600.0,
+            realtime_usd_per_mwh=realtime,
+        )
+
+    async def refresh_horizon(self) -> None:
+        """Re-plan every hour and whenever the forecast, the real-time price or the hashprice
+        changes, off the event loop (a solve of 36 hourly intervals takes milliseconds). A failed
+        solve drops the plan (the rule alone decides) and logs the reason once."""
+        inp = self.horizon_input()
+        if inp is None:
+            return
+        key = (
+            inp.starts[0],
+            inp.price_usd_per_mwh,
+            inp.realtime_usd_per_mwh,
+            inp.hashprice_usd_per_ph_day,
+        )
+        if key == self._horizon_key:
+            return
+        self._horizon_key = key
+        try:
+            plan = await asyncio.to_thread(plan_horizon, inp)
+        except Exception as exc:  # the planner is advisory: it must never stop the agent
+            plan = HorizonPlan(
+                PlanStatus.FAILED, f"planner raised {type(exc).__name__}: {exc}", inp.at
+            )
+        was = self.planner_status
+        self.planner_solve_s, self.planner_status = plan.solve_s, plan.status.value
+        self.planner_reason = plan.reason
+        if plan.usable:
+            if was != plan.status.value:
+                log.info("horizon plan %s in %.3f s: %s", plan.status, plan.solve_s, plan.reason)
+            self.horizon = plan
+        else:
+            if was != plan.status.value:
+                log.warning("horizon planner fell back to the rule: %s", plan.reason)
+            self.horizon = None
 
     def ramp_headroom_w(self, mono: float) -> float:
         """The ramp budget: a token bucket filled at the ramp rate.

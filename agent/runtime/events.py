@@ -266,9 +266,18 @@ def describe(event: GridEvent, baseline_w: float) -> str:
 
 def parse_until(text: str, now: datetime) -> datetime:
     """``+30m``, ``+2h``, ``+90s`` or an ISO-8601 time (UTC if no zone)."""
-    if text.startswith("+") and text[-1] in "smh" and text[1:-1].replace(".", "", 1).isdigit():
+    if len(text) > 64:
+        raise ValueError("too long")
+    if (
+        text.startswith("+")
+        and text[-1:] in ("s", "m", "h")
+        and text[1:-1].replace(".", "", 1).isdigit()
+    ):
         seconds = float(text[1:-1]) * {"s": 1, "m": 60, "h": 3600}[text[-1]]
-        return now + timedelta(seconds=seconds)
+        try:
+            return now + timedelta(seconds=seconds)
+        except OverflowError:  # +1e20h: a ValueError like any other bad time
+            raise ValueError(f"{text} is past the year 9999") from None
     value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if value.tzinfo is None:
         value = value.replace(tzinfo=now.tzinfo)

@@ -382,8 +382,10 @@ class GpuFleet:
             # Until the scheduler has listed the jobs once, the policy would see busy GPUs as
             # idle ones: keep the node in an unknown state (counted at nameplate) until then.
             fresh = age <= self.max_reading_age_s and self._jobs_polled
-            measured = None
+            measured: float | None = None
+            temperature_c: float | None = None
             if fresh:
+                temperature_c = max((r.temperature_c for r in node.readings), default=None)
                 measured = (
                     sum(r.power_w for r in node.readings)
                     + len(node.lost) * spec.max_cap_w
@@ -407,6 +409,7 @@ class GpuFleet:
                     reading_age_s=age,
                     fault=self._fault(node, mono),
                     circuit=spec.circuit,
+                    temperature_c=temperature_c,
                 )
             )
         return tuple(views)

@@ -4,7 +4,8 @@ The MQTT bridge is built before the agent (the agent's cycle observers include i
 call the agent directly. It hands commands to a :class:`CommandInbox` instead, which the loop
 serves as one of its tasks: the loop is the only writer of the agent's state, and a command
 changes that state only there. A command the loop has not answered within the bridge's timeout
-is answered by the bridge as refused; the loop then skips it.
+is answered by the bridge as refused; the loop then skips it. A refused input the bridge wants
+on the audit trail travels the same way (:class:`AuditRequest`): the loop writes the row.
 """
 
 from __future__ import annotations
@@ -27,16 +28,28 @@ class Rejection:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditRequest:
+    """An input an output refused, to be written to the audit trail by the loop."""
+
+    source: str
+    action: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Submission:
     command: Command
     answer: asyncio.Future[CommandResult]
+
+
+Item = Submission | Rejection | AuditRequest
 
 
 class CommandInbox:
     """A bounded queue from outputs to the loop."""
 
     def __init__(self, max_waiting: int = MAX_WAITING) -> None:
-        self._queue: asyncio.Queue[Submission | Rejection] = asyncio.Queue(max_waiting)
+        self._queue: asyncio.Queue[Item] = asyncio.Queue(max_waiting)
 
     async def submit(self, command: Command) -> CommandResult:
         """Hand ``command`` to the loop and wait for its answer (a ``CommandHandler``)."""
@@ -52,5 +65,10 @@ class CommandInbox:
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(Rejection(source, reason))
 
-    async def next(self) -> Submission | Rejection:
+    def audit(self, source: str, action: str, reason: str) -> None:
+        """Ask for an audit row of a refused input (a ``RejectionAudit``); dropped if flooded."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(AuditRequest(source, action, reason))
+
+    async def next(self) -> Item:
         return await self._queue.get()

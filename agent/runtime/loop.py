@@ -1,6 +1,7 @@
 """The agent's main loop: one TaskGroup owns every long-running task.
 
-Tasks: a poller per fleet and per signal (through the coordinator), the control loop (snapshot →
+Tasks: a poller per fleet, per signal and for the site meter and the ambient feed (through the
+coordinator), the control loop (snapshot →
 decide → actuate → verify), the operator inbox, the grid event watch, and the services handed in
 (metrics server, MQTT, fleet drivers). The control loop runs every ``control.interval_s`` and at
 once when the price interval changes or a grid event starts or ends (the fast path). It waits for
@@ -8,9 +9,9 @@ every fleet's first poll before the first decision, so a restart never commands 
 
 The loop is the only writer of :class:`~agent.runtime.state.AgentState`: after each poll and each
 cycle it publishes what the coordinator, the fleets and the actuator report (source health,
-faults, action results, safe mode); outputs only read it. Every part is handed in at
-construction: the components (fleets, signals, journal, grid sources, services), the cycle
-observers (logs, MQTT), the operator inbox and the watchdog.
+faults, action results, safe mode, the meter's status, thermal derates); outputs only read it.
+Every part is handed in at construction: the components (fleets, signals, journal, grid sources,
+meter, services), the cycle observers (logs, MQTT), the operator inbox and the watchdog.
 
 Stopping: setting the ``stop`` event (SIGTERM/SIGINT in :mod:`agent.cli.daemon`) lets every
 loop finish its current step; anything still running after ``grace_s`` is cancelled, so the
@@ -37,11 +38,12 @@ from agent.runtime.actuator import ActionResult, Actuator, AuditSink
 from agent.runtime.coordinator import Clock, Coordinator, utc_now
 from agent.runtime.events import EventBook, EventSource
 from agent.runtime.fleet import Fleet
-from agent.runtime.inbox import CommandInbox, Rejection, Submission
+from agent.runtime.inbox import AuditRequest, CommandInbox, Item, Rejection
 from agent.runtime.state import AgentState
 from drivers.errors import AgentError
 from drivers.gpus.base import GpuReading
 from drivers.grid.base import GridEvent, ProgramKind
+from drivers.meters.base import Meter
 from drivers.prices.base import PriceSource
 from drivers.prices.csv_replay import DayAheadForecast
 from drivers.prices.system_load import SystemLoadReplay
@@ -71,6 +73,8 @@ class Components:
     hashprice_source: PriceSource | None = None
     day_ahead: DayAheadForecast | None = None
     system_load: SystemLoadReplay | None = None
+    meter: Meter | None = None  # the site meter, when the config has a meter: block
+    ambient_source: PriceSource | None = None  # a weather feed (ambient.source http_json)
     # Extra long-running tasks (metrics server, MQTT, grid sources...): each gets the stop event.
     services: Sequence[Service] = field(default_factory=tuple)
 
@@ -107,9 +111,12 @@ class Agent:
             hashprice_source=components.hashprice_source,
             day_ahead=components.day_ahead,
             system_load=components.system_load,
+            meter=components.meter,
+            ambient_source=components.ambient_source,
             clock=clock,
             monotonic=monotonic,
         )
+        self.meter_watch = self.coordinator.meter_watch
         self.actuator = Actuator(
             config.control,
             self.fleets,
@@ -146,7 +153,15 @@ class Agent:
             if isinstance(fleet, PerGpuReadings):
                 readings.update(fleet.readings())
         state.gpu_readings = readings
+        state.meter = self.meter_watch.status
+        thermal = self.coordinator.thermal
+        state.thermal_derates = dict(thermal.derates)
+        state.thermal_derated = dict(thermal.derated)
         state.safe_reason = self.actuator.safe_reason
+        planner = self.coordinator
+        state.planner_solve_s = planner.planner_solve_s
+        state.planner_status = planner.planner_status
+        state.planner_reason = planner.planner_reason
         state.mode = "safe" if state.safe_reason is not None else self.operator_mode
 
     async def restore_journal(self) -> None:
@@ -173,6 +188,10 @@ class Agent:
         started = time.monotonic()
         await self.actuator.retry_journal()
         missed = await self.actuator.verify()
+        # Counted before the first publish: a fault and the action that caused it appear in
+        # the same state, never the fault first.
+        for r in missed:
+            self.state.actions[(r.action.kind.value, r.result)] += 1
         for fleet in self.fleets:
             fleet.reconcile()
         self.publish()
@@ -180,7 +199,9 @@ class Agent:
         await self.event_book.sync(
             self.coordinator.clock(), None if last is None else last.measured_site_power_w
         )
+        await self._audit_rejected_inputs()
         snapshot = self.coordinator.snapshot()
+        await self._audit_meter()
         plan = decide(snapshot, self.config, snapshot.at)
         if self.state.mode == "manual":
             plan = replace(plan, actions=(), summary=f"manual mode: no actions; {plan.summary}")
@@ -193,7 +214,7 @@ class Agent:
         self.coordinator.spend_ramp(
             sum(r.action.delta_power_w for r in results if r.result == "ok" and not r.action.sheds)
         )
-        for r in itertools.chain(missed, results):
+        for r in results:
             self.state.actions[(r.action.kind.value, r.result)] += 1
         self.publish()
         self.state.cycles += 1
@@ -228,6 +249,18 @@ class Agent:
                 self.coordinator.price_changed.wait(),
             )
 
+    async def _audit_meter(self) -> None:
+        """Write the meter's trust changes (lost, back) to the audit, once each."""
+        pending, self.meter_watch.pending_audit = self.meter_watch.pending_audit, []
+        sink = self.components.audit or self.components.store
+        if sink is None:
+            return
+        for action, reason in pending:
+            with contextlib.suppress(AgentError):
+                await sink.audit(
+                    source="meter", device_id=None, action=action, reason=reason, result="ok"
+                )
+
     def _count_rejected(self, source: str, reason: str) -> None:
         self.state.rejected[(source, reason)] += 1
 
@@ -245,9 +278,12 @@ class Agent:
         finally:
             stopping.cancel()
 
-    async def _serve(self, item: Submission | Rejection) -> None:
+    async def _serve(self, item: Item) -> None:
         if isinstance(item, Rejection):
             self._count_rejected(item.source, item.reason)
+            return
+        if isinstance(item, AuditRequest):
+            await self._audit_rejection(item.source, item.action, item.reason)
             return
         if item.answer.done():  # the sender gave up waiting: nothing to do
             return
@@ -298,6 +334,22 @@ class Agent:
             return CommandResult.ok(f"mode {command.mode}")
         self.wake_control.set()  # Refresh
         return CommandResult.ok("control cycle requested")
+
+    async def _audit_rejected_inputs(self) -> None:
+        """Refused feed answers reach the audit trail (design.md: bad input, an audit row)."""
+        queue = self.coordinator.rejected_to_audit
+        while queue:
+            source, reason = queue.popleft()
+            await self._audit_rejection(source, "reject_input", reason)
+
+    async def _audit_rejection(self, source: str, action: str, reason: str) -> None:
+        sink = self.components.audit or self.components.store
+        if sink is None:
+            return
+        with contextlib.suppress(AgentError):  # a journal failure is handled elsewhere
+            await sink.audit(
+                source=source, device_id=None, action=action, reason=reason, result="rejected"
+            )
 
     async def _audit_command(self, operator: str, action: str) -> None:
         sink = self.components.audit or self.components.store
@@ -370,12 +422,20 @@ class Agent:
 
             loops.append(self._poll(poll_fleet, control.poll_interval_s, stop))
             loops.append(fleet.run(stop))  # opens the fleet's drivers, closes them at stop
+        if self.config.meter is not None and self.components.meter is not None:
+            loops.append(self._poll(self.meter_watch.poll, self.config.meter.poll_s, stop))
+        feed = self.config.ambient.feed
+        if self.components.ambient_source is not None and feed is not None:
+            loops.append(self._poll(self.meter_watch.poll_ambient, feed.poll_interval_s, stop))
         if self.components.hashprice_source is not None:
             every = self.config.economics.hashprice.poll_interval_s
             loops.append(self._poll(coordinator.poll_hashprice, every, stop))
         if self.components.price_source is not None:
             price_every = min(control.poll_interval_s, control.interval_s)
             loops.append(self._poll(coordinator.poll_price, price_every, stop))
+        if coordinator.day_ahead is not None:
+            # Cheap when nothing changed: it re-plans only on a new hour or a new forecast.
+            loops.append(self._poll(coordinator.refresh_horizon, 60.0, stop))
         if self.inbox is not None:
             loops.append(self._serve_inbox(self.inbox, stop))
         loops.extend(service(stop) for service in self.components.services)
@@ -385,10 +445,16 @@ class Agent:
                 tg.create_task(_cancel_after_grace(stop, tasks, grace_s))
         finally:
             # Sources that own connections (HTTP clients) expose aclose().
-            for source in (self.components.price_source, self.components.hashprice_source):
+            for source in (
+                self.components.price_source,
+                self.components.hashprice_source,
+                self.components.ambient_source,
+            ):
                 aclose = getattr(source, "aclose", None)
                 if aclose is not None:
                     await aclose()
+            if self.components.meter is not None:
+                await self.components.meter.close()
         log.info("agent stopped after %d cycle(s)", self.state.cycles)
 
 

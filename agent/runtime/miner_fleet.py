@@ -200,6 +200,7 @@ class MinerFleet:
             reading_age_s=age,
             fault=fault,
             circuit=slot.circuit,
+            temperature_c=None if reading is None else reading.temperature_c,
         )
 
     def faults(self) -> dict[str, str]:

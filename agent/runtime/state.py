@@ -15,9 +15,13 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from agent.control.domain import Plan, Snapshot
 from drivers.gpus.base import GpuReading
+
+if TYPE_CHECKING:
+    from agent.runtime.meter import MeterStatus
 
 
 @dataclass(slots=True)
@@ -53,3 +57,11 @@ class AgentState:
     safe_reason: str | None = None
     # GPU node id -> the latest per-GPU readings of that node (for per-GPU metrics).
     gpu_readings: Mapping[str, tuple[GpuReading, ...]] = field(default_factory=dict)
+    meter: MeterStatus | None = None  # the meter and the load model, as of the latest snapshot
+    # Thermal derates: step-downs so far by kind, and the devices held derated now (-> kind).
+    thermal_derates: Mapping[str, int] = field(default_factory=dict)
+    thermal_derated: Mapping[str, str] = field(default_factory=dict)
+    # The horizon planner's last solve (None: never solved): its time, status and reason.
+    planner_solve_s: float | None = None
+    planner_status: str | None = None
+    planner_reason: str = ""

@@ -1,4 +1,4 @@
-"""Builds the runtime's components from a config: fleets, signals, grid sources.
+"""Builds the runtime's components from a config: fleets, signals, grid sources, the meter.
 
 Device drivers come from the driver registry (:mod:`agent.runtime.registry`, keyed by
 ``firmware:``, ``driver:`` and ``ai.scheduler:``); price and signal sources are chosen here by
@@ -29,6 +29,8 @@ from drivers.errors import SourceError
 from drivers.grid.base import GridEvent
 from drivers.grid.mqtt_curtail import MqttCurtailSource
 from drivers.grid.openadr import OpenAdrVen
+from drivers.inputs import record
+from drivers.meters.base import Meter
 from drivers.prices.base import PriceReading, PriceSource
 from drivers.prices.csv_replay import (
     CsvPriceReplay,
@@ -85,6 +87,8 @@ def build_price_source(
         series = load_price_csv(rt.path, rt.column, collect_errors=True)
         for row in series.rejected[:5]:
             log.warning("price row rejected: %s", row)
+        for row in series.rejected:  # each counted in rejected_inputs_total
+            record(None, f"csv:{rt.path.name}", row)
         return CsvPriceReplay(series, start=rt.start, speed=rt.speed, clock=clock)
     if isinstance(rt, HttpJsonSettings):
         return HttpJsonSource(rt)
@@ -150,6 +154,27 @@ def build_signals(config: AgentConfig) -> Signals:
     return Signals(hashprice, day_ahead, system_load)
 
 
+def build_meter(config: AgentConfig) -> Meter | None:
+    """The site meter, where the config has a ``meter:`` block."""
+    if config.meter is None:
+        return None
+    # pymodbus loads only for metered sites.
+    from drivers.meters.maps import MeterLimits
+    from drivers.meters.modbus import ModbusMeter
+
+    # A reading beyond three times the interconnect is a broken meter, not a site.
+    plausible_w = min(config.meter.max_abs_site_w, 3 * config.site.interconnect_limit_kw * 1e3)
+    return ModbusMeter(config.meter, limits=MeterLimits(max_abs_site_w=plausible_w))
+
+
+def build_ambient_source(config: AgentConfig) -> PriceSource | None:
+    """The weather feed, where ``ambient.source`` is ``http_json``."""
+    feed = config.ambient.feed
+    if config.ambient.source == "http_json" and feed is not None:
+        return HttpJsonSource(feed, name="ambient")
+    return None
+
+
 def build_fleets(
     config: AgentConfig,
     drivers: DriverRegistry | None = None,
@@ -208,6 +233,8 @@ def build_components(
         hashprice_source=signals.hashprice_source,
         day_ahead=signals.day_ahead,
         system_load=signals.system_load,
+        meter=build_meter(config),
+        ambient_source=build_ambient_source(config),
         # Grid sources keep their connections in their own service.
         services=(*services, *(source.run for source in grid_sources)),
     )

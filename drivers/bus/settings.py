@@ -11,15 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import ConfigDict, Field, SecretStr
 
 from drivers.bus.base import BusSettings, LastWill
+from drivers.inputs import StrictSettings
 
-Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# A broker timeout or reconnect wait beyond a week is a typo (or 1e308), not a setting.
+MAX_BROKER_S = 7 * 86400.0
+Seconds = Annotated[float, Field(gt=0, le=MAX_BROKER_S, allow_inf_nan=False)]
 
 
-class BrokerSettings(BaseModel):
-    """How to reach an MQTT broker, and how to come back when it goes away."""
+class BrokerSettings(StrictSettings):
+    """How to reach an MQTT broker, and how to come back when it goes away.
+
+    Strict like every settings model read from a file: no booleans or text for numbers.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

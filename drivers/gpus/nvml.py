@@ -36,6 +36,11 @@ from drivers.errors import (
     Unsupported,
 )
 from drivers.gpus.base import GpuReading
+from drivers.inputs import InputRejected, RejectionRecorder, finite_in_range, record
+
+# A GPU draws at most a few kW (an SXM board is 700 W, a GB200 superchip 2.7 kW).
+MAX_GPU_W = 10_000.0
+MAX_PROCESSES = 4096
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +122,7 @@ class NvmlGpus:
         call_timeout_s: float = 2.0,
         max_outstanding: int = 4,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rejections: RejectionRecorder | None = None,
     ) -> None:
         if nvml is None:
             import pynvml
@@ -132,6 +138,7 @@ class NvmlGpus:
         self._pool: ThreadPoolExecutor | None = None
         self._entered = False
         self._unsupported_logged: set[tuple[str, str]] = set()
+        self._rejections = rejections
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -285,22 +292,72 @@ class NvmlGpus:
             )
         except nvml.NVMLError as exc:
             raise map_nvml_error(uuid, f"reading {field}", exc) from exc
+        try:
+            return self._checked_reading(
+                uuid,
+                index,
+                name,
+                power_mw,
+                limit_mw,
+                min_mw,
+                max_mw,
+                default_mw,
+                util,
+                memory,
+                temperature_c,
+                energy_mj,
+                procs,
+            )
+        except InputRejected as exc:
+            record(self._rejections, "gpu", exc)  # one source label for every GPU
+            raise BadReply(uuid, f"NVML reported {exc.message}") from None
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise BadReply(uuid, f"NVML reported nonsense ({type(exc).__name__})") from None
+
+    def _checked_reading(
+        self,
+        uuid: str,
+        index: int,
+        name: str,
+        power_mw: Any,
+        limit_mw: Any,
+        min_mw: Any,
+        max_mw: Any,
+        default_mw: Any,
+        util: Any,
+        memory: Any,
+        temperature_c: Any,
+        energy_mj: Any,
+        procs: Any,
+    ) -> GpuReading:
+        """Every number finite and physical after the mW→W conversion (NaN only where NVML
+        lacks the reading: utilization on MIG, energy on pre-Volta boards)."""
+
+        def watts(mw: Any, what: str) -> float:
+            return finite_in_range(mw, 0.0, MAX_GPU_W, what, source=uuid, scale=1e-3, unit="W")
+
+        def optional(value: Any, lo: float, hi: float, what: str, scale: float = 1.0) -> float:
+            if isinstance(value, float) and math.isnan(value):
+                return value
+            return finite_in_range(value, lo, hi, what, source=uuid, scale=scale)
+
+        mib = 1.0 / (1024 * 1024)
         return GpuReading(
             device_id=uuid,
             index=index,
-            name=name,
+            name=name[:128],
             at=self._clock(),
-            power_w=power_mw / 1000.0,
-            power_limit_w=limit_mw / 1000.0,
-            min_limit_w=min_mw / 1000.0,
-            max_limit_w=max_mw / 1000.0,
-            default_limit_w=default_mw / 1000.0,
-            utilization_pct=math.nan if util is None else float(util.gpu),
-            memory_used_mib=memory.used / (1024 * 1024),
-            memory_total_mib=memory.total / (1024 * 1024),
-            temperature_c=float(temperature_c),
-            energy_j=energy_mj / 1000.0,
-            process_pids=tuple(int(p.pid) for p in procs),
+            power_w=watts(power_mw, "power usage"),
+            power_limit_w=watts(limit_mw, "power limit"),
+            min_limit_w=watts(min_mw, "minimum power limit"),
+            max_limit_w=watts(max_mw, "maximum power limit"),
+            default_limit_w=watts(default_mw, "default power limit"),
+            utilization_pct=math.nan if util is None else optional(util.gpu, 0, 100, "util"),
+            memory_used_mib=finite_in_range(memory.used, 0, 2**50, "memory", scale=mib),
+            memory_total_mib=finite_in_range(memory.total, 0, 2**50, "memory", scale=mib),
+            temperature_c=finite_in_range(temperature_c, -60, 250, "temperature", source=uuid),
+            energy_j=optional(energy_mj, 0, 1e18, "energy counter", scale=1e-3),
+            process_pids=tuple(int(p.pid) for p in procs[:MAX_PROCESSES]),
         )
 
     def _optional(

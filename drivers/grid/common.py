@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind
+from drivers.inputs import StrictSettings
 
 T = TypeVar("T")
 
@@ -41,15 +42,15 @@ async def run_until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None
     return task.result()
 
 
-class ProgramSettings(BaseModel):
+class ProgramSettings(StrictSettings):
     """One demand-response program a source can signal."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: ProgramKind
     fail: FailDirection = FailDirection.HOLD
-    payment_usd_per_mwh: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    penalty_usd_per_mwh: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    payment_usd_per_mwh: float = Field(default=0.0, ge=0, le=100_000, allow_inf_nan=False)
+    penalty_usd_per_mwh: float = Field(default=0.0, ge=0, le=100_000, allow_inf_nan=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -52,8 +50,20 @@ from drivers.grid.common import (
     apply_fail_directions,
     run_until_stopped,
 )
+from drivers.inputs import (
+    InputRejected,
+    StrictSettings,
+    load_json,
+    one_line,
+    validation_problems,
+)
 
 log = logging.getLogger(__name__)
+
+# A curtailment message is a few hundred bytes; targets are bounded by the largest site.
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_TARGET_KW = 10_000_000.0
+MAX_SETTING_S = 7 * 86400.0
 
 
 class MqttCurtailSettings(BrokerSettings):
@@ -62,7 +72,7 @@ class MqttCurtailSettings(BrokerSettings):
     type: Literal["mqtt"] = "mqtt"
     topic: str = "grid/curtail"
     heartbeat_topic: str = "grid/heartbeat"
-    heartbeat_max_age_s: float = Field(default=60.0, gt=0)
+    heartbeat_max_age_s: float = Field(default=60.0, gt=0, le=MAX_SETTING_S)
     programs: dict[str, ProgramSettings] = Field(min_length=1)
     default_program: str | None = Field(
         default=None, description="program of messages that name none"
@@ -77,17 +87,17 @@ class MqttCurtailSettings(BrokerSettings):
         return self
 
 
-class CurtailMessage(BaseModel):
+class CurtailMessage(StrictSettings):
     """The JSON schema of one message on the curtailment topic."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     event_id: str = Field(min_length=1, max_length=200)
     state: Literal["on", "off"]
-    program: str | None = Field(default=None, min_length=1)
-    kind: str | None = None
-    max_site_kw: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    shed_kw: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    program: str | None = Field(default=None, min_length=1, max_length=200)
+    kind: str | None = Field(default=None, max_length=64)
+    max_site_kw: float | None = Field(default=None, ge=0, le=MAX_TARGET_KW, allow_inf_nan=False)
+    shed_kw: float | None = Field(default=None, gt=0, le=MAX_TARGET_KW, allow_inf_nan=False)
     start: datetime | None = None
     until: datetime | None = None
 
@@ -153,7 +163,7 @@ class MqttCurtailSource:
 
     def _reject(self, topic: str, payload: bytes, reason: str) -> None:
         text = payload[:200].decode("utf-8", "replace")
-        rejection = Rejection(self._clock(), topic, text, reason)
+        rejection = Rejection(self._clock(), topic[:200], text, one_line(reason))
         self.rejected.append(rejection)
         log.warning("%s: rejected message on %s: %s", self._name, topic, reason)
         if self._on_rejected is not None:
@@ -172,17 +182,15 @@ class MqttCurtailSource:
         if not payload:
             return  # an empty retained message clears the topic; it carries no command
         try:
-            document = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._reject(topic, payload, f"malformed JSON: {exc}")
+            # Bounded: size, strict UTF-8, depth, no duplicate keys, no NaN (drivers/inputs.py).
+            document = load_json(payload, self._name, max_bytes=MAX_MESSAGE_BYTES, what="message")
+        except InputRejected as exc:
+            self._reject(topic, payload, f"{exc.reason}: {exc.message}")
             return
         try:
             message = CurtailMessage.model_validate(document)
         except ValidationError as exc:
-            reasons = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}"
-                for err in exc.errors()
-            )
+            reasons = validation_problems(exc)
             self._reject(topic, payload, f"invalid curtailment message: {reasons}")
             return
         program_name = message.program or self.settings.default_program

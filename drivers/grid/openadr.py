@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from drivers.grid.base import GridEvent
 from drivers.grid.common import (
@@ -42,6 +42,7 @@ from drivers.grid.common import (
     apply_fail_directions,
     run_until_stopped,
 )
+from drivers.inputs import InputRejected, StrictSettings, finite_in_range
 
 if TYPE_CHECKING:  # openleadr loads only when a VEN is built, not when a config is read
     from openleadr import OpenADRClient
@@ -53,6 +54,11 @@ LOAD_NAMES = frozenset({"LOAD_DISPATCH", "LOAD_CONTROL"})
 CEILING_TYPES = frozenset({"setpoint", "x-loadControlSetpoint"})
 SHED_TYPES = frozenset({"delta", "x-loadControlLevelOffset"})
 KW_PER_UNIT = {"none": 1e-3, "k": 1.0, "M": 1e3}  # powerReal is in W with an SI scale
+# Bounds of one event: no site is bigger than 10 GW, no interval longer than a month, and a
+# day of 5-minute intervals is the most a real VTN sends.
+MAX_TARGET_KW = 10_000_000.0
+MAX_INTERVAL = timedelta(days=31)
+MAX_INTERVALS = 288
 
 
 class OpenAdrProgram(ProgramSettings):
@@ -61,7 +67,7 @@ class OpenAdrProgram(ProgramSettings):
     name: str = Field(min_length=1, description="the program name events carry")
 
 
-class OpenAdrSettings(BaseModel):
+class OpenAdrSettings(StrictSettings):
     """Config of an OpenADR 2.0b VEN (``type: openadr``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -86,11 +92,11 @@ class OpenAdrSettings(BaseModel):
     simple_level_max_site_kw: dict[int, float] = Field(
         default_factory=lambda: {1: 0.0, 2: 0.0, 3: 0.0}
     )
-    report_sampling_s: int = Field(default=10, ge=1)
+    report_sampling_s: int = Field(default=10, ge=1, le=86400)
     report_resource_id: str = "site"
-    max_silence_s: float = Field(default=300.0, gt=0)
-    register_retry_min_s: float = Field(default=1.0, gt=0)
-    register_retry_max_s: float = Field(default=60.0, gt=0)
+    max_silence_s: float = Field(default=300.0, gt=0, le=7 * 86400)
+    register_retry_min_s: float = Field(default=1.0, gt=0, le=86400)
+    register_retry_max_s: float = Field(default=60.0, gt=0, le=86400)
 
     @field_validator("vtn_url")
     @classmethod
@@ -111,7 +117,7 @@ class OpenAdrSettings(BaseModel):
     @classmethod
     def _levels(cls, levels: dict[int, float]) -> dict[int, float]:
         for level, kw in levels.items():
-            if level not in (1, 2, 3) or not math.isfinite(kw) or kw < 0:
+            if level not in (1, 2, 3) or not math.isfinite(kw) or not 0 <= kw <= MAX_TARGET_KW:
                 raise ValueError(f"expected levels 1–3 mapped to kW ≥ 0, got {level}: {kw}")
         return levels
 
@@ -172,6 +178,8 @@ def grid_events_from_openadr(
     intervals = signal.get("intervals") or []
     if not intervals:
         raise _Reject("event has no intervals")
+    if len(intervals) > MAX_INTERVALS:
+        raise _Reject(f"too_large: {len(intervals)} intervals (at most {MAX_INTERVALS})")
     active = event.get("active_period") or {}
     cursor: datetime | None = active.get("dtstart")
     out: list[GridEvent] = []
@@ -183,7 +191,16 @@ def grid_events_from_openadr(
             raise _Reject(f"interval {k}: expected dtstart and duration, got {interval!r}")
         if duration <= timedelta(0):
             raise _Reject(f"interval {k}: expected a positive duration, got {duration}")
-        end = start + duration
+        if duration > MAX_INTERVAL:
+            raise _Reject(
+                f"out_of_range: interval {k}: a duration of {duration} (at most {MAX_INTERVAL})"
+            )
+        if start.tzinfo is None:
+            raise _Reject(f"bad_type: interval {k}: dtstart {start} has no time zone")
+        try:
+            end = start + duration
+        except OverflowError:
+            raise _Reject(f"out_of_range: interval {k}: ends after the year 9999") from None
         cursor = end
         value = interval.get("signal_payload")
         if (
@@ -194,6 +211,13 @@ def grid_events_from_openadr(
             raise _Reject(f"interval {k}: expected a finite number, got {value!r}")
         if value < 0:
             raise _Reject(f"interval {k}: expected a value ≥ 0, got {value!r}")
+        try:
+            # Finite and in range *after* the W/kW/MW conversion, not only as sent.
+            target_kw = finite_in_range(
+                value, 0.0, MAX_TARGET_KW, f"interval {k}", source=source, scale=kw_per_unit
+            )
+        except InputRejected as exc:
+            raise _Reject(f"{exc.reason}: {exc.message}") from None
         if end <= now:
             continue
         any_future = True
@@ -209,9 +233,9 @@ def grid_events_from_openadr(
                 raise _Reject(f"interval {k}: SIMPLE level {level} has no configured target")
             max_site_kw = simple_level_max_site_kw[level]
         elif kind in CEILING_TYPES:
-            max_site_kw = value * kw_per_unit
+            max_site_kw = target_kw
         else:
-            shed_kw = value * kw_per_unit
+            shed_kw = target_kw
             if shed_kw == 0:
                 continue
         out.append(
@@ -351,9 +375,11 @@ class OpenAdrVen:
                 now=self._clock(),
                 default_program=self.settings.default_program,
             )
-        except _Reject as exc:
+        except (_Reject, TypeError, AttributeError, ValueError, OverflowError) as exc:
+            # Anything else the VTN's shapes can raise is a refusal too, never a dead VEN.
+            why = str(exc) if isinstance(exc, _Reject) else f"bad_type: {type(exc).__name__}"
             self._events.pop(oadr_id, None)
-            self.opted[oadr_id] = self._reject(event, str(exc))
+            self.opted[oadr_id] = self._reject(event, why)
             self.changed.set()
             return "optOut"
         opt_in = True

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
@@ -39,6 +38,7 @@ from drivers.errors import (
     DeviceTimeout,
     DeviceUnavailable,
 )
+from drivers.inputs import InputRejected, load_json
 from drivers.jobs.base import JobClass, JobReading, JobState
 
 log = logging.getLogger(__name__)
@@ -241,10 +241,11 @@ class SlurmJobs:
         device_id = job_id or SCHEDULER_ID
         text = await self._run(device_id, *argv)
         try:
-            doc = json.loads(text)
+            # Bounded like every input: a cluster's whole queue fits in 64 MiB many times over.
+            doc = load_json(text, device_id, max_bytes=64 << 20, max_depth=64, what="squeue")
             errors = doc.get("errors") or []
             raw_jobs = doc["jobs"]
-        except (ValueError, KeyError, AttributeError) as exc:
+        except (InputRejected, ValueError, KeyError, AttributeError) as exc:
             raise BadReply(device_id, f"squeue --json gave no job list: {text[:200]!r}") from exc
         if errors:
             detail = "; ".join(f"{e.get('description', '')} ({e.get('error', '')})" for e in errors)

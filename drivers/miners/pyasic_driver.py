@@ -39,6 +39,13 @@ from drivers.errors import (
     DeviceUnavailable,
     Unsupported,
 )
+from drivers.inputs import (
+    InputRejected,
+    RejectionRecorder,
+    finite_in_range,
+    parse_number_text,
+    record,
+)
 from drivers.miners.base import MinerMode, MinerProfile, MinerReading
 
 
@@ -69,6 +76,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 READ_COMMAND = "power+stats+profiles+config+fans"
+MAX_REPLY_BYTES = 256 * 1024
+# Physical ranges of what a miner reports: a readout outside is nonsense, not a measurement.
+MAX_MINER_W = 100_000.0
+MAX_BOARD_GHS = 1e7
+MAX_PROFILE_THS = 100_000.0
+TEMP_RANGE_C = (-60.0, 250.0)
+MAX_FAN_RPM = 100_000.0
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_CONCURRENCY = 200
 
@@ -93,9 +107,18 @@ class _StrictLuxRPC(LUXMinerRPCAPI):  # type: ignore[misc]
         try:
             writer.write(data)
             await writer.drain()
-            reply = await reader.read()
+            # Bounded: a real reply is ~10 kB; a miner that streams forever is refused, not
+            # buffered (the caller's timeout bounds the time, this the memory).
+            reply = await reader.read(MAX_REPLY_BYTES + 1)
+            while reply and len(reply) <= MAX_REPLY_BYTES:
+                more = await reader.read(MAX_REPLY_BYTES + 1 - len(reply))
+                if not more:
+                    break
+                reply += more
         finally:
             writer.close()
+        if len(reply) > MAX_REPLY_BYTES:
+            raise ValueError(f"reply larger than {MAX_REPLY_BYTES:,} bytes")
         if not reply:
             raise ConnectionResetError("connection closed without a reply")
         return reply
@@ -129,6 +152,7 @@ class PyasicMiner:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         thresholds: ModeThresholds | None = None,
+        rejections: RejectionRecorder | None = None,
     ) -> None:
         if not isinstance(miner, LUXMiner):
             raise Unsupported(device_id, f"{miner!r} is not a LuxOS miner; only LuxOS is supported")
@@ -145,6 +169,7 @@ class PyasicMiner:
         self._thresholds = thresholds or ModeThresholds()
         self._model = str(miner.raw_model) if miner.raw_model is not None else None
         self._profiles: tuple[MinerProfile, ...] = ()
+        self._rejections = rejections
 
     @classmethod
     def luxos(
@@ -155,6 +180,7 @@ class PyasicMiner:
         device_id: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         thresholds: ModeThresholds | None = None,
+        rejections: RejectionRecorder | None = None,
     ) -> PyasicMiner:
         """A LuxOS miner at ``address`` without identification (model read lazily)."""
         ipaddress.IPv4Address(address)  # ValueError for a malformed address, before any I/O
@@ -164,6 +190,7 @@ class PyasicMiner:
             semaphore,
             timeout_s=timeout_s,
             thresholds=thresholds,
+            rejections=rejections,
         )
 
     @property
@@ -198,7 +225,8 @@ class PyasicMiner:
                 raise CommandRejected(self._device_id, f"{what}: {text}") from exc
             except OSError as exc:
                 raise DeviceUnavailable(self._device_id, f"{what}: {exc.strerror or exc}") from exc
-            except (LookupError, TypeError, ValueError) as exc:
+            except (LookupError, TypeError, ValueError, RecursionError) as exc:
+                # RecursionError: pyasic's json.loads on a reply nested thousands deep.
                 raise BadReply(
                     self._device_id, f"{what}: malformed reply ({type(exc).__name__}: {exc})"
                 ) from exc
@@ -246,6 +274,10 @@ class PyasicMiner:
         raw: dict[str, Any] = await self._call("read", lambda: self._rpc.send_command(READ_COMMAND))
         try:
             return self._parse(raw)
+        except InputRejected as exc:
+            # Counted under one "miner" source: a label per device would not scale to a fleet.
+            record(self._rejections, "miner", exc)
+            raise BadReply(self._device_id, f"read: {exc.message}") from exc
         except (LookupError, TypeError, ValueError, AttributeError) as exc:
             raise BadReply(
                 self._device_id, f"read: malformed reply ({type(exc).__name__}: {exc})"
@@ -259,31 +291,40 @@ class PyasicMiner:
             raise BadReply(self._device_id, "version: no VERSION[0].Type") from exc
         self._model = str(model).removeprefix("Antminer ")
 
+    def _number(self, value: Any, lo: float, hi: float, what: str) -> float:
+        """A reply's number (LuxOS sends some as text): finite, in range, never a boolean."""
+        if isinstance(value, str):
+            return parse_number_text(value, lo, hi, what, source=self._device_id)
+        return finite_in_range(value, lo, hi, what, source=self._device_id)
+
     def _parse(self, raw: Mapping[str, Any]) -> MinerReading:
-        power_w = float(raw["power"][0]["POWER"][0]["Watts"])
+        num = self._number
+        power_w = num(raw["power"][0]["POWER"][0]["Watts"], 0.0, MAX_MINER_W, "power Watts")
         board = raw["stats"][0]["STATS"][1]
         hashrate_ghs = 0.0
         temps: list[float] = []
         n = 1
         # pyasic's LuxOS hashrate getter returns None; sum the boards like its hashboards do.
         while f"chain_rate{n}" in board:
-            hashrate_ghs += float(board[f"chain_rate{n}"])
-            chip = [int(t) for t in str(board.get(f"temp_chip{n}", "")).split("-") if t]
-            temps.extend(float(t) for t in chip if t != 0)
+            hashrate_ghs += num(board[f"chain_rate{n}"], 0.0, MAX_BOARD_GHS, f"chain_rate{n}")
+            chip = [int(t) for t in str(board.get(f"temp_chip{n}", ""))[:200].split("-") if t]
+            temps.extend(num(t, *TEMP_RANGE_C, f"temp_chip{n}") for t in chip if t != 0)
             n += 1
         if n == 1:
             raise KeyError("STATS[1] has no chain_rate1")
         profiles = tuple(
             MinerProfile(
                 name=str(p["Profile Name"]),
-                power_w=float(p["Watts"]),
-                hashrate_ths=float(p["Hashrate"]),
+                power_w=num(p["Watts"], 0.0, MAX_MINER_W, "profile Watts"),
+                hashrate_ths=num(p["Hashrate"], 0.0, MAX_PROFILE_THS, "profile Hashrate"),
             )
             for p in raw["profiles"][0]["PROFILES"]
         )
         self._profiles = profiles
         active = str(raw["config"][0]["CONFIG"][0]["Profile"])
-        fans = tuple(int(f["RPM"]) for f in raw["fans"][0]["FANS"])
+        fans = tuple(
+            int(num(f["RPM"], 0.0, MAX_FAN_RPM, "fan RPM")) for f in raw["fans"][0]["FANS"]
+        )
         hashrate_ths = hashrate_ghs / 1000.0
         return MinerReading(
             device_id=self._device_id,
@@ -340,11 +381,16 @@ class PyasicMiner:
         if not self._profiles:
             raw: dict[str, Any] = await self._call("profiles", self._rpc.profiles)
             try:
+                num = self._number
                 self._profiles = tuple(
-                    MinerProfile(str(p["Profile Name"]), float(p["Watts"]), float(p["Hashrate"]))
+                    MinerProfile(
+                        str(p["Profile Name"]),
+                        num(p["Watts"], 0.0, MAX_MINER_W, "profile Watts"),
+                        num(p["Hashrate"], 0.0, MAX_PROFILE_THS, "profile Hashrate"),
+                    )
                     for p in raw["PROFILES"]
                 )
-            except (LookupError, TypeError, ValueError) as exc:
+            except (LookupError, TypeError, ValueError, InputRejected) as exc:
                 raise BadReply(self._device_id, "profiles: malformed PROFILES") from exc
         return self._profiles
 

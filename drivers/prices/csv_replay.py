@@ -29,19 +29,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TextIO
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from drivers.errors import BadInput, SourceError
+from drivers.inputs import (
+    MAX_CSV_BYTES,
+    MAX_CSV_FIELD_BYTES,
+    InputRejected,
+    Reason,
+    StrictSettings,
+    shown,
+)
 from drivers.prices.base import PriceReading
 
 
 class BadRow(BadInput):
     """One CSV row (or the header) is unusable. Carries where and why."""
 
-    def __init__(self, path: Path, line: int, column: str, message: str) -> None:
+    def __init__(
+        self, path: Path, line: int, column: str, message: str, reason: Reason = "bad_syntax"
+    ) -> None:
         super().__init__(path.name, f"{path}:{line}: column {column!r}: {message}")
+        self.reason: Reason = reason  # for rejected_inputs_total (drivers/inputs.py)
         self.path = path
         self.line = line
         self.column = column
@@ -119,17 +130,63 @@ def load_series_csv(
     interval_s: float | None = None,
     time_is: Literal["start", "end"] = "start",
     collect_errors: bool = False,
+    max_bytes: int = MAX_CSV_BYTES,
 ) -> PriceSeries:
     """Load and validate one value column of a time-indexed CSV (see the module docstring).
 
     ``scale`` multiplies every value (e.g. 4 to turn 15-minute MWh into average MW). ``unit``
     only names the unit in error messages. ``interval_s`` defaults to the most common step.
+    The file is refused whole (:class:`~drivers.inputs.InputRejected`) when it is larger than
+    ``max_bytes``, not UTF-8, or has a field longer than the csv module's field limit; a field
+    over :data:`~drivers.inputs.MAX_CSV_FIELD_BYTES` rejects its row.
     """
     path = Path(path)
     try:
-        handle = path.open(newline="", encoding="utf-8")
+        handle = path.open(newline="", encoding="utf-8", errors="strict")
+        size = path.stat().st_size
     except OSError as exc:
         raise SourceError(path.name, f"cannot open {path}: {exc.strerror or exc}") from exc
+    if size > max_bytes:
+        handle.close()
+        raise InputRejected(
+            path.name, "too_large", f"{path} is {size:,} bytes (limit {max_bytes:,})"
+        )
+    try:
+        return _read_series(
+            handle,
+            path,
+            time_column,
+            value_column,
+            unit,
+            scale,
+            interval_s,
+            time_is,
+            collect_errors,
+        )
+    except UnicodeDecodeError as exc:
+        raise InputRejected(
+            path.name, "not_utf8", f"{path}: not UTF-8 (byte offset {exc.start} of a chunk)"
+        ) from None
+    except csv.Error as exc:
+        # The csv module's own field cap (128 KiB by default) stops a huge quoted field
+        # before it is held in memory; it is reported, never a traceback.
+        reason: Reason = "too_large" if "larger than field limit" in str(exc) else "bad_syntax"
+        raise InputRejected(path.name, reason, f"{path}: {exc}") from None
+    finally:
+        handle.close()
+
+
+def _read_series(
+    handle: TextIO,
+    path: Path,
+    time_column: str,
+    value_column: str,
+    unit: str,
+    scale: float,
+    interval_s: float | None,
+    time_is: Literal["start", "end"],
+    collect_errors: bool,
+) -> PriceSeries:
     times: list[float] = []
     values: list[float] = []
     rejected: list[BadRow] = []
@@ -150,7 +207,19 @@ def load_series_csv(
             try:
                 if len(row) <= width:
                     missing = time_column if len(row) <= ti else value_column
-                    raise BadRow(path, line, missing, f"expected a value, the row has {len(row)}")
+                    raise BadRow(
+                        path, line, missing, f"expected a value, the row has {len(row)}", "missing"
+                    )
+                for name, index in ((time_column, ti), (value_column, vi)):
+                    if len(row[index]) > MAX_CSV_FIELD_BYTES:
+                        raise BadRow(
+                            path,
+                            line,
+                            name,
+                            f"a field of {len(row[index]):,} characters "
+                            f"(limit {MAX_CSV_FIELD_BYTES:,})",
+                            "too_large",
+                        )
                 stamp_text = row[ti]
                 try:
                     t_s = _parse_time(stamp_text)
@@ -160,7 +229,7 @@ def load_series_csv(
                         line,
                         time_column,
                         f"expected an ISO-8601 UTC timestamp like 2023-01-01T06:00:00Z, "
-                        f"got {stamp_text!r}",
+                        f"got {shown(stamp_text)}",
                     ) from None
                 if t_s <= last_s:
                     what = "duplicate" if t_s == last_s else "non-monotonic"
@@ -169,28 +238,37 @@ def load_series_csv(
                         line,
                         time_column,
                         f"expected a timestamp after {_utc(last_s).isoformat()}, got {what} "
-                        f"{stamp_text!r}",
+                        f"{shown(stamp_text)}",
+                        "duplicate_key" if t_s == last_s else "out_of_range",
                     )
                     raise bad
                 text = row[vi].strip()
                 if not text:
-                    bad = BadRow(path, line, value_column, f"expected a number in {unit}, empty")
+                    bad = BadRow(
+                        path, line, value_column, f"expected a number in {unit}, empty", "missing"
+                    )
                     bad.time_s = t_s
                     raise bad
                 try:
                     value = float(text)
                 except ValueError:
                     bad = BadRow(
-                        path, line, value_column, f"expected a number in {unit}, got {text!r}"
+                        path,
+                        line,
+                        value_column,
+                        f"expected a number in {unit}, got {shown(text)}",
+                        "bad_type",
                     )
                     bad.time_s = t_s
                     raise bad from None
+                value *= scale  # finite after conversion, not only as written
                 if not math.isfinite(value):
                     bad = BadRow(
                         path,
                         line,
                         value_column,
-                        f"expected a finite number in {unit}, got {text!r}",
+                        f"expected a finite number in {unit}, got {shown(text)}",
+                        "not_finite",
                     )
                     bad.time_s = t_s
                     raise bad
@@ -204,7 +282,7 @@ def load_series_csv(
                     last_s = exc.time_s
                 continue
             times.append(t_s)
-            values.append(value * scale)
+            values.append(value)
             last_s = t_s
     if interval_s is None:
         steps = Counter(round(b - a, 3) for a, b in itertools.pairwise(times))
@@ -255,7 +333,7 @@ def load_day_ahead_csv(
     )
 
 
-class DayAheadSettings(BaseModel):
+class DayAheadSettings(StrictSettings):
     """Config of day-ahead prices read from an hourly CSV (``type: csv``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -290,7 +368,7 @@ class DayAheadForecast:
         return [(_utc(self.series.times_s[i]), self.series.values[i]) for i in range(lo, hi)]
 
 
-class CsvReplaySettings(BaseModel):
+class CsvReplaySettings(StrictSettings):
     """Config of a CSV price replay (``type: csv_replay``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -17,11 +17,16 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from drivers.errors import BadInput
+from drivers.inputs import StrictSettings, finite_in_range
 from drivers.prices.base import PriceReading
-from drivers.prices.http_json import HttpJsonSettings, HttpJsonSource
+from drivers.prices.http_json import (
+    HASHPRICE_RANGE_USD_PER_PH_DAY,
+    HttpJsonSettings,
+    HttpJsonSource,
+)
 
 SUBSIDY_BTC_2024 = 3.125  # block subsidy since the April 2024 halving
 SECONDS_PER_DAY = 86400
@@ -51,14 +56,14 @@ def _now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-class ConstantHashpriceSettings(BaseModel):
+class ConstantHashpriceSettings(StrictSettings):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["constant"] = "constant"
     usd_per_ph_day: float = Field(gt=0, allow_inf_nan=False)
 
 
-class ComputedHashpriceSettings(BaseModel):
+class ComputedHashpriceSettings(StrictSettings):
     """BTC price and difficulty feeds (``unit: raw``) plus the block reward."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -141,6 +146,11 @@ class ComputedHashprice:
             )
         except ValueError as exc:
             raise BadInput(self.name, f"cannot compute hashprice: {exc}") from None
+        lo, hi = HASHPRICE_RANGE_USD_PER_PH_DAY
+        # Each input may be in range while the result is absurd (a difficulty of 1e-6).
+        value = finite_in_range(
+            value, lo, hi, "computed hashprice", source=self.name, unit="USD/PH/day"
+        )
         now = self._clock()
         # The reading is as old as its older input.
         at = min(btc.at, difficulty.at)

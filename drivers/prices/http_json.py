@@ -19,22 +19,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from drivers.errors import BadInput, SourceError
+from drivers.inputs import (
+    InputRejected,
+    RejectionRecorder,
+    SourceTimeout,
+    StrictSettings,
+    deadline,
+    finite_in_range,
+    load_json,
+    record,
+)
 from drivers.prices.base import PriceReading
 
 if TYPE_CHECKING:  # httpx loads with the first request, not with a config
     import httpx
 
 log = logging.getLogger(__name__)
+
+# A price answer is well under a kilobyte; anything this big is a fault or an attack.
+MAX_BODY_BYTES = 256 * 1024
+# Physical ranges after conversion. Energy: ERCOT's cap is 5,000 USD/MWh, negative prices are
+# real. Hashprice: the all-time high was about 4,000 USD/PH/day; zero or less is no reading.
+# Raw inputs of computed hashprice (BTC price, difficulty): positive and well inside a float.
+PRICE_RANGE_USD_PER_MWH = (-100_000.0, 100_000.0)
+HASHPRICE_RANGE_USD_PER_PH_DAY = (1e-6, 100_000.0)
+RAW_RANGE = (-1e30, 1e30)  # the hashprice formula checks the signs
+HASHPRICE_UNITS = frozenset({"USD/PH/day", "USD/TH/day", "usd_per_ph_day", "usd_per_th_day"})
 
 # Factor to the project's unit: energy → USD/MWh, hashprice → USD per PH/s per day,
 # "raw" leaves the number as it is (BTC price, difficulty) for computed hashprice.
@@ -67,7 +86,7 @@ Unit = Literal[
 ]
 
 
-class HttpJsonSettings(BaseModel):
+class HttpJsonSettings(StrictSettings):
     """Config of an HTTP JSON price feed (``type: http_json``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -77,11 +96,19 @@ class HttpJsonSettings(BaseModel):
     value_path: str = Field(min_length=1, description="dot path to the number, e.g. data.0.price")
     time_path: str | None = Field(default=None, description="dot path to the timestamp")
     unit: Unit = "USD/MWh"
-    interval_s: float = Field(default=900.0, gt=0, description="length of a priced interval")
-    poll_interval_s: float = Field(default=60.0, gt=0)
-    timeout_s: float = Field(default=5.0, gt=0)
-    max_future_s: float = Field(default=300.0, ge=0, description="tolerated clock skew ahead")
-    max_age_s: float = Field(default=3600.0, gt=0, description="older timestamps are rejected")
+    interval_s: float = Field(
+        default=900.0, gt=0, le=86400 * 31, description="length of a priced interval"
+    )
+    poll_interval_s: float = Field(default=60.0, gt=0, le=86400)
+    # The total deadline of one poll: connect, headers and the whole body together.
+    timeout_s: float = Field(default=5.0, gt=0, le=600)
+    max_future_s: float = Field(
+        default=300.0, ge=0, le=86400 * 365, description="tolerated clock skew ahead"
+    )
+    max_age_s: float = Field(
+        default=3600.0, gt=0, le=86400 * 365, description="older timestamps are rejected"
+    )
+    max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=64, le=64 << 20)
 
     @field_validator("url")
     @classmethod
@@ -89,6 +116,15 @@ class HttpJsonSettings(BaseModel):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
         return url
+
+
+def value_range(unit: str) -> tuple[float, float, str]:
+    """The physical range of a value in the project's unit (after conversion), and its name."""
+    if unit in HASHPRICE_UNITS:
+        return (*HASHPRICE_RANGE_USD_PER_PH_DAY, "USD/PH/day")
+    if unit == "raw":
+        return (*RAW_RANGE, "")
+    return (*PRICE_RANGE_USD_PER_MWH, "USD/MWh")
 
 
 class _Missing(Exception):
@@ -148,8 +184,10 @@ class HttpJsonSource:
         name: str | None = None,
         clock: Callable[[], datetime] = _now_utc,
         client: httpx.AsyncClient | None = None,
+        rejections: RejectionRecorder | None = None,
     ) -> None:
         self.settings = settings
+        self._rejections = rejections
         self._name = name or f"http:{settings.url}"
         self._clock = clock
         self._client = client
@@ -198,25 +236,43 @@ class HttpJsonSource:
             self._client = self._new_client()
             self._owns_client = True
         url = self.settings.url
+        limit_s = self.settings.timeout_s
         try:
-            response = await self._client.get(url, timeout=self.settings.timeout_s)
+            # One deadline for the whole request: a peer that trickles its body a byte at a
+            # time defeats httpx's per-read timeouts, not this.
+            async with deadline(limit_s, self._name, f"{url}"):
+                body = await self._read_body(self._client, url)
+        except SourceTimeout:
+            raise
         except httpx.TimeoutException as exc:
-            raise SourceError(
-                self._name, f"no answer from {url} within {self.settings.timeout_s:g} s"
-            ) from exc
+            raise SourceTimeout(self._name, f"no answer from {url} within {limit_s:g} s") from exc
         except httpx.HTTPError as exc:
             raise SourceError(
                 self._name, f"cannot reach {url}: {type(exc).__name__}: {exc}"
             ) from exc
-        if response.status_code >= 400:
-            raise SourceError(self._name, f"{url} answered HTTP {response.status_code}")
-        try:
-            return json.loads(response.content)
-        except (ValueError, UnicodeDecodeError) as exc:
-            snippet = response.content[:60].decode("utf-8", "replace")
-            raise BadInput(
-                self._name, f"{url} answered malformed JSON ({exc}); body starts {snippet!r}"
-            ) from exc
+        return load_json(body, self._name, max_bytes=self.settings.max_body_bytes, what=url)
+
+    async def _read_body(self, client: httpx.AsyncClient, url: str) -> bytes:
+        """The body, refused as soon as it passes the size cap (never held whole)."""
+        cap = self.settings.max_body_bytes
+        async with client.stream("GET", url, timeout=self.settings.timeout_s) as response:
+            if response.status_code >= 400:
+                raise SourceError(self._name, f"{url} answered HTTP {response.status_code}")
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > cap:
+                raise InputRejected(
+                    self._name, "too_large", f"{url}: a body of {declared} bytes (limit {cap:,})"
+                )
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_raw():
+                size += len(chunk)
+                if size > cap:
+                    raise InputRejected(
+                        self._name, "too_large", f"{url}: the body passed the {cap:,}-byte limit"
+                    )
+                chunks.append(chunk)
+        return b"".join(chunks)
 
     def reading_from(self, document: Any, received: datetime) -> PriceReading:
         """Validate a decoded answer into a reading (pure apart from ``received``)."""
@@ -227,16 +283,18 @@ class HttpJsonSource:
             raise BadInput(
                 self._name, f"{s.url}: field {s.value_path!r} is missing (no {exc.args[0]!r})"
             ) from None
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise BadInput(
-                self._name,
-                f"{s.url}: field {s.value_path!r}: expected a number in {s.unit}, got {raw!r}",
-            )
-        if not math.isfinite(raw):
-            raise BadInput(
-                self._name,
-                f"{s.url}: field {s.value_path!r}: expected a finite number, got {raw!r}",
-            )
+        lo, hi, unit_name = value_range(s.unit)
+        # Finite and in range *after* conversion to the project's unit (a huge USD/kWh
+        # becomes inf in USD/MWh).
+        value = finite_in_range(
+            raw,
+            lo,
+            hi,
+            f"{s.url}: field {s.value_path!r} (in {s.unit})",
+            source=self._name,
+            scale=UNIT_FACTORS[s.unit],
+            unit=unit_name,
+        )
         interval_start = received
         if s.time_path is not None:
             try:
@@ -271,7 +329,7 @@ class HttpJsonSource:
             source=self._name,
             interval_start=interval_start,
             interval_s=s.interval_s,
-            value=float(raw) * UNIT_FACTORS[s.unit],
+            value=value,
             at=received,
         )
 
@@ -282,6 +340,8 @@ class HttpJsonSource:
             reading = self.reading_from(document, self._clock())
         except SourceError as exc:
             self.last_error = exc
+            if isinstance(exc, InputRejected | SourceTimeout):
+                record(self._rejections, self._name, exc)
             if not self._failing:  # log the change, not every failed poll
                 log.warning("price source %s failing: %s", self._name, exc.message)
                 self._failing = True

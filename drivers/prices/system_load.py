@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from drivers.errors import SourceError
+from drivers.inputs import StrictSettings
 from drivers.prices.csv_replay import BadRow, PriceSeries, load_series_csv
 
 CENTRAL = ZoneInfo("America/Chicago")
@@ -56,7 +57,7 @@ class LoadHistory:
     now: datetime
 
 
-class SystemLoadSettings(BaseModel):
+class SystemLoadSettings(StrictSettings):
     """Config of a system-load replay (``type: csv_replay``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

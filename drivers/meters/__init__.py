@@ -1,0 +1,1 @@
+"""Revenue meters at the point of interconnection (Modbus TCP register maps)."""

@@ -667,7 +667,10 @@ def test_real_2023_hb_west_policy_beats_strike(
     with capsys.disabled():
         print(f"\n{table(res)}")
     assert led["policy"].profit_usd >= led["strike"].profit_usd
+    # The fair baseline too: strike at the day's hashprice that also sits out 4CP risks.
+    assert led["policy"].profit_usd >= led["strike+4cp"].profit_usd
     assert led["oracle"].profit_usd >= led["policy"].profit_usd
+    assert 0 < res.flex_capture < 1  # type: ignore[operator]
     assert led["policy"].profit_usd > led["always_on"].profit_usd
     assert 0 < capture <= 1
     doc = result_json(res)

@@ -30,7 +30,8 @@ def config(**extra: Any) -> Any:
         {
             **extra,
             "site": {"id": "t", "interconnect_limit_kw": 1000},
-            "control": {"min_on_s": 0, "min_off_s": 0},
+            # The model sets no wake loss of its own: the site default applies.
+            "control": {"min_on_s": 0, "min_off_s": 0, "miner_wake_lost_s": 600},
             "economics": {"pool_fee": 0.0, "hashprice": {"usd_per_ph_day": 48}},
             "prices": {"realtime": {"type": "constant", "value": 0}},
             "miner_models": {

@@ -82,16 +82,7 @@ def violations(package: str, forbidden: tuple[str, ...]) -> list[str]:
 
 # Known today: the backtest settles events with the journal's event_target_w; the site-model work
 # (one settlement module in agent/control) removes it. Then this mark must go.
-KNOWN = {"agent.backtest": "backtest imports agent.journal.store.event_target_w (site model)"}
-
-
-@pytest.mark.parametrize(
-    "package",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(reason=KNOWN[p], strict=False)) if p in KNOWN else p
-        for p in sorted(FORBIDDEN)
-    ],
-)
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_imports_run_down_the_flow(package: str) -> None:
     assert violations(package, FORBIDDEN[package]) == []
 

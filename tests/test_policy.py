@@ -38,7 +38,8 @@ from agent.control.domain import (
     PriceView,
     Snapshot,
 )
-from agent.control.policy import cap_levels_w, decide, event_limit_w, fourcp_adder_usd_per_mwh
+from agent.control.policy import cap_levels_w, decide
+from agent.control.settlement import event_target_w, fourcp_adder_usd_per_mwh
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.jobs.base import JobClass, JobState
 
@@ -433,7 +434,7 @@ def test_mandatory_event_sheds_miners_then_preemptible_then_sla(
 
 def test_event_shed_target_from_baseline() -> None:
     ev = event(ProgramKind.OVERRIDE, shed_kw=7.0, baseline_w=17_500.0)
-    assert event_limit_w(ev) == pytest.approx(10_500.0)
+    assert event_target_w(ev.event, ev.baseline_w) == pytest.approx(10_500.0)
     miners = [miner(f"m{i}", "S21") for i in range(5)]
     plan = decide(snapshot(30.0, miners, events=[ev]), config(margin_kw=0.5), T0)
     assert plan.limit_w == pytest.approx(10_000.0)
@@ -484,8 +485,8 @@ def test_economic_event_opt_in_only_when_it_pays(
 
 def test_fourcp_adder_formula() -> None:
     # 0.5 × 60 $/kW-year / 4 peaks = 7.5 $ per kW held through a 0.25 h interval.
-    assert fourcp_adder_usd_per_mwh(0.5, 60.0) == pytest.approx(7.5 / 0.00025)
-    assert fourcp_adder_usd_per_mwh(0.0, 60.0) == 0.0
+    assert fourcp_adder_usd_per_mwh(60.0, 0.5) == pytest.approx(7.5 / 0.00025)
+    assert fourcp_adder_usd_per_mwh(60.0, 0.0) == 0.0
 
 
 @pytest.mark.parametrize(("risk", "curtailed"), [(0.3, False), (0.6, True)])

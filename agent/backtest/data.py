@@ -48,8 +48,12 @@ def _bad(path: Path, line: int, column: str, message: str) -> BadInput:
 
 
 def parse_time_s(text: str) -> float:
-    """Epoch seconds of an ISO-8601 instant that names its zone (``Z`` or an offset)."""
-    stamp = datetime.fromisoformat(text.strip())
+    """Epoch seconds of an ISO-8601 instant that names its zone (``Z`` or an offset), or of a
+    plain date (``2023-01-01``: a UTC day, as daily series such as hashprice are kept)."""
+    text = text.strip()
+    stamp = datetime.fromisoformat(text)
+    if stamp.tzinfo is None and len(text) == 10:
+        stamp = stamp.replace(tzinfo=UTC)
     if stamp.tzinfo is None:
         raise ValueError("no time zone (expected e.g. 2023-01-01T06:00:00Z)")
     return stamp.timestamp()

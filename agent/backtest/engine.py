@@ -1,30 +1,39 @@
 """The backtest engine: replays intervals through a strategy and settles each at its real price.
 
-Four strategies are settled by the same :class:`Ledger` rules (economics.md, "The backtest"):
+Five strategies are settled by the same :class:`~agent.control.settlement.Ledger` on the same
+site model (:mod:`agent.control.site`) as the live agent; this module keeps only what is the
+backtest's own: the market replay, the oracle and the baselines (economics.md, "The backtest").
 
 - ``policy``: the live :func:`agent.control.policy.decide`, fed one causal :class:`Snapshot` per
   interval (the previous interval's settled price, aged one interval; the day-ahead price of the
   hour; the 4CP risk from system load up to now). The backtest plays the devices: every plan is
   applied as commanded and each device's ``commanded_since`` is kept, so dwell times, hysteresis
-  and the ramp limit act exactly as live. Miners are simulated as blocks of identical miners
+  and the ramp token bucket act exactly as live, and every switch is charged the site model's
+  cost (the same the plan priced it at). Miners are simulated as blocks of identical miners
   (``MinerView.count``); live runs one view per miner, and block granularity is the only
   difference.
 - ``oracle``: perfect foresight of the interval's price and of the true 4CP intervals, with
-  dwell, ramp, hysteresis and penalties relaxed. Per interval it maximises revenue minus cost
-  over every device's operating points (GPU caps continuously, per job) under the interconnect
-  limit, via the Lagrangian dual of that limit — a bound that holds for any feasible choice, so
-  the oracle is an upper bound of every causal strategy, and attained exactly whenever the
-  limit does not bind (with a fractional last step when it does).
-- ``always_on``: every miner at its top profile and every job running at full cap, always.
+  dwell, ramp, hysteresis, switching costs and penalties relaxed. Per interval it maximises
+  revenue minus cost over every device's operating points (GPU caps continuously, per job)
+  under the interconnect limit, via the Lagrangian dual of that limit — a bound that holds for
+  any feasible choice, so the oracle is an upper bound of every causal strategy, and attained
+  exactly whenever the limit does not bind (with a fractional last step when it does).
+- ``always_on``: every miner at its top profile and every job running at full cap, always
+  (miners pay switching costs whenever the interconnect makes some of them sleep or wake).
 - ``strike``: Foreman's rule — curtail every miner after ``n`` consecutive settled intervals
-  above the strike price, resume after 4 below; AI jobs stay on.
+  above the strike price (the fleet's breakeven at each day's hashprice), resume after 4 below;
+  GPU caps stay at nameplate and no job is suspended; miners pay the site model's wake and
+  sleep costs.
+- ``strike+4cp``: the same, and every miner also sits out the intervals flagged as 4CP risks
+  (the forecast the policy sees, by the policy's threshold).
 
 AI jobs come from a seeded trace (:mod:`agent.backtest.data`) whose occupancy does not depend
 on the strategy. Settlement per interval: energy cost = site power × real price × interval
 length (negative prices pay); mining revenue from the hashrate run; AI revenue = contracted rate
-× GPUs × throughput at the cap while running; suspending a preemptible job loses the work since
-its last checkpoint, interrupting an SLA job costs its contract penalty; 4CP = rate ×
-site kW in each true monthly peak interval / 4.
+× GPUs × throughput at the cap while running; switching as :mod:`agent.control.site` prices it
+(a suspension loses the work since the checkpoint and an SLA contract's penalty, a resume its
+reload, a wake its lost hashing and extra energy, a sleep its extra energy); 4CP = rate × site
+kW in each true monthly peak interval / 4.
 """
 
 from __future__ import annotations
@@ -48,14 +57,36 @@ from agent.control.domain import (
     PriceView,
     Snapshot,
 )
-from agent.control.economics import breakeven_usd_per_mwh, gpu_throughput_fraction
-from agent.control.planner import HorizonPlan, SwitchingCost, unit_cycle_cost_usd
-from agent.journal.store import event_target_w
+from agent.control.economics import (
+    ai_revenue_usd_per_h,
+    gpu_throughput_fraction,
+    mining_revenue_usd_per_h,
+)
+from agent.control.planner import HorizonPlan
+from agent.control.settlement import (
+    Ledger,
+    event_target_w,
+    fourcp_adder_usd_per_mwh,
+    fourcp_risk_priced,
+)
+from agent.control.site import (
+    RampBudget,
+    SiteModel,
+    checkpoint_age_s,
+    contract,
+    node_power_w,
+    ramp_capacity_w,
+    resume_cost,
+    site_model,
+    sleep_cost,
+    suspend_cost,
+    wake_cost,
+)
 from drivers.errors import AgentError
 from drivers.grid.base import GridEvent
 from drivers.jobs.base import JobClass, JobState
 
-STRATEGIES = ("policy", "oracle", "always_on", "strike")
+STRATEGIES = ("policy", "oracle", "always_on", "strike", "strike+4cp")
 Decide = Callable[[Snapshot, AgentConfig, datetime], Plan]
 # The horizon plan at interval ``i``, given the units awake per miner model and the AI load now.
 HorizonAt = Callable[[int, Mapping[str, int], float], "HorizonPlan | None"]
@@ -136,17 +167,6 @@ def simple_market(
 # --- the site ------------------------------------------------------------------------------
 
 
-def ladder(
-    standby_w: float, profiles: Sequence[tuple[str, float, float]]
-) -> tuple[OperatingPoint, ...]:
-    """``sleep`` first, then profiles by ascending power (as the coordinator builds them)."""
-    ordered = sorted(profiles, key=lambda p: p[1])
-    return (
-        OperatingPoint(SLEEP, standby_w, 0.0),
-        *(OperatingPoint(n, w, h) for n, w, h in ordered),
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class MinerBlock:
     device_id: str
@@ -157,44 +177,47 @@ class MinerBlock:
 
 @dataclass(frozen=True, slots=True)
 class Site:
-    """The static site: miner blocks with their ladders, and the expanded GPU nodes."""
+    """The site model (:mod:`agent.control.site`) and its miners split into blocks."""
 
-    config: AgentConfig
-    ladders: dict[str, tuple[OperatingPoint, ...]]
-    nameplates: dict[str, float]
+    model: SiteModel
     blocks: tuple[MinerBlock, ...]
-    nodes: tuple[GpuNodeConfig, ...]  # one entry per node (``count`` expanded)
-    node_ids: tuple[str, ...]
-    limit_w: float  # interconnect limit minus the safety margin
+
+    @property
+    def config(self) -> AgentConfig:
+        return self.model.config
+
+    @property
+    def ladders(self) -> dict[str, tuple[OperatingPoint, ...]]:
+        return self.model.ladders
+
+    @property
+    def nameplates(self) -> dict[str, float]:
+        return self.model.nameplates
+
+    @property
+    def nodes(self) -> tuple[GpuNodeConfig, ...]:
+        return self.model.nodes
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return self.model.node_ids
+
+    @property
+    def limit_w(self) -> float:
+        return self.model.limit_w
 
     @property
     def miners_by_model(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for b in self.blocks:
-            out[b.model] = out.get(b.model, 0) + b.count
-        return out
+        return self.model.miners_by_model
 
     def fleet_breakeven_usd_per_mwh(self, hashprice: float) -> float:
-        """Breakeven of each model at its top profile, weighted by the model's top power."""
-        fee = self.config.economics.pool_fee
-        num = den = 0.0
-        for model, count in self.miners_by_model.items():
-            top = self.ladders[model][-1]
-            weight = count * top.power_w
-            num += weight * breakeven_usd_per_mwh(hashprice, fee, top.power_w / top.hashrate_ths)
-            den += weight
-        return num / den if den else math.inf
+        return self.model.fleet_breakeven_usd_per_mwh(hashprice)
 
 
 def build_site(config: AgentConfig, block_size: int) -> Site:
     """Split every miner config line into blocks of at most ``block_size`` identical miners."""
     if block_size < 1:
         raise BacktestError(f"block size must be at least 1 (got {block_size})")
-    ladders = {
-        name: ladder(m.standby_w, [(p.name, p.power_w, p.hashrate_ths) for p in m.profiles])
-        for name, m in config.miner_models.items()
-    }
-    nameplates = {name: m.max_power_w for name, m in config.miner_models.items()}
     blocks: list[MinerBlock] = []
     for m in config.miners:
         n_blocks = math.ceil(m.count / block_size)
@@ -202,18 +225,30 @@ def build_site(config: AgentConfig, block_size: int) -> Site:
             size = min(block_size, m.count - k * block_size)
             bid = m.id if m.count == 1 else f"{m.id}-blk{k + 1:04d}"
             blocks.append(MinerBlock(bid, m.model, size, m.circuit))
-    nodes: list[GpuNodeConfig] = []
-    ids: list[str] = []
-    for n in config.gpu_nodes:
-        for k in range(n.count):
-            nodes.append(n)
-            ids.append(n.id if n.count == 1 else f"{n.id}-{k + 1:03d}")
-    site = config.site
-    limit_w = (site.interconnect_limit_kw - site.safety_margin_kw) * 1000.0
-    return Site(config, ladders, nameplates, tuple(blocks), tuple(nodes), tuple(ids), limit_w)
+    return Site(site_model(config), tuple(blocks))
 
 
-# --- settlement ----------------------------------------------------------------------------
+def settle(
+    ledger: Ledger,
+    market: Market,
+    i: int,
+    mining_w: float,
+    ai_w: float,
+    mining_usd_per_h: float,
+    ai_usd_per_h: float,
+) -> None:
+    """Book interval ``i`` of the market (its real price, true peak and events in force)."""
+    active = market.active_events.get(i, ())
+    ledger.settle(
+        market.dt_h,
+        market.price_usd_per_mwh[i],
+        mining_w,
+        ai_w,
+        mining_usd_per_h,
+        ai_usd_per_h,
+        peak=bool(market.peak) and market.peak[i],
+        events=[(market.events[e], market.event_baseline_w[e]) for e in active],
+    )
 
 
 def site_load_model(cfg: AgentConfig) -> SiteLoadModel:
@@ -227,121 +262,10 @@ def site_load_model(cfg: AgentConfig) -> SiteLoadModel:
     )
 
 
-@dataclass(slots=True)
-class Ledger:
-    """Money and energy of one strategy, with its power per interval for plots."""
-
-    name: str
-    mining_usd: float = 0.0
-    ai_usd: float = 0.0
-    demand_response_usd: float = 0.0
-    energy_cost_usd: float = 0.0
-    fourcp_cost_usd: float = 0.0
-    lost_work_usd: float = 0.0
-    sla_penalty_usd: float = 0.0
-    dr_penalty_usd: float = 0.0
-    energy_mwh: float = 0.0
-    interruptions: int = 0
-    # Miner wakes and what they cost (hashing lost, energy overhead): charged only when the
-    # backtest is given a switching cost (``--wake-lost-s``), the same one the planner weighs.
-    wakes: int = 0
-    switching_usd: float = 0.0
-    curtailed_intervals: int = 0  # intervals with some mining capacity not at its top point
-    fourcp_rate_usd_per_kw_year: float = 0.0
-    # Devices -> power at the meter (cooling at the configured ambient, base load): what is paid.
-    load: SiteLoadModel = field(default_factory=SiteLoadModel)
-    mining_w: list[float] = field(default_factory=list)
-    ai_w: list[float] = field(default_factory=list)
-    # Revenue − energy cost − 4CP of each interval (penalties are booked per event, not here).
-    interval_margin_usd: list[float] = field(default_factory=list)
-
-    @property
-    def penalties_usd(self) -> float:
-        return self.lost_work_usd + self.sla_penalty_usd + self.dr_penalty_usd
-
-    @property
-    def revenue_usd(self) -> float:
-        return self.mining_usd + self.ai_usd + self.demand_response_usd
-
-    @property
-    def profit_usd(self) -> float:
-        return (
-            self.revenue_usd
-            - self.energy_cost_usd
-            - self.fourcp_cost_usd
-            - self.penalties_usd
-            - self.switching_usd
-        )
-
-    def settle(
-        self,
-        market: Market,
-        i: int,
-        mining_w: float,
-        ai_w: float,
-        mining_usd_per_h: float,
-        ai_usd_per_h: float,
-    ) -> None:
-        """Book interval ``i`` at its real price (and its 4CP charge if it is a true peak)."""
-        dt_h = market.dt_h
-        site_w = self.load.site_w(mining_w + ai_w)
-        mwh = site_w / 1e6 * dt_h
-        self.energy_mwh += mwh
-        cost = mwh * market.price_usd_per_mwh[i]
-        self.energy_cost_usd += cost
-        self.mining_usd += mining_usd_per_h * dt_h
-        self.ai_usd += ai_usd_per_h * dt_h
-        if market.peak and market.peak[i]:
-            fourcp = fourcp_usd_per_kw(self.fourcp_rate_usd_per_kw_year) * site_w / 1000.0
-            self.fourcp_cost_usd += fourcp
-            cost += fourcp
-        dr = 0.0
-        for e in market.active_events.get(i, ()):
-            # The live settlement rule (agent.journal.store): paid for the reduction below the
-            # baseline down to the target, penalised for every MWh above the target.
-            event, baseline_w = market.events[e], market.event_baseline_w[e]
-            target_w = event_target_w(event, baseline_w)
-            if target_w is None:
-                continue
-            delivered_mwh = max(0.0, baseline_w - max(site_w, target_w)) / 1e6 * dt_h
-            shortfall_mwh = max(0.0, site_w - target_w) / 1e6 * dt_h
-            paid = delivered_mwh * event.payment_usd_per_mwh
-            penalty = shortfall_mwh * event.penalty_usd_per_mwh
-            self.demand_response_usd += paid
-            self.dr_penalty_usd += penalty
-            dr += paid - penalty
-        self.interval_margin_usd.append((mining_usd_per_h + ai_usd_per_h) * dt_h - cost + dr)
-        self.mining_w.append(mining_w)
-        self.ai_w.append(ai_w)
-
-
-def fourcp_usd_per_kw(rate_usd_per_kw_year: float) -> float:
-    """One true peak interval's share of next year's charge: a quarter of the annual rate."""
-    return rate_usd_per_kw_year / 4.0
-
-
-def fourcp_adder_usd_per_mwh(rate_usd_per_kw_year: float, dt_h: float) -> float:
-    """The 4CP charge of a peak interval as an energy price: USD per MWh drawn in it."""
-    return fourcp_usd_per_kw(rate_usd_per_kw_year) * 1000.0 / dt_h
-
-
-def mining_usd_per_h(ths: float, hashprice: float, fee: float) -> float:
-    return hashprice * (ths / 1000.0) / 24.0 * (1.0 - fee)
-
-
 def job_rate(config: AgentConfig, cls: JobClass) -> tuple[float, float, float]:
     """(USD per GPU-hour, penalty per interruption, checkpoint interval s) of a job class."""
-    c = {JobClass.SLA: config.ai.sla, JobClass.PREEMPTIBLE: config.ai.preemptible}.get(
-        cls, config.ai.filler
-    )
+    c = contract(config, cls)
     return c.usd_per_gpu_hour, c.penalty_usd, c.checkpoint_interval_s
-
-
-def lost_work_usd(rev_usd_per_h: float, ran_s: float, checkpoint_interval_s: float) -> float:
-    """Revenue of the work done since the last checkpoint (checkpoints every interval of run)."""
-    if checkpoint_interval_s <= 0:
-        return 0.0
-    return rev_usd_per_h * (ran_s % checkpoint_interval_s) / 3600.0
 
 
 # --- occupancy shared by the cheap strategies -----------------------------------------------
@@ -440,7 +364,7 @@ def _oracle_choice(
     for points, count in models:
         best_v, best_p, best_r = -math.inf, 0.0, 0.0
         for p in points:
-            r = mining_usd_per_h(p.hashrate_ths, hashprice, fee)
+            r = mining_revenue_usd_per_h(p.hashrate_ths, hashprice, fee)
             v = r - q * p.power_w / 1e6
             if v > best_v:
                 best_v, best_p, best_r = v, p.power_w, r
@@ -536,7 +460,7 @@ def run_oracle(site: Site, market: Market, occ: Occupancy) -> Ledger:
     cfg = site.config
     fee = cfg.economics.pool_fee
     rate = cfg.grid.fourcp.rate_usd_per_kw_year
-    adder = fourcp_adder_usd_per_mwh(rate, market.dt_h)
+    adder = fourcp_adder_usd_per_mwh(rate, interval_h=market.dt_h)
     rates_h = [job_rate(cfg, c)[0] for c in CLASSES]
     models = _models(site)
     top_w = sum(points[-1].power_w * n for points, n in models)
@@ -559,7 +483,7 @@ def run_oracle(site: Site, market: Market, occ: Occupancy) -> Ledger:
         ch = oracle_interval(q, site.limit_w, choose, soft)
         if ch.mining_w < top_w - 1e-6:
             ledger.curtailed_intervals += 1
-        ledger.settle(market, i, ch.mining_w, ch.ai_w, ch.mining_rev_h, ch.ai_rev_h)
+        settle(ledger, market, i, ch.mining_w, ch.ai_w, ch.mining_rev_h, ch.ai_rev_h)
     return ledger
 
 
@@ -603,7 +527,8 @@ def _full_ai(
     w, r = occ.hosts_w, 0.0
     for t, node in enumerate(occ.types):
         busy = sum(used[t])
-        w += busy * node.max_cap_w + (occ.gpus_per_type[t] - busy) * node.idle_w
+        # Hosts are counted once for all nodes (occ.hosts_w), so none here.
+        w += node_power_w(0.0, occ.gpus_per_type[t], node.idle_w, busy, node.max_cap_w)
         for c, gpus in enumerate(used[t]):
             r += gpus * rates_h[c]
     return w, r
@@ -615,7 +540,6 @@ def _run_on_off(
     market: Market,
     occ: Occupancy,
     mining_on: Callable[[int], bool],
-    switching: SwitchingCost | None = None,
 ) -> Ledger:
     """Miners at their top profile when ``mining_on(i)``, else asleep; jobs always at full cap.
     When the top load exceeds the interconnect limit, just enough miners sleep to fit."""
@@ -631,18 +555,12 @@ def _run_on_off(
         fourcp_rate_usd_per_kw_year=cfg.grid.fourcp.rate_usd_per_kw_year,
         load=site_load_model(cfg),
     )
-    was_on = True
+    # Miners wake and sleep here too, and pay the site model's switching costs for it.
+    fleet = [(cfg.miner_models[m], n, site.ladders[m][-1]) for m, n in site.miners_by_model.items()]
+    awake = 1.0  # share of every model's miners awake (they start awake, as in the policy)
     for i in range(len(market)):
         ai_w, ai_rev_h = _full_ai(occ, occ.used[i], rates_h)
-        on = mining_on(i)
-        if on and not was_on and switching is not None:
-            for points, count in models:
-                ledger.wakes += count
-                ledger.switching_usd += count * wake_cost_usd(
-                    points, switching, market.hashprice[i], fee, market.price_usd_per_mwh[i]
-                )
-        was_on = on
-        if on:
+        if mining_on(i):
             room = site.limit_w - ai_w
             share = (
                 1.0
@@ -651,13 +569,26 @@ def _run_on_off(
             )
             share = min(1.0, share)
             m_w = sleep_w + share * (top_w - sleep_w)
-            m_r = mining_usd_per_h(share * top_ths, market.hashprice[i], fee)
+            m_r = mining_revenue_usd_per_h(share * top_ths, market.hashprice[i], fee)
             if share < 1.0:
                 ledger.curtailed_intervals += 1
         else:
             m_w, m_r = sleep_w, 0.0
+            share = 0.0
             ledger.curtailed_intervals += 1
-        ledger.settle(market, i, m_w, ai_w, m_r, ai_rev_h)
+        if share != awake:
+            for model, count, top in fleet:
+                units = count * abs(share - awake)
+                if share > awake:
+                    ledger.wakes += units
+                cost = (
+                    wake_cost(cfg, model, top, market.hashprice[i])
+                    if share > awake
+                    else sleep_cost(model)
+                ).times(units)
+                ledger.book_switch(cost.lost_usd, cost.energy_wh, market.price_usd_per_mwh[i])
+            awake = share
+        settle(ledger, market, i, m_w, ai_w, m_r, ai_rev_h)
     return ledger
 
 
@@ -666,11 +597,20 @@ def run_always_on(site: Site, market: Market, occ: Occupancy) -> Ledger:
 
 
 def strike_states(
-    market: Market, strike_usd_per_mwh: float, n_above: int, n_below: int = 4
+    market: Market,
+    strike_usd_per_mwh: float | Sequence[float],
+    n_above: int,
+    n_below: int = 4,
 ) -> list[bool]:
     """Mining on/off per interval under Foreman's rule, from settled prices only: off after
     ``n_above`` consecutive settled intervals above the strike, on again after ``n_below``
-    consecutive ones at or below it."""
+    consecutive ones at or below it. The strike is one price, or one per interval (the fleet's
+    breakeven at each day's hashprice)."""
+    strikes = (
+        [strike_usd_per_mwh] * len(market)
+        if isinstance(strike_usd_per_mwh, int | float)
+        else list(strike_usd_per_mwh)
+    )
     on = True
     above = below = 0
     states: list[bool] = []
@@ -680,7 +620,7 @@ def strike_states(
         # Count each settled interval once (a repeated view of the same price adds nothing).
         if seen is not None and seen[1] != last_start:
             last_start = seen[1]
-            if seen[0] > strike_usd_per_mwh:
+            if seen[0] > strikes[i]:
                 above, below = above + 1, 0
             else:
                 above, below = 0, below + 1
@@ -692,20 +632,40 @@ def strike_states(
     return states
 
 
+def strike_prices(site: Site, market: Market) -> list[float]:
+    """The fleet's breakeven at each interval's hashprice (a daily series moves it daily)."""
+    memo: dict[float, float] = {}
+    out = []
+    for hp in market.hashprice:
+        if hp not in memo:
+            memo[hp] = site.fleet_breakeven_usd_per_mwh(hp)
+        out.append(memo[hp])
+    return out
+
+
+def fourcp_flagged(site: Site, market: Market) -> list[bool]:
+    """Intervals whose forecast 4CP risk the site acts on (the policy's own rule)."""
+    fourcp = site.config.grid.fourcp
+    return [fourcp_risk_priced(fourcp, r) > 0 for r in market.fourcp_risk] or [False] * len(market)
+
+
 def run_strike(
     site: Site,
     market: Market,
     occ: Occupancy,
-    strike_usd_per_mwh: float,
+    strike_usd_per_mwh: float | Sequence[float],
     n_above: int,
-    switching: SwitchingCost | None = None,
+    *,
+    sit_out_4cp: bool = False,
 ) -> Ledger:
+    """Foreman's strike rule; ``sit_out_4cp`` also sleeps every miner in the intervals flagged
+    as 4CP risks (``strike+4cp``). GPU caps stay at nameplate and no job is ever suspended."""
     states = strike_states(market, strike_usd_per_mwh, n_above)
-    return _run_on_off("strike", site, market, occ, lambda i: states[i], switching)
-
-
-# One unit's wake (and its sleep): the planner's cost model, charged per wake.
-wake_cost_usd = unit_cycle_cost_usd
+    name = "strike"
+    if sit_out_4cp:
+        name = "strike+4cp"
+        states = [on and not f for on, f in zip(states, fourcp_flagged(site, market), strict=True)]
+    return _run_on_off(name, site, market, occ, lambda i: states[i])
 
 
 # --- the live policy -----------------------------------------------------------------------
@@ -734,13 +694,11 @@ class PolicyReplay:
         trace: Sequence[TraceJob],
         decide: Decide,
         horizon: HorizonAt | None = None,
-        switching: SwitchingCost | None = None,
     ):
         self.site = site
         self.market = market
         self.decide = decide
         self.horizon = horizon
-        self.switching = switching
         cfg = site.config
         self.cfg = cfg
         self.fee = cfg.economics.pool_fee
@@ -781,7 +739,9 @@ class PolicyReplay:
             self.ends.setdefault(job.end_i, []).append(job)
         self.nodes_tuple: tuple[GpuNodeView, ...] = ()
         self.event_seen_w: dict[int, float] = {}
-        self.ramp_w = cfg.site.ramp_up_kw_per_min * 1000.0 * market.interval_s / 60.0
+        # The live ramp bucket, asked once per market interval: it holds one interval's ramp.
+        self.ramp = RampBudget.of(cfg)
+        self.ramp_cap_w = ramp_capacity_w(cfg, market.interval_s)
 
     def _view(
         self, b: MinerBlock, points: tuple[OperatingPoint, ...], at: OperatingPoint, since: datetime
@@ -811,8 +771,7 @@ class PolicyReplay:
             if job.state == JobState.RUNNING:
                 running += job.spec.gpus
                 rev += job.rate_h * job.spec.gpus * frac
-        w = node.host_overhead_w + running * cap + (node.gpus - running) * node.idle_w
-        return w, rev
+        return node_power_w(node.host_overhead_w, node.gpus, node.idle_w, running, cap), rev
 
     def _node_view(self, k: int) -> GpuNodeView:
         node = self.site.nodes[k]
@@ -856,15 +815,22 @@ class PolicyReplay:
         dirty.clear()
 
     def _interrupt(self, job: _Job, now_s: float) -> None:
+        """A suspension, charged by the site model: the work since the checkpoint (at the cap
+        it ran at) and the contract's penalty."""
         led = self.ledger
         led.interruptions += 1
-        if job.spec.job_class == JobClass.SLA:
-            led.sla_penalty_usd += job.penalty_usd
-        elif job.spec.job_class == JobClass.PREEMPTIBLE:
-            node = self.site.nodes[job.node]
-            frac = gpu_throughput_fraction(self.caps[job.node], node.max_cap_w, node.min_cap_w)
-            rev_h = job.rate_h * job.spec.gpus * frac
-            led.lost_work_usd += lost_work_usd(rev_h, now_s - job.run_start_s, job.checkpoint_s)
+        node = self.site.nodes[job.node]
+        rev_h = ai_revenue_usd_per_h(
+            job.spec.gpus, job.rate_h, self.caps[job.node], node.max_cap_w, node.min_cap_w
+        )
+        age = checkpoint_age_s(now_s, job.run_start_s, None, job.checkpoint_s)
+        cost = suspend_cost(job.penalty_usd, rev_h, age)
+        led.sla_penalty_usd += job.penalty_usd
+        led.lost_work_usd += cost.lost_usd - job.penalty_usd
+
+    def _resume(self, job: _Job, price: float) -> None:
+        cost = resume_cost(contract(self.cfg, job.spec.job_class), job.spec.gpus, job.rate_h)
+        self.ledger.book_switch(cost.lost_usd, cost.energy_wh, price)
 
     def run(self) -> Ledger:
         market, cfg, site = self.market, self.cfg, self.site
@@ -919,25 +885,27 @@ class PolicyReplay:
                 measured_site_power_w=last_site_w,
                 device_power_w=None if last_site_w is None else self.mining_w + self.ai_w,
                 load_model=led.load,
-                ramp_headroom_w=self.ramp_w,
+                ramp_headroom_w=self.ramp.headroom_w(now_s, self.ramp_cap_w),
                 events=self._events(i, last_site_w),
             )
             plan = self.decide(snap, cfg, now)
+            self.ramp.spend(sum(a.delta_power_w for a in plan.actions if not a.sheds))
             # Apply the whole target, not only the actions: a plan is its operating points.
             self._apply_miners(plan, now, i)
             if plan.gpu_caps_w or plan.job_states:
-                self._apply_gpus(plan, now, now_s, dirty)
+                self._apply_gpus(plan, now, now_s, dirty, market.price_usd_per_mwh[i])
                 if dirty:
                     self._refresh_nodes(dirty)
             ai_w, ai_rev = self.ai_w, self.ai_rev_h
             if self.mining_w < top_w - 1e-6:
                 led.curtailed_intervals += 1
-            led.settle(
+            settle(
+                led,
                 market,
                 i,
                 self.mining_w,
                 ai_w,
-                mining_usd_per_h(self.mining_ths, market.hashprice[i], self.fee),
+                mining_revenue_usd_per_h(self.mining_ths, market.hashprice[i], self.fee),
                 ai_rev,
             )
             last_site_w = led.load.site_w(self.mining_w + ai_w)
@@ -963,6 +931,8 @@ class PolicyReplay:
 
     def _apply_miners(self, plan: Plan, now: datetime, i: int) -> None:
         changed = False
+        models = self.cfg.miner_models
+        price = self.market.price_usd_per_mwh[i]
         for device_id, point in plan.miner_points.items():
             k = self.pos.get(device_id)
             if k is None:
@@ -975,25 +945,41 @@ class PolicyReplay:
                 raise BacktestError(f"plan sets {device_id} to unknown point {point!r}")
             old = view.points[self.point_idx[k]]
             new = view.points[idx]
-            if self.point_idx[k] == 0 and idx != 0:
-                self.ledger.wakes += view.count
-                if self.switching is not None:
-                    self.ledger.switching_usd += view.count * wake_cost_usd(
-                        view.points,
-                        self.switching,
-                        self.market.hashprice[i],
-                        self.fee,
-                        self.market.price_usd_per_mwh[i],
-                    )
             self.mining_w += (new.power_w - old.power_w) * view.count
             self.mining_ths += (new.hashrate_ths - old.hashrate_ths) * view.count
+            if (old.name == SLEEP) != (new.name == SLEEP):
+                model = models[view.model]
+                cost = (
+                    sleep_cost(model)
+                    if new.name == SLEEP
+                    else wake_cost(self.cfg, model, new, self.market.hashprice[i])
+                ).times(view.count)
+                self.ledger.book_switch(cost.lost_usd, cost.energy_wh, price)
+                if new.name != SLEEP:
+                    self.ledger.wakes += view.count
             self.point_idx[k] = idx
             self.views[k] = self._view(self.site.blocks[k], view.points, new, now)
             changed = True
         if changed:
             self.miners_tuple = tuple(self.views)
 
-    def _apply_gpus(self, plan: Plan, now: datetime, now_s: float, touched: set[int]) -> None:
+    def _apply_gpus(
+        self, plan: Plan, now: datetime, now_s: float, touched: set[int], price: float
+    ) -> None:
+        # Jobs first: a suspended job loses work done at the cap it ran at.
+        for job_id, state in plan.job_states.items():
+            job = self.jobs.get(job_id)
+            if job is None or job.state == state:
+                continue  # a job that just ended, or no change
+            if job.state == JobState.RUNNING:
+                self._interrupt(job, now_s)
+            elif state == JobState.RUNNING:
+                job.run_start_s = now_s
+                self._resume(job, price)
+            job.state = state
+            job.since = now
+            job.view = None
+            touched.add(job.node)
         for node_id, cap in plan.gpu_caps_w.items():
             k = self.node_pos.get(node_id)
             if k is None:
@@ -1003,18 +989,6 @@ class PolicyReplay:
             if cap != self.caps[k]:
                 self.caps[k] = cap
                 touched.add(k)
-        for job_id, state in plan.job_states.items():
-            job = self.jobs.get(job_id)
-            if job is None or job.state == state:
-                continue  # a job that just ended, or no change
-            if job.state == JobState.RUNNING:
-                self._interrupt(job, now_s)
-            elif state == JobState.RUNNING:
-                job.run_start_s = now_s
-            job.state = state
-            job.since = now
-            job.view = None
-            touched.add(job.node)
 
 
 def run_policy(
@@ -1023,6 +997,5 @@ def run_policy(
     trace: Sequence[TraceJob],
     decide: Decide,
     horizon: HorizonAt | None = None,
-    switching: SwitchingCost | None = None,
 ) -> Ledger:
-    return PolicyReplay(site, market, trace, decide, horizon, switching).run()
+    return PolicyReplay(site, market, trace, decide, horizon).run()

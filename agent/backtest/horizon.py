@@ -27,9 +27,9 @@ from agent.control.planner import (
     HorizonInput,
     HorizonPlan,
     MinerBlock,
-    SwitchingCost,
     plan_horizon,
 )
+from agent.control.site import planner_switching
 
 
 @dataclass(slots=True)
@@ -69,7 +69,6 @@ class DayAheadPlanner:
         self,
         site: Site,
         market: Market,
-        switching: SwitchingCost,
         *,
         hours: int = 24,
         time_limit_s: float = 2.0,
@@ -78,7 +77,11 @@ class DayAheadPlanner:
             raise ValueError("the day-ahead planner needs day-ahead prices")
         self.site = site
         self.market = market
-        self.switching = switching
+        cfg = site.config
+        # The site model's switching costs, per miner model (agent.control.site).
+        self.switching = {
+            m: planner_switching(cfg, cfg.miner_models[m]) for m in site.miners_by_model
+        }
         self.hours = hours
         self.time_limit_s = time_limit_s
         self.stats = PlannerStats()
@@ -87,7 +90,6 @@ class DayAheadPlanner:
         self._day: int | None = None
         self._end = 0
         self.per_hour = max(1, round(3600.0 / market.interval_s))
-        cfg = site.config
         # A curtailment commits at least the minimum off time, and at least one interval.
         self.spike_h = max(cfg.control.min_off_s, market.interval_s) / 3600.0
 
@@ -134,7 +136,9 @@ class DayAheadPlanner:
             self.stats.statuses["no_day_ahead"] = self.stats.statuses.get("no_day_ahead", 0) + 1
             return None
         blocks = tuple(
-            MinerBlock(model, count, site.ladders[model], self.switching, awake.get(model, 0))
+            MinerBlock(
+                model, count, site.ladders[model], self.switching[model], awake.get(model, 0)
+            )
             for model, count in site.miners_by_model.items()
         )
         inp = HorizonInput(

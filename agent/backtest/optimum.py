@@ -4,9 +4,11 @@ Where the relaxed oracle (:func:`agent.backtest.engine.run_oracle`) drops dwell 
 switching costs and so bounds every strategy from above, the optimum keeps them: it knows each
 interval's real price and the true 4CP intervals, and plans the miners of each model as one
 block through :func:`agent.control.planner.plan_horizon` — integer units awake, profiles, each
-wake charged the same :class:`~agent.control.planner.SwitchingCost` the policy's settlement is
-charged, minimum on and off times in intervals — one UTC day at a time, carrying the units awake
-from one day into the next. It is what a clairvoyant operator bound by the same rules could earn.
+wake and sleep weighed by the site model's costs (:func:`agent.control.site.planner_switching`)
+and charged as the policy's settlement is (:func:`agent.control.site.wake_cost`,
+:func:`~agent.control.site.sleep_cost`), minimum on and off times in intervals — one UTC day at
+a time, carrying the units awake from one day into the next. It is what a clairvoyant operator
+bound by the same rules could earn.
 
 AI is dispatched as the oracle dispatches it (per interval, each job at its best cap or idle);
 its power is the committed load the miners plan around, within the interconnect. That keeps the
@@ -22,25 +24,25 @@ from datetime import UTC, datetime
 
 from agent.backtest.engine import (
     CLASSES,
-    Ledger,
     Market,
     Occupancy,
     Site,
     _oracle_choice,
-    fourcp_adder_usd_per_mwh,
     job_rate,
-    mining_usd_per_h,
-    wake_cost_usd,
+    settle,
+    site_load_model,
 )
 from agent.backtest.horizon import PlannerStats
-from agent.control.planner import HorizonInput, MinerBlock, SwitchingCost, plan_horizon
+from agent.control.economics import mining_revenue_usd_per_h
+from agent.control.planner import HorizonInput, MinerBlock, plan_horizon
+from agent.control.settlement import Ledger, fourcp_adder_usd_per_mwh
+from agent.control.site import planner_switching, sleep_cost, wake_cost
 
 
 def run_optimum(
     site: Site,
     market: Market,
     occ: Occupancy,
-    switching: SwitchingCost,
     *,
     time_limit_s: float = 5.0,
     stats: PlannerStats | None = None,
@@ -49,10 +51,11 @@ def run_optimum(
     cfg = site.config
     fee = cfg.economics.pool_fee
     rate = cfg.grid.fourcp.rate_usd_per_kw_year
-    adder = fourcp_adder_usd_per_mwh(rate, market.dt_h)
+    adder = fourcp_adder_usd_per_mwh(rate, interval_h=market.dt_h)
     rates_h = [job_rate(cfg, c)[0] for c in CLASSES]
     models = [(m, site.ladders[m], n) for m, n in site.miners_by_model.items()]
-    ledger = Ledger("optimum", fourcp_rate_usd_per_kw_year=rate)
+    switching = {m: planner_switching(cfg, cfg.miner_models[m]) for m, _, _ in models}
+    ledger = Ledger("optimum", fourcp_rate_usd_per_kw_year=rate, load=site_load_model(cfg))
     awake = {m: n for m, _, n in models}  # a settled, running site, as the replay starts
     days: dict[int, list[int]] = {}
     for i, s in enumerate(market.starts_s):
@@ -80,7 +83,7 @@ def run_optimum(
                 hashprice_usd_per_ph_day=market.hashprice[idx[0]],
                 pool_fee=fee,
                 blocks=tuple(
-                    MinerBlock(m, n, points, switching, awake[m]) for m, points, n in models
+                    MinerBlock(m, n, points, switching[m], awake[m]) for m, points, n in models
                 ),
                 limit_w=site.limit_w,
                 base_load_w=tuple(c.ai_w for c in ai),
@@ -100,21 +103,26 @@ def run_optimum(
             mining_w = sum(b.power_w for b in bands)
             ths = sum(b.hashrate_ths for b in bands)
             for (m, points, _), band in zip(models, bands, strict=True):
-                woke = max(0, band.units_on - awake[m])
-                if woke:
-                    ledger.wakes += woke
-                    ledger.switching_usd += woke * wake_cost_usd(
-                        points, switching, market.hashprice[i], fee, market.price_usd_per_mwh[i]
-                    )
+                moved = band.units_on - awake[m]
+                if moved:
+                    model = cfg.miner_models[m]
+                    cost = (
+                        wake_cost(cfg, model, points[-1], market.hashprice[i])
+                        if moved > 0
+                        else sleep_cost(model)
+                    ).times(abs(moved))
+                    ledger.book_switch(cost.lost_usd, cost.energy_wh, market.price_usd_per_mwh[i])
+                    ledger.wakes += max(moved, 0)
                 awake[m] = band.units_on
             if any(b.units_on < n for (_, _, n), b in zip(models, bands, strict=True)):
                 ledger.curtailed_intervals += 1
-            ledger.settle(
+            settle(
+                ledger,
                 market,
                 i,
                 mining_w,
                 ai[k].ai_w,
-                mining_usd_per_h(ths, market.hashprice[i], fee),
+                mining_revenue_usd_per_h(ths, market.hashprice[i], fee),
                 ai[k].ai_rev_h,
             )
     return ledger

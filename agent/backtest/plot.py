@@ -85,7 +85,8 @@ def plot_week(res: BacktestResult, start: datetime, end: datetime, out: Path) ->
             ax1.axhline(
                 value, color=color, ls=":", lw=1.4, label=f"AI {cls} value {value:,.0f} $/MWh"
             )
-    ax1.axhline(res.strike_usd_per_mwh, color="gray", lw=0.8, ls="-.", label="strike price")
+    strikes = [res.strikes[i] for i in idx] if res.strikes else [res.strike_usd_per_mwh] * len(t)
+    ax1.step(t, strikes, where="post", color="gray", lw=0.8, ls="-.", label="strike price")
     plan_rows = _plan_rows(res, start, end)
     if m.day_ahead:
         ax1.step(
@@ -139,7 +140,7 @@ def plot_week(res: BacktestResult, start: datetime, end: datetime, out: Path) ->
         step="post",
         alpha=0.8,
     )
-    for name, color in (("oracle", "tab:blue"), ("strike", "tab:gray")):
+    for name, color in (("oracle", "tab:blue"), ("strike+4cp", "tab:gray")):
         led = res.ledgers.get(name)
         if led is not None:
             total = [(led.mining_w[i] + led.ai_w[i]) / 1e6 for i in idx]

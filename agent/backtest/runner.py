@@ -30,9 +30,9 @@ from agent.backtest.data import (
     sample_at,
 )
 from agent.backtest.engine import (
+    STRATEGIES,
     BacktestError,
     Decide,
-    Ledger,
     Market,
     Site,
     build_site,
@@ -41,13 +41,16 @@ from agent.backtest.engine import (
     run_oracle,
     run_policy,
     run_strike,
+    strike_prices,
     with_events,
 )
 from agent.backtest.horizon import DayAheadPlanner, PlannerStats
 from agent.backtest.optimum import capture_against, run_optimum
 from agent.control.config import AgentConfig, load_config
 from agent.control.fourcp import peak_risk
-from agent.control.planner import HorizonPlan, SwitchingCost
+from agent.control.planner import HorizonPlan
+from agent.control.settlement import Ledger
+from agent.control.site import wake_lost_s
 
 CENTRAL = ZoneInfo("America/Chicago")
 DEFAULT_BLOCK_SIZE = 50
@@ -73,9 +76,10 @@ class BacktestArgs:
     strike_usd_per_mwh: float | None = None  # None: the fleet's breakeven
     strike_n: int = 1
     events: Path | None = None  # demand-response events CSV (agent.backtest.data.EVENT_COLUMNS)
-    # Hashing a miner loses per wake (ramp and catch-up); charged to every strategy that wakes
-    # miners (not the relaxed oracle) and weighed by the planner. 0: switching is free; None:
-    # the config's ``control.miner_wake_lost_s``.
+    no_4cp: bool = False  # price no 4CP at all (no system load read)
+    # Hashing a miner loses per wake (ramp and catch-up): None keeps the site model's
+    # (``miner_models.*.wake_lost_s``, else ``control.miner_wake_lost_s``); a number replaces
+    # every model's, for the policy, the planner and the settlement alike. 0: waking loses none.
     wake_lost_s: float | None = None
     planner: bool = True  # with day-ahead prices, the policy follows a day-ahead horizon plan
     optimum: bool = False  # also the constrained optimum (perfect-foresight MILP, day by day)
@@ -88,13 +92,28 @@ class BacktestResult:
     site: Site
     market: Market
     ledgers: dict[str, Ledger]
-    strike_usd_per_mwh: float
+    strike_usd_per_mwh: float  # the mean of ``strikes``
     fourcp_estimator: str
     seconds: dict[str, float]
     trace: tuple[TraceJob, ...]
+    strikes: tuple[float, ...] = ()  # the strike of each interval
     planner: PlannerStats | None = None  # the policy's day-ahead plans
     plans: tuple[HorizonPlan, ...] = ()
     optimum_stats: PlannerStats | None = None
+
+    @property
+    def flex_capture(self) -> float | None:
+        """The share of the oracle's gain over always-on that the policy captures:
+        ``(policy − always_on) / (oracle − always_on)``. Revenue that no choice moves (AI work
+        that runs in every strategy) pads ``capture``; it cancels here."""
+        led = self.ledgers
+        if not {"policy", "oracle", "always_on"} <= led.keys():
+            return None
+        base = led["always_on"].profit_usd
+        room = led["oracle"].profit_usd - base
+        if room <= 0:
+            return None
+        return (led["policy"].profit_usd - base) / room
 
     @property
     def capture(self) -> float | None:
@@ -166,11 +185,29 @@ def build_market(args: BacktestArgs, config: AgentConfig) -> tuple[Market, str]:
     risk: tuple[float, ...] = ()
     reasons: tuple[str, ...] = ()
     peak: tuple[bool, ...] = ()
-    estimator = "none (no system load)"
+    estimator = "none (no system load; 4CP not enabled in the config)"
     load_path = args.system_load or config.grid.fourcp.system_load_csv
+    if args.no_4cp:
+        load_path = None
+        estimator = "off (--no-4cp): no 4CP charge, no 4CP risk"
+    elif load_path is None and config.grid.fourcp.enabled:
+        raise BacktestError(
+            "4CP is enabled in the config but no system load file is given: "
+            "give --system-load FILE, or --no-4cp to price no 4CP at all"
+        )
     if load_path is not None:
         load = load_series(load_path, SYSTEM_LOAD_COLUMN, SYSTEM_LOAD_TIME)
         load_step = _step_s(load)
+        # Rows are interval ends: the file must reach from the period's start to its end, or
+        # 4CP would be priced at zero where it is not known.
+        covered = (load.times_s[0] - load_step, load.times_s[-1])
+        period = (starts[0], starts[-1] + interval_s)
+        if covered[0] > period[0] or covered[1] < period[1]:
+            raise BacktestError(
+                f"{load_path}: system load covers {_iso(covered[0])} .. {_iso(covered[1])}, "
+                f"not the period {_iso(period[0])} .. {_iso(period[1])}: 4CP cannot be priced "
+                "(give a file that covers it, or --no-4cp)"
+            )
         mw = [v * 3600.0 / load_step for v in load.values]
         peak = _true_peaks(load.times_s, mw, load_step, starts)
         estimator = "agent.control.fourcp.peak_risk"
@@ -189,13 +226,22 @@ def build_market(args: BacktestArgs, config: AgentConfig) -> tuple[Market, str]:
     return market, estimator
 
 
+HASHPRICE_COLUMN = "hashprice_usd_per_ph_day"
+
+
 def _value_column(path: Path) -> str:
-    """A hashprice CSV: time first, then the value (column named anything)."""
-    with path.open(encoding="utf-8") as f:
-        header = f.readline().strip().split(",")
+    """A hashprice CSV: time first, then ``hashprice_usd_per_ph_day`` wherever it stands, or
+    else the second column (named anything)."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            header = [h.strip() for h in f.readline(4096).strip().split(",")]
+    except OSError as exc:
+        raise BacktestError(f"{path}: cannot open: {exc.strerror}") from None
+    if HASHPRICE_COLUMN in header[1:]:
+        return HASHPRICE_COLUMN
     if len(header) < 2:
         raise BacktestError(f"{path}:1: expected a time column and a hashprice column")
-    return header[1].strip()
+    return header[1]
 
 
 def _true_peaks(
@@ -236,16 +282,30 @@ def _risks(
 # --- running -------------------------------------------------------------------------------
 
 
+def with_wake_lost_s(config: AgentConfig, seconds: float) -> AgentConfig:
+    """``config`` with every miner model's ``wake_lost_s`` set to ``seconds`` (``--wake-lost-s``:
+    the policy, the planner and the settlement then all use it)."""
+    if not (math.isfinite(seconds) and 0 <= seconds <= 86400):
+        raise BacktestError(f"wake lost seconds must be 0..86400 (got {seconds})")
+    models = {
+        name: m.model_copy(update={"wake_lost_s": seconds})
+        for name, m in config.miner_models.items()
+    }
+    return config.model_copy(update={"miner_models": models})
+
+
 def run_backtest(
     args: BacktestArgs,
     config: AgentConfig | None = None,
     market: Market | None = None,
     decide: Decide | None = None,
-    strategies: Sequence[str] = ("policy", "oracle", "always_on", "strike"),
+    strategies: Sequence[str] = STRATEGIES,
 ) -> BacktestResult:
     """Run every strategy over the period. ``config``/``market``/``decide`` may be injected."""
     if config is None:
         config = load_config(args.config_path)
+    if args.wake_lost_s is not None:
+        config = with_wake_lost_s(config, args.wake_lost_s)
     estimator = "given"
     if market is None:
         market, estimator = build_market(args, config)
@@ -262,17 +322,12 @@ def run_backtest(
     if args.events is not None:
         market = with_events(market, load_events(args.events), site, occ)
     seconds["inputs"] = time.perf_counter() - t0
-    strike = args.strike_usd_per_mwh
-    if strike is None:
-        strike = site.fleet_breakeven_usd_per_mwh(market.hashprice[0])
-    wake_lost_s = config.control.miner_wake_lost_s if args.wake_lost_s is None else args.wake_lost_s
-    if not (math.isfinite(wake_lost_s) and 0 <= wake_lost_s <= 86400):
-        raise BacktestError(f"wake lost seconds must be 0..86400 (got {wake_lost_s})")
-    switching = SwitchingCost(wake_lost_s=wake_lost_s)
-    charged = switching if wake_lost_s > 0 else None
-    planner = (
-        DayAheadPlanner(site, market, switching) if args.planner and market.day_ahead else None
+    strikes = (
+        strike_prices(site, market)
+        if args.strike_usd_per_mwh is None
+        else [args.strike_usd_per_mwh] * len(market)
     )
+    planner = DayAheadPlanner(site, market) if args.planner and market.day_ahead else None
     optimum_stats = PlannerStats() if args.optimum else None
     if args.optimum and "optimum" not in strategies:
         strategies = (*strategies, "optimum")
@@ -280,28 +335,32 @@ def run_backtest(
     for name in strategies:
         t = time.perf_counter()
         if name == "policy":
-            ledgers[name] = run_policy(site, market, trace, decide, planner, charged)
+            ledgers[name] = run_policy(site, market, trace, decide, planner)
         elif name == "oracle":
             ledgers[name] = run_oracle(site, market, occ)
         elif name == "always_on":
             ledgers[name] = run_always_on(site, market, occ)
         elif name == "strike":
-            ledgers[name] = run_strike(site, market, occ, strike, args.strike_n, charged)
+            ledgers[name] = run_strike(site, market, occ, strikes, args.strike_n)
+        elif name == "strike+4cp":
+            ledgers[name] = run_strike(site, market, occ, strikes, args.strike_n, sit_out_4cp=True)
         elif name == "optimum":
-            ledgers[name] = run_optimum(site, market, occ, switching, stats=optimum_stats)
+            ledgers[name] = run_optimum(site, market, occ, stats=optimum_stats)
         else:
             raise BacktestError(f"unknown strategy {name!r}")
         seconds[name] = time.perf_counter() - t
+    mean_strike = sum(strikes) / len(strikes)
     return BacktestResult(
         args,
         config,
         site,
         market,
         ledgers,
-        strike,
+        mean_strike,
         estimator,
         seconds,
         trace,
+        tuple(strikes),
         planner=None if planner is None else planner.stats,
         plans=() if planner is None else tuple(planner.plans),
         optimum_stats=optimum_stats,
@@ -329,9 +388,25 @@ def ledger_json(led: Ledger) -> dict[str, Any]:
             "demand_response": round(led.dr_penalty_usd, 2),
         },
         "profit_usd": round(led.profit_usd, 2),
+        # Signed parts that add up to the profit.
+        "breakdown_usd": {k: round(v, 2) for k, v in breakdown_usd(led).items()},
         "energy_mwh": round(led.energy_mwh, 3),
         "job_interruptions": led.interruptions,
         "mining_curtailed_intervals": led.curtailed_intervals,
+    }
+
+
+def breakdown_usd(led: Ledger) -> dict[str, float]:
+    """A strategy's profit in signed parts: mining, AI, demand response, energy, 4CP,
+    penalties (lost work, SLA, demand-response shortfall) and switching."""
+    return {
+        "mining": led.mining_usd,
+        "ai": led.ai_usd,
+        "demand_response": led.demand_response_usd,
+        "energy": -led.energy_cost_usd,
+        "fourcp": -led.fourcp_cost_usd,
+        "penalties": -led.penalties_usd,
+        "switching": -led.switching_usd,
     }
 
 
@@ -340,6 +415,8 @@ def result_json(res: BacktestResult) -> dict[str, Any]:
     doc: dict[str, Any] = {name: ledger_json(led) for name, led in res.ledgers.items()}
     cap = res.capture
     doc["capture"] = None if cap is None else round(cap, 5)
+    flex = res.flex_capture
+    doc["flex_capture"] = None if flex is None else round(flex, 5)
     if "optimum" in res.ledgers:
         co = res.capture_optimum
         doc["capture_optimum"] = None if co is None else round(co, 5)
@@ -363,10 +440,14 @@ def result_json(res: BacktestResult) -> dict[str, Any]:
         "jobs": len(res.trace),
         "block_size": a.block_size,
         "strike_usd_per_mwh": round(res.strike_usd_per_mwh, 4),
-        "strike_n": a.strike_n,
-        "wake_lost_s": (
-            res.config.control.miner_wake_lost_s if a.wake_lost_s is None else a.wake_lost_s
+        "strike_rule": (
+            "fleet breakeven at each interval's hashprice"
+            if a.strike_usd_per_mwh is None
+            else "fixed (--strike)"
         ),
+        "no_4cp": a.no_4cp,
+        "strike_n": a.strike_n,
+        "wake_lost_s": a.wake_lost_s,  # None: the site model's (see switching_costs)
         "horizon_planner": res.planner is not None,
         "fourcp_estimator": res.fourcp_estimator,
         "fourcp_peak_intervals": [_iso(m.starts_s[i]) for i, p in enumerate(m.peak) if p],
@@ -375,6 +456,29 @@ def result_json(res: BacktestResult) -> dict[str, Any]:
             "end": _iso(m.starts_s[-1] + m.interval_s),
             "intervals": len(m),
             "interval_s": m.interval_s,
+        },
+        # The switching costs every strategy but the oracle was charged (agent.control.site).
+        "switching_costs": {
+            "miner_models": {
+                name: {
+                    "wake_lost_s": wake_lost_s(res.config, m),
+                    "wake_energy_wh": m.wake_energy_wh,
+                    "sleep_energy_wh": m.sleep_energy_wh,
+                }
+                for name, m in res.config.miner_models.items()
+            },
+            "ai": {
+                cls: {
+                    "checkpoint_interval_s": c.checkpoint_interval_s,
+                    "resume_s": c.resume_s,
+                    "penalty_usd": c.penalty_usd,
+                }
+                for cls, c in (
+                    ("sla", res.config.ai.sla),
+                    ("preemptible", res.config.ai.preemptible),
+                    ("filler", res.config.ai.filler),
+                )
+            },
         },
         "miners": sum(b.count for b in res.site.blocks),
         "gpus": sum(n.gpus for n in res.site.nodes),
@@ -411,11 +515,16 @@ def table(res: BacktestResult) -> str:
     out.append(
         f"period {_iso(m.starts_s[0])} .. {_iso(m.starts_s[-1] + m.interval_s)} "
         f"({len(m):,} intervals), hashprice {sum(m.hashprice) / len(m):.2f} $/PH/day, "
-        f"strike {res.strike_usd_per_mwh:.2f} $/MWh (N={res.args.strike_n})"
+        f"strike {res.strike_usd_per_mwh:.2f} $/MWh mean (N={res.args.strike_n})"
     )
     out.append(
         "capture (policy / oracle profit): "
         + ("n/a (oracle profit ≤ 0)" if cap is None else f"{cap:.4f}")
+    )
+    flex = res.flex_capture
+    out.append(
+        "flex_capture ((policy − always_on) / (oracle − always_on)): "
+        + ("n/a (oracle no better than always-on)" if flex is None else f"{flex:.4f}")
     )
     if "optimum" in res.ledgers:
         co = res.capture_optimum

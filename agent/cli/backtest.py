@@ -3,8 +3,8 @@
 Reads a site config, a real-time price CSV (one column), optionally day-ahead prices, system
 load (for 4CP) and a hashprice series, replays every interval through the same
 :func:`agent.control.policy.decide` that runs live (see :mod:`agent.backtest.engine` for the
-rules), and scores it against the perfect-foresight oracle and the ``always_on`` and ``strike``
-baselines. Prints a table; ``--json`` writes one document; ``--plot`` draws a week.
+rules), and scores it against the perfect-foresight oracle and the ``always_on``, ``strike`` and
+``strike+4cp`` baselines. Prints a table; ``--json`` writes one document; ``--plot`` draws a week.
 
 Only argparse loads until the command runs: the engine and matplotlib are imported inside it.
 """
@@ -55,9 +55,19 @@ def register(sub: Any) -> None:
     p.add_argument("--column", required=True, help="settlement point column, e.g. HB_WEST")
     p.add_argument("--day-ahead", type=Path, help="day-ahead price CSV (same column)")
     p.add_argument("--system-load", type=Path, help="system load CSV (4CP): total_mwh column")
+    p.add_argument(
+        "--no-4cp",
+        action="store_true",
+        help="price no 4CP (without it, a system load file must cover the whole period)",
+    )
     hp = p.add_mutually_exclusive_group()
     hp.add_argument("--hashprice", type=float, help="USD per PH/s per day (default: config)")
-    hp.add_argument("--hashprice-csv", type=Path, help="CSV: time, hashprice")
+    hp.add_argument(
+        "--hashprice-csv",
+        type=Path,
+        help="daily hashprice CSV: time or date first, then hashprice_usd_per_ph_day "
+        "(or the second column), e.g. shared/data/btc/btc_daily_2021_2024.csv",
+    )
     p.add_argument("--events", type=Path, help="demand-response events CSV (see the README)")
     p.add_argument("--jobs-seed", type=int, default=1, help="seed of the AI job trace")
     p.add_argument(
@@ -72,8 +82,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--wake-lost-s",
         type=float,
-        help="seconds of hashing a miner loses per wake, charged to every strategy that wakes "
-        "miners and weighed by the planner (default: control.miner_wake_lost_s, 600; 0: free)",
+        help="seconds of hashing every miner model loses per wake, for the policy, the planner "
+        "and the settlement alike (default: each model's miner_models.*.wake_lost_s, else "
+        "control.miner_wake_lost_s, 0; 0: a wake loses no hashing)",
     )
     p.add_argument(
         "--no-planner",
@@ -115,6 +126,7 @@ def cli(ns: argparse.Namespace) -> int:
         strike_usd_per_mwh=ns.strike,
         strike_n=ns.strike_n,
         events=ns.events,
+        no_4cp=ns.no_4cp,
         planner=not ns.no_planner,
         optimum=ns.optimum,
         **({} if ns.block_size is None else {"block_size": ns.block_size}),

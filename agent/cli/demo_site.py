@@ -32,15 +32,12 @@ from agent.control.config import (
     AgentConfig,
     ConfigError,
     CsvPriceConfig,
-    JobClassContract,
     load_config,
 )
 from agent.control.domain import SLEEP, ActionKind, Plan, Snapshot
-from agent.control.economics import (
-    ai_revenue_usd_per_h,
-    energy_cost_usd_per_h,
-    mining_revenue_usd_per_h,
-)
+from agent.control.economics import ai_revenue_usd_per_h, mining_revenue_usd_per_h
+from agent.control.settlement import Ledger
+from agent.control.site import contract
 from agent.outputs.metrics import MetricsService
 from agent.runtime.actuator import ActionResult
 from agent.runtime.coordinator import utc_now
@@ -61,17 +58,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class Ledger:
-    """Money and energy, integrated over simulated time."""
+class Tally:
+    """The agent's and the always-on site's money (one settlement, :class:`Ledger`), and what
+    the agent did."""
 
-    energy_mwh: float = 0.0
-    revenue_usd: float = 0.0  # mining
-    ai_revenue_usd: float = 0.0
-    cost_usd: float = 0.0
-    base_energy_mwh: float = 0.0
-    base_revenue_usd: float = 0.0
-    base_ai_revenue_usd: float = 0.0
-    base_cost_usd: float = 0.0
+    agent: Ledger = field(default_factory=lambda: Ledger("agent"))
+    always_on: Ledger = field(default_factory=lambda: Ledger("always_on"))
     peak_kw: float = 0.0
     actions: int = 0
     failed: int = 0
@@ -79,14 +71,6 @@ class Ledger:
     suspended: Counter[str] = field(default_factory=Counter)  # job class -> suspensions
     resumed: int = 0
     cap_changes: int = 0
-
-    @property
-    def profit_usd(self) -> float:
-        return self.revenue_usd + self.ai_revenue_usd - self.cost_usd
-
-    @property
-    def base_profit_usd(self) -> float:
-        return self.base_revenue_usd + self.base_ai_revenue_usd - self.base_cost_usd
 
 
 def model_key(name: str) -> str:
@@ -137,7 +121,7 @@ async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> 
         print(f"demo cannot start: {exc}", file=sys.stderr)
         return 2
     always_on_ai = always_on_ai_figures(simulation, config)
-    ledger = Ledger()
+    ledger = Tally()
     models = {d: line.model for d, _a, line in config.expanded_miners()}
     default_points = {
         name: next((p for p in m.profiles if p.name == "default"), m.profiles[-1])
@@ -157,20 +141,29 @@ async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> 
         if true_price is None:
             return
         site_w = site_power_w(snapshot)
+        miners_w = sum(m.measured_power_w or 0.0 for m in snapshot.miners)
         hashrate = sum(m.measured_hashrate_ths or 0.0 for m in snapshot.miners)
-        ledger.energy_mwh += site_w / 1e6 * dt_h
-        ledger.revenue_usd += mining_revenue_usd_per_h(hashrate, hashprice, fee) * dt_h
-        ledger.ai_revenue_usd += ai_revenue_rate(snapshot) * dt_h
-        ledger.cost_usd += energy_cost_usd_per_h(site_w, true_price) * dt_h
-        base_ai_w, base_ai_usd_per_h = always_on_ai
-        base_w = base_ai_w + sum(
-            default_points[models[m.device_id]].power_w for m in snapshot.miners
+        ledger.agent.settle(
+            dt_h,
+            true_price,
+            miners_w,
+            site_w - miners_w,
+            mining_revenue_usd_per_h(hashrate, hashprice, fee),
+            ai_revenue_rate(snapshot),
+            keep_series=False,
         )
+        base_ai_w, base_ai_usd_per_h = always_on_ai
+        base_w = sum(default_points[models[m.device_id]].power_w for m in snapshot.miners)
         base_ths = sum(default_points[models[m.device_id]].hashrate_ths for m in snapshot.miners)
-        ledger.base_energy_mwh += base_w / 1e6 * dt_h
-        ledger.base_revenue_usd += mining_revenue_usd_per_h(base_ths, hashprice, fee) * dt_h
-        ledger.base_ai_revenue_usd += base_ai_usd_per_h * dt_h
-        ledger.base_cost_usd += energy_cost_usd_per_h(base_w, true_price) * dt_h
+        ledger.always_on.settle(
+            dt_h,
+            true_price,
+            base_w,
+            base_ai_w,
+            mining_revenue_usd_per_h(base_ths, hashprice, fee),
+            base_ai_usd_per_h,
+            keep_series=False,
+        )
         ledger.peak_kw = max(ledger.peak_kw, site_w / 1000)
         ledger.actions += len(results)
         ledger.failed += sum(1 for r in results if r.result != "ok")
@@ -267,8 +260,7 @@ def always_on_ai_figures(
     revenue = 0.0
     for job in simulation.scheduler.jobs():
         spec = by_name.get(job.node or "", specs[0])
-        contract: JobClassContract = getattr(config.ai, job.job_class)
-        revenue += job.gpus * contract.usd_per_gpu_hour
+        revenue += job.gpus * contract(config, JobClass(job.job_class)).usd_per_gpu_hour
         # A busy GPU draws idle + (cap - idle) x utilization (the simulated physics).
         power_w += job.gpus * (spec.max_cap_w - spec.idle_w) * job.utilization_pct / 100.0
     return power_w, revenue
@@ -282,7 +274,7 @@ def gpu_summary(gpus: GpuFleet | None, config: AgentConfig) -> str:
     return f"{len(gpus.node_ids)} GPU nodes ({cards} simulated {models})"
 
 
-def status_line(hhmm: str, price: float, snapshot: Snapshot, plan: Plan, ledger: Ledger) -> str:
+def status_line(hhmm: str, price: float, snapshot: Snapshot, plan: Plan, ledger: Tally) -> str:
     by_model: dict[str, int] = {}
     asleep = 0
     for m in snapshot.miners:
@@ -307,23 +299,24 @@ def status_line(hhmm: str, price: float, snapshot: Snapshot, plan: Plan, ledger:
         f"{hhmm}  {price:>11,.2f}  {sum(by_model.values()):>3} ({mining:>7})  {asleep:>6}  "
         f"{jobs:>13}  {suspended:>4}  {caps:>9}  {gpu_kw:>6.1f}  "
         f"{site_kw:>7.1f}  {plan.planned_power_w / 1000:>7.1f}  {plan.limit_w / 1000:>5.0f}  "
-        f"{ledger.profit_usd:>8.2f}  {ledger.base_profit_usd:>11.2f}"
+        f"{ledger.agent.profit_usd:>8.2f}  {ledger.always_on.profit_usd:>11.2f}"
     )
 
 
-def print_summary(ledger: Ledger, agent: Agent, out: Any) -> None:
+def print_summary(ledger: Tally, agent: Agent, out: Any) -> None:
+    mine, base = ledger.agent, ledger.always_on
     rows = [
-        ("energy MWh", ledger.energy_mwh, ledger.base_energy_mwh, ".3f"),
-        ("mining revenue $", ledger.revenue_usd, ledger.base_revenue_usd, ".2f"),
-        ("AI revenue $", ledger.ai_revenue_usd, ledger.base_ai_revenue_usd, ".2f"),
-        ("energy cost $", ledger.cost_usd, ledger.base_cost_usd, ".2f"),
-        ("profit $", ledger.profit_usd, ledger.base_profit_usd, ".2f"),
+        ("energy MWh", mine.energy_mwh, base.energy_mwh, ".3f"),
+        ("mining revenue $", mine.mining_usd, base.mining_usd, ".2f"),
+        ("AI revenue $", mine.ai_usd, base.ai_usd, ".2f"),
+        ("energy cost $", mine.energy_cost_usd, base.energy_cost_usd, ".2f"),
+        ("profit $", mine.profit_usd, base.profit_usd, ".2f"),
     ]
     print("", file=out)
     print(f"{'summary (one replayed day)':<30}{'agent':>12}{'always-on':>12}", file=out)
-    for label, mine, base, fmt in rows:
-        print(f"  {label:<28}{mine:>12{fmt}}{base:>12{fmt}}", file=out)
-    gain = ledger.profit_usd - ledger.base_profit_usd
+    for label, a, b, fmt in rows:
+        print(f"  {label:<28}{a:>12{fmt}}{b:>12{fmt}}", file=out)
+    gain = mine.profit_usd - base.profit_usd
     print(f"  agent ahead of always-on by ${gain:,.2f}", file=out)
     if any(f.name == "gpus" for f in agent.fleets):
         by_class = ", ".join(

@@ -44,7 +44,7 @@ from drivers.inputs import (
     load_yaml,
     read_text_file,
 )
-from drivers.prices.hashprice import ComputedHashpriceSettings
+from drivers.prices.hashprice import ComputedHashpriceSettings, CsvHashpriceSettings
 from drivers.prices.http_json import HttpJsonSettings
 
 
@@ -101,6 +101,13 @@ class MinerModelConfig(Strict):
     profiles: list[ProfileConfig] = Field(min_length=1)
     standby_w: NonNegDeviceW = 30.0
     nameplate_w: DeviceW | None = None  # defaults to the highest profile's power
+    # Switching costs (agent.control.site): a wake loses this much hashing while the miner
+    # boots and its boards come up, and draws this much energy beyond its profile's; a sleep
+    # draws this much extra (fans and shutdown). The policy, the planner and the settlement use
+    # them. None: the site default, ``control.miner_wake_lost_s`` (agent.control.site).
+    wake_lost_s: float | None = Field(default=None, ge=0, le=86_400, allow_inf_nan=False)
+    wake_energy_wh: float = Field(default=0.0, ge=0, le=1e6, allow_inf_nan=False)
+    sleep_energy_wh: float = Field(default=0.0, ge=0, le=1e6, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _check(self) -> MinerModelConfig:
@@ -182,7 +189,11 @@ class JobClassContract(Strict):
 
     usd_per_gpu_hour: NonNegFloat
     penalty_usd: NonNegFloat = 0.0  # per interruption (SLA contracts)
-    checkpoint_interval_s: NonNegSeconds = 1800.0  # preemption loses on average half of this
+    # A suspension loses the work since the last checkpoint (0: the job never checkpoints, and
+    # loses everything since it last started).
+    checkpoint_interval_s: NonNegSeconds = 1800.0
+    # A resume spends this long reloading the checkpoint before the job earns again.
+    resume_s: float = Field(default=0.0, ge=0, le=86_400, allow_inf_nan=False)
 
 
 class SimJobConfig(Strict):
@@ -245,8 +256,9 @@ class HashpriceConfig(Strict):
     usd_per_ph_day: float = Field(
         default=55.0, gt=0, le=MAX_HASHPRICE_USD_PER_PH_DAY, allow_inf_nan=False
     )
-    # A live feed: an HTTP JSON number in USD/PH/day, or computed from BTC price and difficulty.
-    feed: HttpJsonSettings | ComputedHashpriceSettings | None = Field(
+    # A live feed: an HTTP JSON number in USD/PH/day, computed from BTC price and difficulty,
+    # or a daily series replayed on the market's clock (csv_replay).
+    feed: HttpJsonSettings | ComputedHashpriceSettings | CsvHashpriceSettings | None = Field(
         default=None, discriminator="type"
     )
     poll_interval_s: Seconds = 600.0
@@ -333,9 +345,11 @@ class ControlConfig(Strict):
     min_off_s: NonNegSeconds = 300.0
     # Rungs of the GPU power-cap ladder (per GPU, from the card's minimum to its maximum cap).
     gpu_cap_step_w: DeviceW = 100.0
-    # Hashing a miner loses per wake (boot, ramp, the pool's average catching up): the horizon
-    # planner weighs it, the backtest charges it. An assumption until measured per model.
-    miner_wake_lost_s: float = Field(default=600.0, ge=0, le=86_400)
+    # Hashing a miner loses per wake (boot, ramp, the pool's average catching up) for every
+    # miner model that sets no ``wake_lost_s`` of its own: the policy, the horizon planner and
+    # the settlement all use it (agent.control.site.wake_lost_s). 0 (the default): waking such
+    # a model loses nothing; measure it per model (``miner_models.*.wake_lost_s``).
+    miner_wake_lost_s: float = Field(default=0.0, ge=0, le=86_400, allow_inf_nan=False)
 
 
 class EconomicsConfig(Strict):
@@ -433,10 +447,17 @@ class AgentConfig(Strict):
                 out.append((m.id, m.address, m))
                 continue
             first = ipaddress.IPv4Address(m.address)
-            width = max(3, len(str(m.count)))
-            for k in range(m.count):
-                out.append((f"{m.id}-{k + 1:0{width}d}", str(first + k), m))
+            for k, device_id in enumerate(unit_ids(m.id, m.count)):
+                out.append((device_id, str(first + k), m))
         return out
+
+
+def unit_ids(base_id: str, count: int) -> list[str]:
+    """Device ids of a ``count`` config line: the id itself, or ``id-001``, ``id-002``..."""
+    if count == 1:
+        return [base_id]
+    width = max(3, len(str(count)))
+    return [f"{base_id}-{k + 1:0{width}d}" for k in range(count)]
 
 
 def resolve_secret(value: str) -> str:
@@ -553,9 +574,17 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
     fourcp = cfg.grid.fourcp
     if fourcp.system_load_csv is not None:
         fourcp = fourcp.model_copy(update={"system_load_csv": fix(fourcp.system_load_csv)})
+    economics = cfg.economics
+    feed = economics.hashprice.feed
+    if isinstance(feed, CsvHashpriceSettings):
+        hashprice = economics.hashprice.model_copy(
+            update={"feed": feed.model_copy(update={"path": fix(feed.path)})}
+        )
+        economics = economics.model_copy(update={"hashprice": hashprice})
     return cfg.model_copy(
         update={
             "prices": prices.model_copy(update={"realtime": realtime, "day_ahead": day_ahead}),
             "grid": cfg.grid.model_copy(update={"fourcp": fourcp}),
+            "economics": economics,
         }
     )

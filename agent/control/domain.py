@@ -186,6 +186,10 @@ class Action:
     reason: str
     delta_power_w: float  # expected change in site power (negative = shed)
     job_id: str | None = None
+    # What the switch costs (agent.control.site): revenue or work lost, and extra energy. The
+    # settlement charges exactly these when the action is carried out.
+    switch_lost_usd: float = 0.0
+    switch_energy_wh: float = 0.0
 
     @property
     def sheds(self) -> bool:

@@ -41,4 +41,10 @@ def gpu_throughput_fraction(cap_w: float, max_cap_w: float, min_cap_w: float) ->
 def ai_revenue_usd_per_h(
     gpus: int, usd_per_gpu_hour: float, cap_w: float, max_cap_w: float, min_cap_w: float
 ) -> float:
-    return gpus * usd_per_gpu_hour * gpu_throughput_fraction(cap_w, max_cap_w, min_cap_w)
+    frac = gpu_throughput_fraction(cap_w, max_cap_w, min_cap_w)
+    return ai_revenue_at_fraction_usd_per_h(gpus, usd_per_gpu_hour, frac)
+
+
+def ai_revenue_at_fraction_usd_per_h(gpus: int, usd_per_gpu_hour: float, frac: float) -> float:
+    """What a running job earns at a throughput fraction (its node's cap, above)."""
+    return gpus * usd_per_gpu_hour * frac

@@ -68,7 +68,9 @@ STATUS_CODE = {s: k for k, s in enumerate(PlanStatus)}
 
 @dataclass(frozen=True, slots=True)
 class SwitchingCost:
-    """What cycling one miner costs (per unit): hashing lost on wake, energy overheads."""
+    """What cycling one miner costs (per unit): hashing lost on wake, energy overheads. Callers
+    build it from the site model (:func:`agent.control.site.planner_switching`), so the plan
+    weighs what the policy and the settlement charge."""
 
     wake_lost_s: float = 0.0  # seconds of hashing lost after a wake (ramp and catch-up)
     wake_energy_kwh: float = 0.0  # energy drawn by a wake beyond the profile's power
@@ -207,7 +209,9 @@ def unit_cycle_cost_usd(
     price_usd_per_mwh: float,
 ) -> float:
     """One unit's wake and sleep at energy price ``price_usd_per_mwh``: the hashing lost at its
-    top point plus the energy overheads. The planner weighs it; the backtest charges it."""
+    top point plus the energy overheads. With ``switching`` from
+    :func:`agent.control.site.planner_switching` it is the site model's wake (to the top point)
+    and sleep cost, what the policy weighs and the settlement charges."""
     top_rev_h = max(
         (hashprice * p.hashrate_ths / 1000.0 / 24.0 * (1.0 - fee) for p in points), default=0.0
     )

@@ -25,17 +25,22 @@ How it works, once per call:
 * **Jobs.** ``sla`` jobs are never shed without a mandatory grid event (emergency, override);
   under one they are the last steps shed (the first taken), ordered by value plus penalty.
   ``preemptible`` and ``filler`` jobs compete by value density; filler's low contract rate puts
-  it behind every better use of the same power. Suspending a running job loses the work since its
-  last checkpoint: ``gpus × rate × hours since checkpoint`` (since its start when it never
-  checkpointed). That loss, spread over the horizon a suspension commits to
-  (``max(control.interval_s, control.min_off_s)``), is added to the value of keeping it, and the
-  ladder is made monotone again by pooling adjacent steps. ``REQUEUE_JOB`` is never planned:
-  suspension keeps the job's memory, so requeueing is the scheduler's fallback, not a dispatch
-  choice.
+  it behind every better use of the same power. ``REQUEUE_JOB`` is never planned: suspension
+  keeps the job's memory, so requeueing is the scheduler's fallback, not a dispatch choice.
+* **Switching costs** are the site model's (:mod:`agent.control.site`), the same functions the
+  settlement charges, and every action carries its own (``Action.switch_lost_usd``,
+  ``switch_energy_wh``). Suspending a running job loses what it earned since its checkpoint (the
+  known one, or every ``checkpoint_interval_s`` of run by its contract) and an SLA contract's
+  penalty; resuming one loses its ``resume_s`` of reload; waking a miner loses ``wake_lost_s`` of
+  hashing and draws ``wake_energy_wh``, sleeping it ``sleep_energy_wh``. Each one-off cost is
+  spread over what the switch commits the site to (the dwell time, at least one 15-minute
+  settlement interval): keeping a running job or miner gains it, starting one pays it, and a
+  node's ladder is made monotone again by pooling adjacent steps.
 * **Host overhead** is counted whenever the node is up, jobs or not: the policy has no action
   that powers a host down, so an empty node keeps drawing it. That is safe for limits, and right
   for economics (suspending the last job does not save it).
-* **Events.** Every event's target (``max_site_kw`` or ``baseline − shed_kw``) less the safety
+* **Events.** Every event's target (the stricter of ``max_site_kw`` and ``baseline − shed_kw``,
+  :func:`agent.control.settlement.event_target_w`) less the safety
   margin is a ceiling on planned site power. Mandatory events (emergency, override) and 4CP
   windows always bind; only mandatory ones may shed SLA jobs. Economic events are opt-in: the
   plan is made with and without the event, and it complies when the payment
@@ -99,31 +104,35 @@ from agent.control.domain import (
     Plan,
     Snapshot,
 )
-from agent.control.economics import energy_cost_usd_per_h, gpu_throughput_fraction
+from agent.control.economics import (
+    ai_revenue_at_fraction_usd_per_h,
+    energy_cost_usd_per_h,
+    gpu_throughput_fraction,
+)
+from agent.control.settlement import (
+    event_target_w,
+    fourcp_adder_usd_per_mwh,
+    fourcp_risk_priced,
+)
+from agent.control.site import (
+    NO_COST,
+    SwitchCost,
+    checkpoint_age_s,
+    commit_horizon_s,
+    contract,
+    node_power_w,
+    resume_cost,
+    site_limit_w,
+    sleep_cost,
+    suspend_cost,
+    wake_cost,
+    wake_lost_s,
+)
 from drivers.grid.base import ProgramKind
 from drivers.jobs.base import JobClass, JobState
 
-# ERCOT measures 4CP on 15-minute settlement intervals.
-FOURCP_INTERVAL_H = 0.25
 _EPS_W = 1e-6
 _INF = float("inf")
-
-
-def event_limit_w(active: ActiveEvent) -> float | None:
-    """The site-load ceiling an event asks for (the stricter of its two target forms)."""
-    event = active.event
-    limits = []
-    if event.max_site_kw is not None:
-        limits.append(event.max_site_kw * 1000.0)
-    if event.shed_kw is not None:
-        limits.append(active.baseline_w - event.shed_kw * 1000.0)
-    return min(limits) if limits else None
-
-
-def fourcp_adder_usd_per_mwh(risk: float, rate_usd_per_kw_year: float) -> float:
-    """Expected 4CP charge of 1 kW held through one 15-minute interval, per MWh it draws."""
-    risk = min(max(risk, 0.0), 1.0)
-    return risk * rate_usd_per_kw_year / 4.0 / (FOURCP_INTERVAL_H / 1000.0)
 
 
 # --- following a horizon plan ------------------------------------------------------------------
@@ -293,9 +302,11 @@ def _node_ladder(
         cum_g.append(cum_g[-1] + g)
         cum_rate.append(cum_rate[-1] + g * rate)
 
+    # A node's power is linear in its cap: its power at cap 0, plus the busy GPUs at the cap.
+    at_zero = [node_power_w(host_w, gpu_count, idle_w, g, 0.0) for g in cum_g]
+
     def power(k: int, j: int) -> float:
-        busy = cum_g[k]
-        return host_w + busy * levels[j] + max(gpu_count - busy, 0) * idle_w
+        return at_zero[k] + cum_g[k] * levels[j]
 
     rungs: list[_NodeRung] = [(0, -1, host_w + gpu_count * idle_w, 0.0)]
     for k in range(1, n_sla + 1):
@@ -342,6 +353,9 @@ class _Group:
     rungs: tuple[_NodeRung, ...] = ()
     levels: tuple[float, ...] = ()
     jobs: tuple[JobView, ...] = ()  # dispatch order
+    # A cached node group: per top rung, the cap and job states it plans when that changes
+    # nothing (no action), so an unchanged node is planned by a lookup.
+    quiet: dict[int, tuple[float, dict[str, JobState]]] | None = None
 
     @property
     def size(self) -> int:
@@ -395,6 +409,7 @@ class _Ctx:
     mandatory: bool
     ramp_w: float
     fourcp_note: str
+    costs: _Costs
 
 
 @functools.lru_cache(maxsize=64)
@@ -451,9 +466,9 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     fourcp = config.grid.fourcp
     adder = 0.0
     fourcp_note = ""
-    risk = snapshot.fourcp_risk
-    if fourcp.enabled and risk > 0 and risk >= fourcp.risk_threshold:
-        adder = fourcp_adder_usd_per_mwh(risk, fourcp.rate_usd_per_kw_year)
+    risk = fourcp_risk_priced(fourcp, snapshot.fourcp_risk)
+    if risk > 0:
+        adder = fourcp_adder_usd_per_mwh(fourcp.rate_usd_per_kw_year, risk)
         why = f" ({snapshot.fourcp_reason})" if snapshot.fourcp_reason else ""
         fourcp_note = f"4CP risk {risk:.0%}{why}: expected peak charge adds {adder:,.0f} $/MWh"
         notes.append(fourcp_note)
@@ -464,11 +479,11 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
 
     # --- limits -----------------------------------------------------------------------------
     mandatory = any(a.event.mandatory for a in snapshot.events)
-    limit_w = max(site.interconnect_limit_kw * 1000.0 - margin_w, 0.0)
+    limit_w = site_limit_w(config)
     binding = "interconnect"
     economic: list[tuple[ActiveEvent, float]] = []
     for active in sorted(snapshot.events, key=lambda a: a.event.event_id):
-        target = event_limit_w(active)
+        target = event_target_w(active.event, active.baseline_w)
         if target is None:
             continue
         target = max(target - margin_w, 0.0)
@@ -531,14 +546,22 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         )
         miner_groups[key] = (group, cur == 0 and held_off, cur != 0 and held_on)
         groups.append(group)
+    costs = _Costs(
+        config=config,
+        now_s=now.timestamp(),
+        off_h=commit_horizon_s(control.interval_s, min_off_s) / 3600.0,
+        on_h=commit_horizon_s(control.interval_s, min_on_s) / 3600.0,
+        price=price,
+        hashprice=hashprice,
+        fee=fee,
+    )
     for gi, (group, blocked, forced) in enumerate(miner_groups.values()):
         size = len(group.miners)
         add_base(group.path, group.rung_power_w[0] * group.count * size)
         if blocked:
             continue  # minimum off time: nothing may start these
-        _miner_steps(gi, group, forced, steps)
+        _miner_steps(gi, group, forced, costs, steps)
 
-    horizon_h = max(control.interval_s, min_off_s) / 3600.0
     for n in sorted(snapshot.gpu_nodes, key=_by_id):
         path = paths.get(n.circuit, ()) if n.circuit else ()
         if n.fault is not None or (n.measured_power_w is None and n.reading_age_s is not None):
@@ -546,7 +569,7 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
             add_base(path, n.worst_case_power_w * n.count)
             continue
         group = _node_group(
-            n, path, control, now, (on_cut, off_cut), horizon_h, len(groups), steps, holds.jobs
+            n, path, control, now, (on_cut, off_cut), costs, len(groups), steps, holds.jobs
         )
         groups.append(group)
         add_base(path, group.rung_power_w[0] * n.count)
@@ -566,6 +589,7 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
         mandatory=mandatory,
         ramp_w=snapshot.ramp_headroom_w,
         fourcp_note=fourcp_note,
+        costs=costs,
     )
     result = _dispatch(ctx, load.device_budget_w(limit_w), binding)
 
@@ -627,17 +651,34 @@ def _ceiling_rung(group: _Group) -> int:
     return max((r for r in range(top + 1) if ladder.point_index[r] <= limit), default=0)
 
 
-def _miner_steps(gi: int, group: _Group, forced: bool, steps: list[_Step]) -> None:
+def _miner_steps(gi: int, group: _Group, forced: bool, costs: _Costs, steps: list[_Step]) -> None:
     ladder = group.ladder
     assert ladder is not None
     pw = ladder.power_w
-    cur_w = pw[0] if group.cur_point == 0 else group.miners[0].points[group.cur_point].power_w
+    asleep = group.cur_point == 0
+    cur_w = pw[0] if asleep else group.miners[0].points[group.cur_point].power_w
     count = group.count
     vals = group.rung_value_usd_per_h
+    # Switching costs (agent.control.site): waking loses hashing in proportion to the hashrate
+    # woken (every step's value shrinks alike) and draws extra energy (on the first step);
+    # keeping a running miner avoids the energy of putting it to sleep.
+    model = costs.config.miner_models.get(group.miners[0].model)
+    keep = 1.0
+    first_usd_h = 0.0
+    if model is not None:
+        if asleep:
+            keep = max(0.0, 1.0 - wake_lost_s(costs.config, model) / (costs.on_h * 3600.0))
+            first_usd_h = -model.wake_energy_wh / 1e6 * costs.price / costs.on_h
+        else:
+            first_usd_h = model.sleep_energy_wh / 1e6 * costs.price / costs.off_h
     prev = _INF
     for r in range(1, _ceiling_rung(group) + 1):
         dp = pw[r] - pw[r - 1]
         dv = vals[r] - vals[r - 1]
+        if keep != 1.0:
+            dv *= keep
+        if r == 1 and first_usd_h:
+            dv += first_usd_h
         # The hull makes densities fall along the ladder; min() keeps rounding from
         # ever sorting a step before the one below it.
         density = prev = min(prev, _INF if dp <= 0 else dv / dp * 1e6)
@@ -654,13 +695,37 @@ def _levels(min_cap_w: float, max_cap_w: float, step_w: float) -> tuple[float, .
     return cap_levels_w(min_cap_w, max_cap_w, step_w)
 
 
-def _lost_work_usd(job: JobView, now: datetime) -> float:
-    """Work a running job loses if interrupted now (SLA: its contract penalty)."""
-    if job.job_class == JobClass.SLA:
-        return job.penalty_usd
-    since = job.last_checkpoint_at or job.commanded_since
-    hours = max((now - since).total_seconds(), 0.0) / 3600.0
-    return job.gpus * job.usd_per_gpu_hour * hours
+@dataclass(frozen=True, slots=True)
+class _Costs:
+    """This call's switching costs (one model, :mod:`agent.control.site`) and the horizons a
+    one-off cost is spread over to compare it with energy prices."""
+
+    config: AgentConfig
+    now_s: float
+    off_h: float  # a suspension or a sleep commits to the minimum off time
+    on_h: float  # a resume or a wake commits to the minimum on time
+    price: float  # effective USD/MWh: what extra energy costs
+    hashprice: float
+    fee: float
+
+
+def _job_cost(job: JobView, n: GpuNodeView, costs: _Costs, frac: float | None = None) -> SwitchCost:
+    """Suspending a running job (its work since the checkpoint, its penalty), or resuming a
+    suspended one (its reload time). ``frac``: the node's throughput fraction, if known."""
+    terms = contract(costs.config, job.job_class)
+    if job.state is JobState.RUNNING:
+        if frac is None:
+            frac = gpu_throughput_fraction(n.cap_w, n.max_cap_w, n.min_cap_w)
+        rev = ai_revenue_at_fraction_usd_per_h(job.gpus, job.usd_per_gpu_hour, frac)
+        ckpt = job.last_checkpoint_at
+        age = checkpoint_age_s(
+            costs.now_s,
+            job.commanded_since.timestamp(),
+            None if ckpt is None else ckpt.timestamp(),
+            terms.checkpoint_interval_s,
+        )
+        return suspend_cost(job.penalty_usd, rev, age)
+    return resume_cost(terms, job.gpus, job.usd_per_gpu_hour)
 
 
 @dataclass(frozen=True, slots=True)
@@ -703,7 +768,7 @@ def _node_template(
 ) -> _NodeTemplate:
     rungs = _node_ladder(gpu_count, min_cap_w, max_cap_w, idle_w, host_w, step_w, jobs, n_sla)
     levels = cap_levels_w(min_cap_w, max_cap_w, step_w)
-    cur_w = host_w + busy_gpus * cap_w + max(gpu_count - busy_gpus, 0) * idle_w
+    cur_w = node_power_w(host_w, gpu_count, idle_w, busy_gpus, cap_w)
     on = [True]
     for r in range(1, len(rungs)):
         k, j = rungs[r][0], rungs[r][1]
@@ -731,39 +796,80 @@ def _node_template(
     )
 
 
+# Per job in dispatch order, what its switch costs depend on besides the clock: running, SLA
+# penalty, revenue per hour at the node's cap, run since (s), last checkpoint (s) or None,
+# checkpoint period (s), and what a resume loses (USD).
+_JobTerms = tuple[bool, float, float, float, float | None, float, float]
+
+
+def _job_terms(
+    ordered: tuple[JobView, ...], n: GpuNodeView, config: AgentConfig
+) -> tuple[_JobTerms, ...]:
+    frac = gpu_throughput_fraction(n.cap_w, n.max_cap_w, n.min_cap_w)
+    out = []
+    for job in ordered:
+        terms = contract(config, job.job_class)
+        ckpt = job.last_checkpoint_at
+        out.append(
+            (
+                job.state is JobState.RUNNING,
+                job.penalty_usd,
+                ai_revenue_at_fraction_usd_per_h(job.gpus, job.usd_per_gpu_hour, frac),
+                job.commanded_since.timestamp(),
+                None if ckpt is None else ckpt.timestamp(),
+                terms.checkpoint_interval_s,
+                resume_cost(terms, job.gpus, job.usd_per_gpu_hour).lost_usd,
+            )
+        )
+    return tuple(out)
+
+
+def _node_bonus(terms: tuple[_JobTerms, ...], costs: _Costs) -> tuple[float, ...] | None:
+    """Cumulative switching bonus (USD/h) of the first k jobs in dispatch order, or None when
+    no job's switch costs anything.
+
+    Keeping a running job avoids what its suspension costs (:func:`_job_cost`: the same
+    site-model functions on the same terms), spread over the horizon a suspension commits to:
+    a bonus on the step that keeps it. Resuming a job costs its reload, spread over the
+    horizon a resume commits to: a malus on the step that resumes it."""
+    cum = [0.0]
+    acc = 0.0
+    changed = False
+    now_s = costs.now_s
+    for running, penalty, rev, since_s, ckpt_s, period_s, resume_usd in terms:
+        if running:
+            age = checkpoint_age_s(now_s, since_s, ckpt_s, period_s)
+            cost = suspend_cost(penalty, rev, age).lost_usd
+            if cost:
+                changed = True
+                acc += cost / costs.off_h
+        elif resume_usd:
+            changed = True
+            acc -= resume_usd / costs.on_h
+        cum.append(acc)
+    return tuple(cum) if changed else None
+
+
 def _pool_with_bonus(
     t: _NodeTemplate,
-    ordered: tuple[JobView, ...],
-    now: datetime,
-    horizon_h: float,
+    cum: tuple[float, ...],
     n_sla: int,
 ) -> tuple[
     Sequence[int], Sequence[int], Sequence[float], Sequence[float], Sequence[bool], Sequence[bool]
 ]:
-    """Steps of a node with running jobs: keeping bonuses added, then pooled to stay concave.
-
-    The keeping bonus is the work a suspension would lose, spread over the horizon it commits
-    to; it raises the value of the step that keeps the job. The template's steps are concave,
-    so only a step whose bonus changed its value can break the order; from the first such
-    step on, adjacent (non-SLA) steps are pooled until the values fall again.
+    """Steps of a node with switching bonuses (:func:`_node_bonus`) added, then pooled to stay
+    concave. The template's steps are concave, so only a step whose value changed can break
+    the order; from the first such step on, adjacent (non-SLA) steps are pooled until the
+    values fall again.
     """
-    cum = [0.0]
-    acc = 0.0
-    for job in ordered:
-        if job.state is JobState.RUNNING:
-            acc += _lost_work_usd(job, now)
-        cum.append(acc)
-    if acc == 0.0:
-        return t.lo, t.hi, t.dp, t.dv, t.on, t.held
     k_lo, k_hi = t.k_lo, t.k_hi
     lo, hi, dp, dv = list(t.lo), list(t.hi), list(t.dp), list(t.dv)
     ons, helds = list(t.on), list(t.held)
     on, held = t.on, t.held
-    per_h = 1.0 / horizon_h
     out = 0
     checking = False
     for i in range(len(dp)):
-        bonus = (cum[k_hi[i]] - cum[k_lo[i]]) * per_h
+        bonus = cum[k_hi[i]] - cum[k_lo[i]]
         if out != i:
             lo[out], hi[out], dp[out] = lo[i], hi[i], dp[i]
             ons[out], helds[out] = on[i], held[i]
@@ -786,28 +892,38 @@ def _pool_with_bonus(
     return lo[:out], hi[:out], dp[:out], dv[:out], ons[:out], helds[:out]
 
 
-def _node_group(
+@dataclass(frozen=True, slots=True)
+class _NodeStatic:
+    """The time-free part of a node's group: its jobs in dispatch order and their template."""
+
+    ordered: tuple[JobView, ...]
+    n_sla: int
+    t: _NodeTemplate
+    lost_any: bool  # some job runs (a suspension would lose work)
+    latest: datetime | None  # newest command among its jobs (None: no job)
+
+
+def _node_static(
     n: GpuNodeView,
-    path: tuple[str, ...],
-    control: ControlConfig,
-    now: datetime,
-    cuts: tuple[datetime, datetime],  # (minimum on, minimum off): commands after these hold
-    horizon_h: float,
-    gi: int,
-    steps: list[_Step],
+    step_w: float,
+    on_cut: datetime,
+    off_cut: datetime,
     planned_runs: Mapping[str, bool] = _NO_JOBS,
-) -> _Group:
-    """A node's group: its jobs in dispatch order, its rungs, and its merit-order steps."""
-    on_cut, off_cut = cuts
+) -> _NodeStatic:
+    """Rank a node's jobs (SLA, held, the rest by rate; a job the horizon plan defers last, at
+    no value; one it runs held) and look up the template of that ranking."""
     ranked: list[tuple[int, float, bool, str, JobView]] = []
     n_sla = n_held = busy = 0
     lost_any = False
+    latest: datetime | None = None
     for job in n.jobs:
         state = job.state
         if state is not JobState.RUNNING and state is not JobState.SUSPENDED:
             continue  # pending, completed, failed: the scheduler's business, no power of ours
         running = state is JobState.RUNNING
         since = job.commanded_since
+        if latest is None or since > latest:
+            latest = since
         planned = planned_runs.get(job.job_id)
         if running:
             busy += job.gpus
@@ -840,7 +956,7 @@ def _node_group(
         n.max_cap_w,
         n.idle_w,
         n.host_overhead_w,
-        control.gpu_cap_step_w,
+        step_w,
         tuple((j.gpus, j.usd_per_gpu_hour) for j in ordered),
         n_sla,
         n_sla + n_held,
@@ -848,26 +964,107 @@ def _node_group(
         busy,
         n.cap_w,
     )
+    return _NodeStatic(ordered, n_sla, t, lost_any, latest)
+
+
+# Identity cache of node statics (as for miner ladders): a node's view is rebuilt only when its
+# jobs or cap change, so between changes its ranking and template are looked up, not rebuilt.
+# An entry is used only once no job of the node is within a dwell time (the ranking then no
+# longer depends on the clock); the entry keeps the view alive, so its id is never reused. It
+# also keeps the node's steps, keyed by the switching bonuses they were built with.
+@dataclass(slots=True)
+class _NodeMemo:
+    """What a node's cache entry keeps besides its static: its jobs' cost terms (per config)
+    and its steps per (group index, switching bonuses)."""
+
+    config: AgentConfig | None = None
+    terms: tuple[_JobTerms, ...] = ()
+    steps: dict[tuple[int, tuple[float, ...]], list[_Step]] = field(default_factory=dict)
+    group: _Group | None = None  # a node's group is never changed by a dispatch
+    group_path: tuple[str, ...] | None = None
+
+
+_NODE_BY_ID: dict[int, tuple[GpuNodeView, float, _NodeStatic, _NodeMemo]] = {}
+
+
+def _node_group(
+    n: GpuNodeView,
+    path: tuple[str, ...],
+    control: ControlConfig,
+    now: datetime,
+    cuts: tuple[datetime, datetime],  # (minimum on, minimum off): commands after these hold
+    costs: _Costs,
+    gi: int,
+    steps: list[_Step],
+    planned_runs: Mapping[str, bool] = _NO_JOBS,
+) -> _Group:
+    """A node's group: its jobs in dispatch order, its rungs, and its merit-order steps."""
+    on_cut, off_cut = cuts
+    step_w = control.gpu_cap_step_w
+    # A node with a job in the horizon plan is ranked by the plan, which changes by the block:
+    # it never reads or stores the identity cache (a cached ranking would ignore the plan).
+    planned = bool(planned_runs) and any(j.job_id in planned_runs for j in n.jobs)
+    hit = None if planned else _NODE_BY_ID.get(id(n))
+    memo: _NodeMemo | None = None
+    if hit is not None and hit[0] is n and hit[1] == step_w and _settled(hit[2], cuts):
+        static, memo = hit[2], hit[3]
+    else:
+        static = _node_static(n, step_w, on_cut, off_cut, planned_runs)
+        if not planned and _settled(static, cuts):
+            if len(_NODE_BY_ID) > 4096:
+                _NODE_BY_ID.clear()
+            memo = _NodeMemo()
+            _NODE_BY_ID[id(n)] = (n, step_w, static, memo)
+    ordered, n_sla, t = static.ordered, static.n_sla, static.t
+    # Switching costs make the steps depend on the clock: a running job's checkpoint age, a
+    # suspended job's reload when its contract has one.
+    if memo is not None and memo.config is costs.config:
+        terms = memo.terms
+    else:
+        terms = _job_terms(ordered, n, costs.config)
+        if memo is not None:
+            memo.config, memo.terms, memo.steps = costs.config, terms, {}
     count = n.count
-    group = _Group(
-        count=count,
-        path=path,
-        rung_power_w=t.rung_power_w,
-        rung_value_usd_per_h=t.rung_value_usd_per_h,
-        miners=[],
-        node=n,
-        rungs=t.rungs,
-        levels=t.levels,
-        jobs=ordered,
-    )
+    group = None if memo is None or memo.group_path != path else memo.group
+    if group is None:
+        group = _Group(
+            count=count,
+            path=path,
+            rung_power_w=t.rung_power_w,
+            rung_value_usd_per_h=t.rung_value_usd_per_h,
+            miners=[],
+            node=n,
+            rungs=t.rungs,
+            levels=t.levels,
+            jobs=ordered,
+            quiet=None if memo is None else {},
+        )
+        if memo is not None:
+            memo.group, memo.group_path = group, path
+    cached = None if memo is None else memo.steps
+    if cached is not None:
+        # Checkpoint ages repeat (a settlement interval divides the checkpoint period), so a
+        # node whose view has not changed meets the same bonuses again and again: its steps
+        # are a function of its running jobs' checkpoint ages.
+        now_s = costs.now_s
+        ages = tuple(
+            checkpoint_age_s(now_s, since_s, ckpt_s, period_s) if running else 0.0
+            for running, _, _, since_s, ckpt_s, period_s, _ in terms
+        )
+        hit_steps = cached.get((gi, ages))
+        if hit_steps is not None:
+            steps.extend(hit_steps)
+            return group
+    bonus = _node_bonus(terms, costs) if terms else None
+    first = len(steps)
     lo: Sequence[int] = t.lo
     hi: Sequence[int] = t.hi
     dp: Sequence[float] = t.dp
     dv: Sequence[float] = t.dv
     ons: Sequence[bool] = t.on
     helds: Sequence[bool] = t.held
-    if lost_any:
-        lo, hi, dp, dv, ons, helds = _pool_with_bonus(t, ordered, now, horizon_h, n_sla)
+    if bonus is not None:
+        lo, hi, dp, dv, ons, helds = _pool_with_bonus(t, bonus, n_sla)
 
     pw = t.rung_power_w
     cur_w = t.cur_w
@@ -891,7 +1088,17 @@ def _node_group(
             (0 if sla else 1, -density, 0 if is_on else 1, gi, b, a, p * count, new_w, density,
              is_on, helds[i], sla)
         )  # fmt: skip
+    if cached is not None:
+        if len(cached) > 16:
+            cached.clear()
+        cached[(gi, ages)] = steps[first:]
     return group
+
+
+def _settled(static: _NodeStatic, cuts: tuple[datetime, datetime]) -> bool:
+    """No job of the node is within a minimum on or off time: its ranking is time-free."""
+    latest = static.latest
+    return latest is None or (latest <= cuts[0] and latest <= cuts[1])
 
 
 def _dispatch(ctx: _Ctx, limit_w: float, binding: str) -> _Result:
@@ -909,6 +1116,8 @@ def _dispatch(ctx: _Ctx, limit_w: float, binding: str) -> _Result:
     price, hyst, ramp_w, hold = ctx.price, ctx.hyst, ctx.ramp_w, ctx.hold
     on_thr, off_thr = price - hyst, price + hyst
     limit_cause = f"{binding} limit {limit_w / 1000:,.1f} kW reached"
+    # Circuit paths only where the site has circuits (most steps then skip two loops).
+    paths = [g.path for g in groups] if lim else None
 
     # Without a mandatory event, running SLA jobs stay whatever the limits say.
     sla_kept_w = 0.0
@@ -957,12 +1166,13 @@ def _dispatch(ctx: _Ctx, limit_w: float, binding: str) -> _Result:
             if n_fit < fit:
                 fit, cause = n_fit, limit_cause
                 bound.add(binding)
-            for c in groups[gi].path:
-                room = lim[c] - use[c] + _EPS_W
-                n_fit = int(room // grow) if room > 0 else 0
-                if n_fit < fit:
-                    fit, cause = n_fit, f"circuit {c} limit {lim[c] / 1000:,.1f} kW reached"
-                    bound.add(f"circuit:{c}")
+            if paths is not None:
+                for c in paths[gi]:
+                    room = lim[c] - use[c] + _EPS_W
+                    n_fit = int(room // grow) if room > 0 else 0
+                    if n_fit < fit:
+                        fit, cause = n_fit, f"circuit {c} limit {lim[c] / 1000:,.1f} kW reached"
+                        bound.add(f"circuit:{c}")
         if new_w > 0 and ramp_w < _INF:
             room = ramp_w - added + _EPS_W
             n_fit = int(room // new_w) if room > 0 else 0
@@ -977,8 +1187,9 @@ def _dispatch(ctx: _Ctx, limit_w: float, binding: str) -> _Result:
             row[r] += fit
         total += grow * fit
         added += new_w * fit
-        for c in groups[gi].path:
-            use[c] += grow * fit
+        if paths is not None:
+            for c in paths[gi]:
+                use[c] += grow * fit
     if fourcp_groups:
         bound.add("4cp")
     return _Result(
@@ -1109,8 +1320,24 @@ def _miner_actions(
             why = _increase_reason(ctx, result, gi)
         reason = f"{first.model} {old.name} -> {new.name}: {why}"
         delta = (new.power_w - old.power_w) * group.count
+        cost = NO_COST
+        model = ctx.costs.config.miner_models.get(first.model)
+        if model is not None and kind is ActionKind.SLEEP:
+            cost = sleep_cost(model).times(group.count)
+        elif model is not None and kind is ActionKind.WAKE:
+            cost = wake_cost(ctx.costs.config, model, new, ctx.costs.hashprice).times(group.count)
         for m in members:
-            actions.append(Action(m.device_id, kind, new.name, reason, delta))
+            actions.append(
+                Action(
+                    m.device_id,
+                    kind,
+                    new.name,
+                    reason,
+                    delta,
+                    switch_lost_usd=cost.lost_usd,
+                    switch_energy_wh=cost.energy_wh,
+                )
+            )
 
 
 def _node_actions(
@@ -1126,6 +1353,14 @@ def _node_actions(
 ) -> None:
     n = group.node
     assert n is not None
+    quiet = group.quiet
+    if quiet is not None:
+        hit = quiet.get(rung)
+        if hit is not None:
+            caps[n.device_id] = hit[0]
+            job_states.update(hit[1])
+            return
+    n_actions = len(actions)
     k, j, _, _ = group.rungs[rung]
     cap = group.levels[j] if k > 0 and j >= 0 else n.cap_w
     caps[n.device_id] = cap
@@ -1138,12 +1373,14 @@ def _node_actions(
         running = job.state is JobState.RUNNING
         if running and job.job_id in controlled and job.job_id not in planned:
             job_states[job.job_id] = JobState.SUSPENDED
-            lost = _lost_work_usd(job, now)
+            cost = _job_cost(job, n, ctx.costs).times(n.count)
+            lost = cost.lost_usd - job.penalty_usd * n.count
+            work = f"loses {lost:,.2f} $ of work since its checkpoint"
             if job.job_class == JobClass.SLA:
-                what = f"{lost:,.2f} $ penalty"
+                what = f"{job.penalty_usd * n.count:,.2f} $ penalty, {work}"
                 prefix = "SLA job shed last for a mandatory event: "
             else:
-                what = f"loses {lost:,.2f} $ of work since its checkpoint"
+                what = work
                 prefix = ""
             actions.append(
                 Action(
@@ -1156,12 +1393,14 @@ def _node_actions(
                     ),
                     delta_power_w=-job.gpus * max(n.cap_w - n.idle_w, 0.0) * n.count,
                     job_id=job.job_id,
+                    switch_lost_usd=cost.lost_usd,
                 )
             )
         elif running:
             kept_gpus += job.gpus
         elif job.job_id in planned:
             job_states[job.job_id] = JobState.RUNNING
+            cost = _job_cost(job, n, ctx.costs).times(n.count)
             actions.append(
                 Action(
                     device_id=n.device_id,
@@ -1174,6 +1413,7 @@ def _node_actions(
                     ),
                     delta_power_w=job.gpus * max(cap - n.idle_w, 0.0) * n.count,
                     job_id=job.job_id,
+                    switch_lost_usd=cost.lost_usd,
                 )
             )
     if k > 0 and abs(cap - n.cap_w) >= 0.5:
@@ -1198,3 +1438,5 @@ def _node_actions(
                 delta_power_w=kept_gpus * (cap - n.cap_w) * n.count,
             )
         )
+    if quiet is not None and len(actions) == n_actions:
+        quiet[rung] = (caps[n.device_id], {job.job_id: job_states[job.job_id] for job in n.jobs})

@@ -48,6 +48,7 @@ from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 from agent.control.redaction import redact, scrub
+from agent.control.settlement import delivered_w, event_target_w, shortfall_w
 from drivers.errors import AgentError
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind
 
@@ -132,7 +133,7 @@ class ComplianceRow:
 
     @property
     def shortfall_w(self) -> float:
-        return max(0.0, self.measured_w - self.target_w)
+        return shortfall_w(self.measured_w, self.target_w)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +192,7 @@ class EventReport:
     start: datetime
     end: datetime
     baseline_w: float
-    target_w: float | None  # from the event: max_site_kw, or baseline − shed_kw
+    target_w: float | None  # from the event (agent.control.settlement.event_target_w)
     intervals: int
     compliant_intervals: int
     delivered_mwh: float
@@ -283,15 +284,6 @@ def event_from_json(text: str) -> GridEvent:
         penalty_usd_per_mwh=d["penalty_usd_per_mwh"],
         fail=FailDirection(d["fail"]),
     )
-
-
-def event_target_w(event: GridEvent, baseline_w: float) -> float | None:
-    """The site-load ceiling an event sets: ``max_site_kw``, or the baseline less ``shed_kw``."""
-    if event.max_site_kw is not None:
-        return event.max_site_kw * 1000.0
-    if event.shed_kw is not None:
-        return max(0.0, baseline_w - event.shed_kw * 1000.0)
-    return None
 
 
 # --- schema ------------------------------------------------------------------------------
@@ -918,7 +910,7 @@ def _settle(stored: StoredEvent, rows: list[ComplianceRow]) -> EventReport:
     for r in rows:
         hours = r.interval_s / 3600.0
         shortfall_wh += r.shortfall_w * hours
-        delivered_wh += max(0.0, stored.baseline_w - max(r.measured_w, r.target_w)) * hours
+        delivered_wh += delivered_w(stored.baseline_w, r.measured_w, r.target_w) * hours
         if r.measured_w <= r.target_w:
             compliant += 1
     delivered_mwh = round(delivered_wh / 1e6, 6)

@@ -53,7 +53,7 @@ from agent.control.economics import (
     mining_revenue_usd_per_h,
 )
 from agent.control.planner import PlanStatus
-from agent.control.policy import event_limit_w
+from agent.control.settlement import event_target_w
 from agent.outputs.page import OperatorPage
 from agent.runtime.state import AgentState
 from drivers.inputs import RejectionCounter, process_rejections
@@ -434,7 +434,7 @@ class AgentCollector(Collector):
         for a in snap.events:
             e = a.event
             active.add_metric([e.event_id, e.program, e.kind.value], 1.0)
-            limit = event_limit_w(a)
+            limit = event_target_w(a.event, a.baseline_w)
             if limit is None:
                 continue
             limit = max(limit, 0.0)

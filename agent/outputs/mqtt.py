@@ -62,7 +62,7 @@ from agent.control.commands import (
 )
 from agent.control.config import MqttConfig
 from agent.control.domain import Plan, Snapshot
-from agent.control.policy import event_limit_w
+from agent.control.settlement import event_target_w
 from agent.outputs.metrics import miner_state
 from agent.runtime.state import AgentState
 from drivers.bus.base import Bus, BusError, BusMessage, BusSession, BusSettings, LastWill
@@ -263,7 +263,7 @@ def events_payload(snap: Snapshot) -> dict[str, Any]:
     site_w = snap.measured_site_power_w
     events = []
     for a in snap.events:
-        e, target = a.event, event_limit_w(a)
+        e, target = a.event, event_target_w(a.event, a.baseline_w)
         events.append(
             {
                 "event_id": e.event_id,

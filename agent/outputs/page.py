@@ -58,7 +58,7 @@ from agent.control.economics import (
     energy_cost_usd_per_h,
     mining_revenue_usd_per_h,
 )
-from agent.control.policy import event_limit_w
+from agent.control.settlement import event_target_w, shortfall_w
 from agent.runtime.state import AgentState
 from drivers.jobs.base import JobClass, JobState
 
@@ -176,10 +176,10 @@ def workload_rates(
             shed_w = max(0.0, a.baseline_w - site_w)
             power["grid_events"] = max(power["grid_events"], shed_w)
             revenue["grid_events"] += a.event.payment_usd_per_mwh * shed_w / 1e6
-            target = event_limit_w(a)
+            target = event_target_w(a.event, a.baseline_w)
             if target is not None:
-                shortfall_w = max(0.0, site_w - max(target, 0.0))
-                cost["grid_events"] += a.event.penalty_usd_per_mwh * shortfall_w / 1e6
+                short_w = shortfall_w(site_w, target)
+                cost["grid_events"] += a.event.penalty_usd_per_mwh * short_w / 1e6
     for key in _CONSUMING:
         cost[key] = energy_cost_usd_per_h(power[key], price_usd_per_mwh)
     return {k: WorkloadRate(power[k], revenue[k], cost[k]) for k in _KEYS}
@@ -503,8 +503,8 @@ def _events_view(snap: Snapshot, now: datetime) -> list[dict[str, Any]]:
     rows = []
     for a in snap.events[:MAX_ITEMS]:
         e = a.event
-        target = event_limit_w(a)
-        target = None if target is None else _finite(max(target, 0.0))
+        target = event_target_w(a.event, a.baseline_w)
+        target = None if target is None else _finite(target)
         shortfall = None
         if target is not None and site_w is not None:
             shortfall = max(0.0, site_w - target)

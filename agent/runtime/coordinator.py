@@ -36,6 +36,7 @@ from agent.control.planner import (
     SwitchingCost,
     plan_horizon,
 )
+from agent.control.site import RampBudget, planner_switching, ramp_capacity_w, site_limit_w
 from agent.runtime.fleet import Fleet
 from agent.runtime.meter import MeterWatch
 from agent.runtime.state import SourceHealth
@@ -95,8 +96,7 @@ class Coordinator:
         self.planner_solve_s: float | None = None
         self.planner_status: str | None = None
         self.planner_reason = ""
-        self._ramp_at: float | None = None
-        self._ramp_tokens_w = 0.0
+        self._ramp = RampBudget.of(config)
         # Health of every polled source, by name: the loop publishes copies to outputs.
         self.health: dict[str, SourceHealth] = {}
         self.price_changed = asyncio.Event()
@@ -292,19 +292,22 @@ class Coordinator:
         by_model: dict[str, list[MinerView]] = {}
         for miner in (m for v in views for m in v.miners):
             by_model.setdefault(miner.model, []).append(miner)
-        switching = SwitchingCost(wake_lost_s=self.config.control.miner_wake_lost_s)
+        # The site model's switching costs (what the policy and settlement charge); a model the
+        # config does not know (a fleet of its own) loses the site default per wake.
+        models = self.config.miner_models
+        default = SwitchingCost(wake_lost_s=self.config.control.miner_wake_lost_s)
         blocks = tuple(
             MinerBlock(
                 model,
                 sum(m.count for m in miners),
                 miners[0].points,
-                switching,
+                planner_switching(self.config, models[model]) if model in models else default,
                 units_on=sum(m.count for m in miners if m.commanded != m.points[0].name),
             )
             for model, miners in sorted(by_model.items())
         )
         gpu_w = sum(n.worst_case_power_w * n.count for v in views for n in v.gpu_nodes)
-        site, control = self.config.site, self.config.control
+        control = self.config.control
         # The real-time price so far stands for the hour now running (persistence), when fresh.
         realtime = None
         if self.price is not None and self.price_read_at is not None:
@@ -321,9 +324,7 @@ class Coordinator:
             blocks=blocks,
             # Limits are judged at the meter: the miners and GPUs get what cooling, base load
             # and the meter trim (or fallback margin) leave, as in the policy's dispatch.
-            limit_w=self.meter_watch.model.device_budget_w(
-                max(0.0, (site.interconnect_limit_kw - site.safety_margin_kw) * 1000.0)
-            ),
+            limit_w=self.meter_watch.model.device_budget_w(site_limit_w(self.config)),
             base_load_w=(gpu_w,) * len(hours),
             min_on_s=control.min_on_s,
             min_off_s=control.min_off_s,
@@ -368,26 +369,14 @@ class Coordinator:
             self.horizon = None
 
     def ramp_headroom_w(self, mono: float) -> float:
-        """The ramp budget: a token bucket filled at the ramp rate.
-
-        It holds at most one control interval's worth of ramp, or the largest single step of
-        any device if that is bigger, so that a large unit can still start when the per-cycle
-        budget is smaller than its step. Starting devices spends it (:meth:`spend_ramp`).
-        """
-        rate_w_per_s = self.config.site.ramp_up_kw_per_min * 1000.0 / 60.0
-        if self._ramp_at is None:
-            self._ramp_at, self._ramp_tokens_w = mono, self._ramp_cap_w(rate_w_per_s)
-        self._ramp_tokens_w = min(
-            self._ramp_cap_w(rate_w_per_s),
-            self._ramp_tokens_w + rate_w_per_s * (mono - self._ramp_at),
-        )
-        self._ramp_at = mono
-        return self._ramp_tokens_w
-
-    def _ramp_cap_w(self, rate_w_per_s: float) -> float:
+        """The ramp budget (:class:`agent.control.site.RampBudget`), holding at most one control
+        interval's worth of ramp or the largest single step of any device, so that a large unit
+        can still start when the per-cycle budget is smaller than its step. Starting devices
+        spends it (:meth:`spend_ramp`)."""
         biggest = max((fleet.largest_step_w() for fleet in self.fleets), default=0.0)
-        return max(rate_w_per_s * self.config.control.interval_s, biggest)
+        cap = ramp_capacity_w(self.config, self.config.control.interval_s, biggest)
+        return self._ramp.headroom_w(mono, cap)
 
     def spend_ramp(self, added_w: float) -> None:
         """Power was added: take it out of the ramp budget."""
-        self._ramp_tokens_w = max(0.0, self._ramp_tokens_w - max(added_w, 0.0))
+        self._ramp.spend(added_w)

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from agent.control.domain import ActiveEvent
-from agent.control.policy import event_limit_w
+from agent.control.settlement import event_target_w
 from agent.journal.store import EventStatus, Store
 from drivers.errors import AgentError
 from drivers.grid.base import GridEvent, ProgramKind
@@ -202,7 +202,7 @@ class EventBook:
         for eid, active in self.events.items():
             if not active.event.active_at(now):
                 continue
-            target_w = event_limit_w(active)
+            target_w = event_target_w(active.event, active.baseline_w)
             if target_w is None:
                 continue
             epoch = now.timestamp()

@@ -50,6 +50,7 @@ from agent.control.config import (
     JobClassContract,
 )
 from agent.control.domain import Action, ActionKind, GpuNodeView, JobView
+from agent.control.site import gpu_nodes
 from agent.runtime.coordinator import utc_now
 from agent.runtime.fleet import FleetViews, NotApplied
 from agent.runtime.registry import DriverConfigError, DriverRegistry, GpuNodeSpec, live_drivers
@@ -589,26 +590,19 @@ class GpuFleet:
 def expand_gpu_nodes(config: AgentConfig) -> list[tuple[int, GpuNodeSpec]]:
     """Every configured node as (index of its config line, spec), expanding ``count``."""
     out = []
-    for i, n in enumerate(config.gpu_nodes):
-        width = max(3, len(str(n.count)))
-        base = n.scheduler_node or n.id
-        for k in range(n.count):
-            suffix = "" if n.count == 1 else f"-{k + 1:0{width}d}"
-            out.append(
-                (
-                    i,
-                    GpuNodeSpec(
-                        device_id=f"{n.id}{suffix}",
-                        scheduler_node=f"{base}{suffix}",
-                        gpus=n.gpus,
-                        min_cap_w=n.min_cap_w,
-                        max_cap_w=n.max_cap_w,
-                        idle_w=n.idle_w,
-                        host_overhead_w=n.host_overhead_w,
-                        circuit=n.circuit,
-                    ),
-                )
-            )
+    for i, device_id, n in gpu_nodes(config):
+        suffix = device_id[len(n.id) :]  # "" or "-001", ...: the scheduler's names follow suit
+        spec = GpuNodeSpec(
+            device_id=device_id,
+            scheduler_node=f"{n.scheduler_node or n.id}{suffix}",
+            gpus=n.gpus,
+            min_cap_w=n.min_cap_w,
+            max_cap_w=n.max_cap_w,
+            idle_w=n.idle_w,
+            host_overhead_w=n.host_overhead_w,
+            circuit=n.circuit,
+        )
+        out.append((i, spec))
     return out
 
 

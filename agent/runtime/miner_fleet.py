@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from agent.control.config import AgentConfig, MinerModelConfig
+from agent.control.config import AgentConfig
 from agent.control.domain import SLEEP, Action, ActionKind, MinerView, OperatingPoint
+from agent.control.site import miner_ladder
 from agent.runtime.fleet import FleetViews, NotApplied
 from drivers.errors import DeviceError
 from drivers.miners.base import (
@@ -42,15 +43,6 @@ FAILED_POLLS_FOR_FAULT = 3
 
 class MinerDevice(MinerTelemetry, MinerSleepWake, Protocol):
     """A miner driver that can be read and put to sleep or woken."""
-
-
-def ladder(model: MinerModelConfig) -> tuple[OperatingPoint, ...]:
-    """A model's operating points: ``sleep`` first, then profiles by ascending power."""
-    profiles = sorted(model.profiles, key=lambda p: p.power_w)
-    return (
-        OperatingPoint(SLEEP, model.standby_w, 0.0),
-        *tuple(OperatingPoint(p.name, p.power_w, p.hashrate_ths) for p in profiles),
-    )
 
 
 @dataclass(slots=True)
@@ -107,7 +99,7 @@ class MinerFleet:
         self.slots: dict[str, MinerSlot] = {}
         for device_id, address, line in config.expanded_miners():
             model = config.miner_models[line.model]
-            points = ladder(model)
+            points = miner_ladder(model)
             self.slots[device_id] = MinerSlot(
                 device_id=device_id,
                 address=address,

@@ -38,7 +38,12 @@ from drivers.prices.csv_replay import (
     load_day_ahead_csv,
     load_price_csv,
 )
-from drivers.prices.hashprice import ComputedHashprice, ComputedHashpriceSettings
+from drivers.prices.hashprice import (
+    ComputedHashprice,
+    ComputedHashpriceSettings,
+    CsvHashpriceSettings,
+    HashpriceReplay,
+)
 from drivers.prices.http_json import HttpJsonSettings, HttpJsonSource
 from drivers.prices.system_load import SystemLoadReplay, load_system_load_csv
 
@@ -129,8 +134,11 @@ class Signals:
     system_load: SystemLoadReplay | None = None
 
 
-def build_signals(config: AgentConfig) -> Signals:
+def build_signals(config: AgentConfig, price_source: PriceSource | None = None) -> Signals:
     """Hashprice feed, day-ahead forecast and system load (4CP), where configured.
+
+    A replayed hashprice series (``csv_replay``) reads ``price_source``'s clock when it has one
+    (a real-time price replay), so a replayed price year reads that year's hashprice.
 
     A replayed system load or day-ahead file follows the real-time price replay's clock (the
     coordinator looks both up at the market's time), so they stay in step in demos and tests.
@@ -141,6 +149,11 @@ def build_signals(config: AgentConfig) -> Signals:
         hashprice = HttpJsonSource(hp.feed, name="hashprice")
     elif isinstance(hp.feed, ComputedHashpriceSettings):
         hashprice = ComputedHashprice.from_settings(hp.feed)
+    elif isinstance(hp.feed, CsvHashpriceSettings):
+        # On the market's clock: a replayed price year reads that year's hashprice.
+        sim_now = getattr(price_source, "sim_now", None)
+        clock = sim_now if callable(sim_now) else (lambda: datetime.now(UTC))
+        hashprice = HashpriceReplay.from_settings(hp.feed, clock=clock)
     da = config.prices.day_ahead
     day_ahead = None
     if da is not None:
@@ -224,10 +237,11 @@ def build_components(
     plan from it (an economic event is joined only when it pays).
     """
     grid_sources = build_grid_sources(config, state)
-    signals = build_signals(config)
+    prices = build_price_source(config) if price_source is None else price_source
+    signals = build_signals(config, prices)
     return Components(
         fleets=build_fleets(config, drivers, state=state) if fleets is None else fleets,
-        price_source=build_price_source(config) if price_source is None else price_source,
+        price_source=prices,
         store=store,
         grid_sources=grid_sources,
         hashprice_source=signals.hashprice_source,

@@ -113,8 +113,12 @@ def _utc(t_s: float) -> datetime:
 
 
 def _parse_time(text: str) -> float:
-    """Epoch seconds of an ISO-8601 instant with an explicit zone; ValueError otherwise."""
-    stamp = datetime.fromisoformat(text.strip())
+    """Epoch seconds of an ISO-8601 instant with an explicit zone, or of a plain date (a UTC
+    day: daily series such as hashprice); ValueError otherwise."""
+    text = text.strip()
+    stamp = datetime.fromisoformat(text)
+    if stamp.tzinfo is None and len(text) == 10:
+        stamp = stamp.replace(tzinfo=UTC)
     if stamp.tzinfo is None:
         raise ValueError("no time zone")
     return stamp.timestamp()

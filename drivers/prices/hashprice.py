@@ -15,13 +15,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field
 
-from drivers.errors import BadInput
+from drivers.errors import BadInput, SourceError
 from drivers.inputs import StrictSettings, finite_in_range
 from drivers.prices.base import PriceReading
+from drivers.prices.csv_replay import PriceSeries, load_series_csv
 from drivers.prices.http_json import (
     HASHPRICE_RANGE_USD_PER_PH_DAY,
     HttpJsonSettings,
@@ -155,3 +157,59 @@ class ComputedHashprice:
         # The reading is as old as its older input.
         at = min(btc.at, difficulty.at)
         return PriceReading(self.name, now, 86400.0, value, at)
+
+
+class CsvHashpriceSettings(StrictSettings):
+    """A daily hashprice series from a CSV (``type: csv_replay``), e.g. the shared
+    ``btc/btc_daily_2021_2024.csv``: one row per UTC day."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["csv_replay"] = "csv_replay"
+    path: Path
+    column: str = "hashprice_usd_per_ph_day"
+    time_column: str = "date"
+
+
+class HashpriceReplay:
+    """A daily hashprice series read at a clock: the market's when prices replay history (a
+    demo, a soak), so the hashprice is the replayed day's, not today's."""
+
+    def __init__(self, series: PriceSeries, *, clock: Callable[[], datetime] = _now_utc) -> None:
+        self.series = series
+        self._clock = clock
+
+    @classmethod
+    def from_settings(
+        cls, settings: CsvHashpriceSettings, *, clock: Callable[[], datetime] = _now_utc
+    ) -> HashpriceReplay:
+        series = load_series_csv(
+            settings.path,
+            time_column=settings.time_column,
+            value_column=settings.column,
+            unit="USD/PH/day",
+        )
+        lo, hi = HASHPRICE_RANGE_USD_PER_PH_DAY
+        if not all(lo <= v <= hi for v in series.values):
+            raise BadInput(
+                settings.path.name, f"{settings.path}: hashprice must be within {lo:g}..{hi:g}"
+            )
+        return cls(series, clock=clock)
+
+    @property
+    def name(self) -> str:
+        return "hashprice-csv"
+
+    async def latest(self) -> PriceReading:
+        now = self._clock()
+        i = self.series.index_at_or_before(now.timestamp())
+        if i is None or now.timestamp() >= self.series.times_s[-1] + self.series.interval_s:
+            first = datetime.fromtimestamp(self.series.times_s[0], tz=UTC)
+            last = datetime.fromtimestamp(self.series.times_s[-1], tz=UTC)
+            raise SourceError(
+                self.name,
+                f"no hashprice for {now:%Y-%m-%d}: the series covers {first:%Y-%m-%d}"
+                f" .. {last:%Y-%m-%d}",
+            )
+        start = datetime.fromtimestamp(self.series.times_s[i], tz=UTC)
+        return PriceReading(self.name, start, self.series.interval_s, self.series.values[i], now)

@@ -1,0 +1,178 @@
+"""Settlement: the one place that turns power, prices and events into money.
+
+Energy cost, the 4CP charge of a true peak interval (and its expected value as an energy price
+adder), an event's site-load target, what a site delivered against it and what it fell short,
+and the :class:`Ledger` that books an interval. The live policy prices its choices with these
+functions, the journal's event report settles events with them, and the backtest and the demo
+book every interval through :class:`Ledger`. The per-hour revenue rates are in
+:mod:`agent.control.economics`; the site's physics and job contracts in :mod:`agent.control.site`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from agent.control.config import FourCpConfig
+from agent.control.cooling import SiteLoadModel
+from drivers.grid.base import GridEvent
+
+# ERCOT measures 4CP on 15-minute settlement intervals.
+FOURCP_INTERVAL_H = 0.25
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+def event_target_w(event: GridEvent, baseline_w: float) -> float | None:
+    """The site-load ceiling an event asks for: ``max_site_kw``, or the baseline less
+    ``shed_kw``; when an event carries both, the stricter (lower) one binds. Never negative;
+    ``None`` when the event sets no target."""
+    limits = []
+    if event.max_site_kw is not None:
+        limits.append(event.max_site_kw * 1000.0)
+    if event.shed_kw is not None:
+        limits.append(max(0.0, baseline_w - event.shed_kw * 1000.0))
+    return min(limits) if limits else None
+
+
+def shortfall_w(measured_w: float, target_w: float) -> float:
+    """Load above an event's target (penalised)."""
+    return max(0.0, measured_w - target_w)
+
+
+def delivered_w(baseline_w: float, measured_w: float, target_w: float) -> float:
+    """The reduction below the baseline, counted down to the target (paid)."""
+    return max(0.0, baseline_w - max(measured_w, target_w))
+
+
+# --- 4CP -----------------------------------------------------------------------------------
+
+
+def fourcp_usd_per_kw(rate_usd_per_kw_year: float) -> float:
+    """One true peak interval's share of next year's charge: a quarter of the annual rate."""
+    return rate_usd_per_kw_year / 4.0
+
+
+def fourcp_adder_usd_per_mwh(
+    rate_usd_per_kw_year: float, risk: float = 1.0, interval_h: float = FOURCP_INTERVAL_H
+) -> float:
+    """Expected 4CP charge of 1 kW held through one interval, per MWh it draws there: a true
+    peak (``risk`` 1) costs ``rate / 4`` per kW, spread over 1 kW × ``interval_h``."""
+    risk = min(max(risk, 0.0), 1.0)
+    return risk * (fourcp_usd_per_kw(rate_usd_per_kw_year) * 1000.0 / interval_h)
+
+
+def fourcp_risk_priced(config: FourCpConfig, risk: float) -> float:
+    """The 4CP risk the site acts on: the forecast's, when 4CP is enabled and the risk reaches
+    the threshold (the forecaster's noise floor), else 0. The policy prices it; the
+    ``strike+4cp`` baseline sits out the intervals where it is not 0."""
+    if config.enabled and risk > 0 and risk >= config.risk_threshold:
+        return min(risk, 1.0)
+    return 0.0
+
+
+# --- booking an interval -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Ledger:
+    """Money and energy of one strategy (or of the demo's site), interval by interval, with
+    its power per interval for plots."""
+
+    name: str
+    mining_usd: float = 0.0
+    ai_usd: float = 0.0
+    demand_response_usd: float = 0.0
+    energy_cost_usd: float = 0.0
+    fourcp_cost_usd: float = 0.0
+    lost_work_usd: float = 0.0
+    sla_penalty_usd: float = 0.0
+    dr_penalty_usd: float = 0.0
+    # Waking and sleeping miners and resuming jobs (agent.control.site costs; a suspension's
+    # lost work and penalty are booked above): what was lost, the extra energy, and both in USD
+    # at the real price.
+    switching_usd: float = 0.0
+    wakes: float = 0.0  # miners woken (units; a share of a block counts pro rata)
+    switching_lost_usd: float = 0.0
+    switching_energy_mwh: float = 0.0
+    energy_mwh: float = 0.0
+    interruptions: int = 0
+    curtailed_intervals: int = 0  # intervals with some mining capacity not at its top point
+    fourcp_rate_usd_per_kw_year: float = 0.0
+    # Devices -> power at the meter (cooling, base load): what is paid. Identity by default.
+    load: SiteLoadModel = field(default_factory=SiteLoadModel)
+    mining_w: list[float] = field(default_factory=list)
+    ai_w: list[float] = field(default_factory=list)
+    # Revenue − energy cost − 4CP of each interval (penalties are booked per event, not here).
+    interval_margin_usd: list[float] = field(default_factory=list)
+
+    @property
+    def penalties_usd(self) -> float:
+        return self.lost_work_usd + self.sla_penalty_usd + self.dr_penalty_usd
+
+    @property
+    def revenue_usd(self) -> float:
+        return self.mining_usd + self.ai_usd + self.demand_response_usd
+
+    @property
+    def profit_usd(self) -> float:
+        return (
+            self.revenue_usd
+            - self.energy_cost_usd
+            - self.fourcp_cost_usd
+            - self.penalties_usd
+            - self.switching_usd
+        )
+
+    def book_switch(self, lost_usd: float, energy_wh: float, price_usd_per_mwh: float) -> None:
+        """Book one switch: revenue or work lost, and extra energy at the interval's price."""
+        mwh = energy_wh / 1e6
+        self.switching_lost_usd += lost_usd
+        self.switching_energy_mwh += mwh
+        self.energy_mwh += mwh
+        self.switching_usd += lost_usd + mwh * price_usd_per_mwh
+
+    def settle(
+        self,
+        dt_h: float,
+        price_usd_per_mwh: float,
+        mining_w: float,
+        ai_w: float,
+        mining_usd_per_h: float,
+        ai_usd_per_h: float,
+        *,
+        peak: bool = False,
+        events: Sequence[tuple[GridEvent, float]] = (),
+        keep_series: bool = True,
+    ) -> None:
+        """Book one interval of ``dt_h`` hours at its real price: energy, revenue, the 4CP
+        charge when it is a true peak, and every event in force ``(event, baseline_w)``. The
+        devices' power (``mining_w + ai_w``) is paid at the meter (:attr:`load`)."""
+        site_w = self.load.site_w(mining_w + ai_w)
+        mwh = site_w / 1e6 * dt_h
+        self.energy_mwh += mwh
+        cost = mwh * price_usd_per_mwh
+        self.energy_cost_usd += cost
+        self.mining_usd += mining_usd_per_h * dt_h
+        self.ai_usd += ai_usd_per_h * dt_h
+        if peak:
+            fourcp = fourcp_usd_per_kw(self.fourcp_rate_usd_per_kw_year) * site_w / 1000.0
+            self.fourcp_cost_usd += fourcp
+            cost += fourcp
+        dr = 0.0
+        for event, baseline_w in events:
+            target_w = event_target_w(event, baseline_w)
+            if target_w is None:
+                continue
+            delivered_mwh = delivered_w(baseline_w, site_w, target_w) / 1e6 * dt_h
+            shortfall_mwh = shortfall_w(site_w, target_w) / 1e6 * dt_h
+            paid = delivered_mwh * event.payment_usd_per_mwh
+            penalty = shortfall_mwh * event.penalty_usd_per_mwh
+            self.demand_response_usd += paid
+            self.dr_penalty_usd += penalty
+            dr += paid - penalty
+        if keep_series:
+            self.interval_margin_usd.append((mining_usd_per_h + ai_usd_per_h) * dt_h - cost + dr)
+            self.mining_w.append(mining_w)
+            self.ai_w.append(ai_w)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 
 from agent.control.config import AgentConfig, parse_config
 from agent.control.domain import SLEEP, ActiveEvent
@@ -248,11 +249,18 @@ async def test_a_miner_that_never_answers_counts_at_nameplate() -> None:
         assert snap is not None
         view = next(m for m in snap.miners if m.device_id == "s21-003")
         assert view.measured_power_w is None
-        assert view.worst_case_power_w == 4000  # the S21 nameplate, not its last reading
         plan = agent.state.plan
         assert plan is not None
         assert plan.miner_points["s21-003"] == view.commanded  # left alone: no action for it
         assert not any(a.device_id == "s21-003" for a in plan.actions)
+        # The plan's own sum counts it at the S21 nameplate (4000 W), not at its last reading
+        # or its profile: every other miner at the power of the point the plan gives it.
+        others_w = sum(
+            m.point(plan.miner_points[m.device_id]).power_w
+            for m in snap.miners
+            if m.device_id != "s21-003"
+        )
+        assert plan.planned_power_w == pytest.approx(others_w + 4000)
 
 
 def _unknown(agent: Agent, device_id: str) -> bool:

@@ -166,6 +166,7 @@ def test_naming_conventions_help_and_bounded_labels() -> None:
         "cycles",
         "polls",
         "rejected_inputs",
+        "restarts",
     )
     for fam in families:
         assert fam.name.startswith("site_agent_"), fam.name

@@ -112,7 +112,19 @@ async def test_control_continues_while_the_broker_is_down(mosquitto: Mosquitto) 
         assert ack["id"] == "m1"
         assert ack["status"] == "accepted"
         assert agent.state.mode == "manual"
-        assert [c.id for c in commands] == ["m1"]
+        # Manual mode, as the real runtime applies it: a price fall that would wake the S19s
+        # commands nothing; the devices stay as they are.
+        actions = dict(agent.state.actions)
+        server.prices[0] = 20.0
+        await until(
+            lambda: agent.coordinator.price is not None and agent.coordinator.price.value == 20.0,
+            5,
+            "the price fall seen",
+        )
+        cycles = agent.state.cycles
+        await until(lambda: agent.state.cycles >= cycles + 8, 10, "eight manual cycles")
+        assert dict(agent.state.actions) == actions
+        assert all(fleet.truth(a)["sleeping"] for a in S19)
 
 
 async def test_operator_curtail_over_mqtt_sheds_real_miners(mosquitto: Mosquitto) -> None:

@@ -86,6 +86,13 @@ def test_curtail_cli_refuses_bad_input_and_writes_nothing(
     assert main([*base, "--target-kw", "-5", "--until", "+1h"]) == 2
     assert "--target-kw must be a finite number >= 0 (got -5.0)" in capsys.readouterr().err
     assert main([*base, "--target-kw", "nan", "--until", "+1h"]) == 2
+    # The same limits as MQTT and OpenADR: above the interconnect, beyond the horizon.
+    assert main([*base, "--target-kw", "1e306", "--until", "+1h"]) == 2
+    assert "outside 0..40 kW" in capsys.readouterr().err
+    assert main([*base, "--target-kw", "10", "--until", "+200h"]) == 2
+    assert "(control.max_event_horizon_s)" in capsys.readouterr().err
+    assert main([*base, "--target-kw", "10", "--until", "+1e300h"]) == 2
+    assert "expected +30m" in capsys.readouterr().err
     assert main([*base, "--target-kw", "10", "--until", "2001-01-01T00:00:00Z"]) == 2
     assert "is not in the future" in capsys.readouterr().err
     assert main([*base, "--target-kw", "10", "--until", "tomorrow"]) == 2

@@ -4,8 +4,10 @@ An override is a grid event of kind ``override`` written into the journal, which
 agent reads every cycle (and within half a second, through its event watch). Only someone who
 can write the journal can command the site this way: on an installed site that is root, since
 the journal lives in the service's private state directory. Every override and every release is
-audited with the operating-system user who gave it. Bad input (a negative target, a time in the
-past) is refused with a clear error and writes nothing.
+audited with the operating-system user who gave it. Bad input (a target outside 0..the
+interconnect limit, a time in the past or beyond ``control.max_event_horizon_s``) is refused
+with a one-line error and writes nothing: the same limits MQTT and OpenADR get
+(:mod:`agent.control.limits`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import asyncio
 import getpass
 import math
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-MAX_OVERRIDE = timedelta(days=7)
+if TYPE_CHECKING:
+    from agent.control.config import AgentConfig
 
 
 def register(sub: Any) -> None:
@@ -39,16 +42,21 @@ def register(sub: Any) -> None:
     p.set_defaults(func=release)
 
 
-def _journal(config: Path) -> Path | None:
+def _load(config: Path) -> AgentConfig | None:
     from agent.control.config import ConfigError, load_config
-    from agent.journal.store import journal_path
 
     try:
-        cfg = load_config(config)
+        return load_config(config)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return None
-    return journal_path(cfg.store.path, config)
+
+
+def _journal(config: Path) -> Path | None:
+    from agent.journal.store import journal_path
+
+    cfg = _load(config)
+    return None if cfg is None else journal_path(cfg.store.path, config)
 
 
 def curtail(args: argparse.Namespace) -> int:
@@ -59,38 +67,37 @@ def curtail(args: argparse.Namespace) -> int:
         print(f"--target-kw must be a finite number >= 0 (got {args.target_kw})", file=sys.stderr)
         return 2
 
-    from agent.journal.store import Store
+    from agent.control.limits import CommandLimits, LimitError, check_end, check_target_kw
+    from agent.journal.store import Store, journal_path
     from agent.runtime.events import describe, parse_until
     from drivers.errors import AgentError
     from drivers.grid.base import FailDirection, GridEvent, ProgramKind
 
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    # The same limits as MQTT and OpenADR (agent.control.limits): 0 <= kW <= interconnect,
+    # an end within control.max_event_horizon_s.
+    limits = CommandLimits.of(cfg)
+    try:
+        target_kw = check_target_kw(args.target_kw, limits, "--target-kw")
+    except LimitError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     try:
         until = parse_until(args.until, now)
-    except ValueError:
+    except (ValueError, OverflowError):
         print(
             f"--until: expected +30m, +2h, +90s or an ISO-8601 time (got {args.until!r})",
             file=sys.stderr,
         )
         return 2
-    if until <= now:
-        print(f"--until {until.isoformat()} is not in the future", file=sys.stderr)
+    try:
+        check_end(until, now, limits, "--until")
+    except LimitError as exc:
+        print(str(exc), file=sys.stderr)
         return 2
-    if until - now > MAX_OVERRIDE:
-        print(f"--until is more than {MAX_OVERRIDE.days} days ahead; refusing", file=sys.stderr)
-        return 2
-    path = _journal(args.config)
-    if path is None:
-        return 2
-    from agent.control.config import load_config
-
-    limit_kw = load_config(args.config).site.interconnect_limit_kw  # read (and valid) just now
-    if args.target_kw > limit_kw:
-        print(
-            f"--target-kw {args.target_kw:g} is above the site's interconnect limit "
-            f"({limit_kw:g} kW); refusing",
-            file=sys.stderr,
-        )
-        return 2
+    path = journal_path(cfg.store.path, args.config)
     user = getpass.getuser()
     event = GridEvent(
         event_id=f"override-{now:%Y%m%dT%H%M%S}-{user}",
@@ -99,7 +106,7 @@ def curtail(args: argparse.Namespace) -> int:
         kind=ProgramKind.OVERRIDE,
         start=now,
         end=until,
-        max_site_kw=args.target_kw,
+        max_site_kw=target_kw,
         fail=FailDirection.HOLD,
     )
 

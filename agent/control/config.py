@@ -350,6 +350,10 @@ class ControlConfig(Strict):
     # the settlement all use it (agent.control.site.wake_lost_s). 0 (the default): waking such
     # a model loses nothing; measure it per model (``miner_models.*.wake_lost_s``).
     miner_wake_lost_s: float = Field(default=0.0, ge=0, le=86_400, allow_inf_nan=False)
+    # The furthest end an override or grid event may have, on every channel (CLI, MQTT, OpenADR).
+    max_event_horizon_s: float = Field(
+        default=7 * 86_400.0, gt=0, le=366 * 86_400.0, allow_inf_nan=False
+    )
 
 
 class EconomicsConfig(Strict):

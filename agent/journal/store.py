@@ -98,6 +98,31 @@ class EventStatus(StrEnum):
     ACTIVE = "active"
     ENDED = "ended"
     CANCELLED = "cancelled"
+    QUARANTINED = "quarantined"  # failed re-validation when read back: never put in force
+
+
+@dataclass(frozen=True, slots=True)
+class CommandAnswer:
+    """The first answer given to an operator command id (deduplication across restarts)."""
+
+    command_id: str
+    operator: str
+    command: str
+    accepted: bool
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRow:
+    """A journal entry that failed re-validation when read back, set aside with the reason."""
+
+    id: int
+    at: datetime
+    kind: str  # "event", "commanded"
+    key: str
+    payload: str
+    reason: str
 
 
 class AuditResult(StrEnum):
@@ -269,20 +294,71 @@ def event_to_json(event: GridEvent) -> str:
     )
 
 
+class JournalEntryInvalid(ValueError):
+    """A journaled row that does not read back as what was written (edited, or a bug)."""
+
+
+def _text(d: Mapping[str, Any], key: str) -> str:
+    value = d.get(key)
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise JournalEntryInvalid(f"{key} must be a non-empty string of at most 256 characters")
+    return value
+
+
+def _number(d: Mapping[str, Any], key: str, *, optional: bool) -> float | None:
+    value = d.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise JournalEntryInvalid(f"{key} must be a number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise JournalEntryInvalid(f"{key} is too large") from None
+    if not math.isfinite(number):
+        raise JournalEntryInvalid(f"{key} must be finite, got {value!r}")
+    return number
+
+
+def _aware(text: object, what: str) -> datetime:
+    if not isinstance(text, str) or len(text) > 64:
+        raise JournalEntryInvalid(f"{what} must be an ISO-8601 time")
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise JournalEntryInvalid(f"{what} {text[:64]!r} is not an ISO-8601 time") from None
+    if at.tzinfo is None:
+        raise JournalEntryInvalid(f"{what} {text!r} has no time zone")
+    return at
+
+
 def event_from_json(text: str) -> GridEvent:
-    d = json.loads(text)
+    """A journaled event, every field re-validated; :class:`JournalEntryInvalid` otherwise."""
+    if not isinstance(text, str) or len(text) > 16_384:
+        raise JournalEntryInvalid("event_json is not a text of at most 16 KiB")
+    try:
+        d = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise JournalEntryInvalid(f"event_json is not JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise JournalEntryInvalid("event_json is not a JSON object")
+    try:
+        kind = ProgramKind(str(d.get("kind")))
+        fail = FailDirection(str(d.get("fail")))
+    except ValueError as exc:
+        raise JournalEntryInvalid(str(exc)) from None
     return GridEvent(
-        event_id=d["event_id"],
-        source=d["source"],
-        program=d["program"],
-        kind=ProgramKind(d["kind"]),
-        start=_parse_ts(d["start"]),
-        end=_parse_ts(d["end"]),
-        max_site_kw=d["max_site_kw"],
-        shed_kw=d["shed_kw"],
-        payment_usd_per_mwh=d["payment_usd_per_mwh"],
-        penalty_usd_per_mwh=d["penalty_usd_per_mwh"],
-        fail=FailDirection(d["fail"]),
+        event_id=_text(d, "event_id"),
+        source=_text(d, "source"),
+        program=_text(d, "program"),
+        kind=kind,
+        start=_aware(d.get("start"), "start"),
+        end=_aware(d.get("end"), "end"),
+        max_site_kw=_number(d, "max_site_kw", optional=True),
+        shed_kw=_number(d, "shed_kw", optional=True),
+        payment_usd_per_mwh=_number(d, "payment_usd_per_mwh", optional=False) or 0.0,
+        penalty_usd_per_mwh=_number(d, "penalty_usd_per_mwh", optional=False) or 0.0,
+        fail=fail,
     )
 
 
@@ -324,6 +400,27 @@ CREATE TABLE audit (
     detail    TEXT NOT NULL
 );
 CREATE INDEX audit_at ON audit (at);
+"""
+
+# Added without a version bump: additive tables that an older reader ignores, created at every
+# writable open of a version-1 journal.
+_SCHEMA_V1_EXTRA = """
+CREATE TABLE IF NOT EXISTS commands (
+    command_id TEXT PRIMARY KEY,
+    operator   TEXT NOT NULL,
+    command    TEXT NOT NULL,
+    accepted   INTEGER NOT NULL,
+    reason     TEXT NOT NULL,
+    at         TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    reason  TEXT NOT NULL
+);
 """
 
 
@@ -470,11 +567,24 @@ class Store:
             await self._write(write)
 
     async def commanded_states(self) -> dict[str, CommandedState]:
+        """Commanded states; a row that does not read back is quarantined and left out."""
+        bad: list[tuple[str, str, str, str]] = []
+
         def read(conn: sqlite3.Connection) -> dict[str, CommandedState]:
             cur = conn.execute("SELECT device_id, state, since FROM commanded ORDER BY device_id")
-            return {d: CommandedState(s, _parse_ts(t)) for d, s, t in cur}
+            out: dict[str, CommandedState] = {}
+            for d, st, t in cur:
+                try:
+                    if not isinstance(st, str) or not st or len(st) > 64:
+                        raise JournalEntryInvalid("state must be a short non-empty string")
+                    out[str(d)] = CommandedState(st, _aware(t, "since"))
+                except JournalEntryInvalid as exc:
+                    bad.append(("commanded", str(d), json.dumps([st, t], default=str), str(exc)))
+            return out
 
-        return await self._run(read)
+        states = await self._run(read)
+        await self._quarantine(bad, table="commanded", key_column="device_id")
+        return states
 
     # -- grid events --
 
@@ -537,18 +647,148 @@ class Store:
         return await self._events("", ())
 
     async def _events(self, where: str, params: tuple[str, ...]) -> list[StoredEvent]:
+        """Journaled events, each re-validated: a row that fails is quarantined and left out."""
+        bad: list[tuple[str, str, str, str]] = []
+
         def read(conn: sqlite3.Connection) -> list[StoredEvent]:
             cur = conn.execute(
-                "SELECT event_json, baseline_w, status, first_seen, updated_at FROM events "
-                f"{where} ORDER BY start, event_id",
+                "SELECT event_id, event_json, baseline_w, status, first_seen, updated_at FROM"
+                f" events {where} ORDER BY start, event_id",
                 params,
             )
-            return [
-                StoredEvent(event_from_json(j), b, EventStatus(s), _parse_ts(f), _parse_ts(u))
-                for j, b, s, f, u in cur
-            ]
+            out: list[StoredEvent] = []
+            for eid, j, b, st, f, u in cur:
+                try:
+                    event = event_from_json(j)
+                    if event.event_id != eid:
+                        raise JournalEntryInvalid(f"event_json names {event.event_id!r}")
+                    baseline = _number({"baseline_w": b}, "baseline_w", optional=False)
+                    if baseline is None or baseline < 0:
+                        raise JournalEntryInvalid("baseline_w must be >= 0")
+                    out.append(
+                        StoredEvent(
+                            event,
+                            baseline,
+                            EventStatus(st),
+                            _aware(f, "first_seen"),
+                            _aware(u, "updated_at"),
+                        )
+                    )
+                except (JournalEntryInvalid, ValueError) as exc:
+                    bad.append(("event", str(eid), str(j)[:2000], str(exc)[:300]))
+            return out
+
+        events = await self._run(read)
+        await self._quarantine(bad, table="events", key_column="event_id")
+        return events
+
+    async def quarantine_event(self, event_id: str, reason: str) -> None:
+        """Set a journaled event aside (it failed the limits): never put in force again."""
+
+        def read(conn: sqlite3.Connection) -> str:
+            row = conn.execute(
+                "SELECT event_json FROM events WHERE event_id = ?", (event_id,)
+            ).fetchone()
+            return "" if row is None else str(row[0])
+
+        payload = await self._run(read)
+        await self._quarantine([("event", event_id, payload[:2000], reason)], "events", "event_id")
+
+    async def _quarantine(
+        self, bad: list[tuple[str, str, str, str]], table: str, key_column: str
+    ) -> None:
+        """Record each bad row in ``quarantine`` with an audit row, and take it out of use.
+
+        Events are marked ``quarantined`` (kept for inspection); a commanded state is deleted
+        (the first poll adopts what the device does). A read-only journal only skips them.
+        """
+        if not bad or self.readonly:
+            return
+        now = _iso(datetime.now(UTC))
+        s = self._secrets
+
+        def write(conn: sqlite3.Connection) -> None:
+            for kind, key, payload, reason in bad:
+                conn.execute(
+                    "INSERT INTO quarantine (at, kind, key, payload, reason)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (now, kind, scrub(key, s), scrub(payload, s), scrub(reason, s)),
+                )
+                conn.execute(
+                    "INSERT INTO audit (at, source, device_id, action, reason, result, detail)"
+                    " VALUES (?, 'journal', ?, 'quarantine', ?, 'rejected', ?)",
+                    (
+                        now,
+                        scrub(key, s) if kind == "commanded" else None,
+                        scrub(f"{kind} {key}: {reason}", s),
+                        json.dumps({"kind": kind, "key": scrub(key, s)}),
+                    ),
+                )
+                if table == "events":
+                    conn.execute(
+                        "UPDATE events SET status = ?, updated_at = ? WHERE event_id = ?",
+                        (str(EventStatus.QUARANTINED), now, key),
+                    )
+                else:
+                    conn.execute(f"DELETE FROM {table} WHERE {key_column} = ?", (key,))
+
+        await self._write(write)
+
+    async def quarantined(self) -> list[QuarantineRow]:
+        """Every quarantined entry, oldest first."""
+
+        def read(conn: sqlite3.Connection) -> list[QuarantineRow]:
+            if not _has_table(conn, "quarantine"):
+                return []
+            cur = conn.execute(
+                "SELECT id, at, kind, key, payload, reason FROM quarantine ORDER BY id"
+            )
+            return [QuarantineRow(i, _parse_ts(a), k, key, p, r) for i, a, k, key, p, r in cur]
 
         return await self._run(read)
+
+    # -- operator commands (deduplication) --
+
+    async def command_answer(self, command_id: str) -> CommandAnswer | None:
+        """The answer first given to ``command_id`` (by whichever operator), or None."""
+
+        def read(conn: sqlite3.Connection) -> CommandAnswer | None:
+            if not _has_table(conn, "commands"):
+                return None
+            row = conn.execute(
+                "SELECT command_id, operator, command, accepted, reason, at FROM commands"
+                " WHERE command_id = ?",
+                (command_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            cid, op, name, accepted, reason, at = row
+            return CommandAnswer(cid, op, name, bool(accepted), reason, _parse_ts(at))
+
+        return await self._run(read)
+
+    async def record_command_answer(
+        self, command_id: str, operator: str, command: str, accepted: bool, reason: str
+    ) -> None:
+        """Journal the answer to a command; the first answer to an id is kept."""
+        now = _iso(datetime.now(UTC))
+        row = (
+            _nonempty(command_id, "command_id"),
+            _nonempty(operator, "operator"),
+            _nonempty(command, "command"),
+            1 if accepted else 0,
+            scrub(reason, self._secrets),
+            now,
+        )
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO commands (command_id, operator, command, accepted, reason, at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (command_id) DO NOTHING",
+                row,
+            )
+
+        await self._write(write)
 
     async def record_compliance(
         self,
@@ -733,6 +973,11 @@ def _nonempty(value: str, what: str) -> str:
     return value
 
 
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    return row.fetchone() is not None
+
+
 def _describe(exc: sqlite3.Error) -> tuple[type[StoreError], str]:
     """Map an SQLite error to the store error a caller can act on."""
     name = getattr(exc, "sqlite_errorname", "") or ""
@@ -860,6 +1105,13 @@ def _prepare(path: Path, conn: sqlite3.Connection, readonly: bool) -> None:
         raise kind(path, f"cannot prepare the journal: {message}") from exc
     if not fresh:
         _probe_write(path, conn)
+    try:
+        conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA_V1_EXTRA}COMMIT;")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        kind, message = _describe(exc)
+        raise kind(path, f"cannot prepare the journal: {message}") from exc
 
 
 def _probe_write(path: Path, conn: sqlite3.Connection) -> None:

@@ -182,6 +182,19 @@ class AgentCollector(Collector):
         for (source, reason), count in sorted(counts.items()):
             rejected.add_metric([source, reason], count)
         yield rejected
+        up = _gauge(
+            "site_agent_task_up", "1 while a supervised task runs, 0 after it died.", ["task"]
+        )
+        restarts = CounterMetricFamily(
+            "site_agent_task_restarts",
+            "Times a supervised task died and was restarted.",
+            labels=["task"],
+        )
+        for name, task in sorted(state.tasks.items()):
+            up.add_metric([name], 1.0 if task.up else 0.0)
+            restarts.add_metric([name], task.restarts)
+        yield up
+        yield restarts
 
     def _sources(self, state: AgentState, now: datetime) -> Iterator[Metric]:
         age = _gauge(
@@ -855,6 +868,8 @@ class MetricsService:
             routes=self.page,
         )
         self.started = asyncio.Event()
+
+    task_name = "metrics"  # the supervised task's name in /metrics and the retained state
 
     @property
     def port(self) -> int:

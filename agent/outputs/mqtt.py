@@ -24,8 +24,11 @@ publish under ``P/command/``; the token says which operator did. The ack is
 unauthorised, unknown, invalid or expired command is rejected with a reason, reaches nobody
 and is counted in ``AgentState.rejected`` under source ``mqtt``; the runtime also writes an
 audit row for it (``command:NAME``), for at most a burst of 20 and then one a second, so a flood
-is still counted in full but never floods the journal. A repeated ``id`` (QoS 1 redelivery) is
-answered again with the first answer and not re-executed.
+is still counted in full but never floods the journal; a command the runtime refuses is audited
+the same way. A repeated ``id`` from the same operator (QoS 1 redelivery) is answered again with
+the first answer and not re-executed; the same ``id`` from another operator is rejected. The
+runtime also deduplicates through the journal, across restarts. One message can never end the
+bridge: a failure handling it is logged and acked as rejected.
 
 Control never waits on the broker: :meth:`MqttBridge.publish_cycle` only fills in-memory
 buffers. Retained topics keep only their newest payload (and are all republished after every
@@ -149,7 +152,9 @@ def parse_command(name: str, payload: bytes, tokens: Mapping[str, str], now: dat
         raise Rejected("unauthorized", "operator and token are required")
     expected = tokens.get(operator)
     # Compare against a dummy for unknown operators so timing does not reveal who exists.
-    good = hmac.compare_digest(token.encode(), (expected or "\0" * 32).encode())
+    # JSON may carry lone surrogates ("\ud800") that UTF-8 cannot encode: never a match.
+    given = token.encode("utf-8", "surrogatepass")
+    good = hmac.compare_digest(given, (expected or "\0" * 32).encode("utf-8", "surrogatepass"))
     if expected is None or not good:
         raise Rejected("unauthorized", f"operator {operator[:64]!r} not authorised")
     schema = _SCHEMAS.get(name)
@@ -232,6 +237,10 @@ def state_payload(state: AgentState, interconnect_limit_w: float | None = None) 
         "gpu_nodes": len(snap.gpu_nodes) if snap else 0,
         "events_active": len(snap.events) if snap else 0,
         "faults": dict(sorted(state.faults.items())),
+        "tasks": {
+            name: {"up": t.up, "restarts": t.restarts, "last_error": t.last_error}
+            for name, t in sorted(state.tasks.items())
+        },
     }
 
 
@@ -322,6 +331,10 @@ def telemetry_payloads(snap: Snapshot) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+async def _wait_set(event: asyncio.Event) -> None:
+    await event.wait()
+
+
 async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
     """Cancel and reap ``tasks``, cancelling again if one swallowed it.
 
@@ -400,18 +413,28 @@ class MqttBridge:
         self._telemetry: deque[_Out] = deque(maxlen=config.queue_size)
         self._acks: deque[_Out] = deque(maxlen=config.queue_size)
         self._wake = asyncio.Event()
-        self._answered: OrderedDict[str, CommandResult] = OrderedDict()  # id -> first answer
+        # id -> (operator, first answer): a redelivery is answered again, never re-executed.
+        self._answered: OrderedDict[str, tuple[str, CommandResult]] = OrderedDict()
         self._tokens = {k: v.get_secret_value() for k, v in config.command_tokens.items()}
 
     # --- what the runtime calls ---------------------------------------------------------------
 
+    task_name = "mqtt"  # the supervised task's name in /metrics and the retained state
+
     async def __call__(self, stop: asyncio.Event) -> None:
-        """Run as a runtime service until ``stop`` is set (then say offline and disconnect)."""
+        """Run as a runtime service until ``stop`` is set (then say offline and disconnect).
+
+        If the connection loop dies of anything but a broker outage, its exception is raised
+        here, so the runtime's supervisor logs it, shows it and starts the bridge again.
+        """
         task = asyncio.create_task(self.run(), name="mqtt-bridge")
+        stopping = asyncio.create_task(_wait_set(stop), name="mqtt-stop")
         try:
-            await stop.wait()
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await _cancel_all({task})
+            await _cancel_all({task, stopping})
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
     def publish_cycle(self) -> None:
         """Queue state, plan, events and per-device telemetry from the current AgentState."""
@@ -492,6 +515,10 @@ class MqttBridge:
         for task in done:
             exc = task.exception()
             if exc is not None:
+                if not isinstance(exc, BusError):
+                    # The bridge itself failed, not the broker: the retained status must not
+                    # keep saying online while nobody answers commands.
+                    await self._say_offline(session)
                 raise exc
         raise BusError("message stream ended")
 
@@ -525,7 +552,14 @@ class MqttBridge:
 
     async def _receiver(self, session: BusSession) -> None:
         async for message in session.messages():
-            await self._on_command(message)
+            try:
+                await self._on_command(message)
+            except Exception as exc:  # one message must never end the command bridge
+                log.exception("mqtt: command on %r could not be handled", message.topic[:64])
+                name = message.topic.removeprefix(f"{self.prefix}/command/")
+                reason = f"internal error: {type(exc).__name__}"
+                self._reject(_command_id(message.payload), name, "internal", reason)
+                self._audit(name, "internal", reason)
 
     # --- commands -----------------------------------------------------------------------------
 
@@ -539,8 +573,14 @@ class MqttBridge:
             self._audit(name, rej.code, rej.reason)
             return
         previous = self._answered.get(command.id)
-        if previous is not None:  # QoS 1 redelivery or a resend: same answer, no second effect
-            self._ack(command.id, name, previous)
+        if previous is not None:
+            operator, answer = previous
+            if operator != command.operator:  # never someone else's result
+                reason = f"command id {command.id!r} was already used by another operator"
+                self._reject(command.id, name, "duplicate_id", reason)
+                self._audit(name, "duplicate_id", reason)
+                return
+            self._ack(command.id, name, answer)  # QoS 1 redelivery or a resend: no second effect
             return
         try:
             async with asyncio.timeout(self.config.command_timeout_s):
@@ -550,7 +590,7 @@ class MqttBridge:
         except Exception as exc:  # the handler's bug must not kill the bridge
             log.exception("mqtt: command handler failed on %s", name)
             result = CommandResult.refuse(f"internal error: {type(exc).__name__}")
-        self._answered[command.id] = result
+        self._answered[command.id] = (command.operator, result)
         while len(self._answered) > 1000:
             self._answered.popitem(last=False)
         if result.accepted:
@@ -560,6 +600,7 @@ class MqttBridge:
         else:
             self.count_rejected(REJECT_SOURCE, "refused")
             log.warning("mqtt: %s %s refused: %s", name, command.id, result.reason)
+            self._audit(name, "refused", f"by {command.operator}: {result.reason}")
         self._ack(command.id, name, result)
 
     def _audit(self, name: str, code: str, reason: str) -> None:

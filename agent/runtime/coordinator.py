@@ -99,6 +99,8 @@ class Coordinator:
         self._ramp = RampBudget.of(config)
         # Health of every polled source, by name: the loop publishes copies to outputs.
         self.health: dict[str, SourceHealth] = {}
+        # Counts one rejected input (source, reason); the loop sets it to its own counter.
+        self.count_rejected: Callable[[str, str], None] = lambda _source, _reason: None
         self.price_changed = asyncio.Event()
         # Refused feed answers (source, one-line reason) waiting for the runtime's audit sink.
         self.rejected_to_audit: deque[tuple[str, str]] = deque(maxlen=100)
@@ -170,6 +172,7 @@ class Coordinator:
         health = self.source(f"hashprice:{source.name}")
         try:
             reading = await source.latest()
+            # The feed checks its range (drivers/prices); this guards any other source.
             if not (math.isfinite(reading.value) and reading.value > 0):
                 raise BadInput(
                     source.name, f"hashprice must be a positive number, got {reading.value}"

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from agent.control.domain import ActiveEvent
+from agent.control.limits import CommandLimits, LimitError, check_event
 from agent.control.settlement import event_target_w
 from agent.journal.store import EventStatus, Store
 from drivers.errors import AgentError
@@ -74,6 +75,29 @@ class EventBook:
         # Operator overrides given to this process (MQTT); also journaled when there is a store.
         self.overrides: dict[str, GridEvent] = {}
         self._intervals: dict[str, _Interval] = {}
+        # The limits every channel shares (agent.control.limits); None: no limits (tests).
+        self.limits: CommandLimits | None = None
+        self.refused_updates: set[tuple[str, str]] = set()  # audited once each
+
+    def _violation(self, event: GridEvent, now: datetime) -> str | None:
+        """Why ``event`` may not be put in force (the shared limits), or None."""
+        if self.limits is None:
+            return None
+        try:
+            check_event(event, now, self.limits)
+        except LimitError as exc:
+            return str(exc)
+        return None
+
+    async def quarantine(self, event_id: str, reason: str) -> None:
+        """A journaled event that fails the limits: set aside with an audit row, never in force."""
+        log.error("journal: event %s quarantined: %s", event_id, reason)
+        if self.store is None:
+            return
+        try:
+            await self.store.quarantine_event(event_id, reason)
+        except AgentError as exc:
+            log.error("cannot quarantine grid event %s: %s", event_id, exc)
 
     async def sync(self, now: datetime, site_w: float | None) -> None:
         """Merge sources and journal into ``events``; close what ended; journal compliance."""
@@ -108,6 +132,13 @@ class EventBook:
         for eid, event in offered.items():
             if eid in self.events:
                 if self.events[eid].event != event:  # a source updated it (target, end)
+                    violation = self._violation(event, now)
+                    if violation is not None:  # the update is refused; the event stays as it was
+                        if (eid, violation) not in self.refused_updates:
+                            self.refused_updates.add((eid, violation))
+                            self.count_rejected(f"grid:{event.source}", "limits")
+                            await self._audit(event, "rejected", f"update refused: {violation}")
+                        continue
                     self.events[eid] = ActiveEvent(event, self.events[eid].baseline_w)
                     await self._journal(event, self.events[eid].baseline_w)
                     changed = True
@@ -117,6 +148,16 @@ class EventBook:
             if event.end <= now:
                 self.rejected.add(eid)
                 await self._audit(event, "rejected", f"window already over (ended {event.end})")
+                continue
+            violation = self._violation(event, now)
+            if violation is not None:
+                self.rejected.add(eid)
+                self.count_rejected(f"grid:{event.source}", "limits")
+                if eid in journal:  # journaled (an override, or an older version's entry)
+                    await self.quarantine(eid, violation)
+                else:
+                    await self._audit(event, "rejected", violation)
+                log.warning("grid event %s refused: %s", eid, violation)
                 continue
             baseline = journal[eid][1] if eid in journal else (site_w or 0.0)
             self.events[eid] = ActiveEvent(event, baseline)
@@ -181,19 +222,38 @@ class EventBook:
         self.on_change()
 
     async def release_overrides(self, operator: str) -> list[str]:
-        """End every operator override in force; returns their ids."""
+        """End every operator override in force; returns their ids.
+
+        The journal is written first: an override still journaled as active would be put back
+        in force at the next sync, so a failed write raises (and releases nothing) rather than
+        report a release that did not happen.
+        """
         ids = {eid for eid, a in self.events.items() if a.event.kind is ProgramKind.OVERRIDE}
         ids |= set(self.overrides)
+        if self.store is not None:
+            journaled = {
+                s.event.event_id
+                for s in await self.store.active_events()
+                if s.event.kind is ProgramKind.OVERRIDE
+            }
+            ids |= journaled
+            for eid in sorted(ids & journaled):
+                await self.store.set_event_status(eid, EventStatus.ENDED)
+        # Offered (and now withdrawn): the next sync takes them out of force, even one resumed
+        # from the journal that no sync has offered yet.
+        self.offered_ever.update(ids)
         for eid in sorted(ids):
             self.overrides.pop(eid, None)
-            await self._close(eid, EventStatus.ENDED)
             if self.store is not None:
-                await self.store.audit(
-                    source=f"operator:{operator}",
-                    action="release",
-                    result="accepted",
-                    reason=f"{eid} released",
-                )
+                try:
+                    await self.store.audit(
+                        source=f"operator:{operator}",
+                        action="release",
+                        result="accepted",
+                        reason=f"{eid} released",
+                    )
+                except AgentError as exc:  # released all the same: the journal says ended
+                    log.error("cannot audit the release of %s: %s", eid, exc)
         if ids:
             self.on_change()
         return sorted(ids)
@@ -220,7 +280,7 @@ class EventBook:
                 await self.store.record_compliance(
                     eid, start, target_w, iv.energy_wh / iv.seconds, interval_s=SETTLEMENT_S
                 )
-            except (AgentError, KeyError) as exc:
+            except (AgentError, KeyError, ValueError) as exc:  # never ends the control cycle
                 log.error("cannot journal compliance of %s: %s", eid, exc)
 
     async def _journal(self, event: GridEvent, baseline_w: float) -> None:

@@ -16,12 +16,18 @@ meter, services), the cycle observers (logs, MQTT), the operator inbox and the w
 Stopping: setting the ``stop`` event (SIGTERM/SIGINT in :mod:`agent.cli.daemon`) lets every
 loop finish its current step; anything still running after ``grace_s`` is cancelled, so the
 process exits within seconds even if a device call hangs.
+
+Every task runs under :func:`agent.runtime.supervisor.supervise`: one that dies (a hostile
+input, a bug) is logged, shown in ``/metrics`` and restarted with back-off; the others, the
+control loop first, go on. Operator commands are deduplicated through the journal and checked
+against the limits every channel shares (:mod:`agent.control.limits`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -29,9 +35,16 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from agent.control.commands import Command, CommandResult, Curtail, Release, SetMode
+from agent.control.commands import Command, CommandResult, Curtail, Refresh, Release, SetMode
 from agent.control.config import AgentConfig, ControlConfig
 from agent.control.domain import ActiveEvent, Plan, Snapshot
+from agent.control.limits import (
+    CommandLimits,
+    LimitError,
+    check_end,
+    check_event,
+    check_target_kw,
+)
 from agent.control.policy import decide
 from agent.journal.store import Store
 from agent.runtime.actuator import ActionResult, Actuator, AuditSink
@@ -40,6 +53,7 @@ from agent.runtime.events import EventBook, EventSource
 from agent.runtime.fleet import Fleet
 from agent.runtime.inbox import AuditRequest, CommandInbox, Item, Rejection
 from agent.runtime.state import AgentState
+from agent.runtime.supervisor import TaskFactory, supervise
 from drivers.errors import AgentError
 from drivers.gpus.base import GpuReading
 from drivers.grid.base import GridEvent, ProgramKind
@@ -49,6 +63,13 @@ from drivers.prices.csv_replay import DayAheadForecast
 from drivers.prices.system_load import SystemLoadReplay
 
 log = logging.getLogger(__name__)
+
+_COMMAND_NAMES: dict[type, str] = {
+    Curtail: "curtail",
+    Release: "release",
+    SetMode: "set_mode",
+    Refresh: "refresh",
+}
 
 CycleHook = Callable[[Snapshot, Plan, Sequence[ActionResult]], Awaitable[None] | None]
 Service = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
@@ -136,8 +157,14 @@ class Agent:
             on_change=self.wake_control.set,
             count_rejected=self._count_rejected,
         )
+        self.coordinator.count_rejected = self._count_rejected
+        self.limits = CommandLimits.of(config)  # one set of limits for every channel
+        self.event_book.limits = self.limits
         self.event_watch_s = 0.5
         self.first_poll_timeout_s = first_poll_timeout_s(config.control)
+        self._adopted = False  # the first poll's adoption, once per process
+        # Restart back-off of a supervised task that died: first and longest (tests shorten it).
+        self.backoff_s: tuple[float, float] = (0.5, 30.0)
 
     def pending(self) -> frozenset[str]:
         """Devices whose last command still waits for telemetry to confirm it."""
@@ -174,6 +201,13 @@ class Agent:
         now = self.coordinator.clock()
         for stored in await store.active_events():
             if stored.event.end > now:
+                try:  # re-validated as read back: a bad entry is quarantined, never a crash
+                    check_event(stored.event, now, self.limits)
+                except LimitError as exc:
+                    self.event_book.rejected.add(stored.event.event_id)
+                    self._count_rejected("journal", "limits")
+                    await self.event_book.quarantine(stored.event.event_id, str(exc))
+                    continue
                 self.coordinator.events[stored.event.event_id] = ActiveEvent(
                     stored.event, stored.baseline_w
                 )
@@ -229,14 +263,17 @@ class Agent:
         return plan
 
     async def _control_loop(self, stop: asyncio.Event) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.first_poll_timeout_s):
-                # Hold every device where it is until every fleet's first poll (restart rule).
-                await _first(_all_polled(self.fleets), stop.wait())
-        if stop.is_set():
-            return
-        adopted = sum(fleet.adopt_observed() for fleet in self.fleets)
-        log.info("first poll done: %d device(s) adopted at their observed state", adopted)
+        if not self._adopted:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.first_poll_timeout_s):
+                    # Hold every device where it is until every fleet's first poll (restart rule).
+                    await _first(_all_polled(self.fleets), stop.wait())
+            if stop.is_set():
+                return
+            adopted = sum(fleet.adopt_observed() for fleet in self.fleets)
+            # Once per process: a control loop restarted by its supervisor keeps its commands.
+            self._adopted = True
+            log.info("first poll done: %d device(s) adopted at their observed state", adopted)
         interval = self.config.control.interval_s
         while not stop.is_set():
             await self.control_cycle()
@@ -296,29 +333,68 @@ class Agent:
             item.answer.set_result(result)
 
     async def handle_command(self, command: Command) -> CommandResult:
-        """An authenticated operator command (MQTT): act on it, or refuse with the reason."""
+        """An authenticated operator command (MQTT): act on it, or refuse with the reason.
+
+        Deduplicated through the journal by (operator, id): a command id already answered is
+        answered again with its first result and not executed, even after a restart; an id
+        another operator already used is refused.
+        """
+        store = self.components.store
+        if store is not None:
+            try:
+                previous = await store.command_answer(command.id)
+            except AgentError as exc:
+                return CommandResult.refuse(f"cannot read the command journal: {exc}")
+            if previous is not None:
+                if previous.operator != command.operator:
+                    return CommandResult.refuse(
+                        f"command id {command.id!r} was already used by another operator"
+                    )
+                return CommandResult(previous.accepted, previous.reason)
+        result = await self._execute(command)
+        if store is not None:
+            try:
+                await store.record_command_answer(
+                    command.id,
+                    command.operator,
+                    _COMMAND_NAMES[type(command)],
+                    result.accepted,
+                    result.reason,
+                )
+            except AgentError as exc:  # answered all the same; a replay may then run it again
+                log.error("cannot journal the answer to command %s: %s", command.id, exc)
+        return result
+
+    async def _execute(self, command: Command) -> CommandResult:
         if isinstance(command, Curtail):
             now = self.coordinator.clock()
-            if command.until <= now:
-                return CommandResult.refuse(
-                    f"until {command.until.isoformat()} is not in the future"
-                )
+            if self.operator_mode == "manual":
+                # Manual mode sends no device commands: "accepted" would be a promise not kept.
+                return CommandResult.refuse("manual mode: the agent sends no device commands")
+            try:
+                target_kw = check_target_kw(command.target_kw, self.limits, "target_kw")
+                until = check_end(command.until, now, self.limits, "until")
+            except LimitError as exc:
+                return CommandResult.refuse(str(exc))
             event = GridEvent(
                 event_id=f"override-{command.id}",
                 source=f"operator:{command.operator}",
                 program="operator-override",
                 kind=ProgramKind.OVERRIDE,
                 start=now,
-                end=command.until,
-                max_site_kw=command.target_kw,
+                end=until,
+                max_site_kw=target_kw,
             )
             try:
                 await self.event_book.add_override(event, command.operator, "MQTT command")
             except AgentError as exc:
                 return CommandResult.refuse(f"cannot journal the override: {exc}")
-            return CommandResult.ok(f"{event.event_id}: site load at most {command.target_kw} kW")
+            return CommandResult.ok(f"{event.event_id}: site load at most {target_kw} kW")
         if isinstance(command, Release):
-            released = await self.event_book.release_overrides(command.operator)
+            try:
+                released = await self.event_book.release_overrides(command.operator)
+            except AgentError as exc:
+                return CommandResult.refuse(f"cannot journal the release: {exc}")
             if not released:
                 return CommandResult.refuse("no operator override is in force")
             return CommandResult.ok(f"released {', '.join(released)}")
@@ -411,37 +487,66 @@ class Agent:
         control = self.config.control
         coordinator = self.coordinator
         await self.restore_journal()
-        loops: list[Coroutine[Any, Any, None]] = [
-            self._control_loop(stop),
-            self._event_watch(stop),
-        ]
+        loops: dict[str, TaskFactory] = {
+            "control": lambda: self._control_loop(stop),
+            "event_watch": lambda: self._event_watch(stop),
+        }
         for fleet in self.fleets:
 
             async def poll_fleet(fleet: Fleet = fleet) -> None:
                 await coordinator.poll_fleet(fleet)
 
-            loops.append(self._poll(poll_fleet, control.poll_interval_s, stop))
-            loops.append(fleet.run(stop))  # opens the fleet's drivers, closes them at stop
+            name = _unique(loops, f"poll:{getattr(fleet, 'name', type(fleet).__name__)}")
+            loops[name] = functools.partial(self._poll, poll_fleet, control.poll_interval_s, stop)
+            # Opens the fleet's drivers, closes them at stop.
+            loops[_unique(loops, name.replace("poll:", "fleet:"))] = functools.partial(
+                fleet.run, stop
+            )
         if self.config.meter is not None and self.components.meter is not None:
-            loops.append(self._poll(self.meter_watch.poll, self.config.meter.poll_s, stop))
+            loops["meter"] = functools.partial(
+                self._poll, self.meter_watch.poll, self.config.meter.poll_s, stop
+            )
         feed = self.config.ambient.feed
         if self.components.ambient_source is not None and feed is not None:
-            loops.append(self._poll(self.meter_watch.poll_ambient, feed.poll_interval_s, stop))
+            loops["ambient"] = functools.partial(
+                self._poll, self.meter_watch.poll_ambient, feed.poll_interval_s, stop
+            )
         if self.components.hashprice_source is not None:
             every = self.config.economics.hashprice.poll_interval_s
-            loops.append(self._poll(coordinator.poll_hashprice, every, stop))
+            loops["hashprice"] = functools.partial(
+                self._poll, coordinator.poll_hashprice, every, stop
+            )
         if self.components.price_source is not None:
             price_every = min(control.poll_interval_s, control.interval_s)
-            loops.append(self._poll(coordinator.poll_price, price_every, stop))
+            loops["price"] = functools.partial(
+                self._poll, coordinator.poll_price, price_every, stop
+            )
         if coordinator.day_ahead is not None:
             # Cheap when nothing changed: it re-plans only on a new hour or a new forecast.
-            loops.append(self._poll(coordinator.refresh_horizon, 60.0, stop))
+            loops["horizon"] = functools.partial(
+                self._poll, coordinator.refresh_horizon, 60.0, stop
+            )
         if self.inbox is not None:
-            loops.append(self._serve_inbox(self.inbox, stop))
-        loops.extend(service(stop) for service in self.components.services)
+            inbox = self.inbox
+            loops["inbox"] = functools.partial(self._serve_inbox, inbox, stop)
+        for service in self.components.services:
+            loops[_unique(loops, _service_name(service))] = functools.partial(service, stop)
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(c) for c in loops]
+                tasks = [
+                    tg.create_task(
+                        supervise(
+                            name,
+                            factory,
+                            stop,
+                            self.state,
+                            initial_backoff_s=self.backoff_s[0],
+                            max_backoff_s=self.backoff_s[1],
+                        ),
+                        name=name,
+                    )
+                    for name, factory in loops.items()
+                ]
                 tg.create_task(_cancel_after_grace(stop, tasks, grace_s))
         finally:
             # Sources that own connections (HTTP clients) expose aclose().
@@ -456,6 +561,29 @@ class Agent:
             if self.components.meter is not None:
                 await self.components.meter.close()
         log.info("agent stopped after %d cycle(s)", self.state.cycles)
+
+
+def _unique(taken: dict[str, TaskFactory], name: str) -> str:
+    out, n = name, 1
+    while out in taken:
+        n += 1
+        out = f"{name}#{n}"
+    return out
+
+
+def _service_name(service: Callable[..., object]) -> str:
+    """The task name of a service: its ``task_name``, its owner's ``name``, or its own name."""
+    named = getattr(service, "task_name", None)
+    if isinstance(named, str):
+        return named
+    owner = getattr(service, "__self__", None)
+    owner_name = getattr(owner, "name", None)
+    if isinstance(owner_name, str):
+        return owner_name
+    qualname = str(getattr(service, "__qualname__", type(service).__name__))
+    if ".<locals>" in qualname:  # a closure made by e.g. metrics_service(): "metrics"
+        return qualname.split(".<locals>")[0].removesuffix("_service")
+    return qualname.split(".")[0].lower()
 
 
 async def _all_polled(fleets: Sequence[Fleet]) -> None:

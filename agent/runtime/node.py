@@ -70,8 +70,6 @@ from drivers.prices.base import PriceReading
 log = logging.getLogger(__name__)
 
 ENVELOPE_EVENT: Final = "node-envelope"
-UNLIMITED_KW: Final = 2e6  # offered while no envelope binds (2 GW: above any node)
-_FAR: Final = timedelta(days=3650)
 
 
 # --- the supply curve: a node's fleet as a short merit ladder -------------------------------
@@ -250,7 +248,16 @@ class NodeLink:
     def events(self) -> tuple[GridEvent, ...]:
         """The envelope as a mandatory site cap; always offered, so its target only moves."""
         env = self.envelope_w()
-        kw = UNLIMITED_KW if env is None else env / 1000.0
+        # No cap above the node's own interconnect: the shared limits refuse a target above it,
+        # and an envelope update they refused would leave the node under the previous one.
+        limit_kw = self.config.site.interconnect_limit_kw
+        kw = limit_kw if env is None else min(env / 1000.0, limit_kw)
+        # The end rolls forward in steps of a third of control.max_event_horizon_s, so it stays
+        # within the limits every event is held to (agent.control.limits) yet always at least a
+        # step ahead; the event is updated (and journaled) once per step, not once per sync.
+        step_s = self.config.control.max_event_horizon_s / 3.0
+        elapsed_s = max(0.0, (self.clock() - self.started).total_seconds())
+        steps = int(elapsed_s // step_s) + 2
         return (
             GridEvent(
                 event_id=ENVELOPE_EVENT,
@@ -258,7 +265,7 @@ class NodeLink:
                 program="node-envelope",
                 kind=ProgramKind.OVERRIDE,
                 start=self.started - timedelta(seconds=1),
-                end=self.started + _FAR,
+                end=self.started + timedelta(seconds=step_s * steps),
                 max_site_kw=kw,
             ),
         )

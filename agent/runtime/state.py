@@ -37,6 +37,16 @@ class SourceHealth:
 
 
 @dataclass(slots=True)
+class TaskHealth:
+    """One supervised long-lived task (see :mod:`agent.runtime.supervisor`)."""
+
+    name: str
+    up: bool = False
+    restarts: int = 0
+    last_error: str | None = None
+
+
+@dataclass(slots=True)
 class AgentState:
     """What the agent knows and has done, for outputs to read."""
 
@@ -65,3 +75,11 @@ class AgentState:
     planner_solve_s: float | None = None
     planner_status: str | None = None
     planner_reason: str = ""
+    # Supervised task name -> whether it runs, and how often it died and was restarted.
+    tasks: dict[str, TaskHealth] = field(default_factory=dict)
+
+    def task(self, name: str) -> TaskHealth:
+        health = self.tasks.get(name)
+        if health is None:
+            health = self.tasks[name] = TaskHealth(name)
+        return health

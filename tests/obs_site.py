@@ -1,8 +1,9 @@
 """A small real site for output tests: LuxOS simulators, the HTTP price server, the real Agent.
 
-Four miners (two S19j Pro, two S21) on 127.93.x addresses that unmodified pyasic talks to, a
+Four miners (two S19j Pro, two S21) on loopback addresses that unmodified pyasic talks to, a
 price server, and the lead's :class:`agent.runtime.loop.Agent` with the outputs under test added as
-services. Addresses differ from the other e2e tests so suites can run side by side.
+services. The addresses lie in this process's own /16 (tests/loopback.py), so suites can run
+side by side.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from agent.runtime.wiring import build_components
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.price_server import PriceServer
+from tests.loopback import ip
 from tests.test_e2e_miners import until
 
 __all__ = ["S19", "S21", "Outputs", "running_site", "site_config", "until"]
 
-S19 = ["127.93.0.1", "127.93.0.2"]
-S21 = ["127.93.1.1", "127.93.1.2"]
+S19 = [ip(180, 1), ip(180, 2)]
+S21 = [ip(181, 1), ip(181, 2)]
 MODELS = {
     "S19jPro": {
         "standby_w": 28,

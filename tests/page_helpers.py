@@ -131,7 +131,7 @@ async def open_stream(
     return reader, writer
 
 
-async def next_view(reader: asyncio.StreamReader, timeout_s: float = 5.0) -> bytes:
+async def next_view(reader: asyncio.StreamReader, timeout_s: float = 15.0) -> bytes:
     """The data line of the next ``view`` message on an SSE stream."""
     async with asyncio.timeout(timeout_s):
         event = None

@@ -8,6 +8,7 @@ missing; ``make test`` installs the packages when it runs as root.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import socket
 import subprocess
@@ -20,16 +21,40 @@ from typing import Any
 
 import pytest
 
+# Not the global generator: a test that seeds it would make two runs pick the same ports.
+_RANDOM = random.SystemRandom()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
+    """A TCP port nobody listens on right now, for a server started a moment later.
+
+    Chosen at random below the kernel's ephemeral range: a port the kernel handed out (to a
+    client's connection, or to another test's ``bind(host, 0)``) could be taken again before
+    our server binds it; ports below that range are only ever taken on purpose.
+    """
+    top = min(_ephemeral_low(), 65536) - 1
+    for _ in range(200):
+        port = _RANDOM.randint(max(1024, top - 12000), top)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
 def wait_listening(
-    host: str, port: int, timeout_s: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+    host: str, port: int, timeout_s: float = 30.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
     """Block until ``host:port`` accepts a TCP connection, or raise (at once if ``proc`` died)."""
     deadline = time.monotonic() + timeout_s

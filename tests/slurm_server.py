@@ -117,7 +117,7 @@ class SlurmCluster:
         self._wait(lambda: self.munge_socket.exists(), "munged socket")
         self.start_controller()
         self._spawn("slurmd", [self.slurmd, "-D", "-N", "localhost", "-f", str(self.conf)])
-        self._wait(self._node_idle, "node localhost idle", timeout_s=30)
+        self._wait(self._node_idle, "node localhost idle", timeout_s=60)
 
     def start_controller(self) -> None:
         self._spawn("slurmctld", [self.slurmctld, "-D", "-i", "-f", str(self.conf)])
@@ -136,7 +136,7 @@ class SlurmCluster:
                 subprocess.Popen(argv, stdout=log, stderr=log, env=self.env, cwd=self.dir)
             )
 
-    def _wait(self, ready: object, what: str, timeout_s: float = 10.0) -> None:
+    def _wait(self, ready: object, what: str, timeout_s: float = 30.0) -> None:
         assert callable(ready)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

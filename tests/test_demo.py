@@ -11,6 +11,7 @@ import pytest
 from agent.cli.demo import DEFAULT_CONFIG
 from agent.cli.demo_site import run_demo
 from agent.control.config import load_config
+from tests.loopback import NET
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 
@@ -19,7 +20,8 @@ async def test_demo_runs_miners_and_gpu_nodes_and_reports_ai_revenue(shared_data
     config = load_config(DEFAULT_CONFIG)
     assert sum(n.gpus * n.count for n in config.gpu_nodes) == 16
     out = io.StringIO()
-    assert await run_demo(DEFAULT_CONFIG, 10.0, out=out) == 0
+    # The demo's miners on this process's own net, so a second run beside this one never collides.
+    assert await run_demo(DEFAULT_CONFIG, 10.0, out=out, loopback_net=NET) == 0
     text = out.getvalue()
     assert "2 GPU nodes (16 simulated H100-SXM)" in text
     assert "AI jobs S/P/F" in text

@@ -27,14 +27,15 @@ from simulators.jobs import RUNNING, SUSPENDED, SimScheduler
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.price_server import PriceServer
+from tests.loopback import ip
 from tests.site_agent import build_agent, metrics_port
-from tests.test_e2e_miners import NET, asleep, site_dict, true_site_w, truth, until
+from tests.test_e2e_miners import asleep, site_dict, true_site_w, truth, until
 
 HOST_W = 500.0
 NODE = "gpu"
 # In this process's loopback /16 (see tests/test_e2e_miners.py), apart from that module's miners.
-S19 = [f"127.{NET}.2.{i}" for i in (1, 2, 3)]
-S21 = [f"127.{NET}.3.{i}" for i in (1, 2, 3)]
+S19 = [ip(2, i) for i in (1, 2, 3)]
+S21 = [ip(3, i) for i in (1, 2, 3)]
 
 
 @dataclass
@@ -105,7 +106,7 @@ async def running_site(price: float) -> AsyncIterator[Site]:
             yield Site(agent, miners, server, simulation, simulation.scheduler)
         finally:
             stop.set()
-            await asyncio.wait_for(task, timeout=5)
+            await asyncio.wait_for(task, timeout=15)
 
 
 def emergency(site: Site, event_id: str, max_site_kw: float) -> None:
@@ -207,7 +208,7 @@ async def test_mandatory_event_sheds_miners_then_preemptible_jobs_and_sla_last()
         await until(lambda: site.true_w() <= 1400, 10, "site under 1.4 kW")
         nvml = site.gpus.nvml[NODE]
         assert all(g.utilization_pct == 0 for g in nvml.gpus)
-        await until(lambda: site.agent.state.actions[("suspend_job", "ok")] == 3, 5, "confirmed")
+        await until(lambda: site.agent.state.actions[("suspend_job", "ok")] == 3, 15, "confirmed")
         assert site.agent.state.faults == {}
 
 

@@ -121,12 +121,12 @@ async def test_price_spike_suspends_and_resumes_a_real_preemptible_slurm_job(
             await until(lambda: {g.power_limit_w for g in nvml.gpus} == {200.0}, 10, "capped")
             assert cluster.job_state(sla) == "RUNNING"  # no mandatory event: SLA untouched
             # Slurm can show SUSPENDED before the driver's own confirmation poll returns.
-            await until(lambda: agent.state.actions[("suspend_job", "ok")] == 1, 5, "confirmed")
+            await until(lambda: agent.state.actions[("suspend_job", "ok")] == 1, 15, "confirmed")
             # The price falls: the job is resumed (after the minimum off time) and runs on.
             server.prices[0] = 20.0
             await wait_state(cluster, preemptible, "RUNNING", timeout_s=20)
             await wait_procs(pids, {"S", "R"})
-            await until(lambda: agent.state.actions[("resume_job", "ok")] == 1, 5, "audited")
+            await until(lambda: agent.state.actions[("resume_job", "ok")] == 1, 15, "audited")
             await until(lambda: {g.power_limit_w for g in nvml.gpus} == {700.0}, 10, "uncapped")
             assert cluster.job_state(sla) == "RUNNING"
             assert agent.state.actions[("suspend_job", "failed")] == 0

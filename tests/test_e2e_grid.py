@@ -50,7 +50,7 @@ async def site(grid: dict[str, Any]) -> AsyncIterator[tuple[Agent, LuxosFleet]]:
             yield agent, fleet
         finally:
             stop.set()
-            await asyncio.wait_for(task, 8)
+            await asyncio.wait_for(task, 15)
 
 
 async def wake_times(fleet: LuxosFleet, limit_s: float) -> list[float]:
@@ -92,7 +92,7 @@ async def test_openadr_event_is_met_by_its_start_and_restore_is_ramped() -> None
             market_context=ERS,
         )
         # Before the window opens the site keeps mining: the target is a level in its window.
-        await until(lambda: "evt" in " ".join(agent.coordinator.events), 5, "event received")
+        await until(lambda: "evt" in " ".join(agent.coordinator.events), 15, "event received")
         assert true_site_w(fleet) > 21_000
         # By the start plus one second (the program's response time here) the site is under.
         await asyncio.sleep(max(0.0, (start - datetime.now(UTC)).total_seconds()))
@@ -197,7 +197,7 @@ async def test_rejected_grid_messages_are_audited_and_change_nothing(
                 json.dumps({"event_id": "y", "state": "on", "kind": "alien", "max_site_kw": 5}),
             ):
                 await grid_operator.publish("grid/curtail", payload, qos=1)
-            await until(lambda: len(source.rejected) >= 3, 5, "three rejections")
+            await until(lambda: len(source.rejected) >= 3, 15, "three rejections")
             await book.sync(now, 20_000.0)
             assert events == {}  # nothing is in force
             rows = [r for r in await store.audit_rows() if r.result == "rejected"]
@@ -208,4 +208,4 @@ async def test_rejected_grid_messages_are_audited_and_change_nothing(
             assert len([r for r in await store.audit_rows() if r.result == "rejected"]) == 3
     finally:
         stop.set()
-        await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(task, 15)

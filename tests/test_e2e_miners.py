@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,12 +25,11 @@ from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import S19J_PRO, FaultKind, Timing
 from simulators.luxos_model import S21 as S21_MODEL
 from simulators.price_server import PriceServer
+from tests.loopback import ip
 from tests.site_agent import build_agent, metrics_port
 
-# A loopback /16 per test process, so concurrent runs on one machine do not collide.
-NET = 100 + os.getpid() % 150
-S19 = [f"127.{NET}.0.{i}" for i in (1, 2, 3)]
-S21 = [f"127.{NET}.1.{i}" for i in (1, 2, 3)]
+S19 = [ip(0, i) for i in (1, 2, 3)]
+S21 = [ip(1, i) for i in (1, 2, 3)]
 
 MODELS = {"S19jPro": S19J_PRO.site_config(), "S21": S21_MODEL.site_config()}
 
@@ -91,7 +89,7 @@ async def running_site(
             yield agent, fleet, server
         finally:
             stop.set()
-            await asyncio.wait_for(task, timeout=5)
+            await asyncio.wait_for(task, timeout=15)
 
 
 async def until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -140,9 +138,9 @@ async def test_spike_sleeps_inefficient_miners_and_drop_restores_them_after_min_
         assert plan is not None
         assert plan.effective_price_usd_per_mwh == 100.0
         counts = agent.state.actions
-        await until(lambda: counts[("sleep", "ok")] == 3, 5, "three sleeps confirmed")
+        await until(lambda: counts[("sleep", "ok")] == 3, 15, "three sleeps confirmed")
         # The agent's own view agrees with the simulators' truth (telemetry confirmed it).
-        await until(lambda: not agent.pending(), 5, "commands verified")
+        await until(lambda: not agent.pending(), 15, "commands verified")
         assert agent.state.faults == {}
         # Price falls again: the S19s come back, but not before the minimum off time (1.5 s).
         server.prices[0] = 20.0
@@ -233,7 +231,7 @@ async def test_a_miner_restored_by_hand_during_an_event_is_shed_again() -> None:
 
         tech = PyasicMiner.luxos(S19[1], asyncio.Semaphore(1))
         await tech.wake()
-        await until(lambda: not asleep(fleet, S19[1]), 5, "the miner is woken by hand")
+        await until(lambda: not asleep(fleet, S19[1]), 15, "the miner is woken by hand")
         # OFF is a level: the agent sees the drift in telemetry and sheds it again.
         await until(lambda: asleep(fleet, S19[1]), 10, "the miner shed again")
         await until(lambda: true_site_w(fleet) <= 12_000, 3, "site back under 12 kW")

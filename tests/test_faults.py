@@ -44,13 +44,14 @@ from drivers.grid.mqtt_curtail import MqttCurtailSettings, MqttCurtailSource
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import FaultKind, Timing
 from simulators.price_server import PriceServer
+from tests.loopback import ip
 from tests.servers import Mosquitto
 from tests.site_agent import build_agent
-from tests.test_e2e_miners import MODELS, NET, until, watts
+from tests.test_e2e_miners import MODELS, until, watts
 
 # This process's own loopback net (as the e2e tests), so concurrent test runs never collide.
-S19 = [f"127.{NET}.20.{i}" for i in range(1, 7)]
-S21 = [f"127.{NET}.21.{i}" for i in range(1, 7)]
+S19 = [ip(20, i) for i in range(1, 7)]
+S21 = [ip(21, i) for i in range(1, 7)]
 ALL = S19 + S21
 DEVICE = {a: f"s19-{i:03d}" for i, a in enumerate(S19, 1)} | {
     a: f"s21-{i:03d}" for i, a in enumerate(S21, 1)
@@ -333,7 +334,7 @@ async def test_price_source_down_goes_to_safe_mode_then_recovers() -> None:
         text = site.metrics()
         assert f'site_agent_source_up{{source="{source}"}} 0.0' in text
         # The simulators sleep as the commands land; the agent counts each as its reply returns.
-        await until(lambda: agent.state.actions[("sleep", "ok")] == len(ALL), 5, "sleeps counted")
+        await until(lambda: agent.state.actions[("sleep", "ok")] == len(ALL), 15, "sleeps counted")
         # The feed comes back: a fresh price, and the miners are restored.
         site.prices.fault = "ok"
         await until(lambda: not any(site.asleep(a) for a in ALL), 15, "every miner mining")

@@ -159,8 +159,8 @@ async def test_a_third_fleet_is_dispatched_verified_and_published_through_the_pr
     task = asyncio.create_task(agent.run(stop))
     try:
         # 500 $/MWh is above this miner's breakeven: the policy sheds all three.
-        await until(lambda: devices["node-a/m1"].point == SLEEP, 5, "the obedient miner shed")
-        await until(lambda: len(agent.state.faults) == 2, 5, "both others held faulted")
+        await until(lambda: devices["node-a/m1"].point == SLEEP, 15, "the obedient miner shed")
+        await until(lambda: len(agent.state.faults) == 2, 15, "both others held faulted")
         assert agent.state.faults["node-a/m2"].endswith("accepted but not applied")
         assert agent.state.faults["node-b/m1"].startswith("sleep failed: node says")
         actions = agent.state.actions
@@ -173,4 +173,4 @@ async def test_a_third_fleet_is_dispatched_verified_and_published_through_the_pr
         assert agent.state.sources["remote"].successes >= 1
     finally:
         stop.set()
-        await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(task, 15)

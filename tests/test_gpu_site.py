@@ -475,12 +475,12 @@ async def test_local_scheduler_suspends_a_real_process_through_the_fleet() -> No
         await site.apply(
             Action("box", ActionKind.SUSPEND_JOB, "suspended", "t", -1, job_id="train-1")
         )
-        await until(lambda: proc_state(pid) == "T", 5, "process stopped")
+        await until(lambda: proc_state(pid) == "T", 15, "process stopped")
         await site.apply(Action("box", ActionKind.RESUME_JOB, "running", "t", 1, job_id="train-1"))
-        await until(lambda: proc_state(pid) in ("S", "R"), 5, "process continued")
+        await until(lambda: proc_state(pid) in ("S", "R"), 15, "process continued")
     finally:
         await site.aclose()  # stops the job
-    await until(lambda: gone(pid), 5, "job stopped with the fleet")
+    await until(lambda: gone(pid), 15, "job stopped with the fleet")
 
 
 async def test_cap_a_card_refuses_faults_the_node_but_a_job_that_ended_does_not(

@@ -30,7 +30,7 @@ PROGRAMS = {
 }
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 6.0) -> None:
+async def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not condition():
         if asyncio.get_running_loop().time() > deadline:
@@ -90,7 +90,7 @@ async def site() -> AsyncIterator[Site]:
         await until(lambda: ven.registered)
         yield Site(vtn, ven, asked, audit)
         stop.set()
-        await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(task, 15)
     assert audit == ven.rejected
 
 
@@ -214,7 +214,7 @@ async def test_registers_once_the_vtn_comes_up_and_fails_safe_when_it_goes_silen
         assert lost.active_at(datetime.now(UTC))
     finally:
         stop.set()
-        await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(task, 15)
 
 
 async def test_vtn_control_endpoint_pushes_an_event_over_http(site: Site) -> None:
@@ -254,7 +254,7 @@ async def test_refused_ven_keeps_retrying_without_events() -> None:
         assert vtn.registrations == {}
         assert ven.events() == ()
         stop.set()
-        await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(task, 15)
 
 
 def test_units_and_settings() -> None:

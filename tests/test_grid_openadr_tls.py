@@ -58,7 +58,7 @@ async def test_signed_event_over_mutual_tls_and_a_foreign_certificate_refused(
         await until(lambda: vtn.refused == ["site-1"])
         assert not rogue.registered
         stop.set()
-        await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(task, 15)
         # The right VEN registers and receives a signed event.
         ven = _ven(port, pki, pki["ven_crt"], pki["ven_key"])
         stop = asyncio.Event()
@@ -76,4 +76,4 @@ async def test_signed_event_over_mutual_tls_and_a_foreign_certificate_refused(
             await until(lambda: vtn.opt_responses.get(eid) == "optIn")
         finally:
             stop.set()
-            await asyncio.wait_for(task, 5)
+            await asyncio.wait_for(task, 15)

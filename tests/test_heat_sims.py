@@ -5,7 +5,6 @@ the meter simulator reads the miners' power from their control port, as it would
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 
@@ -14,9 +13,9 @@ from simulators.luxos import LuxosFleet, MinerSpec, serve_control
 from simulators.luxos_model import ManualClock
 from simulators.meter import MeterSimulator
 from simulators.nvml import H100_SXM, SimNvml
+from tests.loopback import ip
 
-NET = 100 + (os.getpid() + 7) % 150
-ADDRESSES = [f"127.{NET}.9.{i}" for i in (1, 2)]
+ADDRESSES = [ip(9, i) for i in (1, 2)]
 
 
 def test_miner_boards_follow_the_afternoon_and_a_hot_spot() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -23,12 +22,12 @@ from drivers.inputs import RejectionCounter
 from drivers.miners.pyasic_driver import READ_COMMAND, PyasicMiner
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.nvml import H100_SXM, SimNvml
+from tests.loopback import ip
 
 pytestmark = pytest.mark.hostile
 
-NET = 100 + (os.getpid() + 7) % 150
-REAL = f"127.{NET}.40.1"
-FAKE = f"127.{NET}.40.2"
+REAL = ip(40, 1)
+FAKE = ip(40, 2)
 PORT = 4028  # pyasic's LuxOS port is fixed
 
 

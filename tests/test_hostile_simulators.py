@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,12 +22,12 @@ from hypothesis import strategies as st
 from simulators.luxos import LuxosFleet, MinerSpec, serve_control
 from simulators.openadr_vtn import OpenAdrVtn
 from simulators.price_server import PriceServer
+from tests.loopback import ip
 from tests.servers import free_port
 
 pytestmark = pytest.mark.hostile
 
-NET = 100 + (os.getpid() + 13) % 150
-A, B, C = (f"127.{NET}.42.{i}" for i in (1, 2, 3))
+A, B, C = (ip(42, i) for i in (1, 2, 3))
 
 
 async def raw_request(port: int, line: bytes) -> dict[str, Any]:

@@ -39,11 +39,12 @@ from drivers.bus.mqtt import MqttBus
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
+from tests.loopback import ip
 from tests.servers import Mosquitto, free_port
-from tests.test_e2e_miners import MODELS, NET, until
+from tests.test_e2e_miners import MODELS, until
 
-S19 = [f"127.{NET}.20.{i}" for i in (1, 2)]
-S21 = [f"127.{NET}.21.{i}" for i in (1, 2)]
+S19 = [ip(22, i) for i in (1, 2)]
+S21 = [ip(23, i) for i in (1, 2)]
 ALL = S19 + S21
 TOKEN = "integrity-operator-token-5f1c"
 

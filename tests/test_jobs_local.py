@@ -47,7 +47,30 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
-async def wait_for(predicate: object, timeout_s: float = 5.0) -> None:
+def voluntary_switches(pid: int) -> int:
+    """How often ``pid`` has gone to sleep of its own accord (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def wait_steps(pid: int, steps: int = 3, timeout_s: float = 20.0) -> None:
+    """Wait until the checkpoint job ``pid`` has counted at least ``steps`` more steps.
+
+    Each step of ``checkpoint_job.py`` sleeps once, a voluntary context switch: ``steps + 1``
+    switches after now include ``steps`` completed sleeps, each followed by its step. A fixed
+    sleep in the test could pass with no step at all on a busy machine.
+    """
+    base = voluntary_switches(pid)
+    await wait_for(lambda: voluntary_switches(pid) >= base + steps + 1, timeout_s)
+
+
+async def wait_for(predicate: object, timeout_s: float = 20.0) -> None:
     assert callable(predicate)
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -94,7 +117,7 @@ async def test_preempt_checkpoints_within_grace_then_restart_resumes(
     assert pid is not None
     await wait_for(ckpt.exists)  # step 0, written once its signal handlers are in place
     assert ckpt.read_text() == "0"
-    await asyncio.sleep(0.5)  # let it do some steps
+    await wait_steps(pid)
     await jobs.suspend("train-2")
     await wait_for(lambda: proc_state(pid) == "T")
     before = datetime.now(UTC)
@@ -111,12 +134,14 @@ async def test_preempt_checkpoints_within_grace_then_restart_resumes(
     assert steps > 0  # only the SIGTERM handler saves steps > 0 here
     with pytest.raises(CommandRejected, match="pending after requeue"):
         await jobs.suspend("train-2")
+    saved_ns = ckpt.stat().st_mtime_ns
     await jobs.resume("train-2")  # starts the command again; it continues from the checkpoint
     new_pid = jobs.pid("train-2")
     assert new_pid is not None
     assert new_pid != pid
     assert (await jobs.list_jobs())[0].state is JobState.RUNNING
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: ckpt.stat().st_mtime_ns != saved_ns)  # its handlers are in place
+    await wait_steps(new_pid)
     await jobs.requeue("train-2", grace_s=5.0)
     assert int(ckpt.read_text()) > steps
 

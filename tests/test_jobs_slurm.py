@@ -16,6 +16,7 @@ from drivers.jobs.base import JobClass, JobControl, JobState
 from drivers.jobs.slurm import JobClassRules, SlurmJobs
 from tests.slurm_server import SlurmCluster
 from tests.slurm_server import slurm_fixture as slurm_fixture
+from tests.test_jobs_local import wait_steps
 
 pytestmark = pytest.mark.slurm
 
@@ -65,7 +66,7 @@ def _cmdline(pid: int) -> str:
 
 
 async def wait_job_pids(
-    cluster: SlurmCluster, job_id: str, payload: str, timeout_s: float = 15
+    cluster: SlurmCluster, job_id: str, payload: str, timeout_s: float = 30
 ) -> list[int]:
     """The job's processes once its payload (a word of its command line) is running.
 
@@ -92,7 +93,7 @@ def proc_states(pids: list[int]) -> set[str]:
     return states
 
 
-async def wait_state(slurm: SlurmCluster, job_id: str, *states: str, timeout_s: float = 20) -> str:
+async def wait_state(slurm: SlurmCluster, job_id: str, *states: str, timeout_s: float = 40) -> str:
     deadline = time.monotonic() + timeout_s
     while True:
         state = await asyncio.to_thread(slurm.job_state, job_id)
@@ -105,7 +106,7 @@ async def wait_state(slurm: SlurmCluster, job_id: str, *states: str, timeout_s: 
         await asyncio.sleep(0.2)
 
 
-async def wait_procs(pids: list[int], allowed: set[str], timeout_s: float = 10) -> None:
+async def wait_procs(pids: list[int], allowed: set[str], timeout_s: float = 30) -> None:
     """slurmd signals the processes shortly after the controller changes the job state."""
     deadline = time.monotonic() + timeout_s
     while not proc_states(pids) <= allowed:
@@ -176,7 +177,8 @@ async def test_requeue_signals_checkpoint_then_requeues(
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
     assert ckpt.read_text() == "0"
-    await asyncio.sleep(0.3)  # some steps
+    pids = await wait_job_pids(cluster, job_id, "checkpoint_job")
+    await wait_steps(next(p for p in pids if "checkpoint_job" in _cmdline(p)))
     await jobs.suspend(job_id)
     before = datetime.now(UTC)
     started = time.monotonic()
@@ -211,11 +213,20 @@ async def test_job_that_ends_while_suspended(cluster: SlurmCluster) -> None:
     assert cluster.job_state(job_id) in ("CANCELLED", "COMPLETING")  # not requeued
 
 
-async def test_short_job_suspended_then_resumed_completes(cluster: SlurmCluster) -> None:
+async def test_short_job_suspended_then_resumed_completes(
+    cluster: SlurmCluster, tmp_path: Path
+) -> None:
     jobs = driver(cluster)
-    job_id = cluster.sbatch("--wrap=sleep 1")
+    go = tmp_path / "go"
+    # The job's one second of work starts once `go` exists, which the test creates only after
+    # the job is stopped: a plain `sleep 1` could end before a busy machine's suspend reaches it.
+    job_id = cluster.sbatch(f"--wrap=while [ ! -e {go} ]; do sleep 0.05; done; sleep 1")
     await wait_state(cluster, job_id, "RUNNING")
+    pids = await wait_job_pids(cluster, job_id, "sleep")
     await jobs.suspend(job_id)
+    # A `sleep 0.05` that ended as the stop came stays a zombie until its shell runs again.
+    await wait_procs(pids, {"T", "Z"})
+    go.touch()
     await asyncio.sleep(1.5)  # longer than the job's whole run: suspended time is not run time
     assert cluster.job_state(job_id) == "SUSPENDED"
     await jobs.resume(job_id)

@@ -25,9 +25,10 @@ from simulators.luxos import (
     serve_control,
 )
 from simulators.luxos_model import S19J_PRO, S21, ManualClock, MinerState, Timing
+from tests.loopback import ip, subnet
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = "127.20.1.1"
+BASE = ip(120, 1)
 
 
 @pytest.fixture
@@ -42,22 +43,22 @@ async def fleet(clock: ManualClock) -> AsyncIterator[LuxosFleet]:
 
 
 async def test_get_miner_identifies_both_models(fleet: LuxosFleet) -> None:
-    s19 = await get_miner("127.20.1.1")
-    s21 = await get_miner("127.20.1.2")
+    s19 = await get_miner(ip(120, 1))
+    s21 = await get_miner(ip(120, 2))
     assert isinstance(s19, LUXMinerS19jPro)
     assert isinstance(s21, LUXMinerS21)
 
 
 async def test_subnet_scan_finds_exactly_the_simulated_miners(fleet: LuxosFleet) -> None:
-    # 127.20.1.0/28 has 14 hosts; miners sit on .1-.10, .11-.14 refuse.
-    found = await MinerNetwork.from_subnet("127.20.1.0/28").scan()
+    # The /28 has 14 hosts; miners sit on .1-.10, .11-.14 refuse.
+    found = await MinerNetwork.from_subnet(subnet(120, 28)).scan()
     assert sorted(str(m.ip) for m in found) == sorted(fleet.addresses)
 
 
 async def test_get_data_reports_power_hashrate_temperatures_and_model(
     fleet: LuxosFleet,
 ) -> None:
-    miner = await get_miner("127.20.1.2")
+    miner = await get_miner(ip(120, 2))
     assert miner is not None
     data = await miner.get_data()
     assert data.model == "S21"
@@ -76,10 +77,10 @@ async def test_get_data_reports_power_hashrate_temperatures_and_model(
 async def test_stop_and_resume_change_true_state_and_readings(
     fleet: LuxosFleet, clock: ManualClock
 ) -> None:
-    miner = await get_miner("127.20.1.1")
+    miner = await get_miner(ip(120, 1))
     assert miner is not None
     assert await miner.stop_mining()
-    assert fleet.miners["127.20.1.1"].sleeping
+    assert fleet.miners[ip(120, 1)].sleeping
     clock.advance(2.0)  # the sleep ramp
     data = await miner.get_data()
     assert data.wattage == S19J_PRO.standby_w
@@ -98,10 +99,10 @@ async def test_stop_and_resume_change_true_state_and_readings(
 async def test_set_power_limit_picks_highest_profile_at_or_below(
     fleet: LuxosFleet, clock: ManualClock
 ) -> None:
-    miner = await get_miner("127.20.1.1")
+    miner = await get_miner(ip(120, 1))
     assert miner is not None
     assert await miner.set_power_limit(3000)
-    state = fleet.miners["127.20.1.1"]
+    state = fleet.miners[ip(120, 1)]
     assert state.profile == "-1"
     assert state.atm_enabled  # pyasic paused ATM around profileset and restored it
     clock.advance(1.0)
@@ -111,7 +112,7 @@ async def test_set_power_limit_picks_highest_profile_at_or_below(
 
 
 async def test_multicommand_and_error_status_shapes(fleet: LuxosFleet) -> None:
-    miner = await get_miner("127.20.1.1")
+    miner = await get_miner(ip(120, 1))
     assert miner is not None
     data = await miner.rpc.send_command("power+config")
     assert set(data) == {"power", "config", "id"}
@@ -121,15 +122,15 @@ async def test_multicommand_and_error_status_shapes(fleet: LuxosFleet) -> None:
         await miner.rpc.send_command("frobnicate")
     with pytest.raises(APIError, match="Invalid session"):
         await miner.rpc.send_command("curtail", "not-a-session", "sleep")
-    assert not fleet.miners["127.20.1.1"].sleeping
+    assert not fleet.miners[ip(120, 1)].sleeping
 
 
 async def test_connection_closed_without_request_is_tolerated(fleet: LuxosFleet) -> None:
     for _ in range(3):
-        _, writer = await asyncio.open_connection("127.20.1.3", 4028)
+        _, writer = await asyncio.open_connection(ip(120, 3), 4028)
         writer.close()
         await writer.wait_closed()
-    reader, writer = await asyncio.open_connection("127.20.1.3", 4028)
+    reader, writer = await asyncio.open_connection(ip(120, 3), 4028)
     writer.write(b'{"command": "power"}')
     await writer.drain()
     reply = json.loads((await reader.read()).rstrip(b"\x00"))
@@ -179,20 +180,20 @@ async def test_control_port_sets_faults_and_reports_truth(fleet: LuxosFleet) -> 
     server = await serve_control(fleet, 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        ok = await control_request(port, {"op": "fault", "address": "127.20.1.4", "fault": "error"})
+        ok = await control_request(port, {"op": "fault", "address": ip(120, 4), "fault": "error"})
         assert ok == {"ok": True}
-        state = await control_request(port, {"op": "state", "address": "127.20.1.4"})
+        state = await control_request(port, {"op": "state", "address": ip(120, 4)})
         assert state["ok"]
         assert isinstance(state["state"], dict)
         assert state["state"]["fault"] == "error"
         # A bad request changes nothing, and says why.
         bad = await control_request(
-            port, {"op": "fault", "addresses": ["127.20.1.5", "127.99.0.1"], "fault": "hang"}
+            port, {"op": "fault", "addresses": [ip(120, 5), "127.99.0.1"], "fault": "hang"}
         )
         assert not bad["ok"]
         assert "127.99.0.1" in str(bad["error"])
-        assert fleet.truth("127.20.1.5")["fault"] == "none"
-        unknown = await control_request(port, {"op": "fault", "address": "127.20.1.5"})
+        assert fleet.truth(ip(120, 5))["fault"] == "none"
+        unknown = await control_request(port, {"op": "fault", "address": ip(120, 5)})
         assert not unknown["ok"]
         listing = await control_request(port, {"op": "list"})
         assert listing["miners"] == fleet.addresses
@@ -203,7 +204,7 @@ async def test_control_port_sets_faults_and_reports_truth(fleet: LuxosFleet) -> 
 
 def test_cli_prints_every_address_and_stops_on_sigterm() -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "simulators.luxos", "--miners", "3", "--base", "127.20.3.1"],
+        [sys.executable, "-m", "simulators.luxos", "--miners", "3", "--base", ip(122, 1)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -212,7 +213,7 @@ def test_cli_prints_every_address_and_stops_on_sigterm() -> None:
         try:
             rows = [json.loads(proc.stdout.readline()) for _ in range(4)]
             addresses = [r.get("address") for r in rows[:3]]
-            assert addresses == ["127.20.3.1", "127.20.3.2", "127.20.3.3"]
+            assert addresses == [ip(122, 1), ip(122, 2), ip(122, 3)]
             assert rows[3]["event"] == "ready"
             assert rows[3]["miners"] == 3
             assert rows[3]["control_port"] > 0

@@ -72,7 +72,7 @@ async def test_curtail_cli_brings_site_under_target_fast_and_release_restores(
                 assert report[0].intervals >= 1
             finally:
                 stop.set()
-                await asyncio.wait_for(task, 5)
+                await asyncio.wait_for(task, 15)
 
 
 def test_curtail_cli_refuses_bad_input_and_writes_nothing(

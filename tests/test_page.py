@@ -130,7 +130,7 @@ async def text(driver: Driver, selector: str) -> str:
     return "" if value is None else str(value)
 
 
-async def until_text(driver: Driver, selector: str, pattern: str, timeout_s: float = 10.0) -> str:
+async def until_text(driver: Driver, selector: str, pattern: str, timeout_s: float = 20.0) -> str:
     """Wait until the element's text matches ``pattern`` (a regex); returns the text."""
     deadline = time.monotonic() + timeout_s
     last = ""

@@ -70,7 +70,7 @@ async def query(prom: Prometheus, promql: str) -> list[dict[str, Any]]:
     return await asyncio.to_thread(prom.query, promql)
 
 
-async def wait_for_data(prom: Prometheus, promql: str, timeout_s: float = 10) -> list[Any]:
+async def wait_for_data(prom: Prometheus, promql: str, timeout_s: float = 30) -> list[Any]:
     """Poll until ``promql`` returns a series (Prometheus has no push to wait on)."""
     async with asyncio.timeout(timeout_s):
         while True:

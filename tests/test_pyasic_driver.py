@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
@@ -35,10 +36,11 @@ from drivers.miners.pyasic_driver import (
 )
 from simulators.luxos import LuxosFleet, fleet_specs
 from simulators.luxos_model import FaultKind, ManualClock, Timing
+from tests.loopback import ip, subnet
 
 ROOT = Path(__file__).resolve().parent.parent
-S19 = "127.21.1.1"  # round-robin models: odd hosts S19j Pro, even hosts S21
-S21 = "127.21.1.2"
+S19 = ip(130, 1)  # round-robin models: odd hosts S19j Pro, even hosts S21
+S21 = ip(130, 2)
 TIMEOUT_S = 0.5
 
 
@@ -50,7 +52,7 @@ def clock() -> ManualClock:
 @pytest.fixture
 async def fleet(clock: ManualClock) -> AsyncIterator[LuxosFleet]:
     async with LuxosFleet(
-        fleet_specs(8, "127.21.1.1"), clock=clock, timing=Timing(10.0, 1.0, 1.0)
+        fleet_specs(8, ip(130, 1)), clock=clock, timing=Timing(10.0, 1.0, 1.0)
     ) as f:
         yield f
 
@@ -70,7 +72,7 @@ async def test_discover_by_address_identifies_models_and_reports_missing(
     fleet: LuxosFleet, semaphore: asyncio.Semaphore
 ) -> None:
     found = await discover(
-        {"rack1-a": S19, "rack1-b": S21, "ghost": "127.21.9.9"},
+        {"rack1-a": S19, "rack1-b": S21, "ghost": ip(139, 9)},
         semaphore,
         identify_timeout_s=5.0,
     )
@@ -87,7 +89,7 @@ async def test_scan_subnet_finds_all_and_restores_pyasic_global(
     fleet: LuxosFleet, semaphore: asyncio.Semaphore
 ) -> None:
     before = pyasic_settings.get("network_scan_semaphore")
-    found = await scan_subnet("127.21.1.0/28", semaphore, scan_concurrency=4)
+    found = await scan_subnet(subnet(130, 28), semaphore, scan_concurrency=4)
     assert [m.address for m in found] == fleet.addresses
     assert pyasic_settings.get("network_scan_semaphore") == before
 
@@ -217,8 +219,9 @@ async def test_slow_answer_within_the_timeout_is_a_normal_reading(
 
 
 async def test_refused_connection_is_device_unavailable(semaphore: asyncio.Semaphore) -> None:
-    with pytest.raises(DeviceUnavailable, match=r"m-127\.21\.9\.1: .*Connect call failed"):
-        await miner("127.21.9.1", semaphore).read()
+    address = ip(139, 1)
+    with pytest.raises(DeviceUnavailable, match=rf"m-{re.escape(address)}: .*Connect call failed"):
+        await miner(address, semaphore).read()
 
 
 async def test_ignored_command_is_visible_in_telemetry(
@@ -254,13 +257,13 @@ async def test_read_fleet_returns_readings_and_errors_without_waiting_on_hangs(
     fleet: LuxosFleet, semaphore: asyncio.Semaphore
 ) -> None:
     miners = [miner(a, semaphore) for a in fleet.addresses]
-    fleet.set_fault("127.21.1.3", FaultKind.HANG)
-    fleet.set_fault("127.21.1.4", FaultKind.GARBAGE)
+    fleet.set_fault(ip(130, 3), FaultKind.HANG)
+    fleet.set_fault(ip(130, 4), FaultKind.GARBAGE)
     t0 = time.perf_counter()
     results = await read_fleet(miners)
     assert time.perf_counter() - t0 < 2 * TIMEOUT_S
-    assert isinstance(results["m-127.21.1.3"], DeviceTimeout)
-    assert isinstance(results["m-127.21.1.4"], BadReply)
+    assert isinstance(results[f"m-{ip(130, 3)}"], DeviceTimeout)
+    assert isinstance(results[f"m-{ip(130, 4)}"], BadReply)
     readings = [r for r in results.values() if isinstance(r, MinerReading)]
     assert len(readings) == 6
     assert sum(r.power_w for r in readings) == 3 * 3068 + 3 * 3500
@@ -282,9 +285,9 @@ async def test_the_shared_semaphore_bounds_concurrency(fleet: LuxosFleet) -> Non
 async def test_sleep_fleet_reports_per_miner_results(
     fleet: LuxosFleet, semaphore: asyncio.Semaphore
 ) -> None:
-    fleet.set_fault("127.21.1.2", FaultKind.ERROR)
+    fleet.set_fault(ip(130, 2), FaultKind.ERROR)
     results = await sleep_fleet([miner(a, semaphore) for a in fleet.addresses])
-    assert isinstance(results["m-127.21.1.2"], CommandRejected)
+    assert isinstance(results[f"m-{ip(130, 2)}"], CommandRejected)
     assert sum(r is None for r in results.values()) == 7
     assert sum(s.sleeping for s in fleet.miners.values()) == 7
 

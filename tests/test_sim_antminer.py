@@ -29,11 +29,12 @@ from simulators.antminer import (
 from simulators.common import serve_control
 from simulators.luxos import control_request
 from simulators.luxos_model import S19J_PRO, ManualClock, Timing
+from tests.loopback import NET, ip, subnet
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = "127.32.1.1"
-S19 = "127.32.1.1"
-S21_ADDR = "127.32.1.2"
+BASE = ip(140, 1)
+S19 = ip(140, 1)
+S21_ADDR = ip(140, 2)
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def short_web_timeout() -> Iterator[None]:
         settings.update("api_function_timeout", before)
 
 
-async def _wait_listening(address: str, port: int, timeout_s: float = 5.0) -> None:
+async def _wait_listening(address: str, port: int, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -88,7 +89,7 @@ async def test_get_miner_identifies_stock_firmware_and_model(fleet: AntminerFlee
 
 
 async def test_subnet_scan_finds_exactly_the_simulated_miners(fleet: AntminerFleet) -> None:
-    found = await MinerNetwork.from_subnet("127.32.1.0/28").scan()
+    found = await MinerNetwork.from_subnet(subnet(140, 28)).scan()
     assert sorted(str(m.ip) for m in found) == sorted(fleet.addresses)
     assert all(isinstance(m, BMMinerS19jPro | BMMinerS21) for m in found)
 
@@ -118,8 +119,9 @@ async def test_get_data_matches_true_state_and_has_no_power_reading(
     assert all(h.chips == S19J_PRO.chips_per_board for h in data.hashboards)
     assert len(data.fans) == 4
     assert all(f.speed and f.speed > 1000 for f in data.fans)
-    assert data.mac == "02:42:4D:20:01:01"
-    assert data.serial_number == "SIM032001001"
+    # Derived from the address (127.NET.140.1), as the simulator documents.
+    assert data.mac == f"02:42:4D:{NET:02X}:8C:01"
+    assert data.serial_number == f"SIM{NET:03d}140001"
     assert data.hostname == "Antminer"
     assert data.fw_ver == "Tue Dec  6 16:12:30 CST 2022"
     assert [p.url is not None for p in data.pools] == [True, True, True]
@@ -207,14 +209,14 @@ async def test_bad_set_miner_conf_is_refused_and_changes_nothing(fleet: Antminer
 
 
 async def test_digest_auth_is_enforced_with_the_configured_password(clock: ManualClock) -> None:
-    spec = AntminerSpec("127.32.3.1", password="s3cret")
+    spec = AntminerSpec(ip(142, 1), password="s3cret")
     fleet = AntminerFleet([spec], clock=clock)
     try:
         await fleet.start()
     except PermissionError:
         pytest.skip("binding port 80 (the Antminer web API) needs root")
     try:
-        url = "http://127.32.3.1/cgi-bin/get_system_info.cgi"
+        url = f"http://{ip(142, 1)}/cgi-bin/get_system_info.cgi"
         async with httpx.AsyncClient(timeout=5) as client:
             anon = await client.get(url)
             assert anon.status_code == 401
@@ -225,7 +227,7 @@ async def test_digest_auth_is_enforced_with_the_configured_password(clock: Manua
             assert right.status_code == 200
             assert right.json()["minertype"] == "Antminer S19j Pro"
         # pyasic with its default password sees no model from the web, but still from the RPC.
-        miner = await get_miner("127.32.3.1")
+        miner = await get_miner(ip(142, 1))
         assert isinstance(miner, BMMinerS19jPro)
         data = await miner.get_data()
         assert data.serial_number is None
@@ -344,7 +346,8 @@ async def test_control_port_validates_every_field_before_changing_anything(
             assert reply["error"], bad
         # NaN is not JSON: send it raw, as a hostile client would.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b'{"op": "fault", "address": "127.32.1.2", "fault": "slow", "delay_s": NaN}\n')
+        nan = f'{{"op": "fault", "address": "{ip(140, 2)}", "fault": "slow", "delay_s": NaN}}\n'
+        writer.write(nan.encode())
         writer.write(b"[" * 100_000 + b"\n")
         await writer.drain()
         nan_reply = json.loads(await reader.readline())
@@ -383,7 +386,7 @@ def test_cli_prints_every_miner_and_stops_on_sigterm() -> None:
             "--miners",
             "3",
             "--base",
-            "127.32.5.1",
+            ip(144, 1),
             "--conf-delay-s",
             "20",
         ],
@@ -395,16 +398,16 @@ def test_cli_prints_every_miner_and_stops_on_sigterm() -> None:
         try:
             rows = [json.loads(proc.stdout.readline()) for _ in range(4)]
             assert [r.get("address") for r in rows[:3]] == [
-                "127.32.5.1",
-                "127.32.5.2",
-                "127.32.5.3",
+                ip(144, 1),
+                ip(144, 2),
+                ip(144, 3),
             ]
             assert rows[0]["family"] == "antminer"
             assert rows[0]["web_port"] == 80
             assert rows[3]["event"] == "ready"
             assert rows[3]["control_port"] > 0
             state = asyncio.run(
-                control_request(rows[3]["control_port"], {"op": "state", "address": "127.32.5.2"})
+                control_request(rows[3]["control_port"], {"op": "state", "address": ip(144, 2)})
             )
             assert isinstance(state["state"], dict)
             assert state["state"]["conf_delay_s"] == 20.0

@@ -20,10 +20,11 @@ from simulators.common import (
 )
 from simulators.luxos_model import FaultKind, ManualClock
 from simulators.whatsminer import WhatsminerFleet, whatsminer_specs
+from tests.loopback import ip
 
-WM = "127.38.1.1"
-WM2 = "127.38.1.2"
-AM = "127.38.2.1"
+WM = ip(170, 1)
+WM2 = ip(170, 2)
+AM = ip(171, 1)
 
 
 @pytest.fixture

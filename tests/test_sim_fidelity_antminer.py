@@ -18,11 +18,12 @@ import pytest
 
 from simulators.antminer import AntminerFleet, antminer_specs
 from simulators.luxos_model import ManualClock
+from tests.loopback import ip
 from tests.reply_shapes import load, recording_dir, shape_diff
 
 pytestmark = pytest.mark.shared_data
 
-ADDRESS = "127.36.1.1"
+ADDRESS = ip(160, 1)
 COMMANDS = ("version", "summary", "stats", "devs", "pools")
 
 

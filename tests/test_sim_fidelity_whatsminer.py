@@ -19,11 +19,12 @@ import pytest
 
 from simulators.luxos_model import ManualClock
 from simulators.whatsminer import WhatsminerFleet, whatsminer_specs
+from tests.loopback import ip
 from tests.reply_shapes import load, merged, recording_dir, shape_diff
 
 pytestmark = pytest.mark.shared_data
 
-ADDRESS = "127.37.1.1"
+ADDRESS = ip(161, 1)
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from simulators.whatsminer import (
     whatsminer_specs,
 )
 from simulators.whatsminer_replies import M30S_PLUS_V40
+from tests.loopback import NET, ip, subnet
 
 # pyasic's token code calls passlib in a way passlib deprecates; under -W error that would turn
 # every privileged command into an exception. The agent does not run with -W error.
@@ -39,9 +40,9 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = "127.34.1.1"
-M30 = "127.34.1.1"
-M60 = "127.34.1.2"
+BASE = ip(150, 1)
+M30 = ip(150, 1)
+M60 = ip(150, 2)
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ async def fleet(clock: ManualClock) -> AsyncIterator[WhatsminerFleet]:
         yield f
 
 
-async def _wait_listening(address: str, port: int, timeout_s: float = 5.0) -> None:
+async def _wait_listening(address: str, port: int, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -86,7 +87,7 @@ async def test_get_miner_identifies_btminer_v2_and_model(fleet: WhatsminerFleet)
 
 
 async def test_subnet_scan_finds_exactly_the_simulated_miners(fleet: WhatsminerFleet) -> None:
-    found = await MinerNetwork.from_subnet("127.34.1.0/28").scan()
+    found = await MinerNetwork.from_subnet(subnet(150, 28)).scan()
     assert sorted(str(m.ip) for m in found) == sorted(fleet.addresses)
     assert all(isinstance(m, BTMinerV2) for m in found)
 
@@ -115,8 +116,9 @@ async def test_get_data_matches_true_state_with_a_power_reading(fleet: Whatsmine
     assert all(h.chips == M30S_PLUS_V40.chips_per_board for h in data.hashboards)
     assert [f.speed for f in data.fans] == [6480, 6450]
     assert data.env_temp == 25.0
-    assert data.mac == "C4:08:28:22:01:01"
-    assert data.serial_number == "HSIM034001001"
+    # Derived from the address (127.NET.150.1), as the simulator documents.
+    assert data.mac == f"C4:08:28:{NET:02X}:96:01"
+    assert data.serial_number == f"HSIM{NET:03d}150001"
     assert data.fw_ver == "20230803.11.REL"
     # pyasic 0.79 reads get_version's "rpc_ver"; real firmware (and this simulator) says
     # "api_ver", so the API version stays unknown.
@@ -224,16 +226,16 @@ async def test_privileged_api_refuses_bad_values_wrong_password_and_stale_tokens
 
 
 async def test_configured_admin_password_is_required(clock: ManualClock) -> None:
-    spec = WhatsminerSpec("127.34.3.1", password="hunter2")
+    spec = WhatsminerSpec(ip(152, 1), password="hunter2")
     async with WhatsminerFleet([spec], clock=clock) as fleet:
-        miner = await get_miner("127.34.3.1")
+        miner = await get_miner(ip(152, 1))
         assert isinstance(miner, BTMinerV2)
         assert await miner.stop_mining() is False
-        assert not fleet.miners["127.34.3.1"].state.sleeping
+        assert not fleet.miners[ip(152, 1)].state.sleeping
         miner.rpc.pwd = "hunter2"
         miner.rpc.token = None
         assert await miner.stop_mining() is True
-        assert fleet.miners["127.34.3.1"].state.sleeping
+        assert fleet.miners[ip(152, 1)].state.sleeping
 
 
 # --- faults ------------------------------------------------------------------------------
@@ -343,7 +345,7 @@ async def test_control_port_validates_before_changing_anything(fleet: Whatsminer
 
 def test_cli_prints_every_miner_and_stops_on_sigterm() -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "simulators.whatsminer", "--miners", "3", "--base", "127.34.5.1"],
+        [sys.executable, "-m", "simulators.whatsminer", "--miners", "3", "--base", ip(154, 1)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -352,7 +354,7 @@ def test_cli_prints_every_miner_and_stops_on_sigterm() -> None:
         try:
             rows = [json.loads(proc.stdout.readline()) for _ in range(4)]
             assert [r.get("model") for r in rows[:3]] == ["m30s+v40", "m60svk30", "m30s+v40"]
-            assert rows[2]["address"] == "127.34.5.3"
+            assert rows[2]["address"] == ip(154, 3)
             assert rows[3]["event"] == "ready"
             assert rows[3]["miners"] == 3
         finally:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import sys
 import time
@@ -73,18 +74,35 @@ class Tally:
     cap_changes: int = 0
 
 
+def miners_on_net(config: AgentConfig, net: int) -> AgentConfig:
+    """``config`` with every miner address moved to 127.``net``.x.y (same last two octets)."""
+    if not 1 <= net <= 254:
+        raise ValueError(f"loopback net must be 1..254, got {net}")
+    miners = []
+    for line in config.miners:
+        packed = ipaddress.IPv4Address(line.address).packed
+        miners.append(line.model_copy(update={"address": f"127.{net}.{packed[2]}.{packed[3]}"}))
+    return config.model_copy(update={"miners": miners})
+
+
 def model_key(name: str) -> str:
     """Config model name → simulator model key (``S19jPro`` → ``s19jpro``)."""
     return name.lower().replace(" ", "").replace("-", "")
 
 
-async def run_demo(config_path: Path, duration_s: float, *, out: Any = None) -> int:
+async def run_demo(
+    config_path: Path, duration_s: float, *, out: Any = None, loopback_net: int | None = None
+) -> int:
+    """Run the demo site; ``loopback_net`` N moves the simulated miners to 127.N.x.y (the tests
+    use their own net, so two runs on one machine never share an address)."""
     out = out or sys.stdout
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2
+    if loopback_net is not None:
+        config = miners_on_net(config, loopback_net)
     rt = config.prices.realtime
     if not isinstance(rt, CsvPriceConfig):
         print(

@@ -5,8 +5,8 @@ good meter reading with its age and last error (like the coordinator does for de
 each snapshot turns the device sum into a :class:`~agent.control.cooling.SiteLoadModel`:
 
 * a trusted meter (fresh, and within ``max_residual_kw`` of the modelled site) is the site's
-  power; each new reading taken while the devices are steady (their sum moved less than 2 %
-  since the previous reading) moves the trim (:func:`agent.control.metering.trim_step`);
+  power; each new reading taken while the devices and the meter are steady (each moved less
+  than 2 % since the previous reading) moves the trim (:func:`agent.control.metering.trim_step`);
 * otherwise the site is the device sum + cooling + base load + ``fallback_margin_kw``, and the
   reason is kept for ``/metrics`` and written to the audit once per change (lost, back).
 
@@ -79,6 +79,7 @@ class MeterWatch:
         self.trim_w = 0.0
         self._trimmed_at: float | None = None  # read_at of the reading last used for the trim
         self._last_device_w: float | None = None  # device sum at the previous new reading
+        self._last_meter_w: float | None = None  # the meter at the previous new reading
         self.ambient_c: float | None = None
         self.ambient_at: float | None = None
         self.trusted: bool | None = None  # None until judged once
@@ -192,10 +193,19 @@ class MeterWatch:
                 )
         if reason is None and reading is not None:
             if residual_w is not None and device_w is not None and self._trimmed_at != self.read_at:
-                # Learn only while the devices are steady: during a ramp the meter and the
-                # device readings are taken at different instants, and their gap is not load.
+                # Learn only while the devices and the meter are both steady: during a ramp the
+                # meter and the device readings are taken at different instants, and their gap
+                # is not load. On a busy machine the device poll can lag a shed the meter has
+                # already seen (devices look steady, the meter dropped): that gap is not load
+                # either.
                 last, self._last_device_w = self._last_device_w, device_w
-                if last is not None and abs(device_w - last) <= max(0.02 * device_w, 100.0):
+                last_m, self._last_meter_w = self._last_meter_w, reading.site_w
+                if (
+                    last is not None
+                    and last_m is not None
+                    and abs(device_w - last) <= max(0.02 * device_w, 100.0)
+                    and abs(reading.site_w - last_m) <= max(0.02 * reading.site_w, 100.0)
+                ):
                     self.trim_w = trim_step(self.trim_w, residual_w, TrimParams.of(meter_cfg))
                 self._trimmed_at = self.read_at
             model = SiteLoadModel(frac, base_w + self.trim_w, "meter", ambient, self.trim_w)

@@ -31,6 +31,7 @@ def test_every_shipped_config_loads(
     creds.mkdir()
     (creds / "miner-password").write_text("s3cret\n")
     (creds / "mqtt-password").write_text("broker-pass\n")
+    (creds / "node-mqtt-password").write_text("node-pass\n")  # example-node.yaml
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     cfg = load_config(path)
     assert cfg.site.interconnect_limit_kw > 0

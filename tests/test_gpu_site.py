@@ -340,7 +340,8 @@ async def test_per_gpu_and_per_job_class_metrics(site: GpuFleet) -> None:
             [{"id": "pod", "gpus": 8, "driver": "mqtt-node"}],
             {},
             "gpu_nodes.0.driver: mqtt-node (a node agent on a remote GPU host, over MQTT) "
-            "is not supported yet",
+            "is not a gpu_nodes line: run site-agent node on that host and list it under "
+            "remote_nodes.nodes",
         ),
         ([{"id": "pod", "gpus": 8, "model": "V100"}], {}, "gpu_nodes.0.model: unknown GPU"),
         (

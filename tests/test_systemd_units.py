@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 AGENT_UNIT = UNITS / "site-agent.service"
 SIM_UNIT = UNITS / "site-agent-sim.service"
+NODE_UNIT = UNITS / "site-agent-node.service"
 SYSTEM_UNITS = Path("/usr/lib/systemd/system")
 # systemd-analyze calls a wide band "OK" (up to about 6.4 of 10); hold the agent far tighter.
 MAX_AGENT_EXPOSURE = 2.0
@@ -56,7 +57,7 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("root")
     shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
-    for unit in (AGENT_UNIT, SIM_UNIT):
+    for unit in (AGENT_UNIT, SIM_UNIT, NODE_UNIT):
         for binary in _exec_binaries(unit):
             stub = root / binary.lstrip("/")
             stub.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +86,7 @@ def test_both_units_verify_without_a_warning(fake_root: Path) -> None:
         fake_root,
         (AGENT_UNIT.name, AGENT_UNIT.read_text()),
         (SIM_UNIT.name, SIM_UNIT.read_text()),
+        (NODE_UNIT.name, NODE_UNIT.read_text()),
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout + done.stderr == ""
@@ -128,6 +130,35 @@ def test_simulator_unit_is_rated_ok_or_better() -> None:
     score, level, report = _exposure(SIM_UNIT)
     print(f"site-agent-sim.service exposure {score} {level}")
     assert level in {"PERFECT", "SAFE", "OK"}, report
+
+
+def test_node_unit_is_rated_ok_or_better() -> None:
+    _analyze()
+    score, level, report = _exposure(NODE_UNIT)
+    print(f"site-agent-node.service exposure {score} {level}")
+    assert level in {"PERFECT", "SAFE", "OK"}, report
+
+
+def test_node_unit_is_the_agents_sandbox_plus_gpu_devices() -> None:
+    """The node unit differs from the agent's only where a GPU host and a node need it."""
+    node, agent = _unit(NODE_UNIT)["Service"], _unit(AGENT_UNIT)["Service"]
+    assert node["ExecStart"] == (
+        "/opt/site-agent/.venv/bin/site-agent node --config /etc/site-agent/node.yaml"
+    )
+    assert node["PrivateDevices"] == "no"
+    assert node["DevicePolicy"] == "closed"
+    allowed = re.findall(r"^DeviceAllow=(.+)$", NODE_UNIT.read_text(), flags=re.M)
+    assert "char-nvidiactl rw" in allowed
+    assert "char-nvidia-frontend rw" in allowed
+    differs = {k for k in set(node) | set(agent) if node.get(k) != agent.get(k)}
+    assert differs <= {
+        "ExecStart",
+        "PrivateDevices",
+        "DeviceAllow",
+        "StateDirectory",
+        "WorkingDirectory",
+        "LoadCredential",
+    }, differs
 
 
 def test_agent_unit_has_the_required_settings() -> None:

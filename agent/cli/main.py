@@ -18,6 +18,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "agent.cli.check_config",
     "agent.cli.run",
+    "agent.cli.node",
     "agent.cli.plan",
     "agent.cli.sim",
     "agent.cli.demo",

@@ -30,6 +30,7 @@ from pydantic import (
 
 from agent.control.cooling import AmbientConfig, CoolingConfig
 from agent.control.metering import MeterConfig
+from agent.control.node_config import NodeRoleConfig, RemoteNodesConfig
 from agent.control.thermal import ThermalConfig
 from drivers.bus.settings import BrokerSettings
 from drivers.errors import AgentError
@@ -386,6 +387,8 @@ class AgentConfig(Strict):
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
     store: StoreConfig = StoreConfig()
+    node: NodeRoleConfig | None = None  # this process is a node agent (site-agent node)
+    remote_nodes: RemoteNodesConfig | None = None  # node agents dispatched as fleets
     # The revenue meter at the point of interconnection, the cooling model and the ambient
     # temperature source (agent/control/metering.py, agent/control/cooling.py).
     meter: MeterConfig | None = None

@@ -138,8 +138,8 @@ _NOT_HERE = {
     "nvml on the GPU host",
     "sim": "is the simulated scheduler: only site-agent demo, site-agent sim and the tests have "
     "it; use slurm or local",
-    "mqtt-node": "(a node agent on a remote GPU host, over MQTT) is not supported yet; use nvml "
-    "on the GPU host itself",
+    "mqtt-node": "(a node agent on a remote GPU host, over MQTT) is not a gpu_nodes line: run "
+    "site-agent node on that host and list it under remote_nodes.nodes",
 }
 
 F = TypeVar("F")

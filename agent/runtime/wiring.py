@@ -199,13 +199,35 @@ def build_ambient_source(config: AgentConfig) -> PriceSource | None:
 
 
 def build_fleets(
-    config: AgentConfig, drivers: DriverRegistry | None = None, *, source: str = "<config>"
+    config: AgentConfig,
+    drivers: DriverRegistry | None = None,
+    *,
+    source: str = "<config>",
+    state: AgentState | None = None,
 ) -> list[Fleet]:
-    """The miner fleet, and the GPU fleet when the site has GPU nodes."""
+    """The miner fleet, the GPU fleet when the site has GPU nodes, and the node agents
+    (``remote_nodes:``) when it has them."""
     fleets: list[Fleet] = [MinerFleet(config, build_miners(config, drivers, source=source))]
     if config.gpu_nodes:
         fleets.append(build_gpu_fleet(config, drivers=drivers, source=source))
+    if config.remote_nodes is not None:
+        fleets.append(build_remote_fleet(config, state))
     return fleets
+
+
+def build_remote_fleet(config: AgentConfig, state: AgentState | None) -> Fleet:
+    """Node agents over MQTT: one fleet, one broker session (aiomqtt loads here)."""
+    from agent.runtime.remote_fleet import RemoteNodeFleet, controller_will
+    from drivers.bus.mqtt import MqttBus
+
+    assert config.remote_nodes is not None
+    fleet_clock = datetime.now(UTC)
+    epoch = int(fleet_clock.timestamp() * 1000)
+    will = controller_will(config.site.id, epoch)
+    bus = MqttBus(config.remote_nodes.broker.bus_settings(f"site-agent-{config.site.id}", will))
+    fleet = RemoteNodeFleet(config, bus, state=state)
+    fleet.epoch = epoch
+    return fleet
 
 
 def build_components(
@@ -228,7 +250,7 @@ def build_components(
     prices = build_price_source(config) if price_source is None else price_source
     signals = build_signals(config, prices)
     return Components(
-        fleets=build_fleets(config, drivers) if fleets is None else fleets,
+        fleets=build_fleets(config, drivers, state=state) if fleets is None else fleets,
         price_source=prices,
         store=store,
         grid_sources=grid_sources,

@@ -439,7 +439,10 @@ async def test_a_node_killed_with_sigkill_comes_back_to_its_journaled_envelope(
     broker = Mosquitto(tmp_path, users=USERS, acl=node_acl())
     broker.start()
     specs = [MinerSpec(a, "s19jpro") for a in MINERS]
-    miners = LuxosFleet(specs, timing=Timing(wake_ramp_s=0.2, sleep_ramp_s=0.1, profile_ramp_s=0.1))
+    # The killed node's LuxOS sessions lock its successor out until they expire (a minute on
+    # LuxOS): the simulators expire them after 5 s here.
+    timing = Timing(wake_ramp_s=0.2, sleep_ramp_s=0.1, profile_ramp_s=0.1, session_idle_s=5.0)
+    miners = LuxosFleet(specs, timing=timing)
     server = PriceServer([30.0], interval_s=3600)
     node_yaml = tmp_path / "node.yaml"
     data = node_dict(broker, "miners-1", tmp_path)

@@ -29,13 +29,18 @@ def test_miner_boards_follow_the_afternoon_and_a_hot_spot() -> None:
     )
     cool, spot = (fleet.miners[a] for a in ADDRESSES)
     morning = cool.chip_c()
-    # S21 at its default 3,500 W: PCB 25 + 12 × 3.5 = 67 °C, chips 6 × 3.5 = 21 °C above.
-    assert morning == pytest.approx(88.0)
+    # LuxOS boards sit behind a fan loop (chip = board, as recorded): at 25 °C intake the fans
+    # hold the S21's boards in the 50s, near LuxOS's default fan target.
+    assert 40.0 < morning < 65.0
+    assert spot.chip_c() == pytest.approx(morning)
     air["c"] = 40.0
     fleet.set_hot_spot(ADDRESSES[1], 5.0)
     clock.advance(100.0)  # ten time constants: settled
-    assert cool.chip_c() == pytest.approx(103.0, abs=0.01)
-    assert spot.chip_c() == pytest.approx(108.0, abs=0.01)
+    afternoon = cool.chip_c()
+    # A 15 °C hotter afternoon heats the boards; the fans take up part of it, never all.
+    assert morning + 5.0 < afternoon < morning + 15.0
+    # The hot spot's 5 °C hotter intake reaches its boards in full.
+    assert spot.chip_c() == pytest.approx(afternoon + 5.0, abs=0.05)
     assert fleet.truth(ADDRESSES[1])["intake_c"] == 45.0
     with pytest.raises(ValueError, match="hot spot"):
         fleet.set_hot_spot(ADDRESSES[0], float("nan"))
@@ -68,13 +73,16 @@ async def test_meter_simulator_sums_the_miners_from_their_control_port() -> None
                 while meter_sim.device_w() == 0.0:
                     assert loop.time() < deadline, "meter never saw the miners' power"
                     await asyncio.sleep(0.05)
-                assert meter_sim.device_w() == pytest.approx(2 * 3068.0)
+                # What the miners draw, as their own control port reports it.
+                drawn_w = sum(float(fleet.truth(a)["power_w"]) for a in ADDRESSES)
+                assert drawn_w > 0
+                assert meter_sim.device_w() == pytest.approx(drawn_w)
                 meter = ModbusMeter(ModbusMeterSettings(host="127.0.0.1", port=meter_sim.port))
                 try:
                     reading = await meter.read()
                 finally:
                     await meter.close()
-                assert reading.site_w == pytest.approx(2 * 3068.0 * 1.04, abs=120)
+                assert reading.site_w == pytest.approx(drawn_w * 1.04, abs=120)
         finally:
             control.close()
             await control.wait_closed()

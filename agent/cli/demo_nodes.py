@@ -34,18 +34,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.cli.demo_drivers import GpuSimulation
 from agent.control.config import AgentConfig
 from agent.control.node_config import RemoteNodesConfig
 from agent.runtime.gpu_fleet import expand_gpu_nodes
+from drivers.errors import AgentError
+from drivers.inputs import decode_utf8, one_line
 
 ROOT = Path(__file__).resolve().parents[2]
 ACL = ROOT / "configs" / "mosquitto-nodes.acl"
 BROKER_THIRD_OCTET = 9  # the broker listens on 127.<net>.9.1, beside the demo's miners
 PR_SET_PDEATHSIG = 1
+MAX_SCRAPE_BYTES = 4 * 1024 * 1024  # a node's /metrics is tens of kB
 NODE_COMMAND = (sys.executable, "-m", "agent.cli.main", "sim", "node")
 
 
@@ -127,6 +129,27 @@ def parse_node_metrics(text: str, node_id: str) -> NodeTelemetry:
             elif s.name == "site_agent_node_applied_seq" and s.labels.get("node") == node_id:
                 out.applied_seq = int(s.value)
     return out
+
+
+async def scrape(host: str, port: int, *, timeout_s: float = 2.0) -> str:
+    """``GET /metrics`` of a node agent on loopback (HTTP/1.0, bounded); ValueError if not 200."""
+    async with asyncio.timeout(timeout_s):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(f"GET /metrics HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
+            await writer.drain()
+            data = await reader.read(MAX_SCRAPE_BYTES + 1)
+            while len(data) <= MAX_SCRAPE_BYTES and (more := await reader.read(65536)):
+                data += more
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split()
+    if len(status) < 2 or status[1] != b"200":
+        raise ValueError(f"metrics of 127.0.0.1:{port}: {one_line(head.decode('latin-1'), 80)}")
+    return decode_utf8(body, f"metrics of {host}:{port}", max_bytes=MAX_SCRAPE_BYTES)
 
 
 @dataclass(slots=True)
@@ -333,16 +356,14 @@ class NodeProcesses:
         self._scraper = asyncio.create_task(self._scrape_forever())
 
     async def _scrape_forever(self, every_s: float = 0.5) -> None:
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            while True:
-                for node in self.nodes.values():
-                    with contextlib.suppress(httpx.HTTPError, ValueError):
-                        reply = await client.get(node.metrics_url)
-                        if reply.status_code == 200:
-                            scraped = node.telemetry.scraped + 1
-                            node.telemetry = parse_node_metrics(reply.text, node.node_id)
-                            node.telemetry.scraped = scraped
-                await asyncio.sleep(every_s)
+        while True:
+            for node in self.nodes.values():
+                with contextlib.suppress(OSError, TimeoutError, ValueError, AgentError):
+                    text = await scrape("127.0.0.1", node.metrics_port)
+                    scraped = node.telemetry.scraped + 1
+                    node.telemetry = parse_node_metrics(text, node.node_id)
+                    node.telemetry.scraped = scraped
+            await asyncio.sleep(every_s)
 
     @property
     def node_ids(self) -> list[str]:

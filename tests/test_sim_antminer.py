@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -280,63 +277,3 @@ async def test_control_port_validates_every_field_before_changing_anything(
     finally:
         server.close()
         await server.wait_closed()
-
-
-def test_cli_prints_every_miner_and_stops_on_sigterm() -> None:
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("binding port 80 (the Antminer web API) needs root")
-    with subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "simulators.antminer",
-            "--miners",
-            "3",
-            "--base",
-            ip(144, 1),
-            "--conf-delay-s",
-            "20",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        assert proc.stdout is not None
-        try:
-            rows = [json.loads(proc.stdout.readline()) for _ in range(4)]
-            assert [r.get("address") for r in rows[:3]] == [
-                ip(144, 1),
-                ip(144, 2),
-                ip(144, 3),
-            ]
-            assert rows[0]["family"] == "antminer"
-            assert rows[0]["web_port"] == 80
-            assert rows[3]["event"] == "ready"
-            assert rows[3]["control_port"] > 0
-            state = asyncio.run(
-                control_request(rows[3]["control_port"], {"op": "state", "address": ip(144, 2)})
-            )
-            assert isinstance(state["state"], dict)
-            assert state["state"]["conf_delay_s"] == 20.0
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=5) == 0
-
-
-def test_cli_rejects_bad_arguments() -> None:
-    for args, message in (
-        (["--base", "10.0.0.1"], "not in 127.0.0.0/8"),
-        (["--models", "s9"], "unknown model"),
-        (["--conf-delay-s", "nan"], "conf_delay_s must be finite"),
-    ):
-        done = subprocess.run(
-            [sys.executable, "-m", "simulators.antminer", "--miners", "2", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        assert done.returncode == 2, args
-        assert message in done.stderr

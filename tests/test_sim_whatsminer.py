@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -250,38 +246,3 @@ async def test_control_port_validates_before_changing_anything(fleet: Whatsminer
     finally:
         server.close()
         await server.wait_closed()
-
-
-def test_cli_prints_every_miner_and_stops_on_sigterm() -> None:
-    with subprocess.Popen(
-        [sys.executable, "-m", "simulators.whatsminer", "--miners", "3", "--base", ip(154, 1)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        assert proc.stdout is not None
-        try:
-            rows = [json.loads(proc.stdout.readline()) for _ in range(4)]
-            assert [r.get("model") for r in rows[:3]] == ["m30s+v40", "m60svk30", "m30s+v40"]
-            assert rows[2]["address"] == ip(154, 3)
-            assert rows[3]["event"] == "ready"
-            assert rows[3]["miners"] == 3
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=5) == 0
-
-
-def test_cli_rejects_bad_arguments() -> None:
-    for args, message in (
-        (["--models", "m99"], "unknown model"),
-        (["--wake-ramp-s", "inf"], "wake-ramp-s must be finite"),
-    ):
-        done = subprocess.run(
-            [sys.executable, "-m", "simulators.whatsminer", "--miners", "2", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        assert done.returncode == 2, args
-        assert message in done.stderr

@@ -45,7 +45,7 @@ from drivers.inputs import decode_utf8, one_line
 
 ROOT = Path(__file__).resolve().parents[2]
 ACL = ROOT / "configs" / "mosquitto-nodes.acl"
-BROKER_THIRD_OCTET = 9  # the broker listens on 127.<net>.9.1, beside the demo's miners
+BROKER_THIRD_OCTET = 8  # the broker listens on 127.<net>.8.1, beside the miners and the meter
 PR_SET_PDEATHSIG = 1
 MAX_SCRAPE_BYTES = 4 * 1024 * 1024  # a node's /metrics is tens of kB
 NODE_COMMAND = (sys.executable, "-m", "agent.cli.main", "sim", "node")

@@ -348,7 +348,7 @@ async def test_price_spike_sheds_nodes_in_merit_order_confirmed_by_their_telemet
     tmp_path: Path,
 ) -> None:
     async with running_site(tmp_path, price=30.0, gpu_processes=True) as site:
-        await until(lambda: settled(site), 60, lambda: f"every node heard: {logs(site)}")
+        await until(lambda: settled(site), 90, lambda: f"every node heard: {logs(site)}")
         # 400 $/MWh: above what an S19j Pro earns (~80 $/MWh), below GPU jobs (>800 $/MWh).
         site.price.prices[0] = 400.0
         await until(
@@ -494,7 +494,9 @@ async def test_an_openadr_event_is_met_through_node_processes_by_its_start_plus_
 ) -> None:
     """The event comes from the real openleadr VTN to the controller's VEN; the GPU hosts are
     node agent processes; each node's own telemetry shows the site under the target in time."""
-    margin_s = 10.0
+    # ERS allows ten minutes. Here the path is a VTN poll (1 s), a controller cycle, the node's
+    # cycle and pyasic commands to 50 simulators, all on a shared 2-core machine.
+    margin_s = 15.0
     port = free_port()
     vtn_host = ip(6, 1)
     grid = {
@@ -513,7 +515,7 @@ async def test_an_openadr_event_is_met_through_node_processes_by_its_start_plus_
     ):
         ven = next(s for s in site.controller.components.grid_sources if isinstance(s, OpenAdrVen))
         await until(lambda: ven.registered, 20, "the controller's VEN registered at the VTN")
-        await until(lambda: settled(site), 60, lambda: f"every node heard: {logs(site)}")
+        await until(lambda: settled(site), 90, lambda: f"every node heard: {logs(site)}")
         start = datetime.now(UTC) + timedelta(seconds=4)
         vtn.push_event(
             "e2e-site",
@@ -560,7 +562,11 @@ async def test_an_openadr_event_is_met_through_node_processes_by_its_start_plus_
 
 
 def logs(site: Site) -> str:
-    return " | ".join(f"{n}: {p.log_tail()[-400:]}" for n, p in site.processes.items())
+    """What a wait that timed out needs: the controller's faults, every node's views, and the
+    tail of each node process's log."""
+    views = {n: site.node_views(n) for n in NODE_IDS}
+    tails = " | ".join(f"{n}: {p.log_tail()[-300:]}" for n, p in site.processes.items())
+    return f"faults {dict(site.fleet.faults())}; views {views}; logs {tails}"
 
 
 async def test_a_node_killed_with_sigkill_comes_back_to_its_journaled_envelope(
@@ -701,7 +707,10 @@ async def test_a_controller_killed_with_sigkill_leaves_the_site_shed_and_a_new_o
                     if epochs_before[n]
                 ),
                 40,
-                "the new controller's grants applied",
+                lambda: (
+                    f"the new controller's grants applied: before {epochs_before}, now "
+                    f"{ {n: link.applied[-3:] for n, (_, link) in site.nodes.items()} }"
+                ),
             )
             assert confirmed_at_floor(site, "miners-1")  # still the spike: still shed
             for node_id, (_, link) in site.nodes.items():

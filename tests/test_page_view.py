@@ -255,11 +255,13 @@ async def test_stream_sends_a_view_per_publish_and_the_files_are_served() -> Non
         first = json.loads(await next_view(reader))
         assert first["site"] == "west-1"
         assert first["power"]["site_w"] == 18_898.0
-        # The runtime swaps in a new snapshot and plan: the watcher publishes them.
+        # The runtime swaps in a new snapshot and plan, and counts the cycle when it has
+        # finished: the watcher publishes them then.
         assert state.snapshot is not None
         assert state.plan is not None
         state.snapshot = replace(state.snapshot, measured_site_power_w=12_345.0)
         state.plan = replace(state.plan, summary="a new cycle")
+        state.cycles += 1
         view = json.loads(await next_view(reader))
         while view["plan"]["summary"] != "a new cycle":
             view = json.loads(await next_view(reader))
@@ -358,4 +360,28 @@ async def test_closing_the_server_ends_every_stream() -> None:
             rest = await reader.read()
         assert reader.at_eof()
         assert b"event: view" not in rest or rest.endswith(b"\n\n")
+        writer.close()
+
+
+async def test_a_stream_client_that_hangs_up_is_gone_before_the_next_heartbeat() -> None:
+    async with page_server(sample_state(), sample_config(), heartbeat_s=30.0) as srv:
+        reader, writer = await open_stream(srv.server.port)
+        assert (await http_head(reader))[0] == 200
+        await next_view(reader)
+        assert srv.page.client_count == 1
+        writer.close()
+        # Found at once from its end of stream, not at the next heartbeat 30 s away: no view
+        # is written to it again.
+        deadline = asyncio.get_running_loop().time() + 5
+        while srv.page.client_count:
+            assert asyncio.get_running_loop().time() < deadline, "closed client still held"
+            await asyncio.sleep(0.02)
+        # A client that streams data at the page after its request is dropped too.
+        reader, writer = await open_stream(srv.server.port)
+        assert (await http_head(reader))[0] == 200
+        writer.write(b"x" * 70_000)
+        deadline = asyncio.get_running_loop().time() + 5
+        while srv.page.client_count:
+            assert asyncio.get_running_loop().time() < deadline, "chatty client still held"
+            await asyncio.sleep(0.02)
         writer.close()

@@ -230,8 +230,8 @@ def _rpc_body(m: MinerState, command: str, now: float) -> dict[str, object] | No
             for i in range(m.model.boards)
         ]
         row = {
-            "ApproximateChainPowerConsumption": int(m.power_w(now)),
-            "ApproximateMinerPowerConsumption": int(m.power_w(now)),
+            "ApproximateChainPowerConsumption": round(m.power_w(now)),
+            "ApproximateMinerPowerConsumption": round(m.power_w(now)),
             "DynamicPowerScaling": "Disabled",
             "PowerLimit": int(target),
             "TunerChainStatus": chains,

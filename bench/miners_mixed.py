@@ -45,7 +45,13 @@ from agent.cli.sim import FAMILIES, parse_mix
 from bench.miners_poll import count_ok, emit, peak_rss_mb, start_simulator
 from drivers.errors import DeviceError
 from drivers.miners.base import MinerMode, MinerReading
-from drivers.miners.pyasic_driver import PyasicMiner, discover, read_fleet, sleep_fleet
+from drivers.miners.pyasic_driver import (
+    PyasicMiner,
+    discover,
+    read_fleet,
+    sleep_fleet,
+    wake_fleet,
+)
 from simulators.luxos import fleet_addresses, raise_open_file_limit
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -207,14 +213,25 @@ async def poll_round(
     return wall, bwall, capped
 
 
+async def shed(m: PyasicMiner) -> DeviceError | None:
+    """Command one miner to its shed point: sleep (every family here can)."""
+    try:
+        await m.sleep()
+    except DeviceError as exc:
+        return exc
+    return None
+
+
 async def spike(miners: list[PyasicMiner], deadline_s: float) -> None:
     """Command all to shed, then poll until telemetry confirms every one asleep."""
     n = len(miners)
     fams = {m.device_id: m.family.value for m in miners}
     t0 = time.perf_counter()
-    commanded = await sleep_fleet(miners)
-    failed = {d: str(e) for d, e in commanded.items() if e is not None}
-    emit("spike_to_all_commanded_s", time.perf_counter() - t0, "s", n, failed=len(failed))
+    commanded, done, wall, _ = await timed_each(miners, shed)
+    failed = {m.device_id: str(e) for m, e in zip(miners, commanded, strict=True) if e is not None}
+    emit("spike_to_all_commanded_s", wall, "s", n, failed=len(failed))
+    for f, rows in by_family([m.family.value for m in miners], done).items():
+        emit("spike_family_commanded_s", max(d or 0.0 for d in rows), "s", len(rows), family=f)
     for d, e in list(failed.items())[:5]:
         print(f"# sleep failed: {d} ({fams[d]}): {e}", file=sys.stderr)
     confirmed: dict[str, float] = {}
@@ -276,6 +293,19 @@ async def profile(miners: list[PyasicMiner], sims: Sims, rounds: int) -> None:
             cpu_ms_per_miner=round(1000 * statistics.median(cpus) / len(group), 3),
             sim_cpu_ms_per_miner=round(1000 * statistics.median(sim_cpus) / len(group), 3),
         )
+        for what, command in (("sleep", sleep_fleet), ("wake", wake_fleet)):
+            s0, c0, t0 = sims.cpu()[f], time.process_time(), time.perf_counter()
+            out = await command(group)
+            emit(
+                f"profile_family_{what}_s",
+                time.perf_counter() - t0,
+                "s",
+                len(group),
+                family=f,
+                failed=sum(e is not None for e in out.values()),
+                cpu_ms_per_miner=round(1000 * (time.process_time() - c0) / len(group), 3),
+                sim_cpu_ms_per_miner=round(1000 * (sims.cpu()[f] - s0) / len(group), 3),
+            )
 
 
 async def bench(args: argparse.Namespace, sims: Sims) -> None:

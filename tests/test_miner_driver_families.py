@@ -428,12 +428,12 @@ async def test_stock_antminer_quirks_are_worked_around(
 ) -> None:
     antminers, _ = stock_fleets
     m = driver(STOCK, semaphore, "antminer", password="root")
-    # pyasic's stop_mining answers True whatever set_miner_conf did: the driver reads back.
+    # An ignored set_miner_conf answers success: the driver reads the mode back.
     antminers.set_fault(STOCK, FaultKind.IGNORE)
     with pytest.raises(CommandNotApplied, match="miner-mode reads '0'"):
         await m.sleep()
     antminers.set_fault(STOCK, FaultKind.ERROR)
-    with pytest.raises(CommandNotApplied):
+    with pytest.raises(CommandRejected, match="HTTP 500"):
         await m.sleep()
     antminers.set_fault(STOCK, FaultKind.NONE)
     # Real firmware answers set_miner_conf after ~20 s (it restarts bmminer): past the

@@ -74,6 +74,7 @@ from drivers.inputs import (
     parse_number_text,
     record,
 )
+from drivers.miners.antminer_web import AntminerWeb, WebError
 from drivers.miners.base import MinerCapability, MinerMode, MinerProfile, MinerReading
 
 
@@ -95,6 +96,7 @@ _import_pyasic()
 from grpclib import GRPCError  # noqa: E402
 from grpclib.const import Status as GrpcStatus  # noqa: E402
 from pyasic import settings as pyasic_settings  # noqa: E402
+from pyasic.config import MinerConfig, MiningModeConfig  # noqa: E402
 from pyasic.errors import APIError  # noqa: E402
 from pyasic.miners.backends.antminer import AntminerModern  # noqa: E402
 from pyasic.miners.backends.braiins_os import BOSer  # noqa: E402
@@ -276,6 +278,7 @@ class PyasicMiner:
         self._family = Family.AUTO
         self._address = address or (str(miner.ip) if miner is not None else "")
         self._rejections = rejections
+        self._web_api: AntminerWeb | None = None  # stock Antminer only (set on adoption)
         if miner is not None:
             self._adopt(miner)
 
@@ -304,6 +307,8 @@ class PyasicMiner:
         elif self._credentials is not None and family is not Family.LUXOS:
             # BOS+ gRPC login, or the stock web UI's digest auth (LuxOS has no login).
             miner.web.username, miner.web.pwd = self._credentials
+        if family is Family.ANTMINER:
+            self._web_api = AntminerWeb(str(miner.ip), miner.web.username, miner.web.pwd)
         raw = getattr(miner, "raw_model", None)
         self._model = str(raw).removeprefix("Antminer ") if raw is not None else None
 
@@ -410,6 +415,10 @@ class PyasicMiner:
                 ) from exc
             except APIError as exc:
                 raise self._api_error(what, exc) from exc
+            except WebError as exc:
+                if exc.status == 401:
+                    raise AuthFailed(self._device_id, f"{what}: credentials refused") from exc
+                raise CommandRejected(self._device_id, f"{what}: {exc}") from exc
             except GRPCError as exc:
                 # pyasic's BOS+ login runs outside its own error wrapping: a refused or failed
                 # login reaches us as grpclib's error.
@@ -694,7 +703,16 @@ class PyasicMiner:
         fans = tuple(
             int(num(f["RPM"], 0.0, MAX_FAN_RPM, "fan RPM")) for f in raw["fans"][0]["FANS"][:64]
         )
-        profiles = self._ladder or (MinerProfile(f"{target_w:.0f}W", target_w, hashrate_ths),)
+        nominal_ths = (
+            sum(
+                num(d.get("Nominal MHS", 0.0), 0.0, MAX_MINER_MHS, "Nominal MHS")
+                for d in raw["devs"][0]["DEVS"][:64]
+            )
+            / 1e6
+        )
+        profiles = self._ladder or (
+            MinerProfile(f"{target_w:.0f}W", target_w, nominal_ths or hashrate_ths),
+        )
         self._profiles = profiles
         active = self._point_at(target_w)
         judged = profiles
@@ -929,7 +947,8 @@ class PyasicMiner:
             raise ValueError("no profiles to judge the mode against")
         lowest_w = min(p.power_w for p in profiles)
         if (
-            hashrate_ths < th.sleep_hashrate_frac * nominal.hashrate_ths
+            # <=: a paused miner's only known point may have no hashrate at all
+            hashrate_ths <= th.sleep_hashrate_frac * nominal.hashrate_ths
             and power_w < th.sleep_power_frac * lowest_w
         ):
             return MinerMode.SLEEPING
@@ -968,8 +987,23 @@ class PyasicMiner:
         if self._family is not Family.ANTMINER:
             await self._bool_call(what, fn)
             return
+        # Stock Antminer: the web UI's own sequence, through our digest client (pyasic's
+        # stop_mining/resume_mining would answer True whatever happened): read the config,
+        # write it back with the new miner-mode, read the mode back.
+        web = self._stock_web()
+        conf: dict[str, Any] = await self._call(
+            f"{what}: get_miner_conf", lambda: web.get("get_miner_conf")
+        )
         try:
-            await self._bool_call(what, fn)
+            config = MinerConfig.from_am_modern(conf)
+            config.mining_mode = (
+                MiningModeConfig.sleep() if wanted == _STOCK_SLEEP else MiningModeConfig.normal()
+            )
+            body = config.as_am_modern()
+        except Exception as exc:  # pyasic's config parser on a hostile reply: any error
+            raise BadReply(self._device_id, f"{what}: unusable get_miner_conf reply") from exc
+        try:
+            reply: dict[str, Any] = await self._call(what, lambda: web.post("set_miner_conf", body))
         except DeviceTimeout:
             # Stock firmware saves the config, then restarts bmminer before it answers (about
             # 20 s): a timeout here is not a failure until the read-back says so.
@@ -978,15 +1012,22 @@ class PyasicMiner:
                 self._device_id,
                 what,
             )
+        else:
+            if reply.get("stats") == "error":
+                message = str(reply.get("msg", reply.get("code", "")))[:200]
+                raise CommandRejected(self._device_id, f"{what}: set_miner_conf: {message}")
         await self._check_work_mode(what, wanted)
 
+    def _stock_web(self) -> AntminerWeb:
+        if self._web_api is None:
+            raise Unsupported(self._device_id, "only a stock Antminer has the CGI web API")
+        return self._web_api
+
     async def _check_work_mode(self, what: str, wanted: str) -> None:
-        """Stock Antminer: read the work mode back. pyasic's ``stop_mining``/``resume_mining``
-        answer True even when ``set_miner_conf`` failed, so only the read-back tells."""
-        if self._family is not Family.ANTMINER:
-            return
-        conf: dict[str, Any] = await self._call("get_miner_conf", self._miner.web.get_miner_conf)
-        mode = str(conf.get("bitmain-work-mode", "")) if isinstance(conf, dict) else ""
+        """Stock Antminer: read the work mode back (an ignored write answers success too)."""
+        web = self._stock_web()
+        conf: dict[str, Any] = await self._call("get_miner_conf", lambda: web.get("get_miner_conf"))
+        mode = str(conf.get("bitmain-work-mode", ""))[:16]
         if mode != wanted:
             raise CommandNotApplied(
                 self._device_id,

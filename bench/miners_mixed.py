@@ -3,15 +3,17 @@
 Starts each family's simulator as its own process (``python -m simulators.<family>``, many
 miners per process, each on its own loopback address), then in this process:
 
-1. identifies every miner with our ``discover`` (pyasic's ``get_miner``, bounded);
-2. warms up with one ``read_fleet``; then, ``--rounds`` times, a full poll with our driver
-   (``read_fleet``) and, in the same run, plain pyasic ``asyncio.gather(*(m.get_data() for m in
-   miners))`` at pyasic's defaults on fresh pyasic objects of the same classes. The baseline is
-   capped at ``--baseline-timeout-s``: when it runs out, the figure is the cap and how many
-   miners it had answered, and the speed-up is a lower bound (``"lower_bound": true``);
-3. a price spike: every miner commanded to shed (``sleep_fleet``: LuxOS curtail, BOS+ pause,
-   stock ``miner-mode`` sleep, Whatsminer power off), then polled until telemetry confirms every
-   one sleeping.
+1. identifies every miner with our ``discover`` (pyasic's ``get_miner``, bounded), and polls
+   them all once to warm up;
+2. a price spike: every miner commanded to shed (``sleep``: LuxOS curtail, BOS+ pause, stock
+   ``miner-mode`` sleep, Whatsminer power off), then polled until telemetry confirms every one
+   sleeping; then everyone is woken, and the run waits until all mine again. The spike runs
+   first because a capped baseline can leave pyasic's own tasks running behind it;
+3. ``--rounds`` times, a full poll with our driver (``read_fleet``) and, in the same run, plain
+   pyasic ``asyncio.gather(*(m.get_data() for m in miners))`` at pyasic's defaults, on fresh
+   pyasic objects of the classes pyasic identified. The baseline is capped at
+   ``--baseline-timeout-s``: when it runs out, the figure is the cap, with how many miners had
+   answered, and the speed-up is a lower bound (``"lower_bound": true``).
 
 Every figure is one JSON line ``{"figure", "value", "unit", "n", ...}``, the whole fleet and per
 family (``"family"``). CPU seconds of this process and of each simulator process come with the
@@ -42,7 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.cli.sim import FAMILIES, parse_mix
-from bench.miners_poll import count_ok, emit, peak_rss_mb, start_simulator
+from bench.miners_poll import count_ok, emit, peak_rss_mb, start_simulator, until_all
 from drivers.errors import DeviceError
 from drivers.miners.base import MinerMode, MinerReading
 from drivers.miners.pyasic_driver import (
@@ -222,14 +224,24 @@ async def shed(m: PyasicMiner) -> DeviceError | None:
     return None
 
 
-async def spike(miners: list[PyasicMiner], deadline_s: float) -> None:
+async def spike(miners: list[PyasicMiner], sims: Sims, deadline_s: float) -> None:
     """Command all to shed, then poll until telemetry confirms every one asleep."""
     n = len(miners)
     fams = {m.device_id: m.family.value for m in miners}
+    s0, c0 = sims.cpu(), time.process_time()
     t0 = time.perf_counter()
     commanded, done, wall, _ = await timed_each(miners, shed)
     failed = {m.device_id: str(e) for m, e in zip(miners, commanded, strict=True) if e is not None}
-    emit("spike_to_all_commanded_s", wall, "s", n, failed=len(failed))
+    s1 = sims.cpu()
+    emit(
+        "spike_to_all_commanded_s",
+        wall,
+        "s",
+        n,
+        failed=len(failed),
+        cpu_s=round(time.process_time() - c0, 3),
+        sim_cpu_s={f: round(s1[f] - s0[f], 3) for f in s1},
+    )
     for f, rows in by_family([m.family.value for m in miners], done).items():
         emit("spike_family_commanded_s", max(d or 0.0 for d in rows), "s", len(rows), family=f)
     for d, e in list(failed.items())[:5]:
@@ -244,11 +256,14 @@ async def spike(miners: list[PyasicMiner], deadline_s: float) -> None:
             if isinstance(r, MinerReading) and r.mode is MinerMode.SLEEPING:
                 confirmed[d] = now
     ok = len(confirmed) == n
+    s1 = sims.cpu()
     emit(
         "spike_to_all_confirmed_shed_s",
         max(confirmed.values()) if ok else deadline_s,
         "s",
         n,
+        cpu_s=round(time.process_time() - c0, 3),
+        sim_cpu_s={f: round(s1[f] - s0[f], 3) for f in s1},
         polls=polls,
         confirmed=len(confirmed),
         reached=ok,
@@ -329,6 +344,12 @@ async def bench(args: argparse.Namespace, sims: Sims) -> None:
         await profile(miners, sims, args.rounds)
         return
 
+    # The spike first, while nothing else runs (a capped baseline can leave pyasic's own
+    # tasks running behind it); then everyone is woken and the polls are compared.
+    await spike(miners, sims, args.spike_deadline_s)
+    await wake_fleet(miners)
+    await until_all(miners, MinerMode.MINING, args.spike_deadline_s)
+
     # Plain pyasic objects of the classes pyasic identified, built without I/O: the same
     # objects get_miner returns, at pyasic's default settings (no identification timed).
     baseline = [type(m.pyasic_miner)(m.address) for m in miners]
@@ -349,8 +370,6 @@ async def bench(args: argparse.Namespace, sims: Sims) -> None:
         n,
         lower_bound=capped_any,
     )
-    del baseline
-    await spike(miners, args.spike_deadline_s)
     emit("process_peak_rss_mb", peak_rss_mb(), "MB", n)
 
 

@@ -65,7 +65,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
 import grpclib.const
@@ -73,6 +72,7 @@ from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.server import Server, Stream
 
+from simulators.common import EndpointFleet
 from simulators.luxos import (
     RPC_PORT,
     MinerSpec,
@@ -328,7 +328,11 @@ def _pool_stats(m: MinerState, now: float) -> Any:
 
 
 class BraiinsMiner:
-    """One simulated BOS+ miner: its physics, its token, and both of its listeners."""
+    """One simulated BOS+ miner: its physics, its token, and both of its listeners.
+
+    A fleet endpoint (:class:`simulators.common.Endpoint`) whose gRPC listener closes
+    asynchronously: ``close`` returns the task that finishes it.
+    """
 
     def __init__(self, spec: MinerSpec, state: MinerState, password: str) -> None:
         self.spec = spec
@@ -350,6 +354,29 @@ class BraiinsMiner:
         self.state.reset_ramp()
         self.token = ""
 
+    # -- fleet endpoint
+
+    @property
+    def address(self) -> str:
+        return self.spec.address
+
+    @property
+    def fault(self) -> Fault:
+        return self.state.fault
+
+    @fault.setter
+    def fault(self, value: Fault) -> None:
+        self.state.fault = value
+        if value.kind is not FaultKind.HANG:
+            self.closed.set()  # release calls hung under a previous fault
+            self.closed = asyncio.Event()
+
+    def reset(self) -> None:
+        self.boot()
+
+    def truth(self) -> dict[str, object]:
+        return self.state.truth()
+
     # -- listeners
 
     async def open(self) -> None:
@@ -367,7 +394,8 @@ class BraiinsMiner:
         await server.start(self.spec.address, GRPC_PORT, reuse_address=True)
         self.grpc_server = server
 
-    async def close(self) -> None:
+    def close(self) -> asyncio.Task[None] | None:
+        """Close both listeners now; the returned task waits for the gRPC server to finish."""
         self.closed.set()  # releases hung handlers
         if self.rpc_server is not None:
             self.rpc_server.close()
@@ -375,12 +403,11 @@ class BraiinsMiner:
         for t in list(self.connections):
             t.abort()
         self.connections.clear()
-        if self.grpc_server is not None:
-            server, self.grpc_server = self.grpc_server, None
-            server.close()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2.0):
-                    await server.wait_closed()
+        if self.grpc_server is None:
+            return None
+        server, self.grpc_server = self.grpc_server, None
+        server.close()
+        return asyncio.get_running_loop().create_task(_wait_closed(server))
 
     # -- RPC (called by luxos._Connection)
 
@@ -427,6 +454,12 @@ class BraiinsMiner:
 
 
 Handler = Callable[[Stream[Any, Any]], Awaitable[None]]
+
+
+async def _wait_closed(server: Server) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(2.0):
+            await server.wait_closed()
 
 
 def _guard(miner: BraiinsMiner, mapping: dict[str, Any], public: frozenset[str]) -> dict[str, Any]:
@@ -698,7 +731,7 @@ def _services(miner: BraiinsMiner) -> list[Any]:
     ]
 
 
-class BraiinsFleet:
+class BraiinsFleet(EndpointFleet[BraiinsMiner]):
     """N simulated Braiins OS+ miners in this process. An async context manager, entered once.
 
     Offers the same surface as :class:`simulators.luxos.LuxosFleet` (``miners``,
@@ -715,97 +748,23 @@ class BraiinsFleet:
     ) -> None:
         self._clock = clock
         self._timing = timing or Timing()
-        self._miners: dict[str, BraiinsMiner] = {}
+        miners: list[BraiinsMiner] = []
         for spec in specs:
-            if spec.address in self._miners:
-                raise ValueError(f"duplicate miner address {spec.address}")
             if spec.model not in MODELS:
                 raise ValueError(f"unknown model {spec.model!r}; known: {', '.join(MODELS)}")
             state = MinerState(spec.address, MODELS[spec.model], clock, self._timing)
-            self._miners[spec.address] = BraiinsMiner(spec, state, password)
-        self._started = False
-        self._reboots: set[asyncio.Task[None]] = set()
+            miners.append(BraiinsMiner(spec, state, password))
+        super().__init__(miners)
 
     @property
     def miners(self) -> dict[str, MinerState]:
-        return {a: s.state for a, s in self._miners.items()}
-
-    @property
-    def addresses(self) -> list[str]:
-        return list(self._miners)
+        return {a: s.state for a, s in self._endpoints.items()}
 
     def power_range(self, address: str) -> PowerRange:
-        return self._server(address).range
-
-    async def start(self) -> None:
-        if self._started:
-            raise RuntimeError("BraiinsFleet already started")
-        self._started = True
-        try:
-            for s in self._miners.values():
-                await s.open()
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self) -> None:
-        for task in list(self._reboots):
-            task.cancel()
-        for task in list(self._reboots):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for s in self._miners.values():
-            await s.close()
-        await asyncio.sleep(0)
-
-    async def __aenter__(self) -> BraiinsFleet:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    def _server(self, address: str) -> BraiinsMiner:
-        try:
-            return self._miners[address]
-        except KeyError:
-            raise KeyError(f"no simulated miner at {address}") from None
-
-    def set_fault(self, address: str, fault: Fault | FaultKind | str, delay_s: float = 0.0) -> None:
-        """Make one miner misbehave from now on (``FaultKind.NONE`` heals it)."""
-        if not isinstance(fault, Fault):
-            fault = Fault(FaultKind(fault), delay_s)
-        if fault.delay_s < 0:
-            raise ValueError(f"delay_s must be >= 0, got {fault.delay_s}")
-        miner = self._server(address)
-        miner.state.fault = fault
-        if fault.kind is not FaultKind.HANG:
-            miner.closed.set()  # release calls hung under a previous fault
-            miner.closed = asyncio.Event()
-        if fault.kind is FaultKind.REBOOT:
-            if not self._started:
-                raise RuntimeError("a reboot needs a started fleet")
-            task = asyncio.get_running_loop().create_task(self._reboot(miner, fault.delay_s))
-            self._reboots.add(task)
-            task.add_done_callback(self._reboots.discard)
-
-    async def _reboot(self, miner: BraiinsMiner, downtime_s: float) -> None:
-        await miner.close()
-        await asyncio.sleep(downtime_s)
-        miner.boot()
-        miner.state.fault = Fault()
-        await miner.open()
-
-    def truth(self, address: str) -> dict[str, object]:
-        return self._server(address).state.truth()
+        return self.endpoint(address).range
 
     def set_ambient(self, address: str, ambient_c: float) -> None:
-        self._server(address).state.ambient_c = ambient_c
+        self.endpoint(address).state.ambient_c = ambient_c
 
 
 # --- CLI ---------------------------------------------------------------------------------

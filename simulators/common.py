@@ -4,9 +4,10 @@ A family simulator (``antminer.py``, ``whatsminer.py``) supplies one *endpoint* 
 listening sockets of one address and the miner's true state. This module runs many endpoints in
 one process, injects faults (``hang``, ``slow``, ``garbage``, ``error``, ``ignore``, ``reboot``,
 ``none``, the kinds of :class:`~simulators.luxos_model.FaultKind`), serves the JSON-lines control
-port (``fault``, ``state``, ``states``, ``list`` and family ops) and the CLI's output. Addresses,
-the open-files limit and the control client come from ``simulators.luxos`` so the families cannot
-drift apart.
+port (``fault``, ``state``, ``states``, ``list`` and family ops) and the CLI's output. The fleet
+machinery (:class:`EndpointFleet`: start, stop, reboots) is also the base of the LuxOS and Braiins
+OS+ fleets, which keep their own control port. Addresses, the open-files limit and the control
+client come from ``simulators.luxos`` so the families cannot drift apart.
 
 Every control field is validated before anything changes: one bad request never touches any
 miner, and a delay is a finite number of seconds in ``[0, MAX_DELAY_S]``.
@@ -20,13 +21,14 @@ import json
 import math
 import signal
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Generic, Protocol, Self, TypeVar
 
-# One request bound for every family, re-exported for the family simulators and tests.
-from simulators.luxos import MAX_REQUEST_BYTES as MAX_REQUEST_BYTES
 from simulators.luxos_model import Fault, FaultKind
+
+# One request bound for every family (``simulators.luxos`` re-exports it).
+MAX_REQUEST_BYTES = 8192
 
 MAX_DELAY_S = 3600.0
 MAX_CONTROL_LINE_BYTES = 1 << 20
@@ -207,8 +209,12 @@ class Endpoint(Protocol):
     async def open(self) -> None:
         """Start listening (at start and after a reboot)."""
 
-    def close(self) -> None:
-        """Stop listening and drop every live connection."""
+    def close(self) -> Awaitable[None] | None:
+        """Stop listening and drop every live connection, now.
+
+        An endpoint whose listener finishes closing later (a gRPC server) returns what to
+        await for that; the fleet awaits it before a reboot's downtime starts and at stop.
+        """
 
     def reset(self) -> None:
         """Boot state: what a power cycle leaves."""
@@ -220,8 +226,12 @@ class Endpoint(Protocol):
 E = TypeVar("E", bound=Endpoint)
 
 
-class SimFleet(Generic[E]):
-    """N simulated miners of one family in this process; an async context manager, entered once."""
+class EndpointFleet(Generic[E]):
+    """N simulated miners of one family in this process; an async context manager, entered once.
+
+    It owns the endpoints, starts and stops them, injects faults and runs reboots. Each family
+    decides what its ``miners`` are (:class:`SimFleet`: the endpoints).
+    """
 
     family = "miner"
 
@@ -233,11 +243,6 @@ class SimFleet(Generic[E]):
             self._endpoints[ep.address] = ep
         self._started = False
         self._reboots: set[asyncio.Task[None]] = set()
-
-    @property
-    def miners(self) -> dict[str, E]:
-        """Every endpoint, by address (their true state is on them)."""
-        return dict(self._endpoints)
 
     @property
     def addresses(self) -> list[str]:
@@ -266,8 +271,10 @@ class SimFleet(Generic[E]):
         for task in list(self._reboots):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for ep in self._endpoints.values():
-            ep.close()
+        closing = [ep.close() for ep in self._endpoints.values()]
+        for pending in closing:
+            if pending is not None:
+                await pending
         await asyncio.sleep(0)  # let the loop process the closes
 
     async def __aenter__(self) -> Self:
@@ -293,12 +300,15 @@ class SimFleet(Generic[E]):
             raise RuntimeError("a reboot needs a started fleet")
         ep.fault = fault
         if fault.kind is FaultKind.REBOOT:
-            ep.close()
-            task = asyncio.get_running_loop().create_task(self._reboot(ep, fault.delay_s))
+            closing = ep.close()
+            reboot = self._reboot(ep, fault.delay_s, closing)
+            task = asyncio.get_running_loop().create_task(reboot)
             self._reboots.add(task)
             task.add_done_callback(self._reboots.discard)
 
-    async def _reboot(self, ep: E, downtime_s: float) -> None:
+    async def _reboot(self, ep: E, downtime_s: float, closing: Awaitable[None] | None) -> None:
+        if closing is not None:
+            await closing  # the downtime starts once the listeners are gone
         await asyncio.sleep(downtime_s)
         ep.reset()
         ep.fault = Fault()
@@ -306,6 +316,15 @@ class SimFleet(Generic[E]):
 
     def truth(self, address: str) -> dict[str, object]:
         return self.endpoint(address).truth()
+
+
+class SimFleet(EndpointFleet[E]):
+    """A fleet whose ``miners`` are its endpoints (the Antminer and Whatsminer simulators)."""
+
+    @property
+    def miners(self) -> dict[str, E]:
+        """Every endpoint, by address (their true state is on them)."""
+        return dict(self._endpoints)
 
 
 # --- control port ------------------------------------------------------------------------

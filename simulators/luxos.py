@@ -58,9 +58,10 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Protocol
 
+from simulators.common import MAX_REQUEST_BYTES as MAX_REQUEST_BYTES
+from simulators.common import EndpointFleet
 from simulators.luxos_model import (
     MODELS,
     PROFILE_DRAW_RATIO,
@@ -82,7 +83,6 @@ from simulators.luxos_replies import (
 )
 
 RPC_PORT = 4028
-MAX_REQUEST_BYTES = 8192
 MAX_JSON_DEPTH = 16
 MAX_MULTI = 16  # commands answered in one multicommand
 TEXT_MODE = "_text"  # marks a request that came in cgminer's text form
@@ -408,13 +408,31 @@ class _Connection(asyncio.Protocol):
 
 
 class _MinerServer:
-    """The listening socket and live connections of one simulated miner."""
+    """The listening socket and live connections of one simulated miner (a fleet endpoint)."""
 
     def __init__(self, spec: MinerSpec, state: MinerState) -> None:
         self.spec = spec
         self.state = state
         self.server: asyncio.Server | None = None
         self.connections: set[asyncio.Transport] = set()
+
+    @property
+    def address(self) -> str:
+        return self.spec.address
+
+    @property
+    def fault(self) -> Fault:
+        return self.state.fault
+
+    @fault.setter
+    def fault(self, value: Fault) -> None:
+        self.state.fault = value
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    def truth(self) -> dict[str, object]:
+        return self.state.truth()
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -454,7 +472,7 @@ class _MinerServer:
             conn.send(b"")
 
 
-class LuxosFleet:
+class LuxosFleet(EndpointFleet[_MinerServer]):
     """N simulated LuxOS miners in this process. An async context manager, entered once."""
 
     def __init__(
@@ -470,10 +488,8 @@ class LuxosFleet:
         overrides the models' thermal time constant (tests that cannot wait a minute)."""
         self._clock = clock
         self._timing = timing or Timing()
-        self._servers: dict[str, _MinerServer] = {}
+        servers: list[_MinerServer] = []
         for spec in specs:
-            if spec.address in self._servers:
-                raise ValueError(f"duplicate miner address {spec.address}")
             if spec.model not in MODELS:
                 raise ValueError(f"unknown model {spec.model!r}; known: {', '.join(MODELS)}")
             state = MinerState(
@@ -484,88 +500,18 @@ class LuxosFleet:
                 profile_draw_ratio=PROFILE_DRAW_RATIO,
             )
             state.ambient, state.thermal_tau_s = ambient_c, thermal_tau_s
-            self._servers[spec.address] = _MinerServer(spec, state)
-        self._started = False
-        self._reboots: set[asyncio.Task[None]] = set()
+            servers.append(_MinerServer(spec, state))
+        super().__init__(servers)
 
     @property
     def miners(self) -> dict[str, MinerState]:
         """True state of every miner, by address."""
-        return {a: s.state for a, s in self._servers.items()}
-
-    @property
-    def addresses(self) -> list[str]:
-        return list(self._servers)
-
-    async def start(self) -> None:
-        if self._started:
-            raise RuntimeError("LuxosFleet already started")
-        self._started = True
-        try:
-            for s in self._servers.values():
-                await s.open()
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self) -> None:
-        for task in list(self._reboots):
-            task.cancel()
-        for task in list(self._reboots):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for s in self._servers.values():
-            s.close()
-        # Let the loop process the closes so no transport outlives the fleet.
-        await asyncio.sleep(0)
-
-    async def __aenter__(self) -> LuxosFleet:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    def _server(self, address: str) -> _MinerServer:
-        try:
-            return self._servers[address]
-        except KeyError:
-            raise KeyError(f"no simulated miner at {address}") from None
-
-    def set_fault(self, address: str, fault: Fault | FaultKind | str, delay_s: float = 0.0) -> None:
-        """Make one miner misbehave from now on (``FaultKind.NONE`` heals it)."""
-        if not isinstance(fault, Fault):
-            fault = Fault(FaultKind(fault), delay_s)
-        if fault.delay_s < 0:
-            raise ValueError(f"delay_s must be >= 0, got {fault.delay_s}")
-        server = self._server(address)
-        server.state.fault = fault
-        if fault.kind is FaultKind.REBOOT:
-            if not self._started:
-                raise RuntimeError("a reboot needs a started fleet")
-            server.close()
-            task = asyncio.get_running_loop().create_task(self._reboot(server, fault.delay_s))
-            self._reboots.add(task)
-            task.add_done_callback(self._reboots.discard)
-
-    async def _reboot(self, server: _MinerServer, downtime_s: float) -> None:
-        await asyncio.sleep(downtime_s)
-        server.state.reset()
-        server.state.fault = Fault()
-        await server.open()
-
-    def truth(self, address: str) -> dict[str, object]:
-        return self._server(address).state.truth()
+        return {a: s.state for a, s in self._endpoints.items()}
 
     def set_ambient(self, address: str, ambient_c: float) -> None:
         """The air one miner breathes (a hot aisle makes ATM step its profile down); it
         replaces the site's ambient curve for this miner."""
-        state = self._server(address).state
+        state = self.endpoint(address).state
         state.pcb_c()  # settle the thermal integral up to now
         state.ambient, state.ambient_c = None, ambient_c
 
@@ -573,7 +519,7 @@ class LuxosFleet:
         """This miner's intake runs ``extra_c`` hotter than the site's air."""
         if not math.isfinite(extra_c) or not -20.0 <= extra_c <= 40.0:
             raise ValueError(f"hot spot {extra_c} °C outside -20..40")
-        state = self._server(address).state
+        state = self.endpoint(address).state
         state.pcb_c()  # settle the thermal integral up to now
         state.hot_spot_c = extra_c
 

@@ -220,6 +220,8 @@ class SimGpu:
     load_pct: float = 0.0  # utilization from work that is not a listed process
     # The air the card breathes (a site's ambient curve: a hot afternoon); AMBIENT_C if None.
     ambient: Callable[[], float] | None = None
+    # The lag of the card's temperature behind its power and air (tests shorten it).
+    thermal_tau_s: float = THERMAL_TAU_S
     _processes: dict[int, _Process] = field(default_factory=dict)
     _temperature_c: float = AMBIENT_C
     _energy_j: float = 0.0
@@ -279,7 +281,7 @@ class SimGpu:
             air = AMBIENT_C if self.ambient is None else self.ambient()
             target = air + _RISE_AT_MAX_K * power / self.model.max_limit_w
             self._temperature_c = target + (self._temperature_c - target) * math.exp(
-                -dt / THERMAL_TAU_S
+                -dt / self.thermal_tau_s
             )
             self._last_s = now
 

@@ -7,6 +7,7 @@ missing; ``make test`` installs the packages when it runs as root.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import shutil
@@ -67,6 +68,22 @@ def wait_listening(
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s} s")
+
+
+async def await_listening(host: str, port: int, timeout_s: float = 20.0) -> None:
+    """Wait, without blocking the loop, until ``host:port`` accepts a TCP connection, or fail."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{host}:{port} did not come back") from None
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
 
 
 def require_binary(name: str, package: str) -> str:

@@ -240,24 +240,6 @@ async def test_control_port_drives_the_braiins_fleet(fleet: BraiinsFleet) -> Non
         await server.wait_closed()
 
 
-def test_cli_serves_and_stops_on_sigterm() -> None:
-    with subprocess.Popen(
-        [sys.executable, "-m", "simulators.braiins", "--miners", "2", "--base", ip(143, 1)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        assert proc.stdout is not None
-        try:
-            rows = [json.loads(proc.stdout.readline()) for _ in range(3)]
-            assert [r.get("address") for r in rows[:2]] == [ip(143, 1), ip(143, 2)]
-            assert rows[0]["grpc_port"] == GRPC_PORT
-            assert rows[2]["event"] == "ready"
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=10) == 0
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_site_agent_sim_serves_a_mixed_fleet_pyasic_tells_apart() -> None:
     if os.geteuid() != 0:

@@ -33,3 +33,11 @@ async def test_demo_runs_miners_and_gpu_nodes_and_reports_ai_revenue(shared_data
     assert 0 < float(ai.group(1)) <= float(ai.group(2))
     assert re.search(r"AI jobs suspended \(sla 0, ", text), text
     assert "(0 failed)" in text
+    # The demo's agent reads the simulated SunSpec meter: the metered load is the device sum
+    # plus cooling, and the summary says so, with the trim.
+    assert "at a simulated SunSpec meter" in text
+    meter = re.search(r"meter: site ([\d,.]+) kWh metered vs ([\d,.]+) kWh device sum", text)
+    assert meter is not None, text
+    metered, devices = (float(g.replace(",", "")) for g in meter.groups())
+    assert 1.01 * devices < metered < 1.15 * devices, text
+    assert re.search(r"trim -?\d+\.\d kW at the end", text), text

@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -230,38 +227,6 @@ async def test_control_port_sets_faults_and_reports_truth(fleet: LuxosFleet) -> 
     finally:
         server.close()
         await server.wait_closed()
-
-
-def test_cli_prints_every_address_and_stops_on_sigterm() -> None:
-    with subprocess.Popen(
-        [sys.executable, "-m", "simulators.luxos", "--miners", "3", "--base", ip(122, 1)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        assert proc.stdout is not None
-        try:
-            rows = [json.loads(proc.stdout.readline()) for _ in range(4)]
-            addresses = [r.get("address") for r in rows[:3]]
-            assert addresses == [ip(122, 1), ip(122, 2), ip(122, 3)]
-            assert rows[3]["event"] == "ready"
-            assert rows[3]["miners"] == 3
-            assert rows[3]["control_port"] > 0
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=5) == 0
-
-
-def test_cli_rejects_bad_arguments() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "simulators.luxos", "--miners", "2", "--base", "192.168.1.1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    assert done.returncode == 2
-    assert "not in 127.0.0.0/8" in done.stderr
 
 
 def test_atm_steps_down_when_hot_and_back_up_when_cool() -> None:

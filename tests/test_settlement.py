@@ -8,6 +8,7 @@ the stricter target binds.
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,14 @@ from agent.backtest.engine import build_site, occupancy, run_policy, simple_mark
 from agent.control.config import parse_config
 from agent.control.domain import ActiveEvent, MinerView, OperatingPoint, PriceView, Snapshot
 from agent.control.policy import decide
-from agent.control.settlement import Ledger, event_target_w, fourcp_adder_usd_per_mwh
+from agent.control.settlement import (
+    FourCpInterval,
+    Ledger,
+    event_target_w,
+    fourcp_adder_usd_per_mwh,
+    fourcp_charge_usd,
+    fourcp_figures,
+)
 from agent.control.site import RampBudget, ramp_capacity_w, site_model
 from agent.journal.store import Store
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind
@@ -150,3 +158,49 @@ def test_fourcp_adder_is_the_true_peak_charge_times_risk() -> None:
     assert fourcp_adder_usd_per_mwh(60.0, 0.5) == 30_000.0
     assert fourcp_adder_usd_per_mwh(60.0, 2.0) == 60_000.0  # risk is a probability
     assert site_model(config()).limit_w == 5_000_000.0
+
+
+def test_live_4cp_figures_book_each_months_peak_interval_at_the_ledgers_rule() -> None:
+    rate = 60.0
+    # 2023-06-27 21:45 UTC is 16:45 Central (June); 2023-07-01 04:30 UTC is still June 30th.
+    june_a = FourCpInterval(datetime(2023, 6, 27, 21, 45, tzinfo=UTC), 20_000 * 900, 900, 900, 1)
+    june_b = FourCpInterval(datetime(2023, 7, 1, 4, 30, tzinfo=UTC), 24_000 * 450, 450, 0, 0.6)
+    july = FourCpInterval(datetime(2023, 7, 20, 21, 0, tzinfo=UTC), 10_000 * 900, 900, 450, 0.7)
+    figures = fourcp_figures([june_a, july, june_b], rate)
+    assert [m.month for m in figures.months] == ["2023-06", "2023-07"]
+    june, jul = figures.months
+    assert june.peak == june_b
+    assert june.intervals == 2
+    assert june.peak.source == "fallback"
+    assert jul.peak.source == "mixed"
+    assert june_a.source == "meter"
+    # The Ledger books a true peak interval at the same rule: rate / 4 per kW.
+    ledger = Ledger("x", fourcp_rate_usd_per_kw_year=rate)
+    ledger.settle(0.25, 0.0, 24_000, 0.0, 0.0, 0.0, peak=True)
+    assert june.charge_usd == pytest.approx(ledger.fourcp_cost_usd) == pytest.approx(360.0)
+    assert jul.charge_usd == pytest.approx(fourcp_charge_usd(rate, 10_000)) == 150.0
+    assert figures.seasons == (("2023", pytest.approx(510.0)),)
+    assert figures.latest == july
+
+
+async def test_4cp_intervals_survive_in_the_journal_and_a_bad_row_is_quarantined(
+    tmp_path: Path,
+) -> None:
+    at = datetime(2023, 6, 27, 21, 45, tzinfo=UTC)
+    async with Store.open(tmp_path / "j.db") as store:
+        await store.record_fourcp(FourCpInterval(at, 1000.0, 10.0, 5.0, 0.8))
+        await store.record_fourcp(FourCpInterval(at, 3000.0, 20.0, 15.0, 0.9))  # upsert
+        await store.record_fourcp(FourCpInterval(at + timedelta(minutes=15), 1.0, 1.0, 1.0, 1.0))
+        with pytest.raises(ValueError, match="watt_seconds"):
+            await store.record_fourcp(FourCpInterval(at, float("nan"), 1.0, 1.0, 1.0))
+    # An edited row (more metered seconds than seconds) is set aside, never trusted.
+    conn = sqlite3.connect(tmp_path / "j.db")
+    conn.execute("UPDATE fourcp SET metered_s = 99 WHERE interval_start LIKE '%22:00%'")
+    conn.commit()
+    conn.close()
+    async with Store.open(tmp_path / "j.db") as store:
+        assert await store.fourcp_intervals() == [FourCpInterval(at, 3000.0, 20.0, 15.0, 0.9)]
+        (bad,) = await store.quarantined()
+        assert bad.kind == "fourcp"
+        assert "metered seconds" in bad.reason
+        assert await store.fourcp_intervals() == [FourCpInterval(at, 3000.0, 20.0, 15.0, 0.9)]

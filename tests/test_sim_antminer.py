@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from pyasic import APIError, get_miner, settings
+from pyasic import get_miner, settings
 from pyasic.config import MiningModeConfig
 from pyasic.miners.antminer.bmminer.X19.S19 import BMMinerS19jPro
 from pyasic.miners.antminer.bmminer.X21.S21 import BMMinerS21
@@ -30,6 +27,7 @@ from simulators.common import serve_control
 from simulators.luxos import control_request
 from simulators.luxos_model import S19J_PRO, ManualClock, Timing
 from tests.loopback import NET, ip, subnet
+from tests.servers import await_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ip(140, 1)
@@ -64,21 +62,6 @@ def short_web_timeout() -> Iterator[None]:
         yield
     finally:
         settings.update("api_function_timeout", before)
-
-
-async def _wait_listening(address: str, port: int, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            _, writer = await asyncio.open_connection(address, port)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{address}:{port} did not come back") from None
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
 
 
 async def test_get_miner_identifies_stock_firmware_and_model(fleet: AntminerFleet) -> None:
@@ -194,7 +177,7 @@ async def test_slow_set_miner_conf_times_out_in_pyasic_but_applies(
     assert fleet.miners[S19].state.sleeping
     # And stop_mining() reports True whatever the answer was: only telemetry can confirm.
     fleet.set_fault(S19, "reboot", 0.0)
-    await _wait_listening(S19, 80)
+    await await_listening(S19, 80)
     assert await miner.stop_mining() is True
 
 
@@ -236,83 +219,6 @@ async def test_digest_auth_is_enforced_with_the_configured_password(clock: Manua
 
 
 # --- faults ------------------------------------------------------------------------------
-
-
-# pyasic's RPC transport does not close its socket when a call is cancelled by a timeout, so the
-# garbage collector reports the leak; that is pyasic's defect (a driver needs its own transport).
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-async def test_hang_times_out_on_both_apis(fleet: AntminerFleet) -> None:
-    miner = await get_miner(S19)
-    assert miner is not None
-    fleet.set_fault(S19, "hang")
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(miner.rpc.summary(), 1.0)
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(miner.web.get_miner_conf(), 1.0)
-    fleet.set_fault(S19, "none")
-    assert (await miner.rpc.summary())["SUMMARY"][0]["GHS 5s"] == pytest.approx(104000.0)
-
-
-async def test_slow_answers_correctly_after_the_delay(fleet: AntminerFleet) -> None:
-    miner = await get_miner(S19)
-    assert miner is not None
-    fleet.set_fault(S19, "slow", 0.4)
-    started = time.monotonic()
-    summary = await miner.rpc.summary()
-    conf = await miner.web.get_miner_conf()
-    assert time.monotonic() - started >= 0.8
-    assert summary["SUMMARY"][0]["GHS 5s"] == pytest.approx(104000.0)
-    assert conf["bitmain-work-mode"] == "0"
-
-
-async def test_garbage_becomes_an_error(fleet: AntminerFleet) -> None:
-    miner = await get_miner(S19)
-    assert miner is not None
-    fleet.set_fault(S19, "garbage")
-    with pytest.raises(APIError):
-        await miner.rpc.summary()
-    reply = await miner.web.get_miner_conf()
-    assert reply["success"] is False
-    assert "HTTP error" in reply["message"]
-
-
-async def test_error_answers_status_e_and_http_500(fleet: AntminerFleet) -> None:
-    miner = await get_miner(S19)
-    assert miner is not None
-    fleet.set_fault(S19, "error")
-    with pytest.raises(APIError, match="Access denied"):
-        await miner.rpc.summary()
-    assert (await miner.web.get_miner_conf())["success"] is False
-    assert await miner.stop_mining() is True  # pyasic does not look at the answer
-    assert not fleet.miners[S19].state.sleeping
-
-
-async def test_ignore_answers_ok_and_changes_nothing(fleet: AntminerFleet) -> None:
-    miner = await get_miner(S19)
-    assert miner is not None
-    fleet.set_fault(S19, "ignore")
-    reply = await miner.web.set_miner_conf({"miner-mode": 1})
-    assert reply == {"stats": "success", "code": "M000", "msg": "OK!"}
-    assert await miner.stop_mining() is True
-    ep = fleet.miners[S19]
-    assert (ep.work_mode, ep.state.sleeping, ep.conf_writes) == (0, False, 0)
-
-
-async def test_reboot_drops_both_ports_then_returns_in_boot_state(fleet: AntminerFleet) -> None:
-    miner = await get_miner(S19)
-    assert miner is not None
-    assert await miner.stop_mining()
-    fleet.set_fault(S19, "reboot", 0.5)
-    for port in (4028, 80):
-        with pytest.raises(ConnectionRefusedError):
-            await asyncio.open_connection(S19, port)
-    # pyasic's RPC turns a refused connection into an empty reply, not an error.
-    assert await miner.rpc.summary() == {}
-    await _wait_listening(S19, 4028)
-    await _wait_listening(S19, 80)
-    truth = fleet.truth(S19)
-    assert (truth["sleeping"], truth["work_mode"], truth["fault"]) == (False, 0, "none")
-    assert (await miner.get_config()).mining_mode == MiningModeConfig.normal()
 
 
 # --- control port and CLI ----------------------------------------------------------------
@@ -371,63 +277,3 @@ async def test_control_port_validates_every_field_before_changing_anything(
     finally:
         server.close()
         await server.wait_closed()
-
-
-def test_cli_prints_every_miner_and_stops_on_sigterm() -> None:
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("binding port 80 (the Antminer web API) needs root")
-    with subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "simulators.antminer",
-            "--miners",
-            "3",
-            "--base",
-            ip(144, 1),
-            "--conf-delay-s",
-            "20",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        assert proc.stdout is not None
-        try:
-            rows = [json.loads(proc.stdout.readline()) for _ in range(4)]
-            assert [r.get("address") for r in rows[:3]] == [
-                ip(144, 1),
-                ip(144, 2),
-                ip(144, 3),
-            ]
-            assert rows[0]["family"] == "antminer"
-            assert rows[0]["web_port"] == 80
-            assert rows[3]["event"] == "ready"
-            assert rows[3]["control_port"] > 0
-            state = asyncio.run(
-                control_request(rows[3]["control_port"], {"op": "state", "address": ip(144, 2)})
-            )
-            assert isinstance(state["state"], dict)
-            assert state["state"]["conf_delay_s"] == 20.0
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=5) == 0
-
-
-def test_cli_rejects_bad_arguments() -> None:
-    for args, message in (
-        (["--base", "10.0.0.1"], "not in 127.0.0.0/8"),
-        (["--models", "s9"], "unknown model"),
-        (["--conf-delay-s", "nan"], "conf_delay_s must be finite"),
-    ):
-        done = subprocess.run(
-            [sys.executable, "-m", "simulators.antminer", "--miners", "2", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        assert done.returncode == 2, args
-        assert message in done.stderr

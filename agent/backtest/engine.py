@@ -54,7 +54,6 @@ from agent.control.domain import (
     MinerView,
     OperatingPoint,
     Plan,
-    PriceView,
     Snapshot,
 )
 from agent.control.economics import (
@@ -72,6 +71,7 @@ from agent.control.settlement import (
 from agent.control.site import (
     RampBudget,
     SiteModel,
+    assemble_snapshot,
     checkpoint_age_s,
     contract,
     node_power_w,
@@ -855,15 +855,11 @@ class PolicyReplay:
             if dirty:
                 self._refresh_nodes(dirty)
             seen = market.seen_price[i]
+            # The previous interval's price, settled as this one starts: one interval old.
             price = (
                 None
                 if seen is None
-                else PriceView(
-                    usd_per_mwh=seen[0],
-                    interval_start=datetime.fromtimestamp(seen[1], tz=UTC),
-                    # The previous interval's price, settled as this one starts: one interval old.
-                    age_s=now_s - seen[1],
-                )
+                else (seen[0], datetime.fromtimestamp(seen[1], tz=UTC), now_s - seen[1])
             )
             plan_now = None
             if self.horizon is not None:
@@ -872,17 +868,19 @@ class PolicyReplay:
                     if v.commanded != v.points[0].name:
                         awake[v.model] = awake.get(v.model, 0) + v.count
                 plan_now = self.horizon(i, awake, self.ai_w)
-            snap = Snapshot(
-                at=now,
+            snap = assemble_snapshot(
+                now,
                 horizon=plan_now,
                 price=price,
                 hashprice_usd_per_ph_day=market.hashprice[i],
                 miners=self.miners_tuple,
                 gpu_nodes=self.nodes_tuple,
                 day_ahead_usd_per_mwh=market.day_ahead[i] if market.day_ahead else None,
-                fourcp_risk=market.fourcp_risk[i] if market.fourcp_risk else 0.0,
-                fourcp_reason=market.fourcp_reason[i] if market.fourcp_reason else "",
-                measured_site_power_w=last_site_w,
+                fourcp=(
+                    market.fourcp_risk[i] if market.fourcp_risk else 0.0,
+                    market.fourcp_reason[i] if market.fourcp_reason else "",
+                ),
+                site_power_w=last_site_w,
                 device_power_w=None if last_site_w is None else self.mining_w + self.ai_w,
                 load_model=led.load,
                 ramp_headroom_w=self.ramp.headroom_w(now_s, self.ramp_cap_w),

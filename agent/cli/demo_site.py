@@ -8,6 +8,11 @@ high speed, runs the agent against it, prints one status line per replayed 15-mi
 and ends with a summary: energy, revenue, cost and profit, against the same site left always on
 (miners at their default profile, every job running uncapped).
 
+With a ``meter:`` block the demo also runs the pymodbus SunSpec meter simulator on its loopback
+net: it measures the simulators' true power plus cooling (on the replayed day's hot afternoon)
+and noise, the agent reads it and trims its limit by it, and the summary shows the metered load
+against the device sum, and the trim.
+
 The money is settled the way the backtest settles it: every control cycle, the power the
 simulators *measure* (miners, GPUs, plus the GPU hosts' overhead) is charged at the price of the
 interval being replayed, the hashrate they *measure* earns hashprice, and every running job
@@ -47,13 +52,14 @@ from agent.runtime.gpu_fleet import GpuFleet, expand_gpu_nodes
 from agent.runtime.loop import Agent, Components
 from agent.runtime.miner_fleet import MinerFleet
 from agent.runtime.state import AgentState
-from agent.runtime.wiring import build_miners, build_price_source
+from agent.runtime.wiring import build_meter, build_miners, build_price_source
 from drivers.errors import AgentError
 from drivers.jobs.base import JobClass, JobState
 from drivers.prices.csv_replay import CsvPriceReplay
 from simulators.braiins import BraiinsFleet
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
+from simulators.meter import MeterSimulator
 
 DAY_S = 86_400.0
 log = logging.getLogger(__name__)
@@ -73,17 +79,29 @@ class Tally:
     suspended: Counter[str] = field(default_factory=Counter)  # job class -> suspensions
     resumed: int = 0
     cap_changes: int = 0
+    # With a meter: site energy metered and the devices' own, over the same cycles (Wh); and
+    # the cycles in which the agent trusted the meter.
+    metered_wh: float = 0.0
+    device_wh: float = 0.0
+    trusted_cycles: int = 0
+    cycles: int = 0
 
 
 def miners_on_net(config: AgentConfig, net: int) -> AgentConfig:
-    """``config`` with every miner address moved to 127.``net``.x.y (same last two octets)."""
+    """``config`` with every miner address (and the meter's) moved to 127.``net``.x.y (same
+    last two octets)."""
     if not 1 <= net <= 254:
         raise ValueError(f"loopback net must be 1..254, got {net}")
-    miners = []
-    for line in config.miners:
-        packed = ipaddress.IPv4Address(line.address).packed
-        miners.append(line.model_copy(update={"address": f"127.{net}.{packed[2]}.{packed[3]}"}))
-    return config.model_copy(update={"miners": miners})
+
+    def moved(address: str) -> str:
+        packed = ipaddress.IPv4Address(address).packed
+        return f"127.{net}.{packed[2]}.{packed[3]}"
+
+    miners = [line.model_copy(update={"address": moved(line.address)}) for line in config.miners]
+    update: dict[str, Any] = {"miners": miners}
+    if config.meter is not None:
+        update["meter"] = config.meter.model_copy(update={"host": moved(config.meter.host)})
+    return config.model_copy(update=update)
 
 
 def model_key(name: str) -> str:
@@ -149,6 +167,26 @@ async def run_demo(
     except AgentError as exc:
         print(f"demo cannot start: {exc}", file=sys.stderr)
         return 2
+    meter: MeterSimulator | None = None
+    if config.meter is not None:
+        # The site's true load at the point of interconnection, on the replayed day's clock
+        # (its ambient curve gives the afternoon's heat).
+        host_w = sum(spec.host_overhead_w for _, spec in expand_gpu_nodes(config))
+        miner_sims = list(sims)
+
+        def true_devices_w() -> float:
+            miners_w = sum(float(f.truth(a)["power_w"]) for f in miner_sims for a in f.addresses)
+            return miners_w + (0.0 if simulation is None else simulation.gpu_power_w() + host_w)
+
+        meter = MeterSimulator(
+            config.meter.host,
+            config.meter.port,
+            config.meter.unit_id,
+            device_power=true_devices_w,
+            max_site_w=config.site.interconnect_limit_kw * 1500.0,
+            clock=price_source.sim_now_s,
+        )
+        sims.append(meter)
     always_on_ai = always_on_ai_figures(simulation, config)
     ledger = Tally()
     models = {d: line.model for d, _a, line in config.expanded_miners()}
@@ -194,6 +232,16 @@ async def run_demo(
             keep_series=False,
         )
         ledger.peak_kw = max(ledger.peak_kw, site_w / 1000)
+        ledger.cycles += 1
+        ledger.trusted_cycles += snapshot.load_model.source == "meter"
+        if meter is not None:
+            # What the meter measures and the devices draw at the same instant (the agent's
+            # device readings lag a ramp by a poll, the meter's by another).
+            truth = meter.truth()
+            metered_w, devices_w = truth.get("site_w"), truth.get("device_w")
+            if isinstance(metered_w, float) and isinstance(devices_w, float):
+                ledger.metered_wh += metered_w * dt_h
+                ledger.device_wh += devices_w * dt_h
         ledger.actions += len(results)
         ledger.failed += sum(1 for r in results if r.result != "ok")
         ledger.faults |= {m.device_id for m in snapshot.miners if m.fault}
@@ -226,6 +274,7 @@ async def run_demo(
     components = Components(
         fleets=fleets,
         price_source=price_source,
+        meter=build_meter(config),
         services=() if metrics is None else (metrics,),
     )
     agent = Agent(config, components, state=state, observers=[on_cycle])
@@ -234,7 +283,8 @@ async def run_demo(
         f"{len(by_family['braiins'])} Braiins OS+ miners on loopback, "
         f"{gpu_summary(gpus, config)}, "
         f"{rt.column} prices of {price_source.sim_now():%Y-%m-%d} replayed at {speed:.0f}x "
-        f"({duration_s:.0f} s), interconnect {config.site.interconnect_limit_kw:.0f} kW, "
+        f"({duration_s:.0f} s), interconnect {config.site.interconnect_limit_kw:.0f} kW"
+        f"{'' if meter is None else ' at a simulated SunSpec meter'}, "
         f"hashprice {hashprice:.0f} $/PH/day",
         file=out,
         flush=True,
@@ -360,6 +410,20 @@ def print_summary(ledger: Tally, agent: Agent, out: Any) -> None:
             f"GPU cap changes {ledger.cap_changes}",
             file=out,
         )
+    if agent.components.meter is not None:
+        status = agent.state.meter
+        trim_kw = 0.0 if status is None else status.trim_w / 1000
+        share = ledger.trusted_cycles / max(ledger.cycles, 1)
+        if ledger.device_wh > 0:
+            print(
+                f"  meter: site {ledger.metered_wh / 1000:,.1f} kWh metered vs "
+                f"{ledger.device_wh / 1000:,.1f} kWh device sum "
+                f"({ledger.metered_wh / ledger.device_wh - 1:+.1%}: cooling, base load), "
+                f"trim {trim_kw:.1f} kW at the end, meter trusted in {share:.0%} of cycles",
+                file=out,
+            )
+        else:
+            print(f"  meter: never read ({share:.0%} of cycles trusted)", file=out)
     print(
         f"  control cycles {agent.state.cycles}, actions {ledger.actions} "
         f"({ledger.failed} failed), peak site {ledger.peak_kw:.1f} kW, "

@@ -3,18 +3,22 @@
 Energy cost, the 4CP charge of a true peak interval (and its expected value as an energy price
 adder), an event's site-load target, what a site delivered against it and what it fell short,
 and the :class:`Ledger` that books an interval. The live policy prices its choices with these
-functions, the journal's event report settles events with them, and the backtest and the demo
-book every interval through :class:`Ledger`. The per-hour revenue rates are in
-:mod:`agent.control.economics`; the site's physics and job contracts in :mod:`agent.control.site`.
+functions, the journal's event report settles events with them, the backtest and the demo book
+every interval through :class:`Ledger`, and the live agent's 4CP account (the site's demand in
+each interval flagged as a 4CP risk) is summed up by :func:`fourcp_figures`. The per-hour
+revenue rates are in :mod:`agent.control.economics`; the site's physics and job contracts in
+:mod:`agent.control.site`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from agent.control.config import FourCpConfig
 from agent.control.cooling import SiteLoadModel
+from agent.control.fourcp import CENTRAL
 from drivers.grid.base import GridEvent
 
 # ERCOT measures 4CP on 15-minute settlement intervals.
@@ -54,6 +58,11 @@ def fourcp_usd_per_kw(rate_usd_per_kw_year: float) -> float:
     return rate_usd_per_kw_year / 4.0
 
 
+def fourcp_charge_usd(rate_usd_per_kw_year: float, site_w: float) -> float:
+    """The 4CP charge of drawing ``site_w`` at the meter in one true peak interval."""
+    return fourcp_usd_per_kw(rate_usd_per_kw_year) * site_w / 1000.0
+
+
 def fourcp_adder_usd_per_mwh(
     rate_usd_per_kw_year: float, risk: float = 1.0, interval_h: float = FOURCP_INTERVAL_H
 ) -> float:
@@ -70,6 +79,88 @@ def fourcp_risk_priced(config: FourCpConfig, risk: float) -> float:
     if config.enabled and risk > 0 and risk >= config.risk_threshold:
         return min(risk, 1.0)
     return 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class FourCpInterval:
+    """The site's demand in one 15-minute interval flagged as a 4CP risk (market clock), as
+    observed so far: power at the meter integrated over the seconds seen, and how many of those
+    seconds the meter itself was trusted (the rest: devices + cooling + fallback margin)."""
+
+    start: datetime
+    watt_seconds: float
+    seconds: float
+    metered_s: float
+    risk: float  # the highest 4CP risk priced in the interval
+
+    @property
+    def demand_w(self) -> float:
+        return self.watt_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def source(self) -> str:
+        """``meter`` when every second seen was metered, ``fallback`` when none was."""
+        if self.metered_s >= self.seconds:
+            return "meter"
+        return "fallback" if self.metered_s <= 0 else "mixed"
+
+    def add(self, site_w: float, seconds: float, metered: bool, risk: float) -> FourCpInterval:
+        return FourCpInterval(
+            self.start,
+            self.watt_seconds + site_w * seconds,
+            self.seconds + seconds,
+            self.metered_s + (seconds if metered else 0.0),
+            max(self.risk, risk),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FourCpMonth:
+    """One 4CP month: the flagged interval where the site drew most, and its charge if that
+    interval is the month's system peak (the estimate: the true peak is one of the flagged
+    intervals when the forecast is right, and the site's demand there is at most this)."""
+
+    month: str  # Central calendar month, "2023-06"
+    peak: FourCpInterval
+    intervals: int  # flagged intervals recorded in the month
+    charge_usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class FourCpFigures:
+    """The running 4CP account: per month, per season (the year's four months), and the latest
+    interval recorded."""
+
+    rate_usd_per_kw_year: float
+    months: tuple[FourCpMonth, ...] = ()
+    seasons: tuple[tuple[str, float], ...] = ()  # (year, estimated transmission charge USD)
+    latest: FourCpInterval | None = None
+
+
+def fourcp_month(start: datetime) -> str:
+    """The 4CP month (Central time) of an interval starting at ``start``."""
+    return f"{start.astimezone(CENTRAL):%Y-%m}"
+
+
+def fourcp_figures(
+    intervals: Sequence[FourCpInterval], rate_usd_per_kw_year: float
+) -> FourCpFigures:
+    """Sum up flagged intervals: each month's peak demand and its charge at
+    :func:`fourcp_charge_usd` (the rule the backtest's :class:`Ledger` books), and each season's
+    estimated transmission charge (the sum of its months)."""
+    by_month: dict[str, list[FourCpInterval]] = {}
+    for iv in intervals:
+        if iv.seconds > 0:
+            by_month.setdefault(fourcp_month(iv.start), []).append(iv)
+    months = []
+    seasons: dict[str, float] = {}
+    for month, ivs in sorted(by_month.items()):
+        peak = max(ivs, key=lambda iv: (iv.demand_w, iv.start))
+        charge = fourcp_charge_usd(rate_usd_per_kw_year, peak.demand_w)
+        months.append(FourCpMonth(month, peak, len(ivs), charge))
+        seasons[month[:4]] = seasons.get(month[:4], 0.0) + charge
+    latest = max(intervals, key=lambda iv: iv.start, default=None)
+    return FourCpFigures(rate_usd_per_kw_year, tuple(months), tuple(seasons.items()), latest)
 
 
 # --- booking an interval -------------------------------------------------------------------
@@ -157,7 +248,7 @@ class Ledger:
         self.mining_usd += mining_usd_per_h * dt_h
         self.ai_usd += ai_usd_per_h * dt_h
         if peak:
-            fourcp = fourcp_usd_per_kw(self.fourcp_rate_usd_per_kw_year) * site_w / 1000.0
+            fourcp = fourcp_charge_usd(self.fourcp_rate_usd_per_kw_year, site_w)
             self.fourcp_cost_usd += fourcp
             cost += fourcp
         dr = 0.0

@@ -5,7 +5,8 @@ here, and the live policy, the coordinator, the GPU fleet, the demo and the back
 these functions: a miner model's ladder of operating points, the expansion of ``count`` config
 lines into devices, the power of a GPU node at a cap with some of its GPUs busy, the site limit,
 the contract of a job class, the work a suspension loses, and the cost of switching a device
-(waking or sleeping a miner, suspending or resuming a job). Money per interval (revenue, energy,
+(waking or sleeping a miner, suspending or resuming a job), and the assembly of the snapshot the
+policy decides on (live and in the backtest). Money per interval (revenue, energy,
 4CP, events, penalties) is :mod:`agent.control.settlement`; the per-hour rates are
 :mod:`agent.control.economics`.
 
@@ -15,7 +16,9 @@ All functions are pure.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from agent.control.config import (
     AgentConfig,
@@ -24,9 +27,18 @@ from agent.control.config import (
     MinerModelConfig,
     unit_ids,
 )
-from agent.control.domain import SLEEP, OperatingPoint
+from agent.control.cooling import SiteLoadModel
+from agent.control.domain import (
+    SLEEP,
+    ActiveEvent,
+    GpuNodeView,
+    MinerView,
+    OperatingPoint,
+    PriceView,
+    Snapshot,
+)
 from agent.control.economics import breakeven_usd_per_mwh, mining_revenue_usd_per_h
-from agent.control.planner import SwitchingCost
+from agent.control.planner import HorizonPlan, SwitchingCost
 from drivers.jobs.base import JobClass
 
 # --- miners --------------------------------------------------------------------------------
@@ -247,3 +259,61 @@ class RampBudget:
     def spend(self, added_w: float) -> None:
         """Power was added: take it out of the budget."""
         self.tokens_w = max(0.0, self.tokens_w - max(added_w, 0.0))
+
+
+# --- the policy's view -----------------------------------------------------------------------
+
+
+def device_power_w(miners: Sequence[MinerView], gpu_nodes: Sequence[GpuNodeView]) -> float | None:
+    """The sum of the devices' power readings; None when one of them has none."""
+    readings = [m.measured_power_w for m in miners] + [n.measured_power_w for n in gpu_nodes]
+    if any(p is None for p in readings):
+        return None
+    return sum(p for p in readings if p)
+
+
+def assemble_snapshot(
+    at: datetime,
+    *,
+    price: tuple[float, datetime, float] | None,
+    hashprice_usd_per_ph_day: float,
+    miners: tuple[MinerView, ...],
+    gpu_nodes: tuple[GpuNodeView, ...],
+    events: tuple[ActiveEvent, ...],
+    day_ahead_usd_per_mwh: float | None,
+    fourcp: tuple[float, str],
+    site_power_w: float | None,
+    device_power_w: float | None,
+    load_model: SiteLoadModel,
+    ramp_headroom_w: float,
+    horizon: HorizonPlan | None,
+) -> Snapshot:
+    """Everything the policy may know at ``at``, from its parts: the one way the live
+    coordinator and the backtest build a :class:`Snapshot`.
+
+    ``price`` is the latest settled price (USD/MWh, interval start, seconds since it was read)
+    or None before the first; ``fourcp`` the 4CP risk of this interval and its
+    reason; ``site_power_w`` the site's power at the meter (a trusted meter's reading, else the
+    device sum through ``load_model``), ``device_power_w`` the sum of the device readings.
+    """
+    view = None
+    if price is not None:
+        usd_per_mwh, interval_start, age_s = price
+        view = PriceView(usd_per_mwh=usd_per_mwh, interval_start=interval_start, age_s=age_s)
+    risk, reason = fourcp
+    return Snapshot(
+        at=at,
+        price=view,
+        hashprice_usd_per_ph_day=hashprice_usd_per_ph_day,
+        miners=miners,
+        gpu_nodes=gpu_nodes,
+        events=events,
+        day_ahead_usd_per_mwh=day_ahead_usd_per_mwh,
+        fourcp_risk=risk,
+        fourcp_reason=reason,
+        measured_site_power_w=site_power_w,
+        device_power_w=device_power_w,
+        load_model=load_model,
+        ramp_headroom_w=ramp_headroom_w,
+        horizon=horizon,
+    )

@@ -2,8 +2,8 @@
 
 A restart must resume where the agent stopped, so everything that matters for that is written
 here before it is acted upon: the operating point commanded for each device and since when, the
-grid events in force with their baseline and per-interval compliance, and one audit row for every
-action and every rejected input.
+grid events in force with their baseline and per-interval compliance, the site's demand in each
+interval flagged as a 4CP risk, and one audit row for every action and every rejected input.
 
 Durability: WAL mode with ``synchronous=FULL`` (every commit is fsynced), so a committed row
 survives ``kill -9`` and power loss. Safety: the file carries an ``application_id`` and a schema
@@ -48,7 +48,12 @@ from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 from agent.control.redaction import redact, scrub
-from agent.control.settlement import delivered_w, event_target_w, shortfall_w
+from agent.control.settlement import (
+    FourCpInterval,
+    delivered_w,
+    event_target_w,
+    shortfall_w,
+)
 from drivers.errors import AgentError
 from drivers.grid.base import FailDirection, GridEvent, ProgramKind
 
@@ -58,6 +63,7 @@ APPLICATION_ID = 0x53414A31
 DEFAULT_INTERVAL_S = 900.0  # ERCOT settlement interval (economics.md)
 
 _T = TypeVar("_T")
+_Bad = tuple[str, str, str, str]  # a row set aside: kind, key, payload, reason
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -412,6 +418,14 @@ CREATE TABLE IF NOT EXISTS commands (
     accepted   INTEGER NOT NULL,
     reason     TEXT NOT NULL,
     at         TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fourcp (
+    interval_start TEXT PRIMARY KEY,
+    watt_seconds   REAL NOT NULL,
+    seconds        REAL NOT NULL,
+    metered_s      REAL NOT NULL,
+    risk           REAL NOT NULL,
+    updated_at     TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS quarantine (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -820,6 +834,60 @@ class Store:
             )
 
         await self._write(write)
+
+    async def record_fourcp(self, interval: FourCpInterval) -> None:
+        """Journal a 4CP-risk interval as observed so far (upsert: the latest figure wins)."""
+        row = (
+            _ts(interval.start, "interval_start"),
+            _finite(interval.watt_seconds, "watt_seconds"),
+            _finite(interval.seconds, "seconds"),
+            _finite(interval.metered_s, "metered_s"),
+            _finite(interval.risk, "risk"),
+            _iso(datetime.now(UTC)),
+        )
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO fourcp (interval_start, watt_seconds, seconds, metered_s, risk,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (interval_start) DO UPDATE"
+                " SET watt_seconds = excluded.watt_seconds, seconds = excluded.seconds,"
+                " metered_s = excluded.metered_s, risk = excluded.risk,"
+                " updated_at = excluded.updated_at",
+                row,
+            )
+
+        await self._write(write)
+
+    async def fourcp_intervals(self) -> list[FourCpInterval]:
+        """Every journaled 4CP-risk interval, oldest first. A row that does not read back as
+        finite, non-negative figures is quarantined (and left out), never trusted."""
+
+        def read(conn: sqlite3.Connection) -> tuple[list[FourCpInterval], list[_Bad]]:
+            if not _has_table(conn, "fourcp"):
+                return [], []
+            good: list[FourCpInterval] = []
+            bad: list[_Bad] = []
+            cur = conn.execute(
+                "SELECT interval_start, watt_seconds, seconds, metered_s, risk FROM fourcp"
+                " ORDER BY interval_start"
+            )
+            for row in cur:
+                start, *values = row
+                try:
+                    at = _aware(start, "interval_start")
+                    ws, secs, metered, risk = (float(v) for v in values)
+                    if not all(math.isfinite(v) and v >= 0 for v in (ws, secs, metered, risk)):
+                        raise ValueError("figures must be finite and not negative")
+                    if metered > secs or risk > 1:
+                        raise ValueError("metered seconds above seconds, or risk above 1")
+                    good.append(FourCpInterval(at, ws, secs, metered, risk))
+                except (JournalEntryInvalid, TypeError, ValueError) as exc:
+                    bad.append(("fourcp", str(start), str(row)[:2000], str(exc)[:300]))
+            return good, bad
+
+        good, bad = await self._run(read)
+        await self._quarantine(bad, table="fourcp", key_column="interval_start")
+        return good
 
     async def compliance(self, event_id: str) -> list[ComplianceRow]:
         def read(conn: sqlite3.Connection) -> list[ComplianceRow]:

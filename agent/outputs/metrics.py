@@ -120,6 +120,7 @@ class AgentCollector(Collector):
             yield from self._plan(state)
         yield from self._faults(state, snap)
         yield from self._meter(state)
+        yield from self._fourcp(state)
 
     # --- the agent itself ---------------------------------------------------------------------
 
@@ -609,6 +610,46 @@ class AgentCollector(Collector):
                 "site_agent_ambient_celsius",
                 "Outdoor temperature the cooling model uses.",
                 value=m.ambient_c,
+            )
+
+    # --- the live 4CP account ---------------------------------------------------------------
+
+    def _fourcp(self, state: AgentState) -> Iterator[Metric]:
+        figures = state.fourcp
+        if figures is None:
+            return
+        peak = _gauge(
+            "site_agent_fourcp_peak_demand_watts",
+            "Per 4CP month, the site's highest average demand in an interval flagged as a 4CP "
+            "risk; source: meter (every second metered), fallback (devices + margin) or mixed.",
+            ["month", "source"],
+        )
+        charge = _gauge(
+            "site_agent_fourcp_charge_usd",
+            "Estimated transmission (4CP) charge of a month's peak interval, if it is the "
+            "system peak.",
+            ["month"],
+        )
+        count = _gauge(
+            "site_agent_fourcp_intervals", "4CP-risk intervals recorded, by month.", ["month"]
+        )
+        for month in figures.months:
+            peak.add_metric([month.month, month.peak.source], month.peak.demand_w)
+            charge.add_metric([month.month], month.charge_usd)
+            count.add_metric([month.month], month.intervals)
+        season = _gauge(
+            "site_agent_fourcp_season_charge_usd",
+            "Estimated transmission (4CP) charge of a season (the year's four months so far).",
+            ["season"],
+        )
+        for year, usd in figures.seasons:
+            season.add_metric([year], usd)
+        yield from (peak, charge, count, season)
+        if figures.latest is not None:
+            yield GaugeMetricFamily(
+                "site_agent_fourcp_interval_demand_watts",
+                "The site's average demand so far in the latest 4CP-risk interval.",
+                value=figures.latest.demand_w,
             )
 
     # --- faults -------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from agent.control.config import AgentConfig
-from agent.control.domain import ActiveEvent, MinerView, PriceView, Snapshot
+from agent.control.domain import ActiveEvent, MinerView, Snapshot
 from agent.control.fourcp import peak_risk
 from agent.control.planner import (
     HorizonInput,
@@ -36,7 +36,14 @@ from agent.control.planner import (
     SwitchingCost,
     plan_horizon,
 )
-from agent.control.site import RampBudget, planner_switching, ramp_capacity_w, site_limit_w
+from agent.control.site import (
+    RampBudget,
+    assemble_snapshot,
+    device_power_w,
+    planner_switching,
+    ramp_capacity_w,
+    site_limit_w,
+)
 from agent.runtime.fleet import Fleet
 from agent.runtime.meter import MeterWatch
 from agent.runtime.state import SourceHealth
@@ -237,34 +244,27 @@ class Coordinator:
         gpu_nodes = tuple(n for v in views for n in v.gpu_nodes)
         miners = self.thermal.apply_miners(miners, mono)
         gpu_nodes = self.thermal.apply_gpu_nodes(gpu_nodes, mono)
-        measured = [m.measured_power_w for m in miners] + [n.measured_power_w for n in gpu_nodes]
-        device_w = None if any(p is None for p in measured) else sum(p for p in measured if p)
+        device_w = device_power_w(miners, gpu_nodes)
         load, site_w = self.meter_watch.load_model(device_w, mono)
         price = None
         if self.price is not None and self.price_read_at is not None:
-            price = PriceView(
-                usd_per_mwh=self.price.value,
-                interval_start=self.price.interval_start,
-                age_s=mono - self.price_read_at,
-            )
+            price = (self.price.value, self.price.interval_start, mono - self.price_read_at)
         ramp_w = self.ramp_headroom_w(mono)
         market_now = self.market_now()
-        risk, reason = self.fourcp(market_now)
         day_ahead = None if self.day_ahead is None else self.day_ahead.price_at(market_now)
-        return Snapshot(
-            at=now,
+        return assemble_snapshot(
+            now,
             price=price,
             hashprice_usd_per_ph_day=self.current_hashprice(mono),
             miners=miners,
             gpu_nodes=gpu_nodes,
             events=tuple(e for e in self.events.values() if e.event.active_at(now)),
-            measured_site_power_w=site_w,
+            day_ahead_usd_per_mwh=day_ahead,
+            fourcp=self.fourcp(market_now),
+            site_power_w=site_w,
             device_power_w=device_w,
             load_model=load,
             ramp_headroom_w=ramp_w,
-            day_ahead_usd_per_mwh=day_ahead,
-            fourcp_risk=risk,
-            fourcp_reason=reason,
             horizon=self.horizon,
         )
 

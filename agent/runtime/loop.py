@@ -9,7 +9,8 @@ every fleet's first poll before the first decision, so a restart never commands 
 
 The loop is the only writer of :class:`~agent.runtime.state.AgentState`: after each poll and each
 cycle it publishes what the coordinator, the fleets and the actuator report (source health,
-faults, action results, safe mode, the meter's status, thermal derates); outputs only read it.
+faults, action results, safe mode, the meter's status, thermal derates, the 4CP account of
+:mod:`agent.runtime.fourcp`); outputs only read it.
 Every part is handed in at construction: the components (fleets, signals, journal, grid sources,
 meter, services), the cycle observers (logs, MQTT), the operator inbox and the watchdog.
 
@@ -51,6 +52,7 @@ from agent.runtime.actuator import ActionResult, Actuator, AuditSink
 from agent.runtime.coordinator import Clock, Coordinator, utc_now
 from agent.runtime.events import EventBook, EventSource
 from agent.runtime.fleet import Fleet
+from agent.runtime.fourcp import FourCpBook
 from agent.runtime.inbox import AuditRequest, CommandInbox, Item, Rejection
 from agent.runtime.state import AgentState
 from agent.runtime.supervisor import TaskFactory, supervise
@@ -158,6 +160,8 @@ class Agent:
             count_rejected=self._count_rejected,
         )
         self.coordinator.count_rejected = self._count_rejected
+        # The site's demand in 4CP-risk intervals, at the meter when it is trusted.
+        self.fourcp_book = FourCpBook(config, components.store)
         self.limits = CommandLimits.of(config)  # one set of limits for every channel
         self.event_book.limits = self.limits
         self.event_watch_s = 0.5
@@ -181,6 +185,7 @@ class Agent:
                 readings.update(fleet.readings())
         state.gpu_readings = readings
         state.meter = self.meter_watch.status
+        state.fourcp = self.fourcp_book.figures
         thermal = self.coordinator.thermal
         state.thermal_derates = dict(thermal.derates)
         state.thermal_derated = dict(thermal.derated)
@@ -192,7 +197,10 @@ class Agent:
         state.mode = "safe" if state.safe_reason is not None else self.operator_mode
 
     async def restore_journal(self) -> None:
-        """Load commanded states and active events from the journal (restart rule)."""
+        """Load commanded states, active events and the 4CP account from the journal (restart
+        rule)."""
+        await self.fourcp_book.restore()
+        self.publish()
         store = self.components.store
         if store is None:
             return
@@ -236,6 +244,7 @@ class Agent:
         await self._audit_rejected_inputs()
         snapshot = self.coordinator.snapshot()
         await self._audit_meter()
+        await self.fourcp_book.record(self.coordinator.market_now(), snapshot)
         plan = decide(snapshot, self.config, snapshot.at)
         if self.state.mode == "manual":
             plan = replace(plan, actions=(), summary=f"manual mode: no actions; {plan.summary}")

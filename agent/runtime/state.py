@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from agent.control.domain import Plan, Snapshot
+from agent.control.settlement import FourCpFigures
 from drivers.gpus.base import GpuReading
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class AgentState:
     # GPU node id -> the latest per-GPU readings of that node (for per-GPU metrics).
     gpu_readings: Mapping[str, tuple[GpuReading, ...]] = field(default_factory=dict)
     meter: MeterStatus | None = None  # the meter and the load model, as of the latest snapshot
+    # The live 4CP account: site demand in 4CP-risk intervals, per month and season.
+    fourcp: FourCpFigures | None = None
     # Thermal derates: step-downs so far by kind, and the devices held derated now (-> kind).
     thermal_derates: Mapping[str, int] = field(default_factory=dict)
     thermal_derated: Mapping[str, str] = field(default_factory=dict)

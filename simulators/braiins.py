@@ -59,7 +59,6 @@ import contextlib
 import json
 import logging
 import secrets
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -72,7 +71,7 @@ from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.server import Server, Stream
 
-from simulators.common import EndpointFleet
+from simulators.common import EndpointFleet, serve_until_signal
 from simulators.luxos import (
     RPC_PORT,
     MinerSpec,
@@ -793,39 +792,19 @@ async def run_fleet_cli(argv: list[str] | None = None) -> int:
         return 2
     raise_open_file_limit()
     fleet = BraiinsFleet(specs, password=args.password)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with fleet:
-            control = await serve_control(fleet, args.control_port)
-            port = control.sockets[0].getsockname()[1]
-            for s in specs:
-                print(
-                    json.dumps(
-                        {
-                            "address": s.address,
-                            "port": RPC_PORT,
-                            "grpc_port": GRPC_PORT,
-                            "model": s.model,
-                            "firmware": "braiins",
-                        }
-                    )
-                )
-            print(json.dumps({"event": "ready", "miners": len(specs), "control_port": port}))
-            sys.stdout.flush()
-            try:
-                await stop.wait()
-            finally:
-                control.close()
-    except OSError as exc:
-        print(f"error: cannot serve miners: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-    return 0
+    rows = [
+        {
+            "address": s.address,
+            "port": RPC_PORT,
+            "grpc_port": GRPC_PORT,
+            "model": s.model,
+            "firmware": "braiins",
+        }
+        for s in specs
+    ]
+    return await serve_until_signal(
+        fleet, rows, args.control_port, control=lambda port: serve_control(fleet, port)
+    )
 
 
 def main() -> None:

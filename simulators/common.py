@@ -332,7 +332,7 @@ class SimFleet(EndpointFleet[E]):
 ControlOp = Callable[[dict[str, object]], dict[str, object]]
 
 
-def _addresses(fleet: SimFleet[E], request: Mapping[str, object]) -> list[str]:
+def _addresses(fleet: EndpointFleet[E], request: Mapping[str, object]) -> list[str]:
     raw = request["addresses"] if "addresses" in request else [request.get("address")]
     if not isinstance(raw, list):
         raise ValueError("addresses must be a list of addresses")
@@ -348,7 +348,7 @@ def _addresses(fleet: SimFleet[E], request: Mapping[str, object]) -> list[str]:
 
 
 def control_answer(
-    fleet: SimFleet[E], request: object, extra_ops: Mapping[str, ControlOp] | None = None
+    fleet: EndpointFleet[E], request: object, extra_ops: Mapping[str, ControlOp] | None = None
 ) -> dict[str, object]:
     """The answer to one control request; validates everything before changing anything."""
     ops = dict(extra_ops or {})
@@ -384,7 +384,7 @@ def control_answer(
 
 
 async def serve_control(
-    fleet: SimFleet[E],
+    fleet: EndpointFleet[E],
     port: int,
     host: str = "127.0.0.1",
     extra_ops: Mapping[str, ControlOp] | None = None,
@@ -423,20 +423,31 @@ async def serve_control(
 
 
 async def serve_until_signal(
-    fleet: SimFleet[E],
+    fleet: EndpointFleet[E],
     rows: Iterable[Mapping[str, object]],
     control_port: int,
     extra_ops: Mapping[str, ControlOp] | None = None,
+    *,
+    control: Callable[[int], Awaitable[asyncio.Server]] | None = None,
 ) -> int:
-    """Start ``fleet``, print one JSON line per miner and a ``ready`` line, serve until SIGTERM."""
+    """Start ``fleet``, print one JSON line per miner and a ``ready`` line, serve until SIGTERM.
+
+    ``control(port)`` serves the control port; by default :func:`serve_control` with
+    ``extra_ops`` (the LuxOS and Braiins fleets pass their own).
+    """
+    if control is None:
+
+        def control(port: int) -> Awaitable[asyncio.Server]:
+            return serve_control(fleet, port, extra_ops=extra_ops)
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         async with fleet:
-            control = await serve_control(fleet, control_port, extra_ops=extra_ops)
-            port = control.sockets[0].getsockname()[1]
+            server = await control(control_port)
+            port = server.sockets[0].getsockname()[1]
             out = sys.stdout
             count = 0
             for row in rows:
@@ -448,7 +459,7 @@ async def serve_until_signal(
             try:
                 await stop.wait()
             finally:
-                control.close()
+                server.close()
     except OSError as exc:
         print(f"error: cannot serve miners: {exc}", file=sys.stderr)
         return 1

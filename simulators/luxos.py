@@ -53,7 +53,6 @@ import json
 import math
 import resource
 import secrets
-import signal
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -61,7 +60,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from simulators.common import MAX_REQUEST_BYTES as MAX_REQUEST_BYTES
-from simulators.common import EndpointFleet
+from simulators.common import EndpointFleet, serve_until_signal
 from simulators.luxos_model import (
     MODELS,
     PROFILE_DRAW_RATIO,
@@ -710,32 +709,10 @@ async def run_fleet_cli(argv: list[str] | None = None) -> int:
         return 2
     raise_open_file_limit()
     fleet = LuxosFleet(specs, timing=timing)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with fleet:
-            control = await serve_control(fleet, args.control_port)
-            port = control.sockets[0].getsockname()[1]
-            out = sys.stdout
-            for s in specs:
-                out.write(json.dumps({"address": s.address, "port": s.port, "model": s.model}))
-                out.write("\n")
-            out.write(json.dumps({"event": "ready", "miners": len(specs), "control_port": port}))
-            out.write("\n")
-            out.flush()
-            try:
-                await stop.wait()
-            finally:
-                control.close()
-    except OSError as exc:
-        print(f"error: cannot serve miners: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-    return 0
+    rows = [{"address": s.address, "port": s.port, "model": s.model} for s in specs]
+    return await serve_until_signal(
+        fleet, rows, args.control_port, control=lambda port: serve_control(fleet, port)
+    )
 
 
 def main() -> None:

@@ -17,8 +17,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -84,6 +86,32 @@ async def await_listening(host: str, port: int, timeout_s: float = 20.0) -> None
         writer.close()
         await writer.wait_closed()
         return
+
+
+PORT_80 = "binding port 80 (the Antminer web API) needs root"
+
+
+class _Startable(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Startable)
+
+
+@asynccontextmanager
+async def started_or_skip(server: S, reason: str) -> AsyncIterator[S]:
+    """``server`` started for the block and stopped after it; the test skips with ``reason``
+    when the kernel refuses a port (the Antminer web API's port 80 needs root)."""
+    try:
+        await server.start()
+    except PermissionError:
+        pytest.skip(reason)
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 def require_binary(name: str, package: str) -> str:

@@ -27,7 +27,7 @@ from simulators.common import serve_control
 from simulators.luxos import control_request
 from simulators.luxos_model import S19J_PRO, ManualClock, Timing
 from tests.loopback import NET, ip, subnet
-from tests.servers import await_listening
+from tests.servers import PORT_80, await_listening, started_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ip(140, 1)
@@ -43,14 +43,8 @@ def clock() -> ManualClock:
 @pytest.fixture
 async def fleet(clock: ManualClock) -> AsyncIterator[AntminerFleet]:
     f = AntminerFleet(antminer_specs(10, BASE), clock=clock, timing=Timing(10.0, 2.0, 1.0))
-    try:
-        await f.start()
-    except PermissionError:
-        pytest.skip("binding port 80 (the Antminer web API) needs root")
-    try:
+    async with started_or_skip(f, PORT_80):
         yield f
-    finally:
-        await f.stop()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from simulators.common import SimFleet
 from simulators.luxos_model import ManualClock, Timing
 from simulators.whatsminer import WhatsminerFleet, whatsminer_specs
 from tests.loopback import ip
-from tests.servers import await_listening
+from tests.servers import PORT_80, await_listening, started_or_skip
 
 # pyasic's token code calls passlib in a way passlib deprecates (the Whatsminer rows); under
 # -W error that would turn every privileged command into an exception.
@@ -166,14 +166,8 @@ def family(request: pytest.FixtureRequest) -> Family:
 @pytest.fixture
 async def fleet(family: Family) -> AsyncIterator[SimFleet[Any]]:
     f = family.fleet()
-    try:
-        await f.start()
-    except PermissionError:
-        pytest.skip("binding port 80 (the Antminer web API) needs root")
-    try:
+    async with started_or_skip(f, PORT_80):
         yield f
-    finally:
-        await f.stop()
 
 
 async def _miner(family: Family) -> Miner:

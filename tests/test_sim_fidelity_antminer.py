@@ -20,6 +20,7 @@ from simulators.antminer import AntminerFleet, antminer_specs
 from simulators.luxos_model import ManualClock
 from tests.loopback import ip
 from tests.reply_shapes import load, recording_dir, shape_diff
+from tests.servers import PORT_80, started_or_skip
 
 pytestmark = pytest.mark.shared_data
 
@@ -31,14 +32,8 @@ COMMANDS = ("version", "summary", "stats", "devs", "pools")
 async def fleet() -> AsyncIterator[AntminerFleet]:
     # One S19j Pro: the recording is an S19 Pro, the same generation and 3-board layout.
     f = AntminerFleet(antminer_specs(1, ADDRESS, ["s19jpro"]), clock=ManualClock())
-    try:
-        await f.start()
-    except PermissionError:
-        pytest.skip("binding port 80 (the Antminer web API) needs root")
-    try:
+    async with started_or_skip(f, PORT_80):
         yield f
-    finally:
-        await f.stop()
 
 
 async def rpc(command: str) -> dict[str, Any]:

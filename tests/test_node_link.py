@@ -174,6 +174,19 @@ def test_a_node_that_loses_its_controller_holds_then_sheds_after_its_fail_time(
     assert cap_kw(node) == 3.0
 
 
+def test_a_fresh_node_runs_unlimited_until_its_fail_time_counted_from_its_start(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    node = link(tmp_path, clock)  # never heard a controller, nothing journaled
+    clock.now = T0 + timedelta(seconds=59)
+    assert cap_kw(node) == 100.0  # its own interconnect: no envelope yet, not its floor
+    assert node.state.value == "holding"
+    clock.now = T0 + timedelta(seconds=61)
+    assert cap_kw(node) == 0.5  # then its fail direction
+    assert node.state.value == "failsafe"
+
+
 def test_inside_an_event_a_node_stays_shed_whatever_its_fail_direction(tmp_path: Path) -> None:
     clock = Clock()
     node = link(tmp_path, clock, direction="hold")

@@ -20,6 +20,7 @@ from agent.journal.store import Store, journal_path
 from agent.outputs.logs import cycle_logger
 from agent.outputs.metrics import MetricsService
 from agent.outputs.mqtt import MqttBridge
+from agent.outputs.node_metrics import register_remote_nodes
 from agent.runtime.coordinator import utc_now
 from agent.runtime.inbox import CommandInbox
 from agent.runtime.loop import Agent, CycleHook, Service, first_poll_timeout_s
@@ -47,8 +48,9 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
         watchdog = LoopWatchdog(notifier, max_stall_s=stall_s)
         services: list[Service] = [watchdog.run]
         observers: list[CycleHook] = [cycle_logger(state)]
-        if config.metrics.enabled:
-            services.append(MetricsService(state, config))
+        metrics = MetricsService(state, config) if config.metrics.enabled else None
+        if metrics is not None:
+            services.append(metrics)
         if config.mqtt.enabled:
             bridge = MqttBridge(
                 config.mqtt,
@@ -61,6 +63,8 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
             observers.append(lambda _snapshot, _plan, _results: bridge.publish_cycle())
             services.append(bridge)
         components = build_components(config, state, store=store, services=services)
+        if metrics is not None:
+            register_remote_nodes(metrics, components.fleets)
         agent = Agent(
             config,
             components,

@@ -17,6 +17,12 @@ The money is settled the way the backtest settles it: every control cycle, the p
 simulators *measure* (miners, GPUs, plus the GPU hosts' overhead) is charged at the price of the
 interval being replayed, the hashrate they *measure* earns hashprice, and every running job
 earns its contract per GPU-hour times the throughput fraction at its node's power cap.
+
+When Mosquitto is installed, each GPU host runs as a node agent in its own process
+(``site-agent sim node``, :mod:`agent.cli.demo_nodes`) behind a broker on the demo's loopback
+net, and the agent dispatches it over MQTT like any remote node (``remote_nodes:``); the hosts'
+power is what their own telemetry reports, and their jobs, caps and AI revenue are read from
+their own ``/metrics``. Without Mosquitto the GPU hosts run in-process, and the demo says why.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -34,17 +41,19 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli.demo_drivers import GpuSimulation, build_simulated_gpu_fleet
+from agent.cli.demo_nodes import NodeProcesses, NodeTelemetry, broker_binaries
 from agent.control.config import (
     AgentConfig,
     ConfigError,
     CsvPriceConfig,
     load_config,
 )
-from agent.control.domain import SLEEP, ActionKind, Plan, Snapshot
+from agent.control.domain import SLEEP, ActionKind, MinerView, Plan, Snapshot
 from agent.control.economics import ai_revenue_usd_per_h, mining_revenue_usd_per_h
 from agent.control.settlement import Ledger
 from agent.control.site import contract
 from agent.outputs.metrics import MetricsService
+from agent.outputs.node_metrics import register_remote_nodes
 from agent.runtime.actuator import ActionResult
 from agent.runtime.coordinator import utc_now
 from agent.runtime.fleet import Fleet
@@ -52,7 +61,12 @@ from agent.runtime.gpu_fleet import GpuFleet, expand_gpu_nodes
 from agent.runtime.loop import Agent, Components
 from agent.runtime.miner_fleet import MinerFleet
 from agent.runtime.state import AgentState
-from agent.runtime.wiring import build_meter, build_miners, build_price_source
+from agent.runtime.wiring import (
+    build_meter,
+    build_miners,
+    build_price_source,
+    build_remote_fleet,
+)
 from drivers.errors import AgentError
 from drivers.jobs.base import JobClass, JobState
 from drivers.prices.csv_replay import CsvPriceReplay
@@ -62,6 +76,7 @@ from simulators.luxos_model import Timing
 from simulators.meter import MeterSimulator
 
 DAY_S = 86_400.0
+DEMO_NET = 42  # the shipped demo's loopback net: miners on 127.42.x.y
 log = logging.getLogger(__name__)
 
 
@@ -85,6 +100,20 @@ class Tally:
     device_wh: float = 0.0
     trusted_cycles: int = 0
     cycles: int = 0
+    # GPU hosts as node processes: what their telemetry showed last (to count changes).
+    node_suspended: dict[str, dict[str, int]] = field(default_factory=dict)
+    node_caps: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class GpuSide:
+    """The GPU hosts in one cycle: read in-process, or from the node agents' own telemetry."""
+
+    power_w: float = 0.0
+    running: dict[JobClass, int] = field(default_factory=lambda: dict.fromkeys(JobClass, 0))
+    suspended: int = 0
+    caps_w: list[float] = field(default_factory=list)
+    ai_usd_per_h: float = 0.0
 
 
 def miners_on_net(config: AgentConfig, net: int) -> AgentConfig:
@@ -110,10 +139,18 @@ def model_key(name: str) -> str:
 
 
 async def run_demo(
-    config_path: Path, duration_s: float, *, out: Any = None, loopback_net: int | None = None
+    config_path: Path,
+    duration_s: float,
+    *,
+    out: Any = None,
+    loopback_net: int | None = None,
+    node_processes: bool = True,
+    on_nodes: Any = None,
 ) -> int:
-    """Run the demo site; ``loopback_net`` N moves the simulated miners to 127.N.x.y (the tests
-    use their own net, so two runs on one machine never share an address)."""
+    """Run the demo site; ``loopback_net`` N moves the simulated miners (and the node agents'
+    broker) to 127.N.x.y (the tests use their own net, so two runs on one machine never share an
+    address). ``node_processes``: GPU hosts as node agents in their own processes when
+    Mosquitto is installed; ``on_nodes(nodes)`` is called once they run (the tests watch them)."""
     out = out or sys.stdout
     try:
         config = load_config(config_path)
@@ -167,6 +204,18 @@ async def run_demo(
     except AgentError as exc:
         print(f"demo cannot start: {exc}", file=sys.stderr)
         return 2
+    nodes: NodeProcesses | None = None
+    agent_config = config
+    if simulation is not None and node_processes:
+        binaries = broker_binaries()
+        if isinstance(binaries, str):
+            print(f"demo: GPU hosts run in-process: {binaries}", file=out)
+        else:
+            net = DEMO_NET if loopback_net is None else loopback_net
+            nodes = NodeProcesses(config, simulation, net=net, binaries=binaries)
+            agent_config = nodes.controller_config()
+            gpus = None
+    node_ids = frozenset(() if nodes is None else nodes.node_ids)
     meter: MeterSimulator | None = None
     if config.meter is not None:
         # The site's true load at the point of interconnection, on the replayed day's clock
@@ -176,6 +225,8 @@ async def run_demo(
 
         def true_devices_w() -> float:
             miners_w = sum(float(f.truth(a)["power_w"]) for f in miner_sims for a in f.addresses)
+            if nodes is not None:  # the GPU hosts' truth lives in their processes: their reading
+                return miners_w + sum(t.power_w or 0.0 for t in nodes.telemetry().values())
             return miners_w + (0.0 if simulation is None else simulation.gpu_power_w() + host_w)
 
         meter = MeterSimulator(
@@ -207,21 +258,26 @@ async def run_demo(
         true_price = price_source.series.value_for_interval_containing(sim_s)
         if true_price is None:
             return
-        site_w = site_power_w(snapshot)
-        miners_w = sum(m.measured_power_w or 0.0 for m in snapshot.miners)
-        hashrate = sum(m.measured_hashrate_ths or 0.0 for m in snapshot.miners)
+        miners = [m for m in snapshot.miners if m.device_id not in node_ids]
+        if nodes is None:
+            side = gpu_side_in_process(snapshot)
+        else:
+            side = gpu_side_of_nodes(snapshot, nodes.telemetry(), ledger)
+        miners_w = sum(m.measured_power_w or 0.0 for m in miners)
+        site_w = miners_w + side.power_w
+        hashrate = sum(m.measured_hashrate_ths or 0.0 for m in miners)
         ledger.agent.settle(
             dt_h,
             true_price,
             miners_w,
-            site_w - miners_w,
+            side.power_w,
             mining_revenue_usd_per_h(hashrate, hashprice, fee),
-            ai_revenue_rate(snapshot),
+            side.ai_usd_per_h,
             keep_series=False,
         )
         base_ai_w, base_ai_usd_per_h = always_on_ai
-        base_w = sum(default_points[models[m.device_id]].power_w for m in snapshot.miners)
-        base_ths = sum(default_points[models[m.device_id]].hashrate_ths for m in snapshot.miners)
+        base_w = sum(default_points[models[m.device_id]].power_w for m in miners)
+        base_ths = sum(default_points[models[m.device_id]].hashrate_ths for m in miners)
         ledger.always_on.settle(
             dt_h,
             true_price,
@@ -244,7 +300,7 @@ async def run_demo(
                 ledger.device_wh += devices_w * dt_h
         ledger.actions += len(results)
         ledger.failed += sum(1 for r in results if r.result != "ok")
-        ledger.faults |= {m.device_id for m in snapshot.miners if m.fault}
+        ledger.faults |= {m.device_id for m in snapshot.miners if m.fault}  # nodes included
         ledger.faults |= {n.device_id for n in snapshot.gpu_nodes if n.fault}
         classes = {j.job_id: j.job_class.value for n in snapshot.gpu_nodes for j in n.jobs}
         for r in results:
@@ -264,24 +320,29 @@ async def run_demo(
                 print(f"operator page: http://127.0.0.1:{metrics.port}/", file=out)
             shown["interval"] = interval
             hhmm = price_source.sim_now().strftime("%H:%M")
-            print(status_line(hhmm, true_price, snapshot, plan, ledger), file=out, flush=True)
+            line = status_line(hhmm, true_price, miners, side, plan, ledger)
+            print(line, file=out, flush=True)
 
     state = AgentState(site_id=config.site.id, started_at=utc_now())
-    metrics = MetricsService(state, config) if config.metrics.enabled else None
+    metrics = MetricsService(state, agent_config) if config.metrics.enabled else None
     fleets: list[Fleet] = [MinerFleet(config, build_miners(config))]
     if gpus is not None:
         fleets.append(gpus)
+    if nodes is not None:
+        fleets.append(build_remote_fleet(agent_config, state))
+    if metrics is not None:
+        register_remote_nodes(metrics, fleets)
     components = Components(
         fleets=fleets,
         price_source=price_source,
         meter=build_meter(config),
         services=() if metrics is None else (metrics,),
     )
-    agent = Agent(config, components, state=state, observers=[on_cycle])
+    agent = Agent(agent_config, components, state=state, observers=[on_cycle])
     print(
         f"site-agent demo: {len(by_family['luxos'])} simulated LuxOS and "
         f"{len(by_family['braiins'])} Braiins OS+ miners on loopback, "
-        f"{gpu_summary(gpus, config)}, "
+        f"{gpu_summary(config, nodes is not None)}, "
         f"{rt.column} prices of {price_source.sim_now():%Y-%m-%d} replayed at {speed:.0f}x "
         f"({duration_s:.0f} s), interconnect {config.site.interconnect_limit_kw:.0f} kW"
         f"{'' if meter is None else ' at a simulated SunSpec meter'}, "
@@ -295,29 +356,114 @@ async def run_demo(
         file=out,
     )
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError):
+        import signal
+
+        # Ctrl-C stops the day and everything the demo started (node processes included).
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with fleet:
         for sim in sims:
             await fleet.enter_async_context(sim)
+        if nodes is not None:
+            try:
+                await fleet.enter_async_context(nodes)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                print(f"demo cannot start its GPU node agents: {exc}", file=sys.stderr)
+                return 1
+            print(node_lines(nodes), file=out, flush=True)
+            if on_nodes is not None:
+                on_nodes(nodes)
         if gpus is not None:
             # Read the GPU nodes once, so the first status line already shows them.
             with contextlib.suppress(AgentError):
                 await gpus.poll()
-        loop = asyncio.get_running_loop()
-        loop.call_later(duration_s, stop.set)
-        with contextlib.suppress(NotImplementedError):
-            import signal
-
-            loop.add_signal_handler(signal.SIGINT, stop.set)
-            loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await agent.run(stop)
+        if not stop.is_set():
+            loop.call_later(duration_s, stop.set)
+            await agent.run(stop)
+        if nodes is not None:
+            codes = await nodes.stop()
+            print(node_summary(nodes, agent, codes), file=out, flush=True)
     print_summary(ledger, agent, out)
     return 0
 
 
-def site_power_w(snapshot: Snapshot) -> float:
-    """Measured site power: miners, and GPU nodes (their GPUs plus host overhead)."""
-    miners_w = sum(m.measured_power_w or 0.0 for m in snapshot.miners)
-    return miners_w + sum(n.measured_power_w or 0.0 for n in snapshot.gpu_nodes)
+def node_lines(nodes: NodeProcesses) -> str:
+    """Where each node agent runs (its pid and its own ``/metrics``)."""
+    return "\n".join(
+        f"GPU host {node_id}: node agent pid {pid}, broker "
+        f"{nodes.broker_host}:{nodes.broker_port}, metrics {nodes.nodes[node_id].metrics_url}"
+        for node_id, pid in nodes.pids().items()
+    )
+
+
+def node_summary(nodes: NodeProcesses, agent: Agent, codes: dict[str, int | None]) -> str:
+    """Per node agent: the acks the controller received, its last envelope and power, its exit."""
+    fleet = next((f for f in agent.fleets if hasattr(f, "link_metrics")), None)
+    rows = {} if fleet is None else fleet.link_metrics()
+    lines = []
+    for node_id in nodes.node_ids:
+        row = rows.get(node_id, {})
+        t = nodes.nodes[node_id].telemetry if node_id in nodes.nodes else NodeTelemetry()
+        envelope = row.get("envelope_w")
+        lines.append(
+            f"  node {node_id}: acks {row.get('acks', 0):.0f}, applied seq {t.applied_seq}, "
+            f"envelope {'-' if envelope is None else f'{envelope / 1000:.1f} kW'}, "
+            f"last power {row.get('measured_w', 0.0) / 1000:.1f} kW, "
+            f"scraped {t.scraped}x, exit {codes.get(node_id)}"
+        )
+    return "\n".join(lines)
+
+
+def gpu_side_in_process(snapshot: Snapshot) -> GpuSide:
+    """The GPU hosts as the agent itself reads them (in-process)."""
+    side = GpuSide(
+        power_w=sum(n.measured_power_w or 0.0 for n in snapshot.gpu_nodes),
+        caps_w=[n.cap_w for n in snapshot.gpu_nodes],
+        ai_usd_per_h=ai_revenue_rate(snapshot),
+    )
+    for n in snapshot.gpu_nodes:
+        for j in n.jobs:
+            if j.state is JobState.RUNNING:
+                side.running[j.job_class] += 1
+            elif j.state is JobState.SUSPENDED:
+                side.suspended += 1
+    return side
+
+
+def gpu_side_of_nodes(
+    snapshot: Snapshot, telemetry: dict[str, NodeTelemetry], ledger: Tally
+) -> GpuSide:
+    """The GPU hosts as node agents: power from the views the controller dispatches on, jobs,
+    caps and revenue from each node's own ``/metrics``; suspensions, resumptions and cap changes
+    are counted from changes in that telemetry."""
+    side = GpuSide()
+    for m in snapshot.miners:
+        if m.device_id in telemetry:
+            side.power_w += m.measured_power_w or 0.0
+    for node_id, t in sorted(telemetry.items()):
+        if not t.scraped:
+            continue
+        side.ai_usd_per_h += t.ai_usd_per_h
+        if t.cap_w is not None:
+            side.caps_w.append(t.cap_w)
+            before = ledger.node_caps.get(node_id)
+            if before is not None and abs(before - t.cap_w) > 0.5:
+                ledger.cap_changes += 1
+            ledger.node_caps[node_id] = t.cap_w
+        seen = ledger.node_suspended.setdefault(node_id, {})
+        for c in JobClass:
+            side.running[c] += t.jobs.get((c.value, JobState.RUNNING.value), 0)
+            now = t.jobs.get((c.value, JobState.SUSPENDED.value), 0)
+            side.suspended += now
+            was = seen.get(c.value, 0)
+            if now > was:
+                ledger.suspended[c.value] += now - was
+            elif now < was:
+                ledger.resumed += was - now
+            seen[c.value] = now
+    return side
 
 
 def ai_revenue_rate(snapshot: Snapshot) -> float:
@@ -348,38 +494,40 @@ def always_on_ai_figures(
     return power_w, revenue
 
 
-def gpu_summary(gpus: GpuFleet | None, config: AgentConfig) -> str:
-    if gpus is None:
+def gpu_summary(config: AgentConfig, as_processes: bool) -> str:
+    if not config.gpu_nodes:
         return "no GPU nodes"
     cards = sum(n.gpus * n.count for n in config.gpu_nodes)
     models = "/".join(sorted({n.model for n in config.gpu_nodes}))
-    return f"{len(gpus.node_ids)} GPU nodes ({cards} simulated {models})"
+    hosts = sum(n.count for n in config.gpu_nodes)
+    where = ", each a node agent process over MQTT" if as_processes else ", in-process"
+    return f"{hosts} GPU nodes ({cards} simulated {models}{where})"
 
 
-def status_line(hhmm: str, price: float, snapshot: Snapshot, plan: Plan, ledger: Tally) -> str:
+def status_line(
+    hhmm: str,
+    price: float,
+    miners: Sequence[MinerView],
+    side: GpuSide,
+    plan: Plan,
+    ledger: Tally,
+) -> str:
     by_model: dict[str, int] = {}
     asleep = 0
-    for m in snapshot.miners:
+    for m in miners:
         if m.commanded == SLEEP:
             asleep += 1
         else:
             by_model[m.model] = by_model.get(m.model, 0) + 1
     mining = "/".join(str(v) for _, v in sorted(by_model.items())) or "0"
-    running = dict.fromkeys(JobClass, 0)
-    suspended = 0
-    for n in snapshot.gpu_nodes:
-        for j in n.jobs:
-            if j.state is JobState.RUNNING:
-                running[j.job_class] += 1
-            elif j.state is JobState.SUSPENDED:
-                suspended += 1
+    running = side.running
     jobs = "/".join(str(running[c]) for c in (JobClass.SLA, JobClass.PREEMPTIBLE, JobClass.FILLER))
-    caps = "/".join(f"{n.cap_w:.0f}" for n in snapshot.gpu_nodes) or "-"
-    gpu_kw = sum(n.measured_power_w or 0.0 for n in snapshot.gpu_nodes) / 1000
-    site_kw = site_power_w(snapshot) / 1000
+    caps = "/".join(f"{c:.0f}" for c in side.caps_w) or "-"
+    gpu_kw = side.power_w / 1000
+    site_kw = (sum(m.measured_power_w or 0.0 for m in miners) + side.power_w) / 1000
     return (
         f"{hhmm}  {price:>11,.2f}  {sum(by_model.values()):>3} ({mining:>7})  {asleep:>6}  "
-        f"{jobs:>13}  {suspended:>4}  {caps:>9}  {gpu_kw:>6.1f}  "
+        f"{jobs:>13}  {side.suspended:>4}  {caps:>9}  {gpu_kw:>6.1f}  "
         f"{site_kw:>7.1f}  {plan.planned_power_w / 1000:>7.1f}  {plan.limit_w / 1000:>5.0f}  "
         f"{ledger.agent.profit_usd:>8.2f}  {ledger.always_on.profit_usd:>11.2f}"
     )
@@ -400,7 +548,7 @@ def print_summary(ledger: Tally, agent: Agent, out: Any) -> None:
         print(f"  {label:<28}{a:>12{fmt}}{b:>12{fmt}}", file=out)
     gain = mine.profit_usd - base.profit_usd
     print(f"  agent ahead of always-on by ${gain:,.2f}", file=out)
-    if any(f.name == "gpus" for f in agent.fleets):
+    if any(f.name in ("gpus", "nodes") for f in agent.fleets):
         by_class = ", ".join(
             f"{c.value} {ledger.suspended[c.value]}"
             for c in (JobClass.SLA, JobClass.PREEMPTIBLE, JobClass.FILLER)

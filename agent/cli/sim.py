@@ -4,6 +4,9 @@
 fleet from one process: each family on its own consecutive loopback addresses from ``--base``,
 one shared control port (ops ``list``, ``state``, ``states``, ``fault``, ``ambient``). The stock
 Antminer's web API needs port 80, so root.
+
+``site-agent sim node --config node.yaml`` runs a node agent over simulated GPUs and jobs (the
+demo's GPU hosts; see :mod:`agent.cli.demo_nodes`), where ``site-agent node`` refuses them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 FAMILIES = ("luxos", "antminer", "braiins", "whatsminer")
@@ -30,6 +34,18 @@ def register(sub: Any) -> None:
     p.add_argument("--base", default="127.1.0.1", help="first loopback address")
     p.add_argument("--control-port", type=int, default=0, help="JSON control port (0: any)")
     p.set_defaults(func=sim)
+    kinds = p.add_subparsers(dest="sim_kind")
+    node = kinds.add_parser(
+        "node", help="a node agent over simulated NVML and jobs (the demo's GPU hosts)"
+    )
+    node.add_argument("--config", type=Path, required=True, help="node YAML (with node:)")
+    node.set_defaults(func=sim_node)
+
+
+def sim_node(args: argparse.Namespace) -> int:
+    from agent.cli.demo_nodes import serve_sim_node
+
+    return asyncio.run(serve_sim_node(args.config))
 
 
 def parse_mix(text: str) -> dict[str, int]:

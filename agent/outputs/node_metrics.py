@@ -11,11 +11,12 @@ refused commands) comes from a callable, so this module reads no runtime object.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent.outputs.metrics import MetricsService
 from agent.runtime.state import AgentState
 
 LABELS = ["gpu", "UUID", "device", "modelName", "Hostname"]
@@ -91,3 +92,58 @@ class NodeLinkCollector(Collector):
         )
         refused.add_metric([self.node_id], float(values.get("refused", 0)))
         yield from (envelope, state, applied, refused)
+
+
+class RemoteNodesCollector(Collector):
+    """``site_agent_remote_node_*`` on the controller: each node agent's power, grant and acks."""
+
+    def __init__(self, read: Callable[[], Mapping[str, Mapping[str, float]]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        rows = self.read()
+        power = GaugeMetricFamily(
+            "site_agent_remote_node_power_watts",
+            "A node agent's power as its own telemetry reports it.",
+            labels=["node"],
+        )
+        envelope = GaugeMetricFamily(
+            "site_agent_remote_node_envelope_watts",
+            "The power envelope last granted to a node agent (absent: none granted).",
+            labels=["node"],
+        )
+        acks = CounterMetricFamily(
+            "site_agent_remote_node_acks", "Acks received from a node agent.", labels=["node"]
+        )
+        applied = GaugeMetricFamily(
+            "site_agent_remote_node_applied_seq",
+            "Sequence of the last command a node agent reports applied.",
+            labels=["node"],
+        )
+        faulted = GaugeMetricFamily(
+            "site_agent_remote_node_faulted",
+            "1 while a node agent is faulted (silent, or a command not confirmed).",
+            labels=["node"],
+        )
+        for node, row in sorted(rows.items()):
+            if "measured_w" in row:
+                power.add_metric([node], row["measured_w"])
+            if "envelope_w" in row:
+                envelope.add_metric([node], row["envelope_w"])
+            if "applied_seq" in row:
+                applied.add_metric([node], row["applied_seq"])
+            acks.add_metric([node], row.get("acks", 0.0))
+            faulted.add_metric([node], row.get("faulted", 0.0))
+        yield from (power, envelope, acks, applied, faulted)
+
+
+def register_remote_nodes(metrics: MetricsService, fleets: Iterable[object]) -> int:
+    """Register a :class:`RemoteNodesCollector` on ``metrics`` (a MetricsService) for every
+    fleet of node agents among ``fleets`` (those with ``link_metrics``); how many."""
+    found = 0
+    for fleet in fleets:
+        read = getattr(fleet, "link_metrics", None)
+        if callable(read):
+            metrics.registry.register(RemoteNodesCollector(read))
+            found += 1
+    return found

@@ -240,7 +240,7 @@ class NodeLink:
 
     def envelope_w(self) -> float | None:
         env, state = envelope_when_silent(
-            self.last, self.last_heard, self.clock(), self.rule, self.floor_w
+            self.last, self.last_heard or self.started, self.clock(), self.rule, self.floor_w
         )
         self.state = state
         return env

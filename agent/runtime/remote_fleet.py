@@ -102,6 +102,7 @@ class RemoteNodeFleet:
         self.connected = asyncio.Event()
         self.refused = 0  # payloads refused by the protocol's parsers
         self.commands_sent = 0
+        self.acks: dict[str, int] = dict.fromkeys(self.nodes, 0)  # acks received, per node
         self.hashprice_usd_per_ph_day = config.economics.hashprice.usd_per_ph_day
 
     # --- fleet protocol: reading -------------------------------------------------------------
@@ -256,6 +257,7 @@ class RemoteNodeFleet:
             ) from None
         finally:
             self._acks.pop((node_id, seq), None)
+        self.acks[node_id] += 1
         if ack.result is AckResult.REFUSED:
             raise CommandRejected(node_id, f"refused seq {seq}: {ack.reason}")
         shed = n.envelope_w is None or envelope_w < n.envelope_w
@@ -369,6 +371,20 @@ class RemoteNodeFleet:
             for n in self.nodes.values()
             if n.commanded is not None
         ]
+
+    def link_metrics(self) -> dict[str, dict[str, float]]:
+        """Per node, what the controller's ``/metrics`` shows: its own reading, the envelope
+        granted, acks received, the last (seq) it reported applied, and whether it is faulted."""
+        out: dict[str, dict[str, float]] = {}
+        for n in self.nodes.values():
+            row = {"acks": float(self.acks[n.node_id]), "faulted": float(n.fault is not None)}
+            if n.views is not None:
+                row["measured_w"] = n.views.measured_w
+                row["applied_seq"] = float(n.views.applied_seq)
+            if n.envelope_w is not None:
+                row["envelope_w"] = n.envelope_w
+            out[n.node_id] = row
+        return out
 
     # --- the bus -----------------------------------------------------------------------------
 

@@ -11,11 +11,12 @@ import json
 import math
 import time
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from agent.control.domain import ActiveEvent
+from agent.control.settlement import FourCpInterval, fourcp_figures
 from agent.control.thermal import ThermalConfig, ThermalLimit
 from agent.outputs.page import (
     MAX_TEXT,
@@ -385,3 +386,21 @@ async def test_a_stream_client_that_hangs_up_is_gone_before_the_next_heartbeat()
             assert asyncio.get_running_loop().time() < deadline, "chatty client still held"
             await asyncio.sleep(0.02)
         writer.close()
+
+
+def test_view_shows_the_live_4cp_account_of_the_latest_month() -> None:
+    state = sample_state()
+    assert build_view(state, sample_config(), History(), None, NOW)["fourcp"] is None
+    at = datetime(2023, 7, 18, 21, 45, tzinfo=UTC)
+    june = FourCpInterval(datetime(2023, 6, 27, 21, 45, tzinfo=UTC), 30_000 * 900, 900, 900, 1)
+    july = FourCpInterval(at, 20_000 * 600, 600, 600, 1)
+    state.fourcp = fourcp_figures([june, july], 60.0)
+    view = build_view(state, sample_config(), History(), None, NOW)
+    assert view["fourcp"] == {
+        "month": "2023-07",
+        "peak_w": 20_000.0,
+        "source": "meter",
+        "intervals": 1,
+        "charge_usd": 300.0,  # 60 USD/kW-year / 4 x 20 kW
+        "season_charge_usd": 750.0,  # June's 30 kW (450 USD) too
+    }

@@ -445,6 +445,7 @@ def build_view(
         "cycles": len(history),
         "points": history.series(),
     }
+    view["fourcp"] = _fourcp_view(state)
     view["plan"] = _plan_view(plan) if plan is not None else None
     view["events"] = _events_view(snap, now) if snap is not None else []
     faults = dict(state.faults)
@@ -474,6 +475,22 @@ def build_view(
         )
     view["sources"] = sources
     return view
+
+
+def _fourcp_view(state: AgentState) -> dict[str, Any] | None:
+    """The live 4CP account's latest month (``None`` before any 4CP-risk interval)."""
+    figures = state.fourcp
+    if figures is None or not figures.months:
+        return None
+    month = figures.months[-1]
+    return {
+        "month": _text(month.month),
+        "peak_w": _num(month.peak.demand_w, 1),
+        "source": _text(month.peak.source),
+        "intervals": month.intervals,
+        "charge_usd": _num(month.charge_usd, 2),
+        "season_charge_usd": _num(dict(figures.seasons).get(month.month[:4]), 2),
+    }
 
 
 def _plan_view(plan: Plan) -> dict[str, Any]:

@@ -51,9 +51,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def start_simulator(n: int, base: str) -> tuple[subprocess.Popen[str], list[str]]:
+def start_simulator(
+    n: int, base: str, module: str = "simulators.luxos", *extra: str
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start ``python -m <module> --miners n --base base`` and wait for its ``ready`` line."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulators.luxos", "--miners", str(n), "--base", base],
+        [sys.executable, "-m", module, "--miners", str(n), "--base", base, *extra],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -65,7 +68,7 @@ def start_simulator(n: int, base: str) -> tuple[subprocess.Popen[str], list[str]
         if row.get("event") == "ready":
             return proc, addresses
         addresses.append(row["address"])
-    raise RuntimeError(f"simulator exited with {proc.wait()} before it was ready")
+    raise RuntimeError(f"{module} exited with {proc.wait()} before it was ready")
 
 
 def count_ok(results: dict[str, MinerReading | DeviceError]) -> int:

@@ -3,7 +3,8 @@
 Each miner listens on its own loopback address (pyasic hard-codes both ports). The RPC port
 answers the cgminer-style commands pyasic's BOSer backend sends (``version`` with "BOSer" in
 it, which is how pyasic identifies Braiins OS+, ``devdetails`` whose ``Model`` picks the
-class, ``summary``, ``devs``, ``tunerstatus``, ``pools``, ``stats``). The gRPC port serves the
+class, ``summary``, ``devs``, ``tunerstatus``, ``fans``, ``pools``, ``stats``; ``a+b``
+multicommands, which is how the agent reads a miner in one round trip). The gRPC port serves the
 ``braiins.bos.v1`` services through the betterproto service base classes that pyasic ships,
 on grpclib's ``Server``:
 
@@ -41,6 +42,8 @@ and 26.04) that remain, and why (``tests/test_sim_fidelity_braiins.py`` checks e
   era are not served: pyasic 0.79's BOSer backend does not call them;
 * ``real_hashrate`` windows other than ``last_5s`` and ``since_restart`` equal the current
   rate (the physics keeps no per-window history); shares and best share follow work done;
+* the RPC ``fans`` reply (``FANS[n].RPM``/``Speed``) follows bosminer's cgminer API as pyasic's
+  BOSMiner backend parses it; no recording of it exists in ``shared/data``;
 * a refused login is ``UNAUTHENTICATED`` "Invalid username or password" (the firmware's exact
   text is not recorded).
 
@@ -141,6 +144,13 @@ def _status(code: int, msg: str, ok: bool = True) -> dict[str, object]:
     }
 
 
+def _fans(m: MinerState, now: float) -> tuple[float, list[int]]:
+    """The fans' speed ratio and RPMs (the same on gRPC ``GetCoolingState`` and RPC ``fans``)."""
+    ratio = min(1.0, 0.3 + 0.2 * m.power_w(now) / 1000.0)
+    rpm = int(6000 * ratio)
+    return ratio, [rpm + 10 * i for i in range(m.model.fans)]
+
+
 def _rpc_body(m: MinerState, command: str, now: float) -> dict[str, object] | None:
     ths = m.hashrate_ths(now)
     mhs = ths * 1e6
@@ -219,8 +229,8 @@ def _rpc_body(m: MinerState, command: str, now: float) -> dict[str, object] | No
             for i in range(m.model.boards)
         ]
         row = {
-            "ApproximateChainPowerConsumption": int(m.power_w(now)),
-            "ApproximateMinerPowerConsumption": int(m.power_w(now)),
+            "ApproximateChainPowerConsumption": round(m.power_w(now)),
+            "ApproximateMinerPowerConsumption": round(m.power_w(now)),
             "DynamicPowerScaling": "Disabled",
             "PowerLimit": int(target),
             "TunerChainStatus": chains,
@@ -240,6 +250,13 @@ def _rpc_body(m: MinerState, command: str, now: float) -> dict[str, object] | No
             "Stratum Active": True,
         }
         return {"STATUS": [_status(7, "1 Pool(s)")], "POOLS": [pool]}
+    if command == "fans":
+        ratio, rpms = _fans(m, now)
+        fan_rows = [
+            {"FAN": i, "ID": i, "RPM": rpm, "Speed": round(100 * ratio)}
+            for i, rpm in enumerate(rpms)
+        ]
+        return {"STATUS": [_status(202, f"{len(rpms)} Fan(s)")], "FANS": fan_rows}
     if command == "stats":
         row = {"STATS": 0, "ID": "BOSer0", "Elapsed": elapsed, "MHS av": round(avg_mhs, 2)}
         return {"STATUS": [_status(70, "BOSer stats")], "STATS": [row]}
@@ -661,11 +678,10 @@ def _services(miner: BraiinsMiner) -> list[Any]:
     class Cooling(pb.CoolingServiceBase):  # type: ignore[misc,name-defined]
         async def get_cooling_state(self, request: Any) -> Any:
             now = m.clock()
-            ratio = min(1.0, 0.3 + 0.2 * m.power_w(now) / 1000.0)
-            rpm = int(6000 * ratio)
+            ratio, rpms = _fans(m, now)
             fans = [
-                pb.FanState(position=i, rpm=rpm + 10 * i, target_speed_ratio=round(ratio, 2))
-                for i in range(m.model.fans)
+                pb.FanState(position=i, rpm=rpm, target_speed_ratio=round(ratio, 2))
+                for i, rpm in enumerate(rpms)
             ]
             return pb.GetCoolingStateResponse(
                 fans=fans,

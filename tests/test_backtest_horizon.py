@@ -195,3 +195,29 @@ def test_a_persistent_spike_the_forecast_missed_is_re_planned_and_curtailed() ->
     assert planner.stats.replans >= 1
     assert led.mining_w[8] == 20.0
     assert planner.plans[1].starts[0] == datetime.fromtimestamp(market.starts_s[8], tz=UTC)
+
+
+def test_a_4cp_flag_re_plans_with_the_policys_priced_risk() -> None:
+    # 4CP on, the estimator's risk calibrated by a hit rate of 1.25 %: a flag at risk 1 adds
+    # 0.0125 × 60 × 1000 = 750 USD/MWh to the 15-minute interval, 187.5 to the hour holding it.
+    cfg = site_config(
+        grid={"fourcp": {"enabled": True, "rate_usd_per_kw_year": 60, "hit_rate": 0.0125}}
+    )
+    site = build_site(cfg, 1)
+    rt = [10.0] * 16
+    flags = [0.0] * 4 + [1.0] * 2 + [0.0] * 10
+    market = replace(
+        simple_market(rt, 48.0, start=T0, fourcp_risk=flags), day_ahead=(10.0,) * len(rt)
+    )
+    planner = DayAheadPlanner(site, market)
+    led = run_policy(site, market, [], decide, planner)
+    # The flag starts at interval 4 and ends at 6: two re-plans. The first prices the hour now
+    # starting at 10 + 187.5 USD/MWh, above the miner's 66.7: the plan sleeps it for that hour.
+    assert planner.stats.replans == 2
+    flagged = planner.plans[1]
+    assert flagged.starts[0] == datetime.fromtimestamp(market.starts_s[4], tz=UTC)
+    assert flagged.bands[0][0].units_on == 0
+    assert flagged.bands[1][0].units_on == 1
+    # The policy prices the same risk: the miner sleeps through both flagged intervals.
+    assert led.mining_w[4:6] == [20.0, 20.0]
+    assert led.mining_w[7] == 3000.0

@@ -155,9 +155,9 @@ def test_refuses_a_period_the_system_load_does_not_cover(
     # A file that covers the period runs.
     full = write_load(tmp_path / "full.csv", START, 96 * 8)
     assert main([*args, "--system-load", str(full), "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["inputs"]["fourcp_estimator"] == (
-        "agent.control.fourcp.peak_risk"
-    )
+    inputs = json.loads(out.read_text())["inputs"]
+    assert inputs["fourcp_estimator"] == "agent.control.fourcp.peak_risk"
+    assert (inputs["fourcp_risk_threshold"], inputs["fourcp_hit_rate"]) == (0.5, 1.0)
 
 
 @pytest.mark.shared_data

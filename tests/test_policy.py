@@ -39,7 +39,11 @@ from agent.control.domain import (
     Snapshot,
 )
 from agent.control.policy import cap_levels_w, decide
-from agent.control.settlement import event_target_w, fourcp_adder_usd_per_mwh
+from agent.control.settlement import (
+    event_target_w,
+    fourcp_adder_usd_per_mwh,
+    fourcp_step_adders,
+)
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.jobs.base import JobClass, JobState
 
@@ -509,6 +513,34 @@ def test_fourcp_curtailment_explained(risk: float, curtailed: bool) -> None:
     assert len(sheds) == 4
     for a in sheds:
         assert "4CP risk 60% (system load 78 GW)" in a.reason
+
+
+def test_fourcp_risk_calibrated_by_hit_rate_keeps_paid_training() -> None:
+    # The estimator flags ~80 intervals per true peak: at hit rate 1.25 % a flag at risk 1 is a
+    # 1.25 % chance of a peak, 0.0125 × 60 × 1000 = 750 $/MWh. Miners (131 $/MWh) go; training
+    # at 2 $/GPU-h (2,857 $/MWh of GPU power) keeps running: its margin beats its 4CP cost.
+    fourcp = FourCpConfig(enabled=True, rate_usd_per_kw_year=60.0, hit_rate=0.0125)
+    miners = [miner(f"m{i}", "S21") for i in range(3)]
+    nodes = [node("g1", job("p", JobClass.PREEMPTIBLE))]
+    snap = snapshot(30.0, miners, nodes, fourcp_risk=1.0, fourcp_reason="system load 80 GW")
+    plan = decide(snap, config(fourcp=fourcp), T0)
+    assert plan.effective_price_usd_per_mwh == pytest.approx(30.0 + 750.0)
+    assert count_at(plan, SLEEP) == 3
+    assert plan.job_states.get("p", JobState.RUNNING) == JobState.RUNNING
+    (shed, *_) = [a for a in plan.actions if a.kind == ActionKind.SLEEP]
+    assert "peak probability 1.25%" in shed.reason
+    # Taken at its word (hit rate 1) the same flag suspends the training too.
+    plan = decide(snap, config(fourcp=fourcp.model_copy(update={"hit_rate": 1.0})), T0)
+    assert plan.job_states["p"] == JobState.SUSPENDED
+
+
+def test_fourcp_step_adders_share_the_policys_priced_risk() -> None:
+    fourcp = FourCpConfig(enabled=True, rate_usd_per_kw_year=60.0, hit_rate=0.0125)
+    # The hour now starting holds the flagged 15-minute interval: a quarter of its adder.
+    assert fourcp_step_adders(fourcp, 1.0, 3, 3600.0) == pytest.approx((750.0 / 4, 0.0, 0.0))
+    assert fourcp_step_adders(fourcp, 1.0, 2, 900.0) == pytest.approx((750.0, 0.0))
+    assert fourcp_step_adders(fourcp, 0.3, 3, 3600.0) == ()  # below the threshold
+    assert fourcp_step_adders(FourCpConfig(), 1.0, 3, 3600.0) == ()  # 4CP off
 
 
 def test_fourcp_disabled_ignores_risk() -> None:

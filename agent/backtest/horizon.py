@@ -9,9 +9,11 @@ the rule — it re-plans the rest of the day with that real-time price for the h
 (the price holds until the next settles), so a spike that persists is no longer ridden through
 on the strength of a stale forecast. The miner blocks are the site's models with the units
 awake now; the AI load now is taken as flat over the horizon (the replay's job trace is not
-known ahead); the 4CP risk is left to the live policy (the estimator works on the system load as
-it arrives, not a day ahead, and its adder lifts the effective price above any band). A failed
-solve leaves the day without a plan: the rule alone decides, and the reason is kept.
+known ahead). The 4CP risk is the live estimator's, priced as the policy prices it (calibrated by
+its hit rate, :func:`agent.control.settlement.fourcp_step_adders`): it works on the system load
+as it arrives, not a day ahead, so it weighs on the hour now starting only, and a plan is remade
+when a 4CP flag starts or ends. A failed solve leaves the day without a plan: the rule alone
+decides, and the reason is kept.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from agent.control.planner import (
     MinerBlock,
     plan_horizon,
 )
+from agent.control.settlement import fourcp_risk_priced, fourcp_step_adders
 from agent.control.site import planner_switching
 
 
@@ -99,12 +102,25 @@ class DayAheadPlanner:
             self._day = day
             self._end = min(len(self.market), i + self.hours * self.per_hour)
             self.current = self._plan(i, awake, ai_w, self._end)
+        elif self._flag_changes(i):
+            self.stats.replans += 1
+            self.current = self._plan(i, awake, ai_w, self._end)
         elif self.current is not None and self._hour_starts(i, self.current):
             seen = self.market.seen_price[i]
             if seen is not None and self._inside_band(i, seen[0]):
                 self.stats.replans += 1
                 self.current = self._plan(i, awake, ai_w, self._end, seen[0])
         return self.current
+
+    def _flag_changes(self, i: int) -> bool:
+        """A 4CP flag starts or ends at ``i`` (the priced risk turns nonzero or zero)."""
+        risk = self.market.fourcp_risk
+        if not risk or i == 0:
+            return False
+        fourcp = self.site.config.grid.fourcp
+        return (fourcp_risk_priced(fourcp, risk[i]) > 0) != (
+            fourcp_risk_priced(fourcp, risk[i - 1]) > 0
+        )
 
     def _hour_starts(self, i: int, plan: HorizonPlan) -> bool:
         offset_s = self.market.starts_s[i] - plan.starts[0].timestamp()
@@ -156,6 +172,12 @@ class DayAheadPlanner:
             spike_h=self.spike_h,
             time_limit_s=self.time_limit_s,
             realtime_usd_per_mwh=realtime,
+            fourcp_adder_usd_per_mwh=fourcp_step_adders(
+                cfg.grid.fourcp,
+                m.fourcp_risk[i] if m.fourcp_risk else 0.0,
+                len(prices),
+                m.interval_s * self.per_hour,
+            ),
         )
         cpu0 = time.process_time()
         plan = plan_horizon(inp)

@@ -450,6 +450,10 @@ def result_json(res: BacktestResult) -> dict[str, Any]:
         "wake_lost_s": a.wake_lost_s,  # None: the site model's (see switching_costs)
         "horizon_planner": res.planner is not None,
         "fourcp_estimator": res.fourcp_estimator,
+        # The estimator's risk is priced as risk × hit_rate above risk_threshold (the policy's
+        # and the planner's rule, agent.control.settlement.fourcp_risk_priced).
+        "fourcp_risk_threshold": res.config.grid.fourcp.risk_threshold,
+        "fourcp_hit_rate": res.config.grid.fourcp.hit_rate,
         "fourcp_peak_intervals": [_iso(m.starts_s[i]) for i, p in enumerate(m.peak) if p],
         "period": {
             "start": _iso(m.starts_s[0]),

@@ -271,6 +271,12 @@ class FourCpConfig(Strict):
     enabled: bool = False
     rate_usd_per_kw_year: NonNegFloat = 60.0
     risk_threshold: float = Field(default=0.5, ge=0, le=1)
+    # The forecast's historical precision: the share of the intervals it flags at risk 1 that
+    # were the month's peak. The site prices the probability risk × hit_rate (1: take the
+    # estimator at its word). The estimator flags about 100 intervals a month for one peak
+    # (2023: 362 flags at risk ≥ 0.5, the 4 peaks among them), so 1 over-prices every flag by
+    # about 80×: see the README's backtest section.
+    hit_rate: float = Field(default=1.0, gt=0, le=1)
     system_load_csv: Path | None = None
 
 

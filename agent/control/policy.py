@@ -48,13 +48,17 @@ How it works, once per call:
   avoided cost beats the lost margin; a declined event is named in the summary.
 * **4CP.** With ``grid.fourcp.enabled`` and ``snapshot.fourcp_risk ≥ risk_threshold``, the
   expected transmission charge of 1 kW held through this 15-minute interval,
-  ``risk × rate_usd_per_kw_year / 4`` (it would be one of the four peaks averaged), spread over
-  that interval's energy (1 kW × 0.25 h), is added to the energy price: ``risk × rate × 1000``
-  USD/MWh. This is the economically sound variant: each load is curtailed exactly when its value
-  is below price plus expected 4CP cost (at 60 USD/kW-year and risk 0.5 the adder is 30,000
-  USD/MWh, which sheds all but SLA work; at risk 0.05 miners go and most AI stays). The threshold
-  is the forecaster's noise floor: below it the risk is treated as zero. Sheds the adder causes
-  say "4CP" in their reason.
+  ``p × rate_usd_per_kw_year / 4`` (it would be one of the four peaks averaged), spread over
+  that interval's energy (1 kW × 0.25 h), is added to the energy price: ``p × rate × 1000``
+  USD/MWh, where ``p = risk × hit_rate`` is the probability that the interval is a true peak
+  (:func:`agent.control.settlement.fourcp_risk_priced`: the estimator's risk calibrated by its
+  historical hit rate, ``grid.fourcp.hit_rate``). This is the economically sound variant: each
+  load is curtailed exactly when its value is below price plus expected 4CP cost. Taken at its
+  word (hit rate 1), risk 0.5 at 60 USD/kW-year adds 30,000 USD/MWh and sheds all but SLA work;
+  the estimator flags about 100 intervals a month for one peak, so the reference sites use a
+  hit rate of 1.25 % (risk 1: 750 USD/MWh: miners and filler go, paid training stays). The
+  threshold is the forecaster's noise floor: below it the risk is treated as zero. Sheds the
+  adder causes say "4CP" in their reason.
 * **Limits and safety.** Planned power never exceeds the effective limit when that is feasible.
   It is infeasible only when load the policy cannot move (faulted devices and devices in an
   unknown state at their worst-case power, sleep and idle floors, and SLA jobs without a
@@ -470,7 +474,11 @@ def decide(snapshot: Snapshot, config: AgentConfig, now: datetime) -> Plan:
     if risk > 0:
         adder = fourcp_adder_usd_per_mwh(fourcp.rate_usd_per_kw_year, risk)
         why = f" ({snapshot.fourcp_reason})" if snapshot.fourcp_reason else ""
-        fourcp_note = f"4CP risk {risk:.0%}{why}: expected peak charge adds {adder:,.0f} $/MWh"
+        odds = "" if fourcp.hit_rate >= 1 else f", peak probability {risk:.2%}"
+        fourcp_note = (
+            f"4CP risk {min(snapshot.fourcp_risk, 1.0):.0%}{why}{odds}: "
+            f"expected peak charge adds {adder:,.0f} $/MWh"
+        )
         notes.append(fourcp_note)
     price = market + adder
     holds = horizon_holds(snapshot, now, price, hold, bool(fourcp_note))

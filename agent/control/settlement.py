@@ -73,12 +73,28 @@ def fourcp_adder_usd_per_mwh(
 
 
 def fourcp_risk_priced(config: FourCpConfig, risk: float) -> float:
-    """The 4CP risk the site acts on: the forecast's, when 4CP is enabled and the risk reaches
-    the threshold (the forecaster's noise floor), else 0. The policy prices it; the
+    """The probability of a true peak the site acts on: the forecast's risk calibrated by its
+    historical hit rate (``risk × hit_rate``), when 4CP is enabled and the risk reaches the
+    threshold (the forecaster's noise floor), else 0. The policy and the planner price it; the
     ``strike+4cp`` baseline sits out the intervals where it is not 0."""
     if config.enabled and risk > 0 and risk >= config.risk_threshold:
-        return min(risk, 1.0)
+        return min(risk, 1.0) * config.hit_rate
     return 0.0
+
+
+def fourcp_step_adders(
+    config: FourCpConfig, risk: float, steps: int, step_s: float
+) -> tuple[float, ...]:
+    """The horizon planner's expected 4CP charge per MWh at each of its ``steps``, from the same
+    priced risk the policy adds now (:func:`fourcp_risk_priced`). The estimator's risk covers
+    the 15-minute interval now starting and does not look ahead, so the step that holds it
+    carries that interval's share of it (``interval / step``) and later steps none."""
+    priced = fourcp_risk_priced(config, risk)
+    if steps <= 0 or priced <= 0:
+        return ()
+    share = min(1.0, FOURCP_INTERVAL_H * 3600.0 / step_s) if step_s > 0 else 1.0
+    first = fourcp_adder_usd_per_mwh(config.rate_usd_per_kw_year, priced) * share
+    return (first,) + (0.0,) * (steps - 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from agent.control.planner import (
     SwitchingCost,
     plan_horizon,
 )
+from agent.control.settlement import fourcp_step_adders
 from agent.control.site import (
     RampBudget,
     assemble_snapshot,
@@ -317,6 +318,8 @@ class Coordinator:
             fresh = self.monotonic() - self.price_read_at <= self.config.prices.max_age_s
             if fresh and math.isfinite(self.price.value):
                 realtime = self.price.value
+        # The 4CP risk the policy prices now, for the hour it falls in (the same priced risk).
+        risk, _ = self.fourcp(now)
         return HorizonInput(
             at=now,
             starts=tuple(h for h, _ in hours),
@@ -335,6 +338,9 @@ class Coordinator:
             # its settlement interval (15 minutes in ERCOT): the shortest spike worth weighing.
             spike_h=max(control.min_off_s, control.interval_s, 900.0) / 3600.0,
             realtime_usd_per_mwh=realtime,
+            fourcp_adder_usd_per_mwh=fourcp_step_adders(
+                self.config.grid.fourcp, risk, len(hours), 3600.0
+            ),
         )
 
     async def refresh_horizon(self) -> None:
@@ -349,6 +355,7 @@ class Coordinator:
             inp.price_usd_per_mwh,
             inp.realtime_usd_per_mwh,
             inp.hashprice_usd_per_ph_day,
+            inp.fourcp_adder_usd_per_mwh,
         )
         if key == self._horizon_key:
             return

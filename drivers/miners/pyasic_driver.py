@@ -74,6 +74,7 @@ from drivers.inputs import (
     parse_number_text,
     record,
 )
+from drivers.miners.antminer_web import AntminerWeb, WebError
 from drivers.miners.base import MinerCapability, MinerMode, MinerProfile, MinerReading
 
 
@@ -95,6 +96,7 @@ _import_pyasic()
 from grpclib import GRPCError  # noqa: E402
 from grpclib.const import Status as GrpcStatus  # noqa: E402
 from pyasic import settings as pyasic_settings  # noqa: E402
+from pyasic.config import MinerConfig, MiningModeConfig  # noqa: E402
 from pyasic.errors import APIError  # noqa: E402
 from pyasic.miners.backends.antminer import AntminerModern  # noqa: E402
 from pyasic.miners.backends.braiins_os import BOSer  # noqa: E402
@@ -110,10 +112,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 READ_COMMAND = "power+stats+profiles+config+fans"
+# BOS+ on its cgminer API: rate, power and target, board temperatures, fans; one round trip.
+BRAIINS_READ_COMMAND = "summary+tunerstatus+devs+fans"
 MAX_REPLY_BYTES = 256 * 1024
 # Physical ranges of what a miner reports: a readout outside is nonsense, not a measurement.
 MAX_MINER_W = 100_000.0
 MAX_BOARD_GHS = 1e7
+MAX_MINER_MHS = 1e11
+# bmminer's stats ``rate_unit``: what one unit of ``total_rateideal`` is, in GH/s.
+_RATE_UNIT_GHS = {"MH": 1e-3, "GH": 1.0, "TH": 1e3}
 MAX_PROFILE_THS = 100_000.0
 TEMP_RANGE_C = (-60.0, 250.0)
 MAX_FAN_RPM = 100_000.0
@@ -194,8 +201,6 @@ CAPABILITY: dict[Family, MinerCapability] = {
 SESSION_HELD = "session held by another client"
 # Stock Antminer get_miner_conf "bitmain-work-mode": 0 normal, 1 sleep (3 low power).
 _STOCK_NORMAL, _STOCK_SLEEP = "0", "1"
-# Braiins OS+ MinerStatus.PAUSED (braiins.bos.v1): the miner was paused on request.
-_BOS_PAUSED = 3
 # When a stock Antminer's model is not in the config's ladder: a generic S19-class figure.
 _FALLBACK_J_PER_TH = 30.0
 
@@ -273,6 +278,7 @@ class PyasicMiner:
         self._family = Family.AUTO
         self._address = address or (str(miner.ip) if miner is not None else "")
         self._rejections = rejections
+        self._web_api: AntminerWeb | None = None  # stock Antminer only (set on adoption)
         if miner is not None:
             self._adopt(miner)
 
@@ -301,6 +307,8 @@ class PyasicMiner:
         elif self._credentials is not None and family is not Family.LUXOS:
             # BOS+ gRPC login, or the stock web UI's digest auth (LuxOS has no login).
             miner.web.username, miner.web.pwd = self._credentials
+        if family is Family.ANTMINER:
+            self._web_api = AntminerWeb(str(miner.ip), miner.web.username, miner.web.pwd)
         raw = getattr(miner, "raw_model", None)
         self._model = str(raw).removeprefix("Antminer ") if raw is not None else None
 
@@ -365,6 +373,11 @@ class PyasicMiner:
         return self._address
 
     @property
+    def pyasic_miner(self) -> Any:
+        """The pyasic object underneath (None until an ``auto`` miner is identified)."""
+        return self._miner
+
+    @property
     def family(self) -> Family:
         """The firmware family (``AUTO`` until identified)."""
         return self._family
@@ -402,6 +415,10 @@ class PyasicMiner:
                 ) from exc
             except APIError as exc:
                 raise self._api_error(what, exc) from exc
+            except WebError as exc:
+                if exc.status == 401:
+                    raise AuthFailed(self._device_id, f"{what}: credentials refused") from exc
+                raise CommandRejected(self._device_id, f"{what}: {exc}") from exc
             except GRPCError as exc:
                 # pyasic's BOS+ login runs outside its own error wrapping: a refused or failed
                 # login reaches us as grpclib's error.
@@ -530,8 +547,10 @@ class PyasicMiner:
         await self._ensure()
         if self._family is Family.BRAIINS:
             return await self._read_braiins()
-        if self._family is not Family.LUXOS:
-            return await self._read_generic()
+        if self._family is Family.ANTMINER:
+            return await self._read_antminer()
+        if self._family is Family.WHATSMINER:
+            return await self._read_whatsminer()
         if self._model is None:
             await self._learn_model()
         read = self._call("read", lambda: self._rpc.send_command(READ_COMMAND))
@@ -566,23 +585,32 @@ class PyasicMiner:
             return parse_number_text(value, lo, hi, what, source=self._device_id)
         return finite_in_range(value, lo, hi, what, source=self._device_id)
 
-    def _parse(self, raw: Mapping[str, Any]) -> MinerReading:
+    def _bmminer_boards(self, board: Mapping[str, Any]) -> tuple[float, list[float]]:
+        """bmminer-style ``STATS[1]`` (LuxOS, stock): the boards' summed ``chain_rateN`` (GH/s;
+        empty for an absent board) and their non-zero chip temperatures."""
         num = self._number
-        power_w = num(raw["power"][0]["POWER"][0]["Watts"], 0.0, MAX_MINER_W, "power Watts")
-        board = raw["stats"][0]["STATS"][1]
         hashrate_ghs = 0.0
         temps: list[float] = []
         n = 1
-        # pyasic's LuxOS hashrate getter returns None. The per-board chain_rateN (numeric
-        # strings) sum to the since-start average, which lags for minutes after a wake or a
-        # profile change; "GHS 5s" is the current rate, so it wins when present.
-        while f"chain_rate{n}" in board:
-            hashrate_ghs += num(board[f"chain_rate{n}"], 0.0, MAX_BOARD_GHS, f"chain_rate{n}")
+        while f"chain_rate{n}" in board and n <= 16:
+            rate = board[f"chain_rate{n}"]
+            if rate != "":
+                hashrate_ghs += num(rate, 0.0, MAX_BOARD_GHS, f"chain_rate{n}")
             chip = [int(t) for t in str(board.get(f"temp_chip{n}", ""))[:200].split("-") if t]
             temps.extend(num(t, *TEMP_RANGE_C, f"temp_chip{n}") for t in chip if t != 0)
             n += 1
         if n == 1:
             raise KeyError("STATS[1] has no chain_rate1")
+        return hashrate_ghs, temps
+
+    def _parse(self, raw: Mapping[str, Any]) -> MinerReading:
+        num = self._number
+        power_w = num(raw["power"][0]["POWER"][0]["Watts"], 0.0, MAX_MINER_W, "power Watts")
+        board = raw["stats"][0]["STATS"][1]
+        # pyasic's LuxOS hashrate getter returns None. The per-board chain_rateN (numeric
+        # strings) sum to the since-start average, which lags for minutes after a wake or a
+        # profile change; "GHS 5s" is the current rate, so it wins when present.
+        hashrate_ghs, temps = self._bmminer_boards(board)
         if "GHS 5s" in board:
             hashrate_ghs = num(board["GHS 5s"], 0.0, MAX_BOARD_GHS, "GHS 5s")
         if not math.isfinite(power_w) or not math.isfinite(hashrate_ghs):
@@ -617,56 +645,74 @@ class PyasicMiner:
             capability=MinerCapability.PROFILES,
         )
 
-    async def _read_braiins(self) -> MinerReading:
-        web = self._miner.web
+    async def _send(self, what: str, command: str) -> dict[str, Any]:
+        """One RPC command (``a+b`` for a multicommand) on the miner's port 4028."""
+        rpc = self._miner.rpc
+        out: dict[str, Any] = await self._call(what, lambda: rpc.send_command(command))
+        return out
 
-        async def fetch() -> tuple[dict[str, Any], ...]:
-            # Sequential on purpose: each call is its own HTTP/2 connection in pyasic, and the
-            # fleet semaphore counts one slot per miner.
-            stats = await web.get_miner_stats()
-            boards = await web.get_hashboards()
-            details = await web.get_miner_details()
-            cooling = await web.get_cooling_state()
-            mode = await web.get_active_performance_mode()
-            return stats, boards, details, cooling, mode
-
-        stats, boards, details, cooling, perf = await self._call("read", fetch)
+    async def _learn_devdetails_model(self) -> None:
+        """BOS+ and Whatsminer built without identification: the model from ``devdetails``."""
+        raw = await self._send("devdetails", "devdetails")
         try:
-            num = self._number
-            power_w = num(
-                stats["powerStats"]["approximatedConsumption"].get("watt", 0),
-                0.0,
-                MAX_MINER_W,
-                "approximatedConsumption watt",
-            )
-            rate = stats.get("minerStats", {}).get("realHashrate", {}).get("last5S", {})
-            hashrate_ths = (
-                num(rate.get("gigahashPerSecond", 0.0), 0.0, MAX_BOARD_GHS, "gigahashPerSecond")
-                / 1000.0
-            )
-            temps = [
-                num(b["boardTemp"]["degreeC"], *TEMP_RANGE_C, "boardTemp")
-                for b in boards.get("hashboards", [])
-                if "boardTemp" in b and "degreeC" in b["boardTemp"]
-            ]
-            target_w = num(
-                perf["tunerMode"]["powerTarget"]["powerTarget"]["watt"], 0.0, MAX_MINER_W, "target"
-            )
-            paused = int(details.get("status", 0)) == _BOS_PAUSED
-            fans = tuple(int(f.get("rpm", 0)) for f in cooling.get("fans", []))
-            name = details.get("minerIdentity", {}).get("minerModel")
-            if name:
-                self._model = str(name).removeprefix("Antminer ")
-            if not all(math.isfinite(v) for v in (power_w, hashrate_ths, target_w)):
-                raise ValueError("a figure is not finite")
+            model = str(raw["DEVDETAILS"][0]["Model"])[:64]
+        except (LookupError, TypeError) as exc:
+            raise BadReply(self._device_id, "devdetails: no DEVDETAILS[0].Model") from exc
+        self._model = model.removeprefix("Bitmain ").removeprefix("Antminer ") or None
+
+    def _reading(self, parse: Callable[[], MinerReading]) -> MinerReading:
+        """Run a reply parser; what the reply got wrong becomes ``BadReply`` (and is counted)."""
+        try:
+            return parse()
         except InputRejected as exc:
+            # Counted under one "miner" source: a label per device would not scale to a fleet.
             record(self._rejections, "miner", exc)
             raise BadReply(self._device_id, f"read: {exc.message}") from exc
         except (LookupError, TypeError, ValueError, AttributeError) as exc:
             raise BadReply(
                 self._device_id, f"read: malformed reply ({type(exc).__name__}: {exc})"
             ) from exc
-        profiles = self._ladder or (MinerProfile(f"{target_w:.0f}W", target_w, hashrate_ths),)
+
+    async def _read_braiins(self) -> MinerReading:
+        """BOS+: one cgminer-API multicommand on port 4028 (no login, one connection).
+
+        gRPC would need one HTTP/2 connection per call in pyasic (five for a reading, plus a
+        login): the RPC port carries everything a reading needs in one round trip.
+        """
+        if self._model is None:
+            await self._learn_devdetails_model()
+        raw = await self._send("read", BRAIINS_READ_COMMAND)
+        return self._reading(lambda: self._parse_braiins(raw))
+
+    def _parse_braiins(self, raw: Mapping[str, Any]) -> MinerReading:
+        num = self._number
+        summary = raw["summary"][0]["SUMMARY"][0]
+        tuner = raw["tunerstatus"][0]["TUNERSTATUS"][0]
+        hashrate_ths = num(summary["MHS 5s"], 0.0, MAX_MINER_MHS, "MHS 5s") / 1e6
+        power_w = num(
+            tuner["ApproximateMinerPowerConsumption"], 0.0, MAX_MINER_W, "power consumption"
+        )
+        target_w = num(tuner["PowerLimit"], 0.0, MAX_MINER_W, "PowerLimit")
+        chains = tuner.get("TunerChainStatus") or []
+        paused = any(isinstance(c, dict) and c.get("Status") == "Paused" for c in chains[:64])
+        temps = [
+            num(d["Temperature"], *TEMP_RANGE_C, "Temperature")
+            for d in raw["devs"][0]["DEVS"][:64]
+            if "Temperature" in d
+        ]
+        fans = tuple(
+            int(num(f["RPM"], 0.0, MAX_FAN_RPM, "fan RPM")) for f in raw["fans"][0]["FANS"][:64]
+        )
+        nominal_ths = (
+            sum(
+                num(d.get("Nominal MHS", 0.0), 0.0, MAX_MINER_MHS, "Nominal MHS")
+                for d in raw["devs"][0]["DEVS"][:64]
+            )
+            / 1e6
+        )
+        profiles = self._ladder or (
+            MinerProfile(f"{target_w:.0f}W", target_w, nominal_ths or hashrate_ths),
+        )
         self._profiles = profiles
         active = self._point_at(target_w)
         judged = profiles
@@ -760,6 +806,103 @@ class PyasicMiner:
             capability=CAPABILITY[self._family],
         )
 
+    async def _read_antminer(self) -> MinerReading:
+        """Stock Antminer: one ``stats`` RPC (stock firmware refuses multicommands).
+
+        It carries the rate, the sticker rate, chip temperatures, fans and the model; the web
+        API (digest auth, two HTTP exchanges a call) is left to commands. The firmware reports
+        no power: it is estimated from the ladder at the measured rate and flagged.
+        """
+        raw = await self._send("read", "stats")
+        return self._reading(lambda: self._parse_antminer(raw))
+
+    def _parse_antminer(self, raw: Mapping[str, Any]) -> MinerReading:
+        num = self._number
+        head, board = raw["STATS"][0], raw["STATS"][1]
+        if self._model is None and isinstance(head.get("Type"), str):
+            self._model = head["Type"][:64].removeprefix("Antminer ") or None
+        hashrate_ghs, temps = self._bmminer_boards(board)
+        if "GHS 5s" in board:
+            hashrate_ghs = num(board["GHS 5s"], 0.0, MAX_BOARD_GHS, "GHS 5s")
+        unit = _RATE_UNIT_GHS.get(str(board.get("rate_unit", "GH")), 1.0)
+        ideal_ths = num(board.get("total_rateideal", 0.0), 0.0, MAX_BOARD_GHS, "rateideal")
+        ideal_ths *= unit / 1000.0
+        fan_count = int(num(board.get("fan_num", 0), 0.0, 16.0, "fan_num"))
+        fans = tuple(
+            int(num(board[f"fan{k}"], 0.0, MAX_FAN_RPM, "fan RPM"))
+            for k in range(1, fan_count + 1)
+            if f"fan{k}" in board
+        )
+        hashrate_ths = hashrate_ghs / 1000.0
+        power_w = self._estimate_w(hashrate_ths)
+        profiles = self._ladder or (
+            MinerProfile("default", self._estimate_w(ideal_ths), ideal_ths or hashrate_ths),
+        )
+        self._profiles = profiles
+        # Stock firmware runs its nominal point (the top of the ladder) or sleeps.
+        active = max(profiles, key=lambda p: p.power_w).name
+        return MinerReading(
+            device_id=self._device_id,
+            address=self.address,
+            model=self._model or "unknown",
+            firmware=Family.ANTMINER.value,
+            at=datetime.now(UTC),
+            power_w=power_w,
+            hashrate_ths=hashrate_ths,
+            mode=self._mode(power_w, hashrate_ths, active, profiles),
+            temperature_c=max(temps) if temps else None,
+            profile=active,
+            profiles=profiles,
+            fans_rpm=fans,
+            power_estimated=True,
+            capability=MinerCapability.SLEEP_ONLY,
+        )
+
+    async def _read_whatsminer(self) -> MinerReading:
+        """Whatsminer: one ``summary`` RPC (power, limit, rate, fans and temperature)."""
+        if self._model is None:
+            await self._learn_devdetails_model()
+        raw = await self._send("read", "summary")
+        return self._reading(lambda: self._parse_whatsminer(raw))
+
+    def _parse_whatsminer(self, raw: Mapping[str, Any]) -> MinerReading:
+        num = self._number
+        row = raw["SUMMARY"][0]
+        hashrate_ths = num(row["MHS 5s"], 0.0, MAX_MINER_MHS, "MHS 5s") / 1e6
+        power_w = num(row["Power"], 0.0, MAX_MINER_W, "Power")
+        limit = num(row.get("Power Limit", 0), 0.0, MAX_MINER_W, "Power Limit") or None
+        temps = [
+            num(row[k], *TEMP_RANGE_C, k) for k in ("Temperature", "Chip Temp Max") if k in row
+        ][:1]
+        fans = tuple(
+            int(num(row[k], 0.0, MAX_FAN_RPM, "fan RPM"))
+            for k in ("Fan Speed In", "Fan Speed Out")
+            if k in row
+        )
+        if self._ladder:
+            profiles = self._ladder
+        else:
+            # No configured ladder: the miner's own nominal point (its limit and sticker rate).
+            target = num(row.get("Target MHS", 0), 0.0, MAX_MINER_MHS, "Target MHS") / 1e6
+            profiles = (MinerProfile("default", limit or power_w, target or hashrate_ths),)
+        self._profiles = profiles
+        active = self._point_at(limit) if limit is not None else profiles[-1].name
+        return MinerReading(
+            device_id=self._device_id,
+            address=self.address,
+            model=self._model or "unknown",
+            firmware=Family.WHATSMINER.value,
+            at=datetime.now(UTC),
+            power_w=power_w,
+            hashrate_ths=hashrate_ths,
+            mode=self._mode(power_w, hashrate_ths, active, profiles),
+            temperature_c=temps[0] if temps else None,
+            profile=active,
+            profiles=profiles,
+            fans_rpm=fans,
+            capability=MinerCapability.POWER_LIMIT,
+        )
+
     def _hashrate_at_w(self, power_w: float) -> float:
         """The ladder's hashrate at a power (linear between points, proportional below)."""
         ladder = sorted(self._ladder, key=lambda p: p.power_w)
@@ -804,7 +947,8 @@ class PyasicMiner:
             raise ValueError("no profiles to judge the mode against")
         lowest_w = min(p.power_w for p in profiles)
         if (
-            hashrate_ths < th.sleep_hashrate_frac * nominal.hashrate_ths
+            # <=: a paused miner's only known point may have no hashrate at all
+            hashrate_ths <= th.sleep_hashrate_frac * nominal.hashrate_ths
             and power_w < th.sleep_power_frac * lowest_w
         ):
             return MinerMode.SLEEPING
@@ -843,8 +987,23 @@ class PyasicMiner:
         if self._family is not Family.ANTMINER:
             await self._bool_call(what, fn)
             return
+        # Stock Antminer: the web UI's own sequence, through our digest client (pyasic's
+        # stop_mining/resume_mining would answer True whatever happened): read the config,
+        # write it back with the new miner-mode, read the mode back.
+        web = self._stock_web()
+        conf: dict[str, Any] = await self._call(
+            f"{what}: get_miner_conf", lambda: web.get("get_miner_conf")
+        )
         try:
-            await self._bool_call(what, fn)
+            config = MinerConfig.from_am_modern(conf)
+            config.mining_mode = (
+                MiningModeConfig.sleep() if wanted == _STOCK_SLEEP else MiningModeConfig.normal()
+            )
+            body = config.as_am_modern()
+        except Exception as exc:  # pyasic's config parser on a hostile reply: any error
+            raise BadReply(self._device_id, f"{what}: unusable get_miner_conf reply") from exc
+        try:
+            reply: dict[str, Any] = await self._call(what, lambda: web.post("set_miner_conf", body))
         except DeviceTimeout:
             # Stock firmware saves the config, then restarts bmminer before it answers (about
             # 20 s): a timeout here is not a failure until the read-back says so.
@@ -853,15 +1012,22 @@ class PyasicMiner:
                 self._device_id,
                 what,
             )
+        else:
+            if reply.get("stats") == "error":
+                message = str(reply.get("msg", reply.get("code", "")))[:200]
+                raise CommandRejected(self._device_id, f"{what}: set_miner_conf: {message}")
         await self._check_work_mode(what, wanted)
 
+    def _stock_web(self) -> AntminerWeb:
+        if self._web_api is None:
+            raise Unsupported(self._device_id, "only a stock Antminer has the CGI web API")
+        return self._web_api
+
     async def _check_work_mode(self, what: str, wanted: str) -> None:
-        """Stock Antminer: read the work mode back. pyasic's ``stop_mining``/``resume_mining``
-        answer True even when ``set_miner_conf`` failed, so only the read-back tells."""
-        if self._family is not Family.ANTMINER:
-            return
-        conf: dict[str, Any] = await self._call("get_miner_conf", self._miner.web.get_miner_conf)
-        mode = str(conf.get("bitmain-work-mode", "")) if isinstance(conf, dict) else ""
+        """Stock Antminer: read the work mode back (an ignored write answers success too)."""
+        web = self._stock_web()
+        conf: dict[str, Any] = await self._call("get_miner_conf", lambda: web.get("get_miner_conf"))
+        mode = str(conf.get("bitmain-work-mode", ""))[:16]
         if mode != wanted:
             raise CommandNotApplied(
                 self._device_id,

@@ -62,6 +62,7 @@ from agent.runtime.gpu_fleet import GpuFleet, expand_gpu_nodes
 from agent.runtime.loop import Agent, Components
 from agent.runtime.miner_fleet import MinerFleet
 from agent.runtime.state import AgentState
+from agent.runtime.supervisor import TaskBoard
 from agent.runtime.wiring import (
     build_meter,
     build_miners,
@@ -381,7 +382,8 @@ async def run_demo(
             print(line, file=out, flush=True)
 
     state = AgentState(site_id=config.site.id, started_at=utc_now())
-    metrics = MetricsService(state, agent_config) if config.metrics.enabled else None
+    tasks = TaskBoard()  # the supervised tasks' health: the supervisor writes, metrics read
+    metrics = MetricsService(state, agent_config, tasks=tasks) if config.metrics.enabled else None
     fleets: list[Fleet] = [MinerFleet(config, build_miners(config))]
     if gpus is not None:
         fleets.append(gpus)
@@ -395,7 +397,7 @@ async def run_demo(
         meter=build_meter(config),
         services=() if metrics is None else (metrics,),
     )
-    agent = Agent(agent_config, components, state=state, observers=[on_cycle])
+    agent = Agent(agent_config, components, state=state, tasks=tasks, observers=[on_cycle])
     miners_text = ", ".join(f"{len(v)} {FAMILY_NAMES[f]}" for f, v in by_family.items() if v)
     print(
         f"site-agent demo: {miners_text} miners simulated on loopback, "

@@ -12,14 +12,15 @@ ladder of operating points (``sleep`` plus the configured profiles of the miner'
   (``SetPowerTarget`` over gRPC, token from the configured credentials). A target outside the
   firmware's range is refused by the firmware; its message is raised as ``CommandRejected``.
   pyasic's ``stop_mining``/``resume_mining``/``set_power_limit`` turn every failure into
-  ``False``: the driver calls the gRPC methods itself to keep the reason.
-* **Stock Antminer** (``SLEEP_ONLY``): sleep and wake through pyasic's ``miner-mode``; only the
-  model's nominal point can run. It reports no power: the reading's power is estimated from the
-  ladder at the measured hashrate and flagged ``power_estimated``.
-* **Whatsminer** (``POWER_LIMIT``): a ladder point is a power limit in watts.
-
-Stock Antminer and Whatsminer paths go through pyasic's own methods and are exercised only
-against the ``families`` branch's simulators.
+  ``False``, and its gRPC client opens a connection per call plus one to log in: the driver
+  sends pyasic's own stubs and messages itself, the login and the call on one connection.
+  Readings come from the cgminer API on port 4028 (no login), in one multicommand.
+* **Stock Antminer** (``SLEEP_ONLY``): sleep and wake set ``miner-mode`` through the web API
+  (:mod:`drivers.miners.antminer_web`, digest auth, the mode read back); only the model's
+  nominal point can run. It reports no power: the reading's power is estimated from the ladder
+  at the measured hashrate and flagged ``power_estimated``. A reading is one ``stats`` RPC.
+* **Whatsminer** (``POWER_LIMIT``): a ladder point is a power limit in watts (pyasic's token
+  and AES path); a reading is one ``summary`` RPC.
 
 pyasic is the transport (its RPC classes frame, send, parse and validate every command); this
 module adds what a controller needs on top of it:
@@ -34,10 +35,10 @@ module adds what a controller needs on top of it:
   the hashrate from the per-board ``chain_rate`` sum. pyasic's ``stop_mining`` & co. return
   False instead of raising, so we send the same RPC commands ourselves.
 
-One LuxOS reading is one round trip: ``power+stats+profiles+config+fans`` as a single multicommand,
-sent with ``send_command`` directly because pyasic's ``multicommand`` re-derives the list of
-valid commands through ``dir()`` on every call and silently retries command by command on
-any error, which hides the error and doubles the load on a failing miner.
+Every reading is one round trip; LuxOS's is ``power+stats+profiles+config+fans`` as a single
+multicommand, sent with ``send_command`` directly because pyasic's ``multicommand`` re-derives
+the list of valid commands through ``dir()`` on every call and silently retries command by
+command on any error, which hides the error and doubles the load on a failing miner.
 """
 
 from __future__ import annotations

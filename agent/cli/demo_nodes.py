@@ -11,8 +11,10 @@
   in-process ``gpu_nodes:``. The jobs each host runs are the ones the simulated scheduler
   places on it in the in-process demo, so both demos run the same work. A scraper reads each
   node's own ``/metrics`` (power, caps, jobs, AI revenue), which the demo shows and settles.
-  Leaving the context stops the nodes (SIGTERM, then SIGKILL after a grace) and the broker;
-  each child also gets SIGTERM from the kernel if the demo dies first (``PR_SET_PDEATHSIG``).
+  Leaving the context stops the nodes (SIGTERM, then SIGKILL after a grace) and then the broker.
+  The children run in their own sessions, so a terminal's Ctrl-C reaches only the demo, which
+  stops them in that order; each also gets SIGTERM from the kernel if the demo dies first
+  (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -285,6 +287,7 @@ class NodeProcesses:
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
+                start_new_session=True,  # Ctrl-C reaches the demo, which stops them in order
             )
 
     async def _wait_listening(self, host: str, port: int, proc: subprocess.Popen[bytes]) -> None:
@@ -313,6 +316,7 @@ class NodeProcesses:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
+                start_new_session=True,  # Ctrl-C reaches the demo, which stops them in order
             )
 
     async def __aenter__(self) -> NodeProcesses:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from agent.control.config import AgentConfig
 from agent.journal.store import Store
 from agent.outputs.metrics import MetricsService
+from agent.outputs.node_metrics import register_remote_nodes
 from agent.runtime.fleet import Fleet
 from agent.runtime.inbox import CommandInbox
 from agent.runtime.loop import Agent, CycleHook, Service
@@ -38,8 +39,9 @@ def build_agent(
     state = AgentState(site_id=config.site.id, started_at=datetime.now(UTC))
     tasks = TaskBoard()
     services = list(outputs(state))
-    if metrics:
-        services.append(MetricsService(state, config, tasks=tasks))
+    service = MetricsService(state, config, tasks=tasks) if metrics else None
+    if service is not None:
+        services.append(service)
     components = build_components(
         config,
         state,
@@ -49,6 +51,8 @@ def build_agent(
         store=store,
         services=services,
     )
+    if service is not None:  # as the daemon does: per-node figures of remote node agents
+        register_remote_nodes(service, components.fleets)
     return Agent(
         config, components, state=state, tasks=tasks, observers=observers(state), inbox=inbox
     )

@@ -377,6 +377,16 @@ async def test_price_spike_sheds_nodes_in_merit_order_confirmed_by_their_telemet
         assert "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{" in text  # dcgm's name, no _total
         envelope = site.node_views("gpu-a").envelope_w
         assert f'site_agent_node_envelope_watts{{node="gpu-a"}} {envelope}' in text
+        # The controller's /metrics, per node agent: power from its views, acks received.
+        text = await scrape(site.controller)
+        for family, least in (("acks_total", 1.0), ("power_watts", 1.0)):
+            found = dict(
+                re.findall(
+                    rf'^site_agent_remote_node_{family}\{{node="([^"]+)"\}} (\S+)$', text, re.M
+                )
+            )
+            assert sorted(found) == sorted(NODE_IDS), (family, text[-3000:])
+            assert all(float(v) >= least for v in found.values()), (family, found)
 
 
 async def test_a_silent_node_is_faulted_and_counted_at_its_worst_case(tmp_path: Path) -> None:

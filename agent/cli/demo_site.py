@@ -440,6 +440,9 @@ async def run_demo(
             with contextlib.suppress(AgentError):
                 await gpus.poll()
         if not stop.is_set():
+            # The day starts now: starting simulators and node processes took no replayed time.
+            price_source.restart()
+            clock["mono"] = time.monotonic()  # and settlement counts from the day's start
             loop.call_later(duration_s, stop.set)
             await agent.run(stop)
         if nodes is not None:

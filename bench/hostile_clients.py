@@ -42,7 +42,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +52,15 @@ from agent.control.config import parse_config  # noqa: E402
 from agent.outputs.metrics import MetricsService  # noqa: E402
 from agent.outputs.mqtt import MqttBridge  # noqa: E402
 from agent.runtime.inbox import CommandInbox  # noqa: E402
-from agent.runtime.loop import Agent  # noqa: E402
+from agent.runtime.loop import CycleHook, Service  # noqa: E402
 from agent.runtime.state import AgentState  # noqa: E402
-from agent.runtime.wiring import build_components  # noqa: E402
 from bench.agent_spike import MODELS, emit, free_port, start_simulator  # noqa: E402
 from drivers.bus.base import BusSettings  # noqa: E402
 from drivers.bus.mqtt import MqttBus  # noqa: E402
 from simulators.luxos import raise_open_file_limit  # noqa: E402
 from simulators.price_server import PriceServer  # noqa: E402
 from tests.servers import Mosquitto  # noqa: E402
+from tests.site_agent import build_agent  # noqa: E402
 
 TOKEN = "bench-operator-token"
 
@@ -281,31 +280,35 @@ async def run_agent(
             },
         }
     )
-    # Built as agent.cli.daemon.serve builds it: state, inbox, the outputs, then the agent.
-    state = AgentState(site_id=config.site.id, started_at=datetime.now(UTC))
+    # Built as agent.cli.daemon.serve builds it (tests/site_agent.py::build_agent): state,
+    # inbox, the outputs, then the agent.
     inbox = CommandInbox()
-    metrics = MetricsService(state, config, host="127.0.0.1", port=0)
-    bridge = MqttBridge(
-        config.mqtt,
-        state,
-        inbox.submit,
-        count_rejected=inbox.reject,
-        audit_rejection=inbox.audit,
-        interconnect_limit_w=config.site.interconnect_limit_kw * 1000.0,
-    )
+    built: dict[str, Any] = {}
     durations: list[float] = []
 
-    def observe(_s: Any, _p: Any, _r: Any) -> None:
-        durations.append(state.last_cycle_duration_s)
-        bridge.publish_cycle()
+    def outputs(state: AgentState) -> list[Service]:
+        built["bridge"] = MqttBridge(
+            config.mqtt,
+            state,
+            inbox.submit,
+            count_rejected=inbox.reject,
+            audit_rejection=inbox.audit,
+            interconnect_limit_w=config.site.interconnect_limit_kw * 1000.0,
+        )
+        built["metrics"] = MetricsService(state, config, host="127.0.0.1", port=0)
+        return [built["metrics"], built["bridge"]]
 
-    agent = Agent(
-        config,
-        build_components(config, state, services=[metrics, bridge]),
-        state=state,
-        observers=[observe],
-        inbox=inbox,
-    )
+    def observers(state: AgentState) -> list[CycleHook]:
+        def observe(_s: Any, _p: Any, _r: Any) -> None:
+            durations.append(state.last_cycle_duration_s)
+            built["bridge"].publish_cycle()
+
+        return [observe]
+
+    agent = build_agent(config, outputs=outputs, observers=observers, inbox=inbox)
+    state = agent.state
+    metrics: MetricsService = built["metrics"]
+    bridge: MqttBridge = built["bridge"]
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     deadline = time.monotonic() + 60

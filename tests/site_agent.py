@@ -1,7 +1,8 @@
 """Builds the real Agent for tests the way the daemon does: state first, then every part.
 
-Outputs that read the agent's state (metrics, MQTT) are built from it before the agent, and
-handed in with the rest at construction, as :func:`agent.cli.daemon.serve` does.
+Outputs that read the agent's state (metrics, MQTT) are built from it (and from the supervised
+tasks' board) before the agent, and handed in with the rest at construction, as
+:func:`agent.cli.daemon.serve` does.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from datetime import UTC, datetime
 from agent.control.config import AgentConfig
 from agent.journal.store import Store
 from agent.outputs.metrics import MetricsService
+from agent.outputs.node_metrics import register_remote_nodes
 from agent.runtime.fleet import Fleet
 from agent.runtime.inbox import CommandInbox
 from agent.runtime.loop import Agent, CycleHook, Service
 from agent.runtime.registry import DriverRegistry
 from agent.runtime.state import AgentState
+from agent.runtime.supervisor import TaskBoard
 from agent.runtime.wiring import build_components
 from drivers.prices.base import PriceSource
 
@@ -34,9 +37,11 @@ def build_agent(
     metrics: bool = False,
 ) -> Agent:
     state = AgentState(site_id=config.site.id, started_at=datetime.now(UTC))
+    tasks = TaskBoard()
     services = list(outputs(state))
-    if metrics:
-        services.append(MetricsService(state, config))
+    service = MetricsService(state, config, tasks=tasks) if metrics else None
+    if service is not None:
+        services.append(service)
     components = build_components(
         config,
         state,
@@ -46,7 +51,11 @@ def build_agent(
         store=store,
         services=services,
     )
-    return Agent(config, components, state=state, observers=observers(state), inbox=inbox)
+    if service is not None:  # as the daemon does: per-node figures of remote node agents
+        register_remote_nodes(service, components.fleets)
+    return Agent(
+        config, components, state=state, tasks=tasks, observers=observers(state), inbox=inbox
+    )
 
 
 def metrics_port(agent: Agent) -> int:

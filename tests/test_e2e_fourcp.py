@@ -94,11 +94,10 @@ async def test_live_4cp_books_the_metered_demand_and_a_restart_keeps_it(tmp_path
         # The booked demand is the meter's, not the device sum.
         assert booked.demand_w == pytest.approx(meter_avg, rel=0.02)
         assert booked.demand_w > 1.03 * device_avg
-        figures = agent.state.fourcp
-        assert figures is not None
-        (june,) = figures.months
+        (june,) = agent.fourcp_book.figures.months  # the same instant as ``booked``
         assert june.month == "2023-06"
         assert june.peak.demand_w >= booked.demand_w
+        assert agent.state.fourcp is not None  # published at the end of every cycle
         m = await scrape(agent)
         labels = f'month="2023-06",source="{june.peak.source}"'
         peak = m[f"site_agent_fourcp_peak_demand_watts{{{labels}}}"]

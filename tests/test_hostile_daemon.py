@@ -129,6 +129,10 @@ async def test_daemon_survives_every_hostile_feed_and_recovers(
             30.0,
             "the daemon reads the feed",
         )
+        # The supervised tasks' board is wired to /metrics by the daemon itself.
+        first = scrape(port)
+        assert value(first, "site_agent_task_up", task="control") == 1.0
+        assert value(first, "site_agent_task_restarts_total", task="control") == 0.0
         price_server.trickle_s = 0.5
         for mode, reason in ATTACKS:
             before = scrape(port)

@@ -33,6 +33,7 @@ from agent.outputs.mqtt import MqttBridge
 from agent.runtime.inbox import CommandInbox
 from agent.runtime.loop import Agent, CycleHook, Service
 from agent.runtime.state import AgentState, SourceHealth
+from agent.runtime.supervisor import TaskBoard
 from agent.runtime.wiring import build_components
 from drivers.bus.base import BusSettings
 from drivers.bus.mqtt import MqttBus
@@ -219,11 +220,12 @@ async def site(
         store = await stack.enter_async_context(Store.open(path, known_secrets=secrets_in(config)))
         # Built as agent.cli.daemon.serve builds it: state first, outputs, then the agent.
         state = AgentState(site_id=config.site.id, started_at=datetime.now(UTC))
+        tasks = TaskBoard()
         inbox = CommandInbox()
         services: list[Service] = []
         observers: list[CycleHook] = []
         if metrics:
-            services.append(MetricsService(state, config))
+            services.append(MetricsService(state, config, tasks=tasks))
         bridges: list[MqttBridge] = []
         if mosquitto is not None:
             bridge = MqttBridge(
@@ -232,12 +234,15 @@ async def site(
                 inbox.submit,
                 count_rejected=inbox.reject,
                 audit_rejection=inbox.audit,
+                tasks=tasks,
             )
             observers.append(lambda *_: bridge.publish_cycle())
             services.append(bridge)
             bridges.append(bridge)
         components = build_components(config, state, store=store, services=services)
-        agent = Agent(config, components, state=state, observers=observers, inbox=inbox)
+        agent = Agent(
+            config, components, state=state, tasks=tasks, observers=observers, inbox=inbox
+        )
         agent.backoff_s = (0.05, 0.4)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop, grace_s=2.0))
@@ -274,7 +279,7 @@ async def test_a_price_answer_that_breaks_the_poller_does_not_stop_the_agent(
         assert price is not None
         assert price.value == 20.0  # the hostile answer was never used
         health = next(v for k, v in s.agent.state.sources.items() if k.startswith("price:"))
-        task = s.agent.state.tasks["price"]
+        task = s.agent.tasks["price"]
         assert task.restarts >= 1 or health.failures >= 1, "the failure is visible"
         # Fixed feed: the poller (restarted, or never dead) takes the new price.
         s.feed.body = price_body("33.5")
@@ -285,7 +290,7 @@ async def test_a_price_answer_that_breaks_the_poller_does_not_stop_the_agent(
             10,
             "the fixed feed is read again",
         )
-        assert s.agent.state.tasks["price"].up
+        assert s.agent.tasks["price"].up
         assert s.alive()
 
 
@@ -300,7 +305,7 @@ async def test_a_dead_task_is_shown_restarted_with_backoff_and_control_goes_on(
     blocker.listen()
     try:
         async with site(tmp_path, metrics__port=port) as s:
-            tasks = s.agent.state.tasks
+            tasks = s.agent.tasks
             await until(
                 lambda: "metrics" in tasks and tasks["metrics"].restarts >= 2,
                 10,
@@ -378,7 +383,7 @@ async def test_one_message_with_an_unencodable_token_does_not_kill_the_bridge(
         assert ack["status"] == "accepted"
         assert s.agent.state.mode == "manual"
         assert bridge.connections == 1
-        assert s.agent.state.tasks["mqtt"].restarts == 0
+        assert s.agent.tasks["mqtt"].restarts == 0
         assert s.agent.state.rejected[("mqtt", "unauthorized")] == 1
         rows = await s.store.audit_rows()
         rejected = [r for r in rows if r.source == "mqtt" and r.result == "rejected"]

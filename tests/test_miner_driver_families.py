@@ -170,6 +170,28 @@ async def test_braiins_sleep_and_wake_are_measured(
     assert (await m.read()).mode is MinerMode.MINING
 
 
+async def test_braiins_token_forgotten_by_a_reboot_is_renewed_transparently(
+    fleets: tuple[LuxosFleet, BraiinsFleet], semaphore: asyncio.Semaphore
+) -> None:
+    _, bos = fleets
+    m = driver(BOS, semaphore, "braiins")
+    await m.sleep()  # logs in: the token is kept for the next commands
+    token = bos.endpoint(BOS).token
+    assert token
+    await m.wake()
+    assert bos.endpoint(BOS).token == token  # reused, no second login
+    bos.set_fault(BOS, FaultKind.REBOOT, 0.2)
+    ep = bos.endpoint(BOS)
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if ep.fault.kind is FaultKind.NONE and ep.grpc_server is not None:
+            break
+    assert bos.endpoint(BOS).token == ""  # the reboot forgot it
+    await m.sleep()  # UNAUTHENTICATED, then a fresh login and the call again
+    assert bos.miners[BOS].sleeping
+    assert bos.endpoint(BOS).token not in ("", token)
+
+
 async def test_braiins_out_of_range_target_is_refused_with_the_firmware_message(
     fleets: tuple[LuxosFleet, BraiinsFleet], semaphore: asyncio.Semaphore
 ) -> None:

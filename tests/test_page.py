@@ -17,12 +17,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.control.settlement import FourCpInterval, fourcp_figures
 from agent.outputs.metrics import MetricsService
 from agent.outputs.page import History, OperatorPage, energy_price_usd_per_mwh, workload_rates
 from tests.page_helpers import PageServer, contrast_ratio, css_variables, parse_colour
@@ -358,3 +359,18 @@ async def test_page_follows_a_real_agent_within_2_s_of_a_price_spike(tab: Driver
         errors = await console_errors(browser)
         assert not errors, errors
         print(f"price spike shown on the page after {seen_after_s:.2f} s")
+
+
+async def test_page_shows_the_live_4cp_account(tab: Driver, known_site: PageServer) -> None:
+    browser = tab
+    at = datetime(2023, 7, 18, 21, 45, tzinfo=UTC)
+    june = FourCpInterval(datetime(2023, 6, 27, 21, 45, tzinfo=UTC), 30_000 * 900, 900, 900, 1)
+    july = FourCpInterval(at, 20_000 * 600, 600, 600, 1)
+    known_site.page.state.fourcp = fourcp_figures([june, july], 60.0)
+    known_site.page.publish()
+    await call(browser.get, known_site.url + "/")
+    shown = await until_text(browser, "#fourcp-peak", r"^20\.0 kW")
+    assert shown == "20.0 kW in 2023-07 (meter), season est. $750.00"
+    assert await js(browser, "return document.getElementById('fourcp-peak-row').hidden") is False
+    errors = await console_errors(browser)
+    assert not errors, errors

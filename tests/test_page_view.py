@@ -11,11 +11,12 @@ import json
 import math
 import time
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from agent.control.domain import ActiveEvent
+from agent.control.settlement import FourCpInterval, fourcp_figures
 from agent.control.thermal import ThermalConfig, ThermalLimit
 from agent.outputs.page import (
     MAX_TEXT,
@@ -255,11 +256,13 @@ async def test_stream_sends_a_view_per_publish_and_the_files_are_served() -> Non
         first = json.loads(await next_view(reader))
         assert first["site"] == "west-1"
         assert first["power"]["site_w"] == 18_898.0
-        # The runtime swaps in a new snapshot and plan: the watcher publishes them.
+        # The runtime swaps in a new snapshot and plan, and counts the cycle when it has
+        # finished: the watcher publishes them then.
         assert state.snapshot is not None
         assert state.plan is not None
         state.snapshot = replace(state.snapshot, measured_site_power_w=12_345.0)
         state.plan = replace(state.plan, summary="a new cycle")
+        state.cycles += 1
         view = json.loads(await next_view(reader))
         while view["plan"]["summary"] != "a new cycle":
             view = json.loads(await next_view(reader))
@@ -359,3 +362,45 @@ async def test_closing_the_server_ends_every_stream() -> None:
         assert reader.at_eof()
         assert b"event: view" not in rest or rest.endswith(b"\n\n")
         writer.close()
+
+
+async def test_a_stream_client_that_hangs_up_is_gone_before_the_next_heartbeat() -> None:
+    async with page_server(sample_state(), sample_config(), heartbeat_s=30.0) as srv:
+        reader, writer = await open_stream(srv.server.port)
+        assert (await http_head(reader))[0] == 200
+        await next_view(reader)
+        assert srv.page.client_count == 1
+        writer.close()
+        # Found at once from its end of stream, not at the next heartbeat 30 s away: no view
+        # is written to it again.
+        deadline = asyncio.get_running_loop().time() + 5
+        while srv.page.client_count:
+            assert asyncio.get_running_loop().time() < deadline, "closed client still held"
+            await asyncio.sleep(0.02)
+        # A client that streams data at the page after its request is dropped too.
+        reader, writer = await open_stream(srv.server.port)
+        assert (await http_head(reader))[0] == 200
+        writer.write(b"x" * 70_000)
+        deadline = asyncio.get_running_loop().time() + 5
+        while srv.page.client_count:
+            assert asyncio.get_running_loop().time() < deadline, "chatty client still held"
+            await asyncio.sleep(0.02)
+        writer.close()
+
+
+def test_view_shows_the_live_4cp_account_of_the_latest_month() -> None:
+    state = sample_state()
+    assert build_view(state, sample_config(), History(), None, NOW)["fourcp"] is None
+    at = datetime(2023, 7, 18, 21, 45, tzinfo=UTC)
+    june = FourCpInterval(datetime(2023, 6, 27, 21, 45, tzinfo=UTC), 30_000 * 900, 900, 900, 1)
+    july = FourCpInterval(at, 20_000 * 600, 600, 600, 1)
+    state.fourcp = fourcp_figures([june, july], 60.0)
+    view = build_view(state, sample_config(), History(), None, NOW)
+    assert view["fourcp"] == {
+        "month": "2023-07",
+        "peak_w": 20_000.0,
+        "source": "meter",
+        "intervals": 1,
+        "charge_usd": 300.0,  # 60 USD/kW-year / 4 x 20 kW
+        "season_charge_usd": 750.0,  # June's 30 kW (450 USD) too
+    }

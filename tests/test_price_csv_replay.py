@@ -132,6 +132,9 @@ def test_replay_gives_only_settled_intervals_at_speed(tmp_path: Path) -> None:
     clock.t += 100
     assert replay.latest_at(replay.sim_now_s()).value == 41.0
     assert replay.finished
+    replay.restart()  # from the start again, from now
+    assert replay.sim_now() == start
+    assert not replay.finished
 
 
 async def test_replay_never_acts_on_a_rejected_row(tmp_path: Path) -> None:

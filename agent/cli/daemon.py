@@ -2,9 +2,9 @@
 
 The runtime never imports an output; this is where they meet. Opens the journal (a journal that
 cannot be opened stops the start with a clear error: running without one would lose what was
-shed), builds the state, the outputs that read it and the operator inbox, then the drivers and
-the agent with every part at once; tells systemd READY, feeds the watchdog from the control loop,
-and says STOPPING on SIGTERM.
+shed), builds the state, the supervised tasks' board, the outputs that read them and the operator
+inbox, then the drivers and the agent with every part at once; tells systemd READY, feeds the
+watchdog from the control loop, and says STOPPING on SIGTERM.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from agent.runtime.inbox import CommandInbox
 from agent.runtime.loop import Agent, CycleHook, Service, first_poll_timeout_s
 from agent.runtime.sdnotify import LoopWatchdog, Notifier
 from agent.runtime.state import AgentState
+from agent.runtime.supervisor import TaskBoard
 from agent.runtime.wiring import build_components
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
     path = journal_path(config.store.path, config_file)
     async with Store.open(path, known_secrets=secrets_in(config)) as store:
         state = AgentState(site_id=config.site.id, started_at=utc_now())
+        tasks = TaskBoard()  # the supervised tasks' health: the supervisor writes, outputs read
         inbox = CommandInbox()
         control = config.control
         # A healthy cycle can take a full round of device timeouts and retries; the first one
@@ -48,7 +50,7 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
         watchdog = LoopWatchdog(notifier, max_stall_s=stall_s)
         services: list[Service] = [watchdog.run]
         observers: list[CycleHook] = [cycle_logger(state)]
-        metrics = MetricsService(state, config) if config.metrics.enabled else None
+        metrics = MetricsService(state, config, tasks=tasks) if config.metrics.enabled else None
         if metrics is not None:
             services.append(metrics)
         if config.mqtt.enabled:
@@ -59,6 +61,7 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
                 count_rejected=inbox.reject,
                 audit_rejection=inbox.audit,
                 interconnect_limit_w=config.site.interconnect_limit_kw * 1000.0,
+                tasks=tasks,
             )
             observers.append(lambda _snapshot, _plan, _results: bridge.publish_cycle())
             services.append(bridge)
@@ -69,6 +72,7 @@ async def serve(config: AgentConfig, config_file: Path, *, grace_s: float = 3.0)
             config,
             components,
             state=state,
+            tasks=tasks,
             observers=observers,
             inbox=inbox,
             watchdog=watchdog.beat,

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -61,6 +62,7 @@ from agent.runtime.gpu_fleet import GpuFleet, expand_gpu_nodes
 from agent.runtime.loop import Agent, Components
 from agent.runtime.miner_fleet import MinerFleet
 from agent.runtime.state import AgentState
+from agent.runtime.supervisor import TaskBoard
 from agent.runtime.wiring import (
     build_meter,
     build_miners,
@@ -70,10 +72,12 @@ from agent.runtime.wiring import (
 from drivers.errors import AgentError
 from drivers.jobs.base import JobClass, JobState
 from drivers.prices.csv_replay import CsvPriceReplay
+from simulators.antminer import AntminerFleet, AntminerSpec
 from simulators.braiins import BraiinsFleet
 from simulators.luxos import LuxosFleet, MinerSpec
 from simulators.luxos_model import Timing
 from simulators.meter import MeterSimulator
+from simulators.whatsminer import WhatsminerFleet, WhatsminerSpec
 
 DAY_S = 86_400.0
 DEMO_NET = 42  # the shipped demo's loopback net: miners on 127.42.x.y
@@ -133,6 +137,57 @@ def miners_on_net(config: AgentConfig, net: int) -> AgentConfig:
     return config.model_copy(update=update)
 
 
+FAMILY_NAMES = {
+    "luxos": "LuxOS",
+    "antminer": "stock Antminer",
+    "braiins": "Braiins OS+",
+    "whatsminer": "Whatsminer",
+}
+
+
+def without_unservable_antminers(config: AgentConfig) -> tuple[AgentConfig, str]:
+    """The stock Antminer simulator serves its web API on port 80, as pyasic expects: when this
+    process may not bind it (not root), the demo runs without its stock Antminers, and says why
+    in the returned line (empty when nothing was dropped)."""
+    stock = [line for line in config.miners if line.firmware == "antminer"]
+    if not stock:
+        return config, ""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((stock[0].address, 80))
+    except PermissionError:
+        count = sum(line.count for line in stock)
+        kept = [line for line in config.miners if line.firmware != "antminer"]
+        line = (
+            f"demo: runs without its {count} stock Antminers: their web API needs port 80, "
+            "which only root may bind"
+        )
+        return config.model_copy(update={"miners": kept}), line
+    except OSError:
+        pass  # in use or unavailable: the simulator's own start reports it
+    finally:
+        probe.close()
+    return config, ""
+
+
+def miner_simulators(by_family: dict[str, list[tuple[str, str]]], timing: Timing) -> list[Any]:
+    """One simulator fleet per family, from (address, simulator model key) pairs."""
+    sims: list[Any] = []
+    if by_family["luxos"]:
+        sims.append(LuxosFleet([MinerSpec(a, m) for a, m in by_family["luxos"]], timing=timing))
+    if by_family["antminer"]:
+        specs = [AntminerSpec(a, m) for a, m in by_family["antminer"]]
+        sims.append(AntminerFleet(specs, timing=timing))
+    if by_family["braiins"]:
+        specs_b = [MinerSpec(a, m) for a, m in by_family["braiins"]]
+        sims.append(BraiinsFleet(specs_b, timing=timing))
+    if by_family["whatsminer"]:
+        specs_w = [WhatsminerSpec(a, m) for a, m in by_family["whatsminer"]]
+        sims.append(WhatsminerFleet(specs_w, timing=timing))
+    return sims
+
+
 def model_key(name: str) -> str:
     """Config model name → simulator model key (``S19jPro`` → ``s19jpro``)."""
     return name.lower().replace(" ", "").replace("-", "")
@@ -182,20 +237,23 @@ async def run_demo(
     assert isinstance(price_source, CsvPriceReplay)
 
     # One simulator per firmware family in the config (LuxOS for "luxos" and "auto" lines).
+    config, refusal = without_unservable_antminers(config)
+    if refusal:
+        print(refusal, file=out)
     timing = Timing(wake_ramp_s=2.0, sleep_ramp_s=0.3, profile_ramp_s=0.5)
-    by_family: dict[str, list[MinerSpec]] = {"luxos": [], "braiins": []}
+    by_family: dict[str, list[tuple[str, str]]] = {f: [] for f in FAMILY_NAMES}
     for _id, address, line in config.expanded_miners():
-        family = "braiins" if line.firmware == "braiins" else "luxos"
-        if line.firmware not in ("luxos", "braiins", "auto"):
+        family = "luxos" if line.firmware == "auto" else line.firmware
+        if family not in by_family:
             print(f"demo: {line.id}: no {line.firmware} simulator in the demo", file=sys.stderr)
             return 2
-        by_family[family].append(MinerSpec(address=address, model=model_key(line.model)))
+        by_family[family].append((address, model_key(line.model)))
     fleet = contextlib.AsyncExitStack()
-    sims: list[Any] = []
-    if by_family["luxos"]:
-        sims.append(LuxosFleet(by_family["luxos"], timing=timing))
-    if by_family["braiins"]:
-        sims.append(BraiinsFleet(by_family["braiins"], timing=timing))
+    try:
+        sims: list[Any] = miner_simulators(by_family, timing)
+    except ValueError as exc:  # a model the family's simulator does not know
+        print(f"demo cannot start: {exc}", file=sys.stderr)
+        return 2
     gpus: GpuFleet | None = None
     simulation: GpuSimulation | None = None
     try:
@@ -324,7 +382,8 @@ async def run_demo(
             print(line, file=out, flush=True)
 
     state = AgentState(site_id=config.site.id, started_at=utc_now())
-    metrics = MetricsService(state, agent_config) if config.metrics.enabled else None
+    tasks = TaskBoard()  # the supervised tasks' health: the supervisor writes, metrics read
+    metrics = MetricsService(state, agent_config, tasks=tasks) if config.metrics.enabled else None
     fleets: list[Fleet] = [MinerFleet(config, build_miners(config))]
     if gpus is not None:
         fleets.append(gpus)
@@ -338,10 +397,10 @@ async def run_demo(
         meter=build_meter(config),
         services=() if metrics is None else (metrics,),
     )
-    agent = Agent(agent_config, components, state=state, observers=[on_cycle])
+    agent = Agent(agent_config, components, state=state, tasks=tasks, observers=[on_cycle])
+    miners_text = ", ".join(f"{len(v)} {FAMILY_NAMES[f]}" for f, v in by_family.items() if v)
     print(
-        f"site-agent demo: {len(by_family['luxos'])} simulated LuxOS and "
-        f"{len(by_family['braiins'])} Braiins OS+ miners on loopback, "
+        f"site-agent demo: {miners_text} miners simulated on loopback, "
         f"{gpu_summary(config, nodes is not None)}, "
         f"{rt.column} prices of {price_source.sim_now():%Y-%m-%d} replayed at {speed:.0f}x "
         f"({duration_s:.0f} s), interconnect {config.site.interconnect_limit_kw:.0f} kW"
@@ -351,7 +410,8 @@ async def run_demo(
         flush=True,
     )
     print(
-        "time   price $/MWh  mining (S19/S21)  asleep  AI jobs S/P/F  susp  GPU cap W  "
+        f"time   price $/MWh  mining ({'/'.join(sorted(set(models.values())))})  asleep  "
+        "AI jobs S/P/F  susp  GPU cap W  "
         "GPU kW  site kW  plan kW  limit  profit $  always-on $",
         file=out,
     )
@@ -380,6 +440,9 @@ async def run_demo(
             with contextlib.suppress(AgentError):
                 await gpus.poll()
         if not stop.is_set():
+            # The day starts now: starting simulators and node processes took no replayed time.
+            price_source.restart()
+            clock["mono"] = time.monotonic()  # and settlement counts from the day's start
             loop.call_later(duration_s, stop.set)
             await agent.run(stop)
         if nodes is not None:

@@ -26,6 +26,7 @@ from agent.runtime.node import NodeLink, node_will
 from agent.runtime.registry import DriverRegistry
 from agent.runtime.sdnotify import Notifier
 from agent.runtime.state import AgentState
+from agent.runtime.supervisor import TaskBoard
 from agent.runtime.wiring import build_components
 from drivers.bus.mqtt import MqttBus
 
@@ -44,9 +45,10 @@ def build_node(
     bus = MqttBus(config.node.broker.bus_settings(f"node-{config.node.id}", node_will(config)))
     link = NodeLink(config, bus)
     state = AgentState(site_id=config.site.id, started_at=utc_now())
+    tasks = TaskBoard()  # the supervised tasks' health: the supervisor writes, metrics read
     services: list[Service] = [link.run, link.tick, *extra_services]
     if config.metrics.enabled:
-        metrics = MetricsService(state, config)
+        metrics = MetricsService(state, config, tasks=tasks)
         metrics.registry.register(DcgmCollector(state))
         metrics.registry.register(NodeLinkCollector(link.metrics, link.node_id))
         services.append(metrics)
@@ -56,7 +58,7 @@ def build_node(
     )
     # The link is one more grid source: every other part stays as the wiring built it.
     components = replace(components, grid_sources=(*components.grid_sources, link))
-    agent = Agent(config, components, state=state, observers=observers)
+    agent = Agent(config, components, state=state, tasks=tasks, observers=observers)
     agent.event_watch_s = 0.1  # a new envelope reaches the policy within 0.1 s
     link.wake = agent.wake_control.set
     return agent, link

@@ -56,6 +56,7 @@ from agent.control.planner import PlanStatus
 from agent.control.settlement import event_target_w
 from agent.outputs.page import OperatorPage
 from agent.runtime.state import AgentState
+from agent.runtime.supervisor import TaskBoard, TaskHealth
 from drivers.inputs import RejectionCounter, process_rejections
 from drivers.jobs.base import JobClass, JobState
 
@@ -98,8 +99,11 @@ class AgentCollector(Collector):
         config: AgentConfig | None = None,
         clock: Callable[[], datetime] = _utcnow,
         rejections: RejectionCounter | None = None,
+        tasks: TaskBoard | None = None,
     ) -> None:
         self.state = state
+        # The supervised tasks' health: its own owner (the supervisor), not the state.
+        self.tasks: Mapping[str, TaskHealth] = tasks if tasks is not None else {}
         self.config = config
         self.clock = clock
         # What the drivers refused (bounded parsers, drivers/inputs.py); the process-wide
@@ -191,7 +195,7 @@ class AgentCollector(Collector):
             "Times a supervised task died and was restarted.",
             labels=["task"],
         )
-        for name, task in sorted(state.tasks.items()):
+        for name, task in sorted(self.tasks.items()):
             up.add_metric([name], 1.0 if task.up else 0.0)
             restarts.add_metric([name], task.restarts)
         yield up
@@ -310,7 +314,7 @@ class AgentCollector(Collector):
         )
         # One series per miner, labelled with its current state (not one-hot over all four
         # states): a quarter of the samples at fleet scale; count by (state) still works.
-        state = _gauge(
+        miner_state_family = _gauge(
             "site_agent_miner_state",
             "1, labelled with the miner's current state (running, sleeping, faulted, unknown).",
             ["miner", "state"],
@@ -339,10 +343,10 @@ class AgentCollector(Collector):
                 )
             current = miner_state(m)
             counts[current] += m.count
-            state.add_metric([m.device_id, current], 1.0)
+            miner_state_family.add_metric([m.device_id, current], 1.0)
         for s in MINER_STATES:
             fleet.add_metric([s], counts[s])
-        yield from (power, hashrate, state, fleet, estimated)
+        yield from (power, hashrate, miner_state_family, fleet, estimated)
         yield GaugeMetricFamily(
             "site_agent_mining_revenue_usd_per_hour",
             "Mining revenue rate at the measured hashrate, after pool fee.",
@@ -689,10 +693,11 @@ def build_registry(
     config: AgentConfig | None = None,
     clock: Callable[[], datetime] = _utcnow,
     rejections: RejectionCounter | None = None,
+    tasks: TaskBoard | None = None,
 ) -> CollectorRegistry:
     """A fresh registry holding one :class:`AgentCollector` (never the global registry)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(state, config, clock, rejections))
+    registry.register(AgentCollector(state, config, clock, rejections, tasks))
     return registry
 
 
@@ -906,8 +911,9 @@ class MetricsService:
         port: int | None = None,
         clock: Callable[[], datetime] = _utcnow,
         page: OperatorPage | None = None,
+        tasks: TaskBoard | None = None,
     ) -> None:
-        self.registry = build_registry(state, config, clock)
+        self.registry = build_registry(state, config, clock, tasks=tasks)
         self.page = page if page is not None else OperatorPage(state, config, clock=clock)
         self.server = MetricsServer(
             self.registry,

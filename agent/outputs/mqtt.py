@@ -68,6 +68,7 @@ from agent.control.domain import Plan, Snapshot
 from agent.control.settlement import event_target_w
 from agent.outputs.metrics import miner_state
 from agent.runtime.state import AgentState
+from agent.runtime.supervisor import TaskBoard, TaskHealth
 from drivers.bus.base import Bus, BusError, BusMessage, BusSession, BusSettings, LastWill
 from drivers.bus.mqtt import MqttBus
 from drivers.inputs import InputRejected, load_json
@@ -212,7 +213,11 @@ def _num(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def state_payload(state: AgentState, interconnect_limit_w: float | None = None) -> dict[str, Any]:
+def state_payload(
+    state: AgentState,
+    interconnect_limit_w: float | None = None,
+    tasks: Mapping[str, TaskHealth] | None = None,
+) -> dict[str, Any]:
     snap, plan = state.snapshot, state.plan
     fleet: dict[str, int] = {}
     if snap is not None:
@@ -239,7 +244,7 @@ def state_payload(state: AgentState, interconnect_limit_w: float | None = None) 
         "faults": dict(sorted(state.faults.items())),
         "tasks": {
             name: {"up": t.up, "restarts": t.restarts, "last_error": t.last_error}
-            for name, t in sorted(state.tasks.items())
+            for name, t in sorted((tasks or {}).items())
         },
     }
 
@@ -391,9 +396,11 @@ class MqttBridge:
         bus: Bus | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         audit_rejection: RejectionAudit | None = None,
+        tasks: TaskBoard | None = None,
     ) -> None:
         self.config = config
         self.state = state
+        self.tasks = tasks  # the supervised tasks' health (the supervisor's; None: not shown)
         self.handler = handler
         self.count_rejected = count_rejected  # rejections are the runtime's to count
         # ... and to audit: the bridge only decides which ones, at a bounded rate.
@@ -445,7 +452,7 @@ class MqttBridge:
 
     def _publish_cycle(self) -> None:
         state = self.state
-        self._set_retained("state", state_payload(state, self.interconnect_limit_w))
+        self._set_retained("state", state_payload(state, self.interconnect_limit_w, self.tasks))
         if state.plan is not None:
             self._set_retained("plan", plan_payload(state.plan))
         snap = state.snapshot

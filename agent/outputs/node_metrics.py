@@ -74,13 +74,13 @@ class NodeLinkCollector(Collector):
         )
         if values.get("envelope_w") is not None:
             envelope.add_metric([self.node_id], float(values["envelope_w"]))
-        state = GaugeMetricFamily(
+        link_state = GaugeMetricFamily(
             "site_agent_node_state",
             "1 for the node's link state (online, holding, failsafe).",
             labels=["node", "state"],
         )
         for name in ("online", "holding", "failsafe"):
-            state.add_metric([self.node_id, name], 1.0 if values.get(f"state_{name}") else 0.0)
+            link_state.add_metric([self.node_id, name], 1.0 if values.get(f"state_{name}") else 0.0)
         applied = GaugeMetricFamily(
             "site_agent_node_applied_seq", "Sequence of the last applied command.", labels=["node"]
         )
@@ -91,7 +91,7 @@ class NodeLinkCollector(Collector):
             labels=["node"],
         )
         refused.add_metric([self.node_id], float(values.get("refused", 0)))
-        yield from (envelope, state, applied, refused)
+        yield from (envelope, link_state, applied, refused)
 
 
 class RemoteNodesCollector(Collector):

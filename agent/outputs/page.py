@@ -11,13 +11,14 @@
 ==================  ===============================================================
 
 The view is built from :class:`agent.runtime.state.AgentState` only (the latest Snapshot and Plan,
-counters, faults): no I/O to devices. A watcher task notices a new plan (the runtime swaps
-snapshot and plan together once per cycle), records the cycle's per-workload figures in a bounded
-ring buffer (:class:`History`, the last 24 h), builds the view once and hands the same bytes to
-every client. Clients never slow the control loop: broadcasting only swaps a buffer and sets an
-event; each client's own task writes to its socket under a write deadline and a cap on queued
-bytes, and a client that cannot keep up is dropped. The number of stream clients is bounded;
-the excess gets 503 (the page then falls back to polling ``/view.json``).
+counters, faults): no I/O to devices. A watcher task notices a finished control cycle (the
+runtime counts a cycle after its plan, actions and observers), records the cycle's per-workload
+figures in a bounded ring buffer (:class:`History`, the last 24 h), serialises the view once and
+hands the same bytes to every client. Clients never slow the control loop: the view is built and
+handed out between cycles, never inside one, and handing it out is one non-blocking write per
+client (into the socket, or that client's bounded buffer); a client that cannot keep up within
+the write deadline or the cap on queued bytes is dropped. The number of stream clients is
+bounded; the excess gets 503 (the page then falls back to polling ``/view.json``).
 
 Workloads and how their money is counted (rates, USD/h; energy at the real-time price):
 
@@ -444,6 +445,7 @@ def build_view(
         "cycles": len(history),
         "points": history.series(),
     }
+    view["fourcp"] = _fourcp_view(state)
     view["plan"] = _plan_view(plan) if plan is not None else None
     view["events"] = _events_view(snap, now) if snap is not None else []
     faults = dict(state.faults)
@@ -473,6 +475,22 @@ def build_view(
         )
     view["sources"] = sources
     return view
+
+
+def _fourcp_view(state: AgentState) -> dict[str, Any] | None:
+    """The live 4CP account's latest month (``None`` before any 4CP-risk interval)."""
+    figures = state.fourcp
+    if figures is None or not figures.months:
+        return None
+    month = figures.months[-1]
+    return {
+        "month": _text(month.month),
+        "peak_w": _num(month.peak.demand_w, 1),
+        "source": _text(month.peak.source),
+        "intervals": month.intervals,
+        "charge_usd": _num(month.charge_usd, 2),
+        "season_charge_usd": _num(dict(figures.seasons).get(month.month[:4]), 2),
+    }
 
 
 def _plan_view(plan: Plan) -> dict[str, Any]:
@@ -551,6 +569,10 @@ _SECURITY_HEADERS = (
 _REASONS = {200: "OK", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
+# What a stream client may send after its request (nothing, normally) before it is dropped.
+MAX_UPSTREAM_BYTES = 64 * 1024
+
+
 class SlowClient(Exception):
     """A page client that did not take its data within the write deadline."""
 
@@ -615,6 +637,8 @@ class OperatorPage:
         self.published_at: datetime | None = None
         self.refused = 0  # stream clients turned away (503)
         self.dropped_slow = 0  # stream clients dropped for missing the write deadline
+        self.publishes = 0  # views built and handed out
+        self.fanout_s = 0.0  # time spent handing views to stream clients, all publishes
 
     @property
     def client_count(self) -> int:
@@ -638,14 +662,19 @@ class OperatorPage:
         view = build_view(self.state, self.config, self.history, rates, now)
         payload = json.dumps(view, allow_nan=False, separators=(",", ":")).encode()
         self._json = payload
-        # One line of data: compact JSON escapes every newline inside strings.
+        # One line of data: compact JSON escapes every newline inside strings. Serialised once
+        # per view; every client gets these same bytes.
         self._message = b"event: view\ndata: " + payload + b"\n\n"
         self.published_at = now
         # Fan-out in one pass, no task switch per client: each write goes to the socket at once
         # or into that client's bounded buffer, and a client that cannot keep up is dropped.
+        # The only per-client work: one write and a look at its backlog (timed for benches).
         mono = time.monotonic()
+        started = time.perf_counter()
         for client in list(self._clients.values()):
             self._offer(client, self._message, mono)
+        self.fanout_s += time.perf_counter() - started
+        self.publishes += 1
         return view
 
     def _offer(self, client: _Client, data: bytes, mono: float) -> None:
@@ -684,15 +713,18 @@ class OperatorPage:
         loop = asyncio.get_running_loop()
         self._closing = False
         self.publish()
-        last = loop.time()
+        last, seen = loop.time(), self.state.cycles
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.watch_s):
                     await stop.wait()
-            fresh = self.state.plan is not None and self.state.plan is not self._last_plan
+            # A cycle counts itself when it has finished (after its plan, actions and
+            # observers): publishing on the count, not on the plan swapped in mid-cycle, keeps
+            # building the view and the fan-out between cycles, never inside one.
+            fresh = self.state.cycles != seen
             if fresh or loop.time() - last >= self.republish_s:
                 self.publish()
-                last = loop.time()
+                last, seen = loop.time(), self.state.cycles
 
     async def close(self) -> None:
         """End every stream (clients see the connection close) and refuse new ones."""
@@ -791,11 +823,28 @@ class OperatorPage:
         # ``retry``: how long the browser waits before reconnecting after the stream ends.
         await self._write(writer, head + b"retry: 2000\n\n" + self._message)
         # Views arrive through publish(); this task only keeps the stream alive and ends it.
-        while not (client.done.is_set() or reader.at_eof() or writer.is_closing()):
-            try:
-                async with asyncio.timeout(self.heartbeat_s):
-                    await client.done.wait()
-            except TimeoutError:
-                # A comment line, under the write deadline: keeps proxies from timing out,
-                # finds dead peers and clients that stopped reading between two views.
-                await self._write(writer, b": keep-alive\n\n")
+        # A peer that hangs up ends it at once (no views written to a closed stream).
+        eof = asyncio.create_task(self._until_eof(reader, client))
+        try:
+            while not (client.done.is_set() or reader.at_eof() or writer.is_closing()):
+                try:
+                    async with asyncio.timeout(self.heartbeat_s):
+                        await client.done.wait()
+                except TimeoutError:
+                    # A comment line, under the write deadline: keeps proxies from timing out,
+                    # finds dead peers and clients that stopped reading between two views.
+                    await self._write(writer, b": keep-alive\n\n")
+        finally:
+            eof.cancel()
+
+    @staticmethod
+    async def _until_eof(reader: asyncio.StreamReader, client: _Client) -> None:
+        """Ends the stream when the peer hangs up, or sends more than a request's worth."""
+        sent = 0
+        with contextlib.suppress(OSError):
+            while sent <= MAX_UPSTREAM_BYTES:
+                data = await reader.read(4096)
+                if not data:
+                    break
+                sent += len(data)
+        client.done.set()

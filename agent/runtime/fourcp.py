@@ -87,6 +87,13 @@ class FourCpBook:
             log.error("cannot journal the 4CP interval %s: %s", start.isoformat(), exc)
 
     def _refresh(self) -> None:
+        # Memory holds this season and the last (the journal keeps every one): at most a few
+        # thousand flagged intervals, summed again at each booked sample.
+        newest = max(self.intervals, default=None)
+        if newest is not None:
+            old = [at for at in self.intervals if at.year < newest.year - 1]
+            for at in old:
+                del self.intervals[at]
         self.figures = fourcp_figures(
             sorted(self.intervals.values(), key=lambda iv: iv.start),
             self.config.rate_usd_per_kw_year,

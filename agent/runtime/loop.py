@@ -12,7 +12,9 @@ cycle it publishes what the coordinator, the fleets and the actuator report (sou
 faults, action results, safe mode, the meter's status, thermal derates, the 4CP account of
 :mod:`agent.runtime.fourcp`); outputs only read it.
 Every part is handed in at construction: the components (fleets, signals, journal, grid sources,
-meter, services), the cycle observers (logs, MQTT), the operator inbox and the watchdog.
+meter, services), the cycle observers (logs, MQTT), the operator inbox, the watchdog and the
+supervised tasks' :class:`~agent.runtime.supervisor.TaskBoard` (not part of the state: the
+supervisor writes it, even when the control loop itself died).
 
 Stopping: setting the ``stop`` event (SIGTERM/SIGINT in :mod:`agent.cli.daemon`) lets every
 loop finish its current step; anything still running after ``grace_s`` is cancelled, so the
@@ -55,7 +57,7 @@ from agent.runtime.fleet import Fleet
 from agent.runtime.fourcp import FourCpBook
 from agent.runtime.inbox import AuditRequest, CommandInbox, Item, Rejection
 from agent.runtime.state import AgentState
-from agent.runtime.supervisor import TaskFactory, supervise
+from agent.runtime.supervisor import TaskBoard, TaskFactory, supervise
 from drivers.errors import AgentError
 from drivers.gpus.base import GpuReading
 from drivers.grid.base import GridEvent, ProgramKind
@@ -116,6 +118,7 @@ class Agent:
         components: Components,
         *,
         state: AgentState | None = None,
+        tasks: TaskBoard | None = None,
         observers: Sequence[CycleHook] = (),
         inbox: CommandInbox | None = None,
         watchdog: Callable[[], None] | None = None,
@@ -126,6 +129,8 @@ class Agent:
         self.components = components
         # Built by the caller when outputs need it before the agent exists; written only here.
         self.state = state or AgentState(site_id=config.site.id, started_at=clock())
+        # The supervised tasks' health (written only by the supervisor; outputs read it).
+        self.tasks = tasks if tasks is not None else TaskBoard()
         self.fleets = tuple(components.fleets)
         self.coordinator = Coordinator(
             config,
@@ -548,7 +553,7 @@ class Agent:
                             name,
                             factory,
                             stop,
-                            self.state,
+                            self.tasks,
                             initial_backoff_s=self.backoff_s[0],
                             max_backoff_s=self.backoff_s[1],
                         ),

@@ -6,7 +6,9 @@ here after every poll and every cycle (:meth:`~agent.runtime.loop.Agent.publish`
 what outputs refuse through the operator inbox. Outputs (the Prometheus collector, the MQTT
 publisher, the status line) only read it; they never do I/O against devices. Counters only grow,
 so a reader may see a value one cycle old but never a wrong one. ``tests/test_layout.py`` checks
-that nothing else in ``agent/`` assigns to it.
+that nothing else in ``agent/`` writes to it (assignment, item assignment, ``del``, or a mutating
+call such as ``update``/``pop``). The health of the supervised tasks is not here: it has its own
+owner, :class:`agent.runtime.supervisor.TaskBoard`, written only by the supervisor.
 """
 
 from __future__ import annotations
@@ -35,16 +37,6 @@ class SourceHealth:
     last_duration_s: float = 0.0
     successes: int = 0
     failures: int = 0
-
-
-@dataclass(slots=True)
-class TaskHealth:
-    """One supervised long-lived task (see :mod:`agent.runtime.supervisor`)."""
-
-    name: str
-    up: bool = False
-    restarts: int = 0
-    last_error: str | None = None
 
 
 @dataclass(slots=True)
@@ -78,11 +70,3 @@ class AgentState:
     planner_solve_s: float | None = None
     planner_status: str | None = None
     planner_reason: str = ""
-    # Supervised task name -> whether it runs, and how often it died and was restarted.
-    tasks: dict[str, TaskHealth] = field(default_factory=dict)
-
-    def task(self, name: str) -> TaskHealth:
-        health = self.tasks.get(name)
-        if health is None:
-            health = self.tasks[name] = TaskHealth(name)
-        return health

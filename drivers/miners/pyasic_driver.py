@@ -12,14 +12,15 @@ ladder of operating points (``sleep`` plus the configured profiles of the miner'
   (``SetPowerTarget`` over gRPC, token from the configured credentials). A target outside the
   firmware's range is refused by the firmware; its message is raised as ``CommandRejected``.
   pyasic's ``stop_mining``/``resume_mining``/``set_power_limit`` turn every failure into
-  ``False``: the driver calls the gRPC methods itself to keep the reason.
-* **Stock Antminer** (``SLEEP_ONLY``): sleep and wake through pyasic's ``miner-mode``; only the
-  model's nominal point can run. It reports no power: the reading's power is estimated from the
-  ladder at the measured hashrate and flagged ``power_estimated``.
-* **Whatsminer** (``POWER_LIMIT``): a ladder point is a power limit in watts.
-
-Stock Antminer and Whatsminer paths go through pyasic's own methods and are exercised only
-against the ``families`` branch's simulators.
+  ``False``, and its gRPC client opens a connection per call plus one to log in: the driver
+  sends pyasic's own stubs and messages itself, the login and the call on one connection.
+  Readings come from the cgminer API on port 4028 (no login), in one multicommand.
+* **Stock Antminer** (``SLEEP_ONLY``): sleep and wake set ``miner-mode`` through the web API
+  (:mod:`drivers.miners.antminer_web`, digest auth, the mode read back); only the model's
+  nominal point can run. It reports no power: the reading's power is estimated from the ladder
+  at the measured hashrate and flagged ``power_estimated``. A reading is one ``stats`` RPC.
+* **Whatsminer** (``POWER_LIMIT``): a ladder point is a power limit in watts (pyasic's token
+  and AES path); a reading is one ``summary`` RPC.
 
 pyasic is the transport (its RPC classes frame, send, parse and validate every command); this
 module adds what a controller needs on top of it:
@@ -34,10 +35,10 @@ module adds what a controller needs on top of it:
   the hashrate from the per-board ``chain_rate`` sum. pyasic's ``stop_mining`` & co. return
   False instead of raising, so we send the same RPC commands ourselves.
 
-One reading is one round trip: ``power+stats+profiles+config+fans`` as a single multicommand,
-sent with ``send_command`` directly because pyasic's ``multicommand`` re-derives the list of
-valid commands through ``dir()`` on every call and silently retries command by command on
-any error, which hides the error and doubles the load on a failing miner.
+Every reading is one round trip; LuxOS's is ``power+stats+profiles+config+fans`` as a single
+multicommand, sent with ``send_command`` directly because pyasic's ``multicommand`` re-derives
+the list of valid commands through ``dir()`` on every call and silently retries command by
+command on any error, which hides the error and doubles the load on a failing miner.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ from drivers.inputs import (
     parse_number_text,
     record,
 )
-from drivers.miners.antminer_web import AntminerWeb, WebError
+from drivers.miners.antminer_web import AntminerWeb, WebError, WebSession
 from drivers.miners.base import MinerCapability, MinerMode, MinerProfile, MinerReading
 
 
@@ -93,7 +94,9 @@ def _import_pyasic() -> None:
 
 _import_pyasic()
 
+import grpclib.const  # noqa: E402
 from grpclib import GRPCError  # noqa: E402
+from grpclib.client import Channel  # noqa: E402
 from grpclib.const import Status as GrpcStatus  # noqa: E402
 from pyasic import settings as pyasic_settings  # noqa: E402
 from pyasic.config import MinerConfig, MiningModeConfig  # noqa: E402
@@ -105,7 +108,16 @@ from pyasic.miners.backends.luxminer import LUXMiner  # noqa: E402
 from pyasic.miners.factory import miner_factory  # noqa: E402
 from pyasic.network import MinerNetwork  # noqa: E402
 from pyasic.rpc.luxminer import LUXMinerRPCAPI  # noqa: E402
-from pyasic.web.braiins_os.proto.braiins.bos.v1 import SaveAction  # noqa: E402
+from pyasic.web.braiins_os.boser import BOSMinerGRPCStub  # noqa: E402
+from pyasic.web.braiins_os.proto.braiins.bos.v1 import (  # noqa: E402
+    LoginRequest,
+    LoginResponse,
+    PauseMiningRequest,
+    Power,
+    ResumeMiningRequest,
+    SaveAction,
+    SetPowerTargetRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +213,8 @@ CAPABILITY: dict[Family, MinerCapability] = {
 SESSION_HELD = "session held by another client"
 # Stock Antminer get_miner_conf "bitmain-work-mode": 0 normal, 1 sleep (3 low power).
 _STOCK_NORMAL, _STOCK_SLEEP = "0", "1"
+# pyasic keeps a BOS+ token 59 minutes; so do we.
+_BOS_TOKEN_S = 3540.0
 # When a stock Antminer's model is not in the config's ladder: a generic S19-class figure.
 _FALLBACK_J_PER_TH = 30.0
 
@@ -279,6 +293,8 @@ class PyasicMiner:
         self._address = address or (str(miner.ip) if miner is not None else "")
         self._rejections = rejections
         self._web_api: AntminerWeb | None = None  # stock Antminer only (set on adoption)
+        self._bos_token: str | None = None  # BOS+ gRPC token and when it was issued
+        self._bos_token_at = -math.inf
         if miner is not None:
             self._adopt(miner)
 
@@ -968,7 +984,7 @@ class PyasicMiner:
             await self._privileged("sleep", "curtail", "sleep")
             await self._after_command()
         elif self._family is Family.BRAIINS:
-            await self._call("sleep", self._miner.web.pause_mining)
+            await self._bos_send("sleep", "pause_mining", PauseMiningRequest())
         else:
             await self._stock_mode("sleep", self._miner.stop_mining, _STOCK_SLEEP)
 
@@ -979,7 +995,7 @@ class PyasicMiner:
             await self._privileged("wake", "curtail", "wakeup")
             await self._after_command()
         elif self._family is Family.BRAIINS:
-            await self._call("wake", self._miner.web.resume_mining)
+            await self._bos_send("wake", "resume_mining", ResumeMiningRequest())
         else:
             await self._stock_mode("wake", self._miner.resume_mining, _STOCK_NORMAL)
 
@@ -990,7 +1006,10 @@ class PyasicMiner:
         # Stock Antminer: the web UI's own sequence, through our digest client (pyasic's
         # stop_mining/resume_mining would answer True whatever happened): read the config,
         # write it back with the new miner-mode, read the mode back.
-        web = self._stock_web()
+        async with self._stock_web().session() as web:  # three calls, one connection
+            await self._stock_sequence(web, what, wanted)
+
+    async def _stock_sequence(self, web: WebSession, what: str, wanted: str) -> None:
         conf: dict[str, Any] = await self._call(
             f"{what}: get_miner_conf", lambda: web.get("get_miner_conf")
         )
@@ -1016,16 +1035,15 @@ class PyasicMiner:
             if reply.get("stats") == "error":
                 message = str(reply.get("msg", reply.get("code", "")))[:200]
                 raise CommandRejected(self._device_id, f"{what}: set_miner_conf: {message}")
-        await self._check_work_mode(what, wanted)
+        await self._check_work_mode(web, what, wanted)
 
     def _stock_web(self) -> AntminerWeb:
         if self._web_api is None:
             raise Unsupported(self._device_id, "only a stock Antminer has the CGI web API")
         return self._web_api
 
-    async def _check_work_mode(self, what: str, wanted: str) -> None:
+    async def _check_work_mode(self, web: WebSession, what: str, wanted: str) -> None:
         """Stock Antminer: read the work mode back (an ignored write answers success too)."""
-        web = self._stock_web()
         conf: dict[str, Any] = await self._call("get_miner_conf", lambda: web.get("get_miner_conf"))
         mode = str(conf.get("bitmain-work-mode", ""))[:16]
         if mode != wanted:
@@ -1088,16 +1106,61 @@ class PyasicMiner:
             )
 
     async def _braiins_target(self, watts: int) -> None:
-        web = self._miner.web
-        reply: dict[str, Any] = await self._call(
-            "set_power_target",
-            lambda: web.set_power_target(
-                watts, save_action=SaveAction(SaveAction.SAVE_AND_FORCE_APPLY)
-            ),
+        request = SetPowerTargetRequest(
+            power_target=Power(watt=watts),
+            save_action=SaveAction(SaveAction.SAVE_AND_FORCE_APPLY),
         )
+        reply = await self._bos_send("set_power_target", "set_power_target", request)
         applied = reply.get("powerTarget", {}).get("watt")
         if applied != watts:
             raise CommandNotApplied(self._device_id, f"power target {watts} W answered {applied!r}")
+
+    async def _bos_send(self, what: str, method: str, message: Any) -> dict[str, Any]:
+        """One privileged BOS+ gRPC call, the login (when no fresh token is held) on the same
+        HTTP/2 connection. pyasic opens a connection per call and one more to log in; its
+        stubs, messages and login exchange are used as they are."""
+        web = self._miner.web
+
+        async def exchange() -> dict[str, Any]:
+            async with Channel(web.ip, web.port) as channel:
+                stub = BOSMinerGRPCStub(channel)
+                fresh = time.monotonic() - self._bos_token_at < _BOS_TOKEN_S
+                token = self._bos_token if fresh else None
+                for attempt in range(2):
+                    if token is None:
+                        token = await self._bos_login(channel, web.username, web.pwd)
+                    try:
+                        call = getattr(stub, method)
+                        reply = await call(message, metadata=[("authorization", token)])
+                    except GRPCError as exc:
+                        if exc.status is GrpcStatus.UNAUTHENTICATED and attempt == 0:
+                            token = self._bos_token = None  # expired or a reboot: log in again
+                            continue
+                        raise
+                    out: dict[str, Any] = reply.to_pydict()
+                    return out
+                raise AssertionError("unreachable: the second attempt returns or raises")
+
+        return await self._call(what, exchange)
+
+    async def _bos_login(self, channel: Channel, username: str, password: str) -> str:
+        """pyasic's BOS+ login exchange: the token comes back in the initial metadata."""
+        request = LoginRequest(username=username, password=password)
+        async with channel.request(
+            "/braiins.bos.v1.AuthenticationService/Login",
+            grpclib.const.Cardinality.UNARY_UNARY,
+            LoginRequest,
+            LoginResponse,
+        ) as stream:
+            await stream.send_message(request, end=True)
+            await stream.recv_initial_metadata()
+            metadata: Mapping[str, Any] = stream.initial_metadata or {}
+            token = metadata.get("authorization")
+            await stream.recv_message()  # the reply (or the login's GRPCError)
+        if not isinstance(token, str) or not token or len(token) > 4096:
+            raise BadReply(self._device_id, "login: no token in the reply's metadata")
+        self._bos_token, self._bos_token_at = token, time.monotonic()
+        return token
 
     async def _luxos_profileset(self, profile: str) -> None:
         atm: dict[str, Any] = await self._call("atm", self._rpc.atm)

@@ -449,6 +449,10 @@ class CsvPriceReplay:
         """Rows skipped when loading, each with file, line, column and reason."""
         return self._series.rejected
 
+    def restart(self) -> None:
+        """Replay from the start again, from now (a demo that spent its start-up time)."""
+        self._clock0 = self._clock()
+
     def sim_now_s(self) -> float:
         """The simulated instant, epoch seconds."""
         return self._start_s + (self._clock() - self._clock0) * self._speed

@@ -94,6 +94,17 @@
     setText("meter-power", power(p.meter_w));
     $("cooling-row").hidden = !isNum(p.cooling_w);
     setText("cooling-power", power(p.cooling_w));
+    // The live 4CP account: the latest month's peak-interval demand and the season's charge.
+    const f = view.fourcp;
+    const peak = f && isNum(f.peak_w);
+    $("fourcp-peak-row").hidden = !peak;
+    if (peak) {
+      setText(
+        "fourcp-peak",
+        power(f.peak_w) + " in " + String(f.month) + " (" + String(f.source) + "), season est. " +
+          usd(f.season_charge_usd),
+      );
+    }
     const full = isNum(p.interconnect_w) && p.interconnect_w > 0 ? p.interconnect_w : p.limit_w;
     const fill = $("power-fill");
     const mark = $("power-limit-mark");

@@ -4,7 +4,8 @@ Against the Antminer simulator: sleep and wake through the client, the nonce reu
 counting ``nc`` (one exchange a call once a challenge is known), wrong credentials refused as
 ``AuthFailed`` with nothing written. Against hostile servers on loopback: an endless reply, a
 reply that is not HTTP, a challenge for another algorithm; each is an error, never a hang or an
-unbounded buffer.
+unbounded buffer. A session keeps one connection across calls, reads chunked replies, and
+opens another connection when the server closes one.
 """
 
 from __future__ import annotations
@@ -138,3 +139,40 @@ async def test_a_reply_that_is_not_http_or_not_digest_is_an_error() -> None:
             with pytest.raises(error, match=text):
                 async with asyncio.timeout(5):
                     await web.get("stats")
+
+
+async def test_a_session_keeps_one_connection_and_reads_chunked_and_closing_replies() -> None:
+    connections = 0
+    replies = [
+        b'HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{"a": 1}\n',
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"b"\r\n4\r\n: 2}\r\n0\r\n\r\n',
+        b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\n{"c": 3}',
+    ]
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while replies:
+                await reader.readuntil(b"\r\n\r\n")
+                reply = replies.pop(0)
+                writer.write(reply)
+                await writer.drain()
+                if b"close" in reply:
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(client, HOSTILE, 0)
+    async with server:
+        web = AntminerWeb(HOSTILE, port=_port(server))
+        async with asyncio.timeout(5), web.session() as s:
+            assert await s.get("one") == {"a": 1}
+            assert await s.get("two") == {"b": 2}
+            assert await s.get("three") == {"c": 3}
+            assert connections == 1  # three calls on one keep-alive connection
+            replies.append(b'HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{"d": 4}')
+            assert await s.get("four") == {"d": 4}  # the server closed: a new connection
+        assert connections == 2

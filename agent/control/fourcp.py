@@ -15,6 +15,10 @@ The estimate, in order:
    (early in a month the running maximum is too low to mean anything);
 4. risk rises linearly from 0 at ``margin`` below the reference to 1 at the reference; a falling
    load halves it (the day's peak has probably passed).
+
+The risk is a score, not a probability: it flags about 100 intervals a month for one peak. The
+site prices ``risk × grid.fourcp.hit_rate`` (the forecast's historical precision,
+:func:`agent.control.settlement.fourcp_risk_priced`).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ from drivers.inputs import (
     parse_number_text,
     record,
 )
-from drivers.miners.antminer_web import AntminerWeb, WebError
+from drivers.miners.antminer_web import AntminerWeb, WebError, WebSession
 from drivers.miners.base import MinerCapability, MinerMode, MinerProfile, MinerReading
 
 
@@ -1006,7 +1006,10 @@ class PyasicMiner:
         # Stock Antminer: the web UI's own sequence, through our digest client (pyasic's
         # stop_mining/resume_mining would answer True whatever happened): read the config,
         # write it back with the new miner-mode, read the mode back.
-        web = self._stock_web()
+        async with self._stock_web().session() as web:  # three calls, one connection
+            await self._stock_sequence(web, what, wanted)
+
+    async def _stock_sequence(self, web: WebSession, what: str, wanted: str) -> None:
         conf: dict[str, Any] = await self._call(
             f"{what}: get_miner_conf", lambda: web.get("get_miner_conf")
         )
@@ -1032,16 +1035,15 @@ class PyasicMiner:
             if reply.get("stats") == "error":
                 message = str(reply.get("msg", reply.get("code", "")))[:200]
                 raise CommandRejected(self._device_id, f"{what}: set_miner_conf: {message}")
-        await self._check_work_mode(what, wanted)
+        await self._check_work_mode(web, what, wanted)
 
     def _stock_web(self) -> AntminerWeb:
         if self._web_api is None:
             raise Unsupported(self._device_id, "only a stock Antminer has the CGI web API")
         return self._web_api
 
-    async def _check_work_mode(self, what: str, wanted: str) -> None:
+    async def _check_work_mode(self, web: WebSession, what: str, wanted: str) -> None:
         """Stock Antminer: read the work mode back (an ignored write answers success too)."""
-        web = self._stock_web()
         conf: dict[str, Any] = await self._call("get_miner_conf", lambda: web.get("get_miner_conf"))
         mode = str(conf.get("bitmain-work-mode", ""))[:16]
         if mode != wanted:

@@ -43,7 +43,8 @@ def build_node(
     """The node's agent and its link, every part given at construction."""
     assert config.node is not None
     bus = MqttBus(config.node.broker.bus_settings(f"node-{config.node.id}", node_will(config)))
-    link = NodeLink(config, bus)
+    wake_control = asyncio.Event()  # shared: a new envelope runs the node's cycle at once
+    link = NodeLink(config, bus, wake=wake_control.set)
     state = AgentState(site_id=config.site.id, started_at=utc_now())
     tasks = TaskBoard()  # the supervised tasks' health: the supervisor writes, metrics read
     services: list[Service] = [link.run, link.tick, *extra_services]
@@ -58,9 +59,15 @@ def build_node(
     )
     # The link is one more grid source: every other part stays as the wiring built it.
     components = replace(components, grid_sources=(*components.grid_sources, link))
-    agent = Agent(config, components, state=state, tasks=tasks, observers=observers)
-    agent.event_watch_s = 0.1  # a new envelope reaches the policy within 0.1 s
-    link.wake = agent.wake_control.set
+    agent = Agent(
+        config,
+        components,
+        state=state,
+        tasks=tasks,
+        observers=observers,
+        wake_control=wake_control,
+        event_watch_s=0.1,  # a new envelope reaches the policy within 0.1 s
+    )
     return agent, link
 
 

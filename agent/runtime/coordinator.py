@@ -78,6 +78,7 @@ class Coordinator:
         system_load: SystemLoadReplay | None = None,
         meter: Meter | None = None,
         ambient_source: PriceSource | None = None,
+        count_rejected: Callable[[str, str], None] = lambda _source, _reason: None,
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -107,8 +108,8 @@ class Coordinator:
         self._ramp = RampBudget.of(config)
         # Health of every polled source, by name: the loop publishes copies to outputs.
         self.health: dict[str, SourceHealth] = {}
-        # Counts one rejected input (source, reason); the loop sets it to its own counter.
-        self.count_rejected: Callable[[str, str], None] = lambda _source, _reason: None
+        # Counts one rejected input (source, reason): the runtime's counter, given by the loop.
+        self.count_rejected = count_rejected
         self.price_changed = asyncio.Event()
         # Refused feed answers (source, one-line reason) waiting for the runtime's audit sink.
         self.rejected_to_audit: deque[tuple[str, str]] = deque(maxlen=100)

@@ -60,6 +60,7 @@ class EventBook:
         *,
         on_change: Callable[[], None] = lambda: None,
         count_rejected: Callable[[str, str], None] = lambda _source, _reason: None,
+        limits: CommandLimits | None = None,
     ) -> None:
         self.sources = sources
         self.rejected_seen: dict[str, int] = {}  # per source, how many rejections were audited
@@ -76,7 +77,7 @@ class EventBook:
         self.overrides: dict[str, GridEvent] = {}
         self._intervals: dict[str, _Interval] = {}
         # The limits every channel shares (agent.control.limits); None: no limits (tests).
-        self.limits: CommandLimits | None = None
+        self.limits = limits
         self.refused_updates: set[tuple[str, str]] = set()  # audited once each
 
     def _violation(self, event: GridEvent, now: datetime) -> str | None:

@@ -122,6 +122,8 @@ class Agent:
         observers: Sequence[CycleHook] = (),
         inbox: CommandInbox | None = None,
         watchdog: Callable[[], None] | None = None,
+        wake_control: asyncio.Event | None = None,
+        event_watch_s: float = 0.5,
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -141,6 +143,7 @@ class Agent:
             system_load=components.system_load,
             meter=components.meter,
             ambient_source=components.ambient_source,
+            count_rejected=self._count_rejected,
             clock=clock,
             monotonic=monotonic,
         )
@@ -156,20 +159,21 @@ class Agent:
         self.inbox = inbox
         self.watchdog = watchdog  # fed after every cycle (systemd)
         self.operator_mode: Literal["auto", "manual"] = "auto"
-        self.wake_control = asyncio.Event()  # set to run a control cycle at once (fast path)
+        # Set to run a control cycle at once (the fast path); a caller may share it with a part
+        # that must wake the loop (a node agent's link, on a new envelope).
+        self.wake_control = wake_control if wake_control is not None else asyncio.Event()
+        self.limits = CommandLimits.of(config)  # one set of limits for every channel
         self.event_book = EventBook(
             list(components.grid_sources),
             components.store,
             self.coordinator.events,
             on_change=self.wake_control.set,
             count_rejected=self._count_rejected,
+            limits=self.limits,
         )
-        self.coordinator.count_rejected = self._count_rejected
         # The site's demand in 4CP-risk intervals, at the meter when it is trusted.
         self.fourcp_book = FourCpBook(config, components.store)
-        self.limits = CommandLimits.of(config)  # one set of limits for every channel
-        self.event_book.limits = self.limits
-        self.event_watch_s = 0.5
+        self.event_watch_s = event_watch_s  # how often grid sources are checked for changes
         self.first_poll_timeout_s = first_poll_timeout_s(config.control)
         self._adopted = False  # the first poll's adoption, once per process
         # Restart back-off of a supervised task that died: first and longest (tests shorten it).

@@ -198,6 +198,7 @@ class NodeLink:
         config: AgentConfig,
         bus: Bus,
         *,
+        wake: Callable[[], None] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         assert config.node is not None, "a node agent needs a node: section"
@@ -221,7 +222,7 @@ class NodeLink:
         self.connected = asyncio.Event()
         self.refused = 0
         self.applied: list[tuple[int, int]] = []  # (epoch, seq) in the order applied (tests)
-        self.wake: Callable[[], None] | None = None  # set by the node runner: a fast cycle
+        self.wake = wake  # runs the node's control cycle at once (a new envelope)
         self.latest_views: NodeViews | None = None
         journaled = load_journal(self.role.journal_path)
         if journaled is not None:

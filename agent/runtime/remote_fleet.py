@@ -80,6 +80,7 @@ class RemoteNodeFleet:
         bus: Bus,
         *,
         state: AgentState | None = None,
+        epoch: int | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -92,8 +93,9 @@ class RemoteNodeFleet:
         self.monotonic = monotonic
         self.site_id = config.site.id
         self.nodes = {n.id: _Node(n.id, n.max_w, n.timeout_s) for n in self.settings.nodes}
-        # A restarted controller starts a new epoch: its seq restarts, and nodes accept it.
-        self.epoch = int(clock().timestamp() * 1000)
+        # A restarted controller starts a new epoch: its seq restarts, and nodes accept it. The
+        # wiring passes the epoch its broker will (last will) was built with.
+        self.epoch = epoch if epoch is not None else int(clock().timestamp() * 1000)
         self.seq = 0
         self._session: BusSession | None = None
         self._acks: dict[tuple[str, int], asyncio.Future[NodeAck]] = {}

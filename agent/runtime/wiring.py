@@ -225,9 +225,7 @@ def build_remote_fleet(config: AgentConfig, state: AgentState | None) -> Fleet:
     epoch = int(fleet_clock.timestamp() * 1000)
     will = controller_will(config.site.id, epoch)
     bus = MqttBus(config.remote_nodes.broker.bus_settings(f"site-agent-{config.site.id}", will))
-    fleet = RemoteNodeFleet(config, bus, state=state)
-    fleet.epoch = epoch
-    return fleet
+    return RemoteNodeFleet(config, bus, state=state, epoch=epoch)
 
 
 def build_components(

@@ -7,8 +7,12 @@ miners per process, each on its own loopback address), then in this process:
    them all once to warm up;
 2. a price spike: every miner commanded to shed (``sleep``: LuxOS curtail, BOS+ pause, stock
    ``miner-mode`` sleep, Whatsminer power off), then polled until telemetry confirms every one
-   sleeping; then everyone is woken, and the run waits until all mine again. The spike runs
-   first because a capped baseline can leave pyasic's own tasks running behind it;
+   sleeping; then everyone is woken, and the run waits until all mine again. Twice: first with
+   no BOS+ or Whatsminer login token held (``"tokens": "cold"``, a freshly started agent: each
+   command logs in first), then with the tokens warm (``"warm"``: the running agent's steady
+   state, which ``MinerFleet.run`` keeps by renewing stale tokens in the background; here
+   ``prepare_fleet``, the same renewal). The spikes run first because a capped baseline can
+   leave pyasic's own tasks running behind it;
 3. ``--rounds`` times, a full poll with our driver (``read_fleet``) and, in the same run, plain
    pyasic ``asyncio.gather(*(m.get_data() for m in miners))`` at pyasic's defaults, on fresh
    pyasic objects of the classes pyasic identified. The baseline is capped at
@@ -52,6 +56,7 @@ from drivers.miners.base import MinerMode, MinerReading
 from drivers.miners.pyasic_driver import (
     PyasicMiner,
     discover,
+    prepare_fleet,
     read_fleet,
     sleep_fleet,
     wake_fleet,
@@ -227,8 +232,11 @@ async def shed(m: PyasicMiner) -> DeviceError | None:
     return None
 
 
-async def spike(miners: list[PyasicMiner], sims: Sims, deadline_s: float) -> None:
-    """Command all to shed, then poll until telemetry confirms every one asleep."""
+async def spike(miners: list[PyasicMiner], sims: Sims, deadline_s: float, tokens: str) -> None:
+    """Command all to shed, then poll until telemetry confirms every one asleep.
+
+    ``tokens`` ("cold" or "warm": whether BOS+ and Whatsminer login tokens were held) labels
+    every figure."""
     n = len(miners)
     fams = {m.device_id: m.family.value for m in miners}
     s0, c0 = sims.cpu(), time.process_time()
@@ -241,12 +249,20 @@ async def spike(miners: list[PyasicMiner], sims: Sims, deadline_s: float) -> Non
         wall,
         "s",
         n,
+        tokens=tokens,
         failed=len(failed),
         cpu_s=round(time.process_time() - c0, 3),
         sim_cpu_s={f: round(s1[f] - s0[f], 3) for f in s1},
     )
     for f, rows in by_family([m.family.value for m in miners], done).items():
-        emit("spike_family_commanded_s", max(d or 0.0 for d in rows), "s", len(rows), family=f)
+        emit(
+            "spike_family_commanded_s",
+            max(d or 0.0 for d in rows),
+            "s",
+            len(rows),
+            family=f,
+            tokens=tokens,
+        )
     for d, e in list(failed.items())[:5]:
         print(f"# sleep failed: {d} ({fams[d]}): {e}", file=sys.stderr)
     confirmed: dict[str, float] = {}
@@ -265,6 +281,7 @@ async def spike(miners: list[PyasicMiner], sims: Sims, deadline_s: float) -> Non
         max(confirmed.values()) if ok else deadline_s,
         "s",
         n,
+        tokens=tokens,
         cpu_s=round(time.process_time() - c0, 3),
         sim_cpu_s={f: round(s1[f] - s0[f], 3) for f in s1},
         polls=polls,
@@ -284,6 +301,7 @@ async def spike(miners: list[PyasicMiner], sims: Sims, deadline_s: float) -> Non
             "s",
             total,
             family=f,
+            tokens=tokens,
             confirmed=len(times),
         )
 
@@ -351,11 +369,25 @@ async def bench(args: argparse.Namespace, sims: Sims) -> None:
         await profile(miners, sims, args.rounds)
         return
 
-    # The spike first, while nothing else runs (a capped baseline can leave pyasic's own
-    # tasks running behind it); then everyone is woken and the polls are compared.
-    await spike(miners, sims, args.spike_deadline_s)
-    await wake_fleet(miners)
-    await until_all(miners, MinerMode.MINING, args.spike_deadline_s)
+    # The spikes first, while nothing else runs (a capped baseline can leave pyasic's own
+    # tasks running behind it); then everyone is woken and the polls are compared. The first
+    # spike finds no login token held (a freshly started agent); the second finds them warm,
+    # as the running agent keeps them (MinerFleet.run renews stale tokens in the background).
+    for tokens in ("cold", "warm"):
+        if tokens == "warm":
+            t0 = time.perf_counter()
+            renewed = await prepare_fleet(miners, most=len(miners))
+            emit(
+                "tokens_renewed",
+                sum(e is None for e in renewed.values()),
+                "miners",
+                n,
+                failed=sum(e is not None for e in renewed.values()),
+                s=round(time.perf_counter() - t0, 2),
+            )
+        await spike(miners, sims, args.spike_deadline_s, tokens)
+        await wake_fleet(miners)
+        await until_all(miners, MinerMode.MINING, args.spike_deadline_s)
 
     # Plain pyasic objects of the classes pyasic identified, built without I/O: the same
     # objects get_miner returns, at pyasic's default settings (no identification timed).

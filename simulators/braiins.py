@@ -339,6 +339,7 @@ class BraiinsMiner:
         self.password = password
         self.range = power_range(spec.model)
         self.token = ""
+        self.logins = 0  # successful logins since start (tests: who logged in when)
         self.locate = False
         self.rpc_server: asyncio.Server | None = None
         self.grpc_server: Server | None = None
@@ -490,6 +491,7 @@ def _services(miner: BraiinsMiner) -> list[Any]:
                 raise GRPCError(Status.UNAUTHENTICATED, "Invalid username or password")
             if not miner.token:
                 miner.token = secrets.token_urlsafe(12)
+            miner.logins += 1
             await stream.send_initial_metadata(metadata={"authorization": miner.token})
             await stream.send_message(pb.LoginResponse(token=miner.token, timeout_s=3600))
 

@@ -31,6 +31,7 @@ from agent.runtime.fleet import FleetViews, NotApplied
 from drivers.errors import DeviceError
 from drivers.miners.base import (
     MinerCapability,
+    MinerCredentials,
     MinerMode,
     MinerPowerProfile,
     MinerReading,
@@ -41,6 +42,10 @@ from drivers.miners.base import (
 log = logging.getLogger(__name__)
 
 FAILED_POLLS_FOR_FAULT = 3
+# Login tokens renewed ahead of need per poll interval (MinerFleet.run): a 10,000-miner fleet
+# warms every token in a few minutes without a burst of logins.
+CREDENTIALS_PER_ROUND = 250
+CREDENTIALS_MIN_PERIOD_S = 1.0  # a round looks at every driver: not more often than this
 
 
 class MinerDevice(MinerTelemetry, MinerSleepWake, Protocol):
@@ -397,11 +402,53 @@ class MinerFleet:
         return [(s.device_id, s.commanded, s.commanded_since) for s in self.slots.values()]
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Miner drivers open a connection per call; at stop they give back what they hold."""
+        """Keep login tokens warm until stop; then drivers give back what they hold.
+
+        Every poll interval (at least a second), at most :data:`CREDENTIALS_PER_ROUND`
+        answering miners whose driver holds a stale login token
+        (:class:`~drivers.miners.base.MinerCredentials`: BOS+, Whatsminer) renew it, so that a
+        spike's commands go out without a login first. A failed renewal changes nothing: the
+        command that needs the token logs in itself.
+        """
         try:
-            await stop.wait()
+            while not stop.is_set():
+                await self.renew_credentials()
+                with contextlib.suppress(TimeoutError):
+                    period = max(self.config.control.poll_interval_s, CREDENTIALS_MIN_PERIOD_S)
+                    async with asyncio.timeout(period):
+                        await stop.wait()
         finally:
             await release_drivers(self.drivers.values())
+
+    async def renew_credentials(self, most: int | None = None) -> int:
+        """Renew up to ``most`` stale login tokens concurrently; returns how many were renewed."""
+        stale: list[MinerCredentials] = []
+        for device_id, driver in self.drivers.items():
+            slot = self.slots.get(device_id)
+            if (
+                slot is None
+                or slot.fault is not None
+                or slot.last_error is not None
+                or slot.reading is None
+                or not isinstance(driver, MinerCredentials)
+                or not driver.credential_stale()
+            ):
+                continue
+            stale.append(driver)
+            if len(stale) >= (CREDENTIALS_PER_ROUND if most is None else most):
+                break
+        if not stale:
+            return 0
+        results = await asyncio.gather(*(d.prepare() for d in stale), return_exceptions=True)
+        renewed = 0
+        for result in results:
+            if isinstance(result, DeviceError):
+                log.debug("miner %s: login token not renewed: %s", result.device_id, result)
+            elif isinstance(result, BaseException):
+                raise result  # a bug, not a device: the supervisor reports and restarts
+            else:
+                renewed += 1
+        return renewed
 
 
 def observed_point(slot: MinerSlot) -> str | None:

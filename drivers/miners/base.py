@@ -86,3 +86,17 @@ class MinerPowerProfile(Protocol):
     """Selects an operating point by profile name (the highest profile at or below a power)."""
 
     async def set_profile(self, profile: str) -> None: ...
+
+
+@runtime_checkable
+class MinerCredentials(Protocol):
+    """Keeps a privileged credential (a login token) fresh ahead of need, so that a curtailment
+    pays one exchange, not a login first. Drivers whose firmware has none do not implement it."""
+
+    def credential_stale(self) -> bool:
+        """True when the credential is missing or past half its life."""
+        ...
+
+    async def prepare(self) -> None:
+        """Renew a stale credential (raises :class:`drivers.errors.DeviceError`)."""
+        ...

@@ -53,7 +53,7 @@ import time
 import types
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -107,6 +107,7 @@ from pyasic.miners.backends.btminer import BTMiner, BTMinerV2, BTMinerV3  # noqa
 from pyasic.miners.backends.luxminer import LUXMiner  # noqa: E402
 from pyasic.miners.factory import miner_factory  # noqa: E402
 from pyasic.network import MinerNetwork  # noqa: E402
+from pyasic.rpc.btminer import BTMinerRPCAPI  # noqa: E402
 from pyasic.rpc.luxminer import LUXMinerRPCAPI  # noqa: E402
 from pyasic.web.braiins_os.boser import BOSMinerGRPCStub  # noqa: E402
 from pyasic.web.braiins_os.proto.braiins.bos.v1 import (  # noqa: E402
@@ -215,6 +216,8 @@ SESSION_HELD = "session held by another client"
 _STOCK_NORMAL, _STOCK_SLEEP = "0", "1"
 # pyasic keeps a BOS+ token 59 minutes; so do we.
 _BOS_TOKEN_S = 3540.0
+# pyasic keeps a Whatsminer (btminer API 2) token 30 minutes, the firmware's life for one.
+_BTMINER_TOKEN_S = 1800.0
 # When a stock Antminer's model is not in the config's ladder: a generic S19-class figure.
 _FALLBACK_J_PER_TH = 30.0
 
@@ -555,6 +558,49 @@ class PyasicMiner:
         """Release what the driver holds on the miner (the LuxOS session): call on shutdown."""
         if self._family is Family.LUXOS:
             await self._logoff()
+
+    # --- privileged credentials, kept warm ----------------------------------------------
+
+    def credential_stale(self) -> bool:
+        """Whether a login token should be renewed ahead of need: missing or past half its life.
+
+        BOS+ (gRPC token) and Whatsminer (btminer API 2 token) have one: renewing it while the
+        site is calm means a curtailment sends its command at once, instead of a login first
+        (on a spike of thousands of miners that login is most of the CPU, on both ends). LuxOS
+        never: it allows one session holder, and holding the session would lock technicians
+        and fleet tools out (we log on per command and give it back). A stock Antminer's digest
+        nonce costs nothing to renew: its first call does.
+        """
+        if self._family is Family.BRAIINS:
+            return time.monotonic() - self._bos_token_at > _BOS_TOKEN_S / 2
+        rpc = getattr(self._miner, "rpc", None)
+        if self._family is Family.WHATSMINER and isinstance(rpc, BTMinerRPCAPI):
+            token = rpc.token
+            # pyasic stamps its token with naive local time; so do we, to compare.
+            half_life = timedelta(seconds=_BTMINER_TOKEN_S / 2)
+            return token is None or token.timestamp < datetime.now() - half_life
+        return False
+
+    async def prepare(self) -> None:
+        """Renew the login token if :meth:`credential_stale` (one bounded exchange).
+
+        A failure raises, and changes nothing else: the next command logs in itself, and
+        reports its own fault if that fails too.
+        """
+        if not self.credential_stale():
+            return
+        if self._family is Family.BRAIINS:
+            web = self._miner.web
+
+            async def login() -> None:
+                async with Channel(web.ip, web.port) as channel:
+                    await self._bos_login(channel, web.username, web.pwd)
+
+            await self._call("login", login)
+        elif self._family is Family.WHATSMINER:
+            rpc = self._miner.rpc
+            rpc.token = None  # pyasic answers with its cached token while it is under 30 min
+            await self._call("get_token", rpc.get_token)
 
     # --- telemetry -----------------------------------------------------------------------
 
@@ -1319,6 +1365,14 @@ async def scan_subnet(
             log.warning("scan %s: %s at %s is not a supported family; skipped", subnet, m, m.ip)
     miners.sort(key=lambda m: ipaddress.IPv4Address(m.address))
     return miners
+
+
+async def prepare_fleet(miners: Iterable[PyasicMiner], most: int) -> dict[str, DeviceError | None]:
+    """Renew at most ``most`` stale login tokens concurrently (:meth:`PyasicMiner.prepare`);
+    each result is None or the error. The runtime's miner fleet does the same in the
+    background (``MinerFleet.run``): benchmarks call this to reach that steady state."""
+    stale = [m for m in miners if m.credential_stale()][:most]
+    return await _command_fleet(stale, lambda m: m.prepare())
 
 
 async def sleep_fleet(miners: Iterable[PyasicMiner]) -> dict[str, DeviceError | None]:

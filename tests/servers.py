@@ -180,10 +180,14 @@ class Mosquitto:
                 f"mosquitto did not start: {self.log_path.read_text()[-2000:]}"
             ) from None
 
-    def stop(self) -> None:
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop the broker: SIGTERM (a clean shutdown), or with ``kill`` SIGKILL (a crash)."""
         if self.proc is None:
             return
-        self.proc.terminate()
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:

@@ -455,11 +455,11 @@ async def test_the_broker_refuses_a_node_publishing_on_another_nodes_topics(
         broker.stop()
 
 
-async def test_a_broker_restart_loses_no_command_and_runs_none_twice(tmp_path: Path) -> None:
+async def test_a_broker_killed_with_sigkill_loses_no_command_and_runs_none_twice(tmp_path: Path) -> None:
     async with running_site(tmp_path, price=30.0) as site:
         await until(lambda: settled(site), 30, "every node running and heard by the controller")
         broker = site.broker
-        broker.stop()
+        broker.stop(kill=True)  # kill -9: no clean goodbye to any client
         site.price.prices[0] = 400.0  # the spike comes while the broker is down
         await asyncio.sleep(1.0)
         broker.start()  # same port, no persistence: the broker forgot every session

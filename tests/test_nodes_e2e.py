@@ -455,7 +455,9 @@ async def test_the_broker_refuses_a_node_publishing_on_another_nodes_topics(
         broker.stop()
 
 
-async def test_a_broker_killed_with_sigkill_loses_no_command_and_runs_none_twice(tmp_path: Path) -> None:
+async def test_a_broker_killed_with_sigkill_loses_no_command_and_runs_none_twice(
+    tmp_path: Path,
+) -> None:
     async with running_site(tmp_path, price=30.0) as site:
         await until(lambda: settled(site), 30, "every node running and heard by the controller")
         broker = site.broker

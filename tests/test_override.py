@@ -56,10 +56,18 @@ async def test_curtail_cli_brings_site_under_target_fast_and_release_restores(
                 await until(lambda: true_site_w(fleet) <= 10_000, 5, "site under 10 kW")
                 # The least efficient (S19j Pro) were shed; the S21s carry the 10 kW.
                 assert all(truth(fleet, a)["sleeping"] for a in S19)
-                rows = await store.audit_rows()
+                # The miners obey before the actuator has journaled what they answered: wait
+                # for the three audit rows (on a busy machine they come a moment later).
                 user = getpass.getuser()
+                deadline = loop.time() + 10
+                while True:
+                    rows = await store.audit_rows()
+                    sleeps = [r for r in rows if r.action == "sleep:sleep" and r.result == "ok"]
+                    if len(sleeps) >= 3:
+                        break
+                    assert loop.time() < deadline, f"3 audited sleeps, got {len(sleeps)}"
+                    await asyncio.sleep(0.05)
                 assert any(r.source == f"operator:{user}" and r.action == "curtail" for r in rows)
-                sleeps = [r for r in rows if r.action == "sleep:sleep" and r.result == "ok"]
                 assert len(sleeps) == 3
                 assert all("event:override" in r.reason or "limit" in r.reason for r in sleeps)
 

@@ -340,6 +340,7 @@ class BraiinsMiner:
         self.range = power_range(spec.model)
         self.token = ""
         self.logins = 0  # successful logins since start (tests: who logged in when)
+        self.refused_logins = 0
         self.locate = False
         self.rpc_server: asyncio.Server | None = None
         self.grpc_server: Server | None = None
@@ -488,6 +489,7 @@ def _services(miner: BraiinsMiner) -> list[Any]:
             await miner.gate(stream, public=True)
             request = await stream.recv_message()
             if request is None or request.username != "root" or request.password != miner.password:
+                miner.refused_logins += 1
                 raise GRPCError(Status.UNAUTHENTICATED, "Invalid username or password")
             if not miner.token:
                 miner.token = secrets.token_urlsafe(12)

@@ -102,6 +102,9 @@ class MinerFleet:
         self.started_mono = monotonic()
         self._polled = asyncio.Event()
         self._pending: dict[str, _Pending] = {}
+        # Monotonic time a login-token renewal last failed, by device: not tried again before
+        # fault_retry_s (a wrong password is not hammered; the commands log in themselves).
+        self._renew_failed_at: dict[str, float] = {}
         now = clock()
         self.slots: dict[str, MinerSlot] = {}
         for device_id, address, line in config.expanded_miners():
@@ -407,8 +410,9 @@ class MinerFleet:
         Every poll interval (at least a second), at most :data:`CREDENTIALS_PER_ROUND`
         answering miners whose driver holds a stale login token
         (:class:`~drivers.miners.base.MinerCredentials`: BOS+, Whatsminer) renew it, so that a
-        spike's commands go out without a login first. A failed renewal changes nothing: the
-        command that needs the token logs in itself.
+        spike's commands go out without a login first. A failed renewal changes nothing (the
+        command that needs the token logs in itself) and is not tried again before
+        ``control.fault_retry_s``; the first failure of a streak is logged.
         """
         try:
             while not stop.is_set():
@@ -422,31 +426,38 @@ class MinerFleet:
 
     async def renew_credentials(self, most: int | None = None) -> int:
         """Renew up to ``most`` stale login tokens concurrently; returns how many were renewed."""
-        stale: list[MinerCredentials] = []
+        now = self.monotonic()
+        retry_s = self.config.control.fault_retry_s
+        stale: list[tuple[str, MinerCredentials]] = []
         for device_id, driver in self.drivers.items():
             slot = self.slots.get(device_id)
+            failed_at = self._renew_failed_at.get(device_id)
             if (
                 slot is None
                 or slot.fault is not None
                 or slot.last_error is not None
                 or slot.reading is None
+                or (failed_at is not None and now - failed_at < retry_s)
                 or not isinstance(driver, MinerCredentials)
                 or not driver.credential_stale()
             ):
                 continue
-            stale.append(driver)
+            stale.append((device_id, driver))
             if len(stale) >= (CREDENTIALS_PER_ROUND if most is None else most):
                 break
         if not stale:
             return 0
-        results = await asyncio.gather(*(d.prepare() for d in stale), return_exceptions=True)
+        results = await asyncio.gather(*(d.prepare() for _, d in stale), return_exceptions=True)
         renewed = 0
-        for result in results:
+        for (device_id, _), result in zip(stale, results, strict=True):
             if isinstance(result, DeviceError):
-                log.debug("miner %s: login token not renewed: %s", result.device_id, result)
+                if device_id not in self._renew_failed_at:
+                    log.info("miner %s: login token not renewed: %s", device_id, result.message)
+                self._renew_failed_at[device_id] = self.monotonic()
             elif isinstance(result, BaseException):
                 raise result  # a bug, not a device: the supervisor reports and restarts
             else:
+                self._renew_failed_at.pop(device_id, None)
                 renewed += 1
         return renewed
 

@@ -62,9 +62,11 @@ from typing import Any
 from simulators import antminer_replies as R
 from simulators.common import (
     UNREADABLE,
+    Connections,
     ControlOp,
     RpcConnection,
     SimFleet,
+    close_listener,
     parse_delay_s,
     serve_faulted,
     serve_until_signal,
@@ -160,6 +162,30 @@ class _HttpRequest:
     body: bytes
 
 
+class _WebProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol for one web UI connection, counted in the miner's connections.
+
+    ``asyncio.start_server`` would hide the protocol; this one reports its creation, so a client
+    that connects while the miner closes is dropped, never served by a miner that is down.
+    """
+
+    def __init__(self, miner: AntminerEndpoint) -> None:
+        self._connections = miner.connections
+        self._connections.accepted()
+        super().__init__(asyncio.StreamReader(limit=MAX_HEAD_BYTES), miner.http_client)
+        self._tracked: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._tracked = transport
+        if self._connections.made(transport):  # else dropped: no handler starts
+            super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._tracked is not None:
+            self._connections.lost(self._tracked)
+        super().connection_lost(exc)
+
+
 @dataclass(slots=True)
 class AntminerEndpoint:
     """One simulated stock Antminer: RPC and web listeners plus its true state."""
@@ -170,10 +196,9 @@ class AntminerEndpoint:
     work_mode: int = MODE_NORMAL
     pools: list[dict[str, str]] = field(default_factory=list)
     blink: bool = False
-    connections: set[asyncio.Transport] = field(default_factory=set)
+    connections: Connections = field(default_factory=Connections)  # RPC and web
     _rpc: asyncio.Server | None = None
     _web: asyncio.Server | None = None
-    _web_writers: set[asyncio.StreamWriter] = field(default_factory=set)
     _web_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _nonce_key: bytes = field(default_factory=lambda: secrets.token_bytes(16))
     conf_writes: int = 0
@@ -205,30 +230,25 @@ class AntminerEndpoint:
             backlog=512,
         )
         try:
-            self._web = await asyncio.start_server(
-                self._http_client,
+            self._web = await loop.create_server(
+                lambda: _WebProtocol(self),
                 host=self.address,
                 port=self.spec.web_port,
                 reuse_address=True,
                 backlog=512,
-                limit=MAX_HEAD_BYTES,
             )
         except BaseException:
             self._rpc.close()
             self._rpc = None
             raise
+        self.connections.open()
 
     def close(self) -> None:
         for server in (self._rpc, self._web):
             if server is not None:
-                server.close()
+                close_listener(server)
         self._rpc = self._web = None
-        for t in list(self.connections):
-            t.abort()
-        self.connections.clear()
-        for w in list(self._web_writers):
-            w.transport.abort()
-        self._web_writers.clear()
+        self.connections.close()
         for task in list(self._web_tasks):
             task.cancel()  # a handler asleep in a slow answer must not outlive the miner
         self._web_tasks.clear()
@@ -311,10 +331,7 @@ class AntminerEndpoint:
 
     # --- web --------------------------------------------------------------------------
 
-    async def _http_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self._web_writers.add(writer)
+    async def http_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._web_tasks.add(task)
@@ -335,7 +352,6 @@ class AntminerEndpoint:
             # cancelled client task as an error, so it ends quietly instead.
             pass
         finally:
-            self._web_writers.discard(writer)
             if task is not None:
                 self._web_tasks.discard(task)
             writer.close()

@@ -71,7 +71,7 @@ from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.server import Server, Stream
 
-from simulators.common import EndpointFleet, serve_until_signal
+from simulators.common import Connections, EndpointFleet, close_listener, serve_until_signal
 from simulators.luxos import (
     RPC_PORT,
     MinerSpec,
@@ -344,7 +344,7 @@ class BraiinsMiner:
         self.locate = False
         self.rpc_server: asyncio.Server | None = None
         self.grpc_server: Server | None = None
-        self.connections: set[asyncio.Transport] = set()
+        self.connections = Connections()
         self.closed = asyncio.Event()
         self.boot()
 
@@ -390,6 +390,7 @@ class BraiinsMiner:
             reuse_address=True,
             backlog=512,
         )
+        self.connections.open()
         services = _services(self)
         server = Server(services)
         await server.start(self.spec.address, GRPC_PORT, reuse_address=True)
@@ -399,11 +400,9 @@ class BraiinsMiner:
         """Close both listeners now; the returned task waits for the gRPC server to finish."""
         self.closed.set()  # releases hung handlers
         if self.rpc_server is not None:
-            self.rpc_server.close()
+            close_listener(self.rpc_server)
             self.rpc_server = None
-        for t in list(self.connections):
-            t.abort()
-        self.connections.clear()
+        self.connections.close()
         if self.grpc_server is None:
             return None
         server, self.grpc_server = self.grpc_server, None

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
@@ -61,13 +62,105 @@ def parse_fault(kind: object, delay_s: object = 0.0) -> Fault:
 # --- one RPC connection ------------------------------------------------------------------
 
 
+class Connections:
+    """The live connections of one miner's listeners, and those still being accepted.
+
+    asyncio accepts a connection in a task of its own: a client that connects just before a
+    listener closes gets its transport *after* ``close()`` ran, so a plain set of transports
+    misses it, and it stays open (a reboot that still answers, a socket left for the garbage
+    collector). Protocols report their creation (``accepted``) and ``made``; a connection made
+    while the miner is not listening is dropped at once, and ``settled`` tells the fleet's stop
+    when nothing is left in flight.
+    """
+
+    __slots__ = ("_accepting", "_closing", "_live", "listening")
+
+    def __init__(self) -> None:
+        self.listening = False
+        self._live: set[asyncio.BaseTransport] = set()
+        self._closing: set[asyncio.BaseTransport] = set()
+        self._accepting = 0
+
+    def accepted(self) -> None:
+        """A protocol was created for an accepted socket (its transport comes next)."""
+        self._accepting += 1
+
+    def made(self, transport: asyncio.BaseTransport) -> bool:
+        """The transport exists; False (and dropped) when the miner stopped listening."""
+        self._accepting = max(0, self._accepting - 1)
+        if not self.listening:
+            self._abort(transport)
+            return False
+        self._live.add(transport)
+        return True
+
+    def lost(self, transport: asyncio.BaseTransport) -> None:
+        self._live.discard(transport)
+        self._closing.discard(transport)
+
+    def open(self) -> None:
+        self.listening = True
+
+    def close(self) -> None:
+        """Stop accepting and drop every live connection now."""
+        self.listening = False
+        for t in list(self._live):
+            self._abort(t)
+        self._live.clear()
+
+    def _abort(self, transport: asyncio.BaseTransport) -> None:
+        self._closing.add(transport)  # until its connection_lost runs
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+        else:
+            transport.close()
+
+    @property
+    def accepting(self) -> int:
+        """Connections accepted whose transport has not reported yet."""
+        return self._accepting
+
+    @property
+    def settled(self) -> bool:
+        """Nothing accepted-but-not-made, live, or aborted-but-not-yet-lost."""
+        return self._accepting == 0 and not self._live and not self._closing
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+
+def close_listener(server: asyncio.AbstractServer) -> None:
+    """Stop a listener now without racing asyncio's accept tasks (CPython 3.11).
+
+    ``Server.close()`` between asyncio accepting a socket and building its transport (the
+    next loop turn) makes that transport fail in ``Server._attach``, an ``AssertionError``
+    asyncio logs only in debug mode, and the half-built transport keeps its socket until the
+    garbage collector warns "unclosed transport". So, now: the listening sockets are no longer
+    read and are shut down (Linux then refuses new connections and resets those waiting in the
+    backlog, as a miner that went down does); and one loop turn later, after the accept tasks
+    already scheduled have built their transports (which :class:`Connections` drops at once),
+    the server closes.
+    """
+    loop = asyncio.get_running_loop()
+    if isinstance(server, asyncio.Server):
+        for sock in server.sockets:
+            loop.remove_reader(sock.fileno())
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+    loop.call_soon(server.close)
+
+
 class RpcServer(Protocol):
     """What an :class:`RpcConnection` needs from the miner it belongs to."""
 
-    connections: set[asyncio.Transport]
+    connections: Connections
 
     def on_request(self, request: object, conn: RpcConnection) -> None:
         """Answer one request; ``request`` is the decoded JSON, or ``UNREADABLE``."""
+
+
+# The longest a fleet's stop waits for its closing connections to let go of their sockets.
+STOP_SETTLE_S = 2.0
 
 
 class _Unreadable:
@@ -106,18 +199,19 @@ class RpcConnection(asyncio.Protocol):
         self._done = False
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        server.connections.accepted()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._server.connections.add(transport)
+        self._server.connections.made(transport)  # dropped at once when not listening
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()  # a slow answer for a client that left is never sent
             self._timer = None
         if self._transport is not None:
-            self._server.connections.discard(self._transport)
+            self._server.connections.lost(self._transport)
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -197,6 +291,8 @@ def serve_faulted(
 class Endpoint(Protocol):
     """One simulated miner: its address, its listeners and its true state."""
 
+    connections: Connections
+
     @property
     def address(self) -> str: ...
 
@@ -275,7 +371,22 @@ class EndpointFleet(Generic[E]):
         for pending in closing:
             if pending is not None:
                 await pending
-        await asyncio.sleep(0)  # let the loop process the closes
+        await self._settle()
+
+    async def _settle(self, within_s: float = STOP_SETTLE_S) -> None:
+        """Let the loop finish what the closes started, so no socket outlives the fleet.
+
+        Connections accepted just before a listener closed get their transport only now (and
+        are dropped at once); aborted ones need a loop turn to release their socket. Bounded:
+        a transport that never reports back cannot hold a stop for long.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        await asyncio.sleep(0)  # accept tasks already scheduled start now
+        while loop.time() < deadline:
+            if all(ep.connections.settled for ep in self._endpoints.values()):
+                return
+            await asyncio.sleep(0.005)
 
     async def __aenter__(self) -> Self:
         await self.start()

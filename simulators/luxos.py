@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from simulators.common import MAX_REQUEST_BYTES as MAX_REQUEST_BYTES
-from simulators.common import EndpointFleet, serve_until_signal
+from simulators.common import Connections, EndpointFleet, close_listener, serve_until_signal
 from simulators.luxos_model import (
     MODELS,
     PROFILE_DRAW_RATIO,
@@ -340,15 +340,16 @@ class _Connection(asyncio.Protocol):
         self._buf = b""
         self._done = False
         self._transport: asyncio.Transport | None = None
+        server.connections.accepted()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._server.connections.add(transport)
+        self._server.connections.made(transport)  # dropped at once when not listening
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
-            self._server.connections.discard(self._transport)
+            self._server.connections.lost(self._transport)
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -413,7 +414,7 @@ class _MinerServer:
         self.spec = spec
         self.state = state
         self.server: asyncio.Server | None = None
-        self.connections: set[asyncio.Transport] = set()
+        self.connections = Connections()
 
     @property
     def address(self) -> str:
@@ -442,14 +443,13 @@ class _MinerServer:
             reuse_address=True,
             backlog=512,
         )
+        self.connections.open()
 
     def close(self) -> None:
         if self.server is not None:
-            self.server.close()
+            close_listener(self.server)
             self.server = None
-        for t in list(self.connections):
-            t.abort()
-        self.connections.clear()
+        self.connections.close()
 
     def handle(self, request: object, conn: _Connection) -> None:
         fault = self.state.fault

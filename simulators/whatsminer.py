@@ -66,8 +66,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from simulators import whatsminer_replies as W
 from simulators.common import (
     UNREADABLE,
+    Connections,
     RpcConnection,
     SimFleet,
+    close_listener,
     parse_delay_s,
     serve_faulted,
     serve_until_signal,
@@ -185,7 +187,7 @@ class WhatsminerEndpoint:
 
     spec: WhatsminerSpec
     state: WhatsminerState
-    connections: set[asyncio.Transport] = field(default_factory=set)
+    connections: Connections = field(default_factory=Connections)
     pools: list[dict[str, str]] = field(default_factory=list)
     led_auto: bool = True
     salt: str = field(default_factory=lambda: _random(8))
@@ -226,14 +228,13 @@ class WhatsminerEndpoint:
             reuse_address=True,
             backlog=512,
         )
+        self.connections.open()
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.close()
+            close_listener(self._server)
             self._server = None
-        for t in list(self.connections):
-            t.abort()
-        self.connections.clear()
+        self.connections.close()
 
     def reset(self) -> None:
         self.state.reset()

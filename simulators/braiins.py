@@ -71,7 +71,13 @@ from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.server import Server, Stream
 
-from simulators.common import Connections, EndpointFleet, close_listener, serve_until_signal
+from simulators.common import (
+    Connections,
+    EndpointFleet,
+    close_listener,
+    serve_until_signal,
+    stop_accepting,
+)
 from simulators.luxos import (
     RPC_PORT,
     MinerSpec,
@@ -406,8 +412,12 @@ class BraiinsMiner:
         if self.grpc_server is None:
             return None
         server, self.grpc_server = self.grpc_server, None
-        server.close()
-        return asyncio.get_running_loop().create_task(_wait_closed(server))
+        # grpclib's listener has the same accept race (see close_listener): stop accepting
+        # now, close a loop turn later, when late connections are grpclib's handlers to close.
+        listener = getattr(server, "_server", None)
+        if isinstance(listener, asyncio.AbstractServer):
+            stop_accepting(listener)
+        return asyncio.get_running_loop().create_task(_close_grpc(server))
 
     # -- RPC (called by luxos._Connection)
 
@@ -456,7 +466,9 @@ class BraiinsMiner:
 Handler = Callable[[Stream[Any, Any]], Awaitable[None]]
 
 
-async def _wait_closed(server: Server) -> None:
+async def _close_grpc(server: Server) -> None:
+    await asyncio.sleep(0)  # the accept tasks already scheduled build their transports first
+    server.close()
     with contextlib.suppress(Exception):
         async with asyncio.timeout(2.0):
             await server.wait_closed()

@@ -141,13 +141,18 @@ def close_listener(server: asyncio.AbstractServer) -> None:
     already scheduled have built their transports (which :class:`Connections` drops at once),
     the server closes.
     """
+    stop_accepting(server)
+    asyncio.get_running_loop().call_soon(server.close)
+
+
+def stop_accepting(server: asyncio.AbstractServer) -> None:
+    """The first half of :func:`close_listener`: no accept from now on, refused at once."""
     loop = asyncio.get_running_loop()
     if isinstance(server, asyncio.Server):
         for sock in server.sockets:
             loop.remove_reader(sock.fileno())
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-    loop.call_soon(server.close)
 
 
 class RpcServer(Protocol):

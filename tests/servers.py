@@ -100,6 +100,14 @@ class _Startable(Protocol):
 S = TypeVar("S", bound=_Startable)
 
 
+def accept_task_pending() -> bool:
+    """asyncio accepted a socket and scheduled the task that builds its transport (the window
+    in which a listener's close races it; see ``simulators.common.close_listener``)."""
+    return any(
+        getattr(t.get_coro(), "__name__", "") == "_accept_connection2" for t in asyncio.all_tasks()
+    )
+
+
 @asynccontextmanager
 async def started_or_skip(server: S, reason: str) -> AsyncIterator[S]:
     """``server`` started for the block and stopped after it; the test skips with ``reason``

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from simulators.braiins import GRPC_PORT, BraiinsFleet, power_range
 from simulators.luxos import control_request, fleet_specs, serve_control
 from simulators.luxos_model import TARGET_DRAW_RATIO, FaultKind, ManualClock, Timing
 from tests.loopback import ip, subnet
+from tests.servers import accept_task_pending
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ip(141, 1)
@@ -241,6 +245,34 @@ async def test_control_port_drives_the_braiins_fleet(fleet: BraiinsFleet) -> Non
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_grpc_connection_accepted_as_the_miner_goes_down_leaks_no_socket(
+    fleet: BraiinsFleet,
+) -> None:
+    """grpclib's listener has asyncio's accept race too (see the LuxOS simulator's test): a
+    client accepted just before a reboot closes the gRPC server must not leave a half-built
+    transport holding its socket (grpclib, unlike the RPC listener, keeps an idle connection
+    until its client leaves, as it does for any connection)."""
+    address = ip(141, 3)
+    miner = fleet.endpoint(address)
+    loop = asyncio.get_running_loop()
+    client = socket.create_connection((address, GRPC_PORT), timeout=10)
+    try:
+        deadline = loop.time() + 10.0
+        while not accept_task_pending():
+            assert loop.time() < deadline, "asyncio never accepted the connection"
+            await asyncio.sleep(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            closing = miner.close()  # what a reboot does first
+            assert closing is not None
+            await closing
+            gc.collect()  # a half-built transport would warn here
+        leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        assert leaked == []
+    finally:
+        client.close()
+
+
 def test_site_agent_sim_serves_a_mixed_fleet_pyasic_tells_apart() -> None:
     if os.geteuid() != 0:
         pytest.skip("the stock Antminer's web API needs port 80 (root)")

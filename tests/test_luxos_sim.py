@@ -34,6 +34,7 @@ from simulators.luxos_model import (
 )
 from simulators.luxos_replies import MINER_VERSION
 from tests.loopback import ip, subnet
+from tests.servers import accept_task_pending
 
 # What each model draws on its default profile: 0.885 x the profile's nominal Watts.
 S19_W = round(3068 * PROFILE_DRAW_RATIO)
@@ -161,13 +162,6 @@ async def test_connection_closed_without_request_is_tolerated(fleet: LuxosFleet)
     assert reply["POWER"][0]["Watts"] == S19_W
 
 
-def _accept_task_pending() -> bool:
-    """asyncio accepted a socket and scheduled the task that builds its transport."""
-    return any(
-        getattr(t.get_coro(), "__name__", "") == "_accept_connection2" for t in asyncio.all_tasks()
-    )
-
-
 @pytest.mark.parametrize("moment", ["accept-task", "transport-pending"])
 @pytest.mark.parametrize("how", ["reboot", "stop"])
 async def test_a_connection_accepted_as_the_miner_goes_down_is_dropped(
@@ -187,7 +181,7 @@ async def test_a_connection_accepted_as_the_miner_goes_down_is_dropped(
         client.sendall(b'{"command": "power"}')
         deadline = loop.time() + 10.0
         if moment == "accept-task":  # accepted, its transport not yet built
-            while not _accept_task_pending():
+            while not accept_task_pending():
                 assert loop.time() < deadline, "asyncio never accepted the connection"
                 await asyncio.sleep(0)
         else:  # transport built, connection_made not yet called

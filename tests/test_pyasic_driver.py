@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from pyasic import settings as pyasic_settings
+from pyasic.miners.backends.btminer import BTMinerV2
 
 from drivers.errors import (
     BadReply,
@@ -28,6 +29,8 @@ from drivers.miners.base import (
     MinerTelemetry,
 )
 from drivers.miners.pyasic_driver import (
+    MISFITS_BEFORE_REIDENTIFY,
+    Family,
     PyasicMiner,
     discover,
     read_fleet,
@@ -305,6 +308,41 @@ async def test_sleep_fleet_reports_per_miner_results(
     assert isinstance(results[f"m-{ip(130, 2)}"], CommandRejected)
     assert sum(r is None for r in results.values()) == 7
     assert sum(s.sleeping for s in fleet.miners.values()) == 7
+
+
+def family(m: PyasicMiner) -> Family:
+    """The driver's family now (a call, so mypy does not narrow it across the awaits)."""
+    return m.family
+
+
+async def test_a_family_pyasic_got_wrong_is_identified_again(
+    fleet: LuxosFleet, semaphore: asyncio.Semaphore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pyasic's factory once took a LuxOS miner for a Whatsminer under load (issue 12's 10,000
+    miner run). A family that came from the factory and keeps failing as that family is
+    identified again; a family the config names is never second-guessed."""
+    # What the factory's misidentification hands over: a Whatsminer object for a LuxOS miner.
+    guessed = PyasicMiner(
+        "m-guessed", BTMinerV2(S19), semaphore, timeout_s=TIMEOUT_S, identified=True
+    )
+    assert family(guessed) is Family.WHATSMINER
+    for _ in range(MISFITS_BEFORE_REIDENTIFY):
+        with pytest.raises(BadReply, match="malformed reply"):
+            await guessed.read()
+    assert family(guessed) is Family.AUTO
+    assert "identifying the miner again" in caplog.text
+    reading = await guessed.read()  # identifies first, then reads as LuxOS
+    assert family(guessed) is Family.LUXOS
+    assert reading.power_w == S19_W
+    await guessed.sleep()
+    assert fleet.miners[S19].sleeping
+
+    configured = PyasicMiner("m-configured", BTMinerV2(S21), semaphore, timeout_s=TIMEOUT_S)
+    for _ in range(MISFITS_BEFORE_REIDENTIFY + 1):
+        with pytest.raises(BadReply):
+            await configured.read()
+    assert configured.family is Family.WHATSMINER
+    assert not fleet.miners[S21].sleeping
 
 
 def test_importing_the_driver_leaves_the_root_logger_alone() -> None:

@@ -45,17 +45,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import itertools
 import logging
 import math
 import time
 import types
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from drivers.errors import (
     AuthFailed,
@@ -248,6 +249,30 @@ def _new_miner(family: Family, address: str) -> Any:
     raise ValueError(f"no pyasic class for {family}")
 
 
+P = ParamSpec("P")
+# Failures in a row, as the family pyasic's factory chose, before the miner is identified again.
+MISFITS_BEFORE_REIDENTIFY = 2
+
+
+def _checks_family(
+    method: Callable[Concatenate[PyasicMiner, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[PyasicMiner, P], Coroutine[Any, Any, T]]:
+    """Count a failure a wrong family would cause (:meth:`PyasicMiner._misfit`); a success
+    clears the count."""
+
+    @functools.wraps(method)
+    async def checked(self: PyasicMiner, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            result = await method(self, *args, **kwargs)
+        except (BadReply, CommandRejected, Unsupported) as exc:
+            self._misfit(exc)
+            raise
+        self._misfits = 0
+        return result
+
+    return checked
+
+
 class PyasicMiner:
     """One miner of any supported family, reached through pyasic.
 
@@ -272,6 +297,7 @@ class PyasicMiner:
         session_release_s: float | None = 5.0,
         address: str | None = None,
         rejections: RejectionRecorder | None = None,
+        identified: bool = False,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -298,6 +324,11 @@ class PyasicMiner:
         self._web_api: AntminerWeb | None = None  # stock Antminer only (set on adoption)
         self._bos_token: str | None = None  # BOS+ gRPC token and when it was issued
         self._bos_token_at = -math.inf
+        # The family came from pyasic's factory (``auto``, discover): it may be wrong (the
+        # factory guesses from whichever port answers first, and under load it once took a
+        # LuxOS miner for a Whatsminer), so a family that keeps failing is identified again.
+        self._identified = identified
+        self._misfits = 0
         if miner is not None:
             self._adopt(miner)
 
@@ -421,6 +452,33 @@ class PyasicMiner:
             self._adopt(found)
         except DeviceError as exc:
             raise Unsupported(self._device_id, exc.message) from exc
+        self._identified = True
+
+    def _misfit(self, exc: DeviceError) -> None:
+        """A call failed in a way a wrong family would fail (a malformed reply, a refusal):
+        after ``MISFITS_BEFORE_REIDENTIFY`` in a row, forget a family pyasic's factory chose,
+        so that the next call identifies the miner again. A configured family is never
+        second-guessed."""
+        if not self._identified or self._miner is None:
+            return
+        self._misfits += 1
+        if self._misfits < MISFITS_BEFORE_REIDENTIFY:
+            return
+        log.warning(
+            "%s: %d failures in a row as %s (last: %s): identifying the miner again",
+            self._device_id,
+            self._misfits,
+            self._family.value,
+            exc.message,
+        )
+        self._miner = None
+        self._family = Family.AUTO
+        self._web_api = None
+        self._model = None
+        self._profiles = ()
+        self._bos_token = None
+        self._bos_token_at = -math.inf
+        self._misfits = 0
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run one device exchange under the fleet semaphore and this call's timeout."""
@@ -604,6 +662,7 @@ class PyasicMiner:
 
     # --- telemetry -----------------------------------------------------------------------
 
+    @_checks_family
     async def read(self) -> MinerReading:
         """One telemetry sample."""
         await self._ensure()
@@ -1023,6 +1082,7 @@ class PyasicMiner:
 
     # --- control -------------------------------------------------------------------------
 
+    @_checks_family
     async def sleep(self) -> None:
         """Stop hashing at standby power (LuxOS curtail, BOS+ pause, stock miner-mode)."""
         await self._ensure()
@@ -1034,6 +1094,7 @@ class PyasicMiner:
         else:
             await self._stock_mode("sleep", self._miner.stop_mining, _STOCK_SLEEP)
 
+    @_checks_family
     async def wake(self) -> None:
         """Resume hashing; power ramps up over the next minutes."""
         await self._ensure()
@@ -1124,6 +1185,7 @@ class PyasicMiner:
                 raise BadReply(self._device_id, "profiles: malformed PROFILES") from exc
         return self._profiles
 
+    @_checks_family
     async def set_profile(self, profile: str) -> None:
         """Move to one ladder point: a LuxOS profile, a BOS+ power target, a power limit."""
         await self._ensure()
@@ -1233,6 +1295,7 @@ class PyasicMiner:
                 self._device_id, f"profileset {profile!r} answered profile {applied!r}"
             )
 
+    @_checks_family
     async def set_power_limit(self, watts: float) -> str:
         """LuxOS: the highest profile at or below ``watts``; BOS+/Whatsminer: ``watts`` itself."""
         await self._ensure()
@@ -1318,7 +1381,12 @@ async def discover(
         try:
             found = await _identify(address, semaphore, identify_timeout_s)
             return PyasicMiner(
-                device_id, found, semaphore, timeout_s=timeout_s, thresholds=thresholds
+                device_id,
+                found,
+                semaphore,
+                timeout_s=timeout_s,
+                thresholds=thresholds,
+                identified=True,
             )
         except DeviceError as exc:
             if exc.device_id != device_id:

@@ -8,6 +8,7 @@ missing; ``make test`` installs the packages when it runs as root.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import shutil
@@ -17,12 +18,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import pytest
+
+from simulators.common import Connections
 
 # Not the global generator: a test that seeds it would make two runs pick the same ports.
 _RANDOM = random.SystemRandom()
@@ -98,6 +102,55 @@ class _Startable(Protocol):
 
 
 S = TypeVar("S", bound=_Startable)
+
+
+async def connect_as_it_closes(
+    address: str,
+    port: int,
+    request: bytes,
+    connections: Connections,
+    close: Callable[[], Awaitable[None]],
+    moment: str,
+) -> None:
+    """A client connects and sends ``request`` just as a simulated miner goes down (``close``).
+
+    ``moment``: ``accept-task`` closes once asyncio has accepted the socket but not yet built
+    its transport; ``transport-pending`` once the transport is built but ``connection_made`` has
+    not run. Asserts what a miner that is down owes that client: no answer, the connection let
+    go of, and no socket left for the garbage collector ("unclosed" ``ResourceWarning``).
+    """
+    loop = asyncio.get_running_loop()
+    # A blocking client: the kernel completes its handshake without the event loop.
+    client = socket.create_connection((address, port), timeout=10)
+    try:
+        client.sendall(request)
+        deadline = loop.time() + 10.0
+        if moment == "accept-task":
+            while not accept_task_pending():
+                assert loop.time() < deadline, "asyncio never accepted the connection"
+                await asyncio.sleep(0)
+        else:
+            while connections.accepting == 0:
+                assert loop.time() < deadline, "the simulator never accepted the connection"
+                await asyncio.sleep(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            await close()
+            try:
+                reply = await asyncio.to_thread(client.recv, 4096)
+            except ConnectionResetError:
+                reply = b""
+            assert reply == b"", f"a miner that is down answered: {reply!r}"
+            deadline = loop.time() + 10.0
+            while not connections.settled:
+                assert loop.time() < deadline, "the dropped connection was never let go of"
+                await asyncio.sleep(0.01)
+            gc.collect()  # a half-built transport would warn here
+        assert len(connections) == 0
+        leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        assert leaked == []
+    finally:
+        client.close()
 
 
 def accept_task_pending() -> bool:

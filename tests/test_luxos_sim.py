@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import math
-import socket
-import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -34,7 +31,7 @@ from simulators.luxos_model import (
 )
 from simulators.luxos_replies import MINER_VERSION
 from tests.loopback import ip, subnet
-from tests.servers import accept_task_pending
+from tests.servers import connect_as_it_closes
 
 # What each model draws on its default profile: 0.885 x the profile's nominal Watts.
 S19_W = round(3068 * PROFILE_DRAW_RATIO)
@@ -172,45 +169,19 @@ async def test_a_connection_accepted_as_the_miner_goes_down_is_dropped(
     and no socket may outlive the close (the soak once failed on exactly that: two "unclosed
     transport" warnings from a miner rebooting as the run ended, the transports CPython 3.11
     half-builds when a server closes under a scheduled accept)."""
-    address = ip(120, 4)
-    miner = fleet.endpoint(address)
-    loop = asyncio.get_running_loop()
-    # A blocking client: the kernel completes its handshake without the event loop.
-    client = socket.create_connection((address, 4028), timeout=10)
-    try:
-        client.sendall(b'{"command": "power"}')
-        deadline = loop.time() + 10.0
-        if moment == "accept-task":  # accepted, its transport not yet built
-            while not accept_task_pending():
-                assert loop.time() < deadline, "asyncio never accepted the connection"
-                await asyncio.sleep(0)
-        else:  # transport built, connection_made not yet called
-            while miner.connections.accepting == 0:
-                assert loop.time() < deadline, "the simulator never accepted the connection"
-                await asyncio.sleep(0)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if how == "reboot":
-                miner.close()  # what a reboot does first
-            else:
-                await fleet.stop()
-                # The stop returned only once the late connection was dropped and let go of.
-                assert miner.connections.settled, "a connection outlived the fleet's stop"
-            try:
-                reply = await asyncio.to_thread(client.recv, 4096)
-            except ConnectionResetError:
-                reply = b""
-            assert reply == b"", f"a miner that is down answered: {reply!r}"
-            deadline = loop.time() + 10.0
-            while not miner.connections.settled:
-                assert loop.time() < deadline, "the dropped connection was never let go of"
-                await asyncio.sleep(0.01)
-            gc.collect()  # a half-built transport would warn here
-        assert len(miner.connections) == 0
-        leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
-        assert leaked == []
-    finally:
-        client.close()
+    miner = fleet.endpoint(ip(120, 4))
+
+    async def close() -> None:
+        if how == "reboot":
+            miner.close()  # what a reboot does first
+        else:
+            await fleet.stop()
+            # The stop returned only once the late connection was dropped and let go of.
+            assert miner.connections.settled, "a connection outlived the fleet's stop"
+
+    await connect_as_it_closes(
+        miner.address, 4028, b'{"command": "power"}', miner.connections, close, moment
+    )
 
 
 def test_wake_ramp_is_linear_and_temperature_lags_power() -> None:

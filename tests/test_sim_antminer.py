@@ -27,7 +27,7 @@ from simulators.common import serve_control
 from simulators.luxos import control_request
 from simulators.luxos_model import S19J_PRO, ManualClock, Timing
 from tests.loopback import NET, ip, subnet
-from tests.servers import PORT_80, await_listening, started_or_skip
+from tests.servers import PORT_80, await_listening, connect_as_it_closes, started_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ip(140, 1)
@@ -271,3 +271,23 @@ async def test_control_port_validates_every_field_before_changing_anything(
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("moment", ["accept-task", "transport-pending"])
+@pytest.mark.parametrize("port", ["rpc", "web"])
+async def test_a_connection_accepted_as_the_miner_reboots_is_dropped(
+    fleet: AntminerFleet, port: str, moment: str
+) -> None:
+    """Both listeners of a stock Antminer, the CGMiner RPC and the web UI (whose protocol the
+    simulator counts itself), drop a client accepted just as the miner goes down, and leave no
+    socket behind (CPython 3.11's accept race; see ``simulators.common.close_listener``)."""
+    miner = fleet.endpoint(ip(140, 3))
+    if port == "rpc":
+        at, request = miner.spec.rpc_port, b'{"command": "version"}'
+    else:
+        at, request = miner.spec.web_port, b"GET /cgi-bin/get_miner_conf.cgi HTTP/1.1\r\n\r\n"
+
+    async def close() -> None:
+        miner.close()  # what a reboot does first
+
+    await connect_as_it_closes(miner.address, at, request, miner.connections, close, moment)

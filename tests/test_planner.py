@@ -10,17 +10,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.control.domain import OperatingPoint
 from agent.control.planner import (
+    DEADLINE_MARGIN_S,
     DeferrableJob,
     HorizonInput,
     HorizonPlan,
     MinerBlock,
     PlanStatus,
     SwitchingCost,
+    deadline_reserve_s,
+    need_gpu_h,
     plan_horizon,
 )
 
@@ -188,6 +192,37 @@ def test_impossible_deadline_runs_the_job_as_soon_as_possible_and_says_so() -> N
     assert "train-1" in plan.reason
     assert "as soon as possible" in plan.reason
     assert runs(plan) == [0, 1, 2]
+
+
+def test_only_the_job_that_cannot_make_it_runs_as_soon_as_possible() -> None:
+    # "late" needs 3 hours by hour 2: impossible, so it runs from the start. "cheap" needs 1
+    # hour by hour 4 and is still planned: into the 10 USD/MWh hour, not the first one.
+    late = job(3, 2, job_id="late")
+    cheap = job(1, 4, job_id="cheap")
+    plan = plan_horizon(horizon([50, 120, 50, 10], (block(),), (late, cheap)))
+    assert plan.status is PlanStatus.DEADLINE_INFEASIBLE
+    assert "late" in plan.reason
+    assert "cheap" not in plan.reason
+    assert runs(plan, 0) == [0, 1, 2]
+    assert runs(plan, 1) == [3]
+
+
+def test_a_deadline_past_the_horizon_leaves_the_rest_to_the_next_plan() -> None:
+    # 4 GPU-hours due 30 hours from now, a 4-hour horizon: the hours after it can do the work
+    # (less the reserve), so nothing has to run now, and nothing does at these prices.
+    far = job(4, 30)
+    inp = horizon([50, 120, 50, 10], (block(),), (far,))
+    assert need_gpu_h(inp, far) == 0.0
+    assert runs(plan_horizon(inp)) == []
+    # Due 8 hours from now, only 4 hours after the horizon, less a reserve of 0.4 h + 0.5 h:
+    # 0.9 GPU-hours must run within it, in its cheapest hour.
+    near = job(4, 8)
+    inp = horizon([50, 120, 50, 10], (block(),), (near,))
+    assert need_gpu_h(inp, near) == pytest.approx(4 - (4 - 0.4 - 0.5))
+    assert runs(plan_horizon(inp)) == [3]
+    assert deadline_reserve_s(4, 1) == pytest.approx(0.4 * 3600 + DEADLINE_MARGIN_S)
+    # At half throughput (the lowest cap), the reserve covers running that slowly all the way.
+    assert deadline_reserve_s(4, 1, 0.5) == pytest.approx((4 + 0.8) * 3600 + DEADLINE_MARGIN_S)
 
 
 def test_no_room_for_the_job_even_asap_is_a_failed_plan() -> None:

@@ -7,10 +7,12 @@ raises :class:`drivers.errors.BadInput` naming the file, the line and the column
 skipped silently: a backtest over a year with a hole in it would score a different year.
 
 :func:`job_trace` draws a reproducible trace of AI jobs (arrivals, durations, GPU counts and
-classes) from a seed, and places them on the GPU nodes with a simple best-fit scheduler that
-does not depend on the strategy being scored: jobs are rentals that occupy their GPUs from
-start to end whatever the policy does (suspending one loses its revenue and work, it does not
-extend it). So every strategy faces the same occupancy and the oracle stays an upper bound.
+classes, and deferrable training with its work and deadline) from a seed, and places them on the GPU
+nodes with a simple best-fit scheduler that does not depend on the strategy being scored: jobs are
+rentals that occupy their GPUs from start to end whatever the policy does (suspending one loses its
+revenue and work, it does not extend it). So every strategy faces the same occupancy and the oracle
+stays an upper bound. A deferrable job holds its GPUs from its arrival to its deadline, and each
+strategy chooses in which of those intervals it runs its work.
 
 :func:`load_events` reads demand-response events (one per row) for the backtest.
 """
@@ -21,10 +23,11 @@ import csv
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from agent.control.planner import deadline_reserve_s
 from drivers.errors import BadInput, SourceError
 from drivers.grid.base import GridEvent, ProgramKind
 from drivers.jobs.base import JobClass
@@ -142,18 +145,34 @@ class TraceSpec:
     gpus_weights: tuple[float, ...] = (0.15, 0.2, 0.3, 0.35)
     filler_max_wait_h: float = 6.0
     duration_sigma: float = 0.8  # lognormal spread of durations
+    # Deferrable training (preemptible contract): ``mean_duration_h`` is its work; its deadline
+    # is ``deferrable_slack`` times that after it arrives. None by default.
+    deferrable: ClassMix = ClassMix(arrivals_per_h=0.0, mean_duration_h=8.0)
+    deferrable_slack: float = 3.0
+    # The site's lowest GPU throughput share (at the minimum cap): every deadline leaves at
+    # least the policy's reserve (agent.control.planner.deadline_reserve_s), so that a job is
+    # never given a deadline the agent could not promise to keep whatever the prices.
+    deferrable_min_fraction: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
 class TraceJob:
-    """One job of the trace, placed: it occupies ``gpus`` on node ``node`` over [start, end)."""
+    """One job of the trace, placed: it occupies ``gpus`` on node ``node`` over [start, end).
+
+    A deferrable job (``work_i`` > 0) holds its GPUs over the same window but needs to run only
+    ``work_i`` intervals of it: ``end_i`` is its deadline, and each strategy picks when."""
 
     job_id: str
     job_class: JobClass
     gpus: int
     node: int  # index into the expanded GPU node list
     start_i: int  # first interval it occupies
-    end_i: int  # first interval it no longer occupies
+    end_i: int  # first interval it no longer occupies (a deferrable job's deadline)
+    work_i: int = 0  # deferrable: intervals of running it needs before end_i; 0: not deferrable
+
+    @property
+    def deferrable(self) -> bool:
+        return self.work_i > 0
 
 
 def job_trace(
@@ -169,16 +188,19 @@ def job_trace(
     # The spec's rates are for a 256-GPU pod; scale them to this site's GPUs.
     scale = sum(node_gpus) / 256.0
     horizon_h = n_intervals * dt_h
-    arrivals: list[tuple[float, int, JobClass, int, int]] = []  # (t_h, prio, class, gpus, len)
+    # (t_h, prio, class, gpus, intervals of work, and for deferrable work its window and the
+    # least of it that keeps the reserve, in intervals; 0 for the other classes)
+    arrivals: list[tuple[float, int, JobClass, int, int, int, int]] = []
     mixes = (
-        (JobClass.SLA, spec.sla),
-        (JobClass.PREEMPTIBLE, spec.preemptible),
-        (JobClass.FILLER, spec.filler),
+        (JobClass.SLA, spec.sla, "sla"),
+        (JobClass.PREEMPTIBLE, spec.preemptible, "preemptible"),
+        (JobClass.PREEMPTIBLE, spec.deferrable, "deferrable"),
+        (JobClass.FILLER, spec.filler, "filler"),
     )
     max_gpus = max(node_gpus, default=0)
-    for prio, (cls, mix) in enumerate(mixes):
+    for prio, (cls, mix, stream) in enumerate(mixes):
         # One stream per class, so a shorter period gets a prefix of a longer one's trace.
-        rng = random.Random(f"site-agent-trace:{seed}:{cls.value}")
+        rng = random.Random(f"site-agent-trace:{seed}:{stream}")
         rate_per_h = mix.arrivals_per_h * scale
         if rate_per_h <= 0:
             continue
@@ -191,12 +213,22 @@ def job_trace(
             gpus = rng.choices(spec.gpus_choices, spec.gpus_weights)[0]
             hours = rng.lognormvariate(mu, spec.duration_sigma)
             if gpus <= max_gpus:
-                arrivals.append((t, prio, cls, gpus, max(1, round(hours / dt_h))))
+                length = max(1, round(hours / dt_h))
+                window = lead = 0
+                if stream == "deferrable":
+                    reserve_s = deadline_reserve_s(
+                        gpus * length * dt_h, gpus, spec.deferrable_min_fraction
+                    )
+                    lead = length + math.ceil(reserve_s / interval_s)
+                    window = max(math.ceil(length * spec.deferrable_slack), lead)
+                arrivals.append((t, prio, cls, gpus, length, window, lead))
     arrivals.sort(key=lambda a: (a[0], a[1]))
 
     free = list(node_gpus)
     ending: dict[int, list[tuple[int, int]]] = {}  # interval -> [(node, gpus)]
-    queues: list[list[tuple[int, JobClass, int, int]]] = [[], [], []]  # (arrival_i, ...)
+    # (arrival_i, class, gpus, length, window, lead), one queue per priority
+    queues: list[list[tuple[int, JobClass, int, int, int, int]]] = [[] for _ in mixes]
+    filler = len(mixes) - 1
     placed: list[TraceJob] = []
     k = 0
     max_wait_i = spec.filler_max_wait_h / dt_h
@@ -204,30 +236,42 @@ def job_trace(
         for node, gpus in ending.pop(i, []):
             free[node] += gpus
         while k < len(arrivals) and arrivals[k][0] < (i + 1) * dt_h:
-            _, prio, cls, gpus, length = arrivals[k]
-            queues[prio].append((i, cls, gpus, length))
+            _, prio, cls, gpus, length, window, lead = arrivals[k]
+            queues[prio].append((i, cls, gpus, length, window, lead))
             k += 1
         most_free = max(free, default=0)
         for prio, queue in enumerate(queues):
-            waiting: list[tuple[int, JobClass, int, int]] = []
-            for arrived_i, cls, gpus, length in queue:
+            waiting: list[tuple[int, JobClass, int, int, int, int]] = []
+            for arrived_i, cls, gpus, length, window, lead in queue:
+                if window and i + lead > arrived_i + window:
+                    continue  # deferrable, its deadline no longer keeps the reserve: dropped
                 fits = [n for n, f in enumerate(free) if f >= gpus] if gpus <= most_free else []
                 if not fits:
-                    if prio < 2 or i - arrived_i < max_wait_i:
-                        waiting.append((arrived_i, cls, gpus, length))
+                    if prio < filler or i - arrived_i < max_wait_i:
+                        waiting.append((arrived_i, cls, gpus, length, window, lead))
                     continue
                 node = min(fits, key=lambda n: (free[n], n))
                 free[node] -= gpus
                 most_free = max(free)
-                end = i + length
+                # A deferrable job holds its GPUs until its deadline, running or not.
+                end = arrived_i + window if window else i + length
                 ending.setdefault(end, []).append((node, gpus))
                 placed.append(
                     TraceJob(
-                        f"job-{len(placed) + 1:06d}", cls, gpus, node, i, min(end, n_intervals)
+                        f"job-{len(placed) + 1:06d}",
+                        cls,
+                        gpus,
+                        node,
+                        i,
+                        min(end, n_intervals),
+                        length if window else 0,
                     )
                 )
             queue[:] = waiting
-    return placed
+    # A deferrable job cut by the end of the period keeps only the work that fits in it.
+    return [
+        replace(j, work_i=min(j.work_i, j.end_i - j.start_i)) if j.work_i else j for j in placed
+    ]
 
 
 # --- grid events ---------------------------------------------------------------------------

@@ -61,7 +61,7 @@ from agent.control.economics import (
     gpu_throughput_fraction,
     mining_revenue_usd_per_h,
 )
-from agent.control.planner import HorizonPlan
+from agent.control.planner import DeferrableJob, HorizonPlan
 from agent.control.settlement import (
     Ledger,
     event_target_w,
@@ -74,6 +74,7 @@ from agent.control.site import (
     assemble_snapshot,
     checkpoint_age_s,
     contract,
+    deferrable_jobs,
     node_power_w,
     ramp_capacity_w,
     resume_cost,
@@ -89,7 +90,10 @@ from drivers.jobs.base import JobClass, JobState
 STRATEGIES = ("policy", "oracle", "always_on", "strike", "strike+4cp")
 Decide = Callable[[Snapshot, AgentConfig, datetime], Plan]
 # The horizon plan at interval ``i``, given the units awake per miner model and the AI load now.
-HorizonAt = Callable[[int, Mapping[str, int], float], "HorizonPlan | None"]
+# (interval, miners awake by model, AI power now, the deferrable jobs now) -> the plan in force
+HorizonAt = Callable[
+    [int, Mapping[str, int], float, tuple[DeferrableJob, ...]], "HorizonPlan | None"
+]
 
 
 class BacktestError(AgentError):
@@ -284,7 +288,39 @@ class Occupancy:
 CLASSES = (JobClass.SLA, JobClass.PREEMPTIBLE, JobClass.FILLER)
 
 
-def occupancy(site: Site, trace: Sequence[TraceJob], n: int) -> Occupancy:
+def asap_runs(job: TraceJob) -> range:
+    """The intervals a deferrable job runs in when started at once and never stopped."""
+    return range(job.start_i, min(job.start_i + job.work_i, job.end_i))
+
+
+def cheapest_runs(
+    trace: Sequence[TraceJob], market: Market, site: Site
+) -> dict[str, tuple[int, ...]]:
+    """Every deferrable job in the cheapest of its intervals, by the real price and the true
+    4CP peaks: the oracle's foresight (relaxed, like the rest of the oracle: no resume cost)."""
+    adder = fourcp_adder_usd_per_mwh(
+        site.config.grid.fourcp.rate_usd_per_kw_year, interval_h=market.dt_h
+    )
+    prices = market.price_usd_per_mwh
+    peak = market.peak
+    out: dict[str, tuple[int, ...]] = {}
+    for job in trace:
+        if not job.deferrable:
+            continue
+        window = range(job.start_i, job.end_i)
+        q = sorted(window, key=lambda i: (prices[i] + (adder if peak and peak[i] else 0.0), i))
+        out[job.job_id] = tuple(sorted(q[: job.work_i]))
+    return out
+
+
+def occupancy(
+    site: Site,
+    trace: Sequence[TraceJob],
+    n: int,
+    runs: Mapping[str, Sequence[int]] | None = None,
+) -> Occupancy:
+    """GPUs busy per interval; a deferrable job counts in the intervals ``runs`` gives it (by
+    default :func:`asap_runs`), idle on its GPUs the rest of its window."""
     types: list[GpuNodeConfig] = []
     type_of: list[int] = []
     for node in site.nodes:
@@ -297,8 +333,15 @@ def occupancy(site: Site, trace: Sequence[TraceJob], n: int) -> Occupancy:
     delta = [[[0] * len(CLASSES) for _ in types] for _ in range(n + 1)]
     for job in trace:
         c = CLASSES.index(job.job_class)
-        delta[job.start_i][type_of[job.node]][c] += job.gpus
-        delta[job.end_i][type_of[job.node]][c] -= job.gpus
+        t = type_of[job.node]
+        if not job.deferrable:
+            delta[job.start_i][t][c] += job.gpus
+            delta[job.end_i][t][c] -= job.gpus
+            continue
+        chosen = runs.get(job.job_id) if runs is not None else None
+        for i in asap_runs(job) if chosen is None else chosen:
+            delta[i][t][c] += job.gpus
+            delta[i + 1][t][c] -= job.gpus
     used: list[tuple[tuple[int, ...], ...]] = []
     run = [[0] * len(CLASSES) for _ in types]
     for i in range(n):
@@ -682,6 +725,8 @@ class _Job:
     since: datetime
     run_start_s: float  # when it last started or resumed running (for lost work)
     view: JobView | None = None  # cached until the job's state changes
+    deadline: datetime | None = None  # deferrable: its work done by then
+    left_gpu_h: float = 0.0  # deferrable: GPU-hours of work still to run
 
 
 class PolicyReplay:
@@ -732,6 +777,7 @@ class PolicyReplay:
         self.ai_w = 0.0
         self.ai_rev_h = 0.0
         self.jobs: dict[str, _Job] = {}
+        self.deferrable: dict[str, _Job] = {}  # deferrable jobs with work left
         self.starts: dict[int, list[TraceJob]] = {}
         self.ends: dict[int, list[TraceJob]] = {}
         for job in trace:
@@ -788,6 +834,8 @@ class PolicyReplay:
                     penalty_usd=j.penalty_usd,
                     commanded_since=j.since,
                     last_checkpoint_at=None,
+                    deadline=j.deadline,
+                    remaining_gpu_h=j.left_gpu_h,
                 )
             jobs.append(j.view)
         return GpuNodeView(
@@ -844,11 +892,20 @@ class PolicyReplay:
             now_s = market.starts_s[i]
             for job in self.ends.pop(i, ()):
                 self.node_jobs[job.node].pop(job.job_id, None)
-                self.jobs.pop(job.job_id, None)
+                if self.jobs.pop(job.job_id, None) is not None and job.deferrable:
+                    led.deadlines_missed += 1  # its deadline came with work left
+                    self.deferrable.pop(job.job_id, None)
                 dirty.add(job.node)
             for job in self.starts.pop(i, ()):
                 rate_h, penalty, ckpt = rates[job.job_class]
                 j = _Job(job, job.node, rate_h, penalty, ckpt, JobState.RUNNING, now, now_s)
+                if job.deferrable:
+                    j.deadline = datetime.fromtimestamp(
+                        market.starts_s[0] + job.end_i * market.interval_s, tz=UTC
+                    )
+                    j.left_gpu_h = job.gpus * job.work_i * market.dt_h
+                    self.deferrable[job.job_id] = j
+                    led.deferrable_jobs += 1
                 self.node_jobs[job.node][job.job_id] = j
                 self.jobs[job.job_id] = j
                 dirty.add(job.node)
@@ -867,7 +924,8 @@ class PolicyReplay:
                 for v in self.views:
                     if v.commanded != v.points[0].name:
                         awake[v.model] = awake.get(v.model, 0) + v.count
-                plan_now = self.horizon(i, awake, self.ai_w)
+                jobs = deferrable_jobs(cfg, self.nodes_tuple) if self.deferrable else ()
+                plan_now = self.horizon(i, awake, self.ai_w, jobs)
             snap = assemble_snapshot(
                 now,
                 horizon=plan_now,
@@ -906,6 +964,8 @@ class PolicyReplay:
                 mining_revenue_usd_per_h(self.mining_ths, market.hashprice[i], self.fee),
                 ai_rev,
             )
+            if self.deferrable:
+                self._progress(market.dt_h, dirty)
             last_site_w = led.load.site_w(self.mining_w + ai_w)
             if last_site_w > site.limit_w + 1e-6:
                 raise BacktestError(
@@ -913,6 +973,25 @@ class PolicyReplay:
                     f"above the interconnect limit {site.limit_w / 1000:,.1f} kW"
                 )
         return led
+
+    def _progress(self, dt_h: float, dirty: set[int]) -> None:
+        """Deferrable work done this interval, at the throughput of its node's cap; a job whose
+        work is done leaves (its GPUs idle until its window ends)."""
+        for job_id, job in list(self.deferrable.items()):
+            if job.state is not JobState.RUNNING:
+                continue
+            node = self.site.nodes[job.node]
+            frac = gpu_throughput_fraction(self.caps[job.node], node.max_cap_w, node.min_cap_w)
+            job.left_gpu_h -= job.spec.gpus * dt_h * frac
+            job.view = None
+            dirty.add(job.node)
+            if job.left_gpu_h <= 1e-9:
+                del self.deferrable[job_id]
+                self.node_jobs[job.node].pop(job_id, None)
+                self.jobs.pop(job_id, None)
+                self.ledger.deferrable_done += 1
+        if dirty:
+            self._refresh_nodes(dirty)
 
     def _events(self, i: int, site_w: float | None) -> tuple[ActiveEvent, ...]:
         """Events in force now; each keeps the site load measured when it was first seen

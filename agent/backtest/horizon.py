@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 
 from agent.backtest.engine import Market, Site
 from agent.control.planner import (
+    DeferrableJob,
     HorizonInput,
     HorizonPlan,
     MinerBlock,
@@ -65,6 +66,9 @@ class PlannerStats:
         }
 
 
+JOB_REPLAN_H = 2.0  # new deferrable work is planned at most this often (hours)
+
+
 class DayAheadPlanner:
     """``horizon(i, awake_by_model, ai_w)`` for :class:`agent.backtest.engine.PolicyReplay`."""
 
@@ -92,24 +96,42 @@ class DayAheadPlanner:
         self.current: HorizonPlan | None = None
         self._day: int | None = None
         self._end = 0
+        self._planned_jobs: frozenset[str] = frozenset()
+        self._plan_i = 0
         self.per_hour = max(1, round(3600.0 / market.interval_s))
         # A curtailment commits at least the minimum off time, and at least one interval.
         self.spike_h = max(cfg.control.min_off_s, market.interval_s) / 3600.0
 
-    def __call__(self, i: int, awake: Mapping[str, int], ai_w: float) -> HorizonPlan | None:
+    def __call__(
+        self,
+        i: int,
+        awake: Mapping[str, int],
+        ai_w: float,
+        jobs: tuple[DeferrableJob, ...] = (),
+    ) -> HorizonPlan | None:
         day = int(self.market.starts_s[i] // 86400)
         if day != self._day:
             self._day = day
             self._end = min(len(self.market), i + self.hours * self.per_hour)
-            self.current = self._plan(i, awake, ai_w, self._end)
+            self.current = self._plan(i, awake, ai_w, self._end, jobs=jobs)
         elif self._flag_changes(i):
             self.stats.replans += 1
-            self.current = self._plan(i, awake, ai_w, self._end)
-        elif self.current is not None and self._hour_starts(i, self.current):
+            self.current = self._plan(i, awake, ai_w, self._end, jobs=jobs)
+        elif self._hour_starts(i):
             seen = self.market.seen_price[i]
-            if seen is not None and self._inside_band(i, seen[0]):
+            missed = seen is not None and self._inside_band(i, seen[0])
+            # Deferrable work that arrived since the last plan is planned at an hour's start,
+            # at most every JOB_REPLAN_H hours (a solve with jobs takes about 0.1 s, and a year
+            # has thousands of arrivals); until then it waits, as the policy does with work a
+            # plan in force does not know yet (its deadline guard still runs it if due).
+            since_h = (i - self._plan_i) / self.per_hour
+            arrived = since_h >= JOB_REPLAN_H and any(
+                j.job_id not in self._planned_jobs for j in jobs
+            )
+            if missed or arrived:
                 self.stats.replans += 1
-                self.current = self._plan(i, awake, ai_w, self._end, seen[0])
+                realtime = seen[0] if missed and seen is not None else None
+                self.current = self._plan(i, awake, ai_w, self._end, realtime, jobs)
         return self.current
 
     def _flag_changes(self, i: int) -> bool:
@@ -122,9 +144,8 @@ class DayAheadPlanner:
             fourcp_risk_priced(fourcp, risk[i - 1]) > 0
         )
 
-    def _hour_starts(self, i: int, plan: HorizonPlan) -> bool:
-        offset_s = self.market.starts_s[i] - plan.starts[0].timestamp()
-        return round(offset_s / self.market.interval_s) % self.per_hour == 0
+    def _hour_starts(self, i: int) -> bool:
+        return round(self.market.starts_s[i] / self.market.interval_s) % self.per_hour == 0
 
     def _inside_band(self, i: int, price: float) -> bool:
         plan = self.current
@@ -143,8 +164,13 @@ class DayAheadPlanner:
         ai_w: float,
         end: int,
         realtime: float | None = None,
+        jobs: tuple[DeferrableJob, ...] = (),
     ) -> HorizonPlan | None:
         m, site, cfg = self.market, self.site, self.site.config
+        self._planned_jobs = frozenset(j.job_id for j in jobs)
+        self._plan_i = i
+        # The AI load now less the deferrable jobs running in it: the plan places those.
+        base_w = ai_w - sum(j.gpus * j.gpu_w for j in jobs if j.running)
         idx = range(i, max(end, i + 1), self.per_hour)
         prices = [m.day_ahead[k] for k in idx]
         day = datetime.fromtimestamp(m.starts_s[i], tz=UTC).strftime("%Y-%m-%d")
@@ -166,7 +192,8 @@ class DayAheadPlanner:
             pool_fee=cfg.economics.pool_fee,
             blocks=blocks,
             limit_w=site.limit_w,
-            base_load_w=(ai_w,) * len(prices),
+            base_load_w=(base_w,) * len(prices),
+            jobs=jobs,
             min_on_s=cfg.control.min_on_s,
             min_off_s=cfg.control.min_off_s,
             spike_h=self.spike_h,

@@ -22,8 +22,10 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from agent.backtest.data import (
+    ClassMix,
     Series,
     TraceJob,
+    TraceSpec,
     job_trace,
     load_events,
     load_series,
@@ -36,6 +38,7 @@ from agent.backtest.engine import (
     Market,
     Site,
     build_site,
+    cheapest_runs,
     occupancy,
     run_always_on,
     run_oracle,
@@ -50,7 +53,7 @@ from agent.control.config import AgentConfig, load_config
 from agent.control.fourcp import peak_risk
 from agent.control.planner import HorizonPlan
 from agent.control.settlement import Ledger
-from agent.control.site import wake_lost_s
+from agent.control.site import min_throughput, wake_lost_s
 
 CENTRAL = ZoneInfo("America/Chicago")
 DEFAULT_BLOCK_SIZE = 50
@@ -317,8 +320,21 @@ def run_backtest(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     node_gpus = [n.gpus for n in site.nodes]
-    trace = tuple(job_trace(args.jobs_seed, len(market), market.interval_s, node_gpus))
+    shape = config.ai.trace
+    spec = TraceSpec(
+        deferrable=ClassMix(shape.deferrable_arrivals_per_h, shape.deferrable_mean_work_h),
+        deferrable_slack=shape.deferrable_slack,
+        deferrable_min_fraction=min((min_throughput(n) for n in site.nodes), default=1.0),
+    )
+    trace = tuple(job_trace(args.jobs_seed, len(market), market.interval_s, node_gpus, spec))
+    # Deferrable work runs as soon as it arrives for always-on and strike; in its cheapest
+    # intervals for the oracle and the optimum (foresight); when the plan says for the policy.
     occ = occupancy(site, trace, len(market))
+    occ_foresight = (
+        occupancy(site, trace, len(market), cheapest_runs(trace, market, site))
+        if any(j.deferrable for j in trace)
+        else occ
+    )
     if args.events is not None:
         market = with_events(market, load_events(args.events), site, occ)
     seconds["inputs"] = time.perf_counter() - t0
@@ -337,7 +353,7 @@ def run_backtest(
         if name == "policy":
             ledgers[name] = run_policy(site, market, trace, decide, planner)
         elif name == "oracle":
-            ledgers[name] = run_oracle(site, market, occ)
+            ledgers[name] = run_oracle(site, market, occ_foresight)
         elif name == "always_on":
             ledgers[name] = run_always_on(site, market, occ)
         elif name == "strike":
@@ -345,7 +361,7 @@ def run_backtest(
         elif name == "strike+4cp":
             ledgers[name] = run_strike(site, market, occ, strikes, args.strike_n, sit_out_4cp=True)
         elif name == "optimum":
-            ledgers[name] = run_optimum(site, market, occ, stats=optimum_stats)
+            ledgers[name] = run_optimum(site, market, occ_foresight, stats=optimum_stats)
         else:
             raise BacktestError(f"unknown strategy {name!r}")
         seconds[name] = time.perf_counter() - t
@@ -371,7 +387,7 @@ def run_backtest(
 
 
 def ledger_json(led: Ledger) -> dict[str, Any]:
-    return {
+    doc = {
         "revenue_usd": {
             "mining": round(led.mining_usd, 2),
             "ai": round(led.ai_usd, 2),
@@ -394,6 +410,13 @@ def ledger_json(led: Ledger) -> dict[str, Any]:
         "job_interruptions": led.interruptions,
         "mining_curtailed_intervals": led.curtailed_intervals,
     }
+    if led.deferrable_jobs:  # the policy's own count (the others run them by the trace)
+        doc["deferrable_jobs"] = {
+            "seen": led.deferrable_jobs,
+            "done": led.deferrable_done,
+            "deadlines_missed": led.deadlines_missed,
+        }
+    return doc
 
 
 def breakdown_usd(led: Ledger) -> dict[str, float]:

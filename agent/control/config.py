@@ -207,6 +207,17 @@ class SimJobConfig(Strict):
     utilization_pct: float = Field(default=95.0, gt=0, le=100)
 
 
+class TraceConfig(Strict):
+    """Deferrable training work in the backtest's synthetic job trace (per 256 GPUs, as the
+    other classes): preemptible training jobs that need ``work`` hours of running before a
+    deadline ``slack`` times their work after they arrive. Live, a job with a deadline (Slurm's
+    ``--deadline``) is deferrable; the trace only stands in for a year of such jobs."""
+
+    deferrable_arrivals_per_h: NonNegFloat = 0.0
+    deferrable_mean_work_h: float = Field(default=8.0, gt=0, le=24 * 30, allow_inf_nan=False)
+    deferrable_slack: float = Field(default=3.0, ge=1, le=30, allow_inf_nan=False)
+
+
 class AiConfig(Strict):
     sla: JobClassContract = JobClassContract(usd_per_gpu_hour=2.5, penalty_usd=500.0)
     preemptible: JobClassContract = JobClassContract(usd_per_gpu_hour=2.0)
@@ -216,6 +227,7 @@ class AiConfig(Strict):
     requeue_grace_s: NonNegSeconds = 60.0
     # scheduler: sim only; empty: a default mix of SLA, preemptible and filler jobs per node.
     sim_jobs: list[SimJobConfig] = Field(default_factory=list)
+    trace: TraceConfig = TraceConfig()  # the backtest's job trace only
 
 
 # --- signals ---------------------------------------------------------------------------------

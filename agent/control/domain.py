@@ -96,6 +96,10 @@ class JobView:
     penalty_usd: float
     commanded_since: datetime
     last_checkpoint_at: datetime | None = None
+    # Deferrable training: all its work (GPU-hours still to run, at full throughput) done by
+    # ``deadline``; the horizon plan chooses when. None: an ordinary job.
+    deadline: datetime | None = None
+    remaining_gpu_h: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

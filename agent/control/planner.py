@@ -99,6 +99,9 @@ class DeferrableJob:
     gpu_w: float  # power per GPU while running, above the idle power already counted
     resume_cost_usd: float = 0.0  # lost work and restart overhead per suspension and resume
     running: bool = False  # running at the plan's start
+    # Its throughput at the lowest GPU cap, as a share of full (prices may lower the cap while
+    # it runs): what its deadline reserve allows for (:func:`deadline_reserve_s`).
+    min_fraction: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,22 +281,30 @@ def plan_horizon(inp: HorizonInput) -> HorizonPlan:
     n = len(inp.starts)
     deadline_idx = [_deadline_index(inp, j) for j in inp.jobs]
     fixed: list[list[bool]] | None = None
+    pinned: frozenset[int] = frozenset()
     status_note = ""
-    if not _deadlines_feasible(inp, deadline_idx):
+    late = _infeasible_jobs(inp, deadline_idx)
+    if late:
         fixed, missed = _asap(inp, deadline_idx)
+        # Without a shared GPU pool only the jobs that cannot make it run as soon as possible;
+        # the rest are still planned. With one, they all are (the ASAP ones take its GPUs).
+        pinned = frozenset(late if not inp.free_gpus else range(len(inp.jobs)))
+        names = [inp.jobs[k].job_id for k in sorted(late)]
         status_note = (
-            f"deadlines cannot all be met ({', '.join(missed) or 'GPU or power limit'}): "
-            "deferrable work runs as soon as possible"
+            f"deadlines cannot all be met ({', '.join(names) or 'GPU or power limit'}): "
+            f"{'that' if len(pinned) < len(inp.jobs) else 'deferrable'} work runs as soon as "
+            "possible"
         )
-    result = _try_solve(inp, deadline_idx, fixed)
-    if result is None and fixed is None:
+    result = _try_solve(inp, deadline_idx, fixed, pinned)
+    if result is None and len(pinned) < len(inp.jobs):
         # The MILP found the deadlines infeasible with the interconnect coupled in: go ASAP.
         fixed, missed = _asap(inp, deadline_idx)
+        pinned = frozenset(range(len(inp.jobs)))
         status_note = (
             f"deadlines cannot all be met within the limits ({', '.join(missed) or 'power'}): "
             "deferrable work runs as soon as possible"
         )
-        result = _try_solve(inp, deadline_idx, fixed)
+        result = _try_solve(inp, deadline_idx, fixed, pinned)
     solve_s = time.perf_counter() - t0
     if isinstance(result, str):
         return HorizonPlan(PlanStatus.FAILED, result, inp.at, solve_s=solve_s)
@@ -328,10 +339,13 @@ def plan_horizon(inp: HorizonInput) -> HorizonPlan:
 
 
 def _try_solve(
-    inp: HorizonInput, dl: Sequence[int], fixed: list[list[bool]] | None
+    inp: HorizonInput,
+    dl: Sequence[int],
+    fixed: list[list[bool]] | None,
+    pinned: frozenset[int] = frozenset(),
 ) -> _Solution | str | None:
     try:
-        return _solve(inp, dl, fixed)
+        return _solve(inp, dl, fixed, pinned)
     except Exception as exc:  # a solver error must fall back to the rule, never crash the loop
         return f"planner solve raised {type(exc).__name__}: {exc}"
 
@@ -343,19 +357,52 @@ def _deadline_index(inp: HorizonInput, job: DeferrableJob) -> int:
     return max(0, min(k, len(inp.starts)))
 
 
+# A deferrable job keeps a reserve before its deadline: the policy runs it, whatever the plan
+# or the price, once its slack is down to that, and the planner leaves no less after the
+# horizon for the next plan to use. The reserve covers the job running at its lowest GPU cap
+# all the way (a price may lower the cap at any time), a tenth more, and two settlement
+# intervals: a deadline is kept whatever the prices do.
+DEADLINE_MARGIN_S = 2 * 900.0
+
+
+def deadline_reserve_s(remaining_gpu_h: float, gpus: int, min_fraction: float = 1.0) -> float:
+    """Seconds a deferrable job keeps in hand before its deadline beyond its run time at full
+    throughput (see DEADLINE_MARGIN_S)."""
+    run_s = remaining_gpu_h / max(gpus, 1) * 3600.0
+    slowest_s = run_s / min(max(min_fraction, 0.05), 1.0)
+    return slowest_s - run_s + 0.1 * slowest_s + DEADLINE_MARGIN_S
+
+
+def need_gpu_h(inp: HorizonInput, job: DeferrableJob) -> float:
+    """GPU-hours a job must run within the horizon: all its work when its deadline falls inside
+    it; else what its GPUs could not do between the horizon's end and the deadline (less the
+    reserve), which the next plan, knowing those hours' prices, places."""
+    end = inp.starts[-1] + timedelta(seconds=inp.interval_s)
+    after_s = (job.deadline - end).total_seconds()
+    if after_s <= 0:
+        return job.remaining_gpu_h
+    usable_s = max(
+        0.0, after_s - deadline_reserve_s(job.remaining_gpu_h, job.gpus, job.min_fraction)
+    )
+    return max(0.0, job.remaining_gpu_h - job.gpus * usable_s / 3600.0)
+
+
 def _need_intervals(inp: HorizonInput, job: DeferrableJob) -> int:
     per = job.gpus * inp.interval_s / 3600.0
-    return math.ceil(job.remaining_gpu_h / per - 1e-9) if job.remaining_gpu_h > 0 else 0
+    need = need_gpu_h(inp, job)
+    return math.ceil(need / per - 1e-9) if need > 0 else 0
 
 
-def _deadlines_feasible(inp: HorizonInput, dl: Sequence[int]) -> bool:
-    """A quick necessary test: each job alone fits before its deadline in the free GPUs."""
-    for j, k in zip(inp.jobs, dl, strict=True):
+def _infeasible_jobs(inp: HorizonInput, dl: Sequence[int]) -> list[int]:
+    """A quick necessary test: the jobs that alone do not fit before their deadline in the
+    free GPUs (a deadline in the interval now running, hourly rounding of a short job)."""
+    late = []
+    for k, (j, d) in enumerate(zip(inp.jobs, dl, strict=True)):
         need = _need_intervals(inp, j)
-        fits = sum(1 for t in range(k) if not inp.free_gpus or inp.free_gpus[t] >= j.gpus)
+        fits = sum(1 for t in range(d) if not inp.free_gpus or inp.free_gpus[t] >= j.gpus)
         if need > fits:
-            return False
-    return True
+            late.append(k)
+    return late
 
 
 def _asap(inp: HorizonInput, dl: Sequence[int]) -> tuple[list[list[bool]], list[str]]:
@@ -385,9 +432,13 @@ _Solution = tuple[list[list[tuple[int, float, float]]], list[list[bool]], float,
 
 
 def _solve(
-    inp: HorizonInput, dl: Sequence[int], fixed: list[list[bool]] | None
+    inp: HorizonInput,
+    dl: Sequence[int],
+    fixed: list[list[bool]] | None,
+    pinned: frozenset[int] = frozenset(),
 ) -> _Solution | str | None:
-    """The MILP. Returns the solution, None when infeasible, or a failure reason."""
+    """The MILP. Returns the solution, None when infeasible, or a failure reason. The jobs in
+    ``pinned`` run as ``fixed`` says (as soon as possible); the others are planned."""
     # scipy loads inside the solve: importing the policy stays light (the CLI's --help).
     import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp  # type: ignore[import-untyped]
@@ -486,8 +537,9 @@ def _solve(
     for ji, j in enumerate(inp.jobs):
         runs = []
         prev: int | None = None
+        pin = fixed is not None and ji in pinned
         for t in range(n):
-            if fixed is not None:
+            if fixed is not None and pin:
                 lo = hi = 1.0 if fixed[t][ji] else 0.0
             else:
                 lo, hi = 0.0, (1.0 if t < dl[ji] else 0.0)
@@ -500,10 +552,11 @@ def _solve(
             power_terms[t].append((r, j.gpus * j.gpu_w))
             runs.append(r)
             prev = r
-        if fixed is None and j.remaining_gpu_h > 0:
-            row([(r, j.gpus * dt_h) for r in runs[: dl[ji]]], j.remaining_gpu_h - 1e-9, np.inf)
+        need = need_gpu_h(inp, j)
+        if not pin and need > 0:
+            row([(r, j.gpus * dt_h) for r in runs[: dl[ji]]], need - 1e-9, np.inf)
         run_idx.append(runs)
-    if inp.free_gpus and inp.jobs and fixed is None:
+    if inp.free_gpus and inp.jobs and not pinned:
         for t in range(n):
             row([(run_idx[ji][t], float(j.gpus)) for ji, j in enumerate(inp.jobs)],
                 -np.inf, float(inp.free_gpus[t]))  # fmt: skip

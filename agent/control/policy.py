@@ -124,6 +124,7 @@ from agent.control.site import (
     checkpoint_age_s,
     commit_horizon_s,
     contract,
+    deadline_due,
     node_power_w,
     resume_cost,
     site_limit_w,
@@ -164,11 +165,24 @@ def horizon_holds(
     switching would cost more than it saves; outside it the rule decides. No plan, a plan that
     does not cover ``now``, or a stale price: no holds (the rule alone, as before). Under a 4CP
     risk the plan's deferrable runs are not forced (the risk may exceed the plan's forecast).
+    A deferrable job the plan does not know yet waits for the next plan; one whose deadline is
+    due (:func:`agent.control.site.deadline_due`) always runs, with or without a plan.
     """
+    # Deferrable work whose slack is gone runs, plan or no plan, price or 4CP: the deadline
+    # first. Under a safe-mode hold (``stale``) nothing starts: a running one is kept running.
+    due = {
+        job.job_id: True
+        for n in snapshot.gpu_nodes
+        for job in n.jobs
+        if job.deadline is not None
+        and deadline_due(job, n, now)
+        and (not stale or job.state is JobState.RUNNING)
+    }
+    due_note = f"{len(due)} deferrable job(s) run to meet their deadline" if due else ""
     plan = snapshot.horizon
     k = None if plan is None or stale else plan.index_at(now)
     if plan is None or k is None:
-        return HorizonHolds()
+        return HorizonHolds(jobs=due, note=due_note)
     # One lookup of the plan's row per call (a site has thousands of miners).
     bands = dict(zip(plan.block_ids, plan.bands[k], strict=True))
     runs = dict(zip(plan.job_ids, plan.job_run[k], strict=True))
@@ -185,12 +199,16 @@ def horizon_holds(
             elif sleeping and price >= band.restore_below_usd_per_mwh:
                 asleep.add(m.device_id)
     jobs: dict[str, bool] = {}
-    if runs:
-        for n in snapshot.gpu_nodes:
-            for job in n.jobs:
-                run = runs.get(job.job_id)
-                if run is not None and job.job_class != JobClass.SLA and not (run and fourcp):
-                    jobs[job.job_id] = run
+    for n in snapshot.gpu_nodes:
+        for job in n.jobs:
+            run = runs.get(job.job_id)
+            if run is None and job.deadline is not None and job.job_class != JobClass.SLA:
+                # Deferrable work the plan in force does not know yet (it arrived since): it
+                # waits for the next plan, which places it (the guard runs it if due first).
+                jobs[job.job_id] = False
+            elif run is not None and job.job_class != JobClass.SLA and not (run and fourcp):
+                jobs[job.job_id] = run
+    jobs.update(due)
     parts = []
     if awake or asleep:
         parts.append(f"{len(awake)} running and {len(asleep)} sleeping miner(s) held in band")
@@ -198,6 +216,8 @@ def horizon_holds(
         on = sum(jobs.values())
         parts.append(f"{on} deferrable job(s) run, {len(jobs) - on} deferred")
     note = f"horizon plan ({plan.status.value}): {', '.join(parts)}" if parts else ""
+    if due_note:
+        note = f"{note}; {due_note}" if note else due_note
     return HorizonHolds(frozenset(awake), frozenset(asleep), jobs, note)
 
 

@@ -206,6 +206,10 @@ class Ledger:
     energy_mwh: float = 0.0
     interruptions: int = 0
     curtailed_intervals: int = 0  # intervals with some mining capacity not at its top point
+    # Deferrable training: jobs seen, finished, and finished late or not at all.
+    deferrable_jobs: int = 0
+    deferrable_done: int = 0
+    deadlines_missed: int = 0
     fourcp_rate_usd_per_kw_year: float = 0.0
     # Devices -> power at the meter (cooling, base load): what is paid. Identity by default.
     load: SiteLoadModel = field(default_factory=SiteLoadModel)

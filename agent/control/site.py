@@ -1,13 +1,13 @@
 """The site model: the one place for the site's physics and its job contracts.
 
-Everything that says what the site *is* and what a device does at an operating point lives
-here, and the live policy, the coordinator, the GPU fleet, the demo and the backtest all call
-these functions: a miner model's ladder of operating points, the expansion of ``count`` config
-lines into devices, the power of a GPU node at a cap with some of its GPUs busy, the site limit,
-the contract of a job class, the work a suspension loses, and the cost of switching a device
-(waking or sleeping a miner, suspending or resuming a job), and the assembly of the snapshot the
-policy decides on (live and in the backtest). Money per interval (revenue, energy,
-4CP, events, penalties) is :mod:`agent.control.settlement`; the per-hour rates are
+Everything that says what the site *is* and what a device does at an operating point lives here, and
+the live policy, the coordinator, the GPU fleet, the demo and the backtest all call these functions:
+a miner model's ladder of operating points, the expansion of ``count`` config lines into devices,
+the power of a GPU node at a cap with some of its GPUs busy, the site limit, the contract of a job
+class, when deferrable work is due and what the planner knows of it, the work a suspension loses,
+and the cost of switching a device (waking or sleeping a miner, suspending or resuming a job), and
+the assembly of the snapshot the policy decides on (live and in the backtest). Money per interval
+(revenue, energy, 4CP, events, penalties) is :mod:`agent.control.settlement`; the per-hour rates are
 :mod:`agent.control.economics`.
 
 All functions are pure.
@@ -32,14 +32,24 @@ from agent.control.domain import (
     SLEEP,
     ActiveEvent,
     GpuNodeView,
+    JobView,
     MinerView,
     OperatingPoint,
     PriceView,
     Snapshot,
 )
-from agent.control.economics import breakeven_usd_per_mwh, mining_revenue_usd_per_h
-from agent.control.planner import HorizonPlan, SwitchingCost
-from drivers.jobs.base import JobClass
+from agent.control.economics import (
+    breakeven_usd_per_mwh,
+    gpu_throughput_fraction,
+    mining_revenue_usd_per_h,
+)
+from agent.control.planner import (
+    DeferrableJob,
+    HorizonPlan,
+    SwitchingCost,
+    deadline_reserve_s,
+)
+from drivers.jobs.base import JobClass, JobState
 
 # --- miners --------------------------------------------------------------------------------
 
@@ -135,6 +145,52 @@ def contract(config: AgentConfig, job_class: JobClass) -> JobClassContract:
     if job_class is JobClass.PREEMPTIBLE:
         return ai.preemptible
     return ai.filler
+
+
+# --- deferrable work -----------------------------------------------------------------------
+
+
+def min_throughput(node: GpuNodeView | GpuNodeConfig) -> float:
+    """A node's throughput at its lowest cap, as a share of full."""
+    return gpu_throughput_fraction(node.min_cap_w, node.max_cap_w, node.min_cap_w)
+
+
+def deadline_due(job: JobView, node: GpuNodeView, now: datetime) -> bool:
+    """Whether a deferrable job must run now to meet its deadline: its slack is down to the
+    planner's reserve (:func:`agent.control.planner.deadline_reserve_s`). False for other jobs."""
+    if job.deadline is None or job.remaining_gpu_h <= 0 or job.gpus <= 0:
+        return False
+    run_s = job.remaining_gpu_h / job.gpus * 3600.0
+    slack_s = (job.deadline - now).total_seconds() - run_s
+    return slack_s <= deadline_reserve_s(job.remaining_gpu_h, job.gpus, min_throughput(node))
+
+
+def deferrable_jobs(config: AgentConfig, nodes: Sequence[GpuNodeView]) -> tuple[DeferrableJob, ...]:
+    """The horizon planner's deferrable jobs: every running or suspended job with a deadline
+    and work left, with the power it adds above idle at full cap and what a resume costs (the
+    site model's :func:`resume_cost`, as the policy weighs and the settlement charges)."""
+    out: list[DeferrableJob] = []
+    for n in nodes:
+        for job in n.jobs:
+            if job.deadline is None or job.remaining_gpu_h <= 0:
+                continue
+            if job.state is not JobState.RUNNING and job.state is not JobState.SUSPENDED:
+                continue
+            terms = contract(config, job.job_class)
+            out.append(
+                DeferrableJob(
+                    job_id=job.job_id,
+                    gpus=job.gpus * n.count,
+                    remaining_gpu_h=job.remaining_gpu_h * n.count,
+                    deadline=job.deadline,
+                    gpu_w=max(n.max_cap_w - n.idle_w, 0.0),
+                    resume_cost_usd=resume_cost(terms, job.gpus, job.usd_per_gpu_hour).lost_usd
+                    * n.count,
+                    running=job.state is JobState.RUNNING,
+                    min_fraction=min_throughput(n),
+                )
+            )
+    return tuple(out)
 
 
 # --- switching costs -----------------------------------------------------------------------

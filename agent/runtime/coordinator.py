@@ -40,6 +40,7 @@ from agent.control.settlement import fourcp_step_adders
 from agent.control.site import (
     RampBudget,
     assemble_snapshot,
+    deferrable_jobs,
     device_power_w,
     planner_switching,
     ramp_capacity_w,
@@ -311,7 +312,12 @@ class Coordinator:
             )
             for model, miners in sorted(by_model.items())
         )
-        gpu_w = sum(n.worst_case_power_w * n.count for v in views for n in v.gpu_nodes)
+        nodes = [n for v in views for n in v.gpu_nodes]
+        # Deferrable jobs (a deadline and work left) are the plan's to place: the committed load
+        # is every node's worst case less what those running now add above idle.
+        jobs = deferrable_jobs(self.config, nodes)
+        gpu_w = sum(n.worst_case_power_w * n.count for n in nodes)
+        gpu_w -= sum(j.gpus * j.gpu_w for j in jobs if j.running)
         control = self.config.control
         # The real-time price so far stands for the hour now running (persistence), when fresh.
         realtime = None
@@ -332,7 +338,8 @@ class Coordinator:
             # Limits are judged at the meter: the miners and GPUs get what cooling, base load
             # and the meter trim (or fallback margin) leave, as in the policy's dispatch.
             limit_w=self.meter_watch.model.device_budget_w(site_limit_w(self.config)),
-            base_load_w=(gpu_w,) * len(hours),
+            base_load_w=(max(gpu_w, 0.0),) * len(hours),
+            jobs=jobs,
             min_on_s=control.min_on_s,
             min_off_s=control.min_off_s,
             # A curtailment lasts at least its minimum off time, and a real-time price holds for
@@ -345,9 +352,10 @@ class Coordinator:
         )
 
     async def refresh_horizon(self) -> None:
-        """Re-plan every hour and whenever the forecast, the real-time price or the hashprice
-        changes, off the event loop (a solve of 36 hourly intervals takes milliseconds). A failed
-        solve drops the plan (the rule alone decides) and logs the reason once."""
+        """Re-plan every hour and whenever the forecast, the real-time price, the hashprice or
+        the set of deferrable jobs changes, off the event loop (a solve of 36 hourly intervals
+        takes milliseconds). A failed solve drops the plan (the rule alone decides) and logs
+        the reason once."""
         inp = self.horizon_input()
         if inp is None:
             return
@@ -357,6 +365,7 @@ class Coordinator:
             inp.realtime_usd_per_mwh,
             inp.hashprice_usd_per_ph_day,
             inp.fourcp_adder_usd_per_mwh,
+            frozenset(j.job_id for j in inp.jobs),
         )
         if key == self._horizon_key:
             return

@@ -1,5 +1,7 @@
 """End to end with a real Slurm: the agent suspends a preemptible job on a price spike and
-resumes it when the price falls, through the GPU fleet (the GPUs themselves are simulated).
+resumes it when the price falls, through the GPU fleet (the GPUs themselves are simulated); and
+a job submitted with a deadline and a time limit waits for the cheap hours of the day-ahead
+plan.
 
 The one-node cluster of tests/slurm_server.py (munged, slurmctld, slurmd on loopback) runs a
 preemptible job that checkpoints every 0.2 s and an SLA job, two GPUs each. The agent reads
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from agent.control.config import parse_config
 from agent.runtime.loop import Agent, Components
 from agent.runtime.wiring import build_price_source
 from drivers.jobs.slurm import JobClassRules, SlurmJobs
+from drivers.prices.csv_replay import DayAheadForecast, load_day_ahead_csv
 from simulators.price_server import PriceServer
 from tests.slurm_server import SlurmCluster
 from tests.slurm_server import slurm_fixture as slurm_fixture
@@ -134,6 +138,77 @@ async def test_price_spike_suspends_and_resumes_a_real_preemptible_slurm_job(
             node = agent.state.snapshot.gpu_nodes[0] if agent.state.snapshot else None
             assert node is not None
             assert node.fault is None
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=10)
+
+
+async def test_a_deferrable_slurm_job_waits_for_the_cheap_hours_of_the_plan(
+    cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """A job submitted with a deadline and a time limit is deferrable: the live coordinator
+    hands it to the horizon planner, whose plan puts its two hours of work into the cheap hours
+    of the day-ahead forecast, so the agent suspends it now; an ordinary preemptible job beside
+    it runs on at the same price."""
+    deferrable = cluster.sbatch(
+        "--comment=class=preemptible",
+        "--gres=gpu:2",
+        "--time=120",
+        "--deadline=now+20hours",
+        "-Jtrain",
+        "--wrap=sleep 600",
+    )
+    ordinary = cluster.sbatch("--comment=class=preemptible", "--gres=gpu:2", "--wrap=sleep 600")
+    await wait_state(cluster, deferrable, "RUNNING")
+    await wait_state(cluster, ordinary, "RUNNING")
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    # 200 USD/MWh for the next six hours, then 10: both jobs earn far more than either.
+    prices = [200.0] * 6 + [10.0] * 30
+    rows = [
+        f"{(hour + timedelta(hours=k)).strftime('%Y-%m-%dT%H:%M:%SZ')},{p}"
+        for k, p in enumerate(prices)
+    ]
+    dam = tmp_path / "dam.csv"
+    dam.write_text("interval_start_utc,HB_WEST\n" + "\n".join(rows) + "\n")
+    server = PriceServer([200.0], interval_s=3600)
+    async with server:
+        config = parse_config(config_dict(server.url))
+        jobs = SlurmJobs(
+            rules=JobClassRules(sources=("comment",)),
+            env={"SLURM_CONF": str(cluster.conf)},
+            command_timeout_s=8,
+        )
+        fleet, _simulation = build_simulated_gpu_fleet(config, jobs=jobs)
+        components = Components(
+            fleets=[fleet],
+            price_source=build_price_source(config),
+            day_ahead=DayAheadForecast(load_day_ahead_csv(dam, "HB_WEST")),
+        )
+        agent = Agent(config, components)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        try:
+
+            def planned() -> bool:
+                plan = agent.coordinator.horizon
+                return plan is not None and deferrable in plan.job_ids
+
+            await until(planned, 30, "the deferrable job in the horizon plan")
+            plan = agent.coordinator.horizon
+            assert plan is not None
+            k = plan.job_ids.index(deferrable)
+            hours = [t for t, row in enumerate(plan.job_run) if row[k]]
+            assert hours
+            assert min(hours) >= 6  # the cheap hours only
+            await wait_state(cluster, deferrable, "SUSPENDED", timeout_s=20)
+            await until(lambda: agent.state.actions[("suspend_job", "ok")] >= 1, 15, "audited")
+            assert cluster.job_state(ordinary) == "RUNNING"
+            # The job's view carries its deadline and its work: 2 GPUs × under two hours.
+            snap = agent.state.snapshot
+            assert snap is not None
+            view = next(j for n in snap.gpu_nodes for j in n.jobs if j.job_id == deferrable)
+            assert view.deadline is not None
+            assert 3.5 < view.remaining_gpu_h <= 4.0
         finally:
             stop.set()
             await asyncio.wait_for(task, timeout=10)

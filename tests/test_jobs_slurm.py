@@ -147,6 +147,45 @@ async def test_lists_jobs_with_class_gpus_and_node(cluster: SlurmCluster) -> Non
     assert readings[pending].node is None
 
 
+async def test_a_job_with_a_deadline_and_a_time_limit_is_deferrable_work(
+    cluster: SlurmCluster,
+) -> None:
+    jobs = driver(cluster)
+    submitted = datetime.now(UTC)
+    train = cluster.sbatch(
+        "--wrap=sleep 300", "--gres=gpu:1", "--time=120", "--deadline=now+6hours", "-Jtrain"
+    )
+    plain = cluster.sbatch("--wrap=sleep 300", "--gres=gpu:1")
+    for job_id in (train, plain):
+        await wait_state(cluster, job_id, "RUNNING")
+    readings = {r.job_id: r for r in await jobs.list_jobs()}
+    r = readings[train]
+    assert r.deadline is not None
+    assert abs((r.deadline - submitted).total_seconds() - 6 * 3600) < 120
+    # Two hours of limit, a few seconds run: the work left is the limit less the time run.
+    assert r.work_left_s is not None
+    assert 7200 - 120 < r.work_left_s <= 7200
+    assert readings[plain].deadline is None
+    assert readings[plain].work_left_s is None
+    # Time suspended is not run: the work left stands still while the job is suspended.
+    await jobs.suspend(train)
+    first = next(x for x in await jobs.list_jobs() if x.job_id == train)
+    await asyncio.sleep(2.5)
+    later = next(x for x in await jobs.list_jobs() if x.job_id == train)
+    assert first.state is JobState.SUSPENDED
+    assert later.work_left_s == first.work_left_s
+    await jobs.resume(train)
+    deadline = time.monotonic() + 30
+    while True:
+        now = next(x for x in await jobs.list_jobs() if x.job_id == train)
+        assert now.work_left_s is not None
+        assert first.work_left_s is not None
+        if now.work_left_s < first.work_left_s:
+            break  # running again, and counting down
+        assert time.monotonic() < deadline, "the work left never fell after the resume"
+        await asyncio.sleep(0.5)
+
+
 async def test_suspend_and_resume_stop_and_continue_the_processes(cluster: SlurmCluster) -> None:
     jobs = driver(cluster)
     job_id = cluster.sbatch("--wrap=sleep 300")

@@ -172,7 +172,7 @@ def deferrable_jobs(config: AgentConfig, nodes: Sequence[GpuNodeView]) -> tuple[
     out: list[DeferrableJob] = []
     for n in nodes:
         for job in n.jobs:
-            if job.deadline is None or job.remaining_gpu_h <= 0:
+            if job.deadline is None or job.remaining_gpu_h <= 0 or job.job_class is JobClass.SLA:
                 continue
             if job.state is not JobState.RUNNING and job.state is not JobState.SUSPENDED:
                 continue

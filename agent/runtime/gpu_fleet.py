@@ -432,6 +432,11 @@ class GpuFleet:
             penalty_usd=contract.penalty_usd,
             commanded_since=job.at if track is None else track.since,
             last_checkpoint_at=job.last_checkpoint_at,
+            # Deferrable: a deadline and a known amount of work left (SLA work is never moved).
+            deadline=None
+            if job.work_left_s is None or job.job_class is JobClass.SLA
+            else job.deadline,
+            remaining_gpu_h=0.0 if job.work_left_s is None else job.work_left_s / 3600 * job.gpus,
         )
 
     # ---- commands -------------------------------------------------------------------------

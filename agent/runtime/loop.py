@@ -540,9 +540,11 @@ class Agent:
                 self._poll, coordinator.poll_price, price_every, stop
             )
         if coordinator.day_ahead is not None:
-            # Cheap when nothing changed: it re-plans only on a new hour or a new forecast.
+            # Cheap when nothing changed: it re-plans only on a new hour, a new forecast or new
+            # deferrable work, which waits for it (so it looks every poll, 5 to 60 s apart).
+            every = min(max(control.poll_interval_s, 5.0), 60.0)
             loops["horizon"] = functools.partial(
-                self._poll, coordinator.refresh_horizon, 60.0, stop
+                self._poll, coordinator.refresh_horizon, every, stop
             )
         if self.inbox is not None:
             inbox = self.inbox

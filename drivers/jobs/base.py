@@ -36,6 +36,11 @@ class JobReading:
     gpus: int
     at: datetime
     last_checkpoint_at: datetime | None = None
+    # Deferrable work: done by ``deadline``, with ``work_left_s`` of running still to do (per
+    # GPU, at full throughput). Slurm: ``--deadline`` and the ``--time`` limit less the time
+    # run. None: no deadline, or no way to know the work left.
+    deadline: datetime | None = None
+    work_left_s: float | None = None
 
 
 @runtime_checkable

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -140,6 +141,45 @@ def _number(value: Any) -> int | float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return value
+
+
+# A deadline further out than this, or a time limit longer, is no promise to plan around.
+MAX_DEADLINE_AHEAD_S = 366 * 86400.0
+
+
+def deadline_and_work(
+    raw: Mapping[str, Any], state: JobState, now: datetime
+) -> tuple[datetime | None, float | None]:
+    """A job's deadline (``sbatch --deadline``) and the running it still needs: its ``--time``
+    limit less the time it has run (Slurm does not count time suspended). (None, None) without
+    a deadline; (deadline, None) without a limit, since its work left is then unknown.
+
+    Slurm reports ``start_time``, ``suspend_time`` (the last suspend *or* resume) and
+    ``pre_sus_time`` (time run before the last suspend), all in seconds."""
+    deadline_s = _number(raw.get("deadline"))
+    now_s = now.timestamp()
+    if (
+        deadline_s is None
+        or not math.isfinite(deadline_s)
+        or deadline_s <= 0
+        or deadline_s - now_s > MAX_DEADLINE_AHEAD_S
+    ):
+        return None, None
+    deadline = datetime.fromtimestamp(float(deadline_s), tz=UTC)
+    limit_min = _number(raw.get("time_limit"))
+    if limit_min is None or not 0 < limit_min * 60.0 <= MAX_DEADLINE_AHEAD_S:
+        return deadline, None
+    start = _number(raw.get("start_time")) or 0.0
+    last_switch = _number(raw.get("suspend_time")) or 0.0
+    before = _number(raw.get("pre_sus_time")) or 0.0
+    if state is JobState.RUNNING:
+        run_s = before + now_s - last_switch if last_switch >= start > 0 else now_s - start
+    elif state is JobState.SUSPENDED:
+        run_s = before
+    else:
+        run_s = 0.0
+    run_s = min(max(run_s, 0.0), MAX_DEADLINE_AHEAD_S) if math.isfinite(run_s) else 0.0
+    return deadline, max(limit_min * 60.0 - run_s, 0.0)
 
 
 # slurmd suspends a step with SIGTSTP, waits, then SIGSTOP; a resume that reaches it within that
@@ -274,17 +314,21 @@ class SlurmJobs:
         cwd = str(raw.get("current_working_directory") or "")
         name = str(raw.get("name") or "")
         nodes = str(raw.get("nodes") or "") or None
+        state = _STATES.get(raw_state, JobState.FAILED)
+        deadline, work_left_s = deadline_and_work(raw, state, now)
         reading = JobReading(
             job_id=job_id,
             name=name,
             job_class=self._rules.classify(
                 str(raw.get("comment") or ""), str(raw.get("qos") or ""), str(raw["partition"])
             ),
-            state=_STATES.get(raw_state, JobState.FAILED),
+            state=state,
             node=nodes,
             gpus=gpu_count(raw),
             at=now,
             last_checkpoint_at=self._checkpoint_time(job_id, name, cwd),
+            deadline=deadline,
+            work_left_s=work_left_s,
         )
         suspend_time = _number(raw.get("suspend_time"))
         suspended_at_s = (

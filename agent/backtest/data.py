@@ -153,6 +153,7 @@ class TraceSpec:
     # least the policy's reserve (agent.control.planner.deadline_reserve_s), so that a job is
     # never given a deadline the agent could not promise to keep whatever the prices.
     deferrable_min_fraction: float = 1.0
+    deferrable_gpus: int = 0  # GPUs per deferrable job; 0: drawn from gpus_choices
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +212,8 @@ def job_trace(
             if t >= horizon_h:
                 break
             gpus = rng.choices(spec.gpus_choices, spec.gpus_weights)[0]
+            if stream == "deferrable" and spec.deferrable_gpus:
+                gpus = spec.deferrable_gpus
             hours = rng.lognormvariate(mu, spec.duration_sigma)
             if gpus <= max_gpus:
                 length = max(1, round(hours / dt_h))

@@ -6,14 +6,14 @@ MWh of GPU power, and the 4CP risk the policy saw. Bottom panel: the policy's si
 stacked by workload (mining, AI incl. host overhead), with the oracle's and strike's total for
 comparison. True 4CP intervals (purple lines) and demand-response events (cyan) are marked.
 With a horizon planner (``--day-ahead``): the day-ahead prices it planned from and each block's
-band (curtail above / restore below) on top; below, the miners' planned power, the deferrable
-jobs' planned runs (shaded) and the policy's switching (▲ wakes, ▼ sleeps: steps of mining
+band (curtail above / restore below) on top; below, the miners' planned power, the power of the
+deferrable work the plan runs and the policy's switching (▲ wakes, ▼ sleeps: steps of mining
 power). Uses matplotlib's Agg backend (no display).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -156,15 +156,24 @@ def plot_week(res: BacktestResult, start: datetime, end: datetime, out: Path) ->
             ls=":",
             label="plan: mining",
         )
-        labelled = False
-        for job_id in sorted({j for row in plan_rows for j in row[2]}):
-            for when, _, runs in plan_rows:
-                if runs.get(job_id):
-                    ax2.axvspan(
-                        when, when + timedelta(hours=1), color="tab:olive", alpha=0.2,
-                        label=None if labelled else "plan: deferrable job runs",
-                    )  # fmt: skip
-                    labelled = True
+        # The deferrable work the plan runs, in MW above idle (each job's GPUs at full cap).
+        nodes = res.site.nodes
+        job_w = {
+            j.job_id: j.gpus * (nodes[j.node].max_cap_w - nodes[j.node].idle_w)
+            for j in res.trace
+            if j.deferrable
+        }
+        if any(runs for _, _, runs in plan_rows):
+            # Small beside the site's megawatts: on its own axis, in kW.
+            dax = ax2.twinx()
+            dax.step(
+                [when for when, _, _ in plan_rows],
+                [sum(job_w.get(j, 0.0) for j, on in runs.items() if on) / 1e3
+                 for _, _, runs in plan_rows],
+                where="post", color="tab:olive", lw=1.2,
+            )  # fmt: skip
+            dax.set_ylim(bottom=0)
+            dax.set_ylabel("plan: deferrable work, kW above idle", color="tab:olive")
     steps = [(i, pol.mining_w[i] - pol.mining_w[i - 1]) for i in idx if i > 0]
     big = 0.05 * max(max(pol.mining_w), 1.0)
     ups = [(t[idx.index(i)], pol.mining_w[i] / 1e6) for i, d in steps if d > big]

@@ -325,6 +325,7 @@ def run_backtest(
         deferrable=ClassMix(shape.deferrable_arrivals_per_h, shape.deferrable_mean_work_h),
         deferrable_slack=shape.deferrable_slack,
         deferrable_min_fraction=min((min_throughput(n) for n in site.nodes), default=1.0),
+        deferrable_gpus=shape.deferrable_gpus,
     )
     trace = tuple(job_trace(args.jobs_seed, len(market), market.interval_s, node_gpus, spec))
     # Deferrable work runs as soon as it arrives for always-on and strike; in its cheapest

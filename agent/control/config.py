@@ -216,6 +216,8 @@ class TraceConfig(Strict):
     deferrable_arrivals_per_h: NonNegFloat = 0.0
     deferrable_mean_work_h: float = Field(default=8.0, gt=0, le=24 * 30, allow_inf_nan=False)
     deferrable_slack: float = Field(default=3.0, ge=1, le=30, allow_inf_nan=False)
+    # GPUs per deferrable job (training runs on whole servers or pods); 0: the trace's mix.
+    deferrable_gpus: int = Field(default=0, ge=0, le=4096)
 
 
 class AiConfig(Strict):

@@ -234,21 +234,18 @@ async def shed(m: PyasicMiner) -> DeviceError | None:
     return None
 
 
-async def spike(
-    miners: list[PyasicMiner], sims: Sims, deadline_s: float, tokens: str, confirm: str = "reads"
-) -> None:
+async def spike(miners: list[PyasicMiner], sims: Sims, deadline_s: float, tokens: str) -> None:
     """Command all to shed, each miner read back after its own command as the agent's
     MinerFleet does, then poll the rest until telemetry confirms every one asleep.
 
-    ``tokens`` ("cold" or "warm": whether BOS+ and Whatsminer login tokens were held) and
-    ``confirm`` ("reads": each miner read back after its own command; "poll": only whole-fleet
-    polls once every command returned, the agent before it read back) label every figure."""
+    ``tokens`` ("cold" or "warm": whether BOS+ and Whatsminer login tokens were held) labels
+    every figure."""
     n = len(miners)
     fams = {m.device_id: m.family.value for m in miners}
     confirmed: dict[str, float] = {}
     reads: list[asyncio.Task[None]] = []
 
-    async def read_back(m: PyasicMiner) -> None:
+    async def confirm(m: PyasicMiner) -> None:
         # What MinerFleet does after a command: read the miner again after each of
         # CONFIRM_READS_AFTER_S until it shows the command applied (or a read fails).
         for delay in CONFIRM_READS_AFTER_S:
@@ -264,9 +261,8 @@ async def spike(
 
     async def shed_then_confirm(m: PyasicMiner) -> DeviceError | None:
         error = await shed(m)
-        # The command's own result stands; the reads run beside the rest of the spike.
-        if error is None and confirm == "reads":
-            reads.append(asyncio.create_task(read_back(m)))
+        if error is None:  # the command's own result stands; the reads run beside the rest
+            reads.append(asyncio.create_task(confirm(m)))
         return error
 
     s0, c0 = sims.cpu(), time.process_time()
@@ -280,7 +276,6 @@ async def spike(
         "s",
         n,
         tokens=tokens,
-        confirm=confirm,
         failed=len(failed),
         cpu_s=round(time.process_time() - c0, 3),
         sim_cpu_s={f: round(s1[f] - s0[f], 3) for f in s1},
@@ -293,7 +288,6 @@ async def spike(
             len(rows),
             family=f,
             tokens=tokens,
-            confirm=confirm,
         )
     for d, e in list(failed.items())[:5]:
         print(f"# sleep failed: {d} ({fams[d]}): {e}", file=sys.stderr)
@@ -314,7 +308,6 @@ async def spike(
         "s",
         n,
         tokens=tokens,
-        confirm=confirm,
         cpu_s=round(time.process_time() - c0, 3),
         sim_cpu_s={f: round(s1[f] - s0[f], 3) for f in s1},
         polls=polls,
@@ -335,7 +328,6 @@ async def spike(
             total,
             family=f,
             tokens=tokens,
-            confirm=confirm,
             confirmed=len(times),
         )
 
@@ -407,9 +399,7 @@ async def bench(args: argparse.Namespace, sims: Sims) -> None:
     # tasks running behind it); then everyone is woken and the polls are compared. The first
     # spike finds no login token held (a freshly started agent); the second finds them warm,
     # as the running agent keeps them (MinerFleet.run renews stale tokens in the background).
-    # A third spike, warm, confirmed the way the agent did before it read each miner back:
-    # the side-by-side baseline of the confirming reads.
-    for tokens, confirm in (("cold", "reads"), ("warm", "reads"), ("warm", "poll")):
+    for tokens in ("cold", "warm"):
         if tokens == "warm":
             t0 = time.perf_counter()
             renewed = await prepare_fleet(miners, most=len(miners))
@@ -421,7 +411,7 @@ async def bench(args: argparse.Namespace, sims: Sims) -> None:
                 failed=sum(e is not None for e in renewed.values()),
                 s=round(time.perf_counter() - t0, 2),
             )
-        await spike(miners, sims, args.spike_deadline_s, tokens, confirm)
+        await spike(miners, sims, args.spike_deadline_s, tokens)
         await wake_fleet(miners)
         await until_all(miners, MinerMode.MINING, args.spike_deadline_s)
 

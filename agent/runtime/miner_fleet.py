@@ -50,11 +50,9 @@ FAILED_POLLS_FOR_FAULT = 3
 CREDENTIALS_PER_ROUND = 250
 CREDENTIALS_MIN_PERIOD_S = 1.0  # a round looks at every driver: not more often than this
 # A commanded miner is read again after each of these delays (s) until a reading shows the
-# command applied: a second after it (LuxOS, BOS+ and Whatsminer report sleep within about a
-# second), then twice more while it winds down; a miner still on its way (a stock Antminer's
-# ``miner-mode`` can take longer) is confirmed by a later poll. Read at once, most would not
-# show it yet, and the reads would compete with the spike's other commands for the CPU.
-CONFIRM_READS_AFTER_S = (1.0, 2.0, 4.0)
+# command applied: at once, then while it winds down (LuxOS and BOS+ report sleep within about
+# a second, a stock Antminer's ``miner-mode`` takes longer: its next poll confirms it).
+CONFIRM_READS_AFTER_S = (0.0, 0.5, 1.0, 2.0)
 
 
 class MinerDevice(MinerTelemetry, MinerSleepWake, Protocol):

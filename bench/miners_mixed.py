@@ -6,14 +6,13 @@ miners per process, each on its own loopback address), then in this process:
 1. identifies every miner with our ``discover`` (pyasic's ``get_miner``, bounded), and polls
    them all once to warm up;
 2. a price spike: every miner commanded to shed (``sleep``: LuxOS curtail, BOS+ pause, stock
-   ``miner-mode`` sleep, Whatsminer power off), each read back after its own command as the agent's
-   ``MinerFleet`` does (``CONFIRM_READS_AFTER_S``), then the rest polled until telemetry confirms
-   every one sleeping; then everyone is woken, and the run waits until all mine again. Twice: first
-   with no BOS+ or Whatsminer login token held (``"tokens": "cold"``, a freshly started agent: each
-   command logs in first), then with the tokens warm (``"warm"``: the running agent's steady state,
-   which ``MinerFleet.run`` keeps by renewing stale tokens in the background; here
-   ``prepare_fleet``, the same renewal). The spikes run first because a capped baseline can leave
-   pyasic's own tasks running behind it;
+   ``miner-mode`` sleep, Whatsminer power off), then polled until telemetry confirms every one
+   sleeping; then everyone is woken, and the run waits until all mine again. Twice: first with
+   no BOS+ or Whatsminer login token held (``"tokens": "cold"``, a freshly started agent: each
+   command logs in first), then with the tokens warm (``"warm"``: the running agent's steady
+   state, which ``MinerFleet.run`` keeps by renewing stale tokens in the background; here
+   ``prepare_fleet``, the same renewal). The spikes run first because a capped baseline can
+   leave pyasic's own tasks running behind it;
 3. ``--rounds`` times, a full poll with our driver (``read_fleet``) and, in the same run, plain
    pyasic ``asyncio.gather(*(m.get_data() for m in miners))`` at pyasic's defaults, on fresh
    pyasic objects of the classes pyasic identified. The baseline is capped at
@@ -51,7 +50,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.cli.sim import FAMILIES, parse_mix
-from agent.runtime.miner_fleet import CONFIRM_READS_AFTER_S
 from bench.miners_poll import count_ok, emit, peak_rss_mb, start_simulator, until_all
 from drivers.errors import DeviceError
 from drivers.miners.base import MinerMode, MinerReading
@@ -235,39 +233,15 @@ async def shed(m: PyasicMiner) -> DeviceError | None:
 
 
 async def spike(miners: list[PyasicMiner], sims: Sims, deadline_s: float, tokens: str) -> None:
-    """Command all to shed, each miner read back after its own command as the agent's
-    MinerFleet does, then poll the rest until telemetry confirms every one asleep.
+    """Command all to shed, then poll until telemetry confirms every one asleep.
 
     ``tokens`` ("cold" or "warm": whether BOS+ and Whatsminer login tokens were held) labels
     every figure."""
     n = len(miners)
     fams = {m.device_id: m.family.value for m in miners}
-    confirmed: dict[str, float] = {}
-    reads: list[asyncio.Task[None]] = []
-
-    async def confirm(m: PyasicMiner) -> None:
-        # What MinerFleet does after a command: read the miner again after each of
-        # CONFIRM_READS_AFTER_S until it shows the command applied (or a read fails).
-        for delay in CONFIRM_READS_AFTER_S:
-            if delay:
-                await asyncio.sleep(delay)
-            try:
-                r = await m.read()
-            except DeviceError:
-                return
-            if r.mode is MinerMode.SLEEPING:
-                confirmed[m.device_id] = time.perf_counter() - t0
-                return
-
-    async def shed_then_confirm(m: PyasicMiner) -> DeviceError | None:
-        error = await shed(m)
-        if error is None:  # the command's own result stands; the reads run beside the rest
-            reads.append(asyncio.create_task(confirm(m)))
-        return error
-
     s0, c0 = sims.cpu(), time.process_time()
     t0 = time.perf_counter()
-    commanded, done, wall, _ = await timed_each(miners, shed_then_confirm)
+    commanded, done, wall, _ = await timed_each(miners, shed)
     failed = {m.device_id: str(e) for m, e in zip(miners, commanded, strict=True) if e is not None}
     s1 = sims.cpu()
     emit(
@@ -291,7 +265,7 @@ async def spike(miners: list[PyasicMiner], sims: Sims, deadline_s: float, tokens
         )
     for d, e in list(failed.items())[:5]:
         print(f"# sleep failed: {d} ({fams[d]}): {e}", file=sys.stderr)
-    await asyncio.gather(*reads)
+    confirmed: dict[str, float] = {}
     polls = 0
     while len(confirmed) < n and time.perf_counter() - t0 < deadline_s:
         polls += 1

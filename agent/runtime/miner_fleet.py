@@ -5,15 +5,12 @@ operating points, the last good reading and its (monotonic) time, what was comma
 when, the command waiting for telemetry, its fault and probation. Only this module reads or
 writes slots.
 
-Commands are checked in telemetry: a command the miner accepted is pending until a reading taken
-after it shows the miner at the target (asleep, or awake at the target profile), or until
-``verify_after_s``. The fleet reads a commanded miner back right after its command, a few times
-while it winds down (:data:`CONFIRM_READS_AFTER_S`), so that a confirmation need not wait for the
-next poll of the whole fleet; every poll reads it too. A command not confirmed by ``verify_after_s``
-is reported as not applied, and the miner held faulted. A faulted miner gets another chance after
-``fault_retry_s``, or at once when telemetry shows it where it was commanded. Given another chance
-after a fault, it is on probation: not trusted to follow a command until telemetry confirms one, so
-it counts at what it draws meanwhile.
+Commands are checked in telemetry: a command the miner accepted is pending until a reading
+taken after it shows the miner at the target (asleep, or awake at the target profile), or until
+``verify_after_s``; then it is reported as not applied and the miner held faulted. A faulted
+miner gets another chance after ``fault_retry_s``, or at once when telemetry shows it where it
+was commanded. Given another chance after a fault, it is on probation: not trusted to follow a
+command until telemetry confirms one, so it counts at what it draws meanwhile.
 """
 
 from __future__ import annotations
@@ -49,10 +46,6 @@ FAILED_POLLS_FOR_FAULT = 3
 # warms every token in a few minutes without a burst of logins.
 CREDENTIALS_PER_ROUND = 250
 CREDENTIALS_MIN_PERIOD_S = 1.0  # a round looks at every driver: not more often than this
-# A commanded miner is read again after each of these delays (s) until a reading shows the
-# command applied: at once, then while it winds down (LuxOS and BOS+ report sleep within about
-# a second, a stock Antminer's ``miner-mode`` takes longer: its next poll confirms it).
-CONFIRM_READS_AFTER_S = (0.0, 0.5, 1.0, 2.0)
 
 
 class MinerDevice(MinerTelemetry, MinerSleepWake, Protocol):
@@ -109,7 +102,6 @@ class MinerFleet:
         self.started_mono = monotonic()
         self._polled = asyncio.Event()
         self._pending: dict[str, _Pending] = {}
-        self._confirming: set[asyncio.Task[None]] = set()  # reads right after a command
         # Monotonic time a login-token renewal last failed, by device: not tried again before
         # fault_retry_s (a wrong password is not hammered; the commands log in themselves).
         self._renew_failed_at: dict[str, float] = {}
@@ -150,48 +142,41 @@ class MinerFleet:
     async def poll(self) -> str | None:
         """Read every miner once, concurrently (drivers bound the concurrency)."""
 
+        async def one(device_id: str, driver: MinerTelemetry) -> None:
+            slot = self.slots[device_id]
+            try:
+                reading = await driver.read()
+            except DeviceError as exc:
+                if slot.last_error is None:
+                    log.warning("miner %s read failed: %s", device_id, exc.message)
+                slot.last_error = exc.message
+                slot.consecutive_failures += 1
+                return
+            if slot.last_error is not None:
+                log.info("miner %s answers again", device_id)
+            slot.reading, slot.read_at = reading, self.monotonic()
+            slot.last_error, slot.consecutive_failures = None, 0
+            if reading.capability is MinerCapability.SLEEP_ONLY and len(slot.points) > 2:
+                # Stock firmware only sleeps or runs at its nominal point: the policy may offer
+                # it nothing in between (its ladder is trimmed to sleep and the top point).
+                slot.points = (slot.points[0], slot.points[-1])
+                if slot.commanded not in (p.name for p in slot.points):
+                    slot.commanded = slot.points[-1].name  # what a running stock miner does
+                log.info(
+                    "miner %s is sleep-only: ladder trimmed to sleep and %s",
+                    device_id,
+                    slot.points[-1].name,
+                )
+
         try:
             async with asyncio.TaskGroup() as tg:
                 for device_id, driver in self.drivers.items():
                     if device_id in self.slots:
-                        tg.create_task(self._read(device_id, driver))
+                        tg.create_task(one(device_id, driver))
         finally:
             self._polled.set()
         failed = sum(1 for s in self.slots.values() if s.last_error is not None)
         return f"{failed} miner(s) not answering" if failed else None
-
-    async def _read(self, device_id: str, driver: MinerTelemetry, *, polled: bool = True) -> bool:
-        """Read one miner and keep what it says; False when the read failed. A failed poll
-        counts towards its fault; a failed confirming read (``polled=False``) changes nothing:
-        the next poll reads again."""
-        slot = self.slots[device_id]
-        try:
-            reading = await driver.read()
-        except DeviceError as exc:
-            if not polled:
-                log.debug("miner %s confirming read failed: %s", device_id, exc.message)
-                return False
-            if slot.last_error is None:
-                log.warning("miner %s read failed: %s", device_id, exc.message)
-            slot.last_error = exc.message
-            slot.consecutive_failures += 1
-            return False
-        if slot.last_error is not None:
-            log.info("miner %s answers again", device_id)
-        slot.reading, slot.read_at = reading, self.monotonic()
-        slot.last_error, slot.consecutive_failures = None, 0
-        if reading.capability is MinerCapability.SLEEP_ONLY and len(slot.points) > 2:
-            # Stock firmware only sleeps or runs at its nominal point: the policy may offer
-            # it nothing in between (its ladder is trimmed to sleep and the top point).
-            slot.points = (slot.points[0], slot.points[-1])
-            if slot.commanded not in (p.name for p in slot.points):
-                slot.commanded = slot.points[-1].name  # what a running stock miner does
-            log.info(
-                "miner %s is sleep-only: ladder trimmed to sleep and %s",
-                device_id,
-                slot.points[-1].name,
-            )
-        return True
 
     # --- what the policy sees ------------------------------------------------------------
 
@@ -263,39 +248,6 @@ class MinerFleet:
         mono = self.monotonic()
         verify_s = self.config.control.verify_after_s
         self._pending[action.device_id] = _Pending(action, mono, mono + verify_s)
-        # Read it back at once, off the command's own deadline: its telemetry, and so the
-        # command's confirmation, need not wait for the next poll of the whole fleet (a poll
-        # of 10,000 miners takes seconds). A miner still on its way is confirmed by a later
-        # poll, as before.
-        task = asyncio.create_task(self._confirm(action.device_id, driver))
-        self._confirming.add(task)
-        task.add_done_callback(self._confirming.discard)
-
-    async def _confirm(self, device_id: str, driver: MinerTelemetry) -> None:
-        """Read a commanded miner until a reading shows the command applied: at most
-        :data:`CONFIRM_READS_AFTER_S`, ending early once a poll settled it or a read failed."""
-        for delay in CONFIRM_READS_AFTER_S:
-            if delay:
-                await asyncio.sleep(delay)
-            if device_id not in self._pending:
-                return
-            if not await self._read(device_id, driver, polled=False):
-                return
-            if self._confirmed(device_id):
-                return
-
-    def _confirmed(self, device_id: str) -> bool:
-        """Settle a pending command that a reading taken after it shows applied."""
-        pending = self._pending.get(device_id)
-        if pending is None:
-            return False
-        slot = self.slots[device_id]
-        fresh = slot.read_at is not None and slot.read_at > pending.issued_at
-        if not (fresh and self._complies(slot, pending.action.target)):
-            return False
-        del self._pending[device_id]
-        slot.probation = False
-        return True
 
     def command_failed(self, action: Action, message: str) -> None:
         slot = self.slots.get(action.device_id)
@@ -315,10 +267,14 @@ class MinerFleet:
         now = self.monotonic()
         out: list[NotApplied] = []
         for device_id, pending in list(self._pending.items()):
-            if self._confirmed(device_id) or now < pending.deadline:
-                continue
             slot = self.slots[device_id]
             fresh = slot.read_at is not None and slot.read_at > pending.issued_at
+            if fresh and self._complies(slot, pending.action.target):
+                del self._pending[device_id]
+                slot.probation = False
+                continue
+            if now < pending.deadline:
+                continue
             del self._pending[device_id]
             seen = "no fresh telemetry" if not fresh else self._describe(slot)
             act = pending.action
@@ -466,9 +422,6 @@ class MinerFleet:
                     async with asyncio.timeout(period):
                         await stop.wait()
         finally:
-            for task in list(self._confirming):
-                task.cancel()
-            await asyncio.gather(*self._confirming, return_exceptions=True)
             await release_drivers(self.drivers.values())
 
     async def renew_credentials(self, most: int | None = None) -> int:

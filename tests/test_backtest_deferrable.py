@@ -93,7 +93,10 @@ def test_the_trace_places_deferrable_jobs_within_their_gpus_and_windows() -> Non
 
 def test_the_plan_puts_deferrable_work_into_the_cheap_hours() -> None:
     site = gpu_site()
-    prices = [100.0] * 48 + [10.0] * 48  # the afternoon is cheap
+    # The afternoon is cheap: 4 h of the job's 5 kW at 10 instead of 300 USD/MWh saves 5.85
+    # USD, more than a pause costs (the plan prices half a 30-minute checkpoint interval of
+    # its work lost, 4 USD, and no reload here).
+    prices = [300.0] * 48 + [10.0] * 48
     market = day(prices)
     job = deferrable(16)  # 4 h of work, due by the end of the day
     planner = DayAheadPlanner(site, market)
@@ -107,15 +110,31 @@ def test_the_plan_puts_deferrable_work_into_the_cheap_hours() -> None:
     # The same work and revenue, for less energy.
     assert pol.ai_usd == pytest.approx(on.ai_usd, rel=1e-6)
     assert sum(pol.ai_w) == pytest.approx(sum(on.ai_w), rel=1e-6)
-    # The job's own energy (above the idle node) at 10 instead of 100 USD/MWh.
+    # The job's own energy (above the idle node) at 10 instead of 300 USD/MWh.
     job_cost = sum((w - IDLE_NODE_W) * p for w, p in zip(pol.ai_w, prices, strict=True))
     job_cost_on = sum((w - IDLE_NODE_W) * p for w, p in zip(on.ai_w, prices, strict=True))
-    assert job_cost == pytest.approx(0.1 * job_cost_on, rel=1e-6)
+    assert job_cost == pytest.approx(job_cost_on / 30, rel=1e-6)
     # The oracle's foresight puts the work in the cheapest intervals too.
     cheap = cheapest_runs([job], market, site)
     assert cheap == {"d1": tuple(range(48, 64))}
     oracle = run_oracle(site, market, occupancy(site, [job], len(market), cheap))
     assert min(ran(oracle.ai_w)) >= 48
+
+
+def test_a_pause_that_costs_more_than_it_saves_is_not_planned() -> None:
+    # At 100 then 10 USD/MWh, waiting saves 4 h × 5 kW × 90 = 1.8 USD, less than the 4 USD of
+    # work a pause is expected to lose (agent.control.site.deferrable_jobs): the plan runs it
+    # at once, like always-on, and nothing is suspended.
+    site = gpu_site()
+    market = day([100.0] * 48 + [10.0] * 48)
+    # A price settled just before the day (else the safe mode prices the first interval).
+    t0 = market.starts_s[0]
+    market = replace(market, seen_price=((100.0, t0 - 900.0), *market.seen_price[1:]))
+    job = deferrable(16)
+    pol = run_policy(site, market, [job], decide, DayAheadPlanner(site, market))
+    assert ran(pol.ai_w) == list(range(16))
+    assert pol.interruptions == 0
+    assert (pol.deferrable_done, pol.deadlines_missed) == (1, 0)
 
 
 def test_without_a_plan_the_deadline_guard_runs_the_job_in_time() -> None:
@@ -189,7 +208,7 @@ def test_deferrable_jobs_always_meet_their_deadline(
 
 def test_work_that_arrives_after_the_days_plan_waits_for_the_next_plan() -> None:
     site = gpu_site()
-    market = day([100.0] * 48 + [10.0] * 48)
+    market = day([300.0] * 48 + [10.0] * 48)
     seen: list[tuple[str, ...]] = []
     planner = DayAheadPlanner(site, market)
 
@@ -201,7 +220,7 @@ def test_work_that_arrives_after_the_days_plan_waits_for_the_next_plan() -> None
     assert seen[0] == ()
     assert seen[4] == ("late",)
     # It arrived an hour after the day's plan: the plan in force does not know it, so it waits
-    # (it would run under the rule: 100 USD/MWh is far below its value), until the re-plan
+    # (it would run under the rule: 300 USD/MWh is far below its value), until the re-plan
     # JOB_REPLAN_H after the last plan places it in the cheap afternoon.
     assert planner.stats.replans == 1
     assert "late" not in planner.plans[0].job_ids

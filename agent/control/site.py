@@ -167,8 +167,11 @@ def deadline_due(job: JobView, node: GpuNodeView, now: datetime) -> bool:
 
 def deferrable_jobs(config: AgentConfig, nodes: Sequence[GpuNodeView]) -> tuple[DeferrableJob, ...]:
     """The horizon planner's deferrable jobs: every running or suspended job with a deadline
-    and work left, with the power it adds above idle at full cap and what a resume costs (the
-    site model's :func:`resume_cost`, as the policy weighs and the settlement charges)."""
+    and work left, with the power it adds above idle at full cap and what a pause costs: the
+    work a suspension loses, half a checkpoint interval on average (:func:`suspend_cost`), and
+    the reload of the resume (:func:`resume_cost`), as the policy weighs them and the
+    settlement charges them. A job that never checkpoints would lose all its work since it
+    started: it is priced at the value of its remaining work, so the plan does not pause it."""
     out: list[DeferrableJob] = []
     for n in nodes:
         for job in n.jobs:
@@ -177,6 +180,11 @@ def deferrable_jobs(config: AgentConfig, nodes: Sequence[GpuNodeView]) -> tuple[
             if job.state is not JobState.RUNNING and job.state is not JobState.SUSPENDED:
                 continue
             terms = contract(config, job.job_class)
+            rev_h = job.gpus * job.usd_per_gpu_hour
+            period_s = terms.checkpoint_interval_s
+            age_s = period_s / 2.0 if period_s > 0 else job.remaining_gpu_h / job.gpus * 3600.0
+            lost = suspend_cost(job.penalty_usd, rev_h, age_s)
+            reload = resume_cost(terms, job.gpus, job.usd_per_gpu_hour)
             out.append(
                 DeferrableJob(
                     job_id=job.job_id,
@@ -184,8 +192,7 @@ def deferrable_jobs(config: AgentConfig, nodes: Sequence[GpuNodeView]) -> tuple[
                     remaining_gpu_h=job.remaining_gpu_h * n.count,
                     deadline=job.deadline,
                     gpu_w=max(n.max_cap_w - n.idle_w, 0.0),
-                    resume_cost_usd=resume_cost(terms, job.gpus, job.usd_per_gpu_hour).lost_usd
-                    * n.count,
+                    resume_cost_usd=(lost.lost_usd + reload.lost_usd) * n.count,
                     running=job.state is JobState.RUNNING,
                     min_fraction=min_throughput(n),
                 )

@@ -225,6 +225,22 @@ def test_a_deadline_past_the_horizon_leaves_the_rest_to_the_next_plan() -> None:
     assert deadline_reserve_s(4, 1, 0.5) == pytest.approx((4 + 0.8) * 3600 + DEADLINE_MARGIN_S)
 
 
+def test_pausing_work_due_past_the_horizon_is_charged_its_resume() -> None:
+    # A running job due in 30 hours: nothing has to run within these 4 hours. Paused, it must be
+    # resumed after them, which costs its resume whether or not that falls inside the plan.
+    # At 1 MW, the 4 hours cost 230 USD: a 1,000 USD pause is dearer, a 10 USD one cheaper.
+    dear = job(4, 30, running=True, resume_cost_usd=1000.0)
+    plan = plan_horizon(horizon([50, 120, 50, 10], (block(),), (dear,)))
+    assert runs(plan) == [0, 1, 2, 3]
+    cheap = job(4, 30, running=True, resume_cost_usd=10.0)
+    plan = plan_horizon(horizon([50, 120, 50, 10], (block(),), (cheap,)))
+    assert runs(plan) == []
+    # Work that all fits within the horizon may end paused without a resume to pay for.
+    small = job(1, 30, running=True, resume_cost_usd=1000.0)
+    plan = plan_horizon(horizon([50, 120, 50, 10], (block(),), (small,)))
+    assert runs(plan) == [0]
+
+
 def test_no_room_for_the_job_even_asap_is_a_failed_plan() -> None:
     # Alone the job fits, but the base load leaves no room for it before hour 2.
     plan = plan_horizon(

@@ -534,6 +534,7 @@ def _solve(
         wake_cost.append(wcost)
 
     run_idx: list[list[int]] = []
+    horizon_end = inp.starts[-1] + timedelta(seconds=inp.interval_s)
     for ji, j in enumerate(inp.jobs):
         runs = []
         prev: int | None = None
@@ -555,6 +556,13 @@ def _solve(
         need = need_gpu_h(inp, j)
         if not pin and need > 0:
             row([(r, j.gpus * dt_h) for r in runs[: dl[ji]]], need - 1e-9, np.inf)
+        if not pin and j.resume_cost_usd > 0 and j.deadline > horizon_end and runs:
+            # Work due past the horizon that is paused at its end will have to be resumed:
+            # that resume costs the same as one inside it, unless all the work is done within.
+            done = var(0.0, 0.0, 1.0, integer=True)
+            row([(r, j.gpus * dt_h) for r in runs] + [(done, -j.remaining_gpu_h)], 0.0, np.inf)
+            paused = var(j.resume_cost_usd, 0.0, 1.0)
+            row([(paused, 1.0), (runs[-1], 1.0), (done, 1.0)], 1.0, np.inf)
         run_idx.append(runs)
     if inp.free_gpus and inp.jobs and not pinned:
         for t in range(n):

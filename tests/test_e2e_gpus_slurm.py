@@ -162,8 +162,11 @@ async def test_a_deferrable_slurm_job_waits_for_the_cheap_hours_of_the_plan(
     await wait_state(cluster, deferrable, "RUNNING")
     await wait_state(cluster, ordinary, "RUNNING")
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    # 200 USD/MWh for the next six hours, then 10: both jobs earn far more than either.
-    prices = [200.0] * 6 + [10.0] * 30
+    # The day-ahead forecast: 2,000 USD/MWh for the next six hours, then 10. Waiting saves the
+    # job's 1.3 kW × 2 h about 5 USD, more than a pause costs (half a checkpoint interval of
+    # its work, 0.50 USD). The real-time price, 200, is what the ordinary job sees: it earns
+    # about 1,600 USD/MWh, so it runs on.
+    prices = [2000.0] * 6 + [10.0] * 30
     rows = [
         f"{(hour + timedelta(hours=k)).strftime('%Y-%m-%dT%H:%M:%SZ')},{p}"
         for k, p in enumerate(prices)

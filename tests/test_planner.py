@@ -241,6 +241,16 @@ def test_pausing_work_due_past_the_horizon_is_charged_its_resume() -> None:
     assert runs(plan) == [0]
 
 
+def test_nothing_to_plan_is_an_empty_plan_not_a_solver_error() -> None:
+    # A site with no miners and no deferrable work (GPU hosts only, before any job is seen).
+    plan = plan_horizon(horizon([50, 120, 50]))
+    assert plan.status is PlanStatus.OPTIMAL
+    assert plan.usable
+    assert plan.reason == "nothing to plan"
+    assert plan.bands == ((), (), ())
+    assert plan.job_runs("train-1", T0) is None
+
+
 def test_no_room_for_the_job_even_asap_is_a_failed_plan() -> None:
     # Alone the job fits, but the base load leaves no room for it before hour 2.
     plan = plan_horizon(

@@ -279,6 +279,18 @@ def plan_horizon(inp: HorizonInput) -> HorizonPlan:
     if inp.realtime_usd_per_mwh is not None:
         inp = replace(inp, price_usd_per_mwh=(inp.realtime_usd_per_mwh, *inp.price_usd_per_mwh[1:]))
     n = len(inp.starts)
+    if not inp.blocks and not inp.jobs:
+        # Nothing to plan (no miners, no deferrable work): an empty plan, not a solver error.
+        return HorizonPlan(
+            status=PlanStatus.OPTIMAL,
+            reason="nothing to plan",
+            at=inp.at,
+            starts=inp.starts,
+            interval_s=inp.interval_s,
+            bands=((),) * n,
+            job_run=((),) * n,
+            solve_s=time.perf_counter() - t0,
+        )
     deadline_idx = [_deadline_index(inp, j) for j in inp.jobs]
     fixed: list[list[bool]] | None = None
     pinned: frozenset[int] = frozenset()
